@@ -1,0 +1,369 @@
+//! Types shared by hopwatch's kernel programs (`hopwatch-ebpf`) and its userspace agent.
+//!
+//! Every kernel→user event is `#[repr(C)]`, `Copy`, has explicit padding, starts with an
+//! [`EventHeader`] and has its size pinned by a compile-time assertion, so that the two sides can
+//! never silently disagree on the layout. Flags are integers, never `bool` or `Option`.
+#![no_std]
+
+pub mod maps;
+
+use core::mem::size_of;
+
+/// What an event in the events ring buffer is; the first field of every [`EventHeader`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A [`TcpEvent`]: a TCP connection changed state or reported its counters.
+    Tcp = 1,
+    /// A [`DropEvent`]: the kernel freed a packet with a drop reason.
+    Drop = 2,
+}
+
+impl EventKind {
+    #[must_use]
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Tcp),
+            2 => Some(Self::Drop),
+            _ => None,
+        }
+    }
+}
+
+/// The common first part of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// CPU the event was produced on.
+    pub cpu: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+    pub timestamp_ns: u64,
+    /// Thread id of the task the event is attributed to (0 when none, e.g. in softirq).
+    pub pid: u32,
+    /// Process id (thread-group id) of that task.
+    pub tgid: u32,
+    /// cgroup v2 id of that task.
+    pub cgroup_id: u64,
+    /// Kernel socket cookie (`bpf_get_socket_cookie`), 0 when the event has no socket.
+    pub socket_cookie: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 40);
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// IP protocol numbers.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// A connection or packet 5-tuple plus the network namespace it was seen in.
+///
+/// Addresses are in network byte order; IPv4 addresses occupy the first four bytes. Ports are in
+/// host byte order. For TCP connections `s*` is the local end and `d*` the remote end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// IP protocol number (`IPPROTO_*`).
+    pub protocol: u8,
+    pub _pad0: u8,
+    /// Inode number of the network namespace (`/proc/<pid>/ns/net`), 0 if unknown.
+    pub netns: u32,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<Tuple>() == 48);
+
+/// What happened to a TCP connection; [`TcpEvent::op`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpOp {
+    /// Client side: the handshake completed (`SYN_SENT → ESTABLISHED`).
+    Connected = 1,
+    /// Client side: the handshake failed (`SYN_SENT → CLOSE`); see [`TcpEvent::error`].
+    ConnectFailed = 2,
+    /// Server side: a connection to a listening socket was established (`SYN_RECV → ESTABLISHED`).
+    Accepted = 3,
+    /// An established connection closed; carries the final counters.
+    Closed = 4,
+    /// A long-lived connection's periodic report of its counters so far.
+    Update = 5,
+}
+
+impl TcpOp {
+    #[must_use]
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Connected),
+            2 => Some(Self::ConnectFailed),
+            3 => Some(Self::Accepted),
+            4 => Some(Self::Closed),
+            5 => Some(Self::Update),
+            _ => None,
+        }
+    }
+}
+
+/// Which end of the connection this host's socket is.
+pub const ROLE_UNKNOWN: u8 = 0;
+/// The socket called `connect()`.
+pub const ROLE_CLIENT: u8 = 1;
+/// The socket was created by a listening socket (`accept()` side).
+pub const ROLE_SERVER: u8 = 2;
+
+/// [`ConnState::flags`] / [`TcpEvent::flags`] bits.
+pub const CONN_F_RESET_IN_SYN_SENT: u32 = 1 << 0;
+/// The sock_ops program has seen this socket, so the [`TcpStats`] are live.
+pub const CONN_F_STATS_VALID: u32 = 1 << 1;
+/// The connection existed before hopwatch started (first seen mid-life).
+pub const CONN_F_PREEXISTING: u32 = 1 << 2;
+/// The peer's FIN arrived: it consumed one sequence number that `bytes_received` counts.
+pub const CONN_F_FIN_IN: u32 = 1 << 3;
+/// Our FIN was acknowledged: it consumed one sequence number that `bytes_acked` counts.
+pub const CONN_F_FIN_OUT_ACKED: u32 = 1 << 4;
+
+/// TCP counters of one socket, as `sock_ops` reports them (stable UAPI `struct bpf_sock_ops`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Smoothed RTT in microseconds (already unscaled: the kernel keeps it `<< 3`).
+    pub srtt_us: u32,
+    /// Segments retransmitted over the connection's life (`total_retrans`).
+    pub total_retrans: u32,
+    /// Bytes of our data the peer acknowledged (RFC 4898 `tcpEStatsAppHCThruOctetsAcked`).
+    pub bytes_acked: u64,
+    /// Bytes received in order (RFC 4898 `tcpEStatsAppHCThruOctetsReceived`).
+    pub bytes_received: u64,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    /// RSTs this socket sent (from the `tcp_send_reset` tracepoint).
+    pub resets_sent: u32,
+    /// RSTs this socket received (from the `tcp_receive_reset` tracepoint).
+    pub resets_received: u32,
+    /// Retransmissions seen by the `tcp_retransmit_skb` tracepoint (also for sockets sock_ops
+    /// never saw).
+    pub retransmit_events: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TcpStats>() == 48);
+
+/// Kernel-side state of one tracked TCP socket, keyed by socket cookie in
+/// [`maps::CONNS`](crate::maps::CONNS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    /// `SYN_SENT` time for clients, `ESTABLISHED` time for servers (monotonic ns).
+    pub start_ns: u64,
+    /// Handshake duration for clients, 0 for servers.
+    pub connect_latency_ns: u64,
+    /// Last time an [`TcpOp::Update`] was emitted (monotonic ns).
+    pub last_report_ns: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: [u8; 16],
+    pub stats: TcpStats,
+    pub flags: u32,
+    pub role: u8,
+    pub _pad: u8,
+    /// Local port as seen when the connection was set up: a failed connect has released it by
+    /// the time its socket closes.
+    pub sport: u16,
+}
+const _: () = assert!(size_of::<ConnState>() == 112);
+
+/// A TCP connection event ([`EventKind::Tcp`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpEvent {
+    pub header: EventHeader,
+    pub tuple: Tuple,
+    /// Command name of the owning process (NUL-padded).
+    pub comm: [u8; 16],
+    pub stats: TcpStats,
+    /// When the connection started (see [`ConnState::start_ns`]).
+    pub start_ns: u64,
+    pub connect_latency_ns: u64,
+    /// `sk_err` at the time of the event (e.g. `ECONNREFUSED`, `ETIMEDOUT`), 0 if none.
+    pub error: u32,
+    /// `CONN_F_*` bits.
+    pub flags: u32,
+    /// A [`TcpOp`] as `u8`.
+    pub op: u8,
+    /// `ROLE_*`.
+    pub role: u8,
+    /// TCP states (`TCP_ESTABLISHED` = 1, ...) before and after the transition.
+    pub old_state: u8,
+    pub new_state: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<TcpEvent>() == 184);
+
+/// A packet the kernel dropped ([`EventKind::Drop`]), from `skb:kfree_skb`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropEvent {
+    pub header: EventHeader,
+    /// Addresses and ports as found in the packet (source = sender of the packet).
+    pub tuple: Tuple,
+    /// Kernel text address of the function that freed the packet.
+    pub location: u64,
+    /// `enum skb_drop_reason` value; its name is read from this kernel's BTF.
+    pub reason: u32,
+    /// Interface the packet was on (0 if none).
+    pub ifindex: u32,
+    /// `skb->len`.
+    pub len: u32,
+    /// ICMP type and code for ICMP packets.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// `DROP_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<DropEvent>() == 112);
+
+/// [`DropEvent::flags`]: the packet's headers could not be read (tuple is empty).
+pub const DROP_F_NO_HEADERS: u8 = 1 << 0;
+
+/// Per-CPU counters the kernel side keeps about itself, indices into
+/// [`maps::COUNTERS`](crate::maps::COUNTERS). Userspace sums them over CPUs and exports them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An event could not be reserved in the ring buffer (buffer full): the event is lost.
+    RingbufFull = 0,
+    /// A kernel memory read failed; the event was sent with fields missing or dropped.
+    ReadFailed = 1,
+    /// A `CONNS` insert failed.
+    ConnMapFull = 2,
+    /// Drop events skipped in the kernel because their reason is on the ignore list.
+    DropIgnored = 3,
+    /// Drop events not sent because the drop-rate limit was hit.
+    DropRateLimited = 4,
+    /// TCP state transitions seen.
+    TcpStateChanges = 5,
+    /// kfree_skb calls seen.
+    KfreeSkbCalls = 6,
+    /// sock_ops callbacks run.
+    SockOpsCalls = 7,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_COUNT: u32 = 8;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::RingbufFull,
+        Counter::ReadFailed,
+        Counter::ConnMapFull,
+        Counter::DropIgnored,
+        Counter::DropRateLimited,
+        Counter::TcpStateChanges,
+        Counter::KfreeSkbCalls,
+        Counter::SockOpsCalls,
+    ];
+
+    /// Name as exported by the agent.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::RingbufFull => "ringbuf_full",
+            Counter::ReadFailed => "read_failed",
+            Counter::ConnMapFull => "conn_map_full",
+            Counter::DropIgnored => "drop_ignored",
+            Counter::DropRateLimited => "drop_rate_limited",
+            Counter::TcpStateChanges => "tcp_state_changes",
+            Counter::KfreeSkbCalls => "kfree_skb_calls",
+            Counter::SockOpsCalls => "sock_ops_calls",
+        }
+    }
+}
+
+/// Kernel struct field offsets, computed by userspace from `/sys/kernel/btf/vmlinux` and handed to
+/// the programs as the global [`OFFSETS_GLOBAL`] (Rust eBPF has no CO-RE relocations).
+///
+/// `u16::MAX` marks a field this kernel does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock / struct sock_common
+    pub sk_daddr: u16,
+    pub sk_rcv_saddr: u16,
+    pub sk_dport: u16,
+    pub sk_num: u16,
+    pub sk_family: u16,
+    pub sk_net: u16,
+    pub sk_v6_daddr: u16,
+    pub sk_v6_rcv_saddr: u16,
+    pub sk_protocol: u16,
+    /// Size in bytes of `sk_protocol` (it was a bitfield before 5.6; we need 1 or 2).
+    pub sk_protocol_size: u16,
+    pub sk_err: u16,
+    // struct net → ns.inum
+    pub net_inum: u16,
+    // struct sk_buff
+    pub skb_head: u16,
+    pub skb_network_header: u16,
+    pub skb_transport_header: u16,
+    pub skb_protocol: u16,
+    pub skb_len: u16,
+    pub skb_dev: u16,
+    pub skb_sk: u16,
+    // struct net_device
+    pub dev_ifindex: u16,
+    pub dev_nd_net: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 48);
+
+/// Name of the global holding [`KernelOffsets`] in the kernel object.
+pub const OFFSETS_GLOBAL: &str = "HOPWATCH_OFFSETS";
+
+/// Runtime settings handed to the kernel programs as the global [`SETTINGS_GLOBAL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    /// Minimum interval between two [`TcpOp::Update`] events of one connection (ns).
+    pub update_interval_ns: u64,
+    /// Drop events sent per CPU per second at most; the rest are counted.
+    pub drops_per_sec_per_cpu: u32,
+    /// The agent's own process id, whose sockets are not traced (0: trace everything).
+    pub self_tgid: u32,
+}
+const _: () = assert!(size_of::<KernelSettings>() == 16);
+
+impl Default for KernelSettings {
+    fn default() -> Self {
+        Self { update_interval_ns: 5_000_000_000, drops_per_sec_per_cpu: 1000, self_tgid: 0 }
+    }
+}
+
+/// Name of the global holding [`KernelSettings`] in the kernel object.
+pub const SETTINGS_GLOBAL: &str = "HOPWATCH_SETTINGS";
+
+/// Size of the drop-reason ignore bitmap ([`maps::DROP_IGNORE`](crate::maps::DROP_IGNORE)):
+/// reasons ≥ this are never ignored.
+pub const DROP_REASON_MAX: u32 = 1024;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and integer arrays, with
+    // every padding byte an explicit field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::Tuple {}
+    unsafe impl aya::Pod for super::TcpStats {}
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::TcpEvent {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::KernelSettings {}
+}

@@ -1,0 +1,42 @@
+//! Map names and capacities, used by both sides so they cannot drift apart.
+
+/// Ring buffer carrying every [`crate::TcpEvent`] and [`crate::DropEvent`] to userspace.
+pub const EVENTS: &str = "EVENTS";
+/// Size of [`EVENTS`] in bytes (a power of two, multiple of the page size). 8 MiB holds about
+/// 40k TCP events: several seconds of a connection flood at the rates one node sees.
+pub const EVENTS_BYTES: u32 = 8 << 20;
+
+/// Per-socket state, socket cookie → [`crate::ConnState`]. LRU: a socket whose close we never see
+/// (agent started mid-life, or a lost event) is evicted instead of leaking.
+pub const CONNS: &str = "CONNS";
+pub const CONNS_ENTRIES: u32 = 262_144;
+
+/// Listening sockets, [`ListenKey`] → owning process ([`crate::ConnState`] with only the process
+/// fields set), used to name the process of server-side connections. LRU for the same reason.
+pub const LISTENERS: &str = "LISTENERS";
+pub const LISTENERS_ENTRIES: u32 = 16_384;
+
+/// Per-CPU [`crate::Counter`] array.
+pub const COUNTERS: &str = "COUNTERS";
+
+/// Bitmap of `skb_drop_reason` values not worth reporting (e.g. `NOT_SPECIFIED`), filled by
+/// userspace from the configured names. Array of `u32` words, [`crate::DROP_REASON_MAX`] bits.
+pub const DROP_IGNORE: &str = "DROP_IGNORE";
+pub const DROP_IGNORE_WORDS: u32 = crate::DROP_REASON_MAX / 32;
+
+/// Per-CPU drop-event rate limiter state: `[window_start_ns, sent_in_window]`.
+pub const DROP_RATE: &str = "DROP_RATE";
+
+/// Key of [`LISTENERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub family: u16,
+}
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, integers only, no implicit padding.
+unsafe impl aya::Pod for ListenKey {}

@@ -1,0 +1,134 @@
+//! TCP counters from `sock_ops`.
+//!
+//! Why this hook: `struct bpf_sock_ops` exposes srtt, retransmits and byte/segment counters as
+//! stable UAPI (4.13+, counters 4.16+), so no `tcp_sock` offsets are needed. Attached to the root
+//! of the cgroup v2 hierarchy it sees every TCP socket on the host, in every network namespace.
+//! We ask for state callbacks (to snapshot the final counters just before the `→ CLOSE`
+//! tracepoint fires, which reads them) and RTT callbacks (to refresh counters and emit a periodic
+//! [`TcpOp::Update`] for long-lived connections, at most once per configured interval).
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use hopwatch_common::{
+    AF_INET, AF_INET6, CONN_F_STATS_VALID, ConnState, Counter, EventKind, IPPROTO_TCP, TcpEvent,
+    TcpOp,
+};
+
+use crate::maps::{CONNS, EVENTS, HOPWATCH_SETTINGS, count};
+
+#[sock_ops]
+pub fn hopwatch_sockops(ctx: SockOpsContext) -> u32 {
+    count(Counter::SockOpsCalls);
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+        snapshot(&ctx, false);
+    } else if op == BPF_SOCK_OPS_RTT_CB {
+        snapshot(&ctx, true);
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        snapshot(&ctx, false);
+    } else if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The SYN is about to go out: the source port is chosen now (after SYN_SENT), and
+        // released again if the connect fails.
+        // SAFETY: the sock_ops context is what the helper expects.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if let Some(c) = CONNS.get_ptr_mut(cookie) {
+            // SAFETY: map value pointer, valid until we return.
+            unsafe { (*c).sport = ctx.local_port() as u16 };
+        }
+    }
+    1
+}
+
+#[inline(always)]
+fn snapshot(ctx: &SockOpsContext, may_report: bool) {
+    // SAFETY: the sock_ops context is what the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some(c) = CONNS.get_ptr_mut(cookie) else {
+        return;
+    };
+    // SAFETY: `ctx.ops` is the program's context; `c` a map value pointer valid until we return.
+    unsafe {
+        let ops = &*ctx.ops;
+        let s = &mut (*c).stats;
+        s.srtt_us = ops.srtt_us >> 3;
+        s.total_retrans = ops.total_retrans;
+        s.bytes_acked = ops.bytes_acked;
+        s.bytes_received = ops.bytes_received;
+        s.segs_in = ops.segs_in;
+        s.segs_out = ops.segs_out;
+        (*c).flags |= CONN_F_STATS_VALID;
+        if !may_report {
+            return;
+        }
+        let now = bpf_ktime_get_ns();
+        let interval = HOPWATCH_SETTINGS.load().update_interval_ns;
+        let since = if (*c).last_report_ns == 0 { (*c).start_ns } else { (*c).last_report_ns };
+        if now.saturating_sub(since) < interval {
+            return;
+        }
+        (*c).last_report_ns = now;
+        report(ctx, cookie, &*c, now);
+    }
+}
+
+/// Sends a [`TcpOp::Update`]. The tuple comes from the sock_ops context, which has no network
+/// namespace; userspace keeps the one it learnt when the connection was established.
+unsafe fn report(ctx: &SockOpsContext, cookie: u64, c: &ConnState, now: u64) {
+    let Some(mut entry) = EVENTS.reserve::<TcpEvent>(0) else {
+        count(Counter::RingbufFull);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: reserved slot of the right size, fully initialised before submit.
+    unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        let e = &mut *ev;
+        e.header.kind = EventKind::Tcp as u32;
+        e.header.cpu = bpf_get_smp_processor_id();
+        e.header.timestamp_ns = now;
+        e.header.socket_cookie = cookie;
+        e.header.pid = c.pid;
+        e.header.tgid = c.tgid;
+        e.header.cgroup_id = c.cgroup_id;
+        e.comm = c.comm;
+        e.stats = c.stats;
+        e.start_ns = c.start_ns;
+        e.connect_latency_ns = c.connect_latency_ns;
+        e.flags = c.flags;
+        e.role = c.role;
+        e.op = TcpOp::Update as u8;
+        e.old_state = 1;
+        e.new_state = 1;
+        e.tuple.protocol = IPPROTO_TCP;
+        let family = ctx.family();
+        e.tuple.sport = ctx.local_port() as u16;
+        // remote_port holds the network-order port in its upper 16 bits on little endian.
+        e.tuple.dport = u16::from_be((ctx.remote_port() >> 16) as u16);
+        if family == u32::from(AF_INET) {
+            e.tuple.family = AF_INET;
+            e.tuple.saddr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
+            e.tuple.daddr[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+        } else if family == u32::from(AF_INET6) {
+            e.tuple.family = AF_INET6;
+            // The verifier only allows 4-byte loads of these context fields, so no array copy.
+            let ops = ctx.ops;
+            for i in 0..4 {
+                let l = core::ptr::read_volatile(&raw const (*ops).local_ip6[i]);
+                let r = core::ptr::read_volatile(&raw const (*ops).remote_ip6[i]);
+                e.tuple.saddr[i * 4..i * 4 + 4].copy_from_slice(&l.to_ne_bytes());
+                e.tuple.daddr[i * 4..i * 4 + 4].copy_from_slice(&r.to_ne_bytes());
+            }
+        }
+    }
+    entry.submit(0);
+}

@@ -1,0 +1,183 @@
+//! Loads hopwatch's kernel object, hands it this kernel's struct offsets and the agent's settings,
+//! and attaches its programs. Everything attached is a BPF link owned by this process: when the
+//! agent exits, however it exits (SIGKILL included), the kernel detaches it. Nothing is pinned and
+//! no tc filter is installed, so a crashed agent leaves nothing behind.
+
+pub mod btf;
+pub mod offsets;
+pub mod probe;
+
+use std::{fs::File, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError, SockOps, links::CgroupAttachMode},
+};
+use hopwatch_common::{
+    KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL,
+    maps::{COUNTERS, DROP_IGNORE, EVENTS},
+};
+
+use crate::drops::{DropReasonError, DropReasons};
+
+/// The kernel object built by `build.rs`.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hopwatch"));
+
+/// TCP lifecycle hooks (tp_btf), in attach order.
+const TCP_TRACEPOINTS: [&str; 4] =
+    ["inet_sock_set_state", "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset"];
+const DROP_TRACEPOINT: &str = "kfree_skb";
+const SOCK_OPS_PROGRAM: &str = "hopwatch_sockops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading kernel BTF: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error(transparent)]
+    DropReasons(#[from] DropReasonError),
+    #[error("loading the kernel object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {program} is missing from the kernel object (build mismatch)")]
+    NoProgram { program: &'static str },
+    #[error("map {map} is missing from the kernel object (build mismatch)")]
+    NoMap { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "the kernel verifier rejected {program}: {source}; this kernel may be too old or built \
+         without BPF features hopwatch needs (see `hopwatch agent --probe`)"
+    )]
+    Verify {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach {hook}: {source}")]
+    Attach {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to load and how to set it up.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub settings: KernelSettings,
+    /// Drop reasons not to report, by name.
+    pub drop_ignore: Vec<String>,
+    /// Whether `drop_ignore` came from the user (unknown names are then an error).
+    pub drop_ignore_strict: bool,
+    /// Attach `skb:kfree_skb`.
+    pub drops: bool,
+    /// cgroup v2 directory for sock_ops (`None`: no TCP counters).
+    pub cgroup2: Option<PathBuf>,
+    /// Override of the events ring buffer size in bytes (power of two, page multiple).
+    pub ringbuf_bytes: Option<u32>,
+}
+
+/// The loaded and attached programs, and the maps userspace reads.
+pub struct Loaded {
+    /// Owns every program and link; dropping it detaches them all.
+    pub ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub reasons: DropReasons,
+    /// One line per attached hook, for the start-up report.
+    pub hooks: Vec<String>,
+}
+
+/// Loads and attaches everything.
+pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    raise_memlock_limit();
+    let our_btf = btf::Btf::from_file(btf::Btf::VMLINUX)?;
+    let offsets: KernelOffsets = offsets::compute(&our_btf)?;
+    let reasons = DropReasons::from_btf(&our_btf)?;
+    let ignore = reasons.ignore_bitmap(&opts.drop_ignore, opts.drop_ignore_strict)?;
+
+    let mut loader = EbpfLoader::new();
+    loader.override_global(OFFSETS_GLOBAL, &offsets, true).override_global(
+        SETTINGS_GLOBAL,
+        &opts.settings,
+        true,
+    );
+    if let Some(bytes) = opts.ringbuf_bytes {
+        loader.map_max_entries(EVENTS, bytes);
+    }
+    let mut ebpf = loader.load(KERNEL_OBJECT).map_err(LoadError::Object)?;
+
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Object(e.into()))?;
+    let mut hooks = Vec::new();
+    let mut tracepoints: Vec<&'static str> = TCP_TRACEPOINTS.to_vec();
+    if opts.drops {
+        tracepoints.push(DROP_TRACEPOINT);
+    }
+    for name in tracepoints {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram { program: name })?
+            .try_into()
+            .map_err(|source| LoadError::Verify { program: name, source })?;
+        prog.load(name, &aya_btf).map_err(|source| LoadError::Verify { program: name, source })?;
+        prog.attach()
+            .map_err(|source| LoadError::Attach { hook: format!("tp_btf/{name}"), source })?;
+        hooks.push(format!("tp_btf/{name}"));
+    }
+
+    if let Some(cgroup) = &opts.cgroup2 {
+        let file = File::open(cgroup)
+            .map_err(|source| LoadError::Cgroup { path: cgroup.display().to_string(), source })?;
+        let prog: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS_PROGRAM)
+            .ok_or(LoadError::NoProgram { program: SOCK_OPS_PROGRAM })?
+            .try_into()
+            .map_err(|source| LoadError::Verify { program: SOCK_OPS_PROGRAM, source })?;
+        prog.load().map_err(|source| LoadError::Verify { program: SOCK_OPS_PROGRAM, source })?;
+        // A cgroup BPF link is always attached in multi mode (coexisting with Cilium and other
+        // agents on the root cgroup); LINK_CREATE refuses explicit flags, hence `Single` (0).
+        prog.attach(file, CgroupAttachMode::Single).map_err(|source| LoadError::Attach {
+            hook: format!("sock_ops on {}", cgroup.display()),
+            source,
+        })?;
+        hooks.push(format!("sock_ops on {}", cgroup.display()));
+    }
+
+    let mut drop_ignore: Array<_, u32> = ebpf
+        .map_mut(DROP_IGNORE)
+        .ok_or(LoadError::NoMap { map: DROP_IGNORE })?
+        .try_into()
+        .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
+    for (i, word) in ignore.iter().enumerate() {
+        drop_ignore
+            .set(i as u32, *word, 0)
+            .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
+    }
+
+    let events = RingBuf::try_from(ebpf.take_map(EVENTS).ok_or(LoadError::NoMap { map: EVENTS })?)
+        .map_err(|source| LoadError::Map { map: EVENTS, source })?;
+    let counters =
+        PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
+            .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
+    Ok(Loaded { ebpf, events, counters, reasons, hooks })
+}
+
+/// Kernels before 5.11 charge BPF maps against RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK");
+    }
+}

@@ -1,0 +1,77 @@
+//! `hopwatch`: eBPF network path observability — which hop is slow or failing.
+
+mod agent;
+mod conntrack;
+mod drops;
+mod events;
+mod flow;
+mod loader;
+mod output;
+mod proto;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hopwatch",
+    version,
+    about = "eBPF network path observability: which hop is slow or failing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Trace TCP connections and kernel packet drops on this host and stream them as flows.
+    Agent(agent::AgentArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOPWATCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("hopwatch: error: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Agent(args) => agent::run(args).await.map_err(|e| error_chain(&e)),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("hopwatch: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: cause: cause...` on one line, skipping causes the message already contains.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
