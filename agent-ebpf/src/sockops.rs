@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use hopwatch_common::{
-    AF_INET, AF_INET6, CONN_F_STATS_VALID, ConnState, Counter, EventKind, IPPROTO_TCP, TcpEvent,
-    TcpOp,
+    AF_INET, AF_INET6, CONN_F_FIN_IN, CONN_F_FIN_OUT_ACKED, CONN_F_STATS_VALID, ConnState, Counter,
+    EventKind, IPPROTO_TCP, TcpEvent, TcpOp,
 };
 
 use crate::maps::{CONNS, EVENTS, HOPWATCH_SETTINGS, count};
@@ -66,7 +66,7 @@ fn snapshot(ctx: &SockOpsContext, may_report: bool) {
         s.bytes_received = ops.bytes_received;
         s.segs_in = ops.segs_in;
         s.segs_out = ops.segs_out;
-        (*c).flags |= CONN_F_STATS_VALID;
+        (*c).flags |= CONN_F_STATS_VALID | fin_flags(ops.state, ops.snd_una, ops.snd_nxt);
         if !may_report {
             return;
         }
@@ -79,6 +79,25 @@ fn snapshot(ctx: &SockOpsContext, may_report: bool) {
         (*c).last_report_ns = now;
         report(ctx, cookie, &*c, now);
     }
+}
+
+/// FIN sequence numbers already in the counters. The state tracepoint records them too, but an
+/// RTT callback for the ACK of our FIN runs before the state moves on.
+#[inline(always)]
+fn fin_flags(state: u32, snd_una: u32, snd_nxt: u32) -> u32 {
+    // include/net/tcp_states.h
+    const FIN_WAIT1: u32 = 4;
+    const CLOSE_WAIT: u32 = 8;
+    const LAST_ACK: u32 = 9;
+    const CLOSING: u32 = 11;
+    let mut flags = 0;
+    if matches!(state, CLOSE_WAIT | LAST_ACK | CLOSING) {
+        flags |= CONN_F_FIN_IN;
+    }
+    if matches!(state, FIN_WAIT1 | CLOSING | LAST_ACK) && snd_una == snd_nxt {
+        flags |= CONN_F_FIN_OUT_ACKED;
+    }
+    flags
 }
 
 /// Sends a [`TcpOp::Update`]. The tuple comes from the sock_ops context, which has no network

@@ -80,6 +80,8 @@ pub enum AgentError {
     Load(#[from] loader::LoadError),
     #[error("cannot watch the events ring buffer: {0}")]
     RingBuf(#[source] std::io::Error),
+    #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -91,6 +93,8 @@ struct PipelineStats {
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    // Installed first, so a SIGINT/SIGTERM at any point after start-up is a clean shutdown.
+    let shutdown = shutdown_signal().map_err(AgentError::Signals)?;
     let probe = Probe::run(!args.probe);
     if args.probe {
         print!("{probe}");
@@ -160,7 +164,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
 
     tokio::select! {
-        () = shutdown_signal() => eprintln!("hopwatch agent: shutting down"),
+        () = shutdown => eprintln!("hopwatch agent: shutting down"),
         () = cancel.cancelled() => {}
     }
     cancel.cancel();
@@ -184,13 +188,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// Registers SIGINT and SIGTERM handlers now; the returned future completes on either.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 fn hostname() -> String {

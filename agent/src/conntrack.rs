@@ -188,8 +188,9 @@ pub fn endpoints(t: &Tuple) -> Option<(SocketAddr, SocketAddr)> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hopwatch_common::{AF_INET, EventKind};
+
+    use super::*;
 
     fn event(
         op: TcpOp,

@@ -3,8 +3,9 @@
 //! Records are `#[repr(C)]` structs from `hopwatch-common`; a record too short for its kind or of
 //! an unknown kind is a decode error the caller counts, never a panic.
 
-use hopwatch_common::{AF_INET, AF_INET6, DropEvent, EventHeader, EventKind, TcpEvent, Tuple};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hopwatch_common::{AF_INET, AF_INET6, DropEvent, EventHeader, EventKind, TcpEvent, Tuple};
 
 #[derive(Debug, Clone, Copy)]
 pub enum KernelEvent {
@@ -72,8 +73,9 @@ pub fn comm(raw: &[u8; 16]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hopwatch_common::{IPPROTO_TCP, TcpOp};
+
+    use super::*;
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a plain-old-data value.

@@ -321,8 +321,9 @@ fn tcp_summary(op: TcpOp, s: &TcpStats) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hopwatch_common::{AF_INET, EventKind, ROLE_CLIENT};
+
+    use super::*;
 
     fn builder() -> FlowBuilder {
         FlowBuilder {

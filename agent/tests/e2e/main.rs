@@ -1,0 +1,9 @@
+//! Privileged end-to-end tests: the real agent binary, real kernel hooks, real peer processes in
+//! network namespaces this test creates. Each test asserts what a user would see in
+//! `hopwatch agent -o json`. Run as root, serially (`cargo xtask test` does both).
+
+mod support;
+
+mod drops;
+mod lifecycle;
+mod tcp;

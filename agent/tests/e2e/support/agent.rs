@@ -1,0 +1,151 @@
+//! The hopwatch agent under test, run as a user would run it (`hopwatch agent -o json`), with its
+//! JSON flow stream collected for assertions.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
+
+pub struct Agent {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts `hopwatch agent -o json <extra>` and waits until its hooks are attached.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["agent", "-o", "json", "--node-name", "e2e-node"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hopwatch");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().expect("piped");
+        std::thread::spawn({
+            let lines = lines.clone();
+            move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let v: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("agent printed non-JSON {line:?}: {e}"));
+                    lines.lock().unwrap().push(v);
+                }
+            }
+        });
+        let err = child.stderr.take().expect("piped");
+        std::thread::spawn({
+            let stderr = stderr.clone();
+            move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let mut agent = Self { child: Some(child), lines, stderr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !agent.stderr().contains("hopwatch agent: hooks") {
+            if let Some(status) = agent.exited() {
+                panic!("agent exited ({status}) before attaching:\n{}", agent.stderr());
+            }
+            assert!(Instant::now() < deadline, "agent not ready after 30s:\n{}", agent.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().expect("wait for the agent")
+    }
+
+    /// Every flow (the `flow` member of each response) seen so far.
+    pub fn flows(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().iter().filter_map(|v| v.get("flow").cloned()).collect()
+    }
+
+    /// Waits up to `timeout` for a flow matching `pred`; panics with the flows seen otherwise.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.flows().into_iter().find(|f| pred(f)) {
+                return f;
+            }
+            if Instant::now() >= deadline {
+                let flows = self.flows();
+                let tail: Vec<String> = flows.iter().rev().take(30).map(Value::to_string).collect();
+                panic!(
+                    "no flow {what} within {timeout:?}; {} flows seen, latest:\n{}\nagent stderr:\n{}",
+                    flows.len(),
+                    tail.join("\n"),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` and waits for exit; returns the exit status.
+    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!(
+                    "agent did not exit within {timeout:?} of signal {signal}:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Flow field helpers for assertions.
+pub fn ip_src(f: &Value) -> &str {
+    f["IP"]["source"].as_str().unwrap_or("")
+}
+pub fn ip_dst(f: &Value) -> &str {
+    f["IP"]["destination"].as_str().unwrap_or("")
+}
+pub fn socket_event(f: &Value) -> &str {
+    f["socket_event"].as_str().unwrap_or("")
+}
+pub fn tcp_port(f: &Value, which: &str) -> u64 {
+    f["l4"]["TCP"][which].as_u64().unwrap_or(0)
+}
+pub fn u64_at(f: &Value, path: &[&str]) -> u64 {
+    let mut v = f;
+    for p in path {
+        v = &v[*p];
+    }
+    v.as_u64().unwrap_or(0)
+}
