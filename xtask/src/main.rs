@@ -1,1 +1,299 @@
-fn main() {}
+//! `cargo xtask`: set up what hopwatch needs on a fresh Debian machine, build, run, test.
+//!
+//! Every step says what it is doing and why; nothing is installed that is already there.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
+/// built against the same one.
+const LLVM_MAJOR: &str = "22";
+/// bpf-linker version known to work with that LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Where llvm-sys (for LLVM 22.1) looks for LLVM.
+const LLVM_SYS_PREFIX_VAR: &str = "LLVM_SYS_221_PREFIX";
+
+/// Debian packages the build needs (bpf-linker links against LLVM 22).
+const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
+/// Debian packages the end-to-end tests need: namespaces and veth (iproute2), firewall rules
+/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv).
+const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "python3", "util-linux"];
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "hopwatch's set-up, build, run and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building hopwatch needs (nightly + rust-src, LLVM 22, bpf-linker) and mount
+    /// tracefs.
+    Setup,
+    /// Set up if needed, then build hopwatch (kernel programs embedded).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up if needed, build, and run `hopwatch agent` on this host (root required).
+    Run {
+        /// Arguments for `hopwatch agent`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up if needed (test packages too), then run the unit tests and the privileged
+    /// end-to-end tests (serially, as root).
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        filter: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cargo_bin_on_path();
+    match run(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup(&[]),
+        Task::Build { release } => {
+            setup(&[])?;
+            build(release)
+        }
+        Task::Run { args } => {
+            setup(&[])?;
+            build(true)?;
+            if !is_root() {
+                bail!(
+                    "hopwatch agent loads eBPF programs and needs root: run `sudo -E cargo xtask run`"
+                );
+            }
+            let bin = workspace_root().join("target/release/hopwatch");
+            say(&format!("running {} agent {}", bin.display(), args.join(" ")));
+            let err = exec(Command::new(&bin).arg("agent").args(&args));
+            Err(err).with_context(|| format!("cannot execute {}", bin.display()))
+        }
+        Task::Test { unit, filter } => {
+            setup(if unit { &[] } else { TEST_PACKAGES })?;
+            say("unit tests");
+            // Default members: everything but the kernel crate, which only builds for the BPF target.
+            cargo(&["test", "--lib", "--bins"])?;
+            if unit {
+                return Ok(());
+            }
+            if !is_root() {
+                bail!(
+                    "the end-to-end tests load eBPF programs and create network namespaces: run \
+                     `sudo -E cargo xtask test` (or `cargo xtask test --unit` for unit tests only)"
+                );
+            }
+            say("privileged end-to-end tests (serial)");
+            let mut args =
+                vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
+            args.extend(filter.iter().map(String::as_str));
+            cargo(&args)
+        }
+    }
+}
+
+/// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`; the eBPF build finds it through PATH.
+fn cargo_bin_on_path() {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let Some(bin) = home.map(|h| h.join("bin")) else { return };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|p| p == bin) {
+        return;
+    }
+    let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
+        .expect("PATH entries have no separator in them");
+    // SAFETY: called at the start of main, before any thread exists.
+    unsafe { std::env::set_var("PATH", joined) };
+}
+
+fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_owned()
+}
+
+/// Runs a command, failing with its name when it fails.
+fn check(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    check(Command::new(env!("CARGO")).args(args).current_dir(workspace_root()))
+}
+
+fn build(release: bool) -> Result<()> {
+    say(&format!("building hopwatch ({})", if release { "release" } else { "debug" }));
+    let mut args = vec!["build", "-p", "hopwatch"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+/// Replaces this process with `cmd` (so signals reach the agent directly).
+fn exec(cmd: &mut Command) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    cmd.exec()
+}
+
+/// Makes sure everything the build (and `extra` test packages) need is installed.
+fn setup(extra: &[&str]) -> Result<()> {
+    let mut packages: Vec<&str> = BUILD_PACKAGES.to_vec();
+    packages.extend_from_slice(extra);
+    apt_install(&packages)?;
+    nightly_with_rust_src()?;
+    bpf_linker()?;
+    tracefs()?;
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("Debian packages {} are missing; run as root to install them", missing.join(" "));
+    }
+    // A fresh machine's package lists are empty or stale.
+    say("apt-get update (package lists)");
+    check(Command::new("apt-get").args(["update", "-q"]))?;
+    say(&format!("installing Debian packages: {}", missing.join(" ")));
+    check(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_with_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF programs (nightly + rust-src)")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly Rust toolchain (the eBPF target needs -Z build-std)");
+        check(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        say("adding rust-src to nightly (core is rebuilt for bpfel-unknown-none)");
+        check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+        .context("cannot run nightly rustc")?;
+    let llvm = version.lines().find_map(|l| l.strip_prefix("LLVM version: ")).unwrap_or("?");
+    if !llvm.starts_with(&format!("{LLVM_MAJOR}.")) {
+        bail!(
+            "nightly rustc uses LLVM {llvm}, but this set-up builds bpf-linker against LLVM \
+             {LLVM_MAJOR}; update LLVM_MAJOR and BUILD_PACKAGES in xtask/src/main.rs"
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
+        if v.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+        say(&format!("bpf-linker is {} ; installing {BPF_LINKER_VERSION}", v.trim()));
+    }
+    let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+    say(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} ({prefix}); this takes \
+         a minute or two"
+    ));
+    // Without the prefix variables the build finds Debian's default LLVM and fails to link.
+    check(
+        Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
+            .env("LLVM_PREFIX", &prefix)
+            .env(LLVM_SYS_PREFIX_VAR, &prefix),
+    )
+}
+
+/// Classic tracepoints are attached through tracefs, which a fresh machine does not mount.
+fn tracefs() -> Result<()> {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    if Path::new(TRACEFS).join("events").is_dir() || !is_root() {
+        return Ok(());
+    }
+    say(&format!("mounting tracefs at {TRACEFS}"));
+    check(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
+}

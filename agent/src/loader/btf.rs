@@ -437,6 +437,15 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_file_names_the_path_and_the_kernel_option() {
+        let err = Btf::from_file("/nonexistent/vmlinux").err().expect("no such file").to_string();
+        assert!(
+            err.contains("/nonexistent/vmlinux") && err.contains("CONFIG_DEBUG_INFO_BTF"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn reads_this_kernels_vmlinux() {
         let btf = Btf::from_file(Btf::VMLINUX)
             .expect("/sys/kernel/btf/vmlinux must be readable (CONFIG_DEBUG_INFO_BTF)");

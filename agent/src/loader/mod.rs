@@ -49,10 +49,12 @@ pub enum LoadError {
         source: aya::maps::MapError,
     },
     #[error(
-        "the kernel verifier rejected {program}: {source}; this kernel may be too old or built \
-         without BPF features hopwatch needs (see `hopwatch agent --probe`)"
+        "the kernel verifier rejected {program}: {reason}; fix: check `hopwatch agent --probe` \
+         for missing BPF features (HOPWATCH_LOG=debug prints the whole verifier log)"
     )]
-    Verify {
+    Verify { program: &'static str, reason: String },
+    #[error("cannot load {program}: {source}")]
+    Program {
         program: &'static str,
         #[source]
         source: ProgramError,
@@ -128,8 +130,8 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             .program_mut(name)
             .ok_or(LoadError::NoProgram { program: name })?
             .try_into()
-            .map_err(|source| LoadError::Verify { program: name, source })?;
-        prog.load(name, &aya_btf).map_err(|source| LoadError::Verify { program: name, source })?;
+            .map_err(|source| LoadError::Program { program: name, source })?;
+        prog.load(name, &aya_btf).map_err(|e| rejected(name, e))?;
         prog.attach()
             .map_err(|source| LoadError::Attach { hook: format!("tp_btf/{name}"), source })?;
         hooks.push(format!("tp_btf/{name}"));
@@ -142,8 +144,8 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             .program_mut(SOCK_OPS_PROGRAM)
             .ok_or(LoadError::NoProgram { program: SOCK_OPS_PROGRAM })?
             .try_into()
-            .map_err(|source| LoadError::Verify { program: SOCK_OPS_PROGRAM, source })?;
-        prog.load().map_err(|source| LoadError::Verify { program: SOCK_OPS_PROGRAM, source })?;
+            .map_err(|source| LoadError::Program { program: SOCK_OPS_PROGRAM, source })?;
+        prog.load().map_err(|e| rejected(SOCK_OPS_PROGRAM, e))?;
         // A cgroup BPF link is always attached in multi mode (coexisting with Cilium and other
         // agents on the root cgroup); LINK_CREATE refuses explicit flags, hence `Single` (0).
         prog.attach(file, CgroupAttachMode::Single).map_err(|source| LoadError::Attach {
@@ -172,6 +174,28 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded { ebpf, events, counters, reasons, hooks })
 }
 
+/// A load failure as one line: for verifier rejections, the verifier's own verdict (the last line
+/// of its log that is not statistics); the whole log goes to the debug log.
+fn rejected(program: &'static str, e: ProgramError) -> LoadError {
+    match &e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program, %log, "verifier log");
+            LoadError::Verify { program, reason: format!("{io_error}: {}", verifier_verdict(&log)) }
+        }
+        _ => LoadError::Program { program, source: e },
+    }
+}
+
+fn verifier_verdict(log: &str) -> &str {
+    const STATS: [&str; 4] = ["processed ", "verification time", "stack depth", "max_states"];
+    log.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
+        .next_back()
+        .unwrap_or("no verifier log")
+}
+
 /// Kernels before 5.11 charge BPF maps against RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
     let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
@@ -179,5 +203,19 @@ fn raise_memlock_limit() {
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if rc != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_verdict;
+
+    #[test]
+    fn the_verdict_is_the_last_line_that_is_not_statistics() {
+        let log = "0: R1=ctx() R10=fp0\n142: (79) r1 = *(u64 *)(r6 +56)\n\
+                   invalid bpf_context access off=56 size=8\nverification time 8299 usec\n\
+                   stack depth 24+0\nprocessed 1069 insns (limit 1000000) max_states_per_insn 4\n";
+        assert_eq!(verifier_verdict(log), "invalid bpf_context access off=56 size=8");
+        assert_eq!(verifier_verdict(""), "no verifier log");
     }
 }

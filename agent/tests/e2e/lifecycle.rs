@@ -149,3 +149,46 @@ fn without_privileges_the_agent_names_the_fix() {
     assert!(last.contains("privileges") && last.contains("run as root"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_full_ring_buffer_is_counted_and_reported_not_fatal() {
+    use crate::support::{Testbed, peers};
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    let (a, b) = (tb.pod("burst"), tb.pod("srv"));
+    // 4 KiB holds about twenty events; a burst of connections overflows it.
+    let mut agent = Agent::start(&["--ringbuf-bytes", "4096"]);
+    peers::server(&mut tb, &b, b.ip.into(), 6000, 1);
+    let script = format!(
+        "import socket\nfor _ in range(300):\n    s=socket.create_connection(('{}',6000))\n    s.shutdown(socket.SHUT_WR)\n    s.recv(10)\n    s.close()\n",
+        b.ip
+    );
+    a.exec(&["python3", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lost = loop {
+        let lost: u64 = agent
+            .lines()
+            .iter()
+            .filter(|l| l["lost_events"]["source"] == "PERF_EVENT_RING_BUFFER")
+            .filter_map(|l| l["lost_events"]["num_events_lost"].as_u64())
+            .sum();
+        if lost > 0 || Instant::now() > deadline {
+            break lost;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        lost > 0,
+        "no lost_events notice after overflowing a 4 KiB ring buffer:\n{}",
+        agent.stderr()
+    );
+    assert!(agent.stderr().contains("events lost"), "{}", agent.stderr());
+    // Still alive and still tracing after the overflow.
+    let client = peers::client(&a, b.ip.into(), 6000, 5, Duration::from_secs(5), Duration::ZERO);
+    let port = client.local_port();
+    agent.wait_for("a flow after the overflow", Duration::from_secs(10), |f| {
+        f["socket_event"] == "CLOSE" && f["l4"]["TCP"]["source_port"] == port
+    });
+    let status = agent.stop_with(libc::SIGINT, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}

@@ -77,6 +77,11 @@ impl Agent {
         self.lines.lock().unwrap().iter().filter_map(|v| v.get("flow").cloned()).collect()
     }
 
+    /// Every response line (flows and lost-event notices) seen so far.
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
     /// Waits up to `timeout` for a flow matching `pred`; panics with the flows seen otherwise.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
