@@ -4,6 +4,10 @@
 //! [`EventHeader`] and has its size pinned by a compile-time assertion, so that the two sides can
 //! never silently disagree on the layout. Flags are integers, never `bool` or `Option`.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields must be public for struct literals on both sides"
+)]
 
 pub mod maps;
 
@@ -121,7 +125,7 @@ pub const ROLE_SERVER: u8 = 2;
 
 /// [`ConnState::flags`] / [`TcpEvent::flags`] bits.
 pub const CONN_F_RESET_IN_SYN_SENT: u32 = 1 << 0;
-/// The sock_ops program has seen this socket, so the [`TcpStats`] are live.
+/// The `sock_ops` program has seen this socket, so the [`TcpStats`] are live.
 pub const CONN_F_STATS_VALID: u32 = 1 << 1;
 /// The connection existed before hopwatch started (first seen mid-life).
 pub const CONN_F_PREEXISTING: u32 = 1 << 2;
@@ -148,7 +152,7 @@ pub struct TcpStats {
     pub resets_sent: u32,
     /// RSTs this socket received (from the `tcp_receive_reset` tracepoint).
     pub resets_received: u32,
-    /// Retransmissions seen by the `tcp_retransmit_skb` tracepoint (also for sockets sock_ops
+    /// Retransmissions seen by the `tcp_retransmit_skb` tracepoint (also for sockets `sock_ops`
     /// never saw).
     pub retransmit_events: u32,
     pub _pad: u32,
@@ -251,9 +255,9 @@ pub enum Counter {
     DropRateLimited = 4,
     /// TCP state transitions seen.
     TcpStateChanges = 5,
-    /// kfree_skb calls seen.
+    /// `kfree_skb` calls seen.
     KfreeSkbCalls = 6,
-    /// sock_ops callbacks run.
+    /// `sock_ops` callbacks run.
     SockOpsCalls = 7,
 }
 

@@ -33,7 +33,7 @@ const OUTPUT_QUEUE: usize = 16_384;
 /// Connections tracked in userspace.
 const CONN_TABLE_CAPACITY: usize = 262_144;
 /// A connection silent this long is forgotten (long-lived ones report every update interval).
-const CONN_IDLE_FORGET: Duration = Duration::from_secs(3600);
+const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
@@ -53,7 +53,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_drops: bool,
     /// Kernel drop reasons not to report (comma-separated names as this kernel spells them,
-    /// e.g. NOT_SPECIFIED). Replaces the default list.
+    /// e.g. `NOT_SPECIFIED`). Replaces the default list.
     #[arg(long, value_delimiter = ',', value_name = "REASON,...")]
     pub drop_ignore: Option<Vec<String>>,
     /// Drop events sent per CPU per second at most; the rest are counted as rate-limited.
@@ -203,8 +203,7 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
+        .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
 }
 
 fn send(tx: &mpsc::Sender<GetFlowsResponse>, stats: &PipelineStats, resp: GetFlowsResponse) {
@@ -314,8 +313,7 @@ async fn watch_counters(
         }
         let ring_lost = counters
             .get(&(Counter::RingbufFull as u32), 0)
-            .map(|per_cpu| per_cpu.iter().sum::<u64>())
-            .unwrap_or(last_ring);
+            .map_or(last_ring, |per_cpu| per_cpu.iter().sum::<u64>());
         let queue_lost = stats.output_dropped.load(Ordering::Relaxed);
         for (source, now, last) in [
             (LostEventSource::PerfEventRingBuffer, ring_lost, &mut last_ring),

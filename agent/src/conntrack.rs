@@ -202,7 +202,7 @@ mod tests {
         let mut ev = TcpEvent::default();
         ev.header.kind = EventKind::Tcp as u32;
         ev.header.socket_cookie = cookie;
-        ev.header.tgid = 100 + cookie as u32;
+        ev.header.tgid = 100 + u32::try_from(cookie).unwrap();
         ev.comm[..4].copy_from_slice(b"proc");
         ev.op = op as u8;
         ev.role = role;
@@ -240,7 +240,7 @@ mod tests {
                 TcpOp::Connected,
                 cookie,
                 ROLE_CLIENT,
-                (A, 40000 + cookie as u16),
+                (A, 40000 + u16::try_from(cookie).unwrap()),
                 (B, 80),
             ));
         }

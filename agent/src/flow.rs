@@ -37,28 +37,29 @@ impl Clock {
         let read = |id| {
             let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
             // SAFETY: valid clock id and out-pointer.
-            unsafe { libc::clock_gettime(id, &mut ts) };
+            unsafe { libc::clock_gettime(id, &raw mut ts) };
             i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
         };
-        let mono = read(libc::CLOCK_MONOTONIC);
-        let real = read(libc::CLOCK_REALTIME);
-        Self { realtime_minus_monotonic_ns: real - mono }
+        let monotonic = read(libc::CLOCK_MONOTONIC);
+        let wall = read(libc::CLOCK_REALTIME);
+        Self { realtime_minus_monotonic_ns: wall - monotonic }
     }
 
     #[must_use]
     pub fn monotonic_now_ns() -> u64 {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: valid clock id and out-pointer.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+        // CLOCK_MONOTONIC is never negative.
+        ts.tv_sec.cast_unsigned() * 1_000_000_000 + ts.tv_nsec.cast_unsigned()
     }
 
     #[must_use]
     pub fn timestamp(&self, monotonic_ns: u64) -> prost_types::Timestamp {
         let wall = i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns;
         prost_types::Timestamp {
-            seconds: (wall.div_euclid(1_000_000_000)) as i64,
-            nanos: (wall.rem_euclid(1_000_000_000)) as i32,
+            seconds: i64::try_from(wall.div_euclid(1_000_000_000)).unwrap_or(i64::MAX),
+            nanos: i32::try_from(wall.rem_euclid(1_000_000_000)).expect("below 1e9"),
         }
     }
 }
@@ -274,6 +275,7 @@ fn payload_sent(ev: &TcpEvent) -> u64 {
 
 /// Human-readable duration: `850µs`, `20.3ms`, `1.52s`.
 #[must_use]
+#[expect(clippy::cast_precision_loss, reason = "a rounded display value")]
 pub fn human_ns(ns: u64) -> String {
     match ns {
         0..1_000_000 => format!("{}µs", ns / 1000),
@@ -284,6 +286,7 @@ pub fn human_ns(ns: u64) -> String {
 
 /// Human-readable byte count.
 #[must_use]
+#[expect(clippy::cast_precision_loss, reason = "a rounded display value")]
 pub fn human_bytes(b: u64) -> String {
     match b {
         0..1024 => format!("{b}B"),
@@ -393,9 +396,8 @@ mod tests {
 
     #[test]
     fn drop_flow_names_reason_and_location() {
-        let mut ev = DropEvent::default();
-        ev.reason = 12;
-        ev.location = 0xffff_ffff_8100_0010;
+        let mut ev =
+            DropEvent { reason: 12, location: 0xffff_ffff_8100_0010, ..DropEvent::default() };
         ev.tuple.family = AF_INET;
         ev.tuple.protocol = IPPROTO_UDP;
         ev.tuple.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);

@@ -13,7 +13,7 @@ use crate::proto::{
 pub enum Format {
     /// One human-readable line per flow.
     Compact,
-    /// One protobuf-JSON GetFlowsResponse per line (Hubble's `-o json`).
+    /// One protobuf-JSON `GetFlowsResponse` per line (Hubble's `-o json`).
     Json,
 }
 
@@ -53,7 +53,8 @@ pub fn compact(f: &Flow) -> String {
             None => ip.to_owned(),
         };
         if let Some(p) = proc_ {
-            s.push_str(&format!(" ({}:{})", p.comm, p.pid));
+            use std::fmt::Write as _;
+            let _ = write!(s, " ({}:{})", p.comm, p.pid);
         }
         s
     };
@@ -81,7 +82,7 @@ fn format_time(seconds: i64, nanos: i32) -> String {
     let (_, month, day) = civil_from_days(days);
     format!(
         "{} {:02} {:02}:{:02}:{:02}.{:03}",
-        MONTHS[(month - 1) as usize],
+        MONTHS[usize::try_from(month - 1).expect("month is 1..=12")],
         day,
         secs / 3600,
         secs / 60 % 60,

@@ -1,11 +1,11 @@
 //! Generated protobuf types (`proto/`) and their protobuf-JSON form.
 
-#![allow(clippy::pedantic, reason = "generated code")]
-
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod flow {
     tonic::include_proto!("flow");
 }
 
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod observer {
     tonic::include_proto!("observer");
 }

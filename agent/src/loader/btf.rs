@@ -78,7 +78,7 @@ enum Type {
         size: u32,
         values: Vec<(u32, i64)>,
     },
-    /// TYPEDEF / VOLATILE / CONST / RESTRICT / TYPE_TAG: an alias of another type.
+    /// TYPEDEF / VOLATILE / CONST / RESTRICT / `TYPE_TAG`: an alias of another type.
     Alias {
         target: u32,
     },
@@ -151,8 +151,7 @@ impl Btf {
         }
         let mut btf =
             Btf { strings, types, structs_by_name: HashMap::new(), enums_by_name: HashMap::new() };
-        for (id, ty) in btf.types.iter().enumerate() {
-            let id = id as u32;
+        for (id, ty) in (0u32..).zip(btf.types.iter()) {
             match ty {
                 Type::Composite { name, .. } if *name != 0 => {
                     let name = btf.str_at(*name).to_owned();
@@ -356,8 +355,8 @@ mod tests {
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&[1, 0]);
-        let type_len = (types.len() * 4) as u32;
-        for v in [24, 0, type_len, type_len, strings.len() as u32] {
+        let type_len = u32::try_from(types.len() * 4).unwrap();
+        for v in [24, 0, type_len, type_len, u32::try_from(strings.len()).unwrap()] {
             out.extend_from_slice(&u32::to_le_bytes(v));
         }
         for t in types {

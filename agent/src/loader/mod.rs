@@ -24,7 +24,7 @@ use crate::drops::{DropReasonError, DropReasons};
 /// The kernel object built by `build.rs`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hopwatch"));
 
-/// TCP lifecycle hooks (tp_btf), in attach order.
+/// TCP lifecycle hooks (`tp_btf`), in attach order.
 const TCP_TRACEPOINTS: [&str; 4] =
     ["inet_sock_set_state", "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset"];
 const DROP_TRACEPOINT: &str = "kfree_skb";
@@ -83,7 +83,7 @@ pub struct LoadOptions {
     pub drop_ignore_strict: bool,
     /// Attach `skb:kfree_skb`.
     pub drops: bool,
-    /// cgroup v2 directory for sock_ops (`None`: no TCP counters).
+    /// cgroup v2 directory for `sock_ops` (`None`: no TCP counters).
     pub cgroup2: Option<PathBuf>,
     /// Override of the events ring buffer size in bytes (power of two, page multiple).
     pub ringbuf_bytes: Option<u32>,
@@ -160,9 +160,9 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         .ok_or(LoadError::NoMap { map: DROP_IGNORE })?
         .try_into()
         .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
-    for (i, word) in ignore.iter().enumerate() {
+    for (i, word) in (0u32..).zip(ignore.iter()) {
         drop_ignore
-            .set(i as u32, *word, 0)
+            .set(i, *word, 0)
             .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
     }
 
@@ -191,16 +191,15 @@ fn verifier_verdict(log: &str) -> &str {
     const STATS: [&str; 4] = ["processed ", "verification time", "stack depth", "max_states"];
     log.lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
-        .next_back()
+        .rfind(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
         .unwrap_or("no verifier log")
 }
 
-/// Kernels before 5.11 charge BPF maps against RLIMIT_MEMLOCK.
+/// Kernels before 5.11 charge BPF maps against `RLIMIT_MEMLOCK`.
 fn raise_memlock_limit() {
     let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: a valid rlimit struct.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
     if rc != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK");
     }

@@ -30,7 +30,11 @@ pub fn compute(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sk_v6_daddr: skc("skc_v6_daddr").unwrap_or(u16::MAX),
         sk_v6_rcv_saddr: skc("skc_v6_rcv_saddr").unwrap_or(u16::MAX),
         sk_protocol: u16::try_from(protocol.offset).unwrap_or(u16::MAX),
-        sk_protocol_size: if protocol.bitfield_bits == 8 { 1 } else { protocol.size as u16 },
+        sk_protocol_size: if protocol.bitfield_bits == 8 {
+            1
+        } else {
+            u16::try_from(protocol.size).unwrap_or(0)
+        },
         sk_err: sk(&["sk_err"])?,
         net_inum: off("net", &["ns", "inum"])?,
         skb_head: off("sk_buff", &["head"])?,

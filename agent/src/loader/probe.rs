@@ -38,7 +38,7 @@ pub struct Check {
 pub struct Probe {
     pub kernel: String,
     pub checks: Vec<Check>,
-    /// cgroup v2 mount point, for sock_ops.
+    /// cgroup v2 mount point, for `sock_ops`.
     pub cgroup2: Option<PathBuf>,
 }
 
@@ -100,12 +100,11 @@ impl fmt::Display for Probe {
 
 fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
 }
 
-/// CAP_NET_ADMIN (cgroup and tc attach), CAP_PERFMON (tracing), CAP_BPF. CAP_SYS_RESOURCE
-/// (RLIMIT_MEMLOCK) only matters before 5.11, when maps were charged to it rather than to memcg.
+/// `CAP_NET_ADMIN` (cgroup and tc attach), `CAP_PERFMON` (tracing), `CAP_BPF`. `CAP_SYS_RESOURCE`
+/// (`RLIMIT_MEMLOCK`) only matters before 5.11, when maps were charged to it rather than to memcg.
 const NEEDED_CAPS: [(u32, &str); 3] = [(12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON"), (39, "CAP_BPF")];
 const CAP_SYS_ADMIN: u32 = 21;
 

@@ -44,7 +44,7 @@ fn an_nft_drop_rule_yields_dropped_flows_with_the_netfilter_reason() {
     let mut tb = Testbed::new();
     let (a, b) = (tb.pod("sender"), tb.pod("firewalled"));
     let agent = Agent::start(&[]);
-    tb.nft(&b, "table inet hwtest {\n chain input {\n  type filter hook input priority 0;\n  udp dport 7777 drop\n }\n}\n");
+    b.nft("table inet hwtest {\n chain input {\n  type filter hook input priority 0;\n  udp dport 7777 drop\n }\n}\n");
     send_udp(&a, &b, 40123, 7777, 3);
     let f =
         agent.wait_for("a NETFILTER_DROP of the UDP datagram", WAIT, udp_drop(&a, &b, 40123, 7777));
@@ -75,7 +75,7 @@ fn dropped_syns_name_the_tcp_five_tuple() {
     let mut tb = Testbed::new();
     let (a, b) = (tb.pod("c"), tb.pod("fw"));
     let agent = Agent::start(&[]);
-    tb.nft(&b, "table ip hwtest {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 8082 drop\n }\n}\n");
+    b.nft("table ip hwtest {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 8082 drop\n }\n}\n");
     let _ = a.command(&["python3", "-c", &format!(
         "import socket\ns=socket.socket()\ns.settimeout(1.5)\ns.bind(('{}',40125))\ntry: s.connect(('{}',8082))\nexcept Exception: pass\n",
         a.ip, b.ip

@@ -127,7 +127,7 @@ fn retransmits_are_counted_under_injected_loss() {
     let agent = Agent::start(&[]);
     peers::server(&mut tb, &b, b.ip.into(), 9000, 100);
     // 20% of the client's packets (mostly 64 KiB GSO segments on veth) are dropped.
-    tb.loss(&a, &b, 0.2);
+    b.lose_from(&a, 0.2);
     let client =
         peers::client(&a, b.ip.into(), 9000, 1_000_000, Duration::from_secs(10), Duration::ZERO);
     assert!(client.ok, "client failed under loss: {}", client.report);
@@ -175,7 +175,7 @@ fn connect_through_a_link_dropping_syns_is_reported_as_timed_out() {
     let (a, b) = (tb.pod("c"), tb.pod("blackhole"));
     let agent = Agent::start(&[]);
     peers::server(&mut tb, &b, b.ip.into(), 8081, 10);
-    tb.nft(&b, "table inet hwtest {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 8081 tcp flags syn drop\n }\n}\n");
+    b.nft("table inet hwtest {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 8081 tcp flags syn drop\n }\n}\n");
     // The kernel retransmits the SYN after 1 s; the application gives up at 2.5 s.
     let client =
         peers::client(&a, b.ip.into(), 8081, 10, Duration::from_millis(2500), Duration::ZERO);

@@ -107,7 +107,7 @@ impl Agent {
     pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, signal) };
+        unsafe { libc::kill(child.id().cast_signed(), signal) };
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {

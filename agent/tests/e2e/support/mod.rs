@@ -12,7 +12,7 @@ use std::{
     process::{Child, Command, Output, Stdio},
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicU16, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -85,11 +85,47 @@ impl Pod {
         full.extend_from_slice(args);
         run(&full)
     }
+
+    /// Loses each packet `from` sends to this pod with probability `p`, on arrival (a drop
+    /// in the sender's own output path is not a loss: TCP just sends the segment again later
+    /// without counting a retransmission).
+    pub fn lose_from(&self, from: &Pod, p: f64) {
+        let p = format!("{p}");
+        self.exec(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-s",
+            &from.ip.to_string(),
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &p,
+            "-j",
+            "DROP",
+        ]);
+    }
+
+    /// Loads an nft ruleset (text for `nft -f -`) into this pod.
+    pub fn nft(&self, ruleset: &str) {
+        use std::io::Write as _;
+        let mut child = self
+            .command(&["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft is installed (`cargo xtask test` installs nftables)");
+        child.stdin.take().expect("piped").write_all(ruleset.as_bytes()).expect("write ruleset");
+        let out = child.wait_with_output().expect("nft ran");
+        assert!(out.status.success(), "nft -f failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// One test bed: a switch namespace with a bridge, and pods attached to it.
 pub struct Testbed {
-    id: u16,
+    id: u8,
     switch: String,
     pods: Vec<Pod>,
     children: Vec<Child>,
@@ -97,13 +133,13 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// Creates the switch namespace and its bridge. Addresses are 10.213.<id>.0/24 and
-    /// fd00:213:<id>::/64, unique per test bed in this process.
+    /// Creates the switch namespace and its bridge. Addresses are `10.213.<id>.0/24` and
+    /// `fd00:213:<id>::/64`, unique per test bed in this process.
     pub fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         require_root();
-        static NEXT: AtomicU16 = AtomicU16::new(0);
-        let id =
-            20 + (std::process::id() as u16 % 100 + NEXT.fetch_add(1, Ordering::Relaxed)) % 200;
+        let spread = std::process::id() % 100 + NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = u8::try_from(20 + spread % 200).expect("below 220");
         let switch = format!("hw{id}-switch");
         // A leftover from a killed run of the same id would make `add` fail.
         let _ = Command::new("ip").args(["netns", "del", &switch]).stderr(Stdio::null()).status();
@@ -123,7 +159,7 @@ impl Testbed {
 
     /// Adds a pod with the next free address, attached to the bridge.
     pub fn pod(&mut self, name: &str) -> Pod {
-        let n = self.pods.len() as u8 + 2;
+        let n = u8::try_from(self.pods.len() + 2).expect("fewer than 250 pods");
         let netns = format!("hw{}-{name}", self.id);
         let _ = Command::new("ip").args(["netns", "del", &netns]).stderr(Stdio::null()).status();
         run(&["ip", "netns", "add", &netns]);
@@ -147,7 +183,7 @@ impl Testbed {
         self.in_switch(&["ip", "link", "set", &port, "up"]);
         let pod = Pod {
             netns,
-            ip: Ipv4Addr::new(10, 213, self.id as u8, n),
+            ip: Ipv4Addr::new(10, 213, self.id, n),
             ip6: format!("fd00:213:{}::{n}", self.id).parse().expect("valid v6"),
         };
         pod.exec(&["ip", "link", "set", "lo", "up"]);
@@ -174,42 +210,6 @@ impl Testbed {
         for (tool, dst) in [("iptables", to.ip.to_string()), ("ip6tables", to.ip6.to_string())] {
             from.exec(&[tool, "-A", "OUTPUT", "-d", &dst, "-j", "NFQUEUE", "--queue-num", &q]);
         }
-    }
-
-    /// Loses each packet `from` sends to `to` with probability `p`, on arrival at `to` (a drop
-    /// in the sender's own output path is not a loss: TCP just sends the segment again later
-    /// without counting a retransmission).
-    pub fn loss(&self, from: &Pod, to: &Pod, p: f64) {
-        let p = format!("{p}");
-        to.exec(&[
-            "iptables",
-            "-A",
-            "INPUT",
-            "-s",
-            &from.ip.to_string(),
-            "-m",
-            "statistic",
-            "--mode",
-            "random",
-            "--probability",
-            &p,
-            "-j",
-            "DROP",
-        ]);
-    }
-
-    /// Loads an nft ruleset (text for `nft -f -`) into `pod`.
-    pub fn nft(&self, pod: &Pod, ruleset: &str) {
-        use std::io::Write as _;
-        let mut child = pod
-            .command(&["nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nft is installed (`cargo xtask test` installs nftables)");
-        child.stdin.take().expect("piped").write_all(ruleset.as_bytes()).expect("write ruleset");
-        let out = child.wait_with_output().expect("nft ran");
-        assert!(out.status.success(), "nft -f failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 

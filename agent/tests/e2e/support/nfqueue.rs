@@ -4,7 +4,14 @@
 //! queue behind each other).
 //!
 //! The netlink protocol is small enough to speak directly (include/uapi/linux/netfilter/
-//! nfnetlink_queue.h): bind the queue, ask for metadata only, read packet ids, send verdicts.
+//! `nfnetlink_queue.h)`: bind the queue, ask for metadata only, read packet ids, send verdicts.
+
+#![expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "netlink header fields have fixed C widths; values are small by construction"
+)]
 
 use std::{
     collections::VecDeque,
