@@ -9,19 +9,16 @@
 //! fills from its configuration, and what remains is rate limited per CPU, so a flood costs a
 //! counter increment per packet, not an event.
 
-use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use hopwatch_common::{
-    AF_INET, AF_INET6, Counter, DROP_F_NO_HEADERS, DROP_REASON_MAX, DropEvent, EventKind,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Tuple,
+    AF_INET, AF_INET6, Counter, DROP_F_NO_HEADERS, DROP_REASON_MAX, DropEvent, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, Tuple,
 };
 
 use crate::{
+    emit::reserve,
     kernel::{UNSET, net_inum, offsets, read_at},
-    maps::{DROP_IGNORE, DROP_RATE, EVENTS, HOPWATCH_SETTINGS, count},
+    maps::{DROP_IGNORE, DROP_RATE, HOPWATCH_SETTINGS, count},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -86,18 +83,13 @@ unsafe fn on_drop(skb: *const u8, location: u64, reason: u32) {
         count(Counter::DropRateLimited);
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
-        count(Counter::RingbufFull);
+    let Some(mut entry) = reserve::<DropEvent>(now, 0) else {
         return;
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: reserved slot of the right size, fully initialised before submit.
+    // SAFETY: `reserve` initialised every byte of the slot.
+    let e = unsafe { entry.assume_init_mut() };
+    // SAFETY: `skb` is the tracepoint's packet; reads are checked.
     unsafe {
-        core::ptr::write_bytes(ev, 0, 1);
-        let e = &mut *ev;
-        e.header.kind = EventKind::Drop as u32;
-        e.header.cpu = bpf_get_smp_processor_id();
-        e.header.timestamp_ns = now;
         e.location = location;
         e.reason = reason;
         e.len = read_at::<u32>(skb, o.skb_len).unwrap_or(0);

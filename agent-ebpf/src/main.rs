@@ -7,6 +7,7 @@
 #![no_main]
 
 mod drop;
+mod emit;
 mod kernel;
 mod maps;
 mod sockops;

@@ -13,16 +13,19 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+    helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use hopwatch_common::{
     AF_INET, AF_INET6, CONN_F_FIN_IN, CONN_F_FIN_OUT_ACKED, CONN_F_STATS_VALID, ConnState, Counter,
-    EventKind, IPPROTO_TCP, TcpEvent, TcpOp,
+    IPPROTO_TCP, TcpEvent, TcpOp,
 };
 
-use crate::maps::{CONNS, EVENTS, HOPWATCH_SETTINGS, count};
+use crate::{
+    emit::{fill_from_conn, reserve},
+    maps::{CONNS, HOPWATCH_SETTINGS, count},
+};
 
 #[sock_ops]
 pub fn hopwatch_sockops(ctx: SockOpsContext) -> u32 {
@@ -103,28 +106,14 @@ fn fin_flags(state: u32, snd_una: u32, snd_nxt: u32) -> u32 {
 /// Sends a [`TcpOp::Update`]. The tuple comes from the sock_ops context, which has no network
 /// namespace; userspace keeps the one it learnt when the connection was established.
 unsafe fn report(ctx: &SockOpsContext, cookie: u64, c: &ConnState, now: u64) {
-    let Some(mut entry) = EVENTS.reserve::<TcpEvent>(0) else {
-        count(Counter::RingbufFull);
+    let Some(mut entry) = reserve::<TcpEvent>(now, cookie) else {
         return;
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: reserved slot of the right size, fully initialised before submit.
+    // SAFETY: `reserve` initialised every byte of the slot.
+    let e = unsafe { entry.assume_init_mut() };
+    fill_from_conn(e, c);
+    // SAFETY: reads of the program's own context.
     unsafe {
-        core::ptr::write_bytes(ev, 0, 1);
-        let e = &mut *ev;
-        e.header.kind = EventKind::Tcp as u32;
-        e.header.cpu = bpf_get_smp_processor_id();
-        e.header.timestamp_ns = now;
-        e.header.socket_cookie = cookie;
-        e.header.pid = c.pid;
-        e.header.tgid = c.tgid;
-        e.header.cgroup_id = c.cgroup_id;
-        e.comm = c.comm;
-        e.stats = c.stats;
-        e.start_ns = c.start_ns;
-        e.connect_latency_ns = c.connect_latency_ns;
-        e.flags = c.flags;
-        e.role = c.role;
         e.op = TcpOp::Update as u8;
         e.old_state = 1;
         e.new_state = 1;

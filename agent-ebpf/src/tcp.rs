@@ -14,19 +14,20 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use hopwatch_common::{
     CONN_F_FIN_IN, CONN_F_FIN_OUT_ACKED, CONN_F_PREEXISTING, CONN_F_RESET_IN_SYN_SENT, ConnState,
-    Counter, EventKind, IPPROTO_TCP, KernelOffsets, ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp,
-    Tuple, maps::ListenKey,
+    Counter, IPPROTO_TCP, KernelOffsets, ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple,
+    maps::ListenKey,
 };
 
 use crate::{
+    emit::{fill_from_conn, reserve},
     kernel::{current_process, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie},
-    maps::{CONNS, EVENTS, HOPWATCH_SETTINGS, LISTENERS, count},
+    maps::{CONNS, HOPWATCH_SETTINGS, LISTENERS, count},
 };
 
 // include/net/tcp_states.h
@@ -187,20 +188,14 @@ unsafe fn emit(
     new: i32,
     error: u32,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<TcpEvent>(0) else {
-        count(Counter::RingbufFull);
+    // SAFETY: no arguments.
+    let Some(mut entry) = reserve::<TcpEvent>(unsafe { bpf_ktime_get_ns() }, cookie) else {
         return;
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved ring buffer slot of the right size; we initialise every
-    // byte before submitting.
+    // SAFETY: `reserve` initialised every byte of the slot.
+    let e = unsafe { entry.assume_init_mut() };
+    // SAFETY: `sk` is the tracepoint's socket.
     unsafe {
-        core::ptr::write_bytes(ev, 0, 1);
-        let e = &mut *ev;
-        e.header.kind = EventKind::Tcp as u32;
-        e.header.cpu = bpf_get_smp_processor_id();
-        e.header.timestamp_ns = bpf_ktime_get_ns();
-        e.header.socket_cookie = cookie;
         e.op = op as u8;
         e.old_state = old as u8;
         e.new_state = new as u8;
@@ -209,15 +204,7 @@ unsafe fn emit(
         read_sock_tuple(sk, o, &mut e.tuple);
         match CONNS.get(cookie) {
             Some(c) => {
-                e.header.pid = c.pid;
-                e.header.tgid = c.tgid;
-                e.header.cgroup_id = c.cgroup_id;
-                e.comm = c.comm;
-                e.stats = c.stats;
-                e.start_ns = c.start_ns;
-                e.connect_latency_ns = c.connect_latency_ns;
-                e.flags = c.flags;
-                e.role = c.role;
+                fill_from_conn(e, c);
                 if e.tuple.sport == 0 {
                     e.tuple.sport = c.sport;
                 }
@@ -232,11 +219,7 @@ unsafe fn emit(
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     // SAFETY: tracepoint argument.
-    let cookie = unsafe { socket_cookie(sk) };
-    if let Some(c) = CONNS.get_ptr_mut(cookie) {
-        // SAFETY: map value pointer, valid until we return.
-        unsafe { (*c).stats.retransmit_events += 1 };
-    }
+    unsafe { with_conn(sk, |c| c.stats.retransmit_events += 1) };
     0
 }
 
@@ -249,11 +232,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     // SAFETY: non-NULL tracepoint argument.
-    let cookie = unsafe { socket_cookie(sk) };
-    if let Some(c) = CONNS.get_ptr_mut(cookie) {
-        // SAFETY: map value pointer.
-        unsafe { (*c).stats.resets_sent += 1 };
-    }
+    unsafe { with_conn(sk, |c| c.stats.resets_sent += 1) };
     0
 }
 
@@ -261,15 +240,24 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
     // SAFETY: tracepoint argument.
-    let cookie = unsafe { socket_cookie(sk) };
-    if let Some(c) = CONNS.get_ptr_mut(cookie) {
-        // SAFETY: map value pointer.
-        unsafe {
-            (*c).stats.resets_received += 1;
-            if (*c).role == ROLE_CLIENT && (*c).connect_latency_ns == 0 {
-                (*c).flags |= CONN_F_RESET_IN_SYN_SENT;
+    unsafe {
+        with_conn(sk, |c| {
+            c.stats.resets_received += 1;
+            if c.role == ROLE_CLIENT && c.connect_latency_ns == 0 {
+                c.flags |= CONN_F_RESET_IN_SYN_SENT;
             }
-        }
+        });
     }
     0
+}
+
+/// Runs `f` on the tracked state of `sk`, if it is tracked.
+#[inline(always)]
+unsafe fn with_conn(sk: *const c_void, f: impl FnOnce(&mut ConnState)) {
+    // SAFETY: `sk` is a tracepoint's socket argument.
+    let cookie = unsafe { socket_cookie(sk) };
+    if let Some(c) = CONNS.get_ptr_mut(cookie) {
+        // SAFETY: map value pointer, valid until the program returns.
+        f(unsafe { &mut *c });
+    }
 }

@@ -63,6 +63,7 @@ fn connection_between_pods_reports_addresses_roles_processes_bytes_and_injected_
     // 10 ms above it for the veth RTT and the delayer's and scheduler's jitter on a 2-core host.
     let latency = u64_at(&connect, &["tcp_stats", "connect_latency_ns"]);
     let d = u64::try_from(delay.as_nanos()).unwrap();
+    eprintln!("injected {d} ns, reported connect latency {latency} ns");
     assert!(
         (d..=d + 10_000_000).contains(&latency),
         "connect latency {latency} ns, injected {d} ns: {connect}"
