@@ -1,17 +1,9 @@
 //! `hopwatch`: eBPF network path observability — which hop is slow or failing.
 
-mod agent;
-mod conntrack;
-mod drops;
-mod events;
-mod flow;
-mod loader;
-mod output;
-mod proto;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hopwatch::{agent, error_chain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,19 +51,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `error: cause: cause...` on one line, skipping causes the message already contains.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
 }
