@@ -129,7 +129,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if !args.no_drops {
         eprintln!(
             "hopwatch agent: {} kernel drop reasons; not reported: {}",
-            loaded.reasons.len(),
+            loaded.reasons.count(),
             drop_ignore.join(",")
         );
     }

@@ -85,7 +85,8 @@ impl DropReasons {
         Ok(words)
     }
 
-    pub fn len(&self) -> usize {
+    /// How many reasons this kernel defines.
+    pub fn count(&self) -> usize {
         self.by_value.len()
     }
 }
@@ -117,7 +118,7 @@ mod tests {
     fn this_kernel_names_netfilter_drops() {
         let btf = Btf::from_file(Btf::VMLINUX).expect("vmlinux BTF");
         let r = DropReasons::from_btf(&btf).expect("enum present");
-        assert!(r.len() > 10);
+        assert!(r.count() > 10);
         assert!(r.by_value.values().any(|n| n == "NETFILTER_DROP"));
         r.ignore_bitmap(&DEFAULT_IGNORED.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(), true)
             .expect("the default ignore list exists on this kernel");
