@@ -9,6 +9,7 @@
     reason = "explicit padding fields must be public for struct literals on both sides"
 )]
 
+pub mod detect;
 pub mod maps;
 
 use core::mem::size_of;
@@ -21,6 +22,9 @@ pub enum EventKind {
     Tcp = 1,
     /// A [`DropEvent`]: the kernel freed a packet with a drop reason.
     Drop = 2,
+    /// A [`DataEvent`] followed by captured payload bytes: application data a socket sent or
+    /// received (from a syscall, or plaintext from a TLS library).
+    Data = 3,
 }
 
 impl EventKind {
@@ -29,6 +33,7 @@ impl EventKind {
         match v {
             1 => Some(Self::Tcp),
             2 => Some(Self::Drop),
+            3 => Some(Self::Data),
             _ => None,
         }
     }
@@ -259,10 +264,20 @@ pub enum Counter {
     KfreeSkbCalls = 6,
     /// `sock_ops` callbacks run.
     SockOpsCalls = 7,
+    /// Data events sent to userspace.
+    DataEvents = 8,
+    /// Messages larger than the capture size (only their prefix was sent).
+    DataTruncated = 9,
+    /// Connections given up as carrying no known protocol.
+    L7Ignored = 10,
+    /// Socket I/O not from a syscall hopwatch reads buffers of (io_uring, sendfile, kernel).
+    L7UnsupportedCall = 11,
+    /// TLS plaintext that could not be tied to a socket (dropped).
+    TlsUnassociated = 12,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -274,6 +289,11 @@ impl Counter {
         Counter::TcpStateChanges,
         Counter::KfreeSkbCalls,
         Counter::SockOpsCalls,
+        Counter::DataEvents,
+        Counter::DataTruncated,
+        Counter::L7Ignored,
+        Counter::L7UnsupportedCall,
+        Counter::TlsUnassociated,
     ];
 
     /// Name as exported by the agent.
@@ -288,6 +308,11 @@ impl Counter {
             Counter::TcpStateChanges => "tcp_state_changes",
             Counter::KfreeSkbCalls => "kfree_skb_calls",
             Counter::SockOpsCalls => "sock_ops_calls",
+            Counter::DataEvents => "data_events",
+            Counter::DataTruncated => "data_truncated",
+            Counter::L7Ignored => "l7_ignored_connections",
+            Counter::L7UnsupportedCall => "l7_unsupported_calls",
+            Counter::TlsUnassociated => "tls_unassociated",
         }
     }
 }
@@ -325,9 +350,16 @@ pub struct KernelOffsets {
     // struct net_device
     pub dev_ifindex: u16,
     pub dev_nd_net: u16,
-    pub _pad: [u16; 3],
+    // struct pt_regs: the syscall's arguments and number, as saved at syscall entry
+    pub regs_di: u16,
+    pub regs_si: u16,
+    pub regs_dx: u16,
+    pub regs_r10: u16,
+    pub regs_r8: u16,
+    pub regs_orig_ax: u16,
+    pub _pad: [u16; 1],
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 48);
+const _: () = assert!(size_of::<KernelOffsets>() == 56);
 
 /// Name of the global holding [`KernelOffsets`] in the kernel object.
 pub const OFFSETS_GLOBAL: &str = "HOPWATCH_OFFSETS";
@@ -342,14 +374,112 @@ pub struct KernelSettings {
     pub drops_per_sec_per_cpu: u32,
     /// The agent's own process id, whose sockets are not traced (0: trace everything).
     pub self_tgid: u32,
+    /// Payload bytes copied per message (at most [`DATA_MAX`]); 0 disables L7 capture.
+    pub capture_bytes: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelSettings>() == 16);
+const _: () = assert!(size_of::<KernelSettings>() == 24);
 
 impl Default for KernelSettings {
     fn default() -> Self {
-        Self { update_interval_ns: 5_000_000_000, drops_per_sec_per_cpu: 1000, self_tgid: 0 }
+        Self {
+            update_interval_ns: 5_000_000_000,
+            drops_per_sec_per_cpu: 1000,
+            self_tgid: 0,
+            capture_bytes: 512,
+            _pad: 0,
+        }
     }
 }
+
+/// This architecture's numbers for the syscalls whose buffers L7 capture reads, handed over by
+/// userspace (from libc) as the global [`SYSCALLS_GLOBAL`]. `u32::MAX` for one the architecture
+/// lacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallNumbers {
+    pub read: u32,
+    pub write: u32,
+    pub readv: u32,
+    pub writev: u32,
+    pub sendto: u32,
+    pub recvfrom: u32,
+    pub sendmsg: u32,
+    pub recvmsg: u32,
+    pub sendmmsg: u32,
+    pub recvmmsg: u32,
+}
+const _: () = assert!(size_of::<SyscallNumbers>() == 40);
+
+/// Name of the global holding [`SyscallNumbers`] in the kernel object.
+pub const SYSCALLS_GLOBAL: &str = "HOPWATCH_SYSCALLS";
+
+/// Most payload bytes one [`DataEvent`] carries.
+pub const DATA_MAX: usize = 1024;
+
+/// [`DataEvent::direction`]: the socket sent the bytes.
+pub const DIR_EGRESS: u8 = 1;
+/// [`DataEvent::direction`]: the socket received the bytes.
+pub const DIR_INGRESS: u8 = 2;
+
+/// [`DataEvent::source`]: read from the syscall's buffer.
+pub const SRC_SYSCALL: u8 = 0;
+/// [`DataEvent::source`]: plaintext at a TLS library call (`SSL_read`/`SSL_write`).
+pub const SRC_TLS: u8 = 1;
+
+/// The kernel's guess of a connection's protocol from its first bytes ([`L7Conn::proto`],
+/// [`DataEvent::protocol`]).
+pub const PROTO_UNKNOWN: u8 = 0;
+pub const PROTO_HTTP: u8 = 1;
+pub const PROTO_POSTGRES: u8 = 2;
+pub const PROTO_REDIS: u8 = 3;
+pub const PROTO_MYSQL: u8 = 4;
+pub const PROTO_DNS: u8 = 5;
+/// TLS records on the wire: the syscall data is ciphertext, plaintext comes from uprobes.
+pub const PROTO_TLS: u8 = 6;
+/// Nothing recognisable in the first messages: not captured any more.
+pub const PROTO_IGNORED: u8 = 7;
+
+/// Messages inspected before a connection's protocol is given up as unknown.
+pub const DETECT_ATTEMPTS: u8 = 3;
+
+/// Per-socket L7 state, socket cookie → this, in [`maps::L7CONNS`](crate::maps::L7CONNS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L7Conn {
+    pub proto: u8,
+    /// Messages seen while the protocol was still unknown.
+    pub attempts: u8,
+    /// The connection is TLS: plaintext arrives from uprobes.
+    pub tls: u8,
+    /// Protocol detected in the TLS plaintext.
+    pub inner: u8,
+}
+const _: () = assert!(size_of::<L7Conn>() == 4);
+
+/// Application data seen on a socket ([`EventKind::Data`]); `captured` payload bytes follow the
+/// struct in the ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// Local (`s*`) and remote (`d*`) ends; for unconnected UDP the remote end comes from the
+    /// syscall's address argument.
+    pub tuple: Tuple,
+    /// Bytes the call transferred.
+    pub len: u32,
+    /// Bytes of them captured after this struct (a prefix, at most the configured size).
+    pub captured: u32,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u8,
+    /// [`SRC_SYSCALL`] or [`SRC_TLS`].
+    pub source: u8,
+    /// `PROTO_*` as detected by the kernel.
+    pub protocol: u8,
+    pub _pad: [u8; 5],
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<DataEvent>() == 120);
 
 /// Name of the global holding [`KernelSettings`] in the kernel object.
 pub const SETTINGS_GLOBAL: &str = "HOPWATCH_SETTINGS";
@@ -370,4 +500,7 @@ mod pod {
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::KernelSettings {}
+    unsafe impl aya::Pod for super::SyscallNumbers {}
+    unsafe impl aya::Pod for super::L7Conn {}
+    unsafe impl aya::Pod for super::DataEvent {}
 }

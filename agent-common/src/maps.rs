@@ -27,6 +27,23 @@ pub const DROP_IGNORE_WORDS: u32 = crate::DROP_REASON_MAX / 32;
 /// Per-CPU drop-event rate limiter state: `[window_start_ns, sent_in_window]`.
 pub const DROP_RATE: &str = "DROP_RATE";
 
+/// Per-socket L7 state, socket cookie → [`crate::L7Conn`]. LRU: sockets closing unseen.
+pub const L7CONNS: &str = "L7CONNS";
+pub const L7CONNS_ENTRIES: u32 = 262_144;
+
+/// Threads inside `SSL_read`/`SSL_write`, pid_tgid → the call's arguments.
+pub const TLS_CALLS: &str = "TLS_CALLS";
+pub const TLS_CALLS_ENTRIES: u32 = 16_384;
+
+/// OpenSSL `SSL*` → socket cookie, learnt from the socket I/O inside an SSL call. LRU.
+pub const SSL_SOCKETS: &str = "SSL_SOCKETS";
+pub const SSL_SOCKETS_ENTRIES: u32 = 65_536;
+
+/// `sendmmsg`/`recvmmsg` position per thread: which message of the vector the next socket call
+/// is for.
+pub const MMSG_CURSORS: &str = "MMSG_CURSORS";
+pub const MMSG_CURSORS_ENTRIES: u32 = 16_384;
+
 /// Key of [`LISTENERS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_probe_read_kernel, generated::bpf_get_socket_cookie,
 };
-use hopwatch_common::{AF_INET, AF_INET6, ConnState, Counter, KernelOffsets, Tuple};
+use hopwatch_common::{AF_INET, AF_INET6, ConnState, Counter, EventHeader, KernelOffsets, Tuple};
 
 use crate::maps::{HOPWATCH_OFFSETS, count};
 
@@ -97,4 +97,14 @@ pub fn current_process(c: &mut ConnState) {
     // SAFETY: no arguments; valid in every tracing context.
     c.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     c.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+/// Fills an event's process fields from the current task.
+#[inline(always)]
+pub fn current_process_into(pid_tgid: u64, header: &mut EventHeader, comm: &mut [u8; 16]) {
+    header.pid = pid_tgid as u32;
+    header.tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: no arguments; valid in every tracing context.
+    header.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    *comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }

@@ -9,9 +9,11 @@
 mod drop;
 mod emit;
 mod kernel;
+mod l7;
 mod maps;
 mod sockops;
 mod tcp;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

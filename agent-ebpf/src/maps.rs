@@ -4,11 +4,15 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use hopwatch_common::{
-    COUNTER_COUNT, ConnState, Counter, KernelOffsets, KernelSettings,
-    maps::{CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, LISTENERS_ENTRIES, ListenKey},
+    COUNTER_COUNT, ConnState, Counter, DATA_MAX, DataEvent, KernelOffsets, KernelSettings, L7Conn,
+    SyscallNumbers,
+    maps::{
+        CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
+        ListenKey, MMSG_CURSORS_ENTRIES, SSL_SOCKETS_ENTRIES, TLS_CALLS_ENTRIES,
+    },
 };
 
 #[map]
@@ -30,6 +34,59 @@ pub static DROP_IGNORE: Array<u32> = Array::with_max_entries(DROP_IGNORE_WORDS, 
 /// `[window_start_ns, sent_in_window]` per CPU.
 #[map]
 pub static DROP_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static L7CONNS: LruHashMap<u64, L7Conn> = LruHashMap::with_max_entries(L7CONNS_ENTRIES, 0);
+
+/// The arguments of an `SSL_read`/`SSL_write` call in progress on a thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsCall {
+    pub ssl: u64,
+    pub buf: u64,
+    /// `size_t *` out-parameter of the `_ex` variants, 0 for the plain ones.
+    pub out_len: u64,
+    /// Learnt from socket I/O inside the call (or remembered for this `SSL*`).
+    pub cookie: u64,
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+
+#[map]
+pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(TLS_CALLS_ENTRIES, 0);
+
+#[map]
+pub static SSL_SOCKETS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SSL_SOCKETS_ENTRIES, 0);
+
+/// Position in a `sendmmsg`/`recvmmsg` vector: `[vector address, next index, length]`.
+#[map]
+pub static MMSG_CURSORS: HashMap<u64, [u64; 3]> =
+    HashMap::with_max_entries(MMSG_CURSORS_ENTRIES, 0);
+
+/// A data event being assembled: the event, then room for twice the largest capture so that a
+/// copy at any offset below `DATA_MAX` stays inside the buffer (what the verifier checks).
+#[repr(C)]
+pub struct DataScratch {
+    pub event: DataEvent,
+    pub data: [u8; 2 * DATA_MAX],
+}
+
+#[map]
+pub static DATA_SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+pub static HOPWATCH_SYSCALLS: Global<SyscallNumbers> = Global::new(SyscallNumbers {
+    read: u32::MAX,
+    write: u32::MAX,
+    readv: u32::MAX,
+    writev: u32::MAX,
+    sendto: u32::MAX,
+    recvfrom: u32::MAX,
+    sendmsg: u32::MAX,
+    recvmsg: u32::MAX,
+    sendmmsg: u32::MAX,
+    recvmmsg: u32::MAX,
+});
 
 #[unsafe(no_mangle)]
 pub static HOPWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
@@ -54,7 +111,13 @@ pub static HOPWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     skb_sk: u16::MAX,
     dev_ifindex: u16::MAX,
     dev_nd_net: u16::MAX,
-    _pad: [0; 3],
+    regs_di: u16::MAX,
+    regs_si: u16::MAX,
+    regs_dx: u16::MAX,
+    regs_r10: u16::MAX,
+    regs_r8: u16::MAX,
+    regs_orig_ax: u16::MAX,
+    _pad: [0; 1],
 });
 
 #[unsafe(no_mangle)]
@@ -62,6 +125,8 @@ pub static HOPWATCH_SETTINGS: Global<KernelSettings> = Global::new(KernelSetting
     update_interval_ns: 5_000_000_000,
     drops_per_sec_per_cpu: 1000,
     self_tgid: 0,
+    capture_bytes: 0,
+    _pad: 0,
 });
 
 /// Adds one to a per-CPU counter.

@@ -34,6 +34,8 @@ const OUTPUT_QUEUE: usize = 16_384;
 const CONN_TABLE_CAPACITY: usize = 262_144;
 /// A connection silent this long is forgotten (long-lived ones report every update interval).
 const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
+/// How often running processes are scanned for libssl files not yet probed.
+const TLS_RESCAN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
@@ -62,6 +64,13 @@ pub struct AgentArgs {
     /// Size of the kernel→agent ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, value_parser = parse_ringbuf_bytes)]
     pub ringbuf_bytes: Option<u32>,
+    /// Application payload bytes captured per message for L7 parsing (at most 1024; 0 turns
+    /// L7 capture off).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub capture_bytes: u32,
+    /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
+    #[arg(long)]
+    pub no_tls: bool,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -116,6 +125,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         update_interval_ns: u64::try_from(args.update_interval.as_nanos()).unwrap_or(u64::MAX),
         drops_per_sec_per_cpu: args.drops_per_sec,
         self_tgid: std::process::id(),
+        capture_bytes: args.capture_bytes,
+        _pad: 0,
     };
     let loaded = loader::load(&LoadOptions {
         settings,
@@ -124,6 +135,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         drops: !args.no_drops,
         cgroup2: probe.cgroup2.clone(),
         ringbuf_bytes: args.ringbuf_bytes,
+        tls: !args.no_tls,
     })?;
     eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
     if !args.no_drops {
@@ -149,7 +161,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         symbols,
     };
 
-    let loader::Loaded { ebpf, events, counters, .. } = loaded;
+    let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
+    let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let stats = Arc::new(PipelineStats::default());
     let cancel = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<GetFlowsResponse>(OUTPUT_QUEUE);
@@ -162,6 +175,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         tokio::spawn(read_loop(events, builder, tx.clone(), stats.clone(), cancel.clone()));
     let watcher =
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
+    let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
 
     tokio::select! {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
@@ -172,6 +186,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let _ = watcher.await;
     let _ = printer.await;
     // Dropping the object detaches every program (all are BPF links owned by this process).
+    if let Some(t) = tls_task {
+        t.abort();
+    }
     drop(ebpf);
     eprintln!(
         "hopwatch agent: {} flows, {} undecodable events, {} flows dropped at the output queue",
@@ -280,6 +297,18 @@ fn handle(
             let peer = table.peer(&conn).cloned();
             builder.tcp(&ev, &conn, peer.as_ref())
         }
+        KernelEvent::Data(ev, payload) => {
+            tracing::debug!(
+                cookie = ev.header.socket_cookie,
+                direction = ev.direction,
+                source = ev.source,
+                protocol = ev.protocol,
+                len = ev.len,
+                head = %String::from_utf8_lossy(&payload[..payload.len().min(48)]),
+                "data"
+            );
+            return;
+        }
         KernelEvent::Drop(ev) => {
             let (src_proc, dst_proc) = match endpoints(&ev.tuple) {
                 Some((s, d)) => (
@@ -293,6 +322,29 @@ fn handle(
     };
     stats.flows.fetch_add(1, Ordering::Relaxed);
     send(tx, stats, flow_response(&builder.node_name, flow));
+}
+
+/// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
+/// images, a library upgraded in place).
+async fn rescan_tls(
+    mut probes: crate::loader::tls::TlsProbes,
+    ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
+) {
+    let mut tick = tokio::time::interval(TLS_RESCAN);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (attached, failed) = {
+            let mut ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            probes.scan(&mut ebpf)
+        };
+        for lib in attached {
+            eprintln!("hopwatch agent: TLS uprobes attached to {}", lib.display());
+        }
+        for (lib, err) in failed {
+            tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+        }
+    }
 }
 
 /// Every second: turn new kernel-side and queue losses into Hubble `LostEvent`s.

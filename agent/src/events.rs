@@ -5,12 +5,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hopwatch_common::{AF_INET, AF_INET6, DropEvent, EventHeader, EventKind, TcpEvent, Tuple};
+use hopwatch_common::{
+    AF_INET, AF_INET6, DATA_MAX, DataEvent, DropEvent, EventHeader, EventKind, TcpEvent, Tuple,
+};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum KernelEvent {
     Tcp(TcpEvent),
     Drop(DropEvent),
+    /// Application data and the captured payload bytes.
+    Data(DataEvent, Vec<u8>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,6 +41,15 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     match EventKind::from_u32(header.kind) {
         Some(EventKind::Tcp) => read(bytes).map(KernelEvent::Tcp),
         Some(EventKind::Drop) => read(bytes).map(KernelEvent::Drop),
+        Some(EventKind::Data) => {
+            let ev: DataEvent = read(bytes)?;
+            let captured = (ev.captured as usize).min(DATA_MAX);
+            let start = size_of::<DataEvent>();
+            let payload = bytes
+                .get(start..start + captured)
+                .ok_or(DecodeError::Short { len: bytes.len(), need: start + captured })?;
+            Ok(KernelEvent::Data(ev, payload.to_vec()))
+        }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }

@@ -6,6 +6,7 @@
 pub mod btf;
 pub mod offsets;
 pub mod probe;
+pub mod tls;
 
 use std::{fs::File, path::PathBuf};
 
@@ -15,7 +16,8 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, SockOps, links::CgroupAttachMode},
 };
 use hopwatch_common::{
-    KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL,
+    KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL, SYSCALLS_GLOBAL,
+    SyscallNumbers,
     maps::{COUNTERS, DROP_IGNORE, EVENTS},
 };
 
@@ -28,6 +30,8 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 const TCP_TRACEPOINTS: [&str; 4] =
     ["inet_sock_set_state", "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset"];
 const DROP_TRACEPOINT: &str = "kfree_skb";
+/// Socket data hooks (tp_btf) for L7 capture.
+const DATA_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 const SOCK_OPS_PROGRAM: &str = "hopwatch_sockops";
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,8 @@ pub struct LoadOptions {
     pub cgroup2: Option<PathBuf>,
     /// Override of the events ring buffer size in bytes (power of two, page multiple).
     pub ringbuf_bytes: Option<u32>,
+    /// Attach the OpenSSL uprobes for TLS plaintext (needs `settings.capture_bytes > 0`).
+    pub tls: bool,
 }
 
 /// The loaded and attached programs, and the maps userspace reads.
@@ -98,6 +104,8 @@ pub struct Loaded {
     pub reasons: DropReasons,
     /// One line per attached hook, for the start-up report.
     pub hooks: Vec<String>,
+    /// The TLS uprobes, when enabled (rescan periodically for new libraries).
+    pub tls: Option<tls::TlsProbes>,
 }
 
 /// Loads and attaches everything.
@@ -108,12 +116,12 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let reasons = DropReasons::from_btf(&our_btf)?;
     let ignore = reasons.ignore_bitmap(&opts.drop_ignore, opts.drop_ignore_strict)?;
 
+    let syscalls = syscall_numbers();
     let mut loader = EbpfLoader::new();
-    loader.override_global(OFFSETS_GLOBAL, &offsets, true).override_global(
-        SETTINGS_GLOBAL,
-        &opts.settings,
-        true,
-    );
+    loader
+        .override_global(OFFSETS_GLOBAL, &offsets, true)
+        .override_global(SETTINGS_GLOBAL, &opts.settings, true)
+        .override_global(SYSCALLS_GLOBAL, &syscalls, true);
     if let Some(bytes) = opts.ringbuf_bytes {
         loader.map_max_entries(EVENTS, bytes);
     }
@@ -124,6 +132,9 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let mut tracepoints: Vec<&'static str> = TCP_TRACEPOINTS.to_vec();
     if opts.drops {
         tracepoints.push(DROP_TRACEPOINT);
+    }
+    if opts.settings.capture_bytes > 0 {
+        tracepoints.extend(DATA_TRACEPOINTS);
     }
     for name in tracepoints {
         let prog: &mut BtfTracePoint = ebpf
@@ -166,17 +177,48 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
     }
 
+    let tls = if opts.tls && opts.settings.capture_bytes > 0 {
+        let mut probes = tls::TlsProbes::load(&mut ebpf)?;
+        let (attached, failed) = probes.scan(&mut ebpf);
+        for lib in attached {
+            hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {}", lib.display()));
+        }
+        for (lib, err) in failed {
+            tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+        }
+        Some(probes)
+    } else {
+        None
+    };
+
     let events = RingBuf::try_from(ebpf.take_map(EVENTS).ok_or(LoadError::NoMap { map: EVENTS })?)
         .map_err(|source| LoadError::Map { map: EVENTS, source })?;
     let counters =
         PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
             .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
-    Ok(Loaded { ebpf, events, counters, reasons, hooks })
+    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls })
+}
+
+/// This architecture's syscall numbers, from libc.
+fn syscall_numbers() -> SyscallNumbers {
+    let n = |nr: libc::c_long| u32::try_from(nr).unwrap_or(u32::MAX);
+    SyscallNumbers {
+        read: n(libc::SYS_read),
+        write: n(libc::SYS_write),
+        readv: n(libc::SYS_readv),
+        writev: n(libc::SYS_writev),
+        sendto: n(libc::SYS_sendto),
+        recvfrom: n(libc::SYS_recvfrom),
+        sendmsg: n(libc::SYS_sendmsg),
+        recvmsg: n(libc::SYS_recvmsg),
+        sendmmsg: n(libc::SYS_sendmmsg),
+        recvmmsg: n(libc::SYS_recvmmsg),
+    }
 }
 
 /// A load failure as one line: for verifier rejections, the verifier's own verdict (the last line
 /// of its log that is not statistics); the whole log goes to the debug log.
-fn rejected(program: &'static str, e: ProgramError) -> LoadError {
+pub(crate) fn rejected(program: &'static str, e: ProgramError) -> LoadError {
     match &e {
         ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();

@@ -46,7 +46,13 @@ pub fn compute(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         skb_sk: off("sk_buff", &["sk"])?,
         dev_ifindex: off("net_device", &["ifindex"])?,
         dev_nd_net: off("net_device", &["nd_net", "net"])?,
-        _pad: [0; 3],
+        regs_di: off("pt_regs", &["di"])?,
+        regs_si: off("pt_regs", &["si"])?,
+        regs_dx: off("pt_regs", &["dx"])?,
+        regs_r10: off("pt_regs", &["r10"])?,
+        regs_r8: off("pt_regs", &["r8"])?,
+        regs_orig_ax: off("pt_regs", &["orig_ax"])?,
+        _pad: [0; 1],
     })
 }
 

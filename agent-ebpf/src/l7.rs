@@ -1,0 +1,331 @@
+//! Application payload capture at the socket layer.
+//!
+//! Why these hooks: `sock:sock_send_length` and `sock:sock_recv_length` (6.4+) fire for every
+//! `sock_sendmsg`/`sock_recvmsg`, i.e. for every send/recv/read/write family syscall on a socket
+//! and only on sockets, with the `struct sock *` (so the socket cookie) and the byte count. File
+//! I/O never reaches them, so capture costs nothing for non-socket reads and writes, and no
+//! per-syscall enter/exit bookkeeping is needed. The user buffer is found from the syscall's own
+//! arguments, saved in the task's `pt_regs` (`bpf_task_pt_regs`); the syscall numbers come from
+//! userspace (libc), the `pt_regs` offsets from BTF.
+//!
+//! Only a bounded prefix of each message is copied, and only for connections whose first bytes
+//! look like a protocol hopwatch parses (see `hopwatch_common::detect`); a connection that shows
+//! nothing recognisable within a few messages is ignored from then on for the price of one map
+//! lookup per call. TLS connections are skipped here: their plaintext comes from the uprobes in
+//! `tls.rs`.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw,
+            bpf_ringbuf_output, bpf_task_pt_regs,
+        },
+    },
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use hopwatch_common::{
+    AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, EventKind,
+    IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_IGNORED, PROTO_TLS,
+    PROTO_UNKNOWN, SRC_SYSCALL,
+    detect::{HEAD, detect},
+};
+
+use crate::{
+    kernel::{
+        current_process_into, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie,
+    },
+    maps::{
+        DATA_SCRATCH, DataScratch, EVENTS, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
+        MMSG_CURSORS, SSL_SOCKETS, TLS_CALLS, count,
+    },
+};
+
+/// `MSG_PEEK`: the data stays queued and will be read again.
+const MSG_PEEK: i32 = 2;
+/// iovecs copied from per call at most (verifier-bounded loop).
+const MAX_IOVS: u32 = 4;
+const DNS_PORT: u16 = 53;
+/// Userspace ABI sizes (LP64): `struct iovec`, `struct msghdr`, `struct mmsghdr`.
+const IOVEC_SIZE: u64 = 16;
+const MMSGHDR_SIZE: u64 = 64;
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    if ret > 0 {
+        // SAFETY: `sk` is the tracepoint's socket.
+        unsafe { on_data(sk, ret.cast_unsigned(), DIR_EGRESS) };
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const c_void = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret > 0 && flags & MSG_PEEK == 0 {
+        // SAFETY: `sk` is the tracepoint's socket.
+        unsafe { on_data(sk, ret.cast_unsigned(), DIR_INGRESS) };
+    }
+    0
+}
+
+/// Where a syscall's data lives in user memory.
+#[derive(Clone, Copy)]
+struct UserData {
+    /// A flat buffer, or the first `struct iovec` when `iov_count > 0`.
+    ptr: u64,
+    iov_count: u64,
+    /// `struct sockaddr *` naming the peer (sendto/sendmsg to an unconnected socket), or 0.
+    addr: u64,
+}
+
+unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
+    let settings = HOPWATCH_SETTINGS.load();
+    if settings.capture_bytes == 0 {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if settings.self_tgid != 0 && (pid_tgid >> 32) as u32 == settings.self_tgid {
+        return;
+    }
+    let o = offsets();
+    let skb = sk.cast::<u8>();
+    let Some(family) = (unsafe { read_at::<u16>(skb, o.sk_family) }) else { return };
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let protocol = unsafe { sock_protocol(skb, &o) }.unwrap_or(0);
+    if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
+        return;
+    }
+    // SAFETY: tracepoint socket argument.
+    let cookie = unsafe { socket_cookie(sk) };
+
+    // Inside SSL_read/SSL_write: this is ciphertext. Remember which socket the SSL object uses;
+    // the uprobe sends the plaintext.
+    if let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+        // SAFETY: map value pointer, valid until we return.
+        unsafe {
+            (*call).cookie = cookie;
+            let _ = SSL_SOCKETS.insert((*call).ssl, cookie, 0);
+        }
+        let state = L7Conn {
+            proto: PROTO_TLS,
+            tls: 1,
+            ..unsafe { L7CONNS.get(cookie) }.copied().unwrap_or_default()
+        };
+        let _ = L7CONNS.insert(cookie, state, 0);
+        return;
+    }
+    let mut state = unsafe { L7CONNS.get(cookie) }.copied().unwrap_or_default();
+    if state.proto == PROTO_IGNORED || state.proto == PROTO_TLS {
+        return;
+    }
+
+    let Some(user) = (unsafe { syscall_data(&o, pid_tgid) }) else {
+        count(Counter::L7UnsupportedCall);
+        return;
+    };
+    let Some(scratch) = DATA_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch value, ours until the program returns.
+    let scratch = unsafe { &mut *scratch };
+    let ev = &mut scratch.event;
+    ev.tuple = Default::default();
+    // SAFETY: tracepoint socket.
+    unsafe { read_sock_tuple(skb, &o, &mut ev.tuple) };
+    ev.tuple.protocol = protocol as u8;
+    if protocol == u16::from(IPPROTO_UDP) {
+        if ev.tuple.dport == 0 && user.addr != 0 {
+            // SAFETY: user pointer from the syscall's arguments; reads are checked.
+            unsafe { peer_from_sockaddr(user.addr, ev) };
+        }
+        // Over UDP only DNS is parsed; everything else stays out of the ring buffer.
+        if ev.tuple.sport != DNS_PORT && ev.tuple.dport != DNS_PORT {
+            return;
+        }
+    }
+
+    let cap = settings.capture_bytes.min(DATA_MAX as u32);
+    // SAFETY: user pointers from the syscall's arguments; copies are bounded and checked.
+    let captured = unsafe { copy_user_data(&mut scratch.data, user, len.min(cap)) };
+
+    if state.proto == PROTO_UNKNOWN {
+        let port_dns =
+            scratch.event.tuple.sport == DNS_PORT || scratch.event.tuple.dport == DNS_PORT;
+        state.proto = if port_dns { PROTO_DNS } else { detect_head(&scratch.data, captured) };
+        if state.proto == PROTO_UNKNOWN {
+            state.attempts += 1;
+            if state.attempts >= DETECT_ATTEMPTS {
+                state.proto = PROTO_IGNORED;
+                count(Counter::L7Ignored);
+            }
+        }
+        let _ = L7CONNS.insert(cookie, state, 0);
+        if state.proto == PROTO_UNKNOWN || state.proto == PROTO_IGNORED || state.proto == PROTO_TLS
+        {
+            return;
+        }
+    }
+    if len > captured {
+        count(Counter::DataTruncated);
+    }
+    let ev = &mut scratch.event;
+    ev.len = len;
+    ev.captured = captured;
+    ev.direction = direction;
+    ev.source = SRC_SYSCALL;
+    ev.protocol = state.proto;
+    // SAFETY: helper calls with valid arguments.
+    unsafe { send(scratch, pid_tgid, cookie) };
+}
+
+/// Fills the event header and process fields and copies the event plus `captured` bytes into the
+/// ring buffer.
+#[inline(always)]
+pub unsafe fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
+    let ev = &mut scratch.event;
+    ev.header.kind = EventKind::Data as u32;
+    // SAFETY: no arguments.
+    ev.header.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    ev.header.cpu = 0;
+    ev.header.socket_cookie = cookie;
+    current_process_into(pid_tgid, &mut ev.header, &mut ev.comm);
+    let size = size_of::<hopwatch_common::DataEvent>() as u64
+        + u64::from(ev.captured.min(DATA_MAX as u32));
+    // SAFETY: `scratch` is a map value of at least `size` bytes; EVENTS is a ring buffer map.
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            (&raw const EVENTS).cast_mut().cast(),
+            core::ptr::from_mut(scratch).cast(),
+            size,
+            0,
+        )
+    };
+    if rc < 0 {
+        count(Counter::RingbufFull);
+    } else {
+        count(Counter::DataEvents);
+    }
+}
+
+/// Protocol guess from the first bytes of the captured data.
+#[inline(always)]
+pub fn detect_head(data: &[u8; 2 * DATA_MAX], captured: u32) -> u8 {
+    let mut head = [0u8; HEAD];
+    head.copy_from_slice(&data[..HEAD]);
+    detect(&head, (captured as usize).min(HEAD))
+}
+
+/// Finds the user buffer of the syscall in progress from its saved registers.
+#[inline(always)]
+unsafe fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
+    // SAFETY: helpers valid in tracing programs; `regs` is the current task's saved registers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    let nr = unsafe { read_at::<u64>(regs, o.regs_orig_ax) }?;
+    let arg = |off: u16| unsafe { read_at::<u64>(regs, off) };
+    let sc = HOPWATCH_SYSCALLS.load();
+    let nr = nr as u32;
+    if nr == sc.read || nr == sc.write {
+        Some(UserData { ptr: arg(o.regs_si)?, iov_count: 0, addr: 0 })
+    } else if nr == sc.sendto || nr == sc.recvfrom {
+        // recvfrom fills its address only after the socket layer returns: not usable here.
+        let addr = if nr == sc.sendto { arg(o.regs_r8)? } else { 0 };
+        Some(UserData { ptr: arg(o.regs_si)?, iov_count: 0, addr })
+    } else if nr == sc.readv || nr == sc.writev {
+        Some(UserData { ptr: arg(o.regs_si)?, iov_count: arg(o.regs_dx)?, addr: 0 })
+    } else if nr == sc.sendmsg || nr == sc.recvmsg {
+        unsafe { from_msghdr(arg(o.regs_si)?, nr == sc.sendmsg) }
+    } else if nr == sc.sendmmsg || nr == sc.recvmmsg {
+        let vec = arg(o.regs_si)?;
+        let vlen = arg(o.regs_dx)?;
+        let idx = mmsg_index(pid_tgid, vec, vlen);
+        unsafe { from_msghdr(vec + idx * MMSGHDR_SIZE, nr == sc.sendmmsg) }
+    } else {
+        None
+    }
+}
+
+/// Which message of a `sendmmsg`/`recvmmsg` vector this socket call is for: the kernel handles
+/// them in order, one socket call each.
+#[inline(always)]
+fn mmsg_index(pid_tgid: u64, vec: u64, vlen: u64) -> u64 {
+    let idx = match unsafe { MMSG_CURSORS.get(pid_tgid) } {
+        Some(c) if c[0] == vec && c[1] < c[2] => c[1],
+        _ => 0,
+    };
+    let _ = MMSG_CURSORS.insert(pid_tgid, [vec, idx + 1, vlen], 0);
+    idx.min(vlen.saturating_sub(1))
+}
+
+/// `struct msghdr` (userspace ABI): `msg_name` at 0, `msg_iov` at 16, `msg_iovlen` at 24.
+#[inline(always)]
+unsafe fn from_msghdr(msg: u64, sending: bool) -> Option<UserData> {
+    let hdr = unsafe { bpf_probe_read_user(msg as *const [u64; 4]) }.ok()?;
+    // The receive side's `msg_name` is only filled after the socket layer returns.
+    let addr = if sending { hdr[0] } else { 0 };
+    Some(UserData { ptr: hdr[2], iov_count: hdr[3], addr })
+}
+
+/// Reads the peer of an unconnected UDP socket from a `struct sockaddr_in`/`sockaddr_in6`.
+#[inline(always)]
+unsafe fn peer_from_sockaddr(addr: u64, ev: &mut hopwatch_common::DataEvent) {
+    let Ok(sa) = (unsafe { bpf_probe_read_user(addr as *const [u8; 28]) }) else { return };
+    let family = u16::from_ne_bytes([sa[0], sa[1]]);
+    ev.tuple.dport = u16::from_be_bytes([sa[2], sa[3]]);
+    if family == AF_INET {
+        ev.tuple.daddr[..4].copy_from_slice(&sa[4..8]);
+    } else if family == AF_INET6 {
+        ev.tuple.daddr.copy_from_slice(&sa[8..24]);
+    }
+}
+
+/// Copies up to `want` bytes of the syscall's data into `dst`; returns how many were copied.
+#[inline(always)]
+unsafe fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
+    if user.iov_count == 0 {
+        return unsafe { copy_chunk(dst, 0, user.ptr, want) };
+    }
+    let mut copied = 0u32;
+    let mut i = 0u32;
+    while i < MAX_IOVS {
+        if u64::from(i) >= user.iov_count || copied >= want {
+            break;
+        }
+        let iov = user.ptr + u64::from(i) * IOVEC_SIZE;
+        let Ok(v) = (unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }) else { break };
+        let room = want - copied;
+        let n = if v[1] < u64::from(room) { v[1] as u32 } else { room };
+        copied += unsafe { copy_chunk(dst, copied, v[0], n) };
+        i += 1;
+    }
+    copied
+}
+
+/// Copies `n` bytes from user address `src` to `dst[off..]`, within the verifier's view of the
+/// buffer: `off < DATA_MAX` and `n <= DATA_MAX` keep the copy inside `2 * DATA_MAX`.
+#[inline(always)]
+pub unsafe fn copy_chunk(dst: &mut [u8; 2 * DATA_MAX], off: u32, src: u64, n: u32) -> u32 {
+    // The compiler can prove `off < DATA_MAX` from the callers and would drop the mask; the
+    // verifier cannot, so launder the value through memory to keep the mask in the code.
+    // SAFETY: a read of a local.
+    let off = unsafe { core::ptr::read_volatile(&raw const off) } as usize & (DATA_MAX - 1);
+    let mut n = n as usize;
+    if n > DATA_MAX {
+        n = DATA_MAX;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: `off + n <= 2 * DATA_MAX`; the helper checks the user address.
+    let rc = unsafe {
+        probe_read_user_raw(dst.as_mut_ptr().add(off).cast(), n as u32, src as *const c_void)
+    };
+    if rc < 0 { 0 } else { n as u32 }
+}

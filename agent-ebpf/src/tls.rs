@@ -1,0 +1,145 @@
+//! TLS plaintext from OpenSSL (`libssl.so.3`/`libssl.so.1.1`) uprobes.
+//!
+//! Why these hooks: the ingress hop is usually TLS-terminated, so the socket carries only
+//! ciphertext. `SSL_read`/`SSL_write` (and their `_ex` variants) see the plaintext buffer; the
+//! socket I/O OpenSSL does inside the call (seen by `sock_send_length`/`sock_recv_length`, see
+//! `l7.rs`) tells us which socket the `SSL*` uses. Uprobes are attached to the library file, so
+//! every process mapping it is covered, including ones started later.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use hopwatch_common::{
+    Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, L7Conn, PROTO_IGNORED, PROTO_TLS,
+    PROTO_UNKNOWN, SRC_TLS,
+};
+
+use crate::{
+    l7::{copy_chunk, detect_head, send},
+    maps::{DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TlsCall, count},
+};
+
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_EGRESS, false);
+    0
+}
+
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_EGRESS, true);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_INGRESS, false);
+    0
+}
+
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_INGRESS, true);
+    0
+}
+
+/// Shared by all four functions: the return says how many bytes the buffer holds.
+#[uretprobe]
+pub fn ssl_return(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret();
+    // SAFETY: reads of user memory named by the call's own arguments.
+    unsafe { exit(ret) };
+    0
+}
+
+/// `SSL_write(ssl, buf, num)`, `SSL_write_ex(ssl, buf, num, size_t *written)`, and the same for
+/// reads.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, direction: u8, ex: bool) {
+    if HOPWATCH_SETTINGS.load().capture_bytes == 0 {
+        return;
+    }
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    let buf: u64 = ctx.arg(1).unwrap_or(0);
+    let out_len: u64 = if ex { ctx.arg(3).unwrap_or(0) } else { 0 };
+    // SAFETY: copied out at once.
+    let cookie = unsafe { SSL_SOCKETS.get(ssl) }.copied().unwrap_or(0);
+    let call = TlsCall { ssl, buf, out_len, cookie, direction, _pad: [0; 7] };
+    let _ = TLS_CALLS.insert(bpf_get_current_pid_tgid(), call, 0);
+}
+
+unsafe fn exit(ret: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out at once.
+    let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else { return };
+    let _ = TLS_CALLS.remove(pid_tgid);
+    let len = if call.out_len != 0 {
+        if ret != 1 {
+            return;
+        }
+        // SAFETY: the caller's `size_t *` out-parameter.
+        unsafe { bpf_probe_read_user(call.out_len as *const u64) }.unwrap_or(0)
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        return;
+    };
+    if len == 0 {
+        return;
+    }
+    let cookie = if call.cookie != 0 {
+        call.cookie
+    } else {
+        // SAFETY: copied out at once.
+        unsafe { SSL_SOCKETS.get(call.ssl) }.copied().unwrap_or(0)
+    };
+    if cookie == 0 {
+        // Data OpenSSL had buffered before we ever saw this SSL object touch its socket.
+        count(Counter::TlsUnassociated);
+        return;
+    }
+    let mut state = unsafe { L7CONNS.get(cookie) }.copied().unwrap_or(L7Conn {
+        proto: PROTO_TLS,
+        tls: 1,
+        ..L7Conn::default()
+    });
+    if state.inner == PROTO_IGNORED {
+        return;
+    }
+    let Some(scratch) = DATA_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch value, ours until the program returns.
+    let scratch = unsafe { &mut *scratch };
+    let cap = HOPWATCH_SETTINGS.load().capture_bytes.min(DATA_MAX as u32);
+    let want = if len < u64::from(cap) { len as u32 } else { cap };
+    // SAFETY: the call's own buffer, `len` bytes of which hold plaintext.
+    let captured = unsafe { copy_chunk(&mut scratch.data, 0, call.buf, want) };
+    if state.inner == PROTO_UNKNOWN {
+        state.inner = detect_head(&scratch.data, captured);
+        if state.inner == PROTO_UNKNOWN {
+            state.attempts += 1;
+            if state.attempts >= DETECT_ATTEMPTS {
+                state.inner = PROTO_IGNORED;
+                count(Counter::L7Ignored);
+            }
+        }
+        let _ = L7CONNS.insert(cookie, state, 0);
+        if state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
+            return;
+        }
+    }
+    if len > u64::from(captured) {
+        count(Counter::DataTruncated);
+    }
+    let ev = &mut scratch.event;
+    // The socket's addresses are known to userspace from the connection's TCP events.
+    ev.tuple = Default::default();
+    ev.len = u32::try_from(len).unwrap_or(u32::MAX);
+    ev.captured = captured;
+    ev.direction = call.direction;
+    ev.source = SRC_TLS;
+    ev.protocol = state.inner;
+    // SAFETY: valid helper arguments.
+    unsafe { send(scratch, pid_tgid, cookie) };
+}
