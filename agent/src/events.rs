@@ -109,7 +109,9 @@ mod tests {
             KernelEvent::Tcp(t) => {
                 assert_eq!((t.op, t.tuple.sport), (TcpOp::Connected as u8, 4242));
             }
-            other @ KernelEvent::Drop(_) => panic!("wrong kind: {other:?}"),
+            other @ (KernelEvent::Drop(_) | KernelEvent::Data(..)) => {
+                panic!("wrong kind: {other:?}")
+            }
         }
     }
 
@@ -123,6 +125,26 @@ mod tests {
         let mut bad = b.clone();
         bad[0] = 99;
         assert_eq!(decode(&bad).unwrap_err(), DecodeError::UnknownKind(99));
+    }
+
+    #[test]
+    fn decodes_a_data_event_with_its_payload() {
+        let mut ev = DataEvent::default();
+        ev.header.kind = EventKind::Data as u32;
+        ev.captured = 4;
+        ev.len = 100;
+        let mut b = bytes_of(&ev);
+        b.extend_from_slice(b"GET /");
+        match decode(&b).expect("decodes") {
+            KernelEvent::Data(d, payload) => {
+                assert_eq!((d.len, payload.as_slice()), (100, &b"GET "[..]))
+            }
+            other => panic!("wrong kind: {other:?}"),
+        }
+        // A record claiming more captured bytes than it carries is rejected, not over-read.
+        ev.captured = 64;
+        let short = bytes_of(&ev);
+        assert!(matches!(decode(&short), Err(DecodeError::Short { .. })));
     }
 
     #[test]

@@ -254,6 +254,7 @@ mod tests {
         e.header.socket_cookie = cookie;
         e.header.timestamp_ns = ts;
         e.direction = dir;
+        e.len = 3;
         e.protocol = PROTO_HTTP;
         e.tuple.sport = sport;
         e.tuple.dport = dport;
@@ -269,20 +270,17 @@ mod tests {
         let mut t = tracker();
         // Client socket 1 (port 40000) → server socket 2 (port 80), both on this node.
         assert!(
-            t.on_data(&ev(1, DIR_EGRESS, 100, 40000, 80), b"1:q", 3, Some(false), Some(2))
-                .is_empty()
+            t.on_data(&ev(1, DIR_EGRESS, 100, 40000, 80), b"1:q", Some(false), Some(2)).is_empty()
         );
         assert!(
-            t.on_data(&ev(2, DIR_INGRESS, 110, 80, 40000), b"1:q", 3, Some(true), Some(1))
-                .is_empty()
+            t.on_data(&ev(2, DIR_INGRESS, 110, 80, 40000), b"1:q", Some(true), Some(1)).is_empty()
         );
-        let server = t.on_data(&ev(2, DIR_EGRESS, 150, 80, 40000), b"1:r", 3, Some(true), Some(1));
+        let server = t.on_data(&ev(2, DIR_EGRESS, 150, 80, 40000), b"1:r", Some(true), Some(1));
         assert_eq!(server.len(), 1);
         assert!(server[0].server_side);
         assert_eq!(server[0].exchange.latency_ns(), 40);
         assert_eq!(server[0].peer_latency_ns, None, "the client has not seen the response yet");
-        let client =
-            t.on_data(&ev(1, DIR_INGRESS, 160, 40000, 80), b"1:r", 3, Some(false), Some(2));
+        let client = t.on_data(&ev(1, DIR_INGRESS, 160, 40000, 80), b"1:r", Some(false), Some(2));
         assert_eq!(client[0].exchange.latency_ns(), 60);
         assert_eq!(client[0].peer_latency_ns, Some(40), "network + queueing share is 20 ns");
     }
@@ -292,9 +290,9 @@ mod tests {
         let mut t = tracker();
         let mut other = ev(3, DIR_EGRESS, 1, 40001, 5000);
         other.protocol = 0;
-        assert!(t.on_data(&other, b"1:x", 3, Some(false), None).is_empty());
+        assert!(t.on_data(&other, b"1:x", Some(false), None).is_empty());
         assert_eq!(t.stats.unparsed_connections, 1);
-        t.on_data(&ev(4, DIR_EGRESS, 10, 40002, 80), b"1:q", 3, None, None);
+        t.on_data(&ev(4, DIR_EGRESS, 10, 40002, 80), b"1:q", None, None);
         let closed = t.close(4);
         assert_eq!(closed.len(), 1);
         assert!(closed[0].exchange.response.is_none());
