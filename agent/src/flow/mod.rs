@@ -4,6 +4,8 @@
 //! packet), `destination` the other; `traffic_direction` says which of them this node traced
 //! (EGRESS: the client, INGRESS: the server).
 
+mod l7;
+
 use std::net::{IpAddr, SocketAddr};
 
 use hopwatch_common::{
@@ -12,6 +14,7 @@ use hopwatch_common::{
     ROLE_CLIENT, TcpEvent, TcpOp,
 };
 
+pub use self::l7::L7Observation;
 use crate::{
     conntrack::{Conn, Process, Role, endpoints},
     drops::{DropReasons, symbols::KernelSymbols},
@@ -21,9 +24,11 @@ use crate::{
     },
 };
 
-/// Cilium's monitor message types, which Hubble filters (`--type drop`, `--type trace`) use.
+/// Cilium's monitor message types, which Hubble filters (`--type drop`, `--type trace`,
+/// `--type l7`) use.
 const EVENT_TYPE_DROP: i32 = 1;
 const EVENT_TYPE_TRACE: i32 = 4;
+const EVENT_TYPE_L7: i32 = 129;
 
 /// Converts `CLOCK_MONOTONIC` nanoseconds (what BPF programs stamp) to wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -180,7 +185,7 @@ impl FlowBuilder {
     }
 }
 
-fn ip(src: IpAddr, dst: IpAddr) -> pb::Ip {
+pub(crate) fn ip(src: IpAddr, dst: IpAddr) -> pb::Ip {
     pb::Ip {
         source: src.to_string(),
         destination: dst.to_string(),
@@ -211,7 +216,7 @@ fn layer4(ev: &DropEvent, s: SocketAddr, d: SocketAddr) -> Option<Layer4> {
     Some(Layer4 { protocol: Some(protocol) })
 }
 
-fn process(p: &Process) -> pb::Process {
+pub(crate) fn process(p: &Process) -> pb::Process {
     pb::Process { pid: p.pid, comm: p.comm.clone(), cgroup_id: p.cgroup_id }
 }
 
@@ -319,6 +324,16 @@ fn tcp_summary(op: TcpOp, s: &TcpStats) -> String {
             format!("close{how} after {}, {}", human_ns(s.duration_ns), counters())
         }
         TcpOp::Update => format!("open {}, {}", human_ns(s.duration_ns), counters()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::Clock;
+
+    /// A clock whose monotonic zero is `wall_ns` of wall time.
+    pub fn clock_at(wall_ns: i128) -> Clock {
+        Clock { realtime_minus_monotonic_ns: wall_ns }
     }
 }
 
