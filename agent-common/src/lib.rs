@@ -454,8 +454,11 @@ pub struct L7Conn {
     pub tls: u8,
     /// Protocol detected in the TLS plaintext.
     pub inner: u8,
+    /// The connection's addresses went out with an earlier data event.
+    pub tuple_sent: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<L7Conn>() == 4);
+const _: () = assert!(size_of::<L7Conn>() == 8);
 
 /// Application data seen on a socket ([`EventKind::Data`]); `captured` payload bytes follow the
 /// struct in the ring buffer record.

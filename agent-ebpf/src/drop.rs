@@ -16,7 +16,7 @@ use hopwatch_common::{
 };
 
 use crate::{
-    emit::reserve,
+    emit::{reserve, wakeup_flags},
     kernel::{UNSET, net_inum, offsets, read_at},
     maps::{DROP_IGNORE, DROP_RATE, HOPWATCH_SETTINGS, count},
 };
@@ -112,7 +112,7 @@ unsafe fn on_drop(skb: *const u8, location: u64, reason: u32) {
             e.flags |= DROP_F_NO_HEADERS;
         }
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 /// Fills the event's tuple (and ICMP type/code) from the packet's IP and L4 headers.

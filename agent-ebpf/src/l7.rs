@@ -35,6 +35,7 @@ use hopwatch_common::{
 };
 
 use crate::{
+    emit::wakeup_flags,
     kernel::{
         current_process_into, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie,
     },
@@ -138,10 +139,16 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     let scratch = unsafe { &mut *scratch };
     let ev = &mut scratch.event;
     ev.tuple = Default::default();
-    // SAFETY: tracepoint socket.
-    unsafe { read_sock_tuple(skb, &o, &mut ev.tuple) };
+    // A TCP connection's addresses do not change: they are sent with its first captured message
+    // (and userspace also has them from the connection's TCP events). UDP sockets may talk to
+    // many peers, so every datagram carries them.
+    let udp = protocol == u16::from(IPPROTO_UDP);
+    if udp || state.tuple_sent == 0 {
+        // SAFETY: tracepoint socket.
+        unsafe { read_sock_tuple(skb, &o, &mut ev.tuple) };
+    }
     ev.tuple.protocol = protocol as u8;
-    if protocol == u16::from(IPPROTO_UDP) {
+    if udp {
         if ev.tuple.dport == 0 && user.addr != 0 {
             // SAFETY: user pointer from the syscall's arguments; reads are checked.
             unsafe { peer_from_sockaddr(user.addr, ev) };
@@ -176,6 +183,10 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     if len > captured {
         count(Counter::DataTruncated);
     }
+    if state.tuple_sent == 0 && !udp {
+        state.tuple_sent = 1;
+        let _ = L7CONNS.insert(cookie, state, 0);
+    }
     let ev = &mut scratch.event;
     ev.len = len;
     ev.captured = captured;
@@ -205,7 +216,7 @@ pub unsafe fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
             (&raw const EVENTS).cast_mut().cast(),
             core::ptr::from_mut(scratch).cast(),
             size,
-            0,
+            wakeup_flags(),
         )
     };
     if rc < 0 {

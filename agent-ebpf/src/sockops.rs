@@ -23,7 +23,7 @@ use hopwatch_common::{
 };
 
 use crate::{
-    emit::{fill_from_conn, reserve},
+    emit::{fill_from_conn, reserve, wakeup_flags},
     maps::{CONNS, HOPWATCH_SETTINGS, count},
 };
 
@@ -138,5 +138,5 @@ unsafe fn report(ctx: &SockOpsContext, cookie: u64, c: &ConnState, now: u64) {
             }
         }
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }

@@ -25,7 +25,7 @@ use hopwatch_common::{
 };
 
 use crate::{
-    emit::{fill_from_conn, reserve},
+    emit::{fill_from_conn, reserve, wakeup_flags},
     kernel::{current_process, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie},
     maps::{CONNS, HOPWATCH_SETTINGS, LISTENERS, count},
 };
@@ -212,7 +212,7 @@ unsafe fn emit(
             None => e.flags = CONN_F_PREEXISTING,
         }
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]

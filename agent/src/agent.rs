@@ -34,6 +34,8 @@ const OUTPUT_QUEUE: usize = 16_384;
 const CONN_TABLE_CAPACITY: usize = 262_144;
 /// A connection silent this long is forgotten (long-lived ones report every update interval).
 const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
+/// Longest a kernel event waits in the ring buffer before the agent reads it.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often running processes are scanned for libssl files not yet probed.
 const TLS_RESCAN: Duration = Duration::from_secs(10);
 
@@ -71,6 +73,10 @@ pub struct AgentArgs {
     /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
     #[arg(long)]
     pub no_tls: bool,
+    /// Have the kernel count the run time of hopwatch's programs (a small cost per run) and
+    /// print it at exit.
+    #[arg(long)]
+    pub bpf_stats: bool,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -91,6 +97,8 @@ pub enum AgentError {
     RingBuf(#[source] std::io::Error),
     #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("cannot enable BPF run-time statistics: {0}")]
+    BpfStats(#[source] aya::sys::SyscallError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -161,6 +169,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         symbols,
     };
 
+    let stats_guard = if args.bpf_stats {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(AgentError::BpfStats)?)
+    } else {
+        None
+    };
     let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let stats = Arc::new(PipelineStats::default());
@@ -188,6 +201,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     // Dropping the object detaches every program (all are BPF links owned by this process).
     if let Some(t) = tls_task {
         t.abort();
+    }
+    if stats_guard.is_some() {
+        let ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, runs, time) in loader::program_stats(&ebpf) {
+            #[expect(clippy::cast_precision_loss, reason = "a rounded display value")]
+            let per_run = time.as_nanos() as f64 / runs as f64;
+            eprintln!("hopwatch agent: program {name}: {runs} runs, {per_run:.0} ns per run");
+        }
     }
     drop(ebpf);
     eprintln!(
@@ -253,12 +274,20 @@ async fn read_loop(
             .map_err(|e| AgentError::RingBuf(e.into_parts().1))?;
     let mut table = ConnTable::new(CONN_TABLE_CAPACITY);
     let mut last_sweep = Clock::monotonic_now_ns();
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = tokio::select! {
+        // The kernel wakes us only when a batch is waiting; the timer bounds the delay of a
+        // trickle of events.
+        let woken = tokio::select! {
             () = cancel.cancelled() => break,
-            guard = ring.readable_mut() => guard.map_err(AgentError::RingBuf)?,
+            guard = ring.readable_mut() => Some(guard.map_err(AgentError::RingBuf)?),
+            _ = drain_tick.tick() => None,
         };
-        let rb = guard.get_inner_mut();
+        if let Some(mut guard) = woken {
+            guard.clear_ready();
+        }
+        let rb = ring.get_mut();
         while let Some(item) = rb.next() {
             match decode(&item) {
                 Ok(ev) => handle(ev, &builder, &mut table, &tx, &stats),
@@ -269,7 +298,6 @@ async fn read_loop(
                 }
             }
         }
-        guard.clear_ready();
         let now = Clock::monotonic_now_ns();
         if now.saturating_sub(last_sweep) > 60_000_000_000 {
             let forget = u64::try_from(CONN_IDLE_FORGET.as_nanos()).unwrap_or(u64::MAX);

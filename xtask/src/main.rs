@@ -10,6 +10,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
 /// built against the same one.
 const LLVM_MAJOR: &str = "22";
@@ -57,6 +59,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
     },
+    /// Measure the agent's overhead side by side (root required): wrk against nginx with the
+    /// agent off, with TCP capture, with full L7 capture.
+    Bench {
+        /// Rounds over all modes (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Seconds of load per mode per round.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Concurrent wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +105,13 @@ fn run(task: Task) -> Result<()> {
             say(&format!("running {} agent {}", bin.display(), args.join(" ")));
             let err = exec(Command::new(&bin).arg("agent").args(&args));
             Err(err).with_context(|| format!("cannot execute {}", bin.display()))
+        }
+        Task::Bench { rounds, seconds, connections } => {
+            setup(&[])?;
+            if !is_root() {
+                bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
+            }
+            bench::run(&bench::BenchOptions { rounds, seconds, connections })
         }
         Task::Test { unit, filter } => {
             setup(if unit { &[] } else { TEST_PACKAGES })?;

@@ -199,6 +199,18 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded { ebpf, events, counters, reasons, hooks, tls })
 }
 
+/// Run counts and run time of hopwatch's loaded programs (`(name, runs, total time)`), as the
+/// kernel counts them while BPF run-time statistics are enabled.
+pub fn program_stats(ebpf: &Ebpf) -> Vec<(String, u64, std::time::Duration)> {
+    ebpf.programs()
+        .filter_map(|(name, prog)| {
+            let info = prog.info().ok()?;
+            Some((name.to_owned(), info.run_count(), info.run_time()))
+        })
+        .filter(|(_, runs, _)| *runs > 0)
+        .collect()
+}
+
 /// This architecture's syscall numbers, from libc.
 fn syscall_numbers() -> SyscallNumbers {
     let n = |nr: libc::c_long| u32::try_from(nr).unwrap_or(u32::MAX);
