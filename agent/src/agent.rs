@@ -40,6 +40,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 const TLS_RESCAN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, clap::Args)]
+#[expect(clippy::struct_excessive_bools, reason = "independent command-line switches")]
 pub struct AgentArgs {
     /// Print what this kernel and process allow, then exit.
     #[arg(long)]
@@ -125,34 +126,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() });
     }
 
-    let (drop_ignore, strict) = match &args.drop_ignore {
-        Some(list) => (list.clone(), true),
-        None => (DEFAULT_IGNORED.iter().map(|s| (*s).to_owned()).collect(), false),
-    };
-    let settings = KernelSettings {
-        update_interval_ns: u64::try_from(args.update_interval.as_nanos()).unwrap_or(u64::MAX),
-        drops_per_sec_per_cpu: args.drops_per_sec,
-        self_tgid: std::process::id(),
-        capture_bytes: args.capture_bytes,
-        _pad: 0,
-    };
-    let loaded = loader::load(&LoadOptions {
-        settings,
-        drop_ignore: drop_ignore.clone(),
-        drop_ignore_strict: strict,
-        drops: !args.no_drops,
-        cgroup2: probe.cgroup2.clone(),
-        ringbuf_bytes: args.ringbuf_bytes,
-        tls: !args.no_tls,
-    })?;
-    eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
-    if !args.no_drops {
-        eprintln!(
-            "hopwatch agent: {} kernel drop reasons; not reported: {}",
-            loaded.reasons.count(),
-            drop_ignore.join(",")
-        );
-    }
+    let loaded = load(&args, &probe)?;
 
     let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
         Ok(s) => Some(s),
@@ -224,6 +198,39 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             Ok(())
         }
     }
+}
+
+/// Loads and attaches the kernel side as the flags ask, and reports what was attached.
+fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
+    let (drop_ignore, strict) = match &args.drop_ignore {
+        Some(list) => (list.clone(), true),
+        None => (DEFAULT_IGNORED.iter().map(|s| (*s).to_owned()).collect(), false),
+    };
+    let settings = KernelSettings {
+        update_interval_ns: u64::try_from(args.update_interval.as_nanos()).unwrap_or(u64::MAX),
+        drops_per_sec_per_cpu: args.drops_per_sec,
+        self_tgid: std::process::id(),
+        capture_bytes: args.capture_bytes,
+        _pad: 0,
+    };
+    let loaded = loader::load(&LoadOptions {
+        settings,
+        drop_ignore: drop_ignore.clone(),
+        drop_ignore_strict: strict,
+        drops: !args.no_drops,
+        cgroup2: probe.cgroup2.clone(),
+        ringbuf_bytes: args.ringbuf_bytes,
+        tls: !args.no_tls,
+    })?;
+    eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
+    if !args.no_drops {
+        eprintln!(
+            "hopwatch agent: {} kernel drop reasons; not reported: {}",
+            loaded.reasons.count(),
+            drop_ignore.join(",")
+        );
+    }
+    Ok(loaded)
 }
 
 /// Registers SIGINT and SIGTERM handlers now; the returned future completes on either.

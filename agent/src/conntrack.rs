@@ -90,7 +90,7 @@ impl ConnTable {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn tracked(&self) -> usize {
         self.conns.len()
     }
 
@@ -228,7 +228,7 @@ mod tests {
         assert_eq!(t.peer(&server).unwrap().process.as_ref().unwrap().pid, 101);
         let closed = t.apply(&event(TcpOp::Closed, 1, ROLE_CLIENT, (A, 40000), (B, 80))).unwrap();
         assert_eq!(closed.role, Role::Client);
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.tracked(), 1);
         assert!(t.peer(&server).is_none());
     }
 
@@ -244,7 +244,7 @@ mod tests {
                 (B, 80),
             ));
         }
-        assert_eq!(t.len(), 2);
+        assert_eq!(t.tracked(), 2);
         assert_eq!(t.overflow, 3);
     }
 
@@ -262,6 +262,6 @@ mod tests {
         t.apply(&ev);
         assert_eq!(t.sweep(4), 0);
         assert_eq!(t.sweep(6), 1);
-        assert_eq!(t.len(), 0);
+        assert_eq!(t.tracked(), 0);
     }
 }

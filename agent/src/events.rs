@@ -137,7 +137,7 @@ mod tests {
         b.extend_from_slice(b"GET /");
         match decode(&b).expect("decodes") {
             KernelEvent::Data(d, payload) => {
-                assert_eq!((d.len, payload.as_slice()), (100, &b"GET "[..]))
+                assert_eq!((d.len, payload.as_slice()), (100, &b"GET "[..]));
             }
             other => panic!("wrong kind: {other:?}"),
         }

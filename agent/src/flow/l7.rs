@@ -24,6 +24,7 @@ use crate::{
 
 /// Everything an L7 flow is built from.
 #[derive(Debug, Clone)]
+#[expect(clippy::struct_excessive_bools, reason = "independent facts about one exchange")]
 pub struct L7Observation {
     /// `l7.protocol`: "http", "postgres", "redis", "mysql", "dns".
     pub protocol: &'static str,

@@ -161,17 +161,14 @@ impl Stream {
     /// After a parse error: drop bytes up to the next syscall boundary, where a message may start.
     fn drop_to_next_chunk(&mut self) {
         self.chunks.pop_front();
-        match self.chunks.front().copied() {
-            Some((off, _)) => {
-                self.data.drain(..off);
-                for c in &mut self.chunks {
-                    c.0 -= off;
-                }
+        if let Some((off, _)) = self.chunks.front().copied() {
+            self.data.drain(..off);
+            for c in &mut self.chunks {
+                c.0 -= off;
             }
-            None => {
-                self.data.clear();
-                self.gap = 0;
-            }
+        } else {
+            self.data.clear();
+            self.gap = 0;
         }
     }
 
