@@ -14,6 +14,7 @@ use std::{
     collections::BTreeMap,
     io::Read as _,
     net::Ipv4Addr,
+    path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -176,7 +177,15 @@ impl Topology {
         max: Duration,
         reuse_connection: bool,
     ) -> LoadReport {
-        load(&self.client, self.ingress.ip, path, count, max, reuse_connection)
+        load(
+            &self.client,
+            self.ingress.ip,
+            &self.nginx.cert_path(),
+            path,
+            count,
+            max,
+            reuse_connection,
+        )
     }
 }
 
@@ -214,13 +223,15 @@ pub struct Response {
 }
 
 /// A bounded request loop, one process (Debian's python3, so TLS goes through the system's
-/// OpenSSL): stops after `count` requests or once `max` has passed, whichever comes first.
+/// OpenSSL; the server's certificate is verified): stops after `count` requests or once `max`
+/// has passed, whichever comes first.
 /// Each request's socket timeout is the time left, so the loop cannot outlive its deadline by
 /// more than a moment.
 const LOAD: &str = r#"
 import http.client, json, ssl, sys, time
-host, path, count, max_s, reuse = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "1"
-ctx = ssl._create_unverified_context()
+host, cafile, path, count, max_s = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+reuse = sys.argv[6] == "1"
+ctx = ssl.create_default_context(cafile=cafile)
 start = time.monotonic()
 deadline = start + max_s
 statuses, latencies, errors, conn, sent = {}, [], [], None, 0
@@ -277,11 +288,12 @@ impl LoadReport {
     }
 }
 
-/// Runs the load loop in `client` against `https://<ingress>:443<path>`. Fails if the loop
-/// process itself runs more than 10 s past `max`.
+/// Runs the load loop in `client` against `https://<ingress>:443<path>`, trusting the
+/// certificate in `cert` (PEM). Fails if the loop process itself runs more than 10 s past `max`.
 pub fn load(
     client: &Pod,
     ingress: Ipv4Addr,
+    cert: &Path,
     path: &str,
     count: u32,
     max: Duration,
@@ -293,6 +305,7 @@ pub fn load(
             "-c",
             LOAD,
             &ingress.to_string(),
+            cert.to_str().expect("UTF-8 path"),
             path,
             &count.to_string(),
             &max.as_secs_f64().to_string(),
