@@ -7,3 +7,4 @@ mod support;
 mod drops;
 mod lifecycle;
 mod tcp;
+mod topology;
