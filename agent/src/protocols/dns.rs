@@ -98,7 +98,11 @@ impl Parser {
         }
         let msg = parse(msg_bytes)?;
         if msg.response != response {
-            return Err(malformed(if response { "query where a response was expected" } else { "response where a query was expected" }));
+            return Err(malformed(if response {
+                "query where a response was expected"
+            } else {
+                "response where a query was expected"
+            }));
         }
         Ok(Frame::Complete { msg, len })
     }
@@ -204,8 +208,9 @@ fn read_name(b: &[u8], mut pos: usize) -> Result<String, ParseError> {
         match len {
             0 => break,
             1..=63 => {
-                let label =
-                    b.get(pos + 1..pos + 1 + usize::from(len)).ok_or(malformed("name runs past the message"))?;
+                let label = b
+                    .get(pos + 1..pos + 1 + usize::from(len))
+                    .ok_or(malformed("name runs past the message"))?;
                 wire_len += 1 + label.len();
                 if wire_len > MAX_NAME {
                     return Err(malformed("name too long"));

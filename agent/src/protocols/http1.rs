@@ -352,7 +352,10 @@ struct Fields {
     kept: Vec<Header>,
 }
 
-fn parse_request_head(buf: &[u8], redaction: Redaction) -> Result<Option<Head<Request>>, ParseError> {
+fn parse_request_head(
+    buf: &[u8],
+    redaction: Redaction,
+) -> Result<Option<Head<Request>>, ParseError> {
     // Check the start line before looking for the end of the head, so other protocols are
     // rejected from their first bytes.
     let method_len = buf.iter().take(17).position(|&b| b == b' ');
@@ -367,7 +370,11 @@ fn parse_request_head(buf: &[u8], redaction: Redaction) -> Result<Option<Head<Re
         return Err(not_http("request does not start with a method"));
     }
     let Some((line, mut pos)) = line_at(buf, 0) else {
-        return if buf.len() > MAX_HEAD { Err(malformed("request line too long")) } else { Ok(None) };
+        return if buf.len() > MAX_HEAD {
+            Err(malformed("request line too long"))
+        } else {
+            Ok(None)
+        };
     };
     let mut parts = line[method_len + 1..].rsplitn(2, |&b| b == b' ');
     let (version, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
@@ -405,7 +412,11 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<Head<Response>>, ParseError>
         return Err(not_http("response does not start with HTTP/1.x"));
     }
     let Some((line, mut pos)) = line_at(buf, 0) else {
-        return if buf.len() > MAX_HEAD { Err(malformed("status line too long")) } else { Ok(None) };
+        return if buf.len() > MAX_HEAD {
+            Err(malformed("status line too long"))
+        } else {
+            Ok(None)
+        };
     };
     let version = if line.starts_with(b"HTTP/1.1") { Version::Http11 } else { Version::Http10 };
     let code = line.get(9..12).ok_or(malformed("status line too short"))?;
@@ -474,9 +485,7 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 {
         return None;
     }
-    s.iter().try_fold(0u64, |acc, &b| {
-        b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
-    })
+    s.iter().try_fold(0u64, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0')))
 }
 
 fn method_name(m: &[u8]) -> Cow<'static, str> {
@@ -517,7 +526,10 @@ mod tests {
                     Cookie: sid=1\r\nX-Request-ID: r-1\r\ntraceparent: 00-ab-cd-01\r\n\r\n";
         let (req, len) = complete(Parser::new(Redaction::default()).request(raw));
         assert_eq!(len, raw.len());
-        assert_eq!((req.method.as_ref(), req.path.as_str(), req.host.as_str()), ("GET", "/a/b", "shop"));
+        assert_eq!(
+            (req.method.as_ref(), req.path.as_str(), req.host.as_str()),
+            ("GET", "/a/b", "shop")
+        );
         assert!(req.keep_alive);
         let names: Vec<_> = req.headers.iter().map(|h| (h.name, h.value.as_str())).collect();
         assert_eq!(names, [("x-request-id", "r-1"), ("traceparent", "00-ab-cd-01")]);
@@ -561,8 +573,11 @@ mod tests {
     #[test]
     fn rejects_other_protocols_early() {
         let mut p = Parser::default();
-        assert!(matches!(p.request(b"*1\r\n$4\r\nPING\r\n"), Err(ParseError::NotThisProtocol { .. })));
-        assert!(matches!(p.request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Err(_)));
+        assert!(matches!(
+            p.request(b"*1\r\n$4\r\nPING\r\n"),
+            Err(ParseError::NotThisProtocol { .. })
+        ));
+        assert!(p.request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").is_err());
         assert_eq!(p.request(b"GE"), Ok(Frame::Incomplete));
         assert!(matches!(p.response(b"+OK\r\n", None), Err(ParseError::NotThisProtocol { .. })));
         assert!(matches!(

@@ -12,7 +12,7 @@
 //!   session then skips the missing bytes as they arrive. The parser must therefore learn a
 //!   message's length from its header alone whenever the protocol allows it.
 //! - [`Frame::Skip`] `{ len }`: a message that is not a request or response to pair (a MySQL
-//!   server greeting, a PostgreSQL ParameterStatus, a RESP3 push).
+//!   server greeting, a PostgreSQL `ParameterStatus`, a RESP3 push).
 //! - [`Frame::Incomplete`]: the buffer holds only the start of a message header; call again with
 //!   more bytes.
 //! - `Err(ParseError)`: not a message of this protocol at this position. The session drops the
@@ -28,6 +28,7 @@
 //! protocols need (statement names, the login, a body that spans calls); [`l7_record`] turns a
 //! request and its response into the flow's `l7` record. The protocol modules document how
 //! each frames its messages.
+#![expect(clippy::doc_markdown, reason = "PostgreSQL and MySQL are product names, not code")]
 
 pub mod dns;
 pub mod http1;
@@ -257,7 +258,8 @@ impl Parser {
     ) -> Result<Frame<Response>, ParseError> {
         Ok(match &mut self.state {
             State::Http(p) => {
-                let pending = pending.and_then(|r| if let Request::Http(r) = r { Some(r) } else { None });
+                let pending =
+                    pending.and_then(|r| if let Request::Http(r) = r { Some(r) } else { None });
                 p.response(buf, pending)?.map(Response::Http)
             }
             State::Postgres(p) => {
@@ -266,15 +268,18 @@ impl Parser {
                 p.response(buf, pending)?.map(Response::Postgres)
             }
             State::Redis(p) => {
-                let pending = pending.and_then(|r| if let Request::Redis(r) = r { Some(r) } else { None });
+                let pending =
+                    pending.and_then(|r| if let Request::Redis(r) = r { Some(r) } else { None });
                 p.response(buf, pending)?.map(Response::Redis)
             }
             State::Mysql(p) => {
-                let pending = pending.and_then(|r| if let Request::Mysql(r) = r { Some(r) } else { None });
+                let pending =
+                    pending.and_then(|r| if let Request::Mysql(r) = r { Some(r) } else { None });
                 p.response(buf, pending)?.map(Response::Mysql)
             }
             State::Dns(p) => {
-                let pending = pending.and_then(|r| if let Request::Dns(r) = r { Some(r) } else { None });
+                let pending =
+                    pending.and_then(|r| if let Request::Dns(r) = r { Some(r) } else { None });
                 p.response(buf, pending)?.map(Response::Dns)
             }
         })
@@ -299,7 +304,8 @@ pub fn l7_record(req: &Request, resp: Option<&Response>) -> L7Record {
             records::http(r, resp)
         }
         Request::Postgres(r) => {
-            let resp = resp.and_then(|x| if let Response::Postgres(x) = x { Some(x) } else { None });
+            let resp =
+                resp.and_then(|x| if let Response::Postgres(x) = x { Some(x) } else { None });
             records::postgres(r, resp)
         }
         Request::Redis(r) => {

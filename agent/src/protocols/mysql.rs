@@ -1,4 +1,5 @@
 //! MySQL / MariaDB client/server protocol (protocol 10, `CLIENT_PROTOCOL_41`).
+#![expect(clippy::doc_markdown, reason = "MySQL and MariaDB are product names, not code")]
 //!
 //! Every message is one or more packets: a 3-byte little-endian payload length and a sequence
 //! id. A command starts with sequence id 0 (`COM_QUERY`, `COM_STMT_PREPARE`,
@@ -160,7 +161,7 @@ impl Parser {
     }
 
     pub fn request(&mut self, buf: &[u8]) -> Result<Frame<Request>, ParseError> {
-        let Some(p) = packet_at(buf, 0)? else { return Ok(Frame::Incomplete) };
+        let Some(p) = packet_at(buf, 0) else { return Ok(Frame::Incomplete) };
         let readable = p.end <= buf.len() || p.payload(buf).len() >= READ_ENOUGH;
         if p.seq != 0 {
             if p.seq == 1 && p.len >= 32 && !readable {
@@ -172,7 +173,11 @@ impl Parser {
             return Ok(Frame::Skip { len: p.end });
         }
         let Some(&command) = p.payload(buf).first() else {
-            return if p.len == 0 { Err(malformed("empty command")) } else { Ok(Frame::Incomplete) };
+            return if p.len == 0 {
+                Err(malformed("empty command"))
+            } else {
+                Ok(Frame::Incomplete)
+            };
         };
         if command_name(command).is_none() {
             return Err(not_mysql("unknown command"));
@@ -202,28 +207,28 @@ impl Parser {
         buf: &[u8],
         pending: Option<&Request>,
     ) -> Result<Frame<Response>, ParseError> {
-        let mut progress = match self.progress.take() {
-            Some(progress) => progress,
-            None => {
-                let Some(p) = packet_at(buf, 0)? else { return Ok(Frame::Incomplete) };
-                let first = p.payload(buf).first().copied();
-                // The greeting, the authentication exchange, and packets that do not start an
-                // answer to a command (a response's first packet has sequence id 1).
-                if p.seq != 1 {
-                    if p.seq == 0 && first.is_some_and(|b| b != 10) {
-                        return Err(not_mysql("server packet with sequence id 0 is not a greeting"));
-                    }
-                    return Ok(Frame::Skip { len: p.end });
+        let mut progress = if let Some(progress) = self.progress.take() {
+            progress
+        } else {
+            let Some(p) = packet_at(buf, 0) else { return Ok(Frame::Incomplete) };
+            let first = p.payload(buf).first().copied();
+            // The greeting, the authentication exchange, and packets that do not start an
+            // answer to a command (a response's first packet has sequence id 1).
+            if p.seq != 1 {
+                if p.seq == 0 && first.is_some_and(|b| b != 10) {
+                    return Err(not_mysql("server packet with sequence id 0 is not a greeting"));
                 }
-                let phase = match pending.map(|r| r.command) {
-                    Some(0x16) => Phase::Start, // OK_Prepare is told apart below
-                    Some(0x04) => Phase::FieldList,
-                    Some(0x1c) => Phase::Rows,
-                    Some(0x09) => return Ok(Frame::Complete { msg: Response::default(), len: p.end }),
-                    _ => Phase::Start,
-                };
-                Progress { phase, next_seq: 1, msg: Response::default() }
+                return Ok(Frame::Skip { len: p.end });
             }
+            let phase = match pending.map(|r| r.command) {
+                Some(0x04) => Phase::FieldList,
+                Some(0x1c) => Phase::Rows,
+                Some(0x09) => {
+                    return Ok(Frame::Complete { msg: Response::default(), len: p.end });
+                }
+                _ => Phase::Start,
+            };
+            Progress { phase, next_seq: 1, msg: Response::default() }
         };
         let preparing = pending.is_some_and(|r| r.command == 0x16);
         match self.walk(buf, &mut progress, preparing) {
@@ -255,7 +260,7 @@ impl Parser {
     fn walk(&self, buf: &[u8], pr: &mut Progress, preparing: bool) -> Result<Walk, ParseError> {
         let mut pos = 0;
         // Each step consumes a 4-byte header, so this ends within buf.len() / 4 steps.
-        while let Some(p) = packet_at(buf, pos)? {
+        while let Some(p) = packet_at(buf, pos) {
             if p.seq != pr.next_seq {
                 if pr.phase == (Phase::PrepEof { columns: 0 }) && pos > 0 {
                     // The final EOF did not come (CLIENT_DEPRECATE_EOF): the answer ended.
@@ -267,85 +272,17 @@ impl Parser {
             // Packets that are read (OK, ERR, EOF, counts) must be all here; column definitions
             // and rows are skipped unread, also past the buffer.
             let first = payload.first().copied();
-            let unread = matches!(pr.phase, Phase::Columns(_) | Phase::PrepParams { .. } | Phase::PrepColumns(_))
-                || (matches!(pr.phase, Phase::Rows | Phase::ColumnsEof | Phase::FieldList)
+            let unread =
+                matches!(
+                    pr.phase,
+                    Phase::Columns(_) | Phase::PrepParams { .. } | Phase::PrepColumns(_)
+                ) || (matches!(pr.phase, Phase::Rows | Phase::ColumnsEof | Phase::FieldList)
                     && first.is_some_and(|b| b != 0xFE && b != 0xFF));
             if p.end > buf.len() && !unread {
                 break;
             }
-            let eof = first == Some(0xFE) && p.len < 9;
-            let terminator = first == Some(0xFE) && p.len < MAX_PAYLOAD;
             pr.next_seq = p.seq.wrapping_add(1);
-            let mut done = false;
-            match pr.phase {
-                Phase::Start => match first {
-                    Some(0xFF) => done = read_err(payload, &mut pr.msg),
-                    Some(0x00) if preparing && p.len >= 12 => {
-                        pr.msg.statement_id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-                        let columns = u64::from(u16::from_le_bytes([payload[5], payload[6]]));
-                        let params = u64::from(u16::from_le_bytes([payload[7], payload[8]]));
-                        pr.phase = match (params, columns) {
-                            (0, 0) => {
-                                done = true;
-                                Phase::Start
-                            }
-                            (0, n) => Phase::PrepColumns(n),
-                            (n, columns) => Phase::PrepParams { left: n, columns },
-                        };
-                    }
-                    Some(0x00 | 0xFE) => done = !more_results(payload, eof),
-                    Some(0xFB) => done = true, // LOCAL INFILE request: the client sends a file
-                    _ => {
-                        let (count, used) = lenenc(payload).ok_or(malformed("bad column count"))?;
-                        if count == 0 {
-                            return Err(malformed("result set without columns"));
-                        }
-                        // MariaDB with cached metadata: a 0 after the count means no definitions.
-                        let metadata = payload.get(used) != Some(&0);
-                        pr.phase = if metadata { Phase::Columns(count) } else { Phase::Rows };
-                    }
-                },
-                Phase::Columns(n) => pr.phase = if n > 1 { Phase::Columns(n - 1) } else { Phase::ColumnsEof },
-                Phase::ColumnsEof if eof => {
-                    done = status(payload, true) & SERVER_STATUS_CURSOR_EXISTS != 0;
-                    pr.phase = Phase::Rows;
-                }
-                Phase::ColumnsEof | Phase::Rows => {
-                    pr.phase = Phase::Rows;
-                    match first {
-                        Some(0xFF) => done = read_err(payload, &mut pr.msg),
-                        Some(0xFE) if terminator => {
-                            done = !more_results(payload, eof);
-                            pr.phase = Phase::Start;
-                        }
-                        _ => pr.msg.rows += 1,
-                    }
-                }
-                Phase::PrepParams { left, columns } => {
-                    pr.phase = if left > 1 {
-                        Phase::PrepParams { left: left - 1, columns }
-                    } else {
-                        Phase::PrepEof { columns }
-                    };
-                }
-                Phase::PrepColumns(left) => {
-                    pr.phase = if left > 1 { Phase::PrepColumns(left - 1) } else { Phase::PrepEof { columns: 0 } };
-                }
-                Phase::PrepEof { columns } if eof => {
-                    pr.phase = Phase::PrepColumns(columns);
-                    done = columns == 0;
-                }
-                Phase::PrepEof { columns: 0 } => return Err(malformed("packet after the statement definitions")),
-                Phase::PrepEof { columns } => {
-                    // No EOF (CLIENT_DEPRECATE_EOF): this is the first column definition.
-                    pr.phase = if columns > 1 { Phase::PrepColumns(columns - 1) } else { Phase::PrepEof { columns: 0 } };
-                }
-                Phase::FieldList => match first {
-                    Some(0xFF) => done = read_err(payload, &mut pr.msg),
-                    Some(0xFE) if eof => done = true,
-                    _ => {}
-                },
-            }
+            let done = step(pr, payload, p.len, preparing)?;
             pos = p.end;
             if done {
                 return Ok(Walk::Done(pos));
@@ -398,6 +335,100 @@ impl Parser {
     }
 }
 
+/// Takes one packet of a response (`payload`, `len` bytes long in the stream) into `pr`;
+/// returns whether it ends the response.
+fn step(
+    pr: &mut Progress,
+    payload: &[u8],
+    len: usize,
+    preparing: bool,
+) -> Result<bool, ParseError> {
+    let first = payload.first().copied();
+    let eof = first == Some(0xFE) && len < 9;
+    let terminator = first == Some(0xFE) && len < MAX_PAYLOAD;
+    let mut done = false;
+    match pr.phase {
+        Phase::Start => match first {
+            Some(0xFF) => done = read_err(payload, &mut pr.msg),
+            Some(0x00) if preparing && len >= 12 => {
+                pr.msg.statement_id =
+                    u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+                let columns = u64::from(u16::from_le_bytes([payload[5], payload[6]]));
+                let params = u64::from(u16::from_le_bytes([payload[7], payload[8]]));
+                pr.phase = match (params, columns) {
+                    (0, 0) => {
+                        done = true;
+                        Phase::Start
+                    }
+                    (0, n) => Phase::PrepColumns(n),
+                    (n, columns) => Phase::PrepParams { left: n, columns },
+                };
+            }
+            Some(0x00 | 0xFE) => done = !more_results(payload, eof),
+            Some(0xFB) => done = true, // LOCAL INFILE request: the client sends a file
+            _ => {
+                let (count, used) = lenenc(payload).ok_or(malformed("bad column count"))?;
+                if count == 0 {
+                    return Err(malformed("result set without columns"));
+                }
+                // MariaDB with cached metadata: a 0 after the count means no definitions.
+                let metadata = payload.get(used) != Some(&0);
+                pr.phase = if metadata { Phase::Columns(count) } else { Phase::Rows };
+            }
+        },
+        Phase::Columns(n) => {
+            pr.phase = if n > 1 { Phase::Columns(n - 1) } else { Phase::ColumnsEof }
+        }
+        Phase::ColumnsEof if eof => {
+            done = status(payload, true) & SERVER_STATUS_CURSOR_EXISTS != 0;
+            pr.phase = Phase::Rows;
+        }
+        Phase::ColumnsEof | Phase::Rows => {
+            pr.phase = Phase::Rows;
+            match first {
+                Some(0xFF) => done = read_err(payload, &mut pr.msg),
+                Some(0xFE) if terminator => {
+                    done = !more_results(payload, eof);
+                    pr.phase = Phase::Start;
+                }
+                _ => pr.msg.rows += 1,
+            }
+        }
+        Phase::PrepParams { left, columns } => {
+            pr.phase = if left > 1 {
+                Phase::PrepParams { left: left - 1, columns }
+            } else {
+                Phase::PrepEof { columns }
+            };
+        }
+        Phase::PrepColumns(left) => {
+            pr.phase =
+                if left > 1 { Phase::PrepColumns(left - 1) } else { Phase::PrepEof { columns: 0 } };
+        }
+        Phase::PrepEof { columns } if eof => {
+            pr.phase = Phase::PrepColumns(columns);
+            done = columns == 0;
+        }
+        Phase::PrepEof { columns: 0 } => {
+            return Err(malformed("packet after the statement definitions"));
+        }
+        Phase::PrepEof { columns } => {
+            // No EOF (CLIENT_DEPRECATE_EOF): this is the first column definition.
+            pr.phase = if columns > 1 {
+                Phase::PrepColumns(columns - 1)
+            } else {
+                Phase::PrepEof { columns: 0 }
+            };
+        }
+        Phase::FieldList => match first {
+            Some(0xFF) => done = read_err(payload, &mut pr.msg),
+            Some(0xFE) if eof => done = true,
+            _ => {}
+        },
+    }
+    Ok(done)
+}
+
 enum Walk {
     Done(usize),
     Stopped(usize),
@@ -419,10 +450,10 @@ impl Packet {
 }
 
 /// The packet whose header starts at `pos`, or `None` if the header is not all there.
-fn packet_at(buf: &[u8], pos: usize) -> Result<Option<Packet>, ParseError> {
-    let Some(h) = buf.get(pos..pos + 4) else { return Ok(None) };
+fn packet_at(buf: &[u8], pos: usize) -> Option<Packet> {
+    let h = buf.get(pos..pos + 4)?;
     let len = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
-    Ok(Some(Packet { seq: h[3], len, start: pos + 4, end: pos + 4 + len }))
+    Some(Packet { seq: h[3], len, start: pos + 4, end: pos + 4 + len })
 }
 
 /// Reads an ERR packet into `msg`; always ends the response.
@@ -476,14 +507,17 @@ fn lenenc(b: &[u8]) -> Option<(u64, usize)> {
 /// (on `mysql_port`) a command packet from the client.
 pub fn looks_like(first: &[u8], from_client: bool, mysql_port: bool) -> bool {
     match packet_at(first, 0) {
-        Ok(Some(p)) if !from_client => {
+        Some(p) if !from_client => {
             p.seq == 0
                 && first.get(4) == Some(&10)
                 && first.get(5).is_some_and(u8::is_ascii_digit)
                 && (20..=512).contains(&p.len)
         }
-        Ok(Some(p)) => {
-            mysql_port && p.seq == 0 && p.len > 0 && first.get(4).and_then(|&c| command_name(c)).is_some()
+        Some(p) => {
+            mysql_port
+                && p.seq == 0
+                && p.len > 0
+                && first.get(4).and_then(|&c| command_name(c)).is_some()
         }
         _ => false,
     }
@@ -503,12 +537,17 @@ mod tests {
     #[test]
     fn deprecate_eof_result_set_spanning_buffers() {
         let mut p = Parser::default();
-        let Ok(Frame::Complete { msg: req, .. }) = p.request(&packet(0, b"\x03SELECT a FROM t WHERE b = 'x'")) else {
+        let Ok(Frame::Complete { msg: req, .. }) =
+            p.request(&packet(0, b"\x03SELECT a FROM t WHERE b = 'x'"))
+        else {
             panic!("COM_QUERY");
         };
         assert_eq!((req.name(), req.query.as_str()), ("COM_QUERY", "SELECT a FROM t WHERE b = ?"));
         let mut buf = packet(1, &[1]);
-        buf.extend(packet(2, b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00"));
+        buf.extend(packet(
+            2,
+            b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00",
+        ));
         buf.extend(packet(3, b"\x011"));
         assert_eq!(p.response(&buf, Some(&req)), Ok(Frame::Skip { len: buf.len() }));
         let mut rest = packet(4, b"\x012");
@@ -524,7 +563,13 @@ mod tests {
         let err = packet(1, b"\xff\x7a\x04#42S02Table 'shop.missing' doesn't exist");
         let Ok(Frame::Complete { msg, .. }) = p.response(&err, Some(&req)) else { panic!("ERR") };
         assert_eq!((msg.error_code, msg.sql_state.as_str()), (1146, "42S02"));
-        assert!(matches!(p.request(&packet(0, b"\x42xyz")), Err(ParseError::NotThisProtocol { .. })));
-        assert!(matches!(p.response(&packet(5, b"\x00\x00\x00\x02\x00\x00\x00"), Some(&req)), Ok(Frame::Skip { .. })));
+        assert!(matches!(
+            p.request(&packet(0, b"\x42xyz")),
+            Err(ParseError::NotThisProtocol { .. })
+        ));
+        assert!(matches!(
+            p.response(&packet(5, b"\x00\x00\x00\x02\x00\x00\x00"), Some(&req)),
+            Ok(Frame::Skip { .. })
+        ));
     }
 }

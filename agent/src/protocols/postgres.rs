@@ -1,4 +1,5 @@
 //! PostgreSQL frontend/backend protocol v3.
+#![expect(clippy::doc_markdown, reason = "PostgreSQL is a product name, not code")]
 //!
 //! # Requests (client to server)
 //!
@@ -326,14 +327,50 @@ fn message_at(
 }
 
 fn is_frontend_type(b: u8) -> bool {
-    matches!(b, b'Q' | b'P' | b'B' | b'D' | b'E' | b'S' | b'C' | b'H' | b'F' | b'p' | b'd' | b'c' | b'f' | b'X')
+    matches!(
+        b,
+        b'Q' | b'P'
+            | b'B'
+            | b'D'
+            | b'E'
+            | b'S'
+            | b'C'
+            | b'H'
+            | b'F'
+            | b'p'
+            | b'd'
+            | b'c'
+            | b'f'
+            | b'X'
+    )
 }
 
 fn is_backend_type(b: u8) -> bool {
     matches!(
         b,
-        b'R' | b'S' | b'K' | b'Z' | b'T' | b'D' | b'C' | b'E' | b'N' | b'A' | b'I' | b'1' | b'2'
-            | b'3' | b'n' | b't' | b's' | b'G' | b'H' | b'W' | b'd' | b'c' | b'V' | b'v'
+        b'R' | b'S'
+            | b'K'
+            | b'Z'
+            | b'T'
+            | b'D'
+            | b'C'
+            | b'E'
+            | b'N'
+            | b'A'
+            | b'I'
+            | b'1'
+            | b'2'
+            | b'3'
+            | b'n'
+            | b't'
+            | b's'
+            | b'G'
+            | b'H'
+            | b'W'
+            | b'd'
+            | b'c'
+            | b'V'
+            | b'v'
     )
 }
 
@@ -431,13 +468,15 @@ mod tests {
         second.extend(msg(b'E', b"\0\0\0\0\0"));
         second.extend(msg(b'S', b""));
         let want = "SELECT * FROM t WHERE id = $1 AND n = ?";
-        let Ok(Frame::Complete { msg: Request::Query { kind, query, .. }, len }) = p.request(&second)
+        let Ok(Frame::Complete { msg: Request::Query { kind, query, .. }, len }) =
+            p.request(&second)
         else {
             panic!("Bind/Execute/Sync is the request");
         };
         assert_eq!((kind, query.as_str(), len), (QueryKind::Extended, want, second.len()));
         // The same statement executed again without Parse still has its text.
-        let Ok(Frame::Complete { msg: Request::Query { query, .. }, .. }) = p.request(&second) else {
+        let Ok(Frame::Complete { msg: Request::Query { query, .. }, .. }) = p.request(&second)
+        else {
             panic!("second execution");
         };
         assert_eq!(query, want);
@@ -458,6 +497,9 @@ mod tests {
         };
         assert_eq!(error_code, "42P01");
         assert!(matches!(p.response(&err[..10], None), Ok(Frame::Incomplete)));
-        assert!(matches!(p.response(b"\x16\x03\x01\x02\x00", None), Err(ParseError::NotThisProtocol { .. })));
+        assert!(matches!(
+            p.response(b"\x16\x03\x01\x02\x00", None),
+            Err(ParseError::NotThisProtocol { .. })
+        ));
     }
 }

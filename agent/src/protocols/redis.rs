@@ -159,7 +159,8 @@ impl Parser {
 
     fn inline_request(&self, buf: &[u8]) -> Result<Frame<Request>, ParseError> {
         let Some((line, end)) = line_at(buf, 0)? else {
-            if buf.iter().any(|&b| !(b.is_ascii_graphic() || b == b' ' || b == b'\t' || b == b'\r')) {
+            if buf.iter().any(|&b| !(b.is_ascii_graphic() || b == b' ' || b == b'\t' || b == b'\r'))
+            {
                 return Err(not_redis("inline command is not text"));
             }
             return Ok(Frame::Incomplete);
@@ -224,14 +225,28 @@ fn head_at(buf: &[u8], pos: usize) -> Result<Option<Head<'_>>, ParseError> {
     let Some(&kind) = buf.get(pos) else { return Ok(None) };
     if !matches!(
         kind,
-        b'+' | b'-' | b':' | b'$' | b'*' | b'_' | b',' | b'#' | b'!' | b'=' | b'(' | b'%' | b'~'
-            | b'|' | b'>'
+        b'+' | b'-'
+            | b':'
+            | b'$'
+            | b'*'
+            | b'_'
+            | b','
+            | b'#'
+            | b'!'
+            | b'='
+            | b'('
+            | b'%'
+            | b'~'
+            | b'|'
+            | b'>'
     ) {
         return Err(not_redis("unknown RESP type"));
     }
     let Some((line, end)) = line_at(buf, pos + 1)? else {
         // Length lines are short: a long one without CRLF is not RESP.
-        if matches!(kind, b'$' | b'*' | b'!' | b'=' | b'%' | b'~' | b'|' | b'>') && buf.len() - pos > 24 {
+        if matches!(kind, b'$' | b'*' | b'!' | b'=' | b'%' | b'~' | b'|' | b'>')
+            && buf.len() - pos > 24
+        {
             return Err(malformed("length line too long"));
         }
         return Ok(None);
@@ -295,9 +310,10 @@ fn skip_values(buf: &[u8], mut pos: usize, left: &mut u64) -> Result<usize, Pars
                 pos = end;
             }
             Head::Aggregate { count, end, .. } => {
-                *left = left.checked_add(count).filter(|&n| n <= MAX_COUNT * 4).ok_or(
-                    malformed("too many nested values"),
-                )?;
+                *left = left
+                    .checked_add(count)
+                    .filter(|&n| n <= MAX_COUNT * 4)
+                    .ok_or(malformed("too many nested values"))?;
                 pos = end;
             }
         }
@@ -337,8 +353,13 @@ pub fn looks_like(first: &[u8], from_client: bool, redis_port: bool) -> bool {
         let array = first.len() >= 4
             && first[0] == b'*'
             && first[1].is_ascii_digit()
-            && matches!(Parser::default().request(first), Ok(Frame::Complete { .. } | Frame::Incomplete));
-        array || (redis_port && matches!(Parser::default().request(first), Ok(Frame::Complete { .. })))
+            && matches!(
+                Parser::default().request(first),
+                Ok(Frame::Complete { .. } | Frame::Incomplete)
+            );
+        array
+            || (redis_port
+                && matches!(Parser::default().request(first), Ok(Frame::Complete { .. })))
     } else {
         redis_port && matches!(head_at(first, 0), Ok(Some(_)))
     }
@@ -351,13 +372,20 @@ mod tests {
     #[test]
     fn pipelined_commands_frame_one_at_a_time() {
         let mut p = Parser::new(Redaction { keep_full_statements: true });
-        let buf = b"*3\r\n$6\r\nclient\r\n$7\r\nsetname\r\n$1\r\nx\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        let buf =
+            b"*3\r\n$6\r\nclient\r\n$7\r\nsetname\r\n$1\r\nx\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
         let Ok(Frame::Complete { msg, len }) = p.request(buf) else { panic!("first command") };
-        assert_eq!((msg.command.as_str(), msg.args.as_slice(), len), ("CLIENT SETNAME", &["x".to_owned()][..], 36));
+        assert_eq!(
+            (msg.command.as_str(), msg.args.as_slice(), len),
+            ("CLIENT SETNAME", &["x".to_owned()][..], 36)
+        );
         let Ok(Frame::Complete { msg, len }) = p.request(&buf[36..]) else { panic!("second") };
         assert_eq!((msg.command.as_str(), len), ("GET", 20));
         let mut r = Parser::default();
-        assert_eq!(r.request(buf).map(|f| matches!(f, Frame::Complete { msg, .. } if msg.args.is_empty())), Ok(true));
+        assert_eq!(
+            r.request(buf).map(|f| matches!(f, Frame::Complete { msg, .. } if msg.args.is_empty())),
+            Ok(true)
+        );
     }
 
     #[test]
@@ -368,22 +396,34 @@ mod tests {
         assert_eq!(len, buf.len() - 3 + 102);
         // A reply array whose second element is not here yet.
         let reply = b"*3\r\n$1\r\na\r\n";
-        assert_eq!(p.response(reply, None), Ok(Frame::Complete { msg: Response { error: None }, len: reply.len() }));
+        assert_eq!(
+            p.response(reply, None),
+            Ok(Frame::Complete { msg: Response { error: None }, len: reply.len() })
+        );
         assert_eq!(p.response(b"$", None), Ok(Frame::Incomplete));
         assert_eq!(p.response(b":1\r\n_\r\n+OK\r\n", None), Ok(Frame::Skip { len: 7 }));
-        let Ok(Frame::Complete { msg, len: 5 }) = p.response(b"+OK\r\n", None) else { panic!("OK") };
+        let Ok(Frame::Complete { msg, len: 5 }) = p.response(b"+OK\r\n", None) else {
+            panic!("OK")
+        };
         assert_eq!(msg.error, None);
     }
 
     #[test]
     fn errors_pushes_and_garbage() {
         let mut p = Parser::default();
-        let Ok(Frame::Complete { msg, .. }) = p.response(b"!21\r\nSYNTAX invalid syntax\r\n", None) else {
+        let Ok(Frame::Complete { msg, .. }) = p.response(b"!21\r\nSYNTAX invalid syntax\r\n", None)
+        else {
             panic!("blob error");
         };
         assert_eq!(msg.error.as_deref(), Some("SYNTAX invalid syntax"));
-        assert_eq!(p.response(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n", None), Ok(Frame::Skip { len: 32 }));
-        assert!(matches!(p.response(b"HTTP/1.1 200 OK\r\n", None), Err(ParseError::NotThisProtocol { .. })));
+        assert_eq!(
+            p.response(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n", None),
+            Ok(Frame::Skip { len: 32 })
+        );
+        assert!(matches!(
+            p.response(b"HTTP/1.1 200 OK\r\n", None),
+            Err(ParseError::NotThisProtocol { .. })
+        ));
         assert!(matches!(p.request(b"\x16\x03\x01"), Err(ParseError::NotThisProtocol { .. })));
         assert!(matches!(p.request(b"*1\r\n:1\r\n"), Err(ParseError::Malformed { .. })));
     }

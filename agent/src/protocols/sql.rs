@@ -1,4 +1,5 @@
 //! Redaction of SQL statements: literals become `?`, everything else keeps its shape.
+#![expect(clippy::doc_markdown, reason = "PostgreSQL and MySQL are product names, not code")]
 //!
 //! A single pass over the bytes, without a parser: string literals (`'..'` with `''` and, where
 //! the dialect has them, backslash escapes; PostgreSQL `E'..'`, `U&'..'`, `$tag$..$tag$`; MySQL
@@ -65,14 +66,13 @@ pub fn redact(sql: &[u8], dialect: Dialect) -> String {
             b'e' | b'E' | b'x' | b'X' | b'b' | b'B' | b'n' | b'N'
                 if next == Some(b'\'') && !prev_ident =>
             {
-                let backslashes =
-                    dialect == Dialect::Mysql || matches!(c, b'e' | b'E') || matches!(c, b'n' | b'N');
+                let backslashes = dialect == Dialect::Mysql
+                    || matches!(c, b'e' | b'E')
+                    || matches!(c, b'n' | b'N');
                 i = skip_quoted(sql, i + 2, b'\'', backslashes);
                 out.push(b'?');
             }
-            b'u' | b'U'
-                if next == Some(b'&') && sql.get(i + 2) == Some(&b'\'') && !prev_ident =>
-            {
+            b'u' | b'U' if next == Some(b'&') && sql.get(i + 2) == Some(&b'\'') && !prev_ident => {
                 i = skip_quoted(sql, i + 3, b'\'', false);
                 out.push(b'?');
             }
@@ -248,13 +248,21 @@ mod tests {
     #[test]
     fn literals_become_placeholders() {
         let cases: &[(&str, super::Dialect, &str)] = &[
-            ("SELECT * FROM t WHERE a = 'x' AND b = 42", Postgres, "SELECT * FROM t WHERE a = ? AND b = ?"),
+            (
+                "SELECT * FROM t WHERE a = 'x' AND b = 42",
+                Postgres,
+                "SELECT * FROM t WHERE a = ? AND b = ?",
+            ),
             ("SELECT 'it''s', E'a\\'b', 'c'", Postgres, "SELECT ?, ?, ?"),
             ("SELECT $$a 'b' c$$, $fn$x$fn$ FROM t", Postgres, "SELECT ?, ? FROM t"),
             ("SELECT $1::int + 1.5e3, .5, -7", Postgres, "SELECT $1::int + ?, ?, -?"),
             ("SELECT X'1F', B'0101', U&'d\\0061t', 0xFF, 0b11", Postgres, "SELECT ?, ?, ?, ?, ?"),
             ("SELECT \"Col 1\", t1.c2 FROM s3.t4", Postgres, "SELECT \"Col 1\", t1.c2 FROM s3.t4"),
-            ("SELECT \"x\", 'a\\'b' FROM `t` WHERE id = ?", Mysql, "SELECT ?, ? FROM `t` WHERE id = ?"),
+            (
+                "SELECT \"x\", 'a\\'b' FROM `t` WHERE id = ?",
+                Mysql,
+                "SELECT ?, ? FROM `t` WHERE id = ?",
+            ),
             ("SELECT 1 -- secret\n  FROM /* a /* nested */ b */ t", Postgres, "SELECT ? FROM t"),
             ("SELECT 1 # note\nFROM t", Mysql, "SELECT ? FROM t"),
             ("INSERT INTO t VALUES ('unterminated", Postgres, "INSERT INTO t VALUES (?"),

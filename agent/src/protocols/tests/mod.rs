@@ -143,7 +143,13 @@ pub(super) fn replay(mut parser: Parser, conn: &Conn, datagrams: bool) -> Replay
                 }
                 break;
             };
-            assert!(len > 0, "a frame of length 0 ({:?}, {:?}) at {:02x?}", parser.protocol(), dir, &stream.buf[..stream.buf.len().min(64)]);
+            assert!(
+                len > 0,
+                "a frame of length 0 ({:?}, {:?}) at {:02x?}",
+                parser.protocol(),
+                dir,
+                &stream.buf[..stream.buf.len().min(64)]
+            );
             stream.consume(len);
         }
         if datagrams {
@@ -195,7 +201,14 @@ pub(super) fn record_texts(rec: &L7Record) -> Vec<&str> {
         Record::Mysql(m) => t.extend([m.command.as_str(), &m.query, &m.sql_state]),
         Record::Dns(d) => {
             t.push(&d.query);
-            t.extend(d.ips.iter().chain(&d.cnames).chain(&d.qtypes).chain(&d.rrtypes).map(String::as_str));
+            t.extend(
+                d.ips
+                    .iter()
+                    .chain(&d.cnames)
+                    .chain(&d.qtypes)
+                    .chain(&d.rrtypes)
+                    .map(String::as_str),
+            );
         }
     }
     t
