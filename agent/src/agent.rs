@@ -16,12 +16,13 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    conntrack::{ConnTable, endpoints},
     drops::{DEFAULT_IGNORED, symbols::KernelSymbols},
-    events::{KernelEvent, decode},
+    events::decode,
     flow::{Clock, FlowBuilder},
     loader::{self, LoadOptions, probe::Probe},
     output::{self, Format},
+    pipeline::{Pipeline, PipelineOptions},
+    protocols::Redaction,
     proto::{
         flow::{LostEvent, LostEventSource},
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
@@ -30,10 +31,6 @@ use crate::{
 
 /// Flows waiting for the printer; beyond this the newest are dropped and counted.
 const OUTPUT_QUEUE: usize = 16_384;
-/// Connections tracked in userspace.
-const CONN_TABLE_CAPACITY: usize = 262_144;
-/// A connection silent this long is forgotten (long-lived ones report every update interval).
-const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// Longest a kernel event waits in the ring buffer before the agent reads it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often running processes are scanned for libssl files not yet probed.
@@ -74,6 +71,13 @@ pub struct AgentArgs {
     /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
     #[arg(long)]
     pub no_tls: bool,
+    /// A request unanswered this long is reported as timed out.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub l7_timeout: Duration,
+    /// Keep full SQL statements and Redis arguments in L7 flows (debugging only: they may
+    /// carry personal data). By default literals become `?` and arguments are dropped.
+    #[arg(long)]
+    pub keep_full_statements: bool,
     /// Have the kernel count the run time of hopwatch's programs (a small cost per run) and
     /// print it at exit.
     #[arg(long)]
@@ -158,8 +162,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cancel = cancel.clone();
         move || print_loop(rx, args.output, &cancel)
     });
+    let pipeline = Pipeline::new(
+        builder,
+        PipelineOptions {
+            l7_timeout: args.l7_timeout,
+            redaction: Redaction { keep_full_statements: args.keep_full_statements },
+        },
+    );
     let reader =
-        tokio::spawn(read_loop(events, builder, tx.clone(), stats.clone(), cancel.clone()));
+        tokio::spawn(read_loop(events, pipeline, tx.clone(), stats.clone(), cancel.clone()));
     let watcher =
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
     let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
@@ -269,7 +280,7 @@ fn flow_response(node_name: &str, flow: crate::proto::flow::Flow) -> GetFlowsRes
 
 async fn read_loop(
     events: RingBuf<MapData>,
-    builder: FlowBuilder,
+    mut pipeline: Pipeline,
     tx: mpsc::Sender<GetFlowsResponse>,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
@@ -279,10 +290,9 @@ async fn read_loop(
     let mut ring =
         unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
             .map_err(|e| AgentError::RingBuf(e.into_parts().1))?;
-    let mut table = ConnTable::new(CONN_TABLE_CAPACITY);
-    let mut last_sweep = Clock::monotonic_now_ns();
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flows = Vec::new();
     loop {
         // The kernel wakes us only when a batch is waiting; the timer bounds the delay of a
         // trickle of events.
@@ -297,67 +307,27 @@ async fn read_loop(
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
             match decode(&item) {
-                Ok(ev) => handle(ev, &builder, &mut table, &tx, &stats),
+                Ok(ev) => pipeline.on_event(ev, &mut flows),
                 Err(e) => {
                     if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
                     }
                 }
             }
+            for flow in flows.drain(..) {
+                stats.flows.fetch_add(1, Ordering::Relaxed);
+                send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
+            }
         }
-        let now = Clock::monotonic_now_ns();
-        if now.saturating_sub(last_sweep) > 60_000_000_000 {
-            let forget = u64::try_from(CONN_IDLE_FORGET.as_nanos()).unwrap_or(u64::MAX);
-            table.sweep(now.saturating_sub(forget));
-            last_sweep = now;
+        pipeline.tick(Clock::monotonic_now_ns(), &mut flows);
+        for flow in flows.drain(..) {
+            stats.flows.fetch_add(1, Ordering::Relaxed);
+            send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
         }
     }
     Ok(())
 }
 
-fn handle(
-    ev: KernelEvent,
-    builder: &FlowBuilder,
-    table: &mut ConnTable,
-    tx: &mpsc::Sender<GetFlowsResponse>,
-    stats: &PipelineStats,
-) {
-    let flow = match ev {
-        KernelEvent::Tcp(ev) => {
-            let Some(mut conn) = table.apply(&ev) else { return };
-            // Updates carry no namespace; keep the one learnt at establishment.
-            if conn.netns == 0 {
-                conn.netns = ev.tuple.netns;
-            }
-            let peer = table.peer(&conn).cloned();
-            builder.tcp(&ev, &conn, peer.as_ref())
-        }
-        KernelEvent::Data(ev, payload) => {
-            tracing::debug!(
-                cookie = ev.header.socket_cookie,
-                direction = ev.direction,
-                source = ev.source,
-                protocol = ev.protocol,
-                len = ev.len,
-                head = %String::from_utf8_lossy(&payload[..payload.len().min(48)]),
-                "data"
-            );
-            return;
-        }
-        KernelEvent::Drop(ev) => {
-            let (src_proc, dst_proc) = match endpoints(&ev.tuple) {
-                Some((s, d)) => (
-                    table.find(s, d, ev.tuple.netns).and_then(|c| c.process.clone()),
-                    table.find(d, s, ev.tuple.netns).and_then(|c| c.process.clone()),
-                ),
-                None => (None, None),
-            };
-            builder.drop(&ev, src_proc.as_ref(), dst_proc.as_ref())
-        }
-    };
-    stats.flows.fetch_add(1, Ordering::Relaxed);
-    send(tx, stats, flow_response(&builder.node_name, flow));
-}
 
 /// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
 /// images, a library upgraded in place).

@@ -94,6 +94,19 @@ impl ConnTable {
         self.conns.len()
     }
 
+    pub fn get(&self, cookie: u64) -> Option<&Conn> {
+        self.conns.get(&cookie)
+    }
+
+    /// Records `process` as the owner of a tracked connection; returns the connection.
+    pub fn set_process(&mut self, cookie: u64, process: Process) -> Option<Conn> {
+        let conn = self.conns.get_mut(&cookie)?;
+        if conn.process.as_ref() != Some(&process) {
+            conn.process = Some(process);
+        }
+        Some(conn.clone())
+    }
+
     /// Applies a TCP event; returns the connection as known after the event (for `Closed` and
     /// `ConnectFailed`, the entry just removed).
     pub fn apply(&mut self, ev: &TcpEvent) -> Option<Conn> {

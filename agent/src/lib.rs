@@ -9,6 +9,7 @@ pub mod flow;
 pub mod l7;
 pub mod loader;
 pub mod output;
+pub mod pipeline;
 pub mod proto;
 pub mod protocols;
 

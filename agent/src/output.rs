@@ -62,6 +62,11 @@ pub fn compact(f: &Flow) -> String {
     let dst = endpoint(dst_ip, dst_port, f.destination_process.as_ref());
     let event = match (f.verdict(), f.socket_event()) {
         (Verdict::Dropped, _) => format!("{proto}-drop"),
+        _ if f.l7.is_some() => {
+            let l7 = f.l7.as_ref().expect("checked");
+            let kind = if l7.timed_out { "request" } else { "response" };
+            format!("{}-{kind}", l7.protocol)
+        }
         (_, SocketEvent::Connect) => "tcp-connect".to_owned(),
         (_, SocketEvent::ConnectFailed) => "tcp-connect-failed".to_owned(),
         (_, SocketEvent::Accept) => "tcp-accept".to_owned(),

@@ -82,6 +82,14 @@ impl FlowBuilder {
                 flags: None,
             })
         };
+        let mut record = o.record.clone();
+        if let (true, Some(Record::Http(h))) = (o.tls, record.as_mut())
+            && let Some(rest) = h.url.strip_prefix("http://")
+        {
+            // The parser saw plaintext; on the wire it was HTTPS.
+            h.url = format!("https://{rest}");
+        }
+        let o = &L7Observation { record, ..o.clone() };
         let summary = summary(o, &error);
         Flow {
             time: Some(self.clock.timestamp(o.time_ns)),

@@ -53,9 +53,9 @@ struct Tracked<P: MessageParser> {
     last_cgroup: u64,
 }
 
-/// Builds a parser for a new connection from the kernel's protocol guess and the server port;
-/// `None` when the protocol is not parsed.
-pub type ParserFactory<P> = Box<dyn Fn(u8, u16) -> Option<P> + Send>;
+/// Builds a parser for a new connection from its first data event (the kernel's protocol guess,
+/// the transport) and the server port; `None` when the protocol is not parsed.
+pub type ParserFactory<P> = Box<dyn Fn(&DataEvent, u16) -> Option<P> + Send>;
 
 pub struct L7Tracker<P: MessageParser> {
     sessions: HashMap<u64, Tracked<P>>,
@@ -93,7 +93,7 @@ impl<P: MessageParser> L7Tracker<P> {
         if !self.sessions.contains_key(&cookie) {
             let server_side = server_side.unwrap_or_else(|| guess_server_side(ev));
             let server_port = if server_side { ev.tuple.sport } else { ev.tuple.dport };
-            let Some(parser) = (self.make)(ev.protocol, server_port) else {
+            let Some(parser) = (self.make)(ev, server_port) else {
                 self.stats.unparsed_connections += 1;
                 return Vec::new();
             };
@@ -262,7 +262,7 @@ mod tests {
     }
 
     fn tracker() -> L7Tracker<Toy> {
-        L7Tracker::new(Box::new(|proto, _| (proto == PROTO_HTTP).then_some(Toy)))
+        L7Tracker::new(Box::new(|ev: &DataEvent, _| (ev.protocol == PROTO_HTTP).then_some(Toy)))
     }
 
     #[test]
