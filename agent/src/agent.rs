@@ -22,11 +22,11 @@ use crate::{
     loader::{self, LoadOptions, probe::Probe},
     output::{self, Format},
     pipeline::{Pipeline, PipelineOptions},
-    protocols::Redaction,
     proto::{
         flow::{LostEvent, LostEventSource},
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     },
+    protocols::Redaction,
 };
 
 /// Flows waiting for the printer; beyond this the newest are dropped and counted.
@@ -327,7 +327,6 @@ async fn read_loop(
     }
     Ok(())
 }
-
 
 /// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
 /// images, a library upgraded in place).

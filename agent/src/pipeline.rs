@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use hopwatch_common::{
-    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS,
-    TcpOp,
+    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, TcpOp,
 };
 
 use crate::{
@@ -29,7 +28,10 @@ impl MessageParser for protocols::Parser {
     type Req = protocols::Request;
     type Resp = protocols::Response;
 
-    fn request(&mut self, buf: &[u8]) -> Result<protocols::Frame<Self::Req>, protocols::ParseError> {
+    fn request(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<protocols::Frame<Self::Req>, protocols::ParseError> {
         protocols::Parser::request(self, buf)
     }
 
@@ -184,8 +186,7 @@ impl Pipeline {
             (None, Some(ends)) => ends,
             (None, None) => (unspecified(), unspecified()),
         };
-        let peer_process =
-            conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
+        let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
         let timed_out = x.response.is_none();
         let observation = L7Observation {
             protocol: x.request.protocol().name(),
