@@ -20,7 +20,7 @@ use crate::{
 /// Connections tracked in userspace.
 const CONN_TABLE_CAPACITY: usize = 262_144;
 /// A connection silent this long is forgotten (long-lived ones report every update interval).
-const CONN_IDLE_FORGET: Duration = Duration::from_secs(3600);
+const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// How often idle connections and unanswered requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
