@@ -27,7 +27,20 @@
 //! connection) frames [`Request`]s and [`Response`]s and keeps the per-connection state some
 //! protocols need (statement names, the login, a body that spans calls); [`l7_record`] turns a
 //! request and its response into the flow's `l7` record. The protocol modules document how
-//! each frames its messages.
+//! each frames its messages. What the session should know beyond the contract above:
+//!
+//! - An exchange made of several messages that spans buffers (a PostgreSQL extended-query batch
+//!   up to `Sync`, a PostgreSQL response up to `ReadyForQuery`, a MySQL result set) comes as
+//!   `Skip` frames for its first parts and a `Complete` frame for the part that ends it.
+//! - A body or value that goes on past a `Complete` frame (chunked HTTP, a body until the
+//!   connection closes, a large Redis array) comes as `Skip` frames on later calls: the
+//!   [`Parser`] remembers where it is, so keep one per connection and feed each direction in
+//!   order. After an `Err` it forgets that and expects a message boundary.
+//! - A message whose text is kept (a query, an error reply) is framed once it is all in the
+//!   buffer or [`READ_ENOUGH`] bytes of it are: until then the answer is `Incomplete` even though
+//!   its header is known.
+//! - [`Request::expects_response`] is false for requests no server answers;
+//!   [`Request::matches`] pairs DNS answers by id (they may come out of order over UDP).
 #![expect(clippy::doc_markdown, reason = "PostgreSQL and MySQL are product names, not code")]
 
 pub mod dns;
@@ -47,7 +60,7 @@ pub const MAX_TEXT: usize = 1024;
 /// A message whose text is kept (a query, an error) is read once it is all in the buffer, or
 /// once the buffer holds this much of it: enough for the record, and the rest may never come
 /// when the capture of a large message was cut.
-pub(crate) const READ_ENOUGH: usize = 4096;
+pub const READ_ENOUGH: usize = 4096;
 
 /// The application protocols hopwatch parses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -109,6 +109,8 @@ fn http_body_until_close_and_chunked_upload_headers() {
     let Request::Http(req) = &r.exchanges[0].0 else { panic!("HTTP") };
     assert_eq!(req.headers[0].name, "traceparent");
     assert_eq!(req.headers[0].value, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    // The interim "100 Continue" and the chunked body, sent after the head, are skipped.
+    assert!(r.skips >= 2, "{} skips", r.skips);
 }
 
 fn pg(conns: &[Conn]) -> Vec<(String, String, String, String, Option<String>)> {
@@ -156,6 +158,8 @@ fn postgres_psql_simple_queries() {
             Some(s("SQLSTATE 42P01")),
         ),
         (s("simple"), s("SELECT pg_sleep(?)"), s("SELECT 1"), s(""), None),
+        // Two statements in one Query: one response, the last tag.
+        (s("simple"), s("SELECT ?; SELECT ? || ?"), s("SELECT 1"), s(""), None),
     ];
     assert_eq!(got, want);
     // SCRAM messages are skipped unread.
@@ -329,6 +333,9 @@ fn mysql_queries_result_sets_and_errors() {
         got,
         [
             q("SELECT id, name, price FROM items WHERE price > ?"),
+            q("INSERT INTO items (name, price) VALUES (?, ?)"),
+            q("CALL two_results()"),
+            q("SELECT SLEEP(?)"),
             (
                 s("COM_QUERY"),
                 s("SELECT * FROM missing"),
@@ -341,8 +348,17 @@ fn mysql_queries_result_sets_and_errors() {
         ]
     );
     let r = replay_all(&conns, || Parser::new(Protocol::Mysql, Redaction::default()), false);
-    let Some((_, Some(Response::Mysql(rows)))) = r.exchanges.first() else { panic!("result set") };
-    assert_eq!(rows.rows, 2, "cup and pen");
+    let rows: Vec<u64> = r
+        .exchanges
+        .iter()
+        .map(|(_, resp)| match resp {
+            Some(Response::Mysql(m)) => m.rows,
+            _ => 0,
+        })
+        .collect();
+    // cup and pen; the INSERT; one row from each of the procedure's two result sets (the first
+    // ends with SERVER_MORE_RESULTS_EXISTS, the second arrives in another read); SLEEP's 0.
+    assert_eq!(rows, [2, 0, 2, 1, 0, 0]);
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 mod fixtures;
 mod props;
+mod regressions;
 
 use std::collections::VecDeque;
 
