@@ -78,6 +78,10 @@ pub struct AgentArgs {
     /// carry personal data). By default literals become `?` and arguments are dropped.
     #[arg(long)]
     pub keep_full_statements: bool,
+    /// Also write every raw kernel event to FILE (for `hopwatch replay`); the file grows without
+    /// bound while the agent runs.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
     /// Have the kernel count the run time of hopwatch's programs (a small cost per run) and
     /// print it at exit.
     #[arg(long)]
@@ -102,6 +106,8 @@ pub enum AgentError {
     RingBuf(#[source] std::io::Error),
     #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Record(crate::replay::ReplayError),
     #[error("cannot enable BPF run-time statistics: {0}")]
     BpfStats(#[source] aya::sys::SyscallError),
 }
@@ -169,8 +175,18 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             redaction: Redaction { keep_full_statements: args.keep_full_statements },
         },
     );
-    let reader =
-        tokio::spawn(read_loop(events, pipeline, tx.clone(), stats.clone(), cancel.clone()));
+    let recorder = match &args.record {
+        Some(path) => Some(crate::replay::Recorder::create(path).map_err(AgentError::Record)?),
+        None => None,
+    };
+    let reader = tokio::spawn(read_loop(
+        events,
+        pipeline,
+        recorder,
+        tx.clone(),
+        stats.clone(),
+        cancel.clone(),
+    ));
     let watcher =
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
     let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
@@ -281,6 +297,7 @@ fn flow_response(node_name: &str, flow: crate::proto::flow::Flow) -> GetFlowsRes
 async fn read_loop(
     events: RingBuf<MapData>,
     mut pipeline: Pipeline,
+    mut recorder: Option<crate::replay::Recorder>,
     tx: mpsc::Sender<GetFlowsResponse>,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
@@ -306,6 +323,12 @@ async fn read_loop(
         }
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
+            if let Some(rec) = recorder.as_mut()
+                && let Err(e) = rec.record(&item)
+            {
+                tracing::error!(error = %e, "recording stopped");
+                recorder = None;
+            }
             match decode(&item) {
                 Ok(ev) => pipeline.on_event(ev, &mut flows),
                 Err(e) => {
@@ -324,6 +347,9 @@ async fn read_loop(
             stats.flows.fetch_add(1, Ordering::Relaxed);
             send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
         }
+    }
+    if let Some(mut rec) = recorder {
+        rec.flush().map_err(AgentError::Record)?;
     }
     Ok(())
 }
@@ -400,8 +426,8 @@ fn print_loop(
 ) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    while let Some(resp) = rx.blocking_recv() {
-        let mut result = output::write(&mut out, format, &resp);
+    while let Some(mut resp) = rx.blocking_recv() {
+        let mut result = output::write(&mut out, format, &mut resp);
         // Flush when the queue is drained so a reader sees flows promptly.
         if result.is_ok() && rx.is_empty() {
             result = out.flush();

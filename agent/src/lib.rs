@@ -12,6 +12,7 @@ pub mod output;
 pub mod pipeline;
 pub mod proto;
 pub mod protocols;
+pub mod replay;
 
 /// `error: cause: cause...` on one line, skipping causes the message already contains.
 #[must_use]

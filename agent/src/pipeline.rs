@@ -106,7 +106,7 @@ impl Pipeline {
     }
 
     /// Turns one kernel event into the flows it completes (none, one, or several).
-    pub fn on_event(&mut self, ev: KernelEvent, out: &mut Vec<Flow>) {
+    pub fn on_event(&mut self, ev: KernelEvent<'_>, out: &mut Vec<Flow>) {
         match ev {
             KernelEvent::Tcp(ev) => {
                 let Some(mut conn) = self.table.apply(&ev) else { return };
@@ -131,7 +131,7 @@ impl Pipeline {
                 };
                 out.push(self.builder.drop(&ev, src_proc.as_ref(), dst_proc.as_ref()));
             }
-            KernelEvent::Data(ev, payload) => self.on_data(&ev, &payload, out),
+            KernelEvent::Data(ev, payload) => self.on_data(&ev, payload, out),
         }
     }
 
@@ -139,17 +139,12 @@ impl Pipeline {
         let cookie = ev.header.socket_cookie;
         // The process doing the I/O owns the socket now (a pre-forked server's worker rather than
         // the master that called listen()).
-        let process = (ev.header.tgid != 0).then(|| Process {
-            pid: ev.header.tgid,
-            comm: comm(&ev.comm),
-            cgroup_id: ev.header.cgroup_id,
-        });
-        let conn = match process {
-            Some(p) => self.table.set_process(cookie, p),
-            None => self.table.get(cookie).cloned(),
-        };
-        let server_side = conn.as_ref().map(|c| c.role == Role::Server);
-        let peer = conn.as_ref().and_then(|c| self.table.peer(c)).map(|p| p.cookie);
+        if ev.header.tgid != 0 {
+            self.table.note_process(cookie, ev.header.tgid, &ev.comm, ev.header.cgroup_id);
+        }
+        let conn = self.table.get(cookie);
+        let server_side = conn.map(|c| c.role == Role::Server);
+        let peer = conn.and_then(|c| self.table.peer(c)).map(|p| p.cookie);
         let done = self.l7.on_data(ev, payload, server_side, peer);
         self.l7_flows(done, out);
     }
@@ -210,7 +205,7 @@ impl Pipeline {
             }),
             peer_process,
         };
-        self.builder.l7(&observation)
+        self.builder.l7(observation)
     }
 }
 

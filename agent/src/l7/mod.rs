@@ -5,9 +5,10 @@
 pub mod session;
 pub mod stream;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, Tuple};
+use rustc_hash::FxHashMap;
 
 use self::session::{Exchange, MessageParser, Session};
 
@@ -58,8 +59,9 @@ struct Tracked<P: MessageParser> {
 pub type ParserFactory<P> = Box<dyn Fn(&DataEvent, u16) -> Option<P> + Send>;
 
 pub struct L7Tracker<P: MessageParser> {
-    sessions: HashMap<u64, Tracked<P>>,
-    recent: HashMap<(u64, u64), u64>,
+    // Keys are kernel socket cookies (not attacker-chosen): a fast non-keyed hash is fine.
+    sessions: FxHashMap<u64, Tracked<P>>,
+    recent: FxHashMap<(u64, u64), u64>,
     recent_order: VecDeque<(u64, u64)>,
     make: ParserFactory<P>,
     pub stats: TrackerStats,
@@ -68,8 +70,8 @@ pub struct L7Tracker<P: MessageParser> {
 impl<P: MessageParser> L7Tracker<P> {
     pub fn new(make: ParserFactory<P>) -> Self {
         Self {
-            sessions: HashMap::new(),
-            recent: HashMap::new(),
+            sessions: FxHashMap::default(),
+            recent: FxHashMap::default(),
             recent_order: VecDeque::new(),
             make,
             stats: TrackerStats::default(),
