@@ -330,7 +330,7 @@ async fn read_loop(
                 recorder = None;
             }
             match decode(&item) {
-                Ok(ev) => pipeline.on_event(ev, &mut flows),
+                Ok(ev) => pipeline.on_event(&ev, &mut flows),
                 Err(e) => {
                     if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");

@@ -106,7 +106,7 @@ impl Pipeline {
     }
 
     /// Turns one kernel event into the flows it completes (none, one, or several).
-    pub fn on_event(&mut self, ev: KernelEvent<'_>, out: &mut Vec<Flow>) {
+    pub fn on_event(&mut self, ev: &KernelEvent<'_>, out: &mut Vec<Flow>) {
         match ev {
             KernelEvent::Tcp(ev) => {
                 let Some(mut conn) = self.table.apply(&ev) else { return };

@@ -150,7 +150,7 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         for rec in &records {
             report.events += 1;
             match decode(rec) {
-                Ok(ev) => pipeline.on_event(ev, &mut flows),
+                Ok(ev) => pipeline.on_event(&ev, &mut flows),
                 Err(_) => report.undecodable += 1,
             }
             report.flows += flows.len() as u64;
