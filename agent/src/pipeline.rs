@@ -109,13 +109,13 @@ impl Pipeline {
     pub fn on_event(&mut self, ev: &KernelEvent<'_>, out: &mut Vec<Flow>) {
         match ev {
             KernelEvent::Tcp(ev) => {
-                let Some(mut conn) = self.table.apply(&ev) else { return };
+                let Some(mut conn) = self.table.apply(ev) else { return };
                 // Updates carry no namespace; keep the one learnt at establishment.
                 if conn.netns == 0 {
                     conn.netns = ev.tuple.netns;
                 }
                 let peer = self.table.peer(&conn).cloned();
-                out.push(self.builder.tcp(&ev, &conn, peer.as_ref()));
+                out.push(self.builder.tcp(ev, &conn, peer.as_ref()));
                 if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
                     let unanswered = self.l7.close(ev.header.socket_cookie);
                     self.l7_flows(unanswered, out);
@@ -129,9 +129,9 @@ impl Pipeline {
                     ),
                     None => (None, None),
                 };
-                out.push(self.builder.drop(&ev, src_proc.as_ref(), dst_proc.as_ref()));
+                out.push(self.builder.drop(ev, src_proc.as_ref(), dst_proc.as_ref()));
             }
-            KernelEvent::Data(ev, payload) => self.on_data(&ev, payload, out),
+            KernelEvent::Data(ev, payload) => self.on_data(ev, payload, out),
         }
     }
 
