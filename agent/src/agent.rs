@@ -78,6 +78,8 @@ pub struct AgentArgs {
     /// print it at exit.
     #[arg(long)]
     pub bpf_stats: bool,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -100,6 +102,8 @@ pub enum AgentError {
     Signals(#[source] std::io::Error),
     #[error("cannot enable BPF run-time statistics: {0}")]
     BpfStats(#[source] aya::sys::SyscallError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -108,6 +112,8 @@ struct PipelineStats {
     decode_errors: AtomicU64,
     output_dropped: AtomicU64,
     flows: AtomicU64,
+    /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
+    metrics: crate::metrics::Telemetry,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -126,6 +132,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() });
     }
 
+    // Serving before loading: the liveness probe answers, readiness waits for the programs.
+    let node = args.node_name.clone().unwrap_or_else(hostname);
+    let telemetry = crate::metrics::Telemetry::start(&args.metrics, &node).await?;
     let loaded = load(&args, &probe)?;
 
     let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
@@ -149,8 +158,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         None
     };
     let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
+    telemetry.watch_kernel(&ebpf, &events);
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
-    let stats = Arc::new(PipelineStats::default());
+    let stats = Arc::new(PipelineStats { metrics: telemetry.clone(), ..PipelineStats::default() });
     let cancel = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<GetFlowsResponse>(OUTPUT_QUEUE);
 
@@ -163,6 +173,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let watcher =
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
     let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
+    telemetry.set_ready();
 
     tokio::select! {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
@@ -294,6 +305,7 @@ async fn read_loop(
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
+        stats.metrics.heartbeat();
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
             match decode(&item) {
@@ -356,6 +368,7 @@ fn handle(
         }
     };
     stats.flows.fetch_add(1, Ordering::Relaxed);
+    stats.metrics.observe(&flow);
     send(tx, stats, flow_response(&builder.node_name, flow));
 }
 
@@ -398,6 +411,11 @@ async fn watch_counters(
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
+        stats.metrics.tick(
+            &counters,
+            stats.decode_errors.load(Ordering::Relaxed),
+            stats.output_dropped.load(Ordering::Relaxed),
+        );
         let ring_lost = counters
             .get(&(Counter::RingbufFull as u32), 0)
             .map_or(last_ring, |per_cpu| per_cpu.iter().sum::<u64>());

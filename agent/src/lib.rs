@@ -9,6 +9,7 @@ pub mod flow;
 pub mod hops;
 pub mod l7;
 pub mod loader;
+pub mod metrics;
 pub mod output;
 pub mod proto;
 pub mod protocols;

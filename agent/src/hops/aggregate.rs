@@ -162,11 +162,11 @@ fn apply_tcp(
         bytes_sent: stats.bytes_sent,
         bytes_received: stats.bytes_received,
     };
-    let node: Arc<str> = cx.resolver.intern(&flow.node_name);
+    let node_name: Arc<str> = cx.resolver.intern(&flow.node_name);
     let cookie = flow.socket_cookie;
     let delta = match flow.socket_event() {
         SocketEvent::Connect | SocketEvent::Accept => {
-            let delta = cx.ledger.open(&node, cookie, key, side, totals, at_ns);
+            let delta = cx.ledger.open(&node_name, cookie, key, side, totals, at_ns);
             let (s, _) = table.side_mut(key, side, at_ns);
             s.opened += 1;
             if flow.socket_event() == SocketEvent::Connect && stats.connect_latency_ns > 0 {
@@ -174,8 +174,8 @@ fn apply_tcp(
             }
             delta
         }
-        SocketEvent::Update => cx.ledger.report(&node, cookie, key, side, totals, at_ns),
-        SocketEvent::Close => cx.ledger.close(&node, cookie, totals),
+        SocketEvent::Update => cx.ledger.report(&node_name, cookie, key, side, totals, at_ns),
+        SocketEvent::Close => cx.ledger.close(&node_name, cookie, totals),
         SocketEvent::ConnectFailed => {
             let cause = if stats.error.is_empty() { "UNKNOWN" } else { stats.error.as_str() };
             table.tally(key, side, TallyKind::ConnectFailures, cause, 1, at_ns);

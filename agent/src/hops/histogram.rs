@@ -269,9 +269,9 @@ mod tests {
         for (i, ns) in [7_000u64, 900_000, 12_000_000, 12_500_000, 3_000_000_000].iter().enumerate()
         {
             if i % 2 == 0 {
-                a.record(*ns)
+                a.record(*ns);
             } else {
-                b.record(*ns)
+                b.record(*ns);
             }
             all.record(*ns);
         }

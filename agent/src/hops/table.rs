@@ -108,23 +108,19 @@ impl HopTable {
         let budget = &mut self.tallies[TallyKind::Drops as usize];
         // Drops are hop-level: a hop may exist with drops only. Creating it takes no side series,
         // so the drop budget alone bounds these hops.
-        let fits = match self.hops.get_mut(key) {
-            Some(hop) => {
-                let ok = hop.drops.try_add(reason, n, cap, budget);
-                if ok {
-                    hop.last_seen_ns = hop.last_seen_ns.max(at_ns);
-                }
-                ok
+        let fits = if let Some(hop) = self.hops.get_mut(key) {
+            let ok = hop.drops.try_add(reason, n, cap, budget);
+            if ok {
+                hop.last_seen_ns = hop.last_seen_ns.max(at_ns);
             }
-            None => {
-                let mut drops = Tally::default();
-                let ok = drops.try_add(reason, n, cap, budget);
-                if ok {
-                    self.hops
-                        .insert(key.clone(), Hop { drops, last_seen_ns: at_ns, ..Hop::default() });
-                }
-                ok
+            ok
+        } else {
+            let mut drops = Tally::default();
+            let ok = drops.try_add(reason, n, cap, budget);
+            if ok {
+                self.hops.insert(key.clone(), Hop { drops, last_seen_ns: at_ns, ..Hop::default() });
             }
+            ok
         };
         if !fits {
             self.overflowed += 1;

@@ -6,106 +6,12 @@ use super::{
     histogram::EXPORT_BOUNDS_S,
     path::paths,
     stats::OTHER,
+    testing::*,
     view::{self, HopRow, RowFilter, SortKey},
     window::Window,
     *,
 };
-use crate::proto::flow::{
-    self as pb, Flow, FlowType, Ip, Layer4, Layer7, SocketEvent, TcpStats, TrafficDirection,
-    Verdict, layer4::Protocol, layer7::Record,
-};
-
-const T0: u64 = 1_800_000_000_000_000_000;
-const MS: u64 = 1_000_000;
-const S: u64 = 1_000_000_000;
-
-fn ts(ns: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: i64::try_from(ns / S).unwrap(),
-        nanos: i32::try_from(ns % S).unwrap(),
-    }
-}
-
-fn proc_(comm: &str) -> Option<pb::Process> {
-    Some(pb::Process { pid: 1, comm: comm.into(), cgroup_id: 0 })
-}
-
-/// A flow between two named processes at `src`:`sport` → `dst`:`dport`.
-fn base(src: (&str, &str, u32), dst: (&str, &str, u32), at: u64, udp: bool) -> Flow {
-    let l4 = if udp {
-        Protocol::Udp(pb::Udp { source_port: src.2, destination_port: dst.2 })
-    } else {
-        Protocol::Tcp(pb::Tcp { source_port: src.2, destination_port: dst.2, flags: None })
-    };
-    Flow {
-        time: Some(ts(at)),
-        ip: Some(Ip { source: src.1.into(), destination: dst.1.into(), ..Ip::default() }),
-        l4: Some(Layer4 { protocol: Some(l4) }),
-        source_process: (!src.0.is_empty()).then(|| proc_(src.0)).flatten(),
-        destination_process: (!dst.0.is_empty()).then(|| proc_(dst.0)).flatten(),
-        node_name: "n1".into(),
-        ..Flow::default()
-    }
-}
-
-fn l7(
-    src: (&str, &str, u32),
-    dst: (&str, &str, u32),
-    at: u64,
-    latency_ns: u64,
-    server_side: bool,
-    error: &str,
-) -> Flow {
-    let mut f = base(src, dst, at, false);
-    f.r#type = FlowType::L7.into();
-    f.verdict = if error.is_empty() { Verdict::Forwarded } else { Verdict::Error }.into();
-    f.traffic_direction =
-        if server_side { TrafficDirection::Ingress } else { TrafficDirection::Egress }.into();
-    f.l7 = Some(Layer7 {
-        latency_ns,
-        protocol: "http".into(),
-        error: error.into(),
-        ..Layer7::default()
-    });
-    f
-}
-
-fn tcp(
-    src: (&str, &str, u32),
-    dst: (&str, &str, u32),
-    at: u64,
-    event: SocketEvent,
-    cookie: u64,
-    stats: TcpStats,
-) -> Flow {
-    let mut f = base(src, dst, at, false);
-    f.r#type = FlowType::L3L4.into();
-    f.socket_event = event.into();
-    f.socket_cookie = cookie;
-    f.traffic_direction = match event {
-        SocketEvent::Accept => TrafficDirection::Ingress,
-        _ => TrafficDirection::Egress,
-    }
-    .into();
-    f.verdict =
-        if event == SocketEvent::ConnectFailed { Verdict::Error } else { Verdict::Forwarded }
-            .into();
-    f.tcp_stats = Some(stats);
-    f
-}
-
-fn dropped(src: (&str, &str, u32), dst: (&str, &str, u32), at: u64, reason: &str) -> Flow {
-    let mut f = base(src, dst, at, false);
-    f.r#type = FlowType::L3L4.into();
-    f.verdict = Verdict::Dropped.into();
-    f.kernel_drop_reason = reason.into();
-    f
-}
-
-const APP: (&str, &str, u32) = ("app", "10.0.0.2", 41000);
-const DB: (&str, &str, u32) = ("postgres", "10.0.0.3", 5432);
-const FRONT: (&str, &str, u32) = ("nginx", "10.0.0.1", 40000);
-const APP_SVC: (&str, &str, u32) = ("app", "10.0.0.2", 8000);
+use crate::proto::flow::{self as pb, Flow, FlowType, SocketEvent, TcpStats, layer7::Record};
 
 fn agg() -> Aggregator {
     Aggregator::new(HopConfig::default())
@@ -280,7 +186,7 @@ fn tallies_are_capped_per_hop_and_per_family() {
 #[test]
 fn stale_hops_are_evicted_and_give_their_series_back() {
     let cfg =
-        HopConfig { series_limit: 1, stale_after: Duration::from_secs(60), ..HopConfig::default() };
+        HopConfig { series_limit: 1, stale_after: Duration::from_mins(1), ..HopConfig::default() };
     let mut a = Aggregator::new(cfg);
     a.observe(&l7(APP, DB, T0, MS, false, ""), T0);
     // A hop with an open connection outlives the grace period.
@@ -304,7 +210,7 @@ fn stale_hops_are_evicted_and_give_their_series_back() {
 
 #[test]
 fn the_window_keeps_only_its_span() {
-    let mut w = Window::new(Duration::from_secs(60), 6, HopConfig::default());
+    let mut w = Window::new(Duration::from_mins(1), 6, HopConfig::default());
     for i in 0..60 {
         w.observe(&l7(APP, DB, T0 + i * S, MS, false, ""), T0);
     }

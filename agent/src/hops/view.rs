@@ -287,7 +287,7 @@ impl RowFilter {
     pub fn matches(&self, r: &HopRow) -> bool {
         let ends = [&r.source, &r.destination];
         let ns_ok = self.namespaces.is_empty()
-            || ends.iter().any(|e| self.namespaces.iter().any(|n| *n == e.namespace));
+            || ends.iter().any(|e| self.namespaces.contains(&e.namespace));
         let pod_ok = self.pods.is_empty()
             || ends.iter().any(|e| {
                 self.pods.iter().any(|p| match p.split_once('/') {

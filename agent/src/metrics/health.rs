@@ -1,0 +1,232 @@
+//! The agent's own health: what it lost and where, how full its buffers and maps are, how often
+//! its kernel programs run, how far behind the kernel it is.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use prometheus::{
+    CounterVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Export lag buckets (seconds): the agent drains the ring buffer every 20 ms.
+const LAG_BUCKETS: [f64; 12] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Counter families fed from running totals kept elsewhere (kernel per-CPU counters, pipeline
+/// atomics): each reading adds what grew since the previous one.
+struct Totals {
+    vec: IntCounterVec,
+    last: Mutex<HashMap<String, u64>>,
+}
+
+impl Totals {
+    fn new(r: &Registry, name: &str, help: &str, label: &str) -> Result<Self, prometheus::Error> {
+        let vec = IntCounterVec::new(Opts::new(name, help), &[label])?;
+        r.register(Box::new(vec.clone()))?;
+        Ok(Self { vec, last: Mutex::new(HashMap::new()) })
+    }
+
+    /// Records that `label`'s running total is now `total`.
+    fn set(&self, label: &str, total: u64) {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prev = last.entry(label.to_owned()).or_insert(0);
+        let c = self.vec.with_label_values(&[label]);
+        // A total that went down (a restarted source) counts from zero again.
+        c.inc_by(if total >= *prev { total - *prev } else { total });
+        *prev = total;
+    }
+}
+
+pub struct Health {
+    flows: IntCounterVec,
+    lost: Totals,
+    queue_dropped: Totals,
+    kernel: Totals,
+    parse_failures: Totals,
+    hop_overflow: Totals,
+    export_lag: Histogram,
+    pub ringbuf_size: IntGauge,
+    pub ringbuf_used: IntGauge,
+    pub ringbuf_peak: IntGauge,
+    map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
+    program_runs: Totals,
+    program_run_seconds: CounterVec,
+    program_last_ns: Mutex<HashMap<String, u64>>,
+}
+
+impl Health {
+    pub fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        let flows = IntCounterVec::new(
+            Opts::new(
+                "hopwatch_flows_total",
+                "Flows the agent produced, by type (l3_l4, l7, drop).",
+            ),
+            &["type"],
+        )?;
+        r.register(Box::new(flows.clone()))?;
+        let export_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "hopwatch_export_lag_seconds",
+                "Time from the kernel event to the flow reaching the metrics.",
+            )
+            .buckets(LAG_BUCKETS.to_vec()),
+        )?;
+        r.register(Box::new(export_lag.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["map"])?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let program_run_seconds = CounterVec::new(
+            Opts::new(
+                "hopwatch_program_run_seconds_total",
+                "Time the kernel spent running each hopwatch program (with --bpf-stats).",
+            ),
+            &["program"],
+        )?;
+        r.register(Box::new(program_run_seconds.clone()))?;
+        Ok(Self {
+            flows,
+            lost: Totals::new(
+                r,
+                "hopwatch_lost_events_total",
+                "Events lost before becoming flows, by where (kernel_ring_buffer, output_queue).",
+                "source",
+            )?,
+            queue_dropped: Totals::new(
+                r,
+                "hopwatch_queue_dropped_events_total",
+                "Events dropped because a queue inside the agent was full, by queue.",
+                "queue",
+            )?,
+            kernel: Totals::new(
+                r,
+                "hopwatch_kernel_events_total",
+                "Counters kept by hopwatch's kernel programs (summed over CPUs), by event.",
+                "event",
+            )?,
+            parse_failures: Totals::new(
+                r,
+                "hopwatch_parse_failures_total",
+                "Inputs the agent could not decode or parse, by stage.",
+                "stage",
+            )?,
+            hop_overflow: Totals::new(
+                r,
+                "hopwatch_hop_state_events_total",
+                "Hop table events: observations counted in the overflow hop (series limit), \
+                 hops evicted as stale.",
+                "event",
+            )?,
+            export_lag,
+            ringbuf_size: gauge(
+                "hopwatch_ringbuf_size_bytes",
+                "Size of the kernel→agent ring buffer.",
+            )?,
+            ringbuf_used: gauge(
+                "hopwatch_ringbuf_used_bytes",
+                "Ring buffer bytes written by the kernel and not yet read by the agent.",
+            )?,
+            ringbuf_peak: gauge(
+                "hopwatch_ringbuf_used_peak_bytes",
+                "Highest ring buffer fill sampled every 10 ms over the last 10 to 20 seconds.",
+            )?,
+            map_entries: gauge_vec(
+                "hopwatch_map_entries",
+                "Entries in hopwatch's kernel maps and userspace tables.",
+            )?,
+            map_capacity: gauge_vec(
+                "hopwatch_map_capacity_entries",
+                "Capacity of hopwatch's kernel maps and userspace tables.",
+            )?,
+            program_runs: Totals::new(
+                r,
+                "hopwatch_program_runs_total",
+                "Runs of each hopwatch kernel program (with --bpf-stats).",
+                "program",
+            )?,
+            program_run_seconds,
+            program_last_ns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn flow(&self, kind: &str, lag: Option<Duration>) {
+        self.flows.with_label_values(&[kind]).inc();
+        if let Some(lag) = lag {
+            self.export_lag.observe(lag.as_secs_f64());
+        }
+    }
+
+    /// Running totals of the kernel counters (by [`hopwatch_common::Counter::name`]).
+    pub fn kernel_counters(&self, totals: &[(&str, u64)]) {
+        for (name, total) in totals {
+            self.kernel.set(name, *total);
+            if *name == hopwatch_common::Counter::RingbufFull.name() {
+                self.lost.set("kernel_ring_buffer", *total);
+            }
+        }
+    }
+
+    /// Running totals of the userspace pipeline's losses.
+    pub fn pipeline(&self, undecodable: u64, output_dropped: u64) {
+        self.parse_failures.set("kernel_event", undecodable);
+        self.lost.set("output_queue", output_dropped);
+        self.queue_dropped.set("output", output_dropped);
+    }
+
+    pub fn hop_state(&self, overflowed: u64, evicted: u64) {
+        self.hop_overflow.set("overflow", overflowed);
+        self.hop_overflow.set("evicted", evicted);
+    }
+
+    pub fn map(&self, name: &str, entries: u64, capacity: u64) {
+        self.map_entries.with_label_values(&[name]).set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.map_capacity
+            .with_label_values(&[name])
+            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+    }
+
+    pub fn programs(&self, runs: &[(String, u64, Duration)]) {
+        let mut last =
+            self.program_last_ns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, count, time) in runs {
+            self.program_runs.set(name, *count);
+            let ns = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+            let prev = last.entry(name.clone()).or_insert(0);
+            let grew = if ns >= *prev { ns - *prev } else { ns };
+            #[expect(clippy::cast_precision_loss, reason = "seconds as f64")]
+            self.program_run_seconds.with_label_values(&[name]).inc_by(grew as f64 / 1e9);
+            *prev = ns;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_totals_become_counter_increments() {
+        let r = Registry::new();
+        let h = Health::register(&r).unwrap();
+        h.pipeline(3, 10);
+        h.pipeline(5, 10);
+        h.kernel_counters(&[("ringbuf_full", 7), ("tcp_state_changes", 100)]);
+        h.kernel_counters(&[("ringbuf_full", 9), ("tcp_state_changes", 150)]);
+        let text = super::super::encode(&r.gather());
+        for line in [
+            "hopwatch_parse_failures_total{stage=\"kernel_event\"} 5",
+            "hopwatch_lost_events_total{source=\"output_queue\"} 10",
+            "hopwatch_lost_events_total{source=\"kernel_ring_buffer\"} 9",
+            "hopwatch_kernel_events_total{event=\"tcp_state_changes\"} 150",
+            "hopwatch_queue_dropped_events_total{queue=\"output\"} 10",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
+}
