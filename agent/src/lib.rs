@@ -7,6 +7,7 @@ pub mod drops;
 pub mod events;
 pub mod flow;
 pub mod hops;
+pub mod hops_cli;
 pub mod l7;
 pub mod loader;
 pub mod metrics;

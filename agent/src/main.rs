@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hopwatch::{agent, error_chain};
+use hopwatch::{agent, error_chain, hops_cli};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Trace TCP connections and kernel packet drops on this host and stream them as flows.
     Agent(agent::AgentArgs),
+    /// Per-hop table (requests/s, errors, latency quantiles, TCP health, drops) over recent
+    /// flows; `--path` chains hops upstream → downstream.
+    Hops(hops_cli::HopsArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(args).await.map_err(|e| error_chain(&e)),
+            Command::Hops(args) => hops_cli::run(args).await.map_err(|e| error_chain(&e)),
         }
     });
     match result {
