@@ -1,11 +1,19 @@
 //! The agent's own health: what it lost and where, how full its buffers and maps are, how often
 //! its kernel programs run, how far behind the kernel it is.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
 
 use prometheus::{
     CounterVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+
+/// (reason, location) pairs of kernel drops kept as their own series; the rest are counted under
+/// location `_other_` (a reason has a handful of locations; this bounds a pathological kernel).
+const KERNEL_DROP_SERIES: usize = 512;
 
 /// Export lag buckets (seconds): the agent drains the ring buffer every 20 ms.
 const LAG_BUCKETS: [f64; 12] =
@@ -38,6 +46,8 @@ impl Totals {
 
 pub struct Health {
     flows: IntCounterVec,
+    kernel_drops: IntCounterVec,
+    kernel_drop_keys: Mutex<HashSet<(String, String)>>,
     lost: Totals,
     queue_dropped: Totals,
     kernel: Totals,
@@ -64,6 +74,15 @@ impl Health {
             &["type"],
         )?;
         r.register(Box::new(flows.clone()))?;
+        let kernel_drops = IntCounterVec::new(
+            Opts::new(
+                "hopwatch_kernel_drops_total",
+                "Packets the kernel dropped on this node, by drop reason and the kernel function \
+                 that dropped them.",
+            ),
+            &["reason", "location"],
+        )?;
+        r.register(Box::new(kernel_drops.clone()))?;
         let export_lag = Histogram::with_opts(
             HistogramOpts::new(
                 "hopwatch_export_lag_seconds",
@@ -92,6 +111,8 @@ impl Health {
         r.register(Box::new(program_run_seconds.clone()))?;
         Ok(Self {
             flows,
+            kernel_drops,
+            kernel_drop_keys: Mutex::new(HashSet::new()),
             lost: Totals::new(
                 r,
                 "hopwatch_lost_events_total",
@@ -160,6 +181,20 @@ impl Health {
         if let Some(lag) = lag {
             self.export_lag.observe(lag.as_secs_f64());
         }
+    }
+
+    /// One kernel drop (reason and location as the flow names them).
+    pub fn kernel_drop(&self, reason: &str, location: &str) {
+        let mut keys =
+            self.kernel_drop_keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (reason.to_owned(), location.to_owned());
+        let location = if keys.contains(&key) || keys.len() < KERNEL_DROP_SERIES {
+            keys.insert(key);
+            location
+        } else {
+            crate::hops::stats::OTHER
+        };
+        self.kernel_drops.with_label_values(&[reason, location]).inc();
     }
 
     /// Running totals of the kernel counters (by [`hopwatch_common::Counter::name`]).

@@ -193,6 +193,9 @@ impl Telemetry {
             (_, FlowType::L7) => "l7",
             _ => "l3_l4",
         };
+        if kind == "drop" {
+            i.health.kernel_drop(&flow.kernel_drop_reason, &flow.kernel_drop_location);
+        }
         let at = crate::hops::aggregate::flow_time_ns(flow, now);
         i.health
             .flow(kind, flow.time.is_some().then(|| Duration::from_nanos(now.saturating_sub(at))));
