@@ -23,8 +23,11 @@ const LLVM_SYS_PREFIX_VAR: &str = "LLVM_SYS_221_PREFIX";
 /// Debian packages the build needs (bpf-linker links against LLVM 22).
 const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// Debian packages the end-to-end tests need: namespaces and veth (iproute2), firewall rules
-/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv).
-const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "python3", "util-linux"];
+/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv),
+/// the metrics test's Prometheus server with promtool (prometheus) and DNS server (dnsmasq-base:
+/// the binary without Debian's system-wide service).
+const TEST_PACKAGES: &[&str] =
+    &["iproute2", "iptables", "nftables", "python3", "util-linux", "prometheus", "dnsmasq-base"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "hopwatch's set-up, build, run and test tasks")]

@@ -64,54 +64,36 @@ pub struct Health {
     program_last_ns: Mutex<HashMap<String, u64>>,
 }
 
+fn registered<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: Result<C, prometheus::Error>,
+) -> Result<C, prometheus::Error> {
+    let c = c?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 impl Health {
     pub fn register(r: &Registry) -> Result<Self, prometheus::Error> {
-        let flows = IntCounterVec::new(
-            Opts::new(
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            registered(r, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let gauge = |name: &str, help: &str| registered(r, IntGauge::new(name, help));
+        let per_map = |name: &str, help: &str| {
+            registered(r, IntGaugeVec::new(Opts::new(name, help), &["map"]))
+        };
+        Ok(Self {
+            flows: counters(
                 "hopwatch_flows_total",
                 "Flows the agent produced, by type (l3_l4, l7, drop).",
-            ),
-            &["type"],
-        )?;
-        r.register(Box::new(flows.clone()))?;
-        let kernel_drops = IntCounterVec::new(
-            Opts::new(
+                &["type"],
+            )?,
+            kernel_drops: counters(
                 "hopwatch_kernel_drops_total",
                 "Packets the kernel dropped on this node, by drop reason and the kernel function \
                  that dropped them.",
-            ),
-            &["reason", "location"],
-        )?;
-        r.register(Box::new(kernel_drops.clone()))?;
-        let export_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "hopwatch_export_lag_seconds",
-                "Time from the kernel event to the flow reaching the metrics.",
-            )
-            .buckets(LAG_BUCKETS.to_vec()),
-        )?;
-        r.register(Box::new(export_lag.clone()))?;
-        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
-            let g = IntGauge::new(name, help)?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["map"])?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let program_run_seconds = CounterVec::new(
-            Opts::new(
-                "hopwatch_program_run_seconds_total",
-                "Time the kernel spent running each hopwatch program (with --bpf-stats).",
-            ),
-            &["program"],
-        )?;
-        r.register(Box::new(program_run_seconds.clone()))?;
-        Ok(Self {
-            flows,
-            kernel_drops,
+                &["reason", "location"],
+            )?,
             kernel_drop_keys: Mutex::new(HashSet::new()),
             lost: Totals::new(
                 r,
@@ -144,7 +126,16 @@ impl Health {
                  hops evicted as stale.",
                 "event",
             )?,
-            export_lag,
+            export_lag: registered(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "hopwatch_export_lag_seconds",
+                        "Time from the kernel event to the flow reaching the metrics.",
+                    )
+                    .buckets(LAG_BUCKETS.to_vec()),
+                ),
+            )?,
             ringbuf_size: gauge(
                 "hopwatch_ringbuf_size_bytes",
                 "Size of the kernel→agent ring buffer.",
@@ -157,11 +148,11 @@ impl Health {
                 "hopwatch_ringbuf_used_peak_bytes",
                 "Highest ring buffer fill sampled every 10 ms over the last 10 to 20 seconds.",
             )?,
-            map_entries: gauge_vec(
+            map_entries: per_map(
                 "hopwatch_map_entries",
                 "Entries in hopwatch's kernel maps and userspace tables.",
             )?,
-            map_capacity: gauge_vec(
+            map_capacity: per_map(
                 "hopwatch_map_capacity_entries",
                 "Capacity of hopwatch's kernel maps and userspace tables.",
             )?,
@@ -171,7 +162,16 @@ impl Health {
                 "Runs of each hopwatch kernel program (with --bpf-stats).",
                 "program",
             )?,
-            program_run_seconds,
+            program_run_seconds: registered(
+                r,
+                CounterVec::new(
+                    Opts::new(
+                        "hopwatch_program_run_seconds_total",
+                        "Time the kernel spent running each hopwatch program (with --bpf-stats).",
+                    ),
+                    &["program"],
+                ),
+            )?,
             program_last_ns: Mutex::new(HashMap::new()),
         })
     }

@@ -9,7 +9,10 @@
 //! `postgres`, ..., or the transport); and one name label on the tallies (`cause`, `reason`,
 //! `rcode`, `query`).
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus::{
     core::{Collector, Desc},
@@ -196,7 +199,7 @@ impl Out {
         self.push(f, base, extra, m);
     }
 
-    fn side(&mut self, base: &[LabelPair], side: Side, s: &SideStats, transport: &str) {
+    fn side(&mut self, base: &[LabelPair], side: Side, s: &SideStats, transport: &str, open: u32) {
         let r = side.as_str();
         if s.requests > 0 {
             let protocol = s.protocol.as_deref().unwrap_or(transport);
@@ -217,6 +220,8 @@ impl Out {
         let tcp = s.opened > 0 || s.bytes_sent + s.bytes_received + s.retransmits + s.resets > 0;
         if tcp {
             let l = [("reporter", r)];
+            // Zero when all closed: the gauge then drops to 0 instead of vanishing.
+            self.gauge(F::Open, base, &l, open.into());
             self.counter(F::Opened, base, &l, s.opened);
             self.counter(F::Retransmits, base, &l, s.retransmits);
             self.counter(F::Resets, base, &l, s.resets);
@@ -231,10 +236,10 @@ impl Out {
         }
     }
 
-    fn hop(&mut self, base: &[LabelPair], hop: &Hop, transport: &str) {
+    fn hop(&mut self, base: &[LabelPair], hop: &Hop, transport: &str, open: [u32; 2]) {
         for side in Side::BOTH {
             if let Some(s) = hop.side(side) {
-                self.side(base, side, s, transport);
+                self.side(base, side, s, transport, open[side as usize]);
             }
         }
         for (reason, n) in hop.drops.iter() {
@@ -248,28 +253,23 @@ impl Out {
 pub fn render(agg: &Aggregator) -> Vec<MetricFamily> {
     let mut out = Out { families: vec![Vec::new(); SPECS.len()] };
     let table = agg.table();
-    for (key, hop) in table.iter() {
-        out.hop(&hop_labels(key), hop, key.transport.as_str());
-    }
-    let overflow = overflow_labels();
-    if *table.overflow() != Hop::default() {
-        out.hop(&overflow, table.overflow(), OVERFLOW);
-    }
-    // Open connections live in the ledger; a hop side that did not fit is counted in overflow.
+    // Open connections live in the ledger; those of a hop side that did not fit count in the
+    // overflow hop.
+    let mut open: HashMap<&HopKey, [u32; 2]> = HashMap::new();
     let mut overflow_open = [0u32; 2];
     for (key, side, n) in agg.context().ledger.open_connections() {
         match table.get(key).and_then(|h| h.side(side)) {
-            Some(_) => {
-                out.gauge(F::Open, &hop_labels(key), &[("reporter", side.as_str())], n.into());
-            }
+            Some(_) => open.entry(key).or_default()[side as usize] += n,
             None => overflow_open[side as usize] += n,
         }
     }
-    for side in Side::BOTH {
-        let n = overflow_open[side as usize];
-        if n > 0 {
-            out.gauge(F::Open, &overflow, &[("reporter", side.as_str())], n.into());
-        }
+    for (key, hop) in table.iter() {
+        let o = open.get(key).copied().unwrap_or_default();
+        out.hop(&hop_labels(key), hop, key.transport.as_str(), o);
+    }
+    let overflow = overflow_labels();
+    if *table.overflow() != Hop::default() {
+        out.hop(&overflow, table.overflow(), OVERFLOW, overflow_open);
     }
     SPECS
         .iter()

@@ -83,6 +83,13 @@ fn hop_families_carry_hop_labels_reporter_and_seconds_buckets() {
     has("hopwatch_hop_connect_duration_seconds_bucket", &[("le", "0.025")], 0.0);
     has("hopwatch_hop_connect_duration_seconds_bucket", &[("le", "0.05")], 1.0);
     has("hopwatch_hop_open_connections", &[("reporter", "client")], 1.0);
+    a.observe(&tcp(APP, DB, T0 + S, SocketEvent::Close, 1, TcpStats::default()), T0);
+    let t = text(&a);
+    assert_eq!(
+        value(&t, "hopwatch_hop_open_connections", &[("reporter", "client")]),
+        Some(0.0),
+        "closed: the gauge reads 0, it does not vanish"
+    );
     has("hopwatch_hop_drops_total", &[("protocol", "tcp"), ("reason", "NETFILTER_DROP")], 1.0);
     // Buckets run from 100 µs to 10 s, then +Inf.
     let les: Vec<&str> = samples(&t, "hopwatch_hop_connect_duration_seconds_bucket")

@@ -6,4 +6,5 @@ mod support;
 
 mod drops;
 mod lifecycle;
+mod metrics;
 mod tcp;
