@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_hops;
 
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
 /// built against the same one.
@@ -62,9 +63,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
     },
-    /// Measure the agent's overhead side by side (root required): wrk against nginx with the
-    /// agent off, with TCP capture, with full L7 capture.
+    /// Measure hop aggregation throughput and /metrics rendering time, then the agent's overhead
+    /// side by side (root required): wrk against nginx with the agent off, with TCP capture, with
+    /// full L7 capture.
     Bench {
+        /// Only the hop aggregation and /metrics benchmark (no root needed).
+        #[arg(long)]
+        hops_only: bool,
         /// Rounds over all modes (medians are reported).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
@@ -109,8 +114,13 @@ fn run(task: Task) -> Result<()> {
             let err = exec(Command::new(&bin).arg("agent").args(&args));
             Err(err).with_context(|| format!("cannot execute {}", bin.display()))
         }
-        Task::Bench { rounds, seconds, connections } => {
+        Task::Bench { hops_only, rounds, seconds, connections } => {
+            // The agent crate's build embeds the kernel object: the toolchain first.
             setup(&[])?;
+            bench_hops::run()?;
+            if hops_only {
+                return Ok(());
+            }
             if !is_root() {
                 bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
             }

@@ -124,10 +124,9 @@ fn apply_l7(
 ) -> Outcome {
     let Some(l7) = flow.l7.as_ref() else { return Outcome::Ignored };
     let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
-    let protocol = (!l7.protocol.is_empty()).then(|| cx.resolver.intern(&l7.protocol));
     let (s, _) = table.side_mut(key, side, at_ns);
-    if s.protocol.is_none() {
-        s.protocol = protocol;
+    if s.protocol.is_none() && !l7.protocol.is_empty() {
+        s.protocol = Some(cx.resolver.intern(&l7.protocol));
     }
     s.requests += 1;
     s.errors += u64::from(failed);

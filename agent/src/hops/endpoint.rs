@@ -104,6 +104,7 @@ impl<'a> EndView<'a> {
 #[derive(Debug, Default)]
 pub struct Resolver {
     names: HashSet<Arc<str>>,
+    empty: Option<Arc<str>>,
     /// Server address:port → process serving it.
     servers: HashMap<(IpAddr, u32), Arc<str>>,
     /// Client address:port → process owning that socket.
@@ -113,6 +114,10 @@ pub struct Resolver {
 impl Resolver {
     /// A shared copy of `s`.
     pub fn intern(&mut self, s: &str) -> Arc<str> {
+        // The empty namespace of every endpoint off Kubernetes: no hashing for it.
+        if s.is_empty() {
+            return self.empty.get_or_insert_with(|| Arc::from("")).clone();
+        }
         if let Some(a) = self.names.get(s) {
             return a.clone();
         }
@@ -136,10 +141,10 @@ impl Resolver {
                 return self.id(ns, c, Kind::Container);
             }
         }
-        let key = end.ip.parse::<IpAddr>().ok().map(|ip| (ip, end.port));
+        let key = || end.ip.parse::<IpAddr>().ok().map(|ip| (ip, end.port));
         if let Some(p) = end.process.filter(|p| !p.comm.is_empty()) {
             let name = self.intern(&p.comm);
-            if let (true, Some(key)) = (local, key) {
+            if local && let Some(key) = key() {
                 // Server memory is per listening port; a client's port is per connection, so
                 // client memory only helps the other end's flows of the same connection.
                 let memory = if is_server { &mut self.servers } else { &mut self.clients };
@@ -153,7 +158,7 @@ impl Resolver {
             return EndpointId { namespace: self.intern(""), name, kind: Kind::Process };
         }
         let memory = if is_server { &self.servers } else { &self.clients };
-        if let Some(name) = key.and_then(|k| memory.get(&k)).cloned() {
+        if let Some(name) = key().and_then(|k| memory.get(&k)).cloned() {
             return EndpointId { namespace: self.intern(""), name, kind: Kind::Process };
         }
         if let Some(n) = end.names.iter().find(|n| !n.is_empty()) {
