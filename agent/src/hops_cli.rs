@@ -347,6 +347,7 @@ fn watch(
     let mut window = Window::new(span, WATCH_SLOTS, cfg);
     let mut next = Instant::now() + every;
     let tty = std::io::stdout().is_terminal();
+    let mut ended = false;
     loop {
         let wait = next.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
@@ -355,7 +356,8 @@ fn watch(
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            // The stream ended: show the window as it stands, once more, and stop.
+            Err(mpsc::RecvTimeoutError::Disconnected) => ended = true,
         }
         next += every;
         let now = wall_now_ns();
@@ -375,6 +377,9 @@ fn watch(
         );
         write_summary(&mut out, &summary, format, Some(&title)).map_err(HopsError::Output)?;
         out.flush().map_err(HopsError::Output)?;
+        if ended {
+            return Ok(());
+        }
     }
 }
 

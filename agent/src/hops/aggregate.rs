@@ -183,6 +183,11 @@ fn apply_tcp(
         }
         SocketEvent::Unknown => return Outcome::Ignored,
     };
+    if delta == TcpTotals::default() {
+        // Nothing grew (e.g. the close of a connection opened before the agent, with no
+        // traffic since): no series for it.
+        return Outcome::Counted;
+    }
     let (s, _) = table.side_mut(key, side, at_ns);
     s.retransmits += delta.retransmits;
     s.resets += delta.resets;

@@ -132,8 +132,8 @@ impl Aggregator {
         outcome
     }
 
-    /// Evicts hops silent for `stale_after` (and those with open connections silent for
-    /// [`ledger::FORGET_AFTER_NS`]), and forgets their names.
+    /// Evicts hops silent for `stale_after` (those with open connections only once these are
+    /// silent for [`ledger::FORGET_AFTER_NS`] too), and forgets their names.
     pub fn sweep(&mut self, now_ns: u64) {
         self.last_sweep_ns = now_ns;
         self.cx.ledger.sweep(now_ns);
@@ -141,8 +141,10 @@ impl Aggregator {
         let cutoff = now_ns.saturating_sub(stale);
         let forget = now_ns.saturating_sub(ledger::FORGET_AFTER_NS);
         let ledger = &self.cx.ledger;
+        // Open connections keep a quiet hop (its gauge still says something) until they too are
+        // forgotten; nothing goes before `stale_after`.
         self.evicted += self.table.evict(|key, hop| {
-            hop.last_seen_ns < forget || (hop.last_seen_ns < cutoff && !ledger.has_open(key))
+            hop.last_seen_ns < cutoff && (hop.last_seen_ns < forget || !ledger.has_open(key))
         }) as u64;
         self.table.expire_overflow(cutoff);
         self.cx.resolver.sweep();

@@ -206,6 +206,11 @@ fn stale_hops_are_evicted_and_give_their_series_back() {
     // Open connections keep a hop only until they are forgotten.
     a.sweep(T0 + ledger::FORGET_AFTER_NS + 62 * S);
     assert_eq!(a.table().len(), 0);
+    // Without a grace period (the CLI's one-shot table) nothing is ever evicted.
+    let mut a = Aggregator::new(HopConfig { stale_after: Duration::MAX, ..HopConfig::default() });
+    a.observe(&l7(APP, DB, T0, MS, false, ""), T0);
+    a.observe(&l7(FRONT, APP_SVC, T0 + 3 * ledger::FORGET_AFTER_NS, MS, false, ""), T0);
+    assert_eq!(a.table().len(), 2);
 }
 
 #[test]

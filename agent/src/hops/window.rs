@@ -18,6 +18,8 @@ pub struct Window {
     slots: VecDeque<(u64, HopTable)>,
     /// Flows older than the window when they arrived.
     pub too_old: u64,
+    /// When (flow time) the ledger last forgot silent sockets.
+    last_ledger_sweep_ns: u64,
     pub counted: u64,
     pub ignored: u64,
 }
@@ -35,6 +37,7 @@ impl Window {
             span_ns,
             slots: VecDeque::new(),
             too_old: 0,
+            last_ledger_sweep_ns: 0,
             counted: 0,
             ignored: 0,
         }
@@ -84,7 +87,11 @@ impl Window {
         while self.slots.front().is_some_and(|(s, _)| s + self.slot_ns <= cutoff) {
             self.slots.pop_front();
         }
-        self.cx.ledger.sweep(now_ns);
+        // A walk over every socket: once a slot, not once a flow.
+        if now_ns >= self.last_ledger_sweep_ns + self.slot_ns {
+            self.cx.ledger.sweep(now_ns);
+            self.last_ledger_sweep_ns = now_ns;
+        }
     }
 
     /// The hops of every slot in the window, merged.
