@@ -296,6 +296,9 @@ def agent_health():
     b.panel("Parse failures", "cps",
             [(f"sum by (node, stage) (rate(hopwatch_parse_failures_total{node_sel()}[{RI}]))", "{{node}} {{stage}}")],
             description="Inputs the agent could not decode or parse.")
+    b.panel("Connections not tracked (tables full)", "cps",
+            [(f"sum by (node, table) (rate(hopwatch_table_full_total{node_sel()}[{RI}]))", "{{node}} {{table}}")],
+            description="Connections or L7 sessions the agent did not track because its table was full (still reported at L4).")
     b.panel("Hop table overflow and evictions", "cps",
             [(f"sum by (node, event) (rate(hopwatch_hop_state_events_total{node_sel()}[{RI}]))", "{{node}} {{event}}")],
             description="Observations counted in the _overflow_ hop (series limit reached) and hops evicted as stale.")

@@ -166,7 +166,7 @@ fn scrape(runtime: &tokio::runtime::Runtime, hops: u64) -> (usize, usize, Durati
         metrics_series_limit: 1_000_000,
         metrics_stale_after: Duration::from_hours(1),
     };
-    let t = runtime.block_on(Telemetry::start(&args, "bench")).expect("metrics");
+    let t = runtime.block_on(Telemetry::serve(&args, "bench")).expect("metrics");
     let now = wall_now_ns();
     for h in 0..hops {
         // Each hop: client-side L7 (requests, errors, duration histogram) and a connect.
@@ -218,7 +218,7 @@ fn main() {
         metrics_series_limit: 10_000,
         metrics_stale_after: Duration::from_mins(5),
     };
-    let telemetry = runtime.block_on(Telemetry::start(&args, "bench")).expect("metrics");
+    let telemetry = runtime.block_on(Telemetry::serve(&args, "bench")).expect("metrics");
     throughput(
         "Telemetry::observe (agent path: lock, counters, lag, aggregation)",
         &batch,

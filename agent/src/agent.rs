@@ -16,24 +16,22 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    conntrack::{ConnTable, endpoints},
     drops::{DEFAULT_IGNORED, symbols::KernelSymbols},
-    events::{KernelEvent, decode},
+    events::decode,
     flow::{Clock, FlowBuilder},
     loader::{self, LoadOptions, probe::Probe},
+    metrics::Telemetry,
     output::{self, Format},
+    pipeline::{Pipeline, PipelineOptions},
     proto::{
         flow::{LostEvent, LostEventSource},
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     },
+    protocols::Redaction,
 };
 
 /// Flows waiting for the printer; beyond this the newest are dropped and counted.
 const OUTPUT_QUEUE: usize = 16_384;
-/// Connections tracked in userspace.
-const CONN_TABLE_CAPACITY: usize = 262_144;
-/// A connection silent this long is forgotten (long-lived ones report every update interval).
-const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// Longest a kernel event waits in the ring buffer before the agent reads it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often running processes are scanned for libssl files not yet probed.
@@ -74,6 +72,17 @@ pub struct AgentArgs {
     /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
     #[arg(long)]
     pub no_tls: bool,
+    /// A request unanswered this long is reported as timed out.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub l7_timeout: Duration,
+    /// Keep full SQL statements and Redis arguments in L7 flows (debugging only: they may
+    /// carry personal data). By default literals become `?` and arguments are dropped.
+    #[arg(long)]
+    pub keep_full_statements: bool,
+    /// Also write every raw kernel event to FILE (for `hopwatch replay`); the file grows without
+    /// bound while the agent runs.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
     /// Have the kernel count the run time of hopwatch's programs (a small cost per run) and
     /// print it at exit.
     #[arg(long)]
@@ -100,6 +109,8 @@ pub enum AgentError {
     RingBuf(#[source] std::io::Error),
     #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Record(crate::replay::ReplayError),
     #[error("cannot enable BPF run-time statistics: {0}")]
     BpfStats(#[source] aya::sys::SyscallError),
     #[error(transparent)]
@@ -113,7 +124,7 @@ struct PipelineStats {
     output_dropped: AtomicU64,
     flows: AtomicU64,
     /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
-    metrics: crate::metrics::Telemetry,
+    metrics: Telemetry,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -132,9 +143,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() });
     }
 
-    // Serving before loading: the liveness probe answers, readiness waits for the programs.
-    let node = args.node_name.clone().unwrap_or_else(hostname);
-    let telemetry = crate::metrics::Telemetry::start(&args.metrics, &node).await?;
     let loaded = load(&args, &probe)?;
 
     let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
@@ -158,9 +166,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         None
     };
     let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
-    telemetry.watch_kernel(&ebpf, &events);
+    let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
+    let stats = Arc::new(PipelineStats { metrics, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
-    let stats = Arc::new(PipelineStats { metrics: telemetry.clone(), ..PipelineStats::default() });
     let cancel = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<GetFlowsResponse>(OUTPUT_QUEUE);
 
@@ -168,12 +176,28 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cancel = cancel.clone();
         move || print_loop(rx, args.output, &cancel)
     });
-    let reader =
-        tokio::spawn(read_loop(events, builder, tx.clone(), stats.clone(), cancel.clone()));
+    let pipeline = Pipeline::new(
+        builder,
+        PipelineOptions {
+            l7_timeout: args.l7_timeout,
+            redaction: Redaction { keep_full_statements: args.keep_full_statements },
+        },
+    );
+    let recorder = match &args.record {
+        Some(path) => Some(crate::replay::Recorder::create(path).map_err(AgentError::Record)?),
+        None => None,
+    };
+    let reader = tokio::spawn(read_loop(
+        events,
+        pipeline,
+        recorder,
+        tx.clone(),
+        stats.clone(),
+        cancel.clone(),
+    ));
     let watcher =
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
     let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
-    telemetry.set_ready();
 
     tokio::select! {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
@@ -280,7 +304,8 @@ fn flow_response(node_name: &str, flow: crate::proto::flow::Flow) -> GetFlowsRes
 
 async fn read_loop(
     events: RingBuf<MapData>,
-    builder: FlowBuilder,
+    mut pipeline: Pipeline,
+    mut recorder: Option<crate::replay::Recorder>,
     tx: mpsc::Sender<GetFlowsResponse>,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
@@ -290,10 +315,9 @@ async fn read_loop(
     let mut ring =
         unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
             .map_err(|e| AgentError::RingBuf(e.into_parts().1))?;
-    let mut table = ConnTable::new(CONN_TABLE_CAPACITY);
-    let mut last_sweep = Clock::monotonic_now_ns();
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flows = Vec::new();
     loop {
         // The kernel wakes us only when a batch is waiting; the timer bounds the delay of a
         // trickle of events.
@@ -305,71 +329,40 @@ async fn read_loop(
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
-        stats.metrics.heartbeat();
+        stats.metrics.heartbeat(pipeline.counters());
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
+            if let Some(rec) = recorder.as_mut()
+                && let Err(e) = rec.record(&item)
+            {
+                tracing::error!(error = %e, "recording stopped");
+                recorder = None;
+            }
             match decode(&item) {
-                Ok(ev) => handle(ev, &builder, &mut table, &tx, &stats),
+                Ok(ev) => pipeline.on_event(&ev, &mut flows),
                 Err(e) => {
                     if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
                     }
                 }
             }
+            for flow in flows.drain(..) {
+                stats.flows.fetch_add(1, Ordering::Relaxed);
+                stats.metrics.observe(&flow);
+                send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
+            }
         }
-        let now = Clock::monotonic_now_ns();
-        if now.saturating_sub(last_sweep) > 60_000_000_000 {
-            let forget = u64::try_from(CONN_IDLE_FORGET.as_nanos()).unwrap_or(u64::MAX);
-            table.sweep(now.saturating_sub(forget));
-            last_sweep = now;
+        pipeline.tick(Clock::monotonic_now_ns(), &mut flows);
+        for flow in flows.drain(..) {
+            stats.flows.fetch_add(1, Ordering::Relaxed);
+            stats.metrics.observe(&flow);
+            send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
         }
     }
+    if let Some(mut rec) = recorder {
+        rec.flush().map_err(AgentError::Record)?;
+    }
     Ok(())
-}
-
-fn handle(
-    ev: KernelEvent,
-    builder: &FlowBuilder,
-    table: &mut ConnTable,
-    tx: &mpsc::Sender<GetFlowsResponse>,
-    stats: &PipelineStats,
-) {
-    let flow = match ev {
-        KernelEvent::Tcp(ev) => {
-            let Some(mut conn) = table.apply(&ev) else { return };
-            // Updates carry no namespace; keep the one learnt at establishment.
-            if conn.netns == 0 {
-                conn.netns = ev.tuple.netns;
-            }
-            let peer = table.peer(&conn).cloned();
-            builder.tcp(&ev, &conn, peer.as_ref())
-        }
-        KernelEvent::Data(ev, payload) => {
-            tracing::debug!(
-                cookie = ev.header.socket_cookie,
-                direction = ev.direction,
-                source = ev.source,
-                protocol = ev.protocol,
-                len = ev.len,
-                head = %String::from_utf8_lossy(&payload[..payload.len().min(48)]),
-                "data"
-            );
-            return;
-        }
-        KernelEvent::Drop(ev) => {
-            let (src_proc, dst_proc) = match endpoints(&ev.tuple) {
-                Some((s, d)) => (
-                    table.find(s, d, ev.tuple.netns).and_then(|c| c.process.clone()),
-                    table.find(d, s, ev.tuple.netns).and_then(|c| c.process.clone()),
-                ),
-                None => (None, None),
-            };
-            builder.drop(&ev, src_proc.as_ref(), dst_proc.as_ref())
-        }
-    };
-    stats.flows.fetch_add(1, Ordering::Relaxed);
-    stats.metrics.observe(&flow);
-    send(tx, stats, flow_response(&builder.node_name, flow));
 }
 
 /// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
@@ -449,8 +442,8 @@ fn print_loop(
 ) {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    while let Some(resp) = rx.blocking_recv() {
-        let mut result = output::write(&mut out, format, &resp);
+    while let Some(mut resp) = rx.blocking_recv() {
+        let mut result = output::write(&mut out, format, &mut resp);
         // Flush when the queue is drained so a reader sees flows promptly.
         if result.is_ok() && rx.is_empty() {
             result = out.flush();

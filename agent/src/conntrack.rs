@@ -5,12 +5,10 @@
 //! carries no process, and a connection between two namespaces on this node shows up as two
 //! sockets whose processes each flow can name.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use hopwatch_common::{ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple};
+use rustc_hash::FxHashMap;
 
 use crate::events::{addrs, comm};
 
@@ -75,9 +73,10 @@ impl Conn {
 
 /// A bounded cookie → [`Conn`] table with an address index.
 pub struct ConnTable {
-    conns: HashMap<u64, Conn>,
+    // Keyed by kernel socket cookies and addresses the kernel reported: a fast non-keyed hash.
+    conns: FxHashMap<u64, Conn>,
     /// (local, remote) → cookies; more than one when namespaces reuse addresses (loopback).
-    by_addr: HashMap<(SocketAddr, SocketAddr), Vec<u64>>,
+    by_addr: FxHashMap<(SocketAddr, SocketAddr), Vec<u64>>,
     capacity: usize,
     /// Connections not tracked because the table was full.
     pub overflow: u64,
@@ -86,12 +85,28 @@ pub struct ConnTable {
 impl ConnTable {
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self { conns: HashMap::new(), by_addr: HashMap::new(), capacity, overflow: 0 }
+        Self { conns: FxHashMap::default(), by_addr: FxHashMap::default(), capacity, overflow: 0 }
     }
 
     #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.conns.len()
+    }
+
+    pub fn get(&self, cookie: u64) -> Option<&Conn> {
+        self.conns.get(&cookie)
+    }
+
+    /// Records the process doing I/O on a tracked connection as its owner (without allocating
+    /// when it already is).
+    pub fn note_process(&mut self, cookie: u64, pid: u32, raw_comm: &[u8; 16], cgroup_id: u64) {
+        let Some(conn) = self.conns.get_mut(&cookie) else { return };
+        let same = conn.process.as_ref().is_some_and(|p| {
+            p.pid == pid && p.cgroup_id == cgroup_id && p.comm.as_bytes() == trim_nul(raw_comm)
+        });
+        if !same {
+            conn.process = Some(Process { pid, comm: comm(raw_comm), cgroup_id });
+        }
     }
 
     /// Applies a TCP event; returns the connection as known after the event (for `Closed` and
@@ -173,6 +188,11 @@ impl ConnTable {
         }
         stale.len()
     }
+}
+
+fn trim_nul(raw: &[u8; 16]) -> &[u8] {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    &raw[..end]
 }
 
 fn is_loopback(ip: IpAddr) -> bool {

@@ -10,11 +10,11 @@ use hopwatch_common::{
 };
 
 #[derive(Debug, Clone)]
-pub enum KernelEvent {
+pub enum KernelEvent<'a> {
     Tcp(TcpEvent),
     Drop(DropEvent),
-    /// Application data and the captured payload bytes.
-    Data(DataEvent, Vec<u8>),
+    /// Application data and the captured payload bytes (borrowed from the ring buffer record).
+    Data(DataEvent, &'a [u8]),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,7 +36,7 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
 }
 
 /// Decodes one ring buffer record.
-pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
     let header: EventHeader = read(bytes)?;
     match EventKind::from_u32(header.kind) {
         Some(EventKind::Tcp) => read(bytes).map(KernelEvent::Tcp),
@@ -48,7 +48,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             let payload = bytes
                 .get(start..start + captured)
                 .ok_or(DecodeError::Short { len: bytes.len(), need: start + captured })?;
-            Ok(KernelEvent::Data(ev, payload.to_vec()))
+            Ok(KernelEvent::Data(ev, payload))
         }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
@@ -137,7 +137,7 @@ mod tests {
         b.extend_from_slice(b"GET /");
         match decode(&b).expect("decodes") {
             KernelEvent::Data(d, payload) => {
-                assert_eq!((d.len, payload.as_slice()), (100, &b"GET "[..]));
+                assert_eq!((d.len, payload), (100, &b"GET "[..]));
             }
             other => panic!("wrong kind: {other:?}"),
         }

@@ -21,7 +21,6 @@ use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 use serde::Serialize;
 
 use crate::{
-    flow::human_ns,
     hops::{
         Aggregator, HopConfig,
         path::{Path, paths},
@@ -29,6 +28,7 @@ use crate::{
         window::Window,
     },
     metrics::wall_now_ns,
+    output::human_ns,
     proto::{flow::Flow, observer::GetFlowsResponse},
 };
 

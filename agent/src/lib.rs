@@ -12,8 +12,10 @@ pub mod l7;
 pub mod loader;
 pub mod metrics;
 pub mod output;
+pub mod pipeline;
 pub mod proto;
 pub mod protocols;
+pub mod replay;
 
 /// `error: cause: cause...` on one line, skipping causes the message already contains.
 #[must_use]

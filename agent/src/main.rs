@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hopwatch::{agent, error_chain, hops_cli};
+use hopwatch::{agent, error_chain, hops_cli, replay};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Trace TCP connections and kernel packet drops on this host and stream them as flows.
     Agent(agent::AgentArgs),
+    /// Run a recorded kernel event stream through the userspace pipeline and report its
+    /// throughput on one core.
+    Replay(replay::ReplayArgs),
     /// Per-hop table (requests/s, errors, latency quantiles, TCP health, drops) over recent
     /// flows; `--path` chains hops upstream → downstream.
     Hops(hops_cli::HopsArgs),
@@ -45,6 +48,15 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(args).await.map_err(|e| error_chain(&e)),
+            Command::Replay(args) => replay::run(&args).map_err(|e| error_chain(&e)).map(|r| {
+                #[expect(clippy::cast_precision_loss, reason = "rates for display")]
+                let (events, flows) = (r.events as f64 / r.seconds, r.flows as f64 / r.seconds);
+                println!(
+                    "{} events ({} undecodable) -> {} flows in {:.3} s: {events:.0} events/s, \
+                     {flows:.0} flows/s on one core",
+                    r.events, r.undecodable, r.flows, r.seconds
+                );
+            }),
             Command::Hops(args) => hops_cli::run(args).await.map_err(|e| error_chain(&e)),
         }
     });

@@ -1,9 +1,9 @@
-//! `cargo xtask bench`: overhead of the agent on a real data path, measured side by side in one
-//! run. nginx serves a small response on loopback inside a network namespace the bench creates;
-//! `wrk` loads it with the agent off, with TCP capture only (`--capture-bytes 0 --no-tls`) and
-//! with full L7 capture, alternating the modes over several rounds so drift hits all of them.
-//! Figures are ratios against "off" from the same run, plus the agent's CPU time per 100k
-//! requests.
+//! `cargo xtask bench`: overhead of the agent on real data paths, measured side by side in one
+//! run. Inside a network namespace the bench creates, nginx serves a small response to `wrk` and
+//! PostgreSQL answers `pgbench -S`, with the agent off, with TCP capture only
+//! (`--capture-bytes 0 --no-tls`) and with full L7 capture, alternating the modes over several
+//! rounds so drift hits all of them. Figures are ratios against "off" from the same run, plus the
+//! agent's CPU time per 100k requests.
 
 use std::{
     fmt::Write as _,
@@ -17,10 +17,11 @@ use anyhow::{Context as _, Result, bail};
 use crate::{apt_install, check, say, workspace_root};
 
 /// Debian packages the benchmarks drive.
-pub const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "iproute2"];
+pub const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "iproute2", "postgresql"];
 
 const NETNS: &str = "hwbench";
 const PORT: u16 = 18080;
+const PG_PORT: u16 = 15432;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -52,10 +53,14 @@ impl Mode {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     rps: f64,
-    p99_ms: f64,
+    /// wrk: p99; pgbench: average (pgbench prints no percentiles).
+    latency_ms: f64,
     requests: f64,
     agent_cpu_s: f64,
 }
+
+/// A load generator against one server: returns (requests/s, latency ms, requests).
+type Load<'a> = Box<dyn Fn() -> Result<(f64, f64, f64)> + 'a>;
 
 pub struct BenchOptions {
     pub rounds: u32,
@@ -71,30 +76,51 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let dir = tempdir("hopwatch-bench")?;
     let nginx = Nginx::start(&dir)?;
     say(&format!("nginx (pid {}) on 127.0.0.1:{PORT} in netns {NETNS}", nginx.pid()));
+    let pg = Postgres::start(&dir)?;
+    say(&format!("PostgreSQL (pid {}) on 127.0.0.1:{PG_PORT} in netns {NETNS}", pg.pid()));
 
     let url = format!("http://127.0.0.1:{PORT}/");
-    wrk(&url, 2, opts.connections).context("warm-up")?;
-    let mut samples: Vec<(Mode, Sample)> = Vec::new();
-    for round in 1..=opts.rounds {
-        for mode in Mode::ALL {
-            let agent = match mode.agent_args() {
-                Some(args) => Some(Agent::start(&bin, args)?),
-                None => None,
-            };
-            let cpu_before = agent.as_ref().map_or(0.0, Agent::cpu_seconds);
-            let (rps, p99_ms, requests) = wrk(&url, opts.seconds, opts.connections)?;
-            let agent_cpu_s = agent.as_ref().map_or(0.0, |a| a.cpu_seconds() - cpu_before);
-            drop(agent);
-            say(&format!(
-                "round {round} {:<16} {rps:>10.0} req/s  p99 {p99_ms:.2} ms  agent CPU {agent_cpu_s:.2} s",
-                mode.name()
-            ));
-            samples.push((mode, Sample { rps, p99_ms, requests, agent_cpu_s }));
+    let workloads: Vec<(&str, &str, Load<'_>)> = vec![
+        ("wrk against nginx", "p99 ms", Box::new(|| wrk(&url, opts.seconds, opts.connections))),
+        (
+            "pgbench -S against PostgreSQL",
+            "avg ms",
+            Box::new(|| pgbench(opts.seconds, opts.connections.min(8))),
+        ),
+    ];
+    let mut report_text = String::new();
+    for (name, latency_label, load) in &workloads {
+        load().context("warm-up")?;
+        let mut samples: Vec<(Mode, Sample)> = Vec::new();
+        for round in 1..=opts.rounds {
+            for mode in Mode::ALL {
+                let sample = measure(&bin, mode, load)?;
+                say(&format!(
+                    "{name} round {round} {:<16} {:>10.0} req/s  {latency_label} {:.2}  agent CPU {:.2} s",
+                    mode.name(),
+                    sample.rps,
+                    sample.latency_ms,
+                    sample.agent_cpu_s
+                ));
+                samples.push((mode, sample));
+            }
         }
+        report_text.push_str(&report(name, latency_label, &samples));
     }
-    let table = report(&samples);
-    println!("{table}");
+    println!("{report_text}");
     Ok(())
+}
+
+/// One load run in one mode, with the agent started for it (and stopped after).
+fn measure(bin: &Path, mode: Mode, load: &Load<'_>) -> Result<Sample> {
+    let agent = match mode.agent_args() {
+        Some(args) => Some(Agent::start(bin, args)?),
+        None => None,
+    };
+    let cpu_before = agent.as_ref().map_or(0.0, Agent::cpu_seconds);
+    let (rps, latency_ms, requests) = load()?;
+    let agent_cpu_s = agent.as_ref().map_or(0.0, |a| a.cpu_seconds() - cpu_before);
+    Ok(Sample { rps, latency_ms, requests, agent_cpu_s })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -102,22 +128,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn report(samples: &[(Mode, Sample)]) -> String {
+fn report(name: &str, latency_label: &str, samples: &[(Mode, Sample)]) -> String {
     let of = |mode: Mode, f: fn(&Sample) -> f64| {
         median(samples.iter().filter(|(m, _)| *m == mode).map(|(_, s)| f(s)).collect())
     };
     let base_rps = of(Mode::Off, |s| s.rps);
-    let base_p99 = of(Mode::Off, |s| s.p99_ms);
+    let base_latency = of(Mode::Off, |s| s.latency_ms);
     let mut out = String::new();
-    let _ = writeln!(out, "\nwrk against nginx on loopback (median of rounds, same run)");
+    let _ = writeln!(out, "\n{name} (median of rounds, same run)");
     let _ = writeln!(
         out,
-        "| mode | req/s | vs no agent | p99 ms | vs no agent | agent CPU s / 100k req |"
+        "| mode | req/s | vs no agent | {latency_label} | vs no agent | agent CPU s / 100k req |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
     for mode in Mode::ALL {
         let rps = of(mode, |s| s.rps);
-        let p99 = of(mode, |s| s.p99_ms);
+        let latency = of(mode, |s| s.latency_ms);
         let cpu_per_100k = median(
             samples
                 .iter()
@@ -127,13 +153,59 @@ fn report(samples: &[(Mode, Sample)]) -> String {
         );
         let _ = writeln!(
             out,
-            "| {} | {rps:.0} | {:.1}% | {p99:.2} | {:.2}x | {cpu_per_100k:.3} |",
+            "| {} | {rps:.0} | {:.1}% | {latency:.2} | {:.2}x | {cpu_per_100k:.3} |",
             mode.name(),
             rps / base_rps * 100.0,
-            p99 / base_p99,
+            latency / base_latency,
         );
     }
     out
+}
+
+/// Runs `pgbench -S` (select-only) inside the bench namespace; returns (transactions/s, average
+/// latency ms, transactions).
+fn pgbench(seconds: u32, clients: u32) -> Result<(f64, f64, f64)> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            NETNS,
+            "setpriv",
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+        ])
+        .arg(pg_bin("pgbench")?)
+        .args(["-h", "127.0.0.1", "-p", &PG_PORT.to_string(), "-S", "-n"])
+        .args(["-c", &clients.to_string(), "-j", "1", "-T", &seconds.to_string(), "bench"])
+        .output()
+        .context("running pgbench")?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_ascii_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no {prefix:?} in pgbench output:\n{text}"))
+    };
+    let tps = field("tps = ")?;
+    let latency = field("latency average = ")?;
+    let transactions = field("number of transactions actually processed: ")?;
+    Ok((tps, latency, transactions))
+}
+
+/// A PostgreSQL binary of the installed server version.
+fn pg_bin(name: &str) -> Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (/usr/lib/postgresql)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin").join(name)))
+        .filter(|p| p.exists())
+        .collect();
+    versions.sort();
+    versions.pop().with_context(|| format!("no {name} under /usr/lib/postgresql"))
 }
 
 /// Runs wrk inside the bench namespace; returns (requests/s, p99 ms, requests).
@@ -262,6 +334,111 @@ impl Drop for Nginx {
         let _ = Command::new("kill").args(["-QUIT", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// PostgreSQL in the bench namespace with a pgbench database, stopped (by PID) on drop.
+struct Postgres {
+    child: Child,
+    data: PathBuf,
+}
+
+impl Postgres {
+    fn start(dir: &Path) -> Result<Self> {
+        let data = dir.join("pgdata");
+        std::fs::create_dir_all(&data)?;
+        check(Command::new("chown").arg("postgres:postgres").arg(dir).arg(&data))?;
+        let as_postgres = |bin: &str| -> Result<Command> {
+            let mut c = Command::new("ip");
+            c.args([
+                "netns",
+                "exec",
+                NETNS,
+                "setpriv",
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+            ])
+            .arg(pg_bin(bin)?);
+            Ok(c)
+        };
+        check(
+            as_postgres("initdb")?
+                .args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(&data)
+                .stdout(Stdio::null()),
+        )?;
+        let child = as_postgres("postgres")?
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-k",
+                &data.display().to_string(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &PG_PORT.to_string(),
+            ])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("postgres.log"))?)
+            .spawn()
+            .context("starting PostgreSQL")?;
+        let pg = Self { child, data };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = as_postgres("pg_isready")?
+                .args(["-h", "127.0.0.1", "-p", &PG_PORT.to_string()])
+                .stdout(Stdio::null())
+                .status()?;
+            if ready.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "PostgreSQL did not start: {}",
+                    std::fs::read_to_string(dir.join("postgres.log"))?
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        check(as_postgres("createdb")?.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &PG_PORT.to_string(),
+            "bench",
+        ]))?;
+        check(
+            as_postgres("pgbench")?
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &PG_PORT.to_string(),
+                    "-i",
+                    "-q",
+                    "-s",
+                    "2",
+                    "bench",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        Ok(pg)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT: PostgreSQL's fast shutdown (`ip netns exec` and setpriv exec, so this is it).
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 

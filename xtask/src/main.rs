@@ -24,11 +24,34 @@ const LLVM_SYS_PREFIX_VAR: &str = "LLVM_SYS_221_PREFIX";
 /// Debian packages the build needs (bpf-linker links against LLVM 22).
 const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// Debian packages the end-to-end tests need: namespaces and veth (iproute2), firewall rules
-/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv),
-/// the metrics test's Prometheus server with promtool (prometheus) and DNS server (dnsmasq-base:
-/// the binary without Debian's system-wide service).
-const TEST_PACKAGES: &[&str] =
-    &["iproute2", "iptables", "nftables", "python3", "util-linux", "prometheus", "dnsmasq-base"];
+/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv);
+/// the application-protocol topology's servers (nginx, postgresql, redis-server,
+/// mariadb-server, dnsmasq-base: the binary without Debian's system-wide service) and tools
+/// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
+/// python3-venv for the app's virtualenv); the metrics test's Prometheus server with promtool
+/// (prometheus).
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    "python3",
+    "util-linux",
+    "nginx",
+    "postgresql",
+    "redis-server",
+    "mariadb-server",
+    "dnsmasq-base",
+    "openssl",
+    "curl",
+    "bind9-dnsutils",
+    "python3-venv",
+    "prometheus",
+];
+/// The end-to-end tests' Python packages, and the virtualenv they go into.
+const E2E_REQUIREMENTS: &str = "agent/tests/e2e/requirements.txt";
+const E2E_VENV: &str = "target/e2e-venv";
+/// Debian's hook that tells maintainer scripts whether they may start services.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "hopwatch's set-up, build, run and test tasks")]
@@ -128,6 +151,9 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { unit, filter } => {
             setup(if unit { &[] } else { TEST_PACKAGES })?;
+            if !unit {
+                e2e_venv()?;
+            }
             say("unit tests");
             // Default members: everything but the kernel crate, which only builds for the BPF target.
             cargo(&["test", "--lib", "--bins"])?;
@@ -241,12 +267,79 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     say("apt-get update (package lists)");
     check(Command::new("apt-get").args(["update", "-q"]))?;
     say(&format!("installing Debian packages: {}", missing.join(" ")));
+    let _no_services = NoServiceStarts::new()?;
     check(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Keeps the packages being installed from starting their system-wide daemons (nginx,
+/// PostgreSQL's `main` cluster, Redis, MariaDB): their maintainer scripts start them through
+/// invoke-rc.d, which without systemd runs the init scripts unless policy-rc.d forbids it (exit
+/// 101). The tests start their own servers in network namespaces and need none of these. An
+/// existing policy-rc.d (container images ship one) is left as it is.
+struct NoServiceStarts {
+    installed: bool,
+}
+
+impl NoServiceStarts {
+    fn new() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { installed: false });
+        }
+        say(&format!("holding back service starts during the install ({POLICY_RC_D})"));
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask: no service starts during install\nexit 101\n",
+        )
+        .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot make {POLICY_RC_D} executable"))?;
+        Ok(Self { installed: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.installed {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
+}
+
+/// Makes `target/e2e-venv` (Debian's python3 with venv) and installs the end-to-end tests'
+/// requirements into it with pip. pip runs only when the requirements file differs from the copy
+/// kept in the virtualenv after its last successful install.
+fn e2e_venv() -> Result<()> {
+    let root = workspace_root();
+    let requirements = root.join(E2E_REQUIREMENTS);
+    let venv = root.join(E2E_VENV);
+    let stamp = venv.join("requirements.installed");
+    let wanted = std::fs::read(&requirements)
+        .with_context(|| format!("cannot read {}", requirements.display()))?;
+    let python = venv.join("bin/python");
+    let python_works = Command::new(&python).args(["-c", ""]).status().is_ok_and(|s| s.success());
+    if python_works && std::fs::read(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(());
+    }
+    if !python_works {
+        say(&format!("creating the Python virtualenv {} (Debian's python3)", venv.display()));
+        // A virtualenv left by a different Python cannot be repaired in place.
+        let _ = std::fs::remove_dir_all(&venv);
+        check(Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    say(&format!("installing the end-to-end tests' Python packages from {E2E_REQUIREMENTS}"));
+    let _ = std::fs::remove_file(&stamp);
+    check(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+    )?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("cannot write {}", stamp.display()))
 }
 
 fn nightly_with_rust_src() -> Result<()> {

@@ -46,6 +46,11 @@ impl DropReasons {
         Ok(Self { by_value })
     }
 
+    /// No names known (reasons print as `UNKNOWN_<n>`).
+    pub fn empty() -> Self {
+        Self { by_value: BTreeMap::new() }
+    }
+
     #[cfg(test)]
     pub fn from_pairs(pairs: &[(u32, &str)]) -> Self {
         Self { by_value: pairs.iter().map(|(v, n)| (*v, (*n).to_owned())).collect() }

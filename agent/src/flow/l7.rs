@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 
-use super::{EVENT_TYPE_L7, FlowBuilder, human_ns, ip, process};
+use super::{EVENT_TYPE_L7, FlowBuilder, ip, process};
 use crate::{
     conntrack::Process,
     proto::flow::{
@@ -53,7 +53,7 @@ pub struct L7Observation {
 
 impl FlowBuilder {
     /// An L7 flow for one exchange seen at one end of a hop.
-    pub fn l7(&self, o: &L7Observation) -> Flow {
+    pub fn l7(&self, mut o: L7Observation) -> Flow {
         let (src, dst, direction) = if o.server_side {
             (o.remote, o.local, TrafficDirection::Ingress)
         } else {
@@ -82,7 +82,12 @@ impl FlowBuilder {
                 flags: None,
             })
         };
-        let summary = summary(o, &error);
+        if let (true, Some(Record::Http(h))) = (o.tls, o.record.as_mut())
+            && h.url.starts_with("http://")
+        {
+            // The parser saw plaintext; on the wire it was HTTPS.
+            h.url.insert(4, 's');
+        }
         Flow {
             time: Some(self.clock.timestamp(o.time_ns)),
             uuid: uuid::Uuid::new_v4().to_string(),
@@ -96,7 +101,7 @@ impl FlowBuilder {
             l7: Some(Layer7 {
                 r#type: if o.timed_out { L7FlowType::Request } else { L7FlowType::Response }.into(),
                 latency_ns: o.latency_ns,
-                record: o.record.clone(),
+                record: o.record.take(),
                 protocol: o.protocol.to_owned(),
                 error,
                 timed_out: o.timed_out,
@@ -108,46 +113,12 @@ impl FlowBuilder {
             is_reply: Some(!o.timed_out),
             socket_cookie: o.cookie,
             cgroup_id: o.process.as_ref().map_or(0, |p| p.cgroup_id),
-            summary,
             source_process: src_proc.map(process),
             destination_process: dst_proc.map(process),
             netns_inode: o.netns,
             ..Flow::default()
         }
     }
-}
-
-/// `GET /api/items → 200 in 12.3ms (server 10.1ms)`, and the like per protocol.
-fn summary(o: &L7Observation, error: &str) -> String {
-    let what = match &o.record {
-        Some(Record::Http(h)) => match h.code {
-            0 => format!("{} {} {}", h.protocol, h.method, h.url),
-            code => format!("{} {} {} → {code}", h.protocol, h.method, h.url),
-        },
-        Some(Record::Dns(d)) => {
-            let answer =
-                if d.ips.is_empty() { String::new() } else { format!(" → {}", d.ips.join(",")) };
-            format!("DNS {} {}{answer}", d.qtypes.join(","), d.query)
-        }
-        Some(Record::Postgres(p)) => format!("PostgreSQL {}", first_nonempty(&p.query, &p.command)),
-        Some(Record::Redis(r)) => format!("Redis {}", r.command),
-        Some(Record::Mysql(m)) => format!("MySQL {}", first_nonempty(&m.query, &m.command)),
-        None => o.protocol.to_owned(),
-    };
-    let timing = if o.timed_out {
-        " no response".to_owned()
-    } else {
-        let peer = o.peer_latency_ns.map_or(String::new(), |p| {
-            format!(" ({} {})", if o.server_side { "client" } else { "server" }, human_ns(p))
-        });
-        format!(" in {}{peer}", human_ns(o.latency_ns))
-    };
-    let failed = if error.is_empty() { String::new() } else { format!(" [{error}]") };
-    format!("{what}{timing}{failed}")
-}
-
-fn first_nonempty<'a>(a: &'a str, b: &'a str) -> &'a str {
-    if a.is_empty() { b } else { a }
 }
 
 #[cfg(test)]
@@ -193,7 +164,7 @@ mod tests {
 
     #[test]
     fn a_failed_exchange_is_an_error_flow_from_client_to_server() {
-        let f = builder().l7(&obs(false));
+        let f = builder().l7(obs(false));
         assert_eq!(f.r#type(), FlowType::L7);
         assert_eq!(f.verdict(), Verdict::Error);
         assert_eq!(f.traffic_direction(), TrafficDirection::Egress);
@@ -202,7 +173,6 @@ mod tests {
         assert_eq!(l7.error, "HTTP 503");
         assert_eq!(f.ip.as_ref().unwrap().source, "10.0.0.1");
         assert_eq!(f.source_process.as_ref().unwrap().comm, "curl");
-        assert_eq!(f.summary, "HTTP/1.1 GET /api/items → 503 in 12.3ms (server 10.1ms) [HTTP 503]");
     }
 
     #[test]
@@ -210,7 +180,7 @@ mod tests {
         let mut o = obs(true);
         o.local = "10.0.0.2:443".parse().unwrap();
         o.remote = "10.0.0.1:40000".parse().unwrap();
-        let f = builder().l7(&o);
+        let f = builder().l7(o);
         assert_eq!(f.traffic_direction(), TrafficDirection::Ingress);
         assert_eq!(f.ip.as_ref().unwrap().source, "10.0.0.1");
         assert_eq!(f.destination_process.as_ref().unwrap().pid, 7);
@@ -222,7 +192,7 @@ mod tests {
         o.error = None;
         o.timed_out = true;
         o.latency_ns = 0;
-        let f = builder().l7(&o);
+        let f = builder().l7(o);
         assert_eq!(f.verdict(), Verdict::Error);
         let l7 = f.l7.unwrap();
         assert_eq!(

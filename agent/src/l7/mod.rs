@@ -5,9 +5,10 @@
 pub mod session;
 pub mod stream;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, Tuple};
+use rustc_hash::FxHashMap;
 
 use self::session::{Exchange, MessageParser, Session};
 
@@ -53,13 +54,14 @@ struct Tracked<P: MessageParser> {
     last_cgroup: u64,
 }
 
-/// Builds a parser for a new connection from the kernel's protocol guess and the server port;
-/// `None` when the protocol is not parsed.
-pub type ParserFactory<P> = Box<dyn Fn(u8, u16) -> Option<P> + Send>;
+/// Builds a parser for a new connection from its first data event (the kernel's protocol guess,
+/// the transport) and the server port; `None` when the protocol is not parsed.
+pub type ParserFactory<P> = Box<dyn Fn(&DataEvent, u16) -> Option<P> + Send>;
 
 pub struct L7Tracker<P: MessageParser> {
-    sessions: HashMap<u64, Tracked<P>>,
-    recent: HashMap<(u64, u64), u64>,
+    // Keys are kernel socket cookies (not attacker-chosen): a fast non-keyed hash is fine.
+    sessions: FxHashMap<u64, Tracked<P>>,
+    recent: FxHashMap<(u64, u64), u64>,
     recent_order: VecDeque<(u64, u64)>,
     make: ParserFactory<P>,
     pub stats: TrackerStats,
@@ -68,8 +70,8 @@ pub struct L7Tracker<P: MessageParser> {
 impl<P: MessageParser> L7Tracker<P> {
     pub fn new(make: ParserFactory<P>) -> Self {
         Self {
-            sessions: HashMap::new(),
-            recent: HashMap::new(),
+            sessions: FxHashMap::default(),
+            recent: FxHashMap::default(),
             recent_order: VecDeque::new(),
             make,
             stats: TrackerStats::default(),
@@ -93,7 +95,7 @@ impl<P: MessageParser> L7Tracker<P> {
         if !self.sessions.contains_key(&cookie) {
             let server_side = server_side.unwrap_or_else(|| guess_server_side(ev));
             let server_port = if server_side { ev.tuple.sport } else { ev.tuple.dport };
-            let Some(parser) = (self.make)(ev.protocol, server_port) else {
+            let Some(parser) = (self.make)(ev, server_port) else {
                 self.stats.unparsed_connections += 1;
                 return Vec::new();
             };
@@ -262,7 +264,7 @@ mod tests {
     }
 
     fn tracker() -> L7Tracker<Toy> {
-        L7Tracker::new(Box::new(|proto, _| (proto == PROTO_HTTP).then_some(Toy)))
+        L7Tracker::new(Box::new(|ev: &DataEvent, _| (ev.protocol == PROTO_HTTP).then_some(Toy)))
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub trait MessageParser {
     fn answers(_req: &Self::Req, _resp: &Self::Resp) -> bool {
         true
     }
+    /// False for requests the server never answers (they are not waited for).
+    fn expects_response(_req: &Self::Req) -> bool {
+        true
+    }
 }
 
 /// A request and, unless it timed out, its response.
@@ -93,6 +97,9 @@ impl<P: MessageParser> Session<P> {
         self.requests.push(captured, total, ts);
         let parser = &mut self.parser;
         while let Some(m) = self.requests.next(|b| parser.request(b)) {
+            if !P::expects_response(&m.msg) {
+                continue;
+            }
             if self.pending.len() >= MAX_PENDING {
                 self.pending.pop_front();
                 self.pending_overflow += 1;

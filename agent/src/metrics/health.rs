@@ -53,6 +53,7 @@ pub struct Health {
     kernel: Totals,
     parse_failures: Totals,
     hop_overflow: Totals,
+    tables_full: Totals,
     export_lag: Histogram,
     pub ringbuf_size: IntGauge,
     pub ringbuf_used: IntGauge,
@@ -73,6 +74,54 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(
     Ok(c)
 }
 
+/// The counter families fed from running totals, in the order of [`Health`]'s fields below.
+fn totals(r: &Registry) -> Result<[Totals; 7], prometheus::Error> {
+    let specs = [
+        (
+            "hopwatch_lost_events_total",
+            "Events lost before becoming flows, by where (kernel_ring_buffer, output_queue).",
+            "source",
+        ),
+        (
+            "hopwatch_queue_dropped_events_total",
+            "Events dropped because a queue inside the agent was full, by queue.",
+            "queue",
+        ),
+        (
+            "hopwatch_kernel_events_total",
+            "Counters kept by hopwatch's kernel programs (summed over CPUs), by event.",
+            "event",
+        ),
+        (
+            "hopwatch_parse_failures_total",
+            "Inputs the agent could not decode or parse, by stage.",
+            "stage",
+        ),
+        (
+            "hopwatch_hop_state_events_total",
+            "Hop table events: observations counted in the overflow hop (series limit), \
+                 hops evicted as stale.",
+            "event",
+        ),
+        (
+            "hopwatch_table_full_total",
+            "Connections (conntrack) or L7 sessions (l7_sessions) not tracked because the \
+                 agent's table was full; they are still reported at L4.",
+            "table",
+        ),
+        (
+            "hopwatch_program_runs_total",
+            "Runs of each hopwatch kernel program (with --bpf-stats).",
+            "program",
+        ),
+    ];
+    let mut out = Vec::with_capacity(specs.len());
+    for (name, help, label) in specs {
+        out.push(Totals::new(r, name, help, label)?);
+    }
+    Ok(out.try_into().unwrap_or_else(|_| unreachable!("one per spec")))
+}
+
 impl Health {
     pub fn register(r: &Registry) -> Result<Self, prometheus::Error> {
         let counters = |name: &str, help: &str, labels: &[&str]| {
@@ -82,7 +131,16 @@ impl Health {
         let per_map = |name: &str, help: &str| {
             registered(r, IntGaugeVec::new(Opts::new(name, help), &["map"]))
         };
+        let [lost, queue_dropped, kernel, parse_failures, hop_overflow, tables_full, program_runs] =
+            totals(r)?;
         Ok(Self {
+            lost,
+            queue_dropped,
+            kernel,
+            parse_failures,
+            hop_overflow,
+            tables_full,
+            program_runs,
             flows: counters(
                 "hopwatch_flows_total",
                 "Flows the agent produced, by type (l3_l4, l7, drop).",
@@ -95,37 +153,6 @@ impl Health {
                 &["reason", "location"],
             )?,
             kernel_drop_keys: Mutex::new(HashSet::new()),
-            lost: Totals::new(
-                r,
-                "hopwatch_lost_events_total",
-                "Events lost before becoming flows, by where (kernel_ring_buffer, output_queue).",
-                "source",
-            )?,
-            queue_dropped: Totals::new(
-                r,
-                "hopwatch_queue_dropped_events_total",
-                "Events dropped because a queue inside the agent was full, by queue.",
-                "queue",
-            )?,
-            kernel: Totals::new(
-                r,
-                "hopwatch_kernel_events_total",
-                "Counters kept by hopwatch's kernel programs (summed over CPUs), by event.",
-                "event",
-            )?,
-            parse_failures: Totals::new(
-                r,
-                "hopwatch_parse_failures_total",
-                "Inputs the agent could not decode or parse, by stage.",
-                "stage",
-            )?,
-            hop_overflow: Totals::new(
-                r,
-                "hopwatch_hop_state_events_total",
-                "Hop table events: observations counted in the overflow hop (series limit), \
-                 hops evicted as stale.",
-                "event",
-            )?,
             export_lag: registered(
                 r,
                 Histogram::with_opts(
@@ -155,12 +182,6 @@ impl Health {
             map_capacity: per_map(
                 "hopwatch_map_capacity_entries",
                 "Capacity of hopwatch's kernel maps and userspace tables.",
-            )?,
-            program_runs: Totals::new(
-                r,
-                "hopwatch_program_runs_total",
-                "Runs of each hopwatch kernel program (with --bpf-stats).",
-                "program",
             )?,
             program_run_seconds: registered(
                 r,
@@ -212,6 +233,14 @@ impl Health {
         self.parse_failures.set("kernel_event", undecodable);
         self.lost.set("output_queue", output_dropped);
         self.queue_dropped.set("output", output_dropped);
+    }
+
+    /// Running totals of the pipeline: tables full, and connections no parser took (their L7 is
+    /// not parsed: a parse failure of the whole connection).
+    pub fn tables_full(&self, conn_table: u64, l7_sessions: u64, unparsed_connections: u64) {
+        self.tables_full.set("conntrack", conn_table);
+        self.tables_full.set("l7_sessions", l7_sessions);
+        self.parse_failures.set("l7_connection", unparsed_connections);
     }
 
     pub fn hop_state(&self, overflowed: u64, evicted: u64) {

@@ -33,6 +33,7 @@ use self::{bpf::RingbufGauge, health::Health, hop_families::HopCollector};
 use crate::{
     flow::Clock,
     hops::{Aggregator, HopConfig, ledger},
+    pipeline::PipelineCounters,
     proto::flow::{Flow, FlowType, Verdict},
 };
 
@@ -111,6 +112,9 @@ struct Inner {
     ringbuf: OnceLock<RingbufGauge>,
     programs: OnceLock<Vec<(String, u32)>>,
     local_addr: SocketAddr,
+    /// The pipeline's running totals: connection table full, L7 sessions full, connections no
+    /// parser took.
+    pipeline: [AtomicU64; 3],
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -139,8 +143,22 @@ pub fn registry(node: &str) -> Registry {
 }
 
 impl Telemetry {
-    /// Sets up the metrics and starts serving them on `args.metrics_addr` (off: a no-op handle).
-    pub async fn start(args: &MetricsArgs, node: &str) -> Result<Self, MetricsError> {
+    /// The agent's metrics: served on `args.metrics_addr` (off: a no-op handle), with the kernel
+    /// side's fill levels watched. Ready (`/readyz`) once the event reader runs.
+    pub async fn start(
+        args: &MetricsArgs,
+        node: &str,
+        ebpf: &aya::Ebpf,
+        events: &RingBuf<MapData>,
+    ) -> Result<Self, MetricsError> {
+        let t = Self::serve(args, node).await?;
+        t.watch_kernel(ebpf, events);
+        Ok(t)
+    }
+
+    /// Sets up the metrics and starts serving them on `args.metrics_addr` (off: a no-op handle);
+    /// nothing of the kernel side is watched.
+    pub async fn serve(args: &MetricsArgs, node: &str) -> Result<Self, MetricsError> {
         let MetricsAddr(Some(addr)) = args.metrics_addr else { return Ok(Self::default()) };
         let cfg = HopConfig {
             series_limit: args.metrics_series_limit as usize,
@@ -172,6 +190,7 @@ impl Telemetry {
             ringbuf: OnceLock::new(),
             programs: OnceLock::new(),
             local_addr: local,
+            pipeline: Default::default(),
         });
         tokio::spawn(server::serve(listener, Self { inner: Some(inner.clone()) }));
         eprintln!("hopwatch agent: metrics on http://{local}/metrics, probes /healthz /readyz");
@@ -202,10 +221,25 @@ impl Telemetry {
         i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).observe(flow, now);
     }
 
-    /// The event reader is alive (called on every loop).
-    pub fn heartbeat(&self) {
+    /// The event reader is alive (called on every loop, with the pipeline's running totals).
+    /// Its first loop also makes the agent ready: the programs are attached and their events
+    /// are being read.
+    pub fn heartbeat(&self, counters: PipelineCounters) {
         if let Some(i) = &self.inner {
             i.heartbeat_ns.store(Clock::monotonic_now_ns(), Ordering::Relaxed);
+            i.ready.store(true, Ordering::Relaxed);
+            let PipelineCounters {
+                conn_table_overflow,
+                l7_unparsed_connections,
+                l7_sessions_overflow,
+            } = counters;
+            for (slot, v) in i.pipeline.iter().zip([
+                conn_table_overflow,
+                l7_sessions_overflow,
+                l7_unparsed_connections,
+            ]) {
+                slot.store(v, Ordering::Relaxed);
+            }
         }
     }
 
@@ -279,6 +313,9 @@ impl Telemetry {
                 bpf::program_runs(ids).into_iter().filter(|(_, n, _)| *n > 0).collect();
             i.health.programs(&runs);
         }
+        let [conn_table, l7_sessions, unparsed] =
+            i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
+        i.health.tables_full(conn_table, l7_sessions, unparsed);
         if let Some(g) = i.ringbuf.get() {
             i.health.ringbuf_used.set(i64::try_from(g.used_bytes()).unwrap_or(i64::MAX));
         }

@@ -189,12 +189,15 @@ async fn the_server_serves_metrics_and_probes() {
         metrics_series_limit: 100,
         metrics_stale_after: Duration::from_mins(5),
     };
-    let t = Telemetry::start(&args, "node-a").await.expect("start");
+    let t = Telemetry::serve(&args, "node-a").await.expect("start");
     let addr = t.local_addr().expect("serving");
     let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 503, "{body}");
     t.set_ready();
-    t.heartbeat();
+    t.heartbeat(crate::pipeline::PipelineCounters {
+        l7_unparsed_connections: 4,
+        ..Default::default()
+    });
     assert_eq!(get(addr, "/readyz").await.0, 200);
     assert_eq!(get(addr, "/healthz").await.0, 200);
     t.observe(&l7(APP, DB, wall_now_ns(), 3 * MS, false, ""));
@@ -203,6 +206,10 @@ async fn the_server_serves_metrics_and_probes() {
     assert!(body.contains("hopwatch_hop_requests_total{"), "{body}");
     assert!(body.contains("node=\"node-a\""), "{body}");
     assert!(body.contains("hopwatch_agent_info{"), "{body}");
+    assert_eq!(
+        value(&body, "hopwatch_parse_failures_total", &[("stage", "l7_connection")]),
+        Some(4.0)
+    );
     assert!(body.contains("process_resident_memory_bytes"), "{body}");
     assert_eq!(
         value(&body, "hopwatch_flows_total", &[("node", "node-a"), ("type", "l7")]),
@@ -210,6 +217,6 @@ async fn the_server_serves_metrics_and_probes() {
     );
     // A second agent on the same address gets a clear error.
     let again = MetricsArgs { metrics_addr: MetricsAddr(Some(addr)), ..args };
-    let err = Telemetry::start(&again, "b").await.unwrap_err();
+    let err = Telemetry::serve(&again, "b").await.unwrap_err();
     assert!(err.to_string().contains("--metrics-addr"), "{err}");
 }

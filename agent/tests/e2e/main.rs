@@ -5,6 +5,8 @@
 mod support;
 
 mod drops;
+mod l7;
 mod lifecycle;
 mod metrics;
 mod tcp;
+mod topology;

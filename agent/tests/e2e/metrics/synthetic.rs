@@ -116,7 +116,7 @@ fn l7_panels_and_rule_signals_show_synthetic_l7_traffic_and_rank_the_slow_hop_fi
         metrics_stale_after: Duration::from_mins(5),
     };
     let telemetry =
-        runtime.block_on(Telemetry::start(&args, "synthetic-node")).expect("serve metrics");
+        runtime.block_on(Telemetry::serve(&args, "synthetic-node")).expect("serve metrics");
     telemetry.set_ready();
     let rules = repo_root().join("deploy/prometheus/hopwatch-rules.yaml");
     let prom = Prometheus::start(telemetry.local_addr().expect("serving"), &rules);

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod nfqueue;
 pub mod peers;
+pub mod servers;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},

@@ -2,8 +2,11 @@
 //! `hubble observe`) and `json` (one protobuf-JSON `GetFlowsResponse` per line, as
 //! `hubble observe -o json` prints).
 
+mod summary;
+
 use std::io::{self, Write};
 
+pub use self::summary::{human_bytes, human_ns, summary};
 use crate::proto::{
     flow::{Flow, LostEvent, SocketEvent, Verdict, layer4::Protocol},
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
@@ -17,8 +20,14 @@ pub enum Format {
     Json,
 }
 
-/// Writes one response in `format`; returns the write error (e.g. a closed pipe).
-pub fn write(out: &mut impl Write, format: Format, resp: &GetFlowsResponse) -> io::Result<()> {
+/// Writes one response in `format`; returns the write error (e.g. a closed pipe). Fills in the
+/// flow's `Summary` first (flows are built without it; only printing needs it).
+pub fn write(out: &mut impl Write, format: Format, resp: &mut GetFlowsResponse) -> io::Result<()> {
+    if let Some(ResponseTypes::Flow(f)) = &mut resp.response_types
+        && f.summary.is_empty()
+    {
+        f.summary = summary(f);
+    }
     match format {
         Format::Json => writeln!(out, "{}", resp.to_json()),
         Format::Compact => match &resp.response_types {
@@ -62,6 +71,11 @@ pub fn compact(f: &Flow) -> String {
     let dst = endpoint(dst_ip, dst_port, f.destination_process.as_ref());
     let event = match (f.verdict(), f.socket_event()) {
         (Verdict::Dropped, _) => format!("{proto}-drop"),
+        _ if f.l7.is_some() => {
+            let l7 = f.l7.as_ref().expect("checked");
+            let kind = if l7.timed_out { "request" } else { "response" };
+            format!("{}-{kind}", l7.protocol)
+        }
         (_, SocketEvent::Connect) => "tcp-connect".to_owned(),
         (_, SocketEvent::ConnectFailed) => "tcp-connect-failed".to_owned(),
         (_, SocketEvent::Accept) => "tcp-accept".to_owned(),
