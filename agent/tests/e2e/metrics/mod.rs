@@ -58,7 +58,8 @@ print("ready", flush=True)
 srv.serve_forever()
 "#;
 
-/// The client: HTTP to app and slow, DNS to dnsmasq, a connect that is dropped, one refused.
+/// The client: HTTP to app and slow, DNS to dnsmasq (answered, NXDOMAIN, REFUSED), a connect
+/// that is dropped, one refused.
 const CLIENT: &str = r#"
 import ctypes, http.client, json, socket, struct, sys, time
 ctypes.CDLL(None).prctl(15, b"hwm-front", 0, 0, 0)
@@ -72,8 +73,9 @@ def get(host, port):
 def query(name, qid):
     pkt = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
     pkt += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    # A connected socket, as the C library's resolver uses.
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
-    s.sendto(pkt, (dns, 53)); s.recvfrom(512); s.close()
+    s.connect((dns, 53)); s.send(pkt); s.recv(512); s.close()
     counts["dns"] += 1
 def connect(host, port, timeout, key):
     s = socket.socket(); s.settimeout(timeout)
@@ -89,6 +91,8 @@ while time.monotonic() < end:
     try:
         get(app, 8080); get(slow, 9090)
         query("ok.test", 2 * i % 65536); query("missing%d.test" % (i % 3), (2 * i + 1) % 65536)
+        if i % 4 == 0:
+            query("outside.example", 7)  # dnsmasq has no upstream: REFUSED
         if i % 3 == 0:
             connect(app, 7777, 0.3, "dropped")
         connect(app, 1, 1.0, "refused")
@@ -277,26 +281,16 @@ fn prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works() {
     assert_eq!(target["health"], "up", "scrape target: {target}\n{}", prom.log());
 
     let l7_flows = agent.flows().iter().filter(|f| f["Type"] == "L7").count();
-    if l7_flows == 0 {
-        eprintln!(
-            "NOTE: this agent build produced no L7 flows: queries over L7 families (requests, request \
-             latency, DNS) are checked for validity only; every other query must return data"
-        );
-    }
+    assert!(l7_flows > 0, "the agent produced no L7 flows for the HTTP and DNS traffic");
 
     let workloads = format!("hwm-.*|10\\\\.213\\\\.{}\\\\..*", front.ip.octets()[2]);
     let mut failures = Vec::new();
-    check_dashboards(
-        &prom,
-        &workloads,
-        t_eval,
-        |expr| !needs_l7(expr) || l7_flows > 0,
-        &mut failures,
-    );
-    check_rules(&prom, &rules, t_eval, l7_flows > 0, &mut failures);
+    // Every panel describes traffic this test generated: every query must return data.
+    check_dashboards(&prom, &workloads, t_eval, |_| true, &mut failures);
+    check_rules(&prom, &rules, t_eval, &mut failures);
     assert!(failures.is_empty(), "{} failed checks:\n{}", failures.len(), failures.join("\n"));
 
-    check_hops_cli(&agent, t0, l7_flows > 0);
+    check_hops_cli(&agent, t0);
 }
 
 /// Evaluates every dashboard query (and variable) at `t_eval` with `$workload` = `workloads`: all
@@ -373,7 +367,7 @@ fn check_variable(prom: &Prometheus, board: &str, q: &str, failures: &mut Vec<St
 
 /// `promtool check rules`, the rules' unit tests, the PrometheusRule copy, and every rule as the
 /// Prometheus scraping the agent evaluated it.
-fn check_rules(prom: &Prometheus, rules: &Path, t_eval: f64, l7: bool, failures: &mut Vec<String>) {
+fn check_rules(prom: &Prometheus, rules: &Path, t_eval: f64, failures: &mut Vec<String>) {
     for args in [vec!["check", "rules"], vec!["test", "rules"]] {
         let file =
             if args[0] == "test" { rules.with_extension("test.yaml") } else { rules.to_owned() };
@@ -425,9 +419,6 @@ fn check_rules(prom: &Prometheus, rules: &Path, t_eval: f64, l7: bool, failures:
             } else {
                 name
             };
-            if needs_l7(signal) && !l7 {
-                continue;
-            }
             match prom.query(signal, t_eval) {
                 Ok(v) if !v.is_empty() => {
                     eprintln!("ok rule {name}: signal {signal}: {} series", v.len());
@@ -442,7 +433,7 @@ fn check_rules(prom: &Prometheus, rules: &Path, t_eval: f64, l7: bool, failures:
 
 /// `hopwatch hops -o json` over the agent's flows: the slow hop leads with its injected latency,
 /// and `--path` chains front → app → db.
-fn check_hops_cli(agent: &Agent, t0: f64, l7: bool) {
+fn check_hops_cli(agent: &Agent, t0: f64) {
     let file = std::env::temp_dir().join(format!("hopwatch-e2e-flows-{}.json", std::process::id()));
     let lines: Vec<String> = agent.lines().iter().map(Value::to_string).collect();
     std::fs::write(&file, lines.join("\n") + "\n").expect("write flows");
@@ -471,13 +462,12 @@ fn check_hops_cli(agent: &Agent, t0: f64, l7: bool) {
     let connect = ms(&top["connect_latency"]["p50_ns"]);
     eprintln!("hops: slow hop connect p50 {connect:.1} ms (injected {injected} ms)");
     assert!((injected..injected + 15.0).contains(&connect), "connect p50 {connect} ms: {top:#}");
-    if l7 {
-        let by_p99 = hops(&[]);
-        let top = &by_p99["hops"][0];
-        assert_eq!(top["port"], 9090, "the slow hop leads by p99: {by_p99:#}");
-        let p50 = ms(&top["client_latency"]["p50_ns"]);
-        assert!((injected..injected + 30.0).contains(&p50), "request p50 {p50} ms: {top:#}");
-    }
+    let by_p99 = hops(&[]);
+    let top = &by_p99["hops"][0];
+    assert_eq!(top["port"], 9090, "the slow hop leads by p99: {by_p99:#}");
+    let p50 = ms(&top["client_latency"]["p50_ns"]);
+    eprintln!("hops: slow hop request p50 {p50:.1} ms (client side)");
+    assert!((injected..injected + 30.0).contains(&p50), "request p50 {p50} ms: {top:#}");
     let paths = hops(&["--path"]);
     let chained = paths["paths"].as_array().expect("paths").iter().any(|p| {
         let steps = p["steps"].as_array().expect("steps");

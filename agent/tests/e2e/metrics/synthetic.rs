@@ -2,11 +2,10 @@
 //! (HTTP with a slow hop, failing requests, DNS answers with NXDOMAIN and SERVFAIL) by the
 //! agent's own metrics code, in process.
 //!
-//! Why synthetic: this build's agent does not produce L7 flows from the kernel yet, so the L7
-//! dashboard panels and rule signals would otherwise only be checked for validity. Once it does,
-//! `prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works` checks them on real traffic
-//! too; this test stays as the deterministic check of their shape (what must show, what must rank
-//! first).
+//! The real-traffic test checks the same panels on what the kernel saw; this one is their
+//! deterministic complement: exact shapes the kernel test cannot make on demand (a failing upstream
+//! HTTP hop, SERVFAIL answers, a client-and-server view of every exchange), and it fails for a
+//! dashboard or rule mistake alone, never for timing.
 
 use std::time::{Duration, Instant};
 

@@ -74,12 +74,24 @@ impl Agent {
         agent
     }
 
-    /// Where the agent serves `/metrics` (from its start-up line on stderr).
+    /// Where the agent serves `/metrics` (from its start-up line on stderr, which follows the
+    /// hooks line; waits up to 10 s for it).
     pub fn metrics_addr(&self) -> std::net::SocketAddr {
-        let err = self.stderr();
-        err.lines()
-            .find_map(|l| l.split("metrics on http://").nth(1)?.split('/').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("the agent did not say where it serves metrics:\n{err}"))
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let err = self.stderr();
+            let addr = err.lines().find_map(|l| {
+                l.split("metrics on http://").nth(1)?.split('/').next()?.parse().ok()
+            });
+            if let Some(a) = addr {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not say where it serves metrics:\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn stderr(&self) -> String {
