@@ -20,6 +20,7 @@ use crate::{
     events::decode,
     flow::{Clock, FlowBuilder},
     loader::{self, LoadOptions, probe::Probe},
+    metrics::Telemetry,
     output::{self, Format},
     pipeline::{Pipeline, PipelineOptions},
     proto::{
@@ -86,6 +87,8 @@ pub struct AgentArgs {
     /// print it at exit.
     #[arg(long)]
     pub bpf_stats: bool,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -110,6 +113,8 @@ pub enum AgentError {
     Record(crate::replay::ReplayError),
     #[error("cannot enable BPF run-time statistics: {0}")]
     BpfStats(#[source] aya::sys::SyscallError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -118,6 +123,8 @@ struct PipelineStats {
     decode_errors: AtomicU64,
     output_dropped: AtomicU64,
     flows: AtomicU64,
+    /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
+    metrics: Telemetry,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -159,8 +166,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         None
     };
     let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
+    let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
+    let stats = Arc::new(PipelineStats { metrics, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
-    let stats = Arc::new(PipelineStats::default());
     let cancel = CancellationToken::new();
     let (tx, rx) = mpsc::channel::<GetFlowsResponse>(OUTPUT_QUEUE);
 
@@ -321,6 +329,7 @@ async fn read_loop(
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
+        stats.metrics.heartbeat(pipeline.counters());
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
             if let Some(rec) = recorder.as_mut()
@@ -339,12 +348,14 @@ async fn read_loop(
             }
             for flow in flows.drain(..) {
                 stats.flows.fetch_add(1, Ordering::Relaxed);
+                stats.metrics.observe(&flow);
                 send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
             }
         }
         pipeline.tick(Clock::monotonic_now_ns(), &mut flows);
         for flow in flows.drain(..) {
             stats.flows.fetch_add(1, Ordering::Relaxed);
+            stats.metrics.observe(&flow);
             send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
         }
     }
@@ -393,6 +404,11 @@ async fn watch_counters(
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
+        stats.metrics.tick(
+            &counters,
+            stats.decode_errors.load(Ordering::Relaxed),
+            stats.output_dropped.load(Ordering::Relaxed),
+        );
         let ring_lost = counters
             .get(&(Counter::RingbufFull as u32), 0)
             .map_or(last_ring, |per_cpu| per_cpu.iter().sum::<u64>());

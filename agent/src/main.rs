@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hopwatch::{agent, error_chain, replay};
+use hopwatch::{agent, error_chain, hops_cli, replay};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +23,9 @@ enum Command {
     /// Run a recorded kernel event stream through the userspace pipeline and report its
     /// throughput on one core.
     Replay(replay::ReplayArgs),
+    /// Per-hop table (requests/s, errors, latency quantiles, TCP health, drops) over recent
+    /// flows; `--path` chains hops upstream → downstream.
+    Hops(hops_cli::HopsArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
                     r.events, r.undecodable, r.flows, r.seconds
                 );
             }),
+            Command::Hops(args) => hops_cli::run(args).await.map_err(|e| error_chain(&e)),
         }
     });
     match result {

@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_hops;
 
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
 /// built against the same one.
@@ -27,7 +28,8 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// the application-protocol topology's servers (nginx, postgresql, redis-server,
 /// mariadb-server, dnsmasq-base: the binary without Debian's system-wide service) and tools
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
-/// python3-venv for the app's virtualenv).
+/// python3-venv for the app's virtualenv); the metrics test's Prometheus server with promtool
+/// (prometheus).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -43,6 +45,7 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     "bind9-dnsutils",
     "python3-venv",
+    "prometheus",
 ];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "agent/tests/e2e/requirements.txt";
@@ -83,9 +86,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
     },
-    /// Measure the agent's overhead side by side (root required): wrk against nginx with the
-    /// agent off, with TCP capture, with full L7 capture.
+    /// Measure hop aggregation throughput and /metrics rendering time, then the agent's overhead
+    /// side by side (root required): wrk against nginx with the agent off, with TCP capture, with
+    /// full L7 capture.
     Bench {
+        /// Only the hop aggregation and /metrics benchmark (no root needed).
+        #[arg(long)]
+        hops_only: bool,
         /// Rounds over all modes (medians are reported).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
@@ -130,8 +137,13 @@ fn run(task: Task) -> Result<()> {
             let err = exec(Command::new(&bin).arg("agent").args(&args));
             Err(err).with_context(|| format!("cannot execute {}", bin.display()))
         }
-        Task::Bench { rounds, seconds, connections } => {
+        Task::Bench { hops_only, rounds, seconds, connections } => {
+            // The agent crate's build embeds the kernel object: the toolchain first.
             setup(&[])?;
+            bench_hops::run()?;
+            if hops_only {
+                return Ok(());
+            }
             if !is_root() {
                 bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
             }

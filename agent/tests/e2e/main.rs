@@ -7,5 +7,6 @@ mod support;
 mod drops;
 mod l7;
 mod lifecycle;
+mod metrics;
 mod tcp;
 mod topology;

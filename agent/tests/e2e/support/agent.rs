@@ -22,7 +22,17 @@ impl Agent {
     /// Starts `hopwatch agent -o json <extra>` and waits until its hooks are attached.
     pub fn start(extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
-            .args(["agent", "-o", "json", "--node-name", "e2e-node"])
+            // Port 0: tests (and other agents on this machine) never compete for the metrics port;
+            // the chosen address is printed on stderr ([`Agent::metrics_addr`]).
+            .args([
+                "agent",
+                "-o",
+                "json",
+                "--node-name",
+                "e2e-node",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -62,6 +72,26 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         agent
+    }
+
+    /// Where the agent serves `/metrics` (from its start-up line on stderr, which follows the
+    /// hooks line; waits up to 10 s for it).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let err = self.stderr();
+            let addr = err.lines().find_map(|l| {
+                l.split("metrics on http://").nth(1)?.split('/').next()?.parse().ok()
+            });
+            if let Some(a) = addr {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not say where it serves metrics:\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn stderr(&self) -> String {
