@@ -82,6 +82,9 @@ pub struct AgentArgs {
     /// print it at exit.
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Endpoint names: Kubernetes, cgroups, Docker, static endpoints, DNS, translations.
+    #[command(flatten)]
+    pub identity: crate::identity::IdentityArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -104,6 +107,8 @@ pub enum AgentError {
     Signals(#[source] std::io::Error),
     #[error("cannot enable BPF run-time statistics: {0}")]
     BpfStats(#[source] aya::sys::SyscallError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -162,13 +167,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cancel = cancel.clone();
         move || print_loop(rx, args.output, &cancel)
     });
+    let identity = crate::identity::Identity::start(&args.identity, &node_name).await?;
     let pipeline = Pipeline::new(
         builder,
         PipelineOptions {
             l7_timeout: args.l7_timeout,
             redaction: Redaction { keep_full_statements: args.keep_full_statements },
         },
-    );
+    )
+    .with_identity(identity);
     let reader =
         tokio::spawn(read_loop(events, pipeline, tx.clone(), stats.clone(), cancel.clone()));
     let watcher =

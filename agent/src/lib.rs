@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod drops;
 pub mod events;
 pub mod flow;
+pub mod identity;
 pub mod l7;
 pub mod loader;
 pub mod output;
