@@ -18,7 +18,7 @@
 //! Anything else under `*.slice/<unit>.service` is a systemd unit.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::unix::fs::DirEntryExt as _,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
@@ -125,66 +125,91 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// What the cache knows about a cgroup id.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Known(Arc<CgroupInfo>),
+    /// The last walk did not find it (a cgroup already removed); asked again after the next
+    /// periodic walk.
+    Unknown,
+    /// Not walked yet: a rescan is on its way.
+    Pending,
+}
+
+#[derive(Default)]
+struct Tables {
+    known: HashMap<u64, Arc<CgroupInfo>>,
+    unknown: HashSet<u64>,
+}
+
 /// id → cgroup, shared between the resolver task and the flow path.
 #[derive(Clone)]
 pub struct CgroupCache {
-    map: Arc<RwLock<HashMap<u64, Arc<CgroupInfo>>>>,
+    tables: Arc<RwLock<Tables>>,
     misses: mpsc::Sender<u64>,
 }
 
 impl CgroupCache {
     /// Starts the resolver task over the hierarchy mounted at `root`.
     pub fn start(root: PathBuf, cancel: tokio_util::sync::CancellationToken) -> Self {
-        let map = Arc::new(RwLock::new(HashMap::new()));
+        let tables = Arc::new(RwLock::new(Tables::default()));
         let (misses, rx) = mpsc::channel(MISS_QUEUE);
-        tokio::spawn(resolve_loop(root, map.clone(), rx, cancel));
-        Self { map, misses }
+        tokio::spawn(resolve_loop(root, tables.clone(), rx, cancel));
+        Self { tables, misses }
     }
 
-    /// The cgroup with id `id`, if known; an unknown id asks the resolver for a rescan.
-    pub fn get(&self, id: u64) -> Option<Arc<CgroupInfo>> {
+    /// What is known of cgroup `id`; a pending id asks the resolver for a rescan.
+    pub fn lookup(&self, id: u64) -> Lookup {
         if id == 0 {
-            return None;
+            return Lookup::Unknown;
         }
-        let found =
-            self.map.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).cloned();
-        if found.is_none() {
-            // A full queue means a rescan is coming anyway.
-            let _ = self.misses.try_send(id);
+        let t = self.tables.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(info) = t.known.get(&id) {
+            return Lookup::Known(info.clone());
         }
-        found
+        if t.unknown.contains(&id) {
+            return Lookup::Unknown;
+        }
+        drop(t);
+        // A full queue means a rescan is coming anyway.
+        let _ = self.misses.try_send(id);
+        Lookup::Pending
+    }
+
+    /// The cgroup with id `id`, if known.
+    pub fn get(&self, id: u64) -> Option<Arc<CgroupInfo>> {
+        match self.lookup(id) {
+            Lookup::Known(info) => Some(info),
+            Lookup::Unknown | Lookup::Pending => None,
+        }
     }
 }
 
 async fn resolve_loop(
     root: PathBuf,
-    map: Arc<RwLock<HashMap<u64, Arc<CgroupInfo>>>>,
+    tables: Arc<RwLock<Tables>>,
     mut misses: mpsc::Receiver<u64>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(RESCAN_EVERY);
-    let mut last = Instant::now() - RESCAN_EVERY;
-    // Ids not found by the last walk: asked again only after the next periodic one.
-    let mut unknown: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut last = Instant::now().checked_sub(RESCAN_EVERY).unwrap_or_else(Instant::now);
     let mut warned = false;
+    let read = || tables.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     loop {
         let missed = tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => None,
             id = misses.recv() => match id { Some(id) => Some(id), None => return },
         };
+        let periodic = missed.is_none();
         if let Some(id) = missed {
-            if unknown.contains(&id)
-                || map.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&id)
-            {
+            if read().known.contains_key(&id) || read().unknown.contains(&id) {
                 continue;
             }
             let wait = MISS_RESCAN_GAP.saturating_sub(last.elapsed());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-        } else {
-            unknown.clear();
         }
         let walk_root = root.clone();
         let Ok(walked) = tokio::task::spawn_blocking(move || walk(&walk_root)).await else {
@@ -195,28 +220,26 @@ async fn resolve_loop(
             warned = true;
             tracing::warn!(root = %root.display(), max = MAX_CGROUPS, "more cgroups than the agent keeps; some are not named");
         }
-        let mut m = map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut t = tables.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Keep the parsed entries of cgroups that still exist.
         let mut next = HashMap::with_capacity(walked.paths.len());
         for (id, path) in walked.paths {
-            let info = match m.remove(&id) {
+            let info = match t.known.remove(&id) {
                 Some(old) if old.path == path => old,
                 _ => Arc::new(parse_path(&path)),
             };
             next.insert(id, info);
         }
-        *m = next;
-        drop(m);
-        // Drain misses that the walk answered or could not answer.
-        while let Ok(id) = misses.try_recv() {
-            if !map.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&id) {
-                unknown.insert(id);
-            }
+        t.known = next;
+        if periodic {
+            t.unknown.clear();
         }
-        if let Some(id) = missed
-            && !map.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&id)
-        {
-            unknown.insert(id);
+        // What was asked for and is still not there is gone.
+        let asked: Vec<u64> = std::iter::from_fn(|| misses.try_recv().ok()).chain(missed).collect();
+        for id in asked {
+            if !t.known.contains_key(&id) && t.unknown.len() < MAX_CGROUPS {
+                t.unknown.insert(id);
+            }
         }
     }
 }

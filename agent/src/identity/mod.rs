@@ -3,10 +3,11 @@
 //! endpoints, DNS names — and reports where a connection to a Service address really went.
 //!
 //! Sources are caches kept current by background tasks (API watches, cgroup walks, the Docker
-//! API, a file reload, reverse lookups); [`Identity::process`] only reads them. The exception is
-//! address translation: a client connection's first flow is held back (at most [`HOLD`]) until the
-//! conntrack worker says which backend it reached, so even the CONNECT flow names the backend; the
-//! connection's later flows reuse the answer.
+//! API, a file reload, reverse lookups); [`Identity::process`] only reads them. Two answers are
+//! worth a short wait: a client connection's first flow is held back (at most [`HOLD`]) until the
+//! conntrack worker says which backend it reached, so even the CONNECT flow names the backend (the
+//! connection's later flows reuse the answer), and a flow whose process sits in a cgroup the
+//! cgroup walker has not seen yet (a container that just started) waits for the next walk.
 
 pub mod cgroup;
 pub mod ctnetlink;
@@ -134,14 +135,23 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Connections waiting for, or with, their translation.
-struct Translations {
-    nat: Nat,
+/// Flows of one connection held back until what names them is known.
+struct Held {
+    since: Instant,
+    flows: Vec<Flow>,
+    /// A conntrack lookup is outstanding.
+    nat_pending: bool,
+    translated: Option<SocketAddr>,
+}
+
+/// Connections waiting for, or with, their translation, and flows waiting for a cgroup walk.
+#[derive(Default)]
+struct Holding {
+    nat: Option<Nat>,
     known: HashMap<u64, Option<SocketAddr>>,
-    /// Flows held per connection, with when the first was held.
-    held: HashMap<u64, (Instant, Vec<Flow>)>,
+    held: HashMap<u64, Held>,
     closed: VecDeque<(u64, Instant)>,
-    window: (Instant, u32),
+    window: Option<(Instant, u32)>,
     /// Connections not looked up (rate or queue limit).
     skipped: u64,
     /// Connections whose flows were released without an answer.
@@ -155,7 +165,7 @@ pub struct Identity {
     docker: Option<DockerNames>,
     dns: Option<DnsNames>,
     reverse: Option<ReverseDns>,
-    nat: Option<Translations>,
+    holding: Holding,
     cancel: CancellationToken,
 }
 
@@ -169,7 +179,7 @@ impl Identity {
             docker: None,
             dns: None,
             reverse: None,
-            nat: None,
+            holding: Holding::default(),
             cancel: CancellationToken::new(),
         }
     }
@@ -235,15 +245,8 @@ impl Identity {
         }
         if !args.no_translation {
             said.push("address translation (conntrack)".to_owned());
-            this.nat = Some(Translations {
-                nat: Nat::start(args.proc_root.clone()).map_err(IdentityError::Nat)?,
-                known: HashMap::new(),
-                held: HashMap::new(),
-                closed: VecDeque::new(),
-                window: (Instant::now(), 0),
-                skipped: 0,
-                timed_out: 0,
-            });
+            this.holding.nat =
+                Some(Nat::start(args.proc_root.clone()).map_err(IdentityError::Nat)?);
         }
         eprintln!(
             "hopwatch agent: identity: {}",
@@ -253,7 +256,7 @@ impl Identity {
     }
 
     /// Enriches the flows `out[from..]` in place; flows waiting for their connection's address
-    /// translation are taken out and come back from [`Self::release`].
+    /// translation or their process's cgroup are taken out and come back from [`Self::release`].
     pub fn process(&mut self, out: &mut Vec<Flow>, from: usize) {
         if from >= out.len() {
             return;
@@ -265,26 +268,17 @@ impl Identity {
             if let Some(dns) = &mut self.dns {
                 dns.learn(&flow, now);
             }
-            let translated = match &mut self.nat {
-                Some(t) => match t.admit(flow, now) {
-                    Admit::Held => continue,
-                    Admit::Ready(flow, translated) => {
-                        ready.push((flow, translated));
-                        continue;
-                    }
-                },
-                None => None,
-            };
-            ready.push((flow, translated));
+            if let Some(flow) = self.holding.admit(flow, self.cgroups.as_ref(), now) {
+                ready.push(flow);
+            }
         }
         self.finish(ready, out, now);
     }
 
-    /// Releases held flows whose translation is known or who waited [`HOLD`].
+    /// Releases held flows whose translation and cgroups are known, or who waited [`HOLD`].
     pub fn release(&mut self, out: &mut Vec<Flow>) {
         let now = Instant::now();
-        let Some(t) = &mut self.nat else { return };
-        let ready = t.release(now);
+        let ready = self.holding.release(self.cgroups.as_ref(), now);
         self.finish(ready, out, now);
     }
 
@@ -318,8 +312,8 @@ impl Identity {
     /// One line on what the identity layer did, for the agent's exit summary.
     pub fn summary(&self) -> Option<String> {
         use std::sync::atomic::Ordering::Relaxed;
-        let t = self.nat.as_ref()?;
-        let s = &t.nat.stats;
+        let t = &self.holding;
+        let s = &t.nat.as_ref()?.stats;
         Some(format!(
             "{} conntrack lookups, {} translated, {} not looked up (rate), {} released unanswered, {} in unreachable namespaces, {} errors",
             s.lookups.load(Relaxed),
@@ -339,11 +333,6 @@ impl Drop for Identity {
             eprintln!("hopwatch agent: identity: {s}");
         }
     }
-}
-
-enum Admit {
-    Held,
-    Ready(Flow, Option<SocketAddr>),
 }
 
 /// A client's TCP connection flow: the end whose destination a Service translation rewrote.
@@ -379,63 +368,105 @@ fn wants_lookup(flow: &Flow) -> Option<ctnetlink::Tuple> {
     })
 }
 
-impl Translations {
-    fn admit(&mut self, flow: Flow, now: Instant) -> Admit {
+/// Whether a flow names a process whose cgroup a walk has not reached yet.
+fn cgroup_pending(flow: &Flow, cgroups: Option<&CgroupCache>) -> bool {
+    let Some(c) = cgroups else { return false };
+    [&flow.source_process, &flow.destination_process]
+        .into_iter()
+        .flatten()
+        .any(|p| matches!(c.lookup(p.cgroup_id), cgroup::Lookup::Pending))
+}
+
+impl Holding {
+    /// Takes `flow` in: returns it (with its translation) when it can be named now, or holds it.
+    fn admit(
+        &mut self,
+        flow: Flow,
+        cgroups: Option<&CgroupCache>,
+        now: Instant,
+    ) -> Option<(Flow, Option<SocketAddr>)> {
         let cookie = flow.socket_cookie;
-        if flow.socket_event() == SocketEvent::Close
-            || flow.socket_event() == SocketEvent::ConnectFailed
+        if cookie != 0
+            && matches!(flow.socket_event(), SocketEvent::Close | SocketEvent::ConnectFailed)
         {
             self.closed.push_back((cookie, now));
         }
-        if let Some((_, held)) = self.held.get_mut(&cookie) {
-            held.push(flow);
-            return Admit::Held;
+        if let Some(held) = self.held.get_mut(&cookie) {
+            // Behind the connection's earlier flows, in order.
+            held.flows.push(flow);
+            return None;
         }
-        if let Some(known) = self.known.get(&cookie) {
-            return Admit::Ready(flow, *known);
+        let mut translated = None;
+        let mut nat_pending = false;
+        if let Some(nat) = &self.nat {
+            match self.known.get(&cookie) {
+                Some(t) => translated = *t,
+                None => {
+                    if let Some(tuple) = wants_lookup(&flow) {
+                        let window = self.window.get_or_insert((now, 0));
+                        if now.duration_since(window.0) >= Duration::from_secs(1) {
+                            *window = (now, 0);
+                        }
+                        window.1 += 1;
+                        let request = nat::Request {
+                            cookie,
+                            netns: flow.netns_inode,
+                            pid: flow.source_process.as_ref().map_or(0, |p| p.pid),
+                            tuple,
+                        };
+                        if window.1 <= MAX_LOOKUPS_PER_SEC && nat.requests.try_send(request).is_ok()
+                        {
+                            nat_pending = true;
+                        } else {
+                            self.skipped += 1;
+                        }
+                    }
+                }
+            }
         }
-        let Some(tuple) = wants_lookup(&flow) else { return Admit::Ready(flow, None) };
-        if now.duration_since(self.window.0) >= Duration::from_secs(1) {
-            self.window = (now, 0);
+        // Flows without a connection (drops) are never held: they have no key to queue under.
+        if cookie == 0 || !nat_pending && !cgroup_pending(&flow, cgroups) {
+            return Some((flow, translated));
         }
-        self.window.1 += 1;
-        let request = nat::Request {
-            cookie,
-            netns: flow.netns_inode,
-            pid: flow.source_process.as_ref().map_or(0, |p| p.pid),
-            tuple,
-        };
-        if self.window.1 > MAX_LOOKUPS_PER_SEC || self.nat.requests.try_send(request).is_err() {
-            self.skipped += 1;
-            return Admit::Ready(flow, None);
-        }
-        self.held.insert(cookie, (now, vec![flow]));
-        Admit::Held
+        self.held.insert(cookie, Held { since: now, flows: vec![flow], nat_pending, translated });
+        None
     }
 
-    fn release(&mut self, now: Instant) -> Vec<(Flow, Option<SocketAddr>)> {
+    fn release(
+        &mut self,
+        cgroups: Option<&CgroupCache>,
+        now: Instant,
+    ) -> Vec<(Flow, Option<SocketAddr>)> {
         let mut ready = Vec::new();
-        while let Ok(answer) = self.nat.answers.try_recv() {
-            if self.known.len() >= MAX_TRANSLATIONS {
-                // Connections normally leave through `closed`; this bounds what they leave
-                // behind when their close was never seen.
-                self.known.clear();
-            }
-            self.known.insert(answer.cookie, answer.translated);
-            if let Some((_, flows)) = self.held.remove(&answer.cookie) {
-                ready.extend(flows.into_iter().map(|f| (f, answer.translated)));
+        if let Some(nat) = &self.nat {
+            while let Ok(answer) = nat.answers.try_recv() {
+                if self.known.len() >= MAX_TRANSLATIONS {
+                    // Connections normally leave through `closed`; this bounds what they leave
+                    // behind when their close was never seen.
+                    self.known.clear();
+                }
+                self.known.insert(answer.cookie, answer.translated);
+                if let Some(held) = self.held.get_mut(&answer.cookie) {
+                    held.nat_pending = false;
+                    held.translated = answer.translated;
+                }
             }
         }
-        let late: Vec<u64> = self
+        let done: Vec<u64> = self
             .held
             .iter()
-            .filter(|(_, (at, _))| now.duration_since(*at) >= HOLD)
+            .filter(|(_, h)| {
+                let waiting = h.nat_pending || h.flows.iter().any(|f| cgroup_pending(f, cgroups));
+                !waiting || now.duration_since(h.since) >= HOLD
+            })
             .map(|(c, _)| *c)
             .collect();
-        for cookie in late {
-            self.timed_out += 1;
-            if let Some((_, flows)) = self.held.remove(&cookie) {
-                ready.extend(flows.into_iter().map(|f| (f, None)));
+        for cookie in done {
+            if let Some(held) = self.held.remove(&cookie) {
+                if held.nat_pending {
+                    self.timed_out += 1;
+                }
+                ready.extend(held.flows.into_iter().map(|f| (f, held.translated)));
             }
         }
         while let Some((cookie, at)) = self.closed.front().copied() {
