@@ -135,6 +135,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() });
     }
 
+    // Before loading: a bad endpoints file or kubeconfig is refused before anything attaches.
+    let identity = crate::identity::Identity::start(
+        &args.identity,
+        &args.node_name.clone().unwrap_or_else(hostname),
+    )
+    .await?;
     let loaded = load(&args, &probe)?;
 
     let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
@@ -167,7 +173,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cancel = cancel.clone();
         move || print_loop(rx, args.output, &cancel)
     });
-    let identity = crate::identity::Identity::start(&args.identity, &node_name).await?;
     let pipeline = Pipeline::new(
         builder,
         PipelineOptions {

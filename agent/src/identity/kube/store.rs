@@ -348,13 +348,15 @@ impl KubeState {
     // ---- queries (the flow path) ----
 
     /// The pod that held `ip` at `at_ms` (Unix ms): among the pods whose tenure covers that
-    /// time the most recent one, else the current holder, else the last one within the grace.
+    /// time, the one whose tenure ended first (addresses are released when a pod is deleted, and
+    /// IPAM hands them out again later, so a flow before the deletion was seen is the old pod's);
+    /// else the current holder; else the last one within the grace period.
     pub fn pod_by_ip(&self, ip: IpAddr, at_ms: i64) -> Option<&Arc<PodMeta>> {
         let history = self.by_ip.get(&ip)?;
         history
             .iter()
             .filter(|t| t.from_ms <= at_ms && t.until_ms.is_none_or(|u| at_ms <= u))
-            .max_by_key(|t| t.from_ms)
+            .min_by_key(|t| (t.until_ms.unwrap_or(i64::MAX), std::cmp::Reverse(t.from_ms)))
             .or_else(|| history.iter().filter(|t| t.until_ms.is_none()).max_by_key(|t| t.from_ms))
             .or_else(|| history.iter().max_by_key(|t| t.until_ms))
             .map(|t| &t.pod)

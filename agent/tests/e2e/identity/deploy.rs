@@ -1,1 +1,1 @@
-//! (filled below)
+//! Deployment manifests (filled below).

@@ -20,7 +20,7 @@ const SERVICE_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 
 #[derive(Debug, Clone, Copy)]
-enum Balancing {
+pub(super) enum Balancing {
     /// One ready endpoint: a plain jump to its DNAT chain.
     Single,
     /// Two endpoints, `-m statistic --mode random --probability 0.5` then the last one.
@@ -32,7 +32,7 @@ enum Balancing {
 /// kube-proxy's rules for one service, in the client pod's nat OUTPUT chain (kube-proxy jumps to
 /// KUBE-SERVICES from both OUTPUT and PREROUTING; OUTPUT is where a node-local client's traffic
 /// is translated).
-fn kube_proxy_rules(client: &Pod, vip: Ipv4Addr, backends: &[&Pod], mode: Balancing) {
+pub(super) fn kube_proxy_rules(client: &Pod, vip: Ipv4Addr, backends: &[&Pod], mode: Balancing) {
     let ipt = |args: &[&str]| {
         let mut full = vec!["iptables", "-w", "-t", "nat"];
         full.extend_from_slice(args);
