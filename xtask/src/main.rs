@@ -27,7 +27,8 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// the application-protocol topology's servers (nginx, postgresql, redis-server,
 /// mariadb-server, dnsmasq-base: the binary without Debian's system-wide service) and tools
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
-/// python3-venv for the app's virtualenv).
+/// python3-venv for the app's virtualenv), and systemd for `systemd-analyze verify` of the unit
+/// in deploy/.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -43,6 +44,7 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     "bind9-dnsutils",
     "python3-venv",
+    "systemd",
 ];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "agent/tests/e2e/requirements.txt";
