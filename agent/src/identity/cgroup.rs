@@ -196,13 +196,13 @@ async fn resolve_loop(
     let mut warned = false;
     let read = || tables.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     loop {
-        let missed = tokio::select! {
+        let asked_for = tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => None,
             id = misses.recv() => match id { Some(id) => Some(id), None => return },
         };
-        let periodic = missed.is_none();
-        if let Some(id) = missed {
+        let periodic = asked_for.is_none();
+        if let Some(id) = asked_for {
             if read().known.contains_key(&id) || read().unknown.contains(&id) {
                 continue;
             }
@@ -235,7 +235,8 @@ async fn resolve_loop(
             t.unknown.clear();
         }
         // What was asked for and is still not there is gone.
-        let asked: Vec<u64> = std::iter::from_fn(|| misses.try_recv().ok()).chain(missed).collect();
+        let asked: Vec<u64> =
+            std::iter::from_fn(|| misses.try_recv().ok()).chain(asked_for).collect();
         for id in asked {
             if !t.known.contains_key(&id) && t.unknown.len() < MAX_CGROUPS {
                 t.unknown.insert(id);
@@ -251,9 +252,9 @@ struct Walked {
 
 /// Every cgroup under `root`: (id, path relative to root).
 fn walk(root: &Path) -> Walked {
+    use std::os::unix::fs::MetadataExt as _;
     let mut out = Walked { paths: Vec::new(), truncated: false };
     if let Ok(meta) = std::fs::metadata(root) {
-        use std::os::unix::fs::MetadataExt as _;
         out.paths.push((meta.ino(), "/".to_owned()));
     }
     let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
@@ -324,10 +325,11 @@ mod tests {
 
     #[test]
     fn walks_a_directory_tree_with_inode_numbers() {
+        use std::os::unix::fs::MetadataExt as _;
+
         let dir = std::env::temp_dir().join(format!("hw-cg-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("system.slice/nginx.service")).unwrap();
         let walked = walk(&dir);
-        use std::os::unix::fs::MetadataExt as _;
         let ino = std::fs::metadata(dir.join("system.slice/nginx.service")).unwrap().ino();
         assert!(
             walked.paths.contains(&(ino, "/system.slice/nginx.service".to_owned())),

@@ -84,7 +84,8 @@ fn nested(kind: u16, build: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 
 /// A `CT_GET` request for the connection whose original direction is `t`.
 pub fn get_request(t: &Tuple, seq: u32) -> Vec<u8> {
-    let family: u8 = if t.src.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
+    let family = u8::try_from(if t.src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 })
+        .expect("address family numbers fit in a byte");
     let ip = nested(CTA_TUPLE_IP, |b| match (t.src.ip(), t.dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             put_attr(b, CTA_IP_V4_SRC, &s.octets());

@@ -24,11 +24,11 @@ pub const MAX_ANSWER_ADDRESSES: usize = 65_536;
 const MAX_NAMES_PER_ADDRESS: usize = 4;
 /// A name outlives a short TTL: connections to the address often last longer than the
 /// answer's TTL (5 minutes is a common client cache time).
-const MIN_TTL: Duration = Duration::from_secs(300);
-const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const MIN_TTL: Duration = Duration::from_mins(5);
+const MAX_TTL: Duration = Duration::from_hours(24);
 /// Reverse lookups: addresses cached, negative answers kept, queue length.
 const MAX_REVERSE: usize = 65_536;
-const REVERSE_NEGATIVE_TTL: Duration = Duration::from_secs(300);
+const REVERSE_NEGATIVE_TTL: Duration = Duration::from_mins(5);
 const REVERSE_QUEUE: usize = 1024;
 /// Longest a reverse lookup may take.
 const REVERSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -261,14 +261,14 @@ mod tests {
         assert!(d.names(ip, now + Duration::from_secs(3601)).is_none());
         // A 5 s TTL is kept for the minimum.
         d.learn(&dns_flow("short.example.com", &["10.1.1.1"], 5, 0), now);
-        assert!(d.names("10.1.1.1".parse().unwrap(), now + Duration::from_secs(60)).is_some());
+        assert!(d.names("10.1.1.1".parse().unwrap(), now + Duration::from_mins(1)).is_some());
     }
 
     #[test]
     fn is_bounded() {
         let mut d = DnsNames::default();
         let now = Instant::now();
-        for i in 0..(MAX_ANSWER_ADDRESSES as u32 + 10) {
+        for i in 0..u32::try_from(MAX_ANSWER_ADDRESSES + 10).unwrap() {
             let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
             d.learn(&dns_flow("x.example", &[&ip], 600, 0), now);
         }

@@ -217,14 +217,13 @@ impl Identity {
             this.statics = Some(shared);
         }
         if !args.no_cgroup_names {
-            match args.cgroup_root.clone().or_else(cgroup::cgroup2_mount) {
-                Some(root) => {
-                    said.push(format!("cgroups {}", root.display()));
-                    this.cgroups = Some(CgroupCache::start(root, this.cancel.clone()));
-                }
-                None => tracing::warn!(
+            if let Some(root) = args.cgroup_root.clone().or_else(cgroup::cgroup2_mount) {
+                said.push(format!("cgroups {}", root.display()));
+                this.cgroups = Some(CgroupCache::start(root, this.cancel.clone()));
+            } else {
+                tracing::warn!(
                     "no cgroup v2 mount found: processes are not named by container or unit"
-                ),
+                );
             }
         }
         if !args.no_docker && args.docker_socket.exists() {
@@ -510,7 +509,7 @@ async fn reload_statics(
                 *shared.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(s);
             }
             Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "keeping the previous static endpoints")
+                tracing::error!(error = %crate::error_chain(&e), "keeping the previous static endpoints");
             }
         }
     }

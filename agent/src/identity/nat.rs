@@ -30,7 +30,7 @@ use super::ctnetlink::{self, CtError, Tuple};
 /// Requests waiting for the worker; beyond this they are not looked up (and counted).
 pub const QUEUE: usize = 4096;
 /// A namespace's socket unused this long is closed.
-const SOCKET_IDLE: Duration = Duration::from_secs(60);
+const SOCKET_IDLE: Duration = Duration::from_mins(1);
 /// Namespaces with an open socket at most.
 const MAX_SOCKETS: usize = 512;
 /// Shortest time between two scans of /proc and /run/netns for a namespace no process names.
@@ -287,7 +287,7 @@ impl Worker {
             return None;
         }
         self.last_scan = Some(Instant::now());
-        let named = ["/run/netns", "/var/run/netns", "/run/docker/netns"]
+        let mut named = ["/run/netns", "/var/run/netns", "/run/docker/netns"]
             .into_iter()
             .filter_map(|d| std::fs::read_dir(d).ok())
             .flatten()
@@ -302,7 +302,7 @@ impl Worker {
             })
             .map(|e| e.path().join("ns/net"));
         let want = format!("net:[{netns}]");
-        named.filter_map(matches).next().or_else(|| {
+        named.find_map(matches).or_else(|| {
             procs
                 .filter(|p| std::fs::read_link(p).is_ok_and(|l| l.as_os_str() == want.as_str()))
                 .find_map(matches)

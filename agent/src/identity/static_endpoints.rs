@@ -217,7 +217,9 @@ fn parse_net(s: &str) -> Option<IpNet> {
 
 /// The parser's message on one line, with its location first.
 fn syntax_message(e: &serde_saphyr::Error) -> String {
-    let first = e.to_string().lines().next().unwrap_or_default().to_owned();
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first).to_owned();
     match e.location() {
         Some(at) if !first.contains("line") => {
             format!("line {}, column {}: {first}", at.line(), at.column())

@@ -65,7 +65,7 @@ pub fn spawn(
 }
 
 /// Applies an object to the store: `true` for an add/update, `false` for a deletion.
-type Apply<K> = fn(&mut KubeState, K, bool);
+type Apply<K> = fn(&mut KubeState, &K, bool);
 
 fn run<K, S>(
     kind: Kind,
@@ -101,8 +101,8 @@ where
             let mut s = state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             match event {
                 watcher::Event::Init => s.init(kind),
-                watcher::Event::InitApply(o) | watcher::Event::Apply(o) => apply(&mut s, o, true),
-                watcher::Event::Delete(o) => apply(&mut s, o, false),
+                watcher::Event::InitApply(o) | watcher::Event::Apply(o) => apply(&mut s, &o, true),
+                watcher::Event::Delete(o) => apply(&mut s, &o, false),
                 watcher::Event::InitDone => {
                     s.init_done(kind, now_ms());
                     if failures > 0 {
@@ -119,7 +119,7 @@ fn controller(meta: &ObjectMeta) -> Option<&OwnerReference> {
     meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true))
 }
 
-fn apply_pod(s: &mut KubeState, pod: Pod, present: bool) {
+fn apply_pod(s: &mut KubeState, pod: &Pod, present: bool) {
     let meta = &pod.metadata;
     let Some(uid) = meta.uid.clone() else { return };
     if !present {
@@ -179,7 +179,7 @@ fn apply_pod(s: &mut KubeState, pod: Pod, present: bool) {
     });
 }
 
-fn apply_service(s: &mut KubeState, svc: Service, present: bool) {
+fn apply_service(s: &mut KubeState, svc: &Service, present: bool) {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
     let name = svc.metadata.name.clone().unwrap_or_default();
     if !present {
@@ -210,7 +210,7 @@ fn apply_service(s: &mut KubeState, svc: Service, present: bool) {
     s.apply_service(ServiceMeta { namespace, name, frontends });
 }
 
-fn apply_slice(s: &mut KubeState, slice: EndpointSlice, present: bool) {
+fn apply_slice(s: &mut KubeState, slice: &EndpointSlice, present: bool) {
     let namespace = slice.metadata.namespace.clone().unwrap_or_default();
     let name = slice.metadata.name.clone().unwrap_or_default();
     if !present {
@@ -248,11 +248,11 @@ fn apply_slice(s: &mut KubeState, slice: EndpointSlice, present: bool) {
     s.apply_slice(SliceMeta { namespace, name, service, ports, endpoints });
 }
 
-fn apply_replicaset(s: &mut KubeState, obj: PartialObjectMeta<ReplicaSet>, present: bool) {
+fn apply_replicaset(s: &mut KubeState, obj: &PartialObjectMeta<ReplicaSet>, present: bool) {
     apply_owner(s, Kind::ReplicaSet, &obj.metadata, present);
 }
 
-fn apply_job(s: &mut KubeState, obj: PartialObjectMeta<Job>, present: bool) {
+fn apply_job(s: &mut KubeState, obj: &PartialObjectMeta<Job>, present: bool) {
     apply_owner(s, Kind::Job, &obj.metadata, present);
 }
 

@@ -59,6 +59,7 @@ fn with_created(mut p: Value, at: &str) -> Value {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario: list, churn, 410 relist, resumed watch")]
 fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
     let api = KubeApi::start();
     api.put(Res::ReplicaSets, owned("shop", "api-7d9f", Some(("Deployment", "api"))));
@@ -73,7 +74,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
             NODE,
             "10.77.0.5",
             Some(("ReplicaSet", "api-7d9f")),
-            app.clone(),
+            &app,
         ),
     );
     api.put(
@@ -85,16 +86,16 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
             NODE,
             "10.77.0.6",
             Some(("Job", "backup-28")),
-            json!({}),
+            &json!({}),
         ),
     );
     api.put(
         Res::Pods,
-        pod("shop", "far-away", "uid-far", "other-node", "10.77.0.7", None, json!({})),
+        pod("shop", "far-away", "uid-far", "other-node", "10.77.0.7", None, &json!({})),
     );
     api.put(
         Res::Pods,
-        pod("shop", "pg-0", "uid-pg", NODE, "10.77.0.8", Some(("StatefulSet", "pg")), json!({})),
+        pod("shop", "pg-0", "uid-pg", NODE, "10.77.0.8", Some(("StatefulSet", "pg")), &json!({})),
     );
     api.put(Res::Services, service("shop", "api", "10.96.0.10", 80));
     api.put(
@@ -114,7 +115,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
         .block_on(KubeSource::start(
             &Source::Kubeconfig(kubeconfig.0.clone()),
             &PodScope::Node(NODE.into()),
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             &cancel,
         ))
         .expect("kube source starts");
@@ -161,7 +162,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
             NODE,
             "10.77.0.5",
             Some(("ReplicaSet", "api-7d9f")),
-            app.clone(),
+            &app,
         ),
         &humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     );
@@ -175,7 +176,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
             NODE,
             "10.77.0.9",
             Some(("ReplicaSet", "api-7d9f")),
-            app.clone(),
+            &app,
         ),
     );
     eventually(&state, "the replacement and the scale-up", |s| {
@@ -215,7 +216,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
                 NODE,
                 "10.77.0.10",
                 Some(("ReplicaSet", "api-7d9f")),
-                app.clone(),
+                &app,
             ),
         );
         silent.remove(Res::Services, "shop", "api");
@@ -260,7 +261,7 @@ fn flows_are_named_from_the_kubernetes_api() {
             NODE,
             &client.ip.to_string(),
             Some(("ReplicaSet", "api-7d9f")),
-            app.clone(),
+            &app,
         ),
     );
     for (p, name) in [(&a, "pg-0"), (&b, "pg-1")] {
@@ -273,7 +274,7 @@ fn flows_are_named_from_the_kubernetes_api() {
                 NODE,
                 &p.ip.to_string(),
                 Some(("StatefulSet", "pg")),
-                json!({"app": "pg"}),
+                &json!({"app": "pg"}),
             ),
         );
     }
@@ -333,7 +334,7 @@ fn flows_are_named_from_the_kubernetes_api() {
         NODE,
         &client.ip.to_string(),
         Some(("ReplicaSet", "api-7d9f")),
-        app,
+        &app,
     );
     y["metadata"]["creationTimestamp"] =
         json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());

@@ -348,7 +348,7 @@ pub fn pod(
     node: &str,
     ip: &str,
     owner: Option<(&str, &str)>,
-    labels: Value,
+    labels: &Value,
 ) -> Value {
     let mut meta = json!({
         "name": name, "namespace": namespace, "uid": uid,
