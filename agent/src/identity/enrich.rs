@@ -176,3 +176,131 @@ fn container_labels(ep: &mut Endpoint, cg: &CgroupInfo, name: Option<String>, s:
         ep.labels.push(format!("systemd.unit={unit}"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        identity::kube::store::{PodMeta, ServiceMeta, SliceEndpoint, SliceMeta},
+        proto::flow::{Ip, Layer4, Tcp},
+    };
+
+    fn flow(src: &str, sport: u32, dst: &str, dport: u32) -> Flow {
+        Flow {
+            ip: Some(Ip { source: src.into(), destination: dst.into(), ..Ip::default() }),
+            l4: Some(Layer4 {
+                protocol: Some(Protocol::Tcp(Tcp {
+                    source_port: sport,
+                    destination_port: dport,
+                    flags: None,
+                })),
+            }),
+            time: Some(prost_types::Timestamp { seconds: 1_800_000_000, nanos: 0 }),
+            ..Flow::default()
+        }
+    }
+
+    fn state() -> KubeState {
+        let mut s = KubeState::default();
+        for (uid, name, ip, owner) in [
+            ("u1", "api-7d9f-x", "10.0.0.5", ("ReplicaSet", "api-7d9f")),
+            ("u2", "pg-0", "10.0.1.7", ("StatefulSet", "pg")),
+        ] {
+            s.apply_pod(PodMeta {
+                uid: uid.into(),
+                namespace: "shop".into(),
+                name: name.into(),
+                labels: vec![format!("k8s:app={}", &name[..2])],
+                owner: Some((owner.0.into(), owner.1.into())),
+                template_hash: Some("7d9f".into()),
+                ips: vec![ip.parse().unwrap()],
+                host_network: false,
+                node: "n1".into(),
+                created_ms: 0,
+                containers: Vec::new(),
+            });
+        }
+        s.apply_service(ServiceMeta {
+            namespace: "shop".into(),
+            name: "pg".into(),
+            frontends: vec!["10.96.0.10".parse().unwrap()],
+        });
+        s.apply_slice(SliceMeta {
+            namespace: "shop".into(),
+            name: "pg-1".into(),
+            service: "pg".into(),
+            ports: vec![5432],
+            endpoints: vec![SliceEndpoint {
+                ip: "10.0.1.7".parse().unwrap(),
+                pod: Some(("shop".into(), "pg-0".into())),
+            }],
+        });
+        s
+    }
+
+    fn sources<'a>(kube: &'a KubeState, statics: &'a StaticEndpoints) -> Sources<'a> {
+        Sources {
+            kube: Some(kube),
+            statics: Some(statics),
+            cgroups: None,
+            docker: None,
+            dns: None,
+            reverse: None,
+            now: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_translated_connection_names_the_service_and_the_backend() {
+        let kube = state();
+        let statics = StaticEndpoints::default();
+        let mut f = flow("10.0.0.5", 40000, "10.96.0.10", 5432);
+        enrich(&mut f, Some("10.0.1.7:5432".parse().unwrap()), &sources(&kube, &statics));
+        let src = f.source.as_ref().unwrap();
+        assert_eq!((src.namespace.as_str(), src.pod_name.as_str()), ("shop", "api-7d9f-x"));
+        assert_eq!(src.workloads, vec![Workload { name: "api".into(), kind: "Deployment".into() }]);
+        assert_eq!(f.destination.as_ref().unwrap().pod_name, "pg-0");
+        assert_eq!(
+            f.destination_service,
+            Some(Service { name: "pg".into(), namespace: "shop".into() })
+        );
+        assert_eq!(
+            f.translated_destination,
+            Some(SocketAddress { ip: "10.0.1.7".into(), port: 5432 })
+        );
+        assert_eq!(f.ip.as_ref().unwrap().destination, "10.96.0.10", "what the app dialled stays");
+    }
+
+    #[test]
+    fn a_direct_connection_to_a_backend_names_its_service_from_the_endpointslices() {
+        // Cilium's socket load balancing, a headless service, or the server's own flow.
+        let kube = state();
+        let statics = StaticEndpoints::default();
+        let mut f = flow("10.0.0.5", 40000, "10.0.1.7", 5432);
+        enrich(&mut f, None, &sources(&kube, &statics));
+        assert_eq!(f.destination_service.as_ref().unwrap().name, "pg");
+        assert_eq!(f.translated_destination, None);
+        let mut other_port = flow("10.0.0.5", 40000, "10.0.1.7", 22);
+        enrich(&mut other_port, None, &sources(&kube, &statics));
+        assert_eq!(other_port.destination_service, None, "only the service's ports");
+    }
+
+    #[test]
+    fn static_entries_name_what_kubernetes_does_not() {
+        let kube = state();
+        let statics = StaticEndpoints::parse(
+            Path::new("e.yaml"),
+            "endpoints:\n  - name: billing-db\n    namespace: legacy\n    ips: [192.168.5.0/24]\n",
+        )
+        .unwrap();
+        let mut f = flow("10.0.0.5", 40000, "192.168.5.20", 5432);
+        enrich(&mut f, None, &sources(&kube, &statics));
+        assert_eq!(f.destination.as_ref().unwrap().pod_name, "billing-db");
+        let mut unknown = flow("10.9.9.9", 1, "8.8.8.8", 53);
+        enrich(&mut unknown, None, &sources(&kube, &statics));
+        assert_eq!(unknown.source, Some(Endpoint::default()));
+        assert!(unknown.destination_names.is_empty());
+    }
+}
