@@ -89,6 +89,9 @@ pub struct AgentArgs {
     pub bpf_stats: bool,
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
+    /// Endpoint names: Kubernetes, cgroups, Docker, static endpoints, DNS, translations.
+    #[command(flatten)]
+    pub identity: crate::identity::IdentityArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -115,6 +118,8 @@ pub enum AgentError {
     BpfStats(#[source] aya::sys::SyscallError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -143,6 +148,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() });
     }
 
+    // Before loading: a bad endpoints file or kubeconfig is refused before anything attaches.
+    let identity = crate::identity::Identity::start(
+        &args.identity,
+        &args.node_name.clone().unwrap_or_else(hostname),
+    )
+    .await?;
     let loaded = load(&args, &probe)?;
 
     let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
@@ -182,7 +193,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             l7_timeout: args.l7_timeout,
             redaction: Redaction { keep_full_statements: args.keep_full_statements },
         },
-    );
+    )
+    .with_identity(identity);
     let recorder = match &args.record {
         Some(path) => Some(crate::replay::Recorder::create(path).map_err(AgentError::Record)?),
         None => None,

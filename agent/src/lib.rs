@@ -8,6 +8,7 @@ pub mod events;
 pub mod flow;
 pub mod hops;
 pub mod hops_cli;
+pub mod identity;
 pub mod l7;
 pub mod loader;
 pub mod metrics;

@@ -12,6 +12,7 @@ use crate::{
     conntrack::{Conn, ConnTable, Process, Role, endpoints},
     events::{KernelEvent, comm},
     flow::{Clock, FlowBuilder, L7Observation},
+    identity::Identity,
     l7::{Completed, L7Tracker, session::MessageParser},
     proto::flow::Flow,
     protocols::{self, Protocol, Redaction},
@@ -73,6 +74,8 @@ pub struct PipelineCounters {
 
 pub struct Pipeline {
     builder: FlowBuilder,
+    /// Names the flows' ends (pods, services, containers, DNS names) before they leave.
+    identity: Identity,
     table: ConnTable,
     l7: L7Tracker<protocols::Parser>,
     options: PipelineOptions,
@@ -84,6 +87,7 @@ impl Pipeline {
         let redaction = options.redaction;
         Self {
             builder,
+            identity: Identity::disabled(),
             table: ConnTable::new(CONN_TABLE_CAPACITY),
             l7: L7Tracker::new(Box::new(move |ev: &DataEvent, _server_port| {
                 new_parser(ev, redaction)
@@ -91,6 +95,13 @@ impl Pipeline {
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
         }
+    }
+
+    /// Enriches every flow with `identity` from now on.
+    #[must_use]
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
     }
 
     pub fn builder(&self) -> &FlowBuilder {
@@ -107,6 +118,12 @@ impl Pipeline {
 
     /// Turns one kernel event into the flows it completes (none, one, or several).
     pub fn on_event(&mut self, ev: &KernelEvent<'_>, out: &mut Vec<Flow>) {
+        let from = out.len();
+        self.flows_of(ev, out);
+        self.identity.process(out, from);
+    }
+
+    fn flows_of(&mut self, ev: &KernelEvent<'_>, out: &mut Vec<Flow>) {
         match ev {
             KernelEvent::Tcp(ev) => {
                 let Some(mut conn) = self.table.apply(ev) else { return };
@@ -151,13 +168,16 @@ impl Pipeline {
 
     /// Periodic work: forget idle connections, report requests that timed out.
     pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Flow>) {
+        self.identity.release(out);
         if now_ns.saturating_sub(self.last_sweep_ns) < nanos(SWEEP_EVERY) {
             return;
         }
+        let from = out.len();
         self.last_sweep_ns = now_ns;
         self.table.sweep(now_ns.saturating_sub(nanos(CONN_IDLE_FORGET)));
         let expired = self.l7.expire(now_ns.saturating_sub(nanos(self.options.l7_timeout)));
         self.l7_flows(expired, out);
+        self.identity.process(out, from);
     }
 
     fn l7_flows(

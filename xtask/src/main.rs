@@ -29,7 +29,7 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// mariadb-server, dnsmasq-base: the binary without Debian's system-wide service) and tools
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
 /// python3-venv for the app's virtualenv); the metrics test's Prometheus server with promtool
-/// (prometheus).
+/// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -46,6 +46,7 @@ const TEST_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     "python3-venv",
     "prometheus",
+    "systemd",
 ];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "agent/tests/e2e/requirements.txt";
