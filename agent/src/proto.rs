@@ -6,8 +6,21 @@ pub mod flow {
 }
 
 #[allow(clippy::all, clippy::pedantic, reason = "generated code")]
+pub mod relay {
+    tonic::include_proto!("relay");
+}
+
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod observer {
     tonic::include_proto!("observer");
+}
+
+/// hopwatch's own ingest API (agents → collector).
+pub mod hopwatch {
+    #[allow(clippy::all, clippy::pedantic, reason = "generated code")]
+    pub mod v1 {
+        tonic::include_proto!("hopwatch.v1");
+    }
 }
 
 use std::sync::LazyLock;
