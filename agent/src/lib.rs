@@ -2,6 +2,7 @@
 //! binary (`main.rs`) is a thin command-line front end over this library.
 
 pub mod agent;
+pub mod collector;
 pub mod conntrack;
 pub mod drops;
 pub mod events;
