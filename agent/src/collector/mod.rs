@@ -2,3 +2,4 @@
 //! on-disk history) and serves Hubble's `observer.Observer` API over them.
 
 pub mod filter;
+pub mod store;
