@@ -26,6 +26,7 @@ use crate::{
         flow::{LostEvent, LostEventSource},
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     },
+    sink::Outlet,
 };
 
 /// Flows waiting for the printer; beyond this the newest are dropped and counted.
@@ -62,6 +63,9 @@ pub struct AgentArgs {
     /// Size of the kernel→agent ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, value_parser = parse_ringbuf_bytes)]
     pub ringbuf_bytes: Option<u32>,
+    /// Where flows go besides stdout (a remote collector, or the in-process one).
+    #[command(flatten)]
+    pub sink: crate::sink::SinkArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -82,6 +86,8 @@ pub enum AgentError {
     RingBuf(#[source] std::io::Error),
     #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -152,7 +158,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let loader::Loaded { ebpf, events, counters, .. } = loaded;
     let stats = Arc::new(PipelineStats::default());
     let cancel = CancellationToken::new();
-    let (tx, rx) = mpsc::channel::<GetFlowsResponse>(OUTPUT_QUEUE);
+    let sink = crate::sink::start(&args.sink, &node_name).await?;
+    let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink);
 
     let printer = tokio::task::spawn_blocking({
         let cancel = cancel.clone();
@@ -171,6 +178,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reader_result = reader.await;
     let _ = watcher.await;
     let _ = printer.await;
+    sink.close().await;
     // Dropping the object detaches every program (all are BPF links owned by this process).
     drop(ebpf);
     eprintln!(
@@ -206,7 +214,7 @@ fn hostname() -> String {
         .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
 }
 
-fn send(tx: &mpsc::Sender<GetFlowsResponse>, stats: &PipelineStats, resp: GetFlowsResponse) {
+fn send(tx: &Outlet, stats: &PipelineStats, resp: GetFlowsResponse) {
     // Policy: when the printer falls behind, drop the newest and count it; the count is reported
     // as an OBSERVER_EVENTS_QUEUE lost event.
     if tx.try_send(resp).is_err() {
@@ -225,7 +233,7 @@ fn flow_response(node_name: &str, flow: crate::proto::flow::Flow) -> GetFlowsRes
 async fn read_loop(
     events: RingBuf<MapData>,
     builder: FlowBuilder,
-    tx: mpsc::Sender<GetFlowsResponse>,
+    tx: Outlet,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -267,7 +275,7 @@ fn handle(
     ev: KernelEvent,
     builder: &FlowBuilder,
     table: &mut ConnTable,
-    tx: &mpsc::Sender<GetFlowsResponse>,
+    tx: &Outlet,
     stats: &PipelineStats,
 ) {
     let flow = match ev {
@@ -299,7 +307,7 @@ fn handle(
 async fn watch_counters(
     counters: PerCpuArray<MapData, u64>,
     node_name: String,
-    tx: mpsc::Sender<GetFlowsResponse>,
+    tx: Outlet,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
 ) {

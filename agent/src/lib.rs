@@ -2,6 +2,7 @@
 //! binary (`main.rs`) is a thin command-line front end over this library.
 
 pub mod agent;
+pub mod cli;
 pub mod collector;
 pub mod conntrack;
 pub mod drops;
@@ -11,6 +12,8 @@ pub mod loader;
 pub mod output;
 pub mod proto;
 pub mod protocols;
+pub mod sink;
+pub mod tls;
 
 /// `error: cause: cause...` on one line, skipping causes the message already contains.
 #[must_use]

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use hopwatch::{agent, error_chain};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use hopwatch::{agent, cli, collector, error_chain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,11 +19,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Trace TCP connections and kernel packet drops on this host and stream them as flows.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
+    /// Receive flows from agents, keep their history, and serve Hubble's Observer API.
+    Collector(collector::CollectorArgs),
+    /// Query a collector's flows (like `hubble observe`).
+    Observe(Box<cli::ObserveArgs>),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -41,11 +46,18 @@ fn main() -> ExitCode {
         };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Agent(args) => agent::run(args).await.map_err(|e| error_chain(&e)),
+            Command::Agent(args) => agent::run(*args).await.map_err(|e| error_chain(&e)),
+            Command::Collector(args) => collector::run(args).await.map_err(|e| error_chain(&e)),
+            Command::Observe(args) => {
+                let sub = matches.subcommand_matches("observe").expect("observe was parsed");
+                return Ok(Some(cli::run(*args, sub).await));
+            }
         }
+        .map(|()| None)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Some(code)) => code,
+        Ok(None) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("hopwatch: error: {msg}");
             ExitCode::FAILURE

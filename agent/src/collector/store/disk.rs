@@ -128,7 +128,6 @@ struct BlockProto {
 struct Active {
     file: File,
     path: Arc<PathBuf>,
-    first_index: u64,
     /// Bytes known to be in the file.
     written: u64,
     open_block: Option<BlockMeta>,
@@ -224,7 +223,6 @@ impl DiskLog {
             let active = Active {
                 file,
                 path: path.clone(),
-                first_index: first,
                 written: keep,
                 open_block: None,
             };
@@ -407,7 +405,6 @@ fn create_segment(dir: &Path, first_index: u64, checkpoint: &Checkpoint) -> Resu
     Ok(Active {
         file,
         path: Arc::new(path),
-        first_index,
         written: bytes.len() as u64,
         open_block: None,
     })
