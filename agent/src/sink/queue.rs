@@ -140,6 +140,12 @@ impl Queue {
             q.first_seq += 1;
         }
         q.next_send = q.next_send.max(q.first_seq);
+        // Room again: the count of what was dropped goes out next.
+        if q.unreported > 0 {
+            self.report_drops(&mut q);
+            drop(q);
+            self.notify.notify_one();
+        }
     }
 
     /// After a reconnection: the collector has everything through `resume_after`; everything
@@ -156,8 +162,10 @@ impl Queue {
         q.first_seq + q.items.len() as u64 - 1
     }
 
+    /// Nothing waits for the collector, not even a count of dropped events.
     pub fn is_drained(&self) -> bool {
-        self.inner.lock().expect("queue lock").items.is_empty()
+        let q = self.inner.lock().expect("queue lock");
+        q.items.is_empty() && q.unreported == 0
     }
 
     /// No more events are accepted (shutdown).

@@ -210,7 +210,7 @@ fn retention_by_age_removes_old_segments() {
     let (store, mut w, _) = FlowStore::open(&cfg).unwrap();
     let old = now_ns() - 2 * 3600 * SEC;
     let mut n = 0u32;
-    let mut write = |w: &mut StoreWriter, base: i64, n: &mut u32| {
+    let write = |w: &mut StoreWriter, base: i64, n: &mut u32| {
         let entries = (0..500)
             .map(|_| {
                 *n += 1;
