@@ -271,7 +271,8 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut chain = Vec::new();
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        let s = e.to_string();
+        // A Status prints its code, message and source all at once; take just the message.
+        let s = e.downcast_ref::<tonic::Status>().map_or_else(|| e.to_string(), |st| st.message().to_owned());
         if !chain.iter().any(|c: &String| c.contains(&s)) {
             chain.push(s);
         }
@@ -281,9 +282,9 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
     let has = |needle: &str| all.contains(needle);
     let hint = if has("UnknownIssuer") {
         "the server's certificate is not signed by the trusted CA (check the CA file)"
-    } else if has("NotValidForName") {
+    } else if has("NotValidForName") || has("not valid for name") {
         "the server's certificate does not name this host (set the expected server name)"
-    } else if has("Expired") {
+    } else if has("Expired") || has("certificate expired") {
         "a certificate has expired"
     } else if has("CertificateRequired") || has("certificate required") {
         "the server requires a client certificate (mutual TLS): give a client certificate and key"
@@ -293,6 +294,8 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
         "the server does not speak TLS here (plaintext server? use http://)"
     } else if has("frame with invalid size") || has("http2 error") && has("HTTP/1") {
         "the server speaks TLS (use https:// or --tls)"
+    } else if has("broken pipe") || has("connection reset") || has("Connection reset") {
+        "the server closed the connection during setup (if it uses TLS, connect with https:// or --tls)"
     } else if has("Connection refused") {
         "connection refused: nothing listens there"
     } else if has("dns error") || has("failed to lookup address") {

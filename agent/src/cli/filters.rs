@@ -199,7 +199,9 @@ pub fn occurrences(m: &ArgMatches) -> (Vec<Occurrence>, Vec<usize>) {
         }
     }
     out.sort_by_key(|o| o.index);
-    let nots = m.indices_of("not").map(Iterator::collect).unwrap_or_default();
+    // A count flag has a default value (with an index of its own) when not given.
+    let given = m.value_source("not") == Some(clap::parser::ValueSource::CommandLine);
+    let nots = if given { m.indices_of("not").map(Iterator::collect).unwrap_or_default() } else { Vec::new() };
     (out, nots)
 }
 

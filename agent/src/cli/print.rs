@@ -93,29 +93,39 @@ impl<W: Write> Printer<W> {
     }
 
     pub fn write(&mut self, resp: &GetFlowsResponse) -> io::Result<()> {
+        if let Some(ResponseTypes::NodeStatus(n)) = &resp.response_types {
+            // A stream opens with who is connected; say only what deserves attention: nodes
+            // that are unavailable, and changes while following.
+            if n.state_change() == NodeState::NodeConnected && !self.flows_seen {
+                return Ok(());
+            }
+            return match self.format {
+                Output::Json => writeln!(self.out, "{}", resp.to_json()),
+                Output::Jsonpb => writeln!(self.out, "{}", resp.to_jsonpb()),
+                _ => {
+                    self.flush_rows()?;
+                    self.out.flush()?;
+                    eprintln!("{}", compact_node_status(n));
+                    Ok(())
+                }
+            };
+        }
+        if matches!(resp.response_types, Some(ResponseTypes::Flow(_))) {
+            self.flows_seen = true;
+        }
         match self.format {
             Output::Json => return writeln!(self.out, "{}", resp.to_json()),
             Output::Jsonpb => return writeln!(self.out, "{}", resp.to_jsonpb()),
             _ => {}
         }
         match &resp.response_types {
-            Some(ResponseTypes::Flow(f)) => {
-                self.flows_seen = true;
-                self.flow(f)
-            }
+            Some(ResponseTypes::Flow(f)) => self.flow(f),
             Some(ResponseTypes::LostEvents(l)) => {
                 let line = self.paint(&compact_lost(l), Some(YELLOW));
                 self.flush_rows()?;
                 writeln!(self.out, "{line}")
             }
-            Some(ResponseTypes::NodeStatus(n)) => {
-                // The stream opens with who is connected; say only what deserves attention.
-                if n.state_change() != NodeState::NodeConnected || self.flows_seen {
-                    eprintln!("{}", compact_node_status(n));
-                }
-                Ok(())
-            }
-            None => Ok(()),
+            Some(ResponseTypes::NodeStatus(_)) | None => Ok(()),
         }
     }
 

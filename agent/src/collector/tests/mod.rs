@@ -3,6 +3,7 @@
 
 mod grpc;
 mod sink;
+mod tls;
 
 use std::{sync::Arc, time::Duration};
 
