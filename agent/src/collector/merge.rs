@@ -2,17 +2,20 @@
 //! window (as Hubble Relay does across nodes), appends them to the store, and acknowledges
 //! agents once their events are stored.
 //!
-//! An event waits until it has been in the window for `window` (or the window holds more than
-//! `max_pending` events), then leaves in time order. Events from a node that lags by more than
-//! the window come out late, not lost. Acknowledgements follow storage: an agent's sequence
-//! number is acknowledged only when every event up to it has been written (with the history's
-//! checkpoint), so after a crash the checkpoint and the acknowledgements agree.
+//! Like Relay, it merges per-source streams: each agent's events stay in the order the agent
+//! sent them (its sequence numbers), and the stage repeatedly releases the earliest of the
+//! sources' next events once that event has waited `window` (or once more than `max_pending`
+//! events wait). Events from a node that lags by more than the window come out late, not lost.
+//!
+//! Keeping each agent's events in sequence order is what makes acknowledgements exact: what has
+//! been released of an agent is always a prefix of its sequence numbers, so the checkpoint
+//! written with those events (and the acknowledgement sent after) names precisely what is
+//! stored. After a crash, recovery truncates to the last checkpoint and the agent resends
+//! exactly what follows it: no event is stored twice.
 
 use std::{
-    cell::Cell,
     cmp::Reverse,
     collections::{BinaryHeap, HashMap, VecDeque},
-    rc::Rc,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -48,51 +51,42 @@ pub enum MergeMsg {
     Flush(oneshot::Sender<()>),
 }
 
-struct BatchTrack {
-    last_seq: u64,
-    remaining: Cell<usize>,
-}
-
 struct Pending {
     time_ns: i64,
-    order: u64,
     arrival: Instant,
     resp: GetFlowsResponse,
-    batch: Option<Rc<BatchTrack>>,
+    /// The agent's sequence number (none for the collector's own notices).
+    seq: Option<u64>,
 }
 
-impl PartialEq for Pending {
-    fn eq(&self, other: &Self) -> bool {
-        (self.time_ns, self.order) == (other.time_ns, other.order)
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Pending {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.time_ns, self.order).cmp(&(other.time_ns, other.order))
-    }
-}
-
-struct AgentTrack {
-    state: Arc<AgentState>,
-    batches: VecDeque<Rc<BatchTrack>>,
+/// One source's events, in the order it sent them.
+struct Source {
+    /// `None` for the collector's own notices.
+    agent: Option<Arc<AgentState>>,
+    queue: VecDeque<Pending>,
     /// Everything up to here is released (and, after the next commit, stored).
     ready_through: u64,
     updated_unix_s: i64,
 }
 
+/// A source's next event, as the merge heap orders them.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Head {
+    time_ns: i64,
+    /// Ties go to the event that arrived first.
+    order: u64,
+    source: usize,
+}
+
 struct Merger {
     cfg: MergeConfig,
     writer: StoreWriter,
-    heap: BinaryHeap<Reverse<Pending>>,
-    order: u64,
-    agents: Vec<AgentTrack>,
+    /// Source 0 is the collector's own notices.
+    sources: Vec<Source>,
     by_id: HashMap<String, usize>,
+    heads: BinaryHeap<Reverse<Head>>,
+    pending: usize,
+    order: u64,
     /// Released but not yet written.
     out: Vec<(i64, GetFlowsResponse)>,
     dirty: bool,
@@ -120,10 +114,16 @@ pub fn spawn(
             let mut m = Merger {
                 cfg,
                 writer,
-                heap: BinaryHeap::new(),
-                order: 0,
-                agents: Vec::new(),
+                sources: vec![Source {
+                    agent: None,
+                    queue: VecDeque::new(),
+                    ready_through: 0,
+                    updated_unix_s: 0,
+                }],
                 by_id: HashMap::new(),
+                heads: BinaryHeap::new(),
+                pending: 0,
+                order: 0,
                 out: Vec::new(),
                 dirty: false,
                 failing_since: None,
@@ -142,19 +142,19 @@ impl Merger {
             return i;
         }
         let ready_through = state.stored_through();
-        self.agents.push(AgentTrack {
-            state: state.clone(),
-            batches: VecDeque::new(),
+        self.by_id.insert(state.id.clone(), self.sources.len());
+        self.sources.push(Source {
+            agent: Some(state),
+            queue: VecDeque::new(),
             ready_through,
             updated_unix_s: unix_now_s(),
         });
-        self.by_id.insert(state.id.clone(), self.agents.len() - 1);
-        self.agents.len() - 1
+        self.sources.len() - 1
     }
 
     async fn run(&mut self, mut rx: mpsc::Receiver<MergeMsg>) {
         loop {
-            let mut deadline = self.heap.peek().map(|Reverse(p)| p.arrival + self.cfg.window);
+            let mut deadline = self.next_due();
             if self.failing_since.is_some() {
                 // Retry a failed history write even when nothing new arrives.
                 let retry = Instant::now() + Duration::from_secs(1);
@@ -171,7 +171,7 @@ impl Merger {
             if let Some(m) = msg {
                 self.accept(m, &mut flush);
                 // Take whatever else is queued before writing: one write per burst.
-                while self.heap.len() < self.cfg.max_pending * 2 {
+                while self.pending < self.cfg.max_pending * 2 {
                     match rx.try_recv() {
                         Ok(m) => self.accept(m, &mut flush),
                         Err(_) => break,
@@ -192,73 +192,86 @@ impl Merger {
         }
     }
 
+    /// When the earliest waiting event is due.
+    fn next_due(&self) -> Option<Instant> {
+        let Reverse(head) = self.heads.peek()?;
+        let p = self.sources[head.source].queue.front().expect("a head has an event");
+        Some(p.arrival + self.cfg.window)
+    }
+
     fn accept(&mut self, msg: MergeMsg, flush: &mut Vec<oneshot::Sender<()>>) {
         let arrival = Instant::now();
         match msg {
             MergeMsg::Batch { agent, last_seq, events } => {
                 let idx = self.track(agent);
-                let track = Rc::new(BatchTrack { last_seq, remaining: Cell::new(events.len()) });
-                self.agents[idx].batches.push_back(track.clone());
-                self.agents[idx].updated_unix_s = unix_now_s();
-                for resp in events {
-                    self.push(resp, arrival, Some(track.clone()));
-                }
-                if track.remaining.get() == 0 {
-                    self.dirty = true;
+                self.sources[idx].updated_unix_s = unix_now_s();
+                let first_seq = last_seq + 1 - events.len() as u64;
+                for (resp, seq) in events.into_iter().zip(first_seq..) {
+                    self.push(idx, resp, arrival, Some(seq));
                 }
             }
             MergeMsg::Notices(events) => {
                 for resp in events {
-                    self.push(resp, arrival, None);
+                    self.push(0, resp, arrival, None);
                 }
             }
             MergeMsg::Flush(tx) => flush.push(tx),
         }
     }
 
-    fn push(&mut self, resp: GetFlowsResponse, arrival: Instant, batch: Option<Rc<BatchTrack>>) {
-        self.order += 1;
-        self.heap.push(Reverse(Pending { time_ns: entry_time_ns(&resp), order: self.order, arrival, resp, batch }));
+    fn push(&mut self, source: usize, resp: GetFlowsResponse, arrival: Instant, seq: Option<u64>) {
+        let time_ns = entry_time_ns(&resp);
+        let q = &mut self.sources[source].queue;
+        let was_empty = q.is_empty();
+        q.push_back(Pending { time_ns, arrival, resp, seq });
+        self.pending += 1;
+        if was_empty {
+            self.order += 1;
+            self.heads.push(Reverse(Head { time_ns, order: self.order, source }));
+        }
     }
 
     /// Moves due events (all of them with `everything`) from the window to the output.
     fn release(&mut self, everything: bool) {
         let now = Instant::now();
-        while let Some(Reverse(top)) = self.heap.peek() {
+        while let Some(Reverse(head)) = self.heads.peek() {
+            let source = head.source;
             let due = everything
-                || self.heap.len() > self.cfg.max_pending
-                || top.arrival + self.cfg.window <= now;
+                || self.pending > self.cfg.max_pending
+                || self.sources[source].queue.front().is_some_and(|p| p.arrival + self.cfg.window <= now);
             if !due {
                 break;
             }
-            let Reverse(p) = self.heap.pop().expect("peeked");
-            if let Some(b) = &p.batch {
-                b.remaining.set(b.remaining.get() - 1);
+            self.heads.pop();
+            let src = &mut self.sources[source];
+            let p = src.queue.pop_front().expect("a head has an event");
+            self.pending -= 1;
+            if let Some(seq) = p.seq {
+                src.ready_through = src.ready_through.max(seq);
                 self.dirty = true;
             }
-            self.out.push((p.time_ns, p.resp));
-        }
-        if self.dirty {
-            for a in &mut self.agents {
-                while let Some(b) = a.batches.front().filter(|b| b.remaining.get() == 0) {
-                    a.ready_through = a.ready_through.max(b.last_seq);
-                    a.batches.pop_front();
-                }
+            if let Some(next) = src.queue.front() {
+                self.order += 1;
+                self.heads.push(Reverse(Head { time_ns: next.time_ns, order: self.order, source }));
             }
+            self.out.push((p.time_ns, p.resp));
         }
     }
 
     fn checkpoint(&self) -> Checkpoint {
         let oldest = unix_now_s() - i64::try_from(MARK_TTL.as_secs()).unwrap_or(i64::MAX);
         let mut agents: Vec<AgentMark> = self
-            .agents
+            .sources
             .iter()
-            .filter(|a| a.updated_unix_s >= oldest)
-            .map(|a| AgentMark {
-                agent_id: a.state.id.clone(),
-                node_name: a.state.node_name.clone(),
-                seq: a.ready_through,
-                updated_unix_s: a.updated_unix_s,
+            .filter(|s| s.updated_unix_s >= oldest)
+            .filter_map(|s| {
+                let a = s.agent.as_ref()?;
+                Some(AgentMark {
+                    agent_id: a.id.clone(),
+                    node_name: a.node_name.clone(),
+                    seq: s.ready_through,
+                    updated_unix_s: s.updated_unix_s,
+                })
             })
             .collect();
         if agents.len() > MAX_MARKS {
@@ -280,8 +293,10 @@ impl Merger {
                     tracing::warn!(after = ?since.elapsed(), "flow history writable again");
                 }
                 self.dirty = false;
-                for a in &self.agents {
-                    a.state.set_stored_through(a.ready_through);
+                for s in &self.sources {
+                    if let Some(a) = &s.agent {
+                        a.set_stored_through(s.ready_through);
+                    }
                 }
             }
             Err(e) => {
