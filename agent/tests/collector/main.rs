@@ -2,6 +2,7 @@
 //! the `observe` CLI against it, and (as root) a real agent streaming kernel flows to it.
 //! `cargo xtask test` runs these with the privileged tests (serially).
 
+mod agent;
 mod support;
 
 use std::{
