@@ -39,11 +39,8 @@ pub fn compact_lost(l: &LostEvent) -> String {
 /// `NODE STATUS: NODE_UNAVAILABLE node-a, node-b (agent disconnected)`
 #[must_use]
 pub fn compact_node_status(n: &NodeStatusEvent) -> String {
-    let mut s = format!(
-        "NODE STATUS: {} {}",
-        n.state_change().as_str_name(),
-        n.node_names.join(", ")
-    );
+    let mut s =
+        format!("NODE STATUS: {} {}", n.state_change().as_str_name(), n.node_names.join(", "));
     if !n.message.is_empty() {
         use std::fmt::Write as _;
         let _ = write!(s, " ({})", n.message);

@@ -58,9 +58,7 @@ fn to_json_with<M: prost::Message>(full_name: &str, msg: &M, options: &Serialize
         .expect("a message we just encoded decodes");
     let mut out = Vec::with_capacity(512);
     let mut ser = serde_json::Serializer::new(&mut out);
-    dynamic
-        .serialize_with_options(&mut ser, options)
-        .expect("serializing to a Vec cannot fail");
+    dynamic.serialize_with_options(&mut ser, options).expect("serializing to a Vec cannot fail");
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 

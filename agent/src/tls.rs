@@ -68,8 +68,17 @@ pub struct ServerTlsArgs {
     pub allow_plaintext: bool,
 }
 
-fn read_certs(path: &Path, what: &'static str, flag: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, flag, path: path.to_owned(), source })?;
+fn read_certs(
+    path: &Path,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        flag,
+        path: path.to_owned(),
+        source,
+    })?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
     if certs.is_empty() {
         return Err(TlsError::NoPem { what, flag, path: path.to_owned() });
@@ -79,18 +88,30 @@ fn read_certs(path: &Path, what: &'static str, flag: &'static str) -> Result<Vec
 
 fn read_key(path: &Path, flag: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
     let what = "private key";
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, flag, path: path.to_owned(), source })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoPem { what, flag, path: path.to_owned() })
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        flag,
+        path: path.to_owned(),
+        source,
+    })?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoPem {
+        what,
+        flag,
+        path: path.to_owned(),
+    })
 }
 
 /// Reads a certificate and its key and checks that they belong together.
-fn identity(cert: &Path, key: &Path, cert_flag: &'static str, key_flag: &'static str) -> Result<Identity, TlsError> {
+fn identity(
+    cert: &Path,
+    key: &Path,
+    cert_flag: &'static str,
+    key_flag: &'static str,
+) -> Result<Identity, TlsError> {
     let chain = read_certs(cert, "certificate", cert_flag)?;
     let der_key = read_key(key, key_flag)?;
-    CertifiedKey::from_der(chain, der_key, &default_provider()).map_err(|e| TlsError::Mismatch {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        reason: e.to_string(),
+    CertifiedKey::from_der(chain, der_key, &default_provider()).map_err(|e| {
+        TlsError::Mismatch { cert: cert.to_owned(), key: key.to_owned(), reason: e.to_string() }
     })?;
     let pem = |p: &Path| std::fs::read(p).expect("read a moment ago");
     Ok(Identity::from_pem(pem(cert), pem(key)))
@@ -100,7 +121,11 @@ fn ca(path: &Path, flag: &'static str) -> Result<Certificate, TlsError> {
     let certs = read_certs(path, "CA certificate", flag)?;
     let mut roots = RootCertStore::empty();
     for c in certs {
-        roots.add(c).map_err(|e| TlsError::BadCa { flag, path: path.to_owned(), reason: e.to_string() })?;
+        roots.add(c).map_err(|e| TlsError::BadCa {
+            flag,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(Certificate::from_pem(std::fs::read(path).map_err(|source| TlsError::Read {
         what: "CA certificate",
@@ -115,14 +140,18 @@ impl ServerTlsArgs {
     pub fn server_config(&self, listen: SocketAddr) -> Result<Option<ServerTlsConfig>, TlsError> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             if let Some(_ca) = &self.tls_client_ca {
-                return Err(TlsError::Incomplete { flag: "--tls-client-ca", needs: "--tls-cert and --tls-key" });
+                return Err(TlsError::Incomplete {
+                    flag: "--tls-client-ca",
+                    needs: "--tls-cert and --tls-key",
+                });
             }
             if !listen.ip().is_loopback() && !self.allow_plaintext {
                 return Err(TlsError::PlaintextListen { addr: listen });
             }
             return Ok(None);
         };
-        let mut cfg = ServerTlsConfig::new().identity(identity(cert, key, "--tls-cert", "--tls-key")?);
+        let mut cfg =
+            ServerTlsConfig::new().identity(identity(cert, key, "--tls-cert", "--tls-key")?);
         if let Some(path) = &self.tls_client_ca {
             cfg = cfg.client_ca_root(ca(path, "--tls-client-ca")?);
         }
@@ -162,9 +191,15 @@ impl ClientTls {
         let path = self.ca.as_ref().ok_or(TlsError::NoCa { flag: self.flags.ca })?;
         cfg = cfg.ca_certificate(ca(path, self.flags.ca)?);
         match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => cfg = cfg.identity(identity(c, k, self.flags.cert, self.flags.key)?),
-            (Some(_), None) => return Err(TlsError::Incomplete { flag: self.flags.cert, needs: self.flags.key }),
-            (None, Some(_)) => return Err(TlsError::Incomplete { flag: self.flags.key, needs: self.flags.cert }),
+            (Some(c), Some(k)) => {
+                cfg = cfg.identity(identity(c, k, self.flags.cert, self.flags.key)?)
+            }
+            (Some(_), None) => {
+                return Err(TlsError::Incomplete { flag: self.flags.cert, needs: self.flags.key });
+            }
+            (None, Some(_)) => {
+                return Err(TlsError::Incomplete { flag: self.flags.key, needs: self.flags.cert });
+            }
             (None, None) => {}
         }
         Ok(cfg)
@@ -183,7 +218,10 @@ pub struct Target {
 impl Target {
     /// `tls` forces TLS for an address without a scheme.
     pub fn parse(server: &str, tls: bool) -> Result<Self, TlsError> {
-        let bad = |reason: &str| TlsError::BadServer { server: server.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| TlsError::BadServer {
+            server: server.to_owned(),
+            reason: reason.to_owned(),
+        };
         let (scheme_tls, rest) = if let Some(r) = server.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = server.strip_prefix("http://") {
@@ -240,9 +278,10 @@ impl Target {
             .http2_keep_alive_interval(std::time::Duration::from_secs(20))
             .keep_alive_timeout(std::time::Duration::from_secs(20));
         if self.tls {
-            ep = ep
-                .tls_config(tls.config(&self.host)?)
-                .map_err(|e| TlsError::BadServer { server: self.uri.clone(), reason: e.to_string() })?;
+            ep = ep.tls_config(tls.config(&self.host)?).map_err(|e| TlsError::BadServer {
+                server: self.uri.clone(),
+                reason: e.to_string(),
+            })?;
         } else {
             check_plaintext_connect(&self.host, allow_plaintext)?;
         }
@@ -272,7 +311,9 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         // A Status prints its code, message and source all at once; take just the message.
-        let s = e.downcast_ref::<tonic::Status>().map_or_else(|| e.to_string(), |st| st.message().to_owned());
+        let s = e
+            .downcast_ref::<tonic::Status>()
+            .map_or_else(|| e.to_string(), |st| st.message().to_owned());
         if !chain.iter().any(|c: &String| c.contains(&s)) {
             chain.push(s);
         }
@@ -288,7 +329,11 @@ pub fn explain(err: &(dyn std::error::Error + 'static)) -> String {
         "a certificate has expired"
     } else if has("CertificateRequired") || has("certificate required") {
         "the server requires a client certificate (mutual TLS): give a client certificate and key"
-    } else if has("UnknownCA") || has("BadCertificate") || has("unknown ca") || has("bad certificate") {
+    } else if has("UnknownCA")
+        || has("BadCertificate")
+        || has("unknown ca")
+        || has("bad certificate")
+    {
         "the server rejected the client certificate (not signed by the CA it trusts)"
     } else if has("InvalidContentType") || has("corrupt message") || has("CorruptMessage") {
         "the server does not speak TLS here (plaintext server? use http://)"

@@ -21,8 +21,13 @@ const LLVM_SYS_PREFIX_VAR: &str = "LLVM_SYS_221_PREFIX";
 /// Debian packages the build needs (bpf-linker links against LLVM 22).
 const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// Debian packages the end-to-end tests need: namespaces and veth (iproute2), firewall rules
-/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv).
-const TEST_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "python3", "util-linux"];
+/// (iptables, nftables), peer processes (python3), dropping privileges (util-linux's setpriv),
+/// virtualenvs for Python test clients (python3-venv).
+const TEST_PACKAGES: &[&str] =
+    &["iproute2", "iptables", "nftables", "python3", "python3-venv", "util-linux"];
+/// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
+const COMPAT_REQUIREMENTS: &str = "agent/tests/compat/requirements.txt";
+const COMPAT_VENV: &str = "target/compat-venv";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "hopwatch's set-up, build, run and test tasks")]
@@ -56,6 +61,13 @@ enum Task {
         /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
+    },
+    /// Build in release mode and print benchmark figures (collector ingest rate, kernel event
+    /// to `observe -f` delay (root), `observe --last 1000` over a 1M-flow store).
+    Bench {
+        /// Arguments for the benchmark binary (e.g. `--flows 200000`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -105,13 +117,61 @@ fn run(task: Task) -> Result<()> {
                      `sudo -E cargo xtask test` (or `cargo xtask test --unit` for unit tests only)"
                 );
             }
+            compat_venv()?;
+            say(
+                "collector and compatibility tests (collector processes, a real agent, a Python gRPC client)",
+            );
+            cargo(&[
+                "test",
+                "-p",
+                "hopwatch",
+                "--test",
+                "collector",
+                "--test",
+                "compat",
+                "--",
+                "--test-threads=1",
+            ])?;
             say("privileged end-to-end tests (serial)");
             let mut args =
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
             args.extend(filter.iter().map(String::as_str));
             cargo(&args)
         }
+        Task::Bench { args } => {
+            setup(&[])?;
+            if !is_root() {
+                say(
+                    "not root: the kernel-event-to-observe delay is not measured (it loads eBPF programs)",
+                );
+            }
+            say("benchmarks (release build; figures below, not pass/fail)");
+            let mut cmd = vec!["bench", "-p", "hopwatch", "--bench", "collector", "--"];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)
+        }
     }
+}
+
+/// A virtualenv with the compatibility test's Python packages, from the Python registry.
+fn compat_venv() -> Result<()> {
+    let root = workspace_root();
+    let venv = root.join(COMPAT_VENV);
+    let python = venv.join("bin/python");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(root.join(COMPAT_REQUIREMENTS))
+        .with_context(|| format!("reading {COMPAT_REQUIREMENTS}"))?;
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    say(&format!("creating {COMPAT_VENV} with {COMPAT_REQUIREMENTS} (Python gRPC toolchain)"));
+    check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    check(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "-r"])
+            .arg(root.join(COMPAT_REQUIREMENTS)),
+    )?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
 }
 
 /// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`; the eBPF build finds it through PATH.

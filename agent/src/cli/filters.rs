@@ -157,7 +157,10 @@ impl Tracker {
                 let d = super::time::parse_latency(v).expect("validated by clap");
                 let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
                 // Several --min-latency: the smallest is the least strict (OR).
-                self.both(|f| f.min_latency_ns = if f.min_latency_ns == 0 { ns } else { f.min_latency_ns.min(ns) });
+                self.both(|f| {
+                    f.min_latency_ns =
+                        if f.min_latency_ns == 0 { ns } else { f.min_latency_ns.min(ns) }
+                });
             }
             other => unreachable!("{other} is not a filter flag"),
         }
@@ -201,12 +204,19 @@ pub fn occurrences(m: &ArgMatches) -> (Vec<Occurrence>, Vec<usize>) {
     out.sort_by_key(|o| o.index);
     // A count flag has a default value (with an index of its own) when not given.
     let given = m.value_source("not") == Some(clap::parser::ValueSource::CommandLine);
-    let nots = if given { m.indices_of("not").map(Iterator::collect).unwrap_or_default() } else { Vec::new() };
+    let nots = if given {
+        m.indices_of("not").map(Iterator::collect).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     (out, nots)
 }
 
 /// (whitelist, blacklist) for the request.
-pub fn build(flags: &[Occurrence], nots: &[usize]) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), FlagError> {
+pub fn build(
+    flags: &[Occurrence],
+    nots: &[usize],
+) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), FlagError> {
     let (mut white, mut black) = (Tracker::default(), Tracker::default());
     let mut nots = nots.to_vec();
     nots.sort_unstable();
@@ -217,7 +227,11 @@ pub fn build(flags: &[Occurrence], nots: &[usize]) -> Result<(Vec<FlowFilter>, V
             negate = true;
             pending.next();
         }
-        if negate { black.add(o.id, &o.value)? } else { white.add(o.id, &o.value)? }
+        if negate {
+            black.add(o.id, &o.value)?
+        } else {
+            white.add(o.id, &o.value)?
+        }
         negate = false;
     }
     if pending.next().is_some() {
@@ -229,9 +243,9 @@ pub fn build(flags: &[Occurrence], nots: &[usize]) -> Result<(Vec<FlowFilter>, V
 // ---- value checks (clap value parsers: a bad value exits 2 naming the flag) ----
 
 pub fn parse_verdict(v: &str) -> Result<Verdict, String> {
-    Verdict::from_str_name(&v.to_ascii_uppercase())
-        .filter(|x| *x != Verdict::Unknown)
-        .ok_or_else(|| "expected FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED".to_owned())
+    Verdict::from_str_name(&v.to_ascii_uppercase()).filter(|x| *x != Verdict::Unknown).ok_or_else(
+        || "expected FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED".to_owned(),
+    )
 }
 
 /// Cilium's monitor message types (`hubble observe -t`).
@@ -264,7 +278,11 @@ pub fn parse_type(v: &str) -> Result<EventTypeFilter, String> {
         Some(s) => Some(s.parse::<i32>().map_err(|_| format!("subtype {s:?} is not a number"))?),
         None => None,
     };
-    Ok(EventTypeFilter { r#type: t, match_sub_type: sub_type.is_some(), sub_type: sub_type.unwrap_or(0) })
+    Ok(EventTypeFilter {
+        r#type: t,
+        match_sub_type: sub_type.is_some(),
+        sub_type: sub_type.unwrap_or(0),
+    })
 }
 
 pub fn parse_direction(v: &str) -> Result<TrafficDirection, String> {
@@ -296,7 +314,8 @@ mod tests {
 
     #[test]
     fn either_flags_make_two_filters() {
-        let (white, black) = build(&occ(&[("ip", "10.0.0.1"), ("verdict", "DROPPED")]), &[]).unwrap();
+        let (white, black) =
+            build(&occ(&[("ip", "10.0.0.1"), ("verdict", "DROPPED")]), &[]).unwrap();
         assert!(black.is_empty());
         assert_eq!(white.len(), 2);
         assert_eq!(white[0].source_ip, ["10.0.0.1"]);
@@ -308,9 +327,12 @@ mod tests {
 
     #[test]
     fn directional_flags_make_one_filter() {
-        let err = build(&occ(&[("from_pod", "prod/web"), ("from_namespace", "x")]), &[]).unwrap_err();
+        let err =
+            build(&occ(&[("from_pod", "prod/web"), ("from_namespace", "x")]), &[]).unwrap_err();
         assert!(err.to_string().contains("--from-namespace"), "{err}");
-        let (white, _) = build(&occ(&[("from_pod", "web"), ("to_port", "5432"), ("to_port", "6379")]), &[]).unwrap();
+        let (white, _) =
+            build(&occ(&[("from_pod", "web"), ("to_port", "5432"), ("to_port", "6379")]), &[])
+                .unwrap();
         assert_eq!(white.len(), 1);
         assert_eq!(white[0].source_pod, ["default/web"]);
         assert_eq!(white[0].destination_port, ["5432", "6379"]);

@@ -21,16 +21,23 @@ use crate::{
 /// Flows printed by a plain `hopwatch observe` (as `hubble observe`).
 const DEFAULT_LAST: u64 = 20;
 
-fn validated(check: fn(&str) -> Result<(), String>) -> impl Fn(&str) -> Result<String, String> + Clone {
+fn validated(
+    check: fn(&str) -> Result<(), String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone {
     move |s| check(s).map(|()| s.to_owned())
 }
 
-fn check_with(field: &'static str, f: impl Fn(&mut crate::proto::flow::FlowFilter, String)) -> impl Fn(&str) -> Result<String, String> + Clone {
+fn check_with(
+    field: &'static str,
+    f: impl Fn(&mut crate::proto::flow::FlowFilter, String),
+) -> impl Fn(&str) -> Result<String, String> + Clone {
     let f = std::sync::Arc::new(f);
     move |s: &str| {
         let mut ff = crate::proto::flow::FlowFilter::default();
         f(&mut ff, s.to_owned());
-        FilterSet::new(&[ff], &[]).map(|_| s.to_owned()).map_err(|e| e.to_string().replace(&format!("invalid {field} filter {s:?}: "), ""))
+        FilterSet::new(&[ff], &[])
+            .map(|_| s.to_owned())
+            .map_err(|e| e.to_string().replace(&format!("invalid {field} filter {s:?}: "), ""))
     }
 }
 
@@ -41,9 +48,11 @@ macro_rules! field_check {
 }
 
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Filters: --X (ip, pod, namespace, label, service, port, fqdn) matches either \
+#[command(
+    after_help = "Filters: --X (ip, pod, namespace, label, service, port, fqdn) matches either \
     side; --from-X/--to-X one side. Repeating a flag ORs its values; different flags AND. \
-    --not puts the next filter in the blacklist.")]
+    --not puts the next filter in the blacklist."
+)]
 pub struct ObserveArgs {
     /// Collector address: host:port, http://host:port or https://host:port.
     #[arg(long, env = "HOPWATCH_SERVER", default_value = "localhost:4245")]
@@ -223,12 +232,15 @@ pub async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
 /// The request the flags describe.
 fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, ObserveError> {
     let (occ, nots) = filters::occurrences(matches);
-    let (whitelist, blacklist) = filters::build(&occ, &nots).map_err(|e| ObserveError::Usage(e.to_string()))?;
+    let (whitelist, blacklist) =
+        filters::build(&occ, &nots).map_err(|e| ObserveError::Usage(e.to_string()))?;
     let (number, first) = match (args.all, args.first, args.last) {
         (true, _, _) => (u64::MAX, false),
         (false, Some(n), _) => (n, true),
         (false, None, Some(n)) => (n, false),
-        (false, None, None) if args.follow || args.since.is_some() || args.until.is_some() => (0, false),
+        (false, None, None) if args.follow || args.since.is_some() || args.until.is_some() => {
+            (0, false)
+        }
         (false, None, None) => (DEFAULT_LAST, false),
     };
     Ok(GetFlowsRequest {
@@ -255,17 +267,18 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
             key: "--tls-client-key-file",
         },
     };
-    let target = Target::parse(&args.server, args.tls).map_err(|e| ObserveError::Usage(format!("--server: {e}")))?;
+    let target = Target::parse(&args.server, args.tls)
+        .map_err(|e| ObserveError::Usage(format!("--server: {e}")))?;
     let endpoint = target
         .endpoint(&tls, args.allow_plaintext)
         .map_err(|e| ObserveError::Usage(e.to_string()))?
         .connect_timeout(args.timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| ObserveError::Failed(format!("cannot connect to {}: {}", target.uri, explain(&e))))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        ObserveError::Failed(format!("cannot connect to {}: {}", target.uri, explain(&e)))
+    })?;
     let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
-    let mut stream = client.get_flows(req).await.map_err(|s| status_error(&target.uri, &s))?.into_inner();
+    let mut stream =
+        client.get_flows(req).await.map_err(|s| status_error(&target.uri, &s))?.into_inner();
     let color = match args.color {
         Color::Always => true,
         Color::Never => false,

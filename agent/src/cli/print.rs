@@ -70,7 +70,14 @@ fn verdict_color(v: Verdict) -> Option<&'static str> {
 }
 
 impl<W: Write> Printer<W> {
-    pub fn new(out: W, format: Output, time: TimeFormat, node: bool, color: bool, follow: bool) -> Self {
+    pub fn new(
+        out: W,
+        format: Output,
+        time: TimeFormat,
+        node: bool,
+        color: bool,
+        follow: bool,
+    ) -> Self {
         Self {
             out,
             format,
@@ -214,7 +221,11 @@ impl<W: Write> Printer<W> {
         for row in std::mem::take(&mut self.rows) {
             let mut line = String::new();
             for (i, (cell, color)) in row.iter().enumerate() {
-                let pad = if i == last { 0 } else { self.widths[i].saturating_sub(cell.chars().count()) + 3 };
+                let pad = if i == last {
+                    0
+                } else {
+                    self.widths[i].saturating_sub(cell.chars().count()) + 3
+                };
                 line.push_str(&self.paint(cell, *color));
                 line.push_str(&" ".repeat(pad));
             }

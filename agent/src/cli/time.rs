@@ -133,7 +133,10 @@ fn parse_rfc3339(s: &str) -> Option<prost_types::Timestamp> {
         }
         match rest {
             "Z" | "z" => {}
-            off if off.len() == 6 && (off.starts_with('+') || off.starts_with('-')) && &off[3..4] == ":" => {
+            off if off.len() == 6
+                && (off.starts_with('+') || off.starts_with('-'))
+                && &off[3..4] == ":" =>
+            {
                 let (oh, om): (i64, i64) = (num(off, 1..=2)?, num(off, 4..=5)?);
                 let offset = (oh * 3600 + om * 60) * if off.starts_with('-') { -1 } else { 1 };
                 seconds -= offset;
@@ -146,7 +149,8 @@ fn parse_rfc3339(s: &str) -> Option<prost_types::Timestamp> {
 
 /// `--min-latency`: `50ms`, `1.5s`, `200us`.
 pub fn parse_latency(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration like 50ms: {e}"))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 50ms: {e}"))
 }
 
 #[cfg(test)]
@@ -173,14 +177,19 @@ mod tests {
     #[test]
     fn parses_absolute_and_relative_times() {
         assert_eq!(parse_when("2026-11-03T06:01:02Z").unwrap(), ts(1_793_685_662, 0));
-        assert_eq!(parse_when("2026-11-03T08:01:02.5+02:00").unwrap(), ts(1_793_685_662, 500_000_000));
+        assert_eq!(
+            parse_when("2026-11-03T08:01:02.5+02:00").unwrap(),
+            ts(1_793_685_662, 500_000_000)
+        );
         assert_eq!(parse_when("1970-01-02").unwrap(), ts(86_400, 0));
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         let five_min_ago = parse_when("5m").unwrap();
         let diff = i64::try_from(now).unwrap() - five_min_ago.seconds;
         assert!((299..=301).contains(&diff), "{diff}");
         assert!(parse_when("1h30m").is_ok());
-        for bad in ["yesterday", "2026-13-01", "2026-11-03T25:00:00Z", "2026-11-03T06:01:02", "5 parsecs"] {
+        for bad in
+            ["yesterday", "2026-13-01", "2026-11-03T25:00:00Z", "2026-11-03T06:01:02", "5 parsecs"]
+        {
             assert!(parse_when(bad).is_err(), "{bad}");
         }
     }

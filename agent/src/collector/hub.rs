@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     merge::{self, MergeConfig, MergeMsg},
     nodes::NodeRegistry,
-    store::{FlowStore, StoreConfig, StoreError},
+    store::{FlowStore, Incoming, StoreConfig, StoreError},
 };
 use crate::proto::{
     flow::{LostEvent, LostEventSource},
@@ -93,6 +93,8 @@ pub struct Hub {
     pub nodes: NodeRegistry,
     pub sort_window: Duration,
     pub started: Instant,
+    /// Entries are encoded for the history by the ingest tasks (in parallel), not the writer.
+    prepare: bool,
     merge_tx: Mutex<Option<mpsc::Sender<MergeMsg>>>,
     merge_thread: Mutex<Option<JoinHandle<()>>>,
     agents: Mutex<HashMap<String, Arc<AgentState>>>,
@@ -116,7 +118,10 @@ impl Hub {
         let mut agents = HashMap::new();
         for mark in &recovery.checkpoint.agents {
             nodes.remember(&mark.node_name);
-            agents.insert(mark.agent_id.clone(), Arc::new(AgentState::new(&mark.agent_id, &mark.node_name, mark.seq)));
+            agents.insert(
+                mark.agent_id.clone(),
+                Arc::new(AgentState::new(&mark.agent_id, &mark.node_name, mark.seq)),
+            );
         }
         let (tx, rx) = mpsc::channel(MERGE_QUEUE);
         let thread = merge::spawn(cfg.merge, writer, agents.values().cloned().collect(), rx);
@@ -125,6 +130,7 @@ impl Hub {
             nodes,
             sort_window: cfg.merge.window,
             started: Instant::now(),
+            prepare: cfg.store.disk.is_some(),
             merge_tx: Mutex::new(Some(tx)),
             merge_thread: Mutex::new(Some(thread)),
             agents: Mutex::new(agents),
@@ -138,7 +144,10 @@ impl Hub {
     /// The state of agent `id` (created on first contact).
     pub fn agent(&self, id: &str, node_name: &str) -> Arc<AgentState> {
         let mut agents = self.agents.lock().expect("agents lock");
-        agents.entry(id.to_owned()).or_insert_with(|| Arc::new(AgentState::new(id, node_name, 0))).clone()
+        agents
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(AgentState::new(id, node_name, 0)))
+            .clone()
     }
 
     /// Takes a batch of events numbered `first_seq..`: drops what was already accepted, reports
@@ -170,7 +179,9 @@ impl Hub {
         } else if first_seq > *accepted + 1 {
             out.gap = first_seq - *accepted - 1;
             tracing::warn!(node = %agent.node_name, missing = out.gap, "agent skipped sequence numbers");
-            let notice = lost_notice(&agent.node_name, LostEventSource::ObserverEventsQueue, out.gap);
+            let notice =
+                lost_notice(&agent.node_name, LostEventSource::ObserverEventsQueue, out.gap);
+            let notice = Incoming::new(notice, self.prepare);
             tx.send(MergeMsg::Notices(vec![notice])).await.map_err(|_| Closed)?;
         }
         let now = prost_types::Timestamp::from(SystemTime::now());
@@ -206,6 +217,7 @@ impl Hub {
         }
         out.new = events.len() as u64;
         self.nodes.received(&agent.node_name, out.new, status);
+        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
         tx.send(MergeMsg::Batch { agent: agent.clone(), last_seq, events })
             .await
             .map_err(|_| Closed)?;
@@ -215,6 +227,7 @@ impl Hub {
 
     /// Stores events the collector produced itself (lost-event notices).
     pub async fn notices(&self, events: Vec<GetFlowsResponse>) -> Result<(), Closed> {
+        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
         self.sender()?.send(MergeMsg::Notices(events)).await.map_err(|_| Closed)
     }
 

@@ -25,11 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     hub::AgentState,
     store::{
-        StoreWriter, entry_time_ns,
+        Incoming, StoreWriter,
         record::{AgentMark, Checkpoint},
     },
 };
-use crate::proto::observer::GetFlowsResponse;
 
 /// Marks of agents not heard from for this long are dropped from checkpoints.
 const MARK_TTL: Duration = Duration::from_hours(24 * 7);
@@ -44,17 +43,16 @@ pub struct MergeConfig {
 
 pub enum MergeMsg {
     /// Events from an agent with sequence numbers `last_seq + 1 - events.len() ..= last_seq`.
-    Batch { agent: Arc<AgentState>, last_seq: u64, events: Vec<GetFlowsResponse> },
+    Batch { agent: Arc<AgentState>, last_seq: u64, events: Vec<Incoming> },
     /// Events the collector itself produced (lost-event notices).
-    Notices(Vec<GetFlowsResponse>),
+    Notices(Vec<Incoming>),
     /// Release everything now and answer when it is stored (shutdown, tests).
     Flush(oneshot::Sender<()>),
 }
 
 struct Pending {
-    time_ns: i64,
     arrival: Instant,
-    resp: GetFlowsResponse,
+    entry: Incoming,
     /// The agent's sequence number (none for the collector's own notices).
     seq: Option<u64>,
 }
@@ -88,13 +86,15 @@ struct Merger {
     pending: usize,
     order: u64,
     /// Released but not yet written.
-    out: Vec<(i64, GetFlowsResponse)>,
+    out: Vec<Incoming>,
     dirty: bool,
     failing_since: Option<Instant>,
 }
 
 fn unix_now_s() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }
 
 /// Runs the merge stage on its own thread until every sender is gone.
@@ -219,11 +219,11 @@ impl Merger {
         }
     }
 
-    fn push(&mut self, source: usize, resp: GetFlowsResponse, arrival: Instant, seq: Option<u64>) {
-        let time_ns = entry_time_ns(&resp);
+    fn push(&mut self, source: usize, entry: Incoming, arrival: Instant, seq: Option<u64>) {
+        let time_ns = entry.entry.time_ns;
         let q = &mut self.sources[source].queue;
         let was_empty = q.is_empty();
-        q.push_back(Pending { time_ns, arrival, resp, seq });
+        q.push_back(Pending { arrival, entry, seq });
         self.pending += 1;
         if was_empty {
             self.order += 1;
@@ -238,7 +238,10 @@ impl Merger {
             let source = head.source;
             let due = everything
                 || self.pending > self.cfg.max_pending
-                || self.sources[source].queue.front().is_some_and(|p| p.arrival + self.cfg.window <= now);
+                || self.sources[source]
+                    .queue
+                    .front()
+                    .is_some_and(|p| p.arrival + self.cfg.window <= now);
             if !due {
                 break;
             }
@@ -252,9 +255,13 @@ impl Merger {
             }
             if let Some(next) = src.queue.front() {
                 self.order += 1;
-                self.heads.push(Reverse(Head { time_ns: next.time_ns, order: self.order, source }));
+                self.heads.push(Reverse(Head {
+                    time_ns: next.entry.entry.time_ns,
+                    order: self.order,
+                    source,
+                }));
             }
-            self.out.push((p.time_ns, p.resp));
+            self.out.push(p.entry);
         }
     }
 
@@ -286,8 +293,7 @@ impl Merger {
             return;
         }
         let cp = self.checkpoint();
-        let out = std::mem::take(&mut self.out);
-        match self.writer.append(out, &cp) {
+        match self.writer.append(&mut self.out, &cp) {
             Ok(()) => {
                 if let Some(since) = self.failing_since.take() {
                     tracing::warn!(after = ?since.elapsed(), "flow history writable again");

@@ -111,7 +111,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         "t" | "tb" => 1_000_000_000_000,
         "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?} (use B, KB, KiB, MB, MiB, GB, GiB)")),
+        other => {
+            return Err(format!("unknown size unit {other:?} (use B, KB, KiB, MB, MiB, GB, GiB)"));
+        }
     };
     n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
@@ -146,9 +148,11 @@ pub async fn serve(
     tls: Option<ServerTlsConfig>,
     stop: CancellationToken,
 ) -> Result<Serving, CollectorError> {
-    let listener =
-        TcpListener::bind(listen).await.map_err(|source| CollectorError::Listen { addr: listen, source })?;
-    let addr = listener.local_addr().map_err(|source| CollectorError::Listen { addr: listen, source })?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| CollectorError::Listen { addr: listen, source })?;
+    let addr =
+        listener.local_addr().map_err(|source| CollectorError::Listen { addr: listen, source })?;
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -159,14 +163,16 @@ pub async fn serve(
     }
     let router = builder
         .add_service(
-            ObserverServer::new(ObserverService::new(hub.clone())).max_decoding_message_size(MAX_MESSAGE),
+            ObserverServer::new(ObserverService::new(hub.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(
             IngestServer::new(IngestService::new(hub, secure))
                 .max_decoding_message_size(MAX_MESSAGE),
         );
     let task = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned()),
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned()),
     );
     Ok(Serving { addr, task })
 }

@@ -123,7 +123,10 @@ impl NodeRegistry {
     pub fn split(&self) -> (Vec<String>, Vec<String>) {
         let nodes = self.nodes.lock().expect("nodes lock");
         let (up, down): (Vec<_>, Vec<_>) = nodes.iter().partition(|(_, n)| n.connections > 0);
-        (up.into_iter().map(|(k, _)| k.clone()).collect(), down.into_iter().map(|(k, _)| k.clone()).collect())
+        (
+            up.into_iter().map(|(k, _)| k.clone()).collect(),
+            down.into_iter().map(|(k, _)| k.clone()).collect(),
+        )
     }
 
     /// The status notices a new `GetFlows` stream starts with: who is connected, who is not

@@ -47,7 +47,14 @@ impl Query {
         {
             return Err(Status::invalid_argument("since is after until"));
         }
-        Ok(Self { filters, number: req.number, first: req.first, follow: req.follow, since_ns, until_ns })
+        Ok(Self {
+            filters,
+            number: req.number,
+            first: req.first,
+            follow: req.follow,
+            since_ns,
+            until_ns,
+        })
     }
 
     fn in_time(&self, t: i64) -> bool {
@@ -104,7 +111,10 @@ pub async fn run(hub: Arc<Hub>, q: Query, tx: Tx) {
     let until_deadline = q.until_ns.map(|u| {
         let now = now_ns();
         let wait = u.saturating_sub(now).max(0).cast_unsigned();
-        tokio::time::Instant::now() + Duration::from_nanos(wait) + hub.sort_window + Duration::from_millis(200)
+        tokio::time::Instant::now()
+            + Duration::from_nanos(wait)
+            + hub.sort_window
+            + Duration::from_millis(200)
     });
     loop {
         if !forward_new(&hub.store, &q, &mut pos, &tx).await {

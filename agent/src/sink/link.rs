@@ -23,8 +23,9 @@ use crate::{
 
 /// Opens a connection to the collector (a real endpoint, or an in-memory pipe in tests).
 pub type Dial = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Channel, tonic::transport::Error>> + Send>>
-        + Send
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn Future<Output = Result<Channel, tonic::transport::Error>> + Send>,
+        > + Send
         + Sync,
 >;
 
@@ -73,7 +74,8 @@ async fn batch_due(
             return true;
         }
         if unsent > 0 {
-            let d = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + batching.interval);
+            let d =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + batching.interval);
             if tokio::time::Instant::now() >= d {
                 return true;
             }
@@ -182,7 +184,9 @@ pub async fn run_remote(
     if !queue.is_drained() {
         let left = queue.status().queue_len;
         tracing::warn!(collector = %target, events = left, "events not delivered to the collector at shutdown");
-        eprintln!("hopwatch agent: {left} events could not be delivered to collector {target} before shutdown");
+        eprintln!(
+            "hopwatch agent: {left} events could not be delivered to collector {target} before shutdown"
+        );
     }
 }
 
@@ -227,8 +231,7 @@ async fn session(
     loop {
         // Send every due batch, reading acknowledgements while the stream is full.
         if let Some(tx) = &req_tx {
-            while queue.unsent() > 0
-                && (stopping || force || queue.unsent() >= batching.max_events)
+            while queue.unsent() > 0 && (stopping || force || queue.unsent() >= batching.max_events)
             {
                 tokio::select! {
                     permit = tx.reserve() => {

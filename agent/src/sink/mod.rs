@@ -108,7 +108,10 @@ impl Outlet {
     }
 
     /// Sends a lost-event notice to the printer (waiting for room) and to the collector queue.
-    pub async fn send(&self, resp: GetFlowsResponse) -> Result<(), mpsc::error::SendError<GetFlowsResponse>> {
+    pub async fn send(
+        &self,
+        resp: GetFlowsResponse,
+    ) -> Result<(), mpsc::error::SendError<GetFlowsResponse>> {
         if let Some(q) = &self.queue
             && !printer_only(&resp)
         {
@@ -196,7 +199,8 @@ pub async fn start(args: &SinkArgs, node_name: &str) -> Result<Sink, SinkError> 
             flags: crate::tls::ClientFlags::default(),
         };
         let target = Target::parse(url, false).map_err(SinkError::Target)?;
-        let endpoint = target.endpoint(&tls, args.tls.allow_plaintext).map_err(SinkError::Target)?;
+        let endpoint =
+            target.endpoint(&tls, args.tls.allow_plaintext).map_err(SinkError::Target)?;
         let backoff = Backoff { initial: Duration::from_millis(100), max: args.reconnect_max };
         eprintln!("hopwatch agent: streaming flows to collector {}", target.uri);
         let link = tokio::spawn(link::run_remote(
@@ -212,20 +216,26 @@ pub async fn start(args: &SinkArgs, node_name: &str) -> Result<Sink, SinkError> 
     }
 
     let explicit = args.listen.is_some();
-    let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], collector::DEFAULT_PORT)));
+    let listen =
+        args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], collector::DEFAULT_PORT)));
     let tls = args.tls.server_config(listen).map_err(|e| SinkError::Embedded(e.into()))?;
     let hub = Hub::start(&args.store.hub_config(args.data_dir.clone()))
         .map_err(|e| SinkError::Embedded(e.into()))?;
     let server_stop = CancellationToken::new();
     let server = match collector::serve(hub.clone(), listen, tls, server_stop.clone()).await {
         Ok(s) => {
-            eprintln!("hopwatch agent: collector APIs on {} (query with `hopwatch observe`)", s.addr);
+            eprintln!(
+                "hopwatch agent: collector APIs on {} (query with `hopwatch observe`)",
+                s.addr
+            );
             Some(s)
         }
         Err(e @ CollectorError::Listen { .. }) if !explicit => {
             // The default port is taken (another agent or collector on this host): keep tracing
             // and printing; only the query API is missing.
-            eprintln!("hopwatch agent: warning: {e}; running without the in-process collector's APIs (use --listen ADDR or --collector URL)");
+            eprintln!(
+                "hopwatch agent: warning: {e}; running without the in-process collector's APIs (use --listen ADDR or --collector URL)"
+            );
             None
         }
         Err(e) => {
@@ -241,7 +251,8 @@ pub async fn start(args: &SinkArgs, node_name: &str) -> Result<Sink, SinkError> 
         tls: None,
         started: Some(SystemTime::now()),
     });
-    let link = tokio::spawn(link::run_local(queue.clone(), hub.clone(), agent, batching, stop.clone()));
+    let link =
+        tokio::spawn(link::run_local(queue.clone(), hub.clone(), agent, batching, stop.clone()));
     Ok(Sink {
         queue: Some(queue),
         link: Some(link),

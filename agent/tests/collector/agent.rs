@@ -94,7 +94,14 @@ async fn a_real_agent_streams_kernel_flows_to_a_collector_process() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let collector = Collector::start(free_port(), dir.path(), &[]);
-    let agent = Agent::start(&["--collector", &collector.url(), "--node-name", "coll-e2e", "--batch-interval", "20ms"]);
+    let agent = Agent::start(&[
+        "--collector",
+        &collector.url(),
+        "--node-name",
+        "coll-e2e",
+        "--batch-interval",
+        "20ms",
+    ]);
     let closed = free_port();
     let started = Instant::now();
     refused_connect(closed);
@@ -108,7 +115,11 @@ async fn a_real_agent_streams_kernel_flows_to_a_collector_process() {
     };
     let mut found = None;
     while found.is_none() {
-        assert!(started.elapsed() < Duration::from_secs(20), "no flow at the collector:\n{}", agent.stderr());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no flow at the collector:\n{}",
+            agent.stderr()
+        );
         let mut c = client(&collector.url()).await.expect("collector up");
         let mut s = c.get_flows(req.clone()).await.unwrap().into_inner();
         while let Some(r) = s.message().await.unwrap() {
@@ -124,7 +135,14 @@ async fn a_real_agent_streams_kernel_flows_to_a_collector_process() {
     assert_eq!(f.verdict(), Verdict::Error);
     assert_eq!(f.node_name, "coll-e2e");
     assert_eq!(f.tcp_stats.unwrap().error, "ECONNREFUSED");
-    let nodes = client(&collector.url()).await.unwrap().get_nodes(hopwatch::proto::observer::GetNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = client(&collector.url())
+        .await
+        .unwrap()
+        .get_nodes(hopwatch::proto::observer::GetNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     let node = nodes.iter().find(|n| n.name == "coll-e2e").expect("the agent's node is listed");
     assert_eq!(node.state(), hopwatch::proto::relay::NodeState::NodeConnected);
     assert!(node.version.starts_with("hopwatch "));
@@ -134,7 +152,8 @@ async fn a_real_agent_streams_kernel_flows_to_a_collector_process() {
 fn the_agent_serves_its_own_flows_to_observe_by_default() {
     require_root();
     let port = free_port();
-    let agent = Agent::start(&["--listen", &format!("127.0.0.1:{port}"), "--node-name", "embedded-e2e"]);
+    let agent =
+        Agent::start(&["--listen", &format!("127.0.0.1:{port}"), "--node-name", "embedded-e2e"]);
     let ready = format!("collector APIs on 127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !agent.stderr().contains(&ready) {
@@ -146,19 +165,32 @@ fn the_agent_serves_its_own_flows_to_observe_by_default() {
     let started = Instant::now();
     loop {
         let out = Command::new(BIN)
-            .args(["observe", "--server", &format!("127.0.0.1:{port}"), "--to-port", &closed.to_string()])
+            .args([
+                "observe",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--to-port",
+                &closed.to_string(),
+            ])
             .args(["--verdict", "ERROR", "-o", "json", "--all"])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let lines: Vec<serde_json::Value> =
-            String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         if let Some(l) = lines.iter().find(|l| l["flow"]["socket_event"] == "CONNECT_FAILED") {
             assert_eq!(l["flow"]["node_name"], "embedded-e2e");
             assert_eq!(l["flow"]["l4"]["TCP"]["destination_port"], u64::from(closed));
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no flow from observe:\n{}", agent.stderr());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no flow from observe:\n{}",
+            agent.stderr()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

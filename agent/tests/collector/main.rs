@@ -23,8 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use self::support::*;
 
-fn link_to(url: &str, node: &str, queue: &Arc<Queue>, stop: &CancellationToken) -> tokio::task::JoinHandle<()> {
-    let endpoint = Target::parse(url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
+fn link_to(
+    url: &str,
+    node: &str,
+    queue: &Arc<Queue>,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let endpoint =
+        Target::parse(url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
     tokio::spawn(link::run_remote(
         queue.clone(),
         link::dial(endpoint),
@@ -62,7 +68,8 @@ async fn collector_killed_mid_stream_delivers_each_flow_once_or_counts_it() {
     // Each agent queues at most 1000 events, so the outage below overflows it; the overflow
     // must come back as counted losses.
     let queues: Vec<Arc<Queue>> = NODES.iter().map(|n| Arc::new(Queue::new(1000, n))).collect();
-    let links: Vec<_> = NODES.iter().zip(&queues).map(|(n, q)| link_to(&url, n, q, &stop)).collect();
+    let links: Vec<_> =
+        NODES.iter().zip(&queues).map(|(n, q)| link_to(&url, n, q, &stop)).collect();
     let t0 = now_ns() - 60_000_000_000;
     let offer = |range: std::ops::Range<i64>| {
         for (node, q) in NODES.iter().zip(&queues) {
@@ -102,7 +109,9 @@ async fn collector_killed_mid_stream_delivers_each_flow_once_or_counts_it() {
     let mut lost: HashMap<String, u64> = HashMap::new();
     for r in &all {
         match &r.response_types {
-            Some(ResponseTypes::Flow(f)) => stored.entry(f.node_name.clone()).or_default().push(f.uuid.clone()),
+            Some(ResponseTypes::Flow(f)) => {
+                stored.entry(f.node_name.clone()).or_default().push(f.uuid.clone())
+            }
             Some(ResponseTypes::LostEvents(l)) => {
                 assert_eq!(l.source(), LostEventSource::ObserverEventsQueue, "{l:?}");
                 *lost.entry(r.node_name.clone()).or_default() += l.num_events_lost;
@@ -153,11 +162,16 @@ async fn observe_cli_reads_history_follows_and_rejects_bad_flags() {
             .args(args)
             .output()
             .expect("run hopwatch observe");
-        (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
     };
     let (code, out, err) = observe(&["--since", "2h", "--to-port", "5432", "-o", "json"]);
     assert_eq!(code, Some(0), "{err}");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let lines: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     assert_eq!(lines.len(), 100, "one line per matching flow");
     assert!(lines.iter().all(|l| l["flow"]["l4"]["TCP"]["destination_port"] == 5432));
     assert_eq!(lines[0]["flow"]["uuid"], "cli-node-0", "oldest first");
@@ -180,7 +194,16 @@ async fn observe_cli_reads_history_follows_and_rejects_bad_flags() {
     }
     // Follow: start `observe -f`, then send a flow; it is printed.
     let mut child = Command::new(BIN)
-        .args(["observe", "--server", &format!("127.0.0.1:{}", collector.port), "-f", "--to-port", "6379", "-o", "json"])
+        .args([
+            "observe",
+            "--server",
+            &format!("127.0.0.1:{}", collector.port),
+            "-f",
+            "--to-port",
+            "6379",
+            "-o",
+            "json",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -191,7 +214,10 @@ async fn observe_cli_reads_history_follows_and_rejects_bad_flags() {
         use std::io::BufRead as _;
         std::io::BufReader::new(stdout).lines().next().map(Result::unwrap)
     });
-    let line = tokio::time::timeout(Duration::from_secs(10), line).await.expect("followed flow in time").unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(10), line)
+        .await
+        .expect("followed flow in time")
+        .unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     let v: serde_json::Value = serde_json::from_str(&line.expect("a line")).unwrap();

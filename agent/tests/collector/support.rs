@@ -60,7 +60,11 @@ impl Collector {
             if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("collector exited ({status}) before listening:\n{}", c.stderr());
             }
-            assert!(Instant::now() < deadline, "collector not listening after 30s:\n{}", c.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "collector not listening after 30s:\n{}",
+                c.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         c
@@ -142,7 +146,12 @@ pub async fn client(url: &str) -> Option<ObserverClient<tonic::transport::Channe
 }
 
 pub async fn status(url: &str) -> Option<ServerStatusResponse> {
-    client(url).await?.server_status(ServerStatusRequest {}).await.ok().map(tonic::Response::into_inner)
+    client(url)
+        .await?
+        .server_status(ServerStatusRequest {})
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
 }
 
 pub async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {

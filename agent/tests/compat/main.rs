@@ -45,7 +45,12 @@ async fn a_grpcio_tools_client_reads_the_collector() {
         .arg(out.path())
         .arg("--grpc_python_out")
         .arg(out.path())
-        .args(["flow/flow.proto", "relay/relay.proto", "observer/observer.proto", "hopwatch/v1/ingest.proto"])
+        .args([
+            "flow/flow.proto",
+            "relay/relay.proto",
+            "observer/observer.proto",
+            "hopwatch/v1/ingest.proto",
+        ])
         .output()
         .expect("run grpc_tools.protoc");
     assert!(protoc.status.success(), "protoc failed:\n{}", String::from_utf8_lossy(&protoc.stderr));
@@ -55,12 +60,18 @@ async fn a_grpcio_tools_client_reads_the_collector() {
     let url = collector.url();
     let queue = Arc::new(Queue::new(10_000, "py-node"));
     let stop = CancellationToken::new();
-    let endpoint = Target::parse(&url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
+    let endpoint =
+        Target::parse(&url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
     let task = tokio::spawn(link::run_remote(
         queue.clone(),
         link::dial(endpoint),
         url.clone(),
-        Hello { agent_id: "py-agent".into(), node_name: "py-node".into(), version: "test".into(), started: None },
+        Hello {
+            agent_id: "py-agent".into(),
+            node_name: "py-node".into(),
+            version: "test".into(),
+            started: None,
+        },
         Batching { max_events: 100, interval: Duration::from_millis(10) },
         Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
         stop.clone(),
@@ -73,7 +84,10 @@ async fn a_grpcio_tools_client_reads_the_collector() {
             if k % 20 == 0 {
                 flow.verdict = Verdict::Dropped.into();
             }
-            flow.tcp_stats = Some(hopwatch::proto::flow::TcpStats { connect_latency_ns: 1000 + u64::try_from(k).unwrap(), ..Default::default() });
+            flow.tcp_stats = Some(hopwatch::proto::flow::TcpStats {
+                connect_latency_ns: 1000 + u64::try_from(k).unwrap(),
+                ..Default::default()
+            });
         }
         queue.offer(f);
     }
@@ -92,7 +106,11 @@ async fn a_grpcio_tools_client_reads_the_collector() {
         .arg(format!("127.0.0.1:{}", collector.port))
         .output()
         .expect("run the Python client");
-    assert!(run.status.success(), "Python client failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "Python client failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON from the client");
     assert_eq!(v["status"]["num_flows"], "100", "uint64 fields are strings in proto3 JSON: {v}");
     assert_eq!(v["status"]["seen_flows"], "100");
@@ -111,7 +129,11 @@ async fn a_grpcio_tools_client_reads_the_collector() {
         assert_eq!(f["response_node_name"], "py-node");
     }
     assert_eq!(flows[1]["connect_latency_ns"], 1020);
-    assert_eq!(v["notices"], serde_json::json!(["node_status"]), "the stream starts with node status");
+    assert_eq!(
+        v["notices"],
+        serde_json::json!(["node_status"]),
+        "the stream starts with node status"
+    );
     assert_eq!(v["invalid_filter"], "INVALID_ARGUMENT");
     stop.cancel();
     task.await.unwrap();

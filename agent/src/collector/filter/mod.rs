@@ -133,10 +133,9 @@ impl Compiled {
         {
             push(!v.is_empty(), Check::Fqdn(side, each(v, |s| parse::glob(field, s))?));
         }
-        for (side, field, v) in [
-            (S, "source_label", &ff.source_label),
-            (D, "destination_label", &ff.destination_label),
-        ] {
+        for (side, field, v) in
+            [(S, "source_label", &ff.source_label), (D, "destination_label", &ff.destination_label)]
+        {
             push(!v.is_empty(), Check::Label(side, each(v, |s| Selector::parse(field, s))?));
         }
         for (side, field, v) in [
@@ -152,10 +151,9 @@ impl Compiled {
         for (side, v) in [(S, &ff.source_identity), (D, &ff.destination_identity)] {
             push(!v.is_empty(), Check::Identity(side, v.clone()));
         }
-        for (side, field, v) in [
-            (S, "source_port", &ff.source_port),
-            (D, "destination_port", &ff.destination_port),
-        ] {
+        for (side, field, v) in
+            [(S, "source_port", &ff.source_port), (D, "destination_port", &ff.destination_port)]
+        {
             push(!v.is_empty(), Check::Port(side, each(v, |s| parse::port(field, s))?));
         }
         push(!ff.traffic_direction.is_empty(), Check::Direction(ff.traffic_direction.clone()));
@@ -180,9 +178,8 @@ impl Compiled {
         })?;
         push(!nodes.is_empty(), Check::NodeName(nodes));
         push(!ff.ip_version.is_empty(), Check::IpVersion(ff.ip_version.clone()));
-        let l7 = each(&ff.l7_protocol, |s| {
-            parse::parse_l7("l7_protocol", s, &s.to_ascii_lowercase())
-        })?;
+        let l7 =
+            each(&ff.l7_protocol, |s| parse::parse_l7("l7_protocol", s, &s.to_ascii_lowercase()))?;
         push(!l7.is_empty(), Check::L7Protocol(l7));
         push(ff.min_latency_ns > 0, Check::MinLatency(ff.min_latency_ns));
         Ok(Self { checks })
@@ -273,7 +270,9 @@ impl Check {
     fn matches(&self, f: &Flow) -> bool {
         match self {
             Self::Uuid(ids) => ids.iter().any(|id| *id == f.uuid),
-            Self::Ip(side, nets) => ip(f, *side).is_some_and(|a| nets.iter().any(|n| n.contains(a))),
+            Self::Ip(side, nets) => {
+                ip(f, *side).is_some_and(|a| nets.iter().any(|n| n.contains(a)))
+            }
             Self::Pod(side, names) => endpoint(f, *side)
                 .is_some_and(|e| names.iter().any(|n| n.matches(&e.namespace, &e.pod_name))),
             Self::Fqdn(side, globs) => {
@@ -299,14 +298,17 @@ impl Check {
                     })
                 })
             }),
-            Self::Identity(side, ids) => endpoint(f, *side).is_some_and(|e| ids.contains(&e.identity)),
-            Self::Port(side, wanted) => ports(f).is_some_and(|(s, d)| {
-                wanted.contains(if *side == Side::Source { &s } else { &d })
-            }),
+            Self::Identity(side, ids) => {
+                endpoint(f, *side).is_some_and(|e| ids.contains(&e.identity))
+            }
+            Self::Port(side, wanted) => ports(f)
+                .is_some_and(|(s, d)| wanted.contains(if *side == Side::Source { &s } else { &d })),
             Self::Direction(dirs) => dirs.contains(&f.traffic_direction),
             Self::Verdict(verdicts) => verdicts.contains(&f.verdict),
             Self::EventType(types) => f.event_type.as_ref().is_some_and(|et| {
-                types.iter().any(|t| t.r#type == et.r#type && (!t.match_sub_type || t.sub_type == et.sub_type))
+                types.iter().any(|t| {
+                    t.r#type == et.r#type && (!t.match_sub_type || t.sub_type == et.sub_type)
+                })
             }),
             Self::HttpStatus(codes) => match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
                 Some(Record::Http(h)) if h.code != 0 => codes.iter().any(|c| c.matches(h.code)),
@@ -345,10 +347,9 @@ impl Check {
                 _ => false,
             },
             Self::TcpFlags(wanted) => match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
-                Some(layer4::Protocol::Tcp(t)) => t
-                    .flags
-                    .as_ref()
-                    .is_some_and(|have| wanted.iter().any(|w| has_flags(have, w))),
+                Some(layer4::Protocol::Tcp(t)) => {
+                    t.flags.as_ref().is_some_and(|have| wanted.iter().any(|w| has_flags(have, w)))
+                }
                 _ => false,
             },
             Self::NodeName(globs) => globs.iter().any(|g| g.is_match(&f.node_name)),

@@ -23,6 +23,13 @@ fn num(tag: &str, v: i64) -> u64 {
     hash(tag, &v.to_le_bytes())
 }
 
+fn ip_term(tag: &str, a: std::net::IpAddr) -> u64 {
+    match a {
+        std::net::IpAddr::V4(v4) => hash(tag, &v4.octets()),
+        std::net::IpAddr::V6(v6) => hash(tag, &v6.octets()),
+    }
+}
+
 fn side_tag(side: Side, source: &'static str, destination: &'static str) -> &'static str {
     if side == Side::Source { source } else { destination }
 }
@@ -50,10 +57,10 @@ pub fn flow_terms(f: &Flow, mut emit: impl FnMut(u64)) {
     }
     if let Some(ip) = &f.ip {
         if let Ok(a) = ip.source.parse::<std::net::IpAddr>() {
-            emit(hash("sip", a.to_string().as_bytes()));
+            emit(ip_term("sip", a));
         }
         if let Ok(a) = ip.destination.parse::<std::net::IpAddr>() {
-            emit(hash("dip", a.to_string().as_bytes()));
+            emit(ip_term("dip", a));
         }
     }
     if let Some(p) = l4_name(f) {
@@ -75,16 +82,14 @@ pub(super) fn required(check: &Check) -> Option<Vec<u64>> {
     match check {
         Check::Verdict(v) => Some(v.iter().map(|&x| num("verdict", i64::from(x))).collect()),
         Check::Direction(v) => Some(v.iter().map(|&x| num("dir", i64::from(x))).collect()),
-        Check::EventType(v) => {
-            Some(v.iter().map(|t| num("event", i64::from(t.r#type))).collect())
-        }
+        Check::EventType(v) => Some(v.iter().map(|t| num("event", i64::from(t.r#type))).collect()),
         Check::Port(side, ports) => {
             let tag = side_tag(*side, "sport", "dport");
             Some(ports.iter().map(|&p| num(tag, i64::from(p))).collect())
         }
         Check::Ip(side, nets) => {
             let tag = side_tag(*side, "sip", "dip");
-            nets.iter().map(|n| n.exact().map(|a| hash(tag, a.to_string().as_bytes()))).collect()
+            nets.iter().map(|n| n.exact().map(|a| ip_term(tag, a))).collect()
         }
         Check::Protocol(protocols) => Some(
             protocols

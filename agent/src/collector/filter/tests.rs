@@ -11,7 +11,10 @@ fn ep(ns: &str, pod: &str, labels: &[&str]) -> Option<Endpoint> {
         namespace: ns.into(),
         pod_name: pod.into(),
         labels: labels.iter().map(|s| (*s).to_owned()).collect(),
-        workloads: vec![Workload { name: pod.split('-').next().unwrap().into(), kind: "Deployment".into() }],
+        workloads: vec![Workload {
+            name: pod.split('-').next().unwrap().into(),
+            kind: "Deployment".into(),
+        }],
         identity: 42,
         ..Default::default()
     })
@@ -137,18 +140,40 @@ fn single_filters_match_as_hubble_documents() {
         ("exact source ip", ff(|f| f.source_ip = s(&["10.0.0.1"])), [true, false, false]),
         ("source CIDR", ff(|f| f.source_ip = s(&["10.0.0.0/24"])), [true, false, true]),
         ("IPv6 CIDR", ff(|f| f.destination_ip = s(&["fd00::/64"])), [false, true, false]),
-        ("OR within a field", ff(|f| f.source_ip = s(&["10.0.0.9", "fd00::1"])), [false, true, true]),
+        (
+            "OR within a field",
+            ff(|f| f.source_ip = s(&["10.0.0.9", "fd00::1"])),
+            [false, true, true],
+        ),
         ("pod prefix in namespace", ff(|f| f.source_pod = s(&["prod/web-"])), [true, false, false]),
-        ("pod prefix, any namespace", ff(|f| f.destination_pod = s(&["api"])), [false, true, false]),
+        (
+            "pod prefix, any namespace",
+            ff(|f| f.destination_pod = s(&["api"])),
+            [false, true, false],
+        ),
         ("whole namespace", ff(|f| f.destination_pod = s(&["dev/"])), [false, true, false]),
-        ("pod prefix in wrong namespace", ff(|f| f.source_pod = s(&["dev/web"])), [false, false, false]),
-        ("fqdn glob", ff(|f| f.destination_fqdn = s(&["*.prod.svc.cluster.local"])), [true, false, false]),
+        (
+            "pod prefix in wrong namespace",
+            ff(|f| f.source_pod = s(&["dev/web"])),
+            [false, false, false],
+        ),
+        (
+            "fqdn glob",
+            ff(|f| f.destination_fqdn = s(&["*.prod.svc.cluster.local"])),
+            [true, false, false],
+        ),
         ("label selector", ff(|f| f.source_label = s(&["app=web"])), [true, false, false]),
-        ("label set", ff(|f| f.destination_label = s(&["app in (api,postgres)"])), [true, true, false]),
+        (
+            "label set",
+            ff(|f| f.destination_label = s(&["app in (api,postgres)"])),
+            [true, true, false],
+        ),
         ("service", ff(|f| f.destination_service = s(&["prod/post"])), [true, false, false]),
         (
             "workload",
-            ff(|f| f.destination_workload = vec![Workload { name: "api".into(), kind: String::new() }]),
+            ff(|f| {
+                f.destination_workload = vec![Workload { name: "api".into(), kind: String::new() }]
+            }),
             [false, true, false],
         ),
         ("identity", ff(|f| f.source_identity = vec![42]), [true, true, false]),
@@ -162,21 +187,36 @@ fn single_filters_match_as_hubble_documents() {
         ),
         (
             "event type with sub type",
-            ff(|f| f.event_type = vec![EventTypeFilter { r#type: 4, match_sub_type: true, sub_type: 3 }]),
+            ff(|f| {
+                f.event_type =
+                    vec![EventTypeFilter { r#type: 4, match_sub_type: true, sub_type: 3 }]
+            }),
             [false, false, false],
         ),
         ("http status prefix", ff(|f| f.http_status_code = s(&["5+"])), [false, true, false]),
         ("http status exact", ff(|f| f.http_status_code = s(&["404"])), [false, false, false]),
         ("http method, any case", ff(|f| f.http_method = s(&["get"])), [false, true, false]),
-        ("http path regex", ff(|f| f.http_path = s(&["^/api/v[0-9]+/users$"])), [false, true, false]),
+        (
+            "http path regex",
+            ff(|f| f.http_path = s(&["^/api/v[0-9]+/users$"])),
+            [false, true, false],
+        ),
         ("dns query regex", ff(|f| f.dns_query = s(&[r"example\.com\.$"])), [false, false, true]),
         ("protocol tcp", ff(|f| f.protocol = s(&["TCP"])), [true, true, false]),
         ("protocol udp", ff(|f| f.protocol = s(&["udp"])), [false, false, true]),
         ("protocol http (L7)", ff(|f| f.protocol = s(&["http"])), [false, true, false]),
         ("protocol dns (L7)", ff(|f| f.protocol = s(&["dns"])), [false, false, true]),
         ("node glob", ff(|f| f.node_name = s(&["node-*"])), [true, false, true]),
-        ("node glob stays in a label", ff(|f| f.node_name = s(&["node-*.example"])), [false, true, false]),
-        ("traffic direction", ff(|f| f.traffic_direction = vec![TrafficDirection::Ingress.into()]), [false, true, false]),
+        (
+            "node glob stays in a label",
+            ff(|f| f.node_name = s(&["node-*.example"])),
+            [false, true, false],
+        ),
+        (
+            "traffic direction",
+            ff(|f| f.traffic_direction = vec![TrafficDirection::Ingress.into()]),
+            [false, true, false],
+        ),
         ("reply true", ff(|f| f.reply = vec![true]), [false, true, false]),
         ("reply false; absent never matches", ff(|f| f.reply = vec![false]), [true, false, false]),
         ("ip version", ff(|f| f.ip_version = vec![IpVersion::IPv6.into()]), [false, true, false]),
@@ -188,7 +228,11 @@ fn single_filters_match_as_hubble_documents() {
         ("uuid", ff(|f| f.uuid = s(&["u-dns"])), [false, false, true]),
         ("hopwatch: l7 protocol", ff(|f| f.l7_protocol = s(&["http"])), [false, true, false]),
         ("hopwatch: min latency (L7)", ff(|f| f.min_latency_ns = 50_000_000), [false, true, false]),
-        ("hopwatch: min latency (connect)", ff(|f| f.min_latency_ns = 10_000_000), [true, true, false]),
+        (
+            "hopwatch: min latency (connect)",
+            ff(|f| f.min_latency_ns = 10_000_000),
+            [true, true, false],
+        ),
         (
             "AND across fields",
             ff(|f| {

@@ -32,7 +32,6 @@ use super::{
     StoreError,
     record::{self, BLOCK_ENTRIES, BlockMeta, Checkpoint, KIND_CHECKPOINT, KIND_ENTRY, Record},
 };
-use crate::proto::observer::GetFlowsResponse;
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -220,12 +219,7 @@ impl DiskLog {
             file.set_len(keep).map_err(|e| StoreError::io("truncate", &path, e))?;
             recovery.next_index = first + entries;
             let path = Arc::new(path);
-            let active = Active {
-                file,
-                path: path.clone(),
-                written: keep,
-                open_block: None,
-            };
+            let active = Active { file, path: path.clone(), written: keep, open_block: None };
             views.push_front(SegmentView {
                 first_index: first,
                 path,
@@ -249,12 +243,7 @@ impl DiskLog {
         Ok((Self::assemble(cfg, lock, views, active), recovery))
     }
 
-    fn assemble(
-        cfg: DiskConfig,
-        lock: File,
-        views: VecDeque<SegmentView>,
-        active: Active,
-    ) -> Self {
+    fn assemble(cfg: DiskConfig, lock: File, views: VecDeque<SegmentView>, active: Active) -> Self {
         Self {
             cfg,
             index: Arc::new(RwLock::new(DiskIndex { segments: views })),
@@ -272,14 +261,12 @@ impl DiskLog {
     }
 
     /// Frames one entry into the write buffer (written by the next [`commit`](Self::commit)).
-    pub fn append(&mut self, index: u64, time_ns: i64, resp: &GetFlowsResponse, scratch: &mut Vec<u8>) {
-        scratch.clear();
-        resp.encode(scratch).expect("a Vec grows as needed");
+    pub fn append(&mut self, index: u64, time_ns: i64, entry: &record::Prepared) {
         let start = self.active.written + self.buf.len() as u64;
-        record::frame(&mut self.buf, KIND_ENTRY, scratch);
+        record::frame(&mut self.buf, KIND_ENTRY, &entry.encoded);
         let end = self.active.written + self.buf.len() as u64;
         let block = self.active.open_block.get_or_insert_with(|| BlockMeta::new(index, start));
-        block.add(time_ns, resp, end);
+        block.add(time_ns, &entry.terms, end);
         if block.count >= BLOCK_ENTRIES {
             self.sealed.push(self.active.open_block.take().expect("just filled"));
         }
@@ -298,7 +285,10 @@ impl DiskLog {
         self.buf.clear();
         self.publish();
         if self.last_fsync.elapsed() >= self.cfg.fsync_interval {
-            self.active.file.sync_data().map_err(|e| StoreError::io("fsync", &self.active.path, e))?;
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| StoreError::io("fsync", &self.active.path, e))?;
             self.last_fsync = Instant::now();
         }
         if self.active.written >= self.cfg.segment_bytes() {
@@ -384,7 +374,11 @@ fn remove_segment(path: &Path) {
     }
 }
 
-fn create_segment(dir: &Path, first_index: u64, checkpoint: &Checkpoint) -> Result<Active, StoreError> {
+fn create_segment(
+    dir: &Path,
+    first_index: u64,
+    checkpoint: &Checkpoint,
+) -> Result<Active, StoreError> {
     let path = segment_path(dir, first_index);
     let mut file = OpenOptions::new()
         .create(true)
@@ -402,12 +396,7 @@ fn create_segment(dir: &Path, first_index: u64, checkpoint: &Checkpoint) -> Resu
     {
         let _ = d.sync_all();
     }
-    Ok(Active {
-        file,
-        path: Arc::new(path),
-        written: bytes.len() as u64,
-        open_block: None,
-    })
+    Ok(Active { file, path: Arc::new(path), written: bytes.len() as u64, open_block: None })
 }
 
 /// Where the valid part of a segment body ends: the last checkpoint, the offset just past it,
@@ -434,7 +423,8 @@ fn scan(first_index: u64, body: &[u8]) -> (Vec<BlockMeta>, u64) {
             let file_start = record::HEADER_LEN + start as u64;
             let block =
                 open.get_or_insert_with(|| BlockMeta::new(first_index + entries, file_start));
-            block.add(super::entry_time_ns(&resp), &resp, record::HEADER_LEN + end as u64);
+            let terms = record::terms_of(&resp);
+            block.add(super::entry_time_ns(&resp), &terms, record::HEADER_LEN + end as u64);
             entries += 1;
             if block.count >= BLOCK_ENTRIES {
                 blocks.push(open.take().expect("just filled"));
@@ -491,12 +481,20 @@ fn load_sealed(first: u64, path: &Path) -> Result<SegmentView, StoreError> {
     let valid = record::HEADER_LEN + cut as u64;
     if valid < len {
         // A sealed segment always ends with a checkpoint; anything after one is a torn tail.
-        let f = OpenOptions::new().write(true).open(path).map_err(|e| StoreError::io("open", path, e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| StoreError::io("open", path, e))?;
         f.set_len(valid).map_err(|e| StoreError::io("truncate", path, e))?;
     }
     let arcs: Vec<Arc<BlockMeta>> = blocks.into_iter().map(Arc::new).collect();
     write_index_file(path, valid, &arcs);
-    Ok(SegmentView { first_index: first, path: Arc::new(path.to_owned()), blocks: arcs, bytes: valid })
+    Ok(SegmentView {
+        first_index: first,
+        path: Arc::new(path.to_owned()),
+        blocks: arcs,
+        bytes: valid,
+    })
 }
 
 fn read_index_file(log: &Path, file_len: u64) -> Option<Vec<BlockMeta>> {
@@ -526,6 +524,6 @@ fn read_index_file(log: &Path, file_len: u64) -> Option<Vec<BlockMeta>> {
 }
 
 /// Reads one block's entries (for readers holding a [`SegmentView`]).
-pub fn read_block(path: &Path, block: &BlockMeta) -> io::Result<Vec<GetFlowsResponse>> {
+pub fn read_block(path: &Path, block: &BlockMeta) -> io::Result<Vec<Arc<super::Stored>>> {
     record::read_block(path, block)
 }

@@ -58,7 +58,7 @@ pub struct StoreConfig {
 
 pub const MIN_MEMORY_FLOWS: usize = 4096;
 
-/// One stored event.
+/// One stored event (boxed once, when it arrives, and then only pointed to).
 #[derive(Debug)]
 pub struct Stored {
     pub index: u64,
@@ -114,7 +114,6 @@ pub struct StoreWriter {
     store: Arc<FlowStore>,
     disk: Option<DiskLog>,
     next_index: u64,
-    scratch: Vec<u8>,
 }
 
 impl FlowStore {
@@ -139,8 +138,7 @@ impl FlowStore {
             end: watch::channel(recovery.next_index).0,
             seen: AtomicU64::new(0),
         });
-        let writer =
-            StoreWriter { store: store.clone(), disk, next_index: recovery.next_index, scratch: Vec::new() };
+        let writer = StoreWriter { store: store.clone(), disk, next_index: recovery.next_index };
         Ok((store, writer, recovery))
     }
 
@@ -178,7 +176,8 @@ impl FlowStore {
                 let d = d.read().expect("disk index lock");
                 let (bytes, entries) = (d.bytes(), d.entries());
                 // Entries not yet in a sealed block are in memory (and in the file).
-                let on_disk_end = d.segments.back().and_then(|s| s.blocks.last()).map_or(0, |b| b.end_index());
+                let on_disk_end =
+                    d.segments.back().and_then(|s| s.blocks.last()).map_or(0, |b| b.end_index());
                 let held = entries + end.saturating_sub(on_disk_end.max(ring_first));
                 let per_entry = if entries > 0 { bytes / entries.max(1) } else { 400 };
                 let cap = (max_bytes / per_entry.max(1)).max(held);
@@ -196,17 +195,35 @@ impl FlowStore {
         }
     }
 
+    /// The sealed history block holding entry `at`, if any.
+    fn sealed_block_of(&self, at: u64) -> Option<Arc<BlockMeta>> {
+        let (index, _) = self.disk.as_ref()?;
+        let index = index.read().expect("disk index lock");
+        find_block(&index, at, false).map(|(_, b)| b).filter(|b| b.first_index <= at)
+    }
+
     /// The chunk of entries that starts at `from` (going forward, up to `end`). Disk blocks that
-    /// `block_ok` rejects come back as [`Chunk::Skipped`].
+    /// `block_ok` rejects come back as [`Chunk::Skipped`]; so do entries still in memory whose
+    /// block is already sealed in the history (its index covers them).
     pub fn chunk_from(&self, from: u64, end: u64, block_ok: &dyn Fn(&BlockMeta) -> bool) -> Chunk {
+        let block = self.sealed_block_of(from);
         {
             let ring = self.ring.read().expect("ring lock");
             if from >= ring.first {
+                let mut stop = end.min(from.saturating_add(1024));
+                if let Some(b) = &block {
+                    if !block_ok(b) && !b.has_notices() {
+                        return Chunk::Skipped {
+                            start: from,
+                            end: b.end_index().min(end).max(from + 1),
+                        };
+                    }
+                    stop = stop.min(b.end_index());
+                }
                 let lo = usize::try_from(from - ring.first).unwrap_or(usize::MAX);
-                let hi = usize::try_from(end.saturating_sub(ring.first))
+                let hi = usize::try_from(stop.saturating_sub(ring.first))
                     .unwrap_or(usize::MAX)
-                    .min(ring.entries.len())
-                    .min(lo.saturating_add(1024));
+                    .min(ring.entries.len());
                 let entries = ring.entries.range(lo.min(hi)..hi).cloned().collect();
                 return Chunk::Entries { start: from, entries };
             }
@@ -222,13 +239,22 @@ impl FlowStore {
         start: u64,
         block_ok: &dyn Fn(&BlockMeta) -> bool,
     ) -> Chunk {
+        let block = before.checked_sub(1).and_then(|at| self.sealed_block_of(at));
         {
             let ring = self.ring.read().expect("ring lock");
             if before > ring.first {
-                let hi = usize::try_from(before - ring.first).unwrap_or(usize::MAX).min(ring.entries.len());
-                let lo = hi
-                    .saturating_sub(1024)
-                    .max(usize::try_from(start.saturating_sub(ring.first)).unwrap_or(usize::MAX).min(hi));
+                let mut from = before.saturating_sub(1024).max(start).max(ring.first);
+                if let Some(b) = &block {
+                    if !block_ok(b) && !b.has_notices() {
+                        let skip_to = b.first_index.max(start).min(before - 1);
+                        return Chunk::Skipped { start: skip_to, end: before };
+                    }
+                    from = from.max(b.first_index);
+                }
+                let hi = usize::try_from(before - ring.first)
+                    .unwrap_or(usize::MAX)
+                    .min(ring.entries.len());
+                let lo = usize::try_from(from - ring.first).unwrap_or(usize::MAX).min(hi);
                 let entries = ring.entries.range(lo..hi).cloned().collect();
                 return Chunk::Entries { start: ring.first + lo as u64, entries };
             }
@@ -277,16 +303,7 @@ impl FlowStore {
             return Chunk::Skipped { start: block.first_index, end: block.end_index() };
         }
         match disk::read_block(&path, &block) {
-            Ok(resps) => {
-                let entries = resps
-                    .into_iter()
-                    .zip(block.first_index..)
-                    .map(|(resp, index)| {
-                        Arc::new(Stored { index, time_ns: entry_time_ns(&resp), resp })
-                    })
-                    .collect();
-                Chunk::Entries { start: block.first_index, entries }
-            }
+            Ok(entries) => Chunk::Entries { start: block.first_index, entries },
             Err(e) => {
                 // Retention removed the file between the index lookup and the read.
                 tracing::debug!(path = %path.display(), error = %e, "history block unreadable");
@@ -314,33 +331,59 @@ fn find_block(index: &DiskIndex, at: u64, forward: bool) -> Option<(Arc<PathBuf>
     None
 }
 
+impl Stored {
+    /// A new entry; its index is assigned when it is stored.
+    pub fn new(resp: GetFlowsResponse) -> Arc<Self> {
+        Arc::new(Self { index: u64::MAX, time_ns: entry_time_ns(&resp), resp })
+    }
+}
+
+/// An entry on its way into the store, with its history form when that was prepared early.
+#[derive(Debug)]
+pub struct Incoming {
+    pub entry: Arc<Stored>,
+    pub prepared: Option<record::Prepared>,
+}
+
+impl Incoming {
+    /// `prepare`: encode and index it now (on the caller's thread) for the history.
+    pub fn new(resp: GetFlowsResponse, prepare: bool) -> Self {
+        let prepared = prepare.then(|| record::Prepared::of(&resp));
+        Self { entry: Stored::new(resp), prepared }
+    }
+}
+
 impl StoreWriter {
     pub fn store(&self) -> &Arc<FlowStore> {
         &self.store
     }
 
-    /// Appends `entries` (in order), writes them to the history with `checkpoint`, and makes
-    /// them visible to readers. On `Ok`, everything up to `checkpoint` is stored.
+    /// Appends `entries` (in order; drained from the vector, which keeps its capacity), writes
+    /// them to the history with `checkpoint`, and makes them visible to readers. On `Ok`,
+    /// everything up to `checkpoint` is stored. The entries' indexes are assigned here.
     pub fn append(
         &mut self,
-        entries: Vec<(i64, GetFlowsResponse)>,
+        entries: &mut Vec<Incoming>,
         checkpoint: &Checkpoint,
     ) -> Result<(), StoreError> {
         let n = entries.len() as u64;
         let first = self.next_index;
-        let mut stored = Vec::with_capacity(entries.len());
-        for (time_ns, resp) in entries {
+        for e in entries.iter_mut() {
+            let stored =
+                Arc::get_mut(&mut e.entry).expect("entries are not shared before they are stored");
+            stored.index = self.next_index;
             if let Some(d) = &mut self.disk {
-                d.append(self.next_index, time_ns, &resp, &mut self.scratch);
+                let prepared =
+                    e.prepared.take().unwrap_or_else(|| record::Prepared::of(&stored.resp));
+                d.append(self.next_index, stored.time_ns, &prepared);
             }
-            stored.push(Arc::new(Stored { index: self.next_index, time_ns, resp }));
             self.next_index += 1;
         }
         // Visible in memory before the disk write: readers may see an entry an instant before
         // it is durable, but an agent is acknowledged only after.
         {
             let mut ring = self.store.ring.write().expect("ring lock");
-            ring.entries.extend(stored);
+            ring.entries.extend(entries.drain(..).map(|e| e.entry));
             let excess = ring.entries.len().saturating_sub(self.store.memory_cap);
             ring.entries.drain(..excess);
             ring.first += excess as u64;

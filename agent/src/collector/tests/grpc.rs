@@ -84,10 +84,12 @@ async fn flows_from_several_nodes_come_out_in_time_order() {
             let events: Vec<_> = (0..300)
                 .map(|k| flow(node, t0 + (k * 3 + offset) * 1_000_000, 80, Verdict::Forwarded))
                 .collect();
-            let (w, acked) = push(ch, &format!("agent-{node}"), node, vec![
-                (1, events[..150].to_vec()),
-                (151, events[150..].to_vec()),
-            ])
+            let (w, acked) = push(
+                ch,
+                &format!("agent-{node}"),
+                node,
+                vec![(1, events[..150].to_vec()), (151, events[150..].to_vec())],
+            )
             .await;
             assert_eq!(w.resume_after, 0);
             assert_eq!(acked, 300, "{node}: everything acknowledged");
@@ -123,7 +125,10 @@ async fn flows_from_several_nodes_come_out_in_time_order() {
         .unwrap()
         .into_inner()
         .nodes;
-    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["node-a", "node-b", "node-c"]);
+    assert_eq!(
+        nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["node-a", "node-b", "node-c"]
+    );
     assert!(nodes.iter().all(|n| n.num_flows == 300 && n.state() == NodeState::NodeUnavailable));
 }
 
@@ -151,10 +156,14 @@ async fn number_first_since_until_and_filters() {
         }
     };
     assert_eq!(q(GetFlowsRequest { number: 3, ..Default::default() }).await, [97, 98, 99]);
-    assert_eq!(q(GetFlowsRequest { number: 3, first: true, ..Default::default() }).await, [0, 1, 2]);
+    assert_eq!(
+        q(GetFlowsRequest { number: 3, first: true, ..Default::default() }).await,
+        [0, 1, 2]
+    );
     let drops = FlowFilter { verdict: vec![Verdict::Dropped.into()], ..Default::default() };
     assert_eq!(
-        q(GetFlowsRequest { number: 2, whitelist: vec![drops.clone()], ..Default::default() }).await,
+        q(GetFlowsRequest { number: 2, whitelist: vec![drops.clone()], ..Default::default() })
+            .await,
         [80, 90]
     );
     assert_eq!(
@@ -171,7 +180,10 @@ async fn number_first_since_until_and_filters() {
             since: Some(ts(t0 + 45 * SEC)),
             number: 2,
             first: true,
-            blacklist: vec![FlowFilter { destination_port: vec!["80".into()], ..Default::default() }],
+            blacklist: vec![FlowFilter {
+                destination_port: vec!["80".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         })
         .await,
@@ -181,7 +193,10 @@ async fn number_first_since_until_and_filters() {
     assert_eq!(
         q(GetFlowsRequest {
             whitelist: vec![drops.clone()],
-            blacklist: vec![FlowFilter { uuid: vec![format!("n1/{}/9", t0 + 50 * SEC)], ..Default::default() }],
+            blacklist: vec![FlowFilter {
+                uuid: vec![format!("n1/{}/9", t0 + 50 * SEC)],
+                ..Default::default()
+            }],
             ..Default::default()
         })
         .await,
@@ -203,7 +218,10 @@ async fn bad_requests_are_invalid_argument() {
     let err = get_flows(
         pipe.connect().await.unwrap(),
         GetFlowsRequest {
-            whitelist: vec![FlowFilter { source_ip: vec!["10.0.0.0/99".into()], ..Default::default() }],
+            whitelist: vec![FlowFilter {
+                source_ip: vec!["10.0.0.0/99".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         },
     )
@@ -214,7 +232,10 @@ async fn bad_requests_are_invalid_argument() {
     // An ingest stream must start with a Hello.
     let (tx, rx) = mpsc::channel(1);
     tx.send(batch(1, vec![])).await.unwrap();
-    let err = IngestClient::new(pipe.connect().await.unwrap()).push(ReceiverStream::new(rx)).await.unwrap_err();
+    let err = IngestClient::new(pipe.connect().await.unwrap())
+        .push(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
@@ -263,7 +284,10 @@ async fn follow_streams_new_flows_and_node_changes() {
     let mut stream = client
         .get_flows(GetFlowsRequest {
             follow: true,
-            whitelist: vec![FlowFilter { destination_port: vec!["443".into()], ..Default::default() }],
+            whitelist: vec![FlowFilter {
+                destination_port: vec!["443".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         })
         .await
@@ -281,7 +305,11 @@ async fn follow_streams_new_flows_and_node_changes() {
     let mut states = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while seen.len() < 2 || states.len() < 2 {
-        let msg = tokio::time::timeout_at(deadline, stream.message()).await.expect("in time").unwrap().unwrap();
+        let msg = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("in time")
+            .unwrap()
+            .unwrap();
         match msg.response_types {
             Some(ResponseTypes::Flow(f)) => seen.push(f.uuid),
             Some(ResponseTypes::NodeStatus(n)) => states.push((n.state_change(), n.node_names)),
@@ -304,13 +332,21 @@ async fn history_beyond_memory_is_read_from_disk_and_survives_restart() {
         // 20 000 flows 10 ms apart (200 s); memory holds the last 4096.
         let events: Vec<_> =
             (0..20_000).map(|k| flow("n1", t0 + k * 10_000_000, 80, Verdict::Forwarded)).collect();
-        let batches = events.chunks(1000).enumerate().map(|(i, c)| (1 + i as u64 * 1000, c.to_vec())).collect();
+        let batches = events
+            .chunks(1000)
+            .enumerate()
+            .map(|(i, c)| (1 + i as u64 * 1000, c.to_vec()))
+            .collect();
         let (_, acked) = push(pipe.connect().await.unwrap(), "a1", "n1", batches).await;
         assert_eq!(acked, 20_000);
         // --since 10 s after the start: far older than anything in memory.
         let r = get_flows(
             pipe.connect().await.unwrap(),
-            GetFlowsRequest { since: Some(ts(t0 + 10 * SEC)), until: Some(ts(t0 + 20 * SEC - 1)), ..Default::default() },
+            GetFlowsRequest {
+                since: Some(ts(t0 + 10 * SEC)),
+                until: Some(ts(t0 + 20 * SEC - 1)),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
@@ -321,13 +357,23 @@ async fn history_beyond_memory_is_read_from_disk_and_survives_restart() {
     // A new collector on the same directory has the history and knows where the agent was.
     let hub = disk_hub(dir.path(), 4096, Duration::ZERO);
     let pipe = Pipe::serve(hub.clone());
-    let r = get_flows(pipe.connect().await.unwrap(), GetFlowsRequest { number: 5, first: true, ..Default::default() })
-        .await
-        .unwrap();
-    assert_eq!(flows(&r).iter().map(|f| time_of(f)).collect::<Vec<_>>(), (0..5).map(|k| t0 + k * 10_000_000).collect::<Vec<_>>());
+    let r = get_flows(
+        pipe.connect().await.unwrap(),
+        GetFlowsRequest { number: 5, first: true, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        flows(&r).iter().map(|f| time_of(f)).collect::<Vec<_>>(),
+        (0..5).map(|k| t0 + k * 10_000_000).collect::<Vec<_>>()
+    );
     let (w, _) = push(pipe.connect().await.unwrap(), "a1", "n1", vec![]).await;
     assert_eq!(w.resume_after, 20_000);
-    let status = ObserverClient::new(pipe.connect().await.unwrap()).server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    let status = ObserverClient::new(pipe.connect().await.unwrap())
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.num_flows, 20_000);
     let _ = Arc::clone(&hub);
 }

@@ -21,7 +21,9 @@ use super::{
 use crate::proto::{
     flow::{Flow, Layer4, Tcp, Verdict, layer4},
     hopwatch::v1::ingest_server::IngestServer,
-    observer::{GetFlowsResponse, get_flows_response::ResponseTypes, observer_server::ObserverServer},
+    observer::{
+        GetFlowsResponse, get_flows_response::ResponseTypes, observer_server::ObserverServer,
+    },
 };
 
 pub const SEC: i64 = 1_000_000_000;

@@ -28,11 +28,17 @@ fn swappable(pipe: &Arc<Mutex<Arc<Pipe>>>) -> Dial {
 }
 
 fn hello(node: &str) -> Hello {
-    Hello { agent_id: format!("agent-{node}"), node_name: node.into(), version: "test".into(), started: None }
+    Hello {
+        agent_id: format!("agent-{node}"),
+        node_name: node.into(),
+        version: "test".into(),
+        started: None,
+    }
 }
 
 const BATCHING: Batching = Batching { max_events: 200, interval: Duration::from_millis(10) };
-const BACKOFF: Backoff = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(100) };
+const BACKOFF: Backoff =
+    Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(100) };
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..1000 {
@@ -49,7 +55,9 @@ async fn stored_uuids(pipe: &Pipe) -> (Vec<String>, u64) {
     let lost = all
         .iter()
         .filter_map(|r| match &r.response_types {
-            Some(ResponseTypes::LostEvents(l)) if l.source() == LostEventSource::ObserverEventsQueue => {
+            Some(ResponseTypes::LostEvents(l))
+                if l.source() == LostEventSource::ObserverEventsQueue =>
+            {
                 Some(l.num_events_lost)
             }
             _ => None,

@@ -33,11 +33,16 @@ impl Pki {
             let ca_key = KeyPair::generate().unwrap();
             let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
             ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            ca_params.distinguished_name.push(DnType::CommonName, format!("{prefix}hopwatch test CA"));
+            ca_params
+                .distinguished_name
+                .push(DnType::CommonName, format!("{prefix}hopwatch test CA"));
             let ca_cert = ca_params.self_signed(&ca_key).unwrap();
             write(&format!("{prefix}ca.pem"), ca_cert.pem());
             let issuer = Issuer::new(ca_params, ca_key);
-            for (name, sans) in [("server", vec!["localhost".to_owned(), "127.0.0.1".to_owned()]), ("client", vec!["agent-1".to_owned()])] {
+            for (name, sans) in [
+                ("server", vec!["localhost".to_owned(), "127.0.0.1".to_owned()]),
+                ("client", vec!["agent-1".to_owned()]),
+            ] {
                 let key = KeyPair::generate().unwrap();
                 let mut params = CertificateParams::new(sans).unwrap();
                 params.distinguished_name.push(DnType::CommonName, name);
@@ -83,7 +88,10 @@ async fn status(url: &str, tls: &ClientTls) -> Result<u64, String> {
     let target = Target::parse(url, false).unwrap();
     let ep = target.endpoint(tls, false).map_err(|e| e.to_string())?;
     let ch = ep.connect().await.map_err(|e| explain(&e))?;
-    let s = ObserverClient::new(ch).server_status(ServerStatusRequest {}).await.map_err(|s| explain(&s))?;
+    let s = ObserverClient::new(ch)
+        .server_status(ServerStatusRequest {})
+        .await
+        .map_err(|s| explain(&s))?;
     Ok(s.into_inner().seen_flows)
 }
 
@@ -126,7 +134,13 @@ async fn mutual_tls_carries_ingest_and_queries() {
     task.await.unwrap();
     // A query client with a certificate reads them back.
     assert_eq!(status(&url, &pki.client("ca.pem", Some("client"))).await, Ok(500));
-    let ch = Target::parse(&url, false).unwrap().endpoint(&pki.client("ca.pem", Some("client")), false).unwrap().connect().await.unwrap();
+    let ch = Target::parse(&url, false)
+        .unwrap()
+        .endpoint(&pki.client("ca.pem", Some("client")), false)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let got = get_flows(ch, GetFlowsRequest::default()).await.unwrap();
     assert_eq!(flows(&got).len(), 500);
     let nodes = hub.nodes.nodes(0);
@@ -155,7 +169,10 @@ async fn bad_certificates_give_one_clear_error() {
     // Plaintext to a TLS server.
     let plain = url.replace("https://", "http://");
     let err = status(&plain, &ClientTls::default()).await.unwrap_err();
-    assert!(err.starts_with("the server closed the connection during setup (if it uses TLS"), "{err}");
+    assert!(
+        err.starts_with("the server closed the connection during setup (if it uses TLS"),
+        "{err}"
+    );
     stop.cancel();
 }
 
@@ -178,7 +195,10 @@ fn certificate_files_are_checked_up_front() {
     let mut args = pki.server(false);
     args.tls_cert = Some(pki.path("garbage.pem"));
     let err = args.server_config(listen).unwrap_err();
-    assert_eq!(err.to_string(), format!("{} (--tls-cert) holds no PEM certificate", pki.path("garbage.pem").display()));
+    assert_eq!(
+        err.to_string(),
+        format!("{} (--tls-cert) holds no PEM certificate", pki.path("garbage.pem").display())
+    );
 
     let mut client = pki.client("ca.pem", Some("client"));
     client.key = None;
@@ -195,11 +215,21 @@ fn plaintext_only_on_loopback_unless_allowed() {
     assert!(matches!(err, TlsError::PlaintextListen { .. }));
     let allowed = ServerTlsArgs { allow_plaintext: true, ..Default::default() };
     assert!(allowed.server_config(public).unwrap().is_none());
-    assert!(ServerTlsArgs::default().server_config("127.0.0.1:4245".parse().unwrap()).unwrap().is_none());
-    assert!(ServerTlsArgs::default().server_config("[::1]:4245".parse().unwrap()).unwrap().is_none());
+    assert!(
+        ServerTlsArgs::default()
+            .server_config("127.0.0.1:4245".parse().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        ServerTlsArgs::default().server_config("[::1]:4245".parse().unwrap()).unwrap().is_none()
+    );
 
     let target = Target::parse("http://10.0.0.5:4245", false).unwrap();
-    assert!(matches!(target.endpoint(&ClientTls::default(), false), Err(TlsError::PlaintextConnect { .. })));
+    assert!(matches!(
+        target.endpoint(&ClientTls::default(), false),
+        Err(TlsError::PlaintextConnect { .. })
+    ));
     assert!(target.endpoint(&ClientTls::default(), true).is_ok());
     for (s, uri, tls) in [
         ("localhost", "http://localhost:4245", false),
