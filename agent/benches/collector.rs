@@ -184,7 +184,7 @@ fn hub(disk: Option<&std::path::Path>) -> Arc<Hub> {
     let store = StoreArgs {
         memory_flows: 65_536,
         retention_size: 8 << 30,
-        retention_age: Duration::from_secs(86_400),
+        retention_age: Duration::from_hours(24),
         fsync_interval: Duration::from_secs(1),
         sort_window: Duration::from_millis(100),
     };
@@ -277,7 +277,7 @@ async fn ingest(disk: bool, agents: usize, per_agent: usize) {
         t.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = (cpu_time() - cpu0).as_secs_f64();
+    let cpu = cpu_time().checked_sub(cpu0).unwrap().as_secs_f64();
     let n = agents * per_agent;
     #[expect(clippy::cast_precision_loss, reason = "figures")]
     let (rate, mb, per_cpu) = (n as f64 / secs, bytes as f64 / 1e6 / secs, n as f64 / cpu);
@@ -295,6 +295,7 @@ fn median(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
     (v[v.len() / 2], p95, *v.last().unwrap())
 }
 
+#[expect(clippy::too_many_lines, reason = "one table of cases")]
 async fn query_store(flows: usize) {
     let dir = tempfile::tempdir().unwrap();
     let hub = hub(Some(dir.path()));
@@ -320,10 +321,10 @@ async fn query_store(flows: usize) {
         "store: {} flows ({} in memory, the rest on disk: {:.0} MB) built in {:.1}s",
         stats.held,
         65_536,
-        stats.disk_bytes as f64 / 1e6,
+        f64::from(u32::try_from(stats.disk_bytes / 1_000_000).unwrap_or(u32::MAX)),
         build.elapsed().as_secs_f64()
     );
-    let (addr, stop) = start_server(&hub).await;
+    let (addr, server_stop) = start_server(&hub).await;
     let cases: [(&str, FlowFilter, &[&str]); 5] = [
         (
             "--to-port 5432 (5% of flows)",
@@ -407,7 +408,7 @@ async fn query_store(flows: usize) {
             c.as_secs_f64() * 1e3
         );
     }
-    stop.cancel();
+    server_stop.cancel();
     hub.shutdown().await;
 }
 
@@ -441,7 +442,7 @@ fn kernel_to_observe(label: &str, extra: &[&str], samples: usize) {
     });
     let ready = format!("collector APIs on 127.0.0.1:{port}");
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("agent ready");
+        let line = rx.recv_timeout(Duration::from_mins(1)).expect("agent ready");
         if line.contains(&ready) {
             break;
         }
@@ -462,7 +463,7 @@ fn kernel_to_observe(label: &str, extra: &[&str], samples: usize) {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let mut delays = Vec::new();
     for _ in 0..samples {
         let start = Instant::now();

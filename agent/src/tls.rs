@@ -192,7 +192,7 @@ impl ClientTls {
         cfg = cfg.ca_certificate(ca(path, self.flags.ca)?);
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => {
-                cfg = cfg.identity(identity(c, k, self.flags.cert, self.flags.key)?)
+                cfg = cfg.identity(identity(c, k, self.flags.cert, self.flags.key)?);
             }
             (Some(_), None) => {
                 return Err(TlsError::Incomplete { flag: self.flags.cert, needs: self.flags.key });

@@ -228,9 +228,9 @@ pub fn build(
             pending.next();
         }
         if negate {
-            black.add(o.id, &o.value)?
+            black.add(o.id, &o.value)?;
         } else {
-            white.add(o.id, &o.value)?
+            white.add(o.id, &o.value)?;
         }
         negate = false;
     }

@@ -53,6 +53,7 @@ macro_rules! field_check {
     side; --from-X/--to-X one side. Repeating a flag ORs its values; different flags AND. \
     --not puts the next filter in the blacklist."
 )]
+#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct ObserveArgs {
     /// Collector address: host:port, http://host:port or https://host:port.
     #[arg(long, env = "HOPWATCH_SERVER", default_value = "localhost:4245")]

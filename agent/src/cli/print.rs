@@ -36,12 +36,13 @@ pub enum Output {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Color {
-    /// When stdout is a terminal (and NO_COLOR is not set).
+    /// When stdout is a terminal (and `NO_COLOR` is not set).
     Auto,
     Always,
     Never,
 }
 
+#[expect(clippy::struct_excessive_bools, reason = "independent output options")]
 pub struct Printer<W: Write> {
     out: W,
     format: Output,

@@ -54,6 +54,7 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+#[expect(clippy::many_single_char_names, reason = "calendar fields: y, mo, d, h, s")]
 pub fn format(ts: &prost_types::Timestamp, f: TimeFormat) -> String {
     let (secs, nanos) = (ts.seconds, ts.nanos.clamp(0, 999_999_999));
     let days = secs.div_euclid(86_400);
@@ -102,6 +103,7 @@ fn num<T: std::str::FromStr>(s: &str, range: std::ops::RangeInclusive<usize>) ->
     part.parse().ok()
 }
 
+#[expect(clippy::many_single_char_names, reason = "calendar fields: y, mo, d, h, s")]
 fn parse_rfc3339(s: &str) -> Option<prost_types::Timestamp> {
     let b = s.as_bytes();
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {

@@ -42,8 +42,8 @@ fn check_hello(h: &Hello) -> Result<(), Status> {
     Ok(())
 }
 
-fn ack(seq: u64) -> Result<PushResponse, Status> {
-    Ok(PushResponse { message: Some(push_response::Message::Ack(Ack { stored_through: seq })) })
+fn ack(seq: u64) -> PushResponse {
+    PushResponse { message: Some(push_response::Message::Ack(Ack { stored_through: seq })) }
 }
 
 #[tonic::async_trait]
@@ -56,9 +56,10 @@ impl Ingest for IngestService {
     ) -> Result<Response<Self::PushStream>, Status> {
         let address = request.remote_addr().map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let mut stream = request.into_inner();
-        let hello = match stream.message().await?.and_then(|m| m.message) {
-            Some(push_request::Message::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message must be a Hello")),
+        let Some(push_request::Message::Hello(hello)) =
+            stream.message().await?.and_then(|m| m.message)
+        else {
+            return Err(Status::invalid_argument("the first message must be a Hello"));
         };
         check_hello(&hello)?;
         let agent = self.hub.agent(&hello.agent_id, &hello.node_name);
@@ -133,7 +134,7 @@ async fn serve(
                 let seq = *stored.borrow_and_update();
                 if seq > acked {
                     acked = seq;
-                    if tx.send(ack(seq)).await.is_err() {
+                    if tx.send(Ok(ack(seq))).await.is_err() {
                         return "agent stopped reading".into();
                     }
                 }
@@ -156,7 +157,7 @@ async fn final_ack(
     let seq = *stored.borrow();
     if seq > *acked {
         *acked = seq;
-        let _ = tx.send(ack(seq)).await;
+        let _ = tx.send(Ok(ack(seq))).await;
     }
     if !reached {
         tracing::warn!(node = %agent.node_name, "final acknowledgement timed out");

@@ -158,7 +158,7 @@ fn node_status(ev: crate::proto::relay::NodeStatusEvent) -> GetFlowsResponse {
 }
 
 /// Sends new entries from `pos` to the store's end; entries that left memory before this
-/// reader got to them (and are not in the history) become a HUBBLE_RING_BUFFER lost event.
+/// reader got to them (and are not in the history) become a `HUBBLE_RING_BUFFER` lost event.
 async fn forward_new(store: &FlowStore, q: &Query, pos: &mut u64, tx: &Tx) -> bool {
     let end = store.end();
     while *pos < end {

@@ -226,7 +226,7 @@ async fn session(
     let mut stopping = false;
     let mut force = false;
     let mut deadline = None;
-    let drain_deadline = tokio::time::sleep(Duration::from_secs(86_400));
+    let drain_deadline = tokio::time::sleep(Duration::from_hours(24));
     tokio::pin!(drain_deadline);
     loop {
         // Send every due batch, reading acknowledgements while the stream is full.

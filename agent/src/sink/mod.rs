@@ -45,7 +45,7 @@ pub enum SinkError {
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinkArgs {
     /// Stream flows to this collector instead of running one in-process:
-    /// https://host:4245 (TLS), or http://host:4245 on loopback or with --allow-plaintext.
+    /// <https://host:4245> (TLS), or <http://host:4245> on loopback or with --allow-plaintext.
     #[arg(long, env = "HOPWATCH_COLLECTOR", value_name = "URL")]
     pub collector: Option<String>,
     /// Address of the in-process collector's APIs [default: 127.0.0.1:4245; if that port is
@@ -100,6 +100,10 @@ pub fn channel(cap: usize, sink: &Sink) -> (Outlet, mpsc::Receiver<GetFlowsRespo
 
 impl Outlet {
     /// Offers a flow to the collector queue, then to the printer (which may refuse it when full).
+    #[expect(
+        clippy::result_large_err,
+        reason = "the same signature as the mpsc sender it stands in for"
+    )]
     pub fn try_send(&self, resp: GetFlowsResponse) -> Result<(), TrySendError<GetFlowsResponse>> {
         if let Some(q) = &self.queue {
             q.offer(resp.clone());
@@ -121,7 +125,7 @@ impl Outlet {
     }
 }
 
-/// The pipeline's OBSERVER_EVENTS_QUEUE notices count flows its printer queue dropped; the
+/// The pipeline's `OBSERVER_EVENTS_QUEUE` notices count flows its printer queue dropped; the
 /// collector got those flows (the queue feeds it first), and its own queue reports its drops.
 fn printer_only(resp: &GetFlowsResponse) -> bool {
     matches!(&resp.response_types, Some(ResponseTypes::LostEvents(l)) if l.source() == LostEventSource::ObserverEventsQueue)

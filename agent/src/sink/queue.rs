@@ -3,7 +3,7 @@
 //! Every event that enters gets the next sequence number and stays until the collector
 //! acknowledges it (so it can be resent after a reconnection). When the queue is full, the
 //! newest event is dropped and counted; the count goes out as a `LostEvent`
-//! (OBSERVER_EVENTS_QUEUE) as soon as there is room, so nothing is lost silently.
+//! (`OBSERVER_EVENTS_QUEUE`) as soon as there is room, so nothing is lost silently.
 
 use std::{
     collections::VecDeque,

@@ -58,7 +58,7 @@ impl Agent {
             }
         });
         let mut a = Self { child, stderr };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         while !a.stderr().contains("hopwatch agent: hooks") {
             if let Some(status) = a.child.try_wait().unwrap() {
                 panic!("agent exited ({status}):\n{}", a.stderr());

@@ -83,7 +83,7 @@ async fn collector_killed_mid_stream_delivers_each_flow_once_or_counts_it() {
         offer(chunk * 20..(chunk + 1) * 20);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    wait_until("some flows stored", Duration::from_secs(60), async || {
+    wait_until("some flows stored", Duration::from_mins(1), async || {
         status(&url).await.is_some_and(|s| s.seen_flows >= 3000)
     })
     .await;
@@ -95,7 +95,7 @@ async fn collector_killed_mid_stream_delivers_each_flow_once_or_counts_it() {
     let mut collector = Collector::start(port, dir.path(), &args);
     // After: 1000 more per node.
     offer(5000..6000);
-    wait_until("every agent queue drained", Duration::from_secs(60), async || {
+    wait_until("every agent queue drained", Duration::from_mins(1), async || {
         queues.iter().all(|q| q.is_drained())
     })
     .await;
@@ -110,7 +110,7 @@ async fn collector_killed_mid_stream_delivers_each_flow_once_or_counts_it() {
     for r in &all {
         match &r.response_types {
             Some(ResponseTypes::Flow(f)) => {
-                stored.entry(f.node_name.clone()).or_default().push(f.uuid.clone())
+                stored.entry(f.node_name.clone()).or_default().push(f.uuid.clone());
             }
             Some(ResponseTypes::LostEvents(l)) => {
                 assert_eq!(l.source(), LostEventSource::ObserverEventsQueue, "{l:?}");
@@ -210,17 +210,17 @@ async fn observe_cli_reads_history_follows_and_rejects_bad_flags() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     queue.offer(flow("cli-node", 99_999, now_ns(), 6379));
     let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
+    let reader = tokio::task::spawn_blocking(move || {
         use std::io::BufRead as _;
         std::io::BufReader::new(stdout).lines().next().map(Result::unwrap)
     });
-    let line = tokio::time::timeout(Duration::from_secs(10), line)
+    let printed = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("followed flow in time")
         .unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line.expect("a line")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&printed.expect("a line")).unwrap();
     assert_eq!(v["flow"]["uuid"], "cli-node-99999");
     stop.cancel();
     link.await.unwrap();

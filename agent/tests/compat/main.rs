@@ -21,7 +21,7 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
-/// The virtualenv's Python (set HOPWATCH_COMPAT_PYTHON to use another one).
+/// The virtualenv's Python (set `HOPWATCH_COMPAT_PYTHON` to use another one).
 fn python() -> PathBuf {
     let p = std::env::var_os("HOPWATCH_COMPAT_PYTHON")
         .map_or_else(|| workspace().join("target/compat-venv/bin/python"), PathBuf::from);

@@ -266,10 +266,9 @@ fn has_flags(have: &TcpFlags, want: &TcpFlags) -> bool {
 }
 
 impl Check {
-    #[expect(clippy::too_many_lines, reason = "one arm per Hubble filter field")]
     fn matches(&self, f: &Flow) -> bool {
         match self {
-            Self::Uuid(ids) => ids.iter().any(|id| *id == f.uuid),
+            Self::Uuid(ids) => ids.contains(&f.uuid),
             Self::Ip(side, nets) => {
                 ip(f, *side).is_some_and(|a| nets.iter().any(|n| n.contains(a)))
             }

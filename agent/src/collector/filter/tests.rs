@@ -6,6 +6,7 @@ use crate::proto::flow::{
     TrafficDirection, Udp, Verdict, layer7,
 };
 
+#[expect(clippy::unnecessary_wraps, reason = "fills Option<Endpoint> fields")]
 fn ep(ns: &str, pod: &str, labels: &[&str]) -> Option<Endpoint> {
     Some(Endpoint {
         namespace: ns.into(),
@@ -52,7 +53,7 @@ fn tcp_flow() -> Flow {
     }
 }
 
-/// An HTTP 503 response to GET /api/v1/users?id=3, 80 ms, on node-b, from fd00::1 (dev).
+/// An HTTP 503 response to GET /api/v1/users?id=3, 80 ms, on node-b, from `fd00::1` (dev).
 fn http_flow() -> Flow {
     Flow {
         uuid: "u-http".into(),
@@ -93,7 +94,7 @@ fn http_flow() -> Flow {
     }
 }
 
-/// A dropped DNS query for api.example.com. over UDP; no pods, no is_reply.
+/// A dropped DNS query for api.example.com. over UDP; no pods, no `is_reply`.
 fn dns_drop() -> Flow {
     Flow {
         uuid: "u-dns".into(),
@@ -172,7 +173,7 @@ fn single_filters_match_as_hubble_documents() {
         (
             "workload",
             ff(|f| {
-                f.destination_workload = vec![Workload { name: "api".into(), kind: String::new() }]
+                f.destination_workload = vec![Workload { name: "api".into(), kind: String::new() }];
             }),
             [false, true, false],
         ),
@@ -189,7 +190,7 @@ fn single_filters_match_as_hubble_documents() {
             "event type with sub type",
             ff(|f| {
                 f.event_type =
-                    vec![EventTypeFilter { r#type: 4, match_sub_type: true, sub_type: 3 }]
+                    vec![EventTypeFilter { r#type: 4, match_sub_type: true, sub_type: 3 }];
             }),
             [false, false, false],
         ),

@@ -85,7 +85,7 @@ impl DiskIndex {
 
     /// Oldest index still on disk.
     pub fn first_index(&self) -> Option<u64> {
-        self.segments.iter().flat_map(|s| s.blocks.first()).map(|b| b.first_index).next()
+        self.segments.iter().filter_map(|s| s.blocks.first()).map(|b| b.first_index).next()
     }
 }
 
@@ -251,7 +251,7 @@ impl DiskLog {
             buf: Vec::with_capacity(1 << 20),
             sealed: Vec::new(),
             last_fsync: Instant::now(),
-            last_retention: Instant::now() - Duration::from_secs(3600),
+            last_retention: Instant::now().checked_sub(Duration::from_hours(1)).unwrap(),
             _lock: lock,
         }
     }

@@ -176,8 +176,13 @@ impl FlowStore {
                 let d = d.read().expect("disk index lock");
                 let (bytes, entries) = (d.bytes(), d.entries());
                 // Entries not yet in a sealed block are in memory (and in the file).
-                let on_disk_end =
-                    d.segments.back().and_then(|s| s.blocks.last()).map_or(0, |b| b.end_index());
+                let on_disk_end = d
+                    .segments
+                    .iter()
+                    .filter_map(|s| s.blocks.last())
+                    .map(|b| b.end_index())
+                    .max()
+                    .unwrap_or(0);
                 let held = entries + end.saturating_sub(on_disk_end.max(ring_first));
                 let per_entry = if entries > 0 { bytes / entries.max(1) } else { 400 };
                 let cap = (max_bytes / per_entry.max(1)).max(held);
@@ -315,7 +320,7 @@ impl FlowStore {
 
 fn find_block(index: &DiskIndex, at: u64, forward: bool) -> Option<(Arc<PathBuf>, Arc<BlockMeta>)> {
     let seg_pos = index.segments.partition_point(|s| s.first_index <= at);
-    let seg_pos = seg_pos.checked_sub(1).unwrap_or(0);
+    let seg_pos = seg_pos.saturating_sub(1);
     for seg in index.segments.range(seg_pos..) {
         let pos = seg.blocks.partition_point(|b| b.end_index() <= at);
         if let Some(b) = seg.blocks.get(pos) {

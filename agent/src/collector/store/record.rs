@@ -215,7 +215,7 @@ impl Prepared {
 
 /// One decoded record.
 pub enum Record {
-    Entry(GetFlowsResponse),
+    Entry(Box<GetFlowsResponse>),
     Checkpoint(Checkpoint),
 }
 
@@ -251,7 +251,7 @@ fn frame_at(bytes: &[u8], pos: usize) -> Option<(u8, &[u8], usize)> {
 fn parse_one(bytes: &[u8], pos: usize) -> Option<(Record, usize)> {
     let (kind, payload, next) = frame_at(bytes, pos)?;
     let record = match kind {
-        KIND_ENTRY => Record::Entry(GetFlowsResponse::decode(payload).ok()?),
+        KIND_ENTRY => Record::Entry(Box::new(GetFlowsResponse::decode(payload).ok()?)),
         KIND_CHECKPOINT => Record::Checkpoint(Checkpoint::decode(payload).ok()?),
         _ => return None,
     };

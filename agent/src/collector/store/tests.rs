@@ -129,7 +129,7 @@ fn memory_only_store_keeps_the_newest() {
 #[test]
 fn history_survives_a_restart_and_torn_tails_are_cut() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_secs(86_400));
+    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_hours(24));
     let t0 = now_ns();
     {
         let (store, mut w, rec) = FlowStore::open(&cfg).unwrap();
@@ -186,7 +186,7 @@ fn history_survives_a_restart_and_torn_tails_are_cut() {
 #[test]
 fn a_second_collector_cannot_open_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_secs(60));
+    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_mins(1));
     let _first = FlowStore::open(&cfg).unwrap();
     let Err(err) = FlowStore::open(&cfg) else { panic!("second open succeeded") };
     assert!(err.to_string().contains("in use"), "{err}");
@@ -196,7 +196,7 @@ fn a_second_collector_cannot_open_the_same_directory() {
 fn retention_by_size_removes_the_oldest_segments() {
     let dir = tempfile::tempdir().unwrap();
     // 3 MiB of history in 1 MiB segments.
-    let cfg = disk_cfg(dir.path(), 3 << 20, Duration::from_secs(86_400));
+    let cfg = disk_cfg(dir.path(), 3 << 20, Duration::from_hours(24));
     let (store, mut w, _) = FlowStore::open(&cfg).unwrap();
     let t0 = now_ns();
     let mut n = 0u32;
@@ -232,7 +232,7 @@ fn retention_by_size_removes_the_oldest_segments() {
 #[test]
 fn retention_by_age_removes_old_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = disk_cfg(dir.path(), 8 << 20, Duration::from_secs(3600));
+    let cfg = disk_cfg(dir.path(), 8 << 20, Duration::from_hours(1));
     let (store, mut w, _) = FlowStore::open(&cfg).unwrap();
     let old = now_ns() - 2 * 3600 * SEC;
     let mut n = 0u32;
@@ -275,7 +275,7 @@ fn retention_by_age_removes_old_segments() {
 #[test]
 fn index_blocks_let_readers_skip() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_secs(86_400));
+    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_hours(24));
     let (store, mut w, _) = FlowStore::open(&cfg).unwrap();
     let t0 = now_ns();
     // 20 blocks of port 80 flows, one block with a single port 9 (dropped) flow.

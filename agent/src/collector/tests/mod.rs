@@ -74,7 +74,7 @@ pub fn disk_hub(dir: &std::path::Path, memory_flows: usize, window: Duration) ->
             disk: Some(DiskConfig {
                 dir: dir.to_owned(),
                 max_bytes: 1 << 30,
-                max_age: Duration::from_secs(86_400),
+                max_age: Duration::from_hours(24),
                 fsync_interval: Duration::from_secs(1),
             }),
         },
@@ -127,7 +127,7 @@ impl Pipe {
     }
 }
 
-/// Every response of a (non-following) GetFlows call.
+/// Every response of a (non-following) `GetFlows` call.
 pub async fn get_flows(
     ch: Channel,
     req: crate::proto::observer::GetFlowsRequest,

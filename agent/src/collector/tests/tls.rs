@@ -83,7 +83,7 @@ async fn start(pki: &Pki, mutual: bool) -> (Arc<Hub>, String, CancellationToken)
     (hub, format!("https://localhost:{}", serving.addr.port()), stop)
 }
 
-/// Calls ServerStatus; returns the explained error on failure.
+/// Calls `ServerStatus`; returns the explained error on failure.
 async fn status(url: &str, tls: &ClientTls) -> Result<u64, String> {
     let target = Target::parse(url, false).unwrap();
     let ep = target.endpoint(tls, false).map_err(|e| e.to_string())?;
