@@ -141,7 +141,9 @@ pub struct DiskLog {
     /// Blocks sealed in `buf`, published once it is written.
     sealed: Vec<BlockMeta>,
     last_fsync: Instant,
-    last_retention: Instant,
+    /// When retention last ran (`None`: not yet).
+    last_retention: Option<Instant>,
+    syncer: std::sync::mpsc::SyncSender<(File, Arc<PathBuf>)>,
     _lock: File,
 }
 
@@ -251,7 +253,8 @@ impl DiskLog {
             buf: Vec::with_capacity(1 << 20),
             sealed: Vec::new(),
             last_fsync: Instant::now(),
-            last_retention: Instant::now().checked_sub(Duration::from_hours(1)).unwrap(),
+            last_retention: None,
+            syncer: spawn_syncer(),
             _lock: lock,
         }
     }
@@ -285,16 +288,17 @@ impl DiskLog {
         self.buf.clear();
         self.publish();
         if self.last_fsync.elapsed() >= self.cfg.fsync_interval {
-            self.active
-                .file
-                .sync_data()
-                .map_err(|e| StoreError::io("fsync", &self.active.path, e))?;
+            // In the background: a slow disk must not stall ingest (acknowledgements need only
+            // write(2)); a sync still running when the next is due is simply not doubled.
+            if let Ok(f) = self.active.file.try_clone() {
+                let _ = self.syncer.try_send((f, self.active.path.clone()));
+            }
             self.last_fsync = Instant::now();
         }
         if self.active.written >= self.cfg.segment_bytes() {
             self.roll(checkpoint)?;
         }
-        if self.last_retention.elapsed() >= Duration::from_secs(5) {
+        if self.last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             self.enforce_retention();
         }
         Ok(())
@@ -314,7 +318,10 @@ impl DiskLog {
             self.publish();
         }
         let path = self.active.path.clone();
-        self.active.file.sync_all().map_err(|e| StoreError::io("fsync", &path, e))?;
+        let sealed =
+            self.active.file.try_clone().map_err(|e| StoreError::io("reopen", &path, e))?;
+        // Waits only if several syncs are already queued.
+        let _ = self.syncer.send((sealed, path.clone()));
         let (next_index, blocks) = {
             let index = self.index.read().expect("disk index lock");
             let view = index.segments.back().expect("active segment");
@@ -336,7 +343,7 @@ impl DiskLog {
 
     /// Deletes the oldest sealed segments beyond the size limit or older than the age limit.
     pub fn enforce_retention(&mut self) {
-        self.last_retention = Instant::now();
+        self.last_retention = Some(Instant::now());
         let oldest_allowed = now_unix_ns()
             .saturating_sub(i64::try_from(self.cfg.max_age.as_nanos()).unwrap_or(i64::MAX));
         loop {
@@ -362,6 +369,22 @@ impl DiskLog {
         self.commit(checkpoint)?;
         self.active.file.sync_all().map_err(|e| StoreError::io("fsync", &self.active.path, e))
     }
+}
+
+/// A thread that fsyncs the files it is handed, one at a time.
+fn spawn_syncer() -> std::sync::mpsc::SyncSender<(File, Arc<PathBuf>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(File, Arc<PathBuf>)>(4);
+    std::thread::Builder::new()
+        .name("hopwatch-fsync".into())
+        .spawn(move || {
+            for (file, path) in rx {
+                if let Err(e) = file.sync_data() {
+                    tracing::error!(path = %path.display(), error = %e, "cannot fsync the flow history");
+                }
+            }
+        })
+        .expect("spawning the fsync thread");
+    tx
 }
 
 fn remove_segment(path: &Path) {
