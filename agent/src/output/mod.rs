@@ -10,6 +10,7 @@ pub use self::summary::{human_bytes, human_ns, summary};
 use crate::proto::{
     flow::{Flow, LostEvent, SocketEvent, Verdict, layer4::Protocol},
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+    relay::NodeStatusEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -33,13 +34,27 @@ pub fn write(out: &mut impl Write, format: Format, resp: &mut GetFlowsResponse) 
         Format::Compact => match &resp.response_types {
             Some(ResponseTypes::Flow(f)) => writeln!(out, "{}", compact(f)),
             Some(ResponseTypes::LostEvents(l)) => writeln!(out, "{}", compact_lost(l)),
+            Some(ResponseTypes::NodeStatus(n)) => writeln!(out, "{}", compact_node_status(n)),
             None => Ok(()),
         },
     }
 }
 
-fn compact_lost(l: &LostEvent) -> String {
+#[must_use]
+pub fn compact_lost(l: &LostEvent) -> String {
     format!("EVENTS LOST: {} {} events lost", l.source().as_str_name(), l.num_events_lost)
+}
+
+/// `NODE STATUS: NODE_UNAVAILABLE node-a, node-b (agent disconnected)`
+#[must_use]
+pub fn compact_node_status(n: &NodeStatusEvent) -> String {
+    let mut s =
+        format!("NODE STATUS: {} {}", n.state_change().as_str_name(), n.node_names.join(", "));
+    if !n.message.is_empty() {
+        use std::fmt::Write as _;
+        let _ = write!(s, " ({})", n.message);
+    }
+    s
 }
 
 /// `Nov 23 16:01:02.123 [node]: 10.0.0.1:40000 (curl:4242) -> 10.0.0.2:80 (nginx:99) tcp-connect FORWARDED connect 20.3ms`
