@@ -463,6 +463,9 @@ fn print_loop(
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     while let Some(mut resp) = rx.blocking_recv() {
+        if format == Format::None {
+            continue;
+        }
         let mut result = output::write(&mut out, format, &mut resp);
         // Flush when the queue is drained so a reader sees flows promptly.
         if result.is_ok() && rx.is_empty() {

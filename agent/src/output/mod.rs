@@ -19,6 +19,8 @@ pub enum Format {
     Compact,
     /// One protobuf-JSON `GetFlowsResponse` per line (Hubble's `-o json`).
     Json,
+    /// Nothing on stdout (flows still go to the collector and the metrics): for daemons.
+    None,
 }
 
 /// Writes one response in `format`; returns the write error (e.g. a closed pipe). Fills in the
@@ -30,6 +32,7 @@ pub fn write(out: &mut impl Write, format: Format, resp: &mut GetFlowsResponse) 
         f.summary = summary(f);
     }
     match format {
+        Format::None => Ok(()),
         Format::Json => writeln!(out, "{}", resp.to_json()),
         Format::Compact => match &resp.response_types {
             Some(ResponseTypes::Flow(f)) => writeln!(out, "{}", compact(f)),
@@ -70,11 +73,21 @@ pub fn compact(f: &Flow) -> String {
         Some(Protocol::IcmPv6(_)) => (None, None, "icmpv6"),
         _ => (None, None, "ip"),
     };
-    let endpoint = |ip: &str, port: Option<u32>, proc_: Option<&crate::proto::flow::Process>| {
-        let mut s = match port {
-            Some(p) if ip.contains(':') => format!("[{ip}]:{p}"),
-            Some(p) => format!("{ip}:{p}"),
+    let endpoint = |ip: &str,
+                    port: Option<u32>,
+                    ep: Option<&crate::proto::flow::Endpoint>,
+                    proc_: Option<&crate::proto::flow::Process>| {
+        // A pod (or container, static endpoint) name reads better than its address, as in
+        // `hubble observe`: `namespace/pod:port`.
+        let host = match ep.filter(|e| !e.pod_name.is_empty()) {
+            Some(e) if e.namespace.is_empty() => e.pod_name.clone(),
+            Some(e) => format!("{}/{}", e.namespace, e.pod_name),
+            None if ip.contains(':') && port.is_some() => format!("[{ip}]"),
             None => ip.to_owned(),
+        };
+        let mut s = match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
         };
         if let Some(p) = proc_ {
             use std::fmt::Write as _;
@@ -82,8 +95,8 @@ pub fn compact(f: &Flow) -> String {
         }
         s
     };
-    let src = endpoint(src_ip, src_port, f.source_process.as_ref());
-    let dst = endpoint(dst_ip, dst_port, f.destination_process.as_ref());
+    let src = endpoint(src_ip, src_port, f.source.as_ref(), f.source_process.as_ref());
+    let dst = endpoint(dst_ip, dst_port, f.destination.as_ref(), f.destination_process.as_ref());
     let event = match (f.verdict(), f.socket_event()) {
         (Verdict::Dropped, _) => format!("{proto}-drop"),
         _ if f.l7.is_some() => {
