@@ -27,7 +27,9 @@ use crate::support::{
     serial,
 };
 
-const SLOW: Duration = Duration::from_millis(60);
+/// Well above what the chain front → app → db takes even in its tail (its own 15 ms injected
+/// twice, plus a delayed-ACK stall of up to 200 ms now and then), so the slow hop leads by p99 too.
+const SLOW: Duration = Duration::from_millis(300);
 const DB_DELAY: Duration = Duration::from_millis(15);
 const SLOW_PORT: &str = "9090";
 /// Seconds of client traffic.
@@ -461,13 +463,15 @@ fn check_hops_cli(agent: &Agent, t0: f64) {
     let injected = SLOW.as_secs_f64() * 1e3;
     let connect = ms(&top["connect_latency"]["p50_ns"]);
     eprintln!("hops: slow hop connect p50 {connect:.1} ms (injected {injected} ms)");
-    assert!((injected..injected + 15.0).contains(&connect), "connect p50 {connect} ms: {top:#}");
+    // Tolerance: never below the injected delay; above it by the veth round trip and the
+    // delayer's and scheduler's jitter on a busy 2-core machine.
+    assert!((injected..injected + 25.0).contains(&connect), "connect p50 {connect} ms: {top:#}");
     let by_p99 = hops(&[]);
     let top = &by_p99["hops"][0];
     assert_eq!(top["port"], 9090, "the slow hop leads by p99: {by_p99:#}");
     let p50 = ms(&top["client_latency"]["p50_ns"]);
     eprintln!("hops: slow hop request p50 {p50:.1} ms (client side)");
-    assert!((injected..injected + 30.0).contains(&p50), "request p50 {p50} ms: {top:#}");
+    assert!((injected..injected + 40.0).contains(&p50), "request p50 {p50} ms: {top:#}");
     let paths = hops(&["--path"]);
     let chained = paths["paths"].as_array().expect("paths").iter().any(|p| {
         let steps = p["steps"].as_array().expect("steps");
