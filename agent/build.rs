@@ -28,7 +28,12 @@ fn main() -> anyhow::Result<()> {
 
     let proto_dir = root.join("proto");
     println!("cargo:rerun-if-changed={}", proto_dir.display());
-    let files = ["flow/flow.proto", "observer/observer.proto"];
+    let files = [
+        "flow/flow.proto",
+        "relay/relay.proto",
+        "observer/observer.proto",
+        "hopwatch/v1/ingest.proto",
+    ];
     let fds = protox::compile(files, [&proto_dir]).context("compiling proto/")?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("descriptors.bin"), prost::Message::encode_to_vec(&fds))?;

@@ -28,6 +28,7 @@ use crate::{
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     },
     protocols::Redaction,
+    sink::Outlet,
 };
 
 /// Flows waiting for the printer; beyond this the newest are dropped and counted.
@@ -92,6 +93,9 @@ pub struct AgentArgs {
     /// Endpoint names: Kubernetes, cgroups, Docker, static endpoints, DNS, translations.
     #[command(flatten)]
     pub identity: crate::identity::IdentityArgs,
+    /// Where flows go besides stdout (a remote collector, or the in-process one).
+    #[command(flatten)]
+    pub sink: crate::sink::SinkArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -120,6 +124,8 @@ pub enum AgentError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
 }
 
 /// Counters of what the userspace pipeline could not keep.
@@ -181,7 +187,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let stats = Arc::new(PipelineStats { metrics, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let cancel = CancellationToken::new();
-    let (tx, rx) = mpsc::channel::<GetFlowsResponse>(OUTPUT_QUEUE);
+    let sink = crate::sink::start(&args.sink, &node_name).await?;
+    let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink);
 
     let printer = tokio::task::spawn_blocking({
         let cancel = cancel.clone();
@@ -219,6 +226,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reader_result = reader.await;
     let _ = watcher.await;
     let _ = printer.await;
+    sink.close().await;
     // Dropping the object detaches every program (all are BPF links owned by this process).
     if let Some(t) = tls_task {
         t.abort();
@@ -298,7 +306,7 @@ fn hostname() -> String {
         .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
 }
 
-fn send(tx: &mpsc::Sender<GetFlowsResponse>, stats: &PipelineStats, resp: GetFlowsResponse) {
+fn send(tx: &Outlet, stats: &PipelineStats, resp: GetFlowsResponse) {
     // Policy: when the printer falls behind, drop the newest and count it; the count is reported
     // as an OBSERVER_EVENTS_QUEUE lost event.
     if tx.try_send(resp).is_err() {
@@ -318,7 +326,7 @@ async fn read_loop(
     events: RingBuf<MapData>,
     mut pipeline: Pipeline,
     mut recorder: Option<crate::replay::Recorder>,
-    tx: mpsc::Sender<GetFlowsResponse>,
+    tx: Outlet,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -404,7 +412,7 @@ async fn rescan_tls(
 async fn watch_counters(
     counters: PerCpuArray<MapData, u64>,
     node_name: String,
-    tx: mpsc::Sender<GetFlowsResponse>,
+    tx: Outlet,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
 ) {
@@ -455,6 +463,9 @@ fn print_loop(
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     while let Some(mut resp) = rx.blocking_recv() {
+        if format == Format::None {
+            continue;
+        }
         let mut result = output::write(&mut out, format, &mut resp);
         // Flush when the queue is drained so a reader sees flows promptly.
         if result.is_ok() && rx.is_empty() {

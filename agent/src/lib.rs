@@ -2,6 +2,8 @@
 //! binary (`main.rs`) is a thin command-line front end over this library.
 
 pub mod agent;
+pub mod cli;
+pub mod collector;
 pub mod conntrack;
 pub mod drops;
 pub mod events;
@@ -17,6 +19,8 @@ pub mod pipeline;
 pub mod proto;
 pub mod protocols;
 pub mod replay;
+pub mod sink;
+pub mod tls;
 
 /// `error: cause: cause...` on one line, skipping causes the message already contains.
 #[must_use]

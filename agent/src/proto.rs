@@ -6,8 +6,21 @@ pub mod flow {
 }
 
 #[allow(clippy::all, clippy::pedantic, reason = "generated code")]
+pub mod relay {
+    tonic::include_proto!("relay");
+}
+
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod observer {
     tonic::include_proto!("observer");
+}
+
+/// hopwatch's own ingest API (agents → collector).
+pub mod hopwatch {
+    #[allow(clippy::all, clippy::pedantic, reason = "generated code")]
+    pub mod v1 {
+        tonic::include_proto!("hopwatch.v1");
+    }
 }
 
 use std::sync::LazyLock;
@@ -28,8 +41,16 @@ const JSON_OPTIONS: SerializeOptions = SerializeOptions::new()
     .stringify_64_bit_integers(false)
     .skip_default_fields(true);
 
+/// Canonical proto3 JSON (lowerCamelCase names, 64-bit integers as strings), which every
+/// protobuf library parses back into the message (`observe -o jsonpb`).
+const JSONPB_OPTIONS: SerializeOptions = SerializeOptions::new().skip_default_fields(true);
+
 /// Writes `msg` (whose protobuf full name is `full_name`) as one line of protobuf-JSON.
 pub fn to_json<M: prost::Message>(full_name: &str, msg: &M) -> String {
+    to_json_with(full_name, msg, &JSON_OPTIONS)
+}
+
+fn to_json_with<M: prost::Message>(full_name: &str, msg: &M, options: &SerializeOptions) -> String {
     let desc = DESCRIPTORS
         .get_message_by_name(full_name)
         .unwrap_or_else(|| panic!("{full_name} is in proto/"));
@@ -37,9 +58,7 @@ pub fn to_json<M: prost::Message>(full_name: &str, msg: &M) -> String {
         .expect("a message we just encoded decodes");
     let mut out = Vec::with_capacity(512);
     let mut ser = serde_json::Serializer::new(&mut out);
-    dynamic
-        .serialize_with_options(&mut ser, &JSON_OPTIONS)
-        .expect("serializing to a Vec cannot fail");
+    dynamic.serialize_with_options(&mut ser, options).expect("serializing to a Vec cannot fail");
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
@@ -48,5 +67,10 @@ impl observer::GetFlowsResponse {
 
     pub fn to_json(&self) -> String {
         to_json(Self::FULL_NAME, self)
+    }
+
+    /// Canonical proto3 JSON of the response.
+    pub fn to_jsonpb(&self) -> String {
+        to_json_with(Self::FULL_NAME, self, &JSONPB_OPTIONS)
     }
 }

@@ -28,7 +28,7 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// the application-protocol topology's servers (nginx, postgresql, redis-server,
 /// mariadb-server, dnsmasq-base: the binary without Debian's system-wide service) and tools
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
-/// python3-venv for the app's virtualenv); the metrics test's Prometheus server with promtool
+/// python3-venv for the app's and the compatibility test's virtualenvs); the metrics test's Prometheus server with promtool
 /// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
@@ -53,6 +53,9 @@ const E2E_REQUIREMENTS: &str = "agent/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";
 /// Debian's hook that tells maintainer scripts whether they may start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+/// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
+const COMPAT_REQUIREMENTS: &str = "agent/tests/compat/requirements.txt";
+const COMPAT_VENV: &str = "target/compat-venv";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "hopwatch's set-up, build, run and test tasks")]
@@ -91,9 +94,11 @@ enum Task {
     /// side by side (root required): wrk against nginx with the agent off, with TCP capture, with
     /// full L7 capture.
     Bench {
-        /// Only the hop aggregation and /metrics benchmark (no root needed).
-        #[arg(long)]
-        hops_only: bool,
+        /// Only these groups (comma-separated): `hops` (aggregation and /metrics), `collector`
+        /// (ingest, queries, event-to-observe delay), `datapath` (wrk and pgbench with the agent
+        /// off / TCP / L7; root). All by default.
+        #[arg(long, value_delimiter = ',', value_parser = ["hops", "collector", "datapath"])]
+        only: Vec<String>,
         /// Rounds over all modes (medians are reported).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
@@ -103,6 +108,9 @@ enum Task {
         /// Concurrent wrk connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// An argument for the collector benchmark binary (e.g. `--collector-arg=--flows=200000`).
+        #[arg(long = "collector-arg", allow_hyphen_values = true)]
+        collector_args: Vec<String>,
     },
 }
 
@@ -138,17 +146,33 @@ fn run(task: Task) -> Result<()> {
             let err = exec(Command::new(&bin).arg("agent").args(&args));
             Err(err).with_context(|| format!("cannot execute {}", bin.display()))
         }
-        Task::Bench { hops_only, rounds, seconds, connections } => {
+        Task::Bench { only, rounds, seconds, connections, collector_args } => {
+            let want = |group: &str| only.is_empty() || only.iter().any(|g| g == group);
             // The agent crate's build embeds the kernel object: the toolchain first.
             setup(&[])?;
-            bench_hops::run()?;
-            if hops_only {
-                return Ok(());
+            if want("hops") {
+                bench_hops::run()?;
             }
-            if !is_root() {
-                bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
+            if want("collector") {
+                if !is_root() {
+                    say(
+                        "not root: the kernel-event-to-observe delay is not measured (it loads eBPF programs)",
+                    );
+                }
+                say("collector benchmarks (release build; figures below, not pass/fail)");
+                let mut cmd = vec!["bench", "-p", "hopwatch", "--bench", "collector", "--"];
+                cmd.extend(collector_args.iter().map(String::as_str));
+                cargo(&cmd)?;
             }
-            bench::run(&bench::BenchOptions { rounds, seconds, connections })
+            if want("datapath") {
+                if !is_root() {
+                    bail!(
+                        "the data path benchmarks load eBPF programs: run `sudo -E cargo xtask bench`"
+                    );
+                }
+                bench::run(&bench::BenchOptions { rounds, seconds, connections })?;
+            }
+            Ok(())
         }
         Task::Test { unit, filter } => {
             setup(if unit { &[] } else { TEST_PACKAGES })?;
@@ -167,6 +191,21 @@ fn run(task: Task) -> Result<()> {
                      `sudo -E cargo xtask test` (or `cargo xtask test --unit` for unit tests only)"
                 );
             }
+            compat_venv()?;
+            say(
+                "collector and compatibility tests (collector processes, a real agent, a Python gRPC client)",
+            );
+            cargo(&[
+                "test",
+                "-p",
+                "hopwatch",
+                "--test",
+                "collector",
+                "--test",
+                "compat",
+                "--",
+                "--test-threads=1",
+            ])?;
             say("privileged end-to-end tests (serial)");
             let mut args =
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
@@ -174,6 +213,27 @@ fn run(task: Task) -> Result<()> {
             cargo(&args)
         }
     }
+}
+
+/// A virtualenv with the compatibility test's Python packages, from the Python registry.
+fn compat_venv() -> Result<()> {
+    let root = workspace_root();
+    let venv = root.join(COMPAT_VENV);
+    let python = venv.join("bin/python");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(root.join(COMPAT_REQUIREMENTS))
+        .with_context(|| format!("reading {COMPAT_REQUIREMENTS}"))?;
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    say(&format!("creating {COMPAT_VENV} with {COMPAT_REQUIREMENTS} (Python gRPC toolchain)"));
+    check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    check(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "-r"])
+            .arg(root.join(COMPAT_REQUIREMENTS)),
+    )?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
 }
 
 /// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`; the eBPF build finds it through PATH.

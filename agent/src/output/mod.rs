@@ -10,6 +10,7 @@ pub use self::summary::{human_bytes, human_ns, summary};
 use crate::proto::{
     flow::{Flow, LostEvent, SocketEvent, Verdict, layer4::Protocol},
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+    relay::NodeStatusEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -18,6 +19,8 @@ pub enum Format {
     Compact,
     /// One protobuf-JSON `GetFlowsResponse` per line (Hubble's `-o json`).
     Json,
+    /// Nothing on stdout (flows still go to the collector and the metrics): for daemons.
+    None,
 }
 
 /// Writes one response in `format`; returns the write error (e.g. a closed pipe). Fills in the
@@ -29,17 +32,32 @@ pub fn write(out: &mut impl Write, format: Format, resp: &mut GetFlowsResponse) 
         f.summary = summary(f);
     }
     match format {
+        Format::None => Ok(()),
         Format::Json => writeln!(out, "{}", resp.to_json()),
         Format::Compact => match &resp.response_types {
             Some(ResponseTypes::Flow(f)) => writeln!(out, "{}", compact(f)),
             Some(ResponseTypes::LostEvents(l)) => writeln!(out, "{}", compact_lost(l)),
+            Some(ResponseTypes::NodeStatus(n)) => writeln!(out, "{}", compact_node_status(n)),
             None => Ok(()),
         },
     }
 }
 
-fn compact_lost(l: &LostEvent) -> String {
+#[must_use]
+pub fn compact_lost(l: &LostEvent) -> String {
     format!("EVENTS LOST: {} {} events lost", l.source().as_str_name(), l.num_events_lost)
+}
+
+/// `NODE STATUS: NODE_UNAVAILABLE node-a, node-b (agent disconnected)`
+#[must_use]
+pub fn compact_node_status(n: &NodeStatusEvent) -> String {
+    let mut s =
+        format!("NODE STATUS: {} {}", n.state_change().as_str_name(), n.node_names.join(", "));
+    if !n.message.is_empty() {
+        use std::fmt::Write as _;
+        let _ = write!(s, " ({})", n.message);
+    }
+    s
 }
 
 /// `Nov 23 16:01:02.123 [node]: 10.0.0.1:40000 (curl:4242) -> 10.0.0.2:80 (nginx:99) tcp-connect FORWARDED connect 20.3ms`
@@ -55,11 +73,21 @@ pub fn compact(f: &Flow) -> String {
         Some(Protocol::IcmPv6(_)) => (None, None, "icmpv6"),
         _ => (None, None, "ip"),
     };
-    let endpoint = |ip: &str, port: Option<u32>, proc_: Option<&crate::proto::flow::Process>| {
-        let mut s = match port {
-            Some(p) if ip.contains(':') => format!("[{ip}]:{p}"),
-            Some(p) => format!("{ip}:{p}"),
+    let endpoint = |ip: &str,
+                    port: Option<u32>,
+                    ep: Option<&crate::proto::flow::Endpoint>,
+                    proc_: Option<&crate::proto::flow::Process>| {
+        // A pod (or container, static endpoint) name reads better than its address, as in
+        // `hubble observe`: `namespace/pod:port`.
+        let host = match ep.filter(|e| !e.pod_name.is_empty()) {
+            Some(e) if e.namespace.is_empty() => e.pod_name.clone(),
+            Some(e) => format!("{}/{}", e.namespace, e.pod_name),
+            None if ip.contains(':') && port.is_some() => format!("[{ip}]"),
             None => ip.to_owned(),
+        };
+        let mut s = match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
         };
         if let Some(p) = proc_ {
             use std::fmt::Write as _;
@@ -67,8 +95,8 @@ pub fn compact(f: &Flow) -> String {
         }
         s
     };
-    let src = endpoint(src_ip, src_port, f.source_process.as_ref());
-    let dst = endpoint(dst_ip, dst_port, f.destination_process.as_ref());
+    let src = endpoint(src_ip, src_port, f.source.as_ref(), f.source_process.as_ref());
+    let dst = endpoint(dst_ip, dst_port, f.destination.as_ref(), f.destination_process.as_ref());
     let event = match (f.verdict(), f.socket_event()) {
         (Verdict::Dropped, _) => format!("{proto}-drop"),
         _ if f.l7.is_some() => {

@@ -1,0 +1,196 @@
+//! A real `hopwatch agent` (root: it loads eBPF programs) delivering kernel flows to a collector
+//! process, and to its own in-process collector, read back with `hopwatch observe`.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hopwatch::proto::{
+    flow::{FlowFilter, SocketEvent, Verdict},
+    observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
+};
+
+use super::support::*;
+
+fn require_root() {
+    let uid = uid();
+    assert_eq!(uid, 0, "this test loads eBPF programs: run it as root (cargo xtask test does)");
+}
+
+fn uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("Uid line in /proc/self/status")
+}
+
+struct Agent {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("agent")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hopwatch agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn({
+            let stderr = stderr.clone();
+            move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let mut a = Self { child, stderr };
+        let deadline = Instant::now() + Duration::from_mins(1);
+        while !a.stderr().contains("hopwatch agent: hooks") {
+            if let Some(status) = a.child.try_wait().unwrap() {
+                panic!("agent exited ({status}):\n{}", a.stderr());
+            }
+            assert!(Instant::now() < deadline, "agent not ready after 60s:\n{}", a.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection refused on loopback: the kernel reports a failed connect to `port`.
+fn refused_connect(port: u16) {
+    let err = TcpStream::connect(("127.0.0.1", port)).expect_err("nothing listens there");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_streams_kernel_flows_to_a_collector_process() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(free_port(), dir.path(), &[]);
+    let agent = Agent::start(&[
+        "--collector",
+        &collector.url(),
+        "--node-name",
+        "coll-e2e",
+        "--batch-interval",
+        "20ms",
+    ]);
+    let closed = free_port();
+    let started = Instant::now();
+    refused_connect(closed);
+    let req = GetFlowsRequest {
+        whitelist: vec![FlowFilter {
+            destination_port: vec![closed.to_string()],
+            node_name: vec!["coll-e2e".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut found = None;
+    while found.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no flow at the collector:\n{}",
+            agent.stderr()
+        );
+        let mut c = client(&collector.url()).await.expect("collector up");
+        let mut s = c.get_flows(req.clone()).await.unwrap().into_inner();
+        while let Some(r) = s.message().await.unwrap() {
+            if let Some(ResponseTypes::Flow(f)) = r.response_types
+                && f.socket_event() == SocketEvent::ConnectFailed
+            {
+                found = Some(f);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let f = found.unwrap();
+    assert_eq!(f.verdict(), Verdict::Error);
+    assert_eq!(f.node_name, "coll-e2e");
+    assert_eq!(f.tcp_stats.unwrap().error, "ECONNREFUSED");
+    let nodes = client(&collector.url())
+        .await
+        .unwrap()
+        .get_nodes(hopwatch::proto::observer::GetNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let node = nodes.iter().find(|n| n.name == "coll-e2e").expect("the agent's node is listed");
+    assert_eq!(node.state(), hopwatch::proto::relay::NodeState::NodeConnected);
+    assert!(node.version.starts_with("hopwatch "));
+}
+
+#[test]
+fn the_agent_serves_its_own_flows_to_observe_by_default() {
+    require_root();
+    let port = free_port();
+    let agent =
+        Agent::start(&["--listen", &format!("127.0.0.1:{port}"), "--node-name", "embedded-e2e"]);
+    let ready = format!("collector APIs on 127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.stderr().contains(&ready) {
+        assert!(Instant::now() < deadline, "no in-process collector:\n{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let closed = free_port();
+    refused_connect(closed);
+    let started = Instant::now();
+    loop {
+        let out = Command::new(BIN)
+            .args([
+                "observe",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--to-port",
+                &closed.to_string(),
+            ])
+            .args(["--verdict", "ERROR", "-o", "json", "--all"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if let Some(l) = lines.iter().find(|l| l["flow"]["socket_event"] == "CONNECT_FAILED") {
+            assert_eq!(l["flow"]["node_name"], "embedded-e2e");
+            assert_eq!(l["flow"]["l4"]["TCP"]["destination_port"], u64::from(closed));
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no flow from observe:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
