@@ -72,7 +72,7 @@ fn main() -> ExitCode {
                     r.events, r.undecodable, r.flows, r.seconds
                 );
             }),
-            Command::Hops(args) => hops_cli::run(args).await.map_err(|e| error_chain(&e)),
+            Command::Hops(args) => return Ok(Some(hops_cli::main(args).await)),
         }
         .map(|()| None)
     });

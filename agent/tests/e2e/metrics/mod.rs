@@ -27,7 +27,9 @@ use crate::support::{
     serial,
 };
 
-const SLOW: Duration = Duration::from_millis(60);
+/// Well above what the chain front → app → db takes even in its tail (its own 15 ms injected
+/// twice, plus a delayed-ACK stall of up to 200 ms now and then), so the slow hop leads by p99 too.
+const SLOW: Duration = Duration::from_millis(300);
 const DB_DELAY: Duration = Duration::from_millis(15);
 const SLOW_PORT: &str = "9090";
 /// Seconds of client traffic.
@@ -233,7 +235,9 @@ fn prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works() {
     let mut tb = Testbed::new();
     let (front, app, db, slow, dns) =
         (tb.pod("front"), tb.pod("app"), tb.pod("db"), tb.pod("slow"), tb.pod("dns"));
-    let agent = Agent::start(&["--bpf-stats"]);
+    // The in-process collector on a port of its own: `hopwatch hops --server` reads from it.
+    let collector = format!("127.0.0.1:{}", prometheus::free_port());
+    let agent = Agent::start(&["--bpf-stats", "--listen", &collector]);
     let metrics = agent.metrics_addr();
 
     start_server(&mut tb, &db, "hwm-db", 5432, None);
@@ -290,7 +294,13 @@ fn prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works() {
     check_rules(&prom, &rules, t_eval, &mut failures);
     assert!(failures.is_empty(), "{} failed checks:\n{}", failures.len(), failures.join("\n"));
 
-    check_hops_cli(&agent, t0);
+    // `hopwatch hops` over the collector's GetFlows, and over the same flows as JSON lines.
+    check_hops_cli(&["--server", &collector], t0);
+    let file = std::env::temp_dir().join(format!("hopwatch-e2e-flows-{}.json", std::process::id()));
+    let lines: Vec<String> = agent.lines().iter().map(Value::to_string).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").expect("write flows");
+    check_hops_cli(&["--input", file.to_str().expect("UTF-8 temp path")], t0);
+    let _ = std::fs::remove_file(&file);
 }
 
 /// Evaluates every dashboard query (and variable) at `t_eval` with `$workload` = `workloads`: all
@@ -431,25 +441,22 @@ fn check_rules(prom: &Prometheus, rules: &Path, t_eval: f64, failures: &mut Vec<
     assert_eq!(n, 18, "every rule of the file is loaded");
 }
 
-/// `hopwatch hops -o json` over the agent's flows: the slow hop leads with its injected latency,
-/// and `--path` chains front → app → db.
-fn check_hops_cli(agent: &Agent, t0: f64) {
-    let file = std::env::temp_dir().join(format!("hopwatch-e2e-flows-{}.json", std::process::id()));
-    let lines: Vec<String> = agent.lines().iter().map(Value::to_string).collect();
-    std::fs::write(&file, lines.join("\n") + "\n").expect("write flows");
+/// `hopwatch hops -o json` over the agent's flows from `source` (`--server` or `--input`): the
+/// slow hop leads with its injected latency, and `--path` chains front → app → db.
+fn check_hops_cli(source: &[&str], t0: f64) {
     // Everything since the test began (and a margin), in whole seconds.
     let since = format!("{:.0}s", (unix_now() - t0).ceil() + 5.0);
     let hops = |extra: &[&str]| -> Value {
         let out = Command::new(BIN)
-            .args(["hops", "--input"])
-            .arg(&file)
+            .arg("hops")
+            .args(source)
             .args(["--since", &since, "--pod", "hwm-", "-o", "json"])
             .args(extra)
             .output()
             .expect("run hopwatch hops");
         assert!(
             out.status.success(),
-            "hopwatch hops failed: {}",
+            "hopwatch hops {source:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("hops -o json is JSON")
@@ -460,14 +467,16 @@ fn check_hops_cli(agent: &Agent, t0: f64) {
     let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1e6;
     let injected = SLOW.as_secs_f64() * 1e3;
     let connect = ms(&top["connect_latency"]["p50_ns"]);
-    eprintln!("hops: slow hop connect p50 {connect:.1} ms (injected {injected} ms)");
-    assert!((injected..injected + 15.0).contains(&connect), "connect p50 {connect} ms: {top:#}");
+    eprintln!("hops {source:?}: slow hop connect p50 {connect:.1} ms (injected {injected} ms)");
+    // Tolerance: never below the injected delay; above it by the veth round trip and the
+    // delayer's and scheduler's jitter on a busy 2-core machine.
+    assert!((injected..injected + 25.0).contains(&connect), "connect p50 {connect} ms: {top:#}");
     let by_p99 = hops(&[]);
     let top = &by_p99["hops"][0];
     assert_eq!(top["port"], 9090, "the slow hop leads by p99: {by_p99:#}");
     let p50 = ms(&top["client_latency"]["p50_ns"]);
-    eprintln!("hops: slow hop request p50 {p50:.1} ms (client side)");
-    assert!((injected..injected + 30.0).contains(&p50), "request p50 {p50} ms: {top:#}");
+    eprintln!("hops {source:?}: slow hop request p50 {p50:.1} ms (client side)");
+    assert!((injected..injected + 40.0).contains(&p50), "request p50 {p50} ms: {top:#}");
     let paths = hops(&["--path"]);
     let chained = paths["paths"].as_array().expect("paths").iter().any(|p| {
         let steps = p["steps"].as_array().expect("steps");
@@ -475,5 +484,4 @@ fn check_hops_cli(agent: &Agent, t0: f64) {
             && steps.iter().any(|s| s["depth"] == 1 && s["hop"]["destination"]["name"] == "hwm-db")
     });
     assert!(chained, "no path hwm-front → hwm-app → hwm-db: {paths:#}");
-    let _ = std::fs::remove_file(&file);
 }

@@ -20,7 +20,7 @@ pub struct Prometheus {
 }
 
 /// A free loopback port (bound and released; the small race is acceptable in a serial test).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind a loopback port")
