@@ -274,10 +274,13 @@ pub enum Counter {
     L7UnsupportedCall = 11,
     /// TLS plaintext that could not be tied to a socket (dropped).
     TlsUnassociated = 12,
+    /// Events put in the ring buffer (all kinds). With [`Counter::RingbufFull`] it is every event
+    /// the programs produced, so userspace can prove it read all the others.
+    EventsSent = 13,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -294,6 +297,7 @@ impl Counter {
         Counter::L7Ignored,
         Counter::L7UnsupportedCall,
         Counter::TlsUnassociated,
+        Counter::EventsSent,
     ];
 
     /// Name as exported by the agent.
@@ -313,6 +317,7 @@ impl Counter {
             Counter::L7Ignored => "l7_ignored_connections",
             Counter::L7UnsupportedCall => "l7_unsupported_calls",
             Counter::TlsUnassociated => "tls_unassociated",
+            Counter::EventsSent => "events_sent",
         }
     }
 }

@@ -31,7 +31,8 @@ pub const DROP_RATE: &str = "DROP_RATE";
 pub const L7CONNS: &str = "L7CONNS";
 pub const L7CONNS_ENTRIES: u32 = 262_144;
 
-/// Threads inside `SSL_read`/`SSL_write`, pid_tgid → the call's arguments.
+/// Threads inside `SSL_read`/`SSL_write`, pid_tgid → the call's arguments. LRU: a thread that
+/// dies inside a call leaves its entry behind.
 pub const TLS_CALLS: &str = "TLS_CALLS";
 pub const TLS_CALLS_ENTRIES: u32 = 16_384;
 
@@ -40,7 +41,7 @@ pub const SSL_SOCKETS: &str = "SSL_SOCKETS";
 pub const SSL_SOCKETS_ENTRIES: u32 = 65_536;
 
 /// `sendmmsg`/`recvmmsg` position per thread: which message of the vector the next socket call
-/// is for.
+/// is for. LRU: every thread that ever used them leaves an entry.
 pub const MMSG_CURSORS: &str = "MMSG_CURSORS";
 pub const MMSG_CURSORS_ENTRIES: u32 = 16_384;
 

@@ -223,6 +223,7 @@ pub unsafe fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
         count(Counter::RingbufFull);
     } else {
         count(Counter::DataEvents);
+        count(Counter::EventsSent);
     }
 }
 

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use hopwatch_common::{
     COUNTER_COUNT, ConnState, Counter, DATA_MAX, DataEvent, KernelOffsets, KernelSettings, L7Conn,
@@ -52,16 +52,22 @@ pub struct TlsCall {
     pub _pad: [u8; 7],
 }
 
+/// LRU: a thread that dies inside an SSL call never reaches the return probe; with a plain hash
+/// map such leftovers would fill it and new calls would lose their plaintext without a trace.
 #[map]
-pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(TLS_CALLS_ENTRIES, 0);
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(TLS_CALLS_ENTRIES, 0);
 
 #[map]
 pub static SSL_SOCKETS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SSL_SOCKETS_ENTRIES, 0);
 
-/// Position in a `sendmmsg`/`recvmmsg` vector: `[vector address, next index, length]`.
+/// Position in a `sendmmsg`/`recvmmsg` vector: `[vector address, next index, length]`. LRU:
+/// entries are never removed (a thread's last call leaves one behind, e.g. every process that
+/// resolved a name with glibc, which sends its A and AAAA queries with one `sendmmsg`); a full
+/// plain hash map would refuse new threads, whose later messages would then be captured from the
+/// first message's buffer.
 #[map]
-pub static MMSG_CURSORS: HashMap<u64, [u64; 3]> =
-    HashMap::with_max_entries(MMSG_CURSORS_ENTRIES, 0);
+pub static MMSG_CURSORS: LruHashMap<u64, [u64; 3]> =
+    LruHashMap::with_max_entries(MMSG_CURSORS_ENTRIES, 0);
 
 /// A data event being assembled: the event, then room for twice the largest capture so that a
 /// copy at any offset below `DATA_MAX` stays inside the buffer (what the verifier checks).

@@ -35,6 +35,8 @@ use crate::{
 const OUTPUT_QUEUE: usize = 16_384;
 /// Longest a kernel event waits in the ring buffer before the agent reads it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// Records read at most after the shutdown signal: an 8 MiB buffer holds about 45 000.
+const FINAL_DRAIN_MAX: usize = 1 << 17;
 /// How often running processes are scanned for libssl files not yet probed.
 const TLS_RESCAN: Duration = Duration::from_secs(10);
 
@@ -128,9 +130,11 @@ pub enum AgentError {
     Sink(#[from] crate::sink::SinkError),
 }
 
-/// Counters of what the userspace pipeline could not keep.
+/// Counters of what the userspace pipeline read and could not keep.
 #[derive(Debug, Default)]
 struct PipelineStats {
+    /// Records read from the ring buffer (decodable or not).
+    read: AtomicU64,
     decode_errors: AtomicU64,
     output_dropped: AtomicU64,
     flows: AtomicU64,
@@ -214,8 +218,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         stats.clone(),
         cancel.clone(),
     ));
+    // The watcher outlives the reader: its last report covers what the final drain dropped.
+    let reader_done = CancellationToken::new();
     let watcher =
-        tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), cancel.clone()));
+        tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), reader_done.clone()));
     let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
 
     tokio::select! {
@@ -224,7 +230,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     cancel.cancel();
     let reader_result = reader.await;
-    let _ = watcher.await;
+    reader_done.cancel();
+    let ring_lost = watcher.await.unwrap_or_default();
     let _ = printer.await;
     sink.close().await;
     // Dropping the object detaches every program (all are BPF links owned by this process).
@@ -232,20 +239,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         t.abort();
     }
     if stats_guard.is_some() {
-        let ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (name, runs, time) in loader::program_stats(&ebpf) {
-            #[expect(clippy::cast_precision_loss, reason = "a rounded display value")]
-            let per_run = time.as_nanos() as f64 / runs as f64;
-            eprintln!("hopwatch agent: program {name}: {runs} runs, {per_run:.0} ns per run");
-        }
+        print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     }
     drop(ebpf);
-    eprintln!(
-        "hopwatch agent: {} flows, {} undecodable events, {} flows dropped at the output queue",
-        stats.flows.load(Ordering::Relaxed),
-        stats.decode_errors.load(Ordering::Relaxed),
-        stats.output_dropped.load(Ordering::Relaxed)
-    );
+    stats.print_summary(ring_lost);
     match reader_result {
         Ok(result) => result,
         Err(e) => {
@@ -350,39 +347,86 @@ async fn read_loop(
             guard.clear_ready();
         }
         stats.metrics.heartbeat(pipeline.counters());
-        let rb = ring.get_mut();
-        while let Some(item) = rb.next() {
-            if let Some(rec) = recorder.as_mut()
-                && let Err(e) = rec.record(&item)
-            {
-                tracing::error!(error = %e, "recording stopped");
-                recorder = None;
-            }
-            match decode(&item) {
-                Ok(ev) => pipeline.on_event(&ev, &mut flows),
-                Err(e) => {
-                    if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
-                    }
-                }
-            }
-            for flow in flows.drain(..) {
-                stats.flows.fetch_add(1, Ordering::Relaxed);
-                stats.metrics.observe(&flow);
-                send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
-            }
-        }
-        pipeline.tick(Clock::monotonic_now_ns(), &mut flows);
-        for flow in flows.drain(..) {
-            stats.flows.fetch_add(1, Ordering::Relaxed);
-            stats.metrics.observe(&flow);
-            send(&tx, &stats, flow_response(&pipeline.builder().node_name, flow));
-        }
+        drain(ring.get_mut(), usize::MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
     }
+    // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (at
+    // most a full buffer's worth: the programs are still attached and may keep writing).
+    drain(ring.get_mut(), FINAL_DRAIN_MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
     if let Some(mut rec) = recorder {
         rec.flush().map_err(AgentError::Record)?;
     }
     Ok(())
+}
+
+/// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
+/// its periodic work.
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    max: usize,
+    pipeline: &mut Pipeline,
+    recorder: &mut Option<crate::replay::Recorder>,
+    flows: &mut Vec<crate::proto::flow::Flow>,
+    tx: &Outlet,
+    stats: &PipelineStats,
+) {
+    for _ in 0..max {
+        let Some(item) = rb.next() else { break };
+        stats.read.fetch_add(1, Ordering::Relaxed);
+        if let Some(rec) = recorder.as_mut()
+            && let Err(e) = rec.record(&item)
+        {
+            tracing::error!(error = %e, "recording stopped");
+            *recorder = None;
+        }
+        match decode(&item) {
+            Ok(ev) => pipeline.on_event(&ev, flows),
+            Err(e) => {
+                if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
+                }
+            }
+        }
+        ship(flows, pipeline, tx, stats);
+    }
+    pipeline.tick(Clock::monotonic_now_ns(), flows);
+    ship(flows, pipeline, tx, stats);
+}
+
+fn ship(
+    flows: &mut Vec<crate::proto::flow::Flow>,
+    pipeline: &Pipeline,
+    tx: &Outlet,
+    stats: &PipelineStats,
+) {
+    for flow in flows.drain(..) {
+        stats.flows.fetch_add(1, Ordering::Relaxed);
+        stats.metrics.observe(&flow);
+        send(tx, stats, flow_response(&pipeline.builder().node_name, flow));
+    }
+}
+
+/// With `--bpf-stats`: each kernel program's runs and average run time.
+fn print_program_stats(ebpf: &aya::Ebpf) {
+    for (name, runs, time) in loader::program_stats(ebpf) {
+        #[expect(clippy::cast_precision_loss, reason = "a rounded display value")]
+        let per_run = time.as_nanos() as f64 / runs as f64;
+        eprintln!("hopwatch agent: program {name}: {runs} runs, {per_run:.0} ns per run");
+    }
+}
+
+impl PipelineStats {
+    /// The last line the agent prints: what it read, produced and lost.
+    fn print_summary(&self, ring_lost: u64) {
+        eprintln!(
+            "hopwatch agent: {} events read, {} lost in the kernel ring buffer; {} flows, {} \
+             undecodable events, {} flows dropped at the output queue",
+            self.read.load(Ordering::Relaxed),
+            ring_lost,
+            self.flows.load(Ordering::Relaxed),
+            self.decode_errors.load(Ordering::Relaxed),
+            self.output_dropped.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
@@ -408,27 +452,31 @@ async fn rescan_tls(
     }
 }
 
-/// Every second: turn new kernel-side and queue losses into Hubble `LostEvent`s.
+/// Every second, and once more when `reader_done` is cancelled: turn new kernel-side and queue
+/// losses into Hubble `LostEvent`s. Returns the ring buffer losses reported in all.
 async fn watch_counters(
     counters: PerCpuArray<MapData, u64>,
     node_name: String,
     tx: Outlet,
     stats: Arc<PipelineStats>,
-    cancel: CancellationToken,
-) {
+    reader_done: CancellationToken,
+) -> u64 {
     let mut last_ring = 0u64;
     let mut last_queue = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+        let last_round = tokio::select! {
+            () = reader_done.cancelled() => true,
+            _ = tick.tick() => false,
+        };
         stats.metrics.tick(
             &counters,
+            stats.read.load(Ordering::Relaxed),
             stats.decode_errors.load(Ordering::Relaxed),
             stats.output_dropped.load(Ordering::Relaxed),
         );
+        let (collector_dropped, collector_waiting) = tx.collector_queue();
+        stats.metrics.collector_queue(collector_dropped, collector_waiting);
         let ring_lost = counters
             .get(&(Counter::RingbufFull as u32), 0)
             .map_or(last_ring, |per_cpu| per_cpu.iter().sum::<u64>());
@@ -451,6 +499,9 @@ async fn watch_counters(
                     .await;
                 *last = now;
             }
+        }
+        if last_round {
+            return last_ring;
         }
     }
 }

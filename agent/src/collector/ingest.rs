@@ -32,7 +32,8 @@ impl IngestService {
     }
 }
 
-fn check_hello(h: &Hello) -> Result<(), Status> {
+/// What the service checks in an agent's Hello before anything else.
+pub fn check_hello(h: &Hello) -> Result<(), Status> {
     if h.agent_id.is_empty() || h.agent_id.len() > MAX_NAME {
         return Err(Status::invalid_argument("hello: agent_id must be 1 to 253 bytes"));
     }

@@ -55,12 +55,14 @@ pub struct Health {
     hop_overflow: Totals,
     tables_full: Totals,
     export_lag: Histogram,
+    collector_queue: IntGauge,
     pub ringbuf_size: IntGauge,
     pub ringbuf_used: IntGauge,
     pub ringbuf_peak: IntGauge,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
     program_runs: Totals,
+    events_read: Totals,
     program_run_seconds: CounterVec,
     program_last_ns: Mutex<HashMap<String, u64>>,
 }
@@ -75,11 +77,12 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 /// The counter families fed from running totals, in the order of [`Health`]'s fields below.
-fn totals(r: &Registry) -> Result<[Totals; 7], prometheus::Error> {
+fn totals(r: &Registry) -> Result<[Totals; 8], prometheus::Error> {
     let specs = [
         (
             "hopwatch_lost_events_total",
-            "Events lost before becoming flows, by where (kernel_ring_buffer, output_queue).",
+            "Events lost, by where (kernel_ring_buffer, output_queue: before the printer, \
+                 collector_queue: before the collector).",
             "source",
         ),
         (
@@ -114,6 +117,12 @@ fn totals(r: &Registry) -> Result<[Totals; 7], prometheus::Error> {
             "Runs of each hopwatch kernel program (with --bpf-stats).",
             "program",
         ),
+        (
+            "hopwatch_events_read_total",
+            "Events the agent read, by source (kernel_ring_buffer: equals the kernel's \
+                 events_sent once the agent has caught up).",
+            "source",
+        ),
     ];
     let mut out = Vec::with_capacity(specs.len());
     for (name, help, label) in specs {
@@ -131,9 +140,18 @@ impl Health {
         let per_map = |name: &str, help: &str| {
             registered(r, IntGaugeVec::new(Opts::new(name, help), &["map"]))
         };
-        let [lost, queue_dropped, kernel, parse_failures, hop_overflow, tables_full, program_runs] =
-            totals(r)?;
+        let [
+            lost,
+            queue_dropped,
+            kernel,
+            parse_failures,
+            hop_overflow,
+            tables_full,
+            program_runs,
+            events_read,
+        ] = totals(r)?;
         Ok(Self {
+            events_read,
             lost,
             queue_dropped,
             kernel,
@@ -162,6 +180,11 @@ impl Health {
                     )
                     .buckets(LAG_BUCKETS.to_vec()),
                 ),
+            )?,
+            collector_queue: gauge(
+                "hopwatch_collector_queue_events",
+                "Events waiting for the collector (unacknowledged ones included); at most \
+                 --queue-flows.",
             )?,
             ringbuf_size: gauge(
                 "hopwatch_ringbuf_size_bytes",
@@ -228,11 +251,19 @@ impl Health {
         }
     }
 
-    /// Running totals of the userspace pipeline's losses.
-    pub fn pipeline(&self, undecodable: u64, output_dropped: u64) {
+    /// Running totals of the userspace pipeline: events read from the ring buffer, and losses.
+    pub fn pipeline(&self, read: u64, undecodable: u64, output_dropped: u64) {
+        self.events_read.set("kernel_ring_buffer", read);
         self.parse_failures.set("kernel_event", undecodable);
         self.lost.set("output_queue", output_dropped);
         self.queue_dropped.set("output", output_dropped);
+    }
+
+    /// The collector queue: events it dropped (a running total) and events in it now.
+    pub fn collector_queue(&self, dropped: u64, waiting: u64) {
+        self.lost.set("collector_queue", dropped);
+        self.queue_dropped.set("collector", dropped);
+        self.collector_queue.set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
     /// Running totals of the pipeline: tables full, and connections no parser took (their L7 is
@@ -278,10 +309,12 @@ mod tests {
     fn running_totals_become_counter_increments() {
         let r = Registry::new();
         let h = Health::register(&r).unwrap();
-        h.pipeline(3, 10);
-        h.pipeline(5, 10);
+        h.pipeline(40, 3, 10);
+        h.pipeline(60, 5, 10);
         h.kernel_counters(&[("ringbuf_full", 7), ("tcp_state_changes", 100)]);
         h.kernel_counters(&[("ringbuf_full", 9), ("tcp_state_changes", 150)]);
+        h.collector_queue(4, 100);
+        h.collector_queue(6, 30);
         let text = super::super::encode(&r.gather());
         for line in [
             "hopwatch_parse_failures_total{stage=\"kernel_event\"} 5",
@@ -289,6 +322,10 @@ mod tests {
             "hopwatch_lost_events_total{source=\"kernel_ring_buffer\"} 9",
             "hopwatch_kernel_events_total{event=\"tcp_state_changes\"} 150",
             "hopwatch_queue_dropped_events_total{queue=\"output\"} 10",
+            "hopwatch_events_read_total{source=\"kernel_ring_buffer\"} 60",
+            "hopwatch_lost_events_total{source=\"collector_queue\"} 6",
+            "hopwatch_queue_dropped_events_total{queue=\"collector\"} 6",
+            "hopwatch_collector_queue_events 30",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }

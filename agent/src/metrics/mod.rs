@@ -250,10 +250,12 @@ impl Telemetry {
         }
     }
 
-    /// Once a second: the kernel counters and the pipeline's running totals.
+    /// Once a second: the kernel counters and the pipeline's running totals (events read from
+    /// the ring buffer, undecodable ones, flows the output queue dropped).
     pub fn tick(
         &self,
         counters: &PerCpuArray<MapData, u64>,
+        read: u64,
         undecodable: u64,
         output_dropped: u64,
     ) {
@@ -263,7 +265,14 @@ impl Telemetry {
             .filter_map(|c| Some((c.name(), counters.get(&(*c as u32), 0).ok()?.iter().sum())))
             .collect();
         i.health.kernel_counters(&totals);
-        i.health.pipeline(undecodable, output_dropped);
+        i.health.pipeline(read, undecodable, output_dropped);
+    }
+
+    /// Once a second: the collector queue's drops (a running total) and fill level.
+    pub fn collector_queue(&self, dropped: u64, waiting: u64) {
+        if let Some(i) = &self.inner {
+            i.health.collector_queue(dropped, waiting);
+        }
     }
 
     /// Starts watching the kernel side's fill levels: the events ring buffer, the hash maps and

@@ -111,6 +111,15 @@ impl Outlet {
         self.printer.try_send(resp)
     }
 
+    /// Events the collector queue dropped so far and events waiting in it now (unacknowledged
+    /// ones included); zeros without a collector.
+    pub fn collector_queue(&self) -> (u64, u64) {
+        self.queue.as_ref().map_or((0, 0), |q| {
+            let s = q.status();
+            (s.queue_dropped, s.queue_len)
+        })
+    }
+
     /// Sends a lost-event notice to the printer (waiting for room) and to the collector queue.
     pub async fn send(
         &self,
