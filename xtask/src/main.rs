@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_hops;
+mod fuzz;
 
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
 /// built against the same one.
@@ -86,9 +87,22 @@ enum Task {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit: bool,
+        /// Seconds each fuzz target runs after the tests (0: no fuzzing).
+        #[arg(long, default_value_t = 10)]
+        fuzz_seconds: u32,
         /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
+    },
+    /// Run each cargo-fuzz target (`agent/fuzz`: protocol parsers, kernel event decoding,
+    /// collector ingest) for a bounded time, after replaying the inputs that once crashed it;
+    /// installs cargo-fuzz if needed.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Targets to run [default: all].
+        targets: Vec<String>,
     },
     /// Measure hop aggregation throughput and /metrics rendering time, then the agent's overhead
     /// side by side (root required): wrk against nginx with the agent off, with TCP capture, with
@@ -174,7 +188,11 @@ fn run(task: Task) -> Result<()> {
             }
             Ok(())
         }
-        Task::Test { unit, filter } => {
+        Task::Fuzz { seconds, targets } => {
+            setup(&[])?;
+            fuzz::run(&fuzz::FuzzOptions { seconds, targets: &targets })
+        }
+        Task::Test { unit, fuzz_seconds, filter } => {
             setup(if unit { &[] } else { TEST_PACKAGES })?;
             if !unit {
                 e2e_venv()?;
@@ -210,7 +228,12 @@ fn run(task: Task) -> Result<()> {
             let mut args =
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
             args.extend(filter.iter().map(String::as_str));
-            cargo(&args)
+            cargo(&args)?;
+            if fuzz_seconds > 0 {
+                say(&format!("a short fuzzing pass ({fuzz_seconds} s per target)"));
+                fuzz::run(&fuzz::FuzzOptions { seconds: fuzz_seconds, targets: &[] })?;
+            }
+            Ok(())
         }
     }
 }
