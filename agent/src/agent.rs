@@ -37,6 +37,8 @@ const OUTPUT_QUEUE: usize = 16_384;
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Records read at most after the shutdown signal: an 8 MiB buffer holds about 45 000.
 const FINAL_DRAIN_MAX: usize = 1 << 17;
+/// How often the agent hands memory freed after a burst (a connection flood) back to the system.
+const RELEASE_EVERY_SECONDS: u64 = 10;
 /// How often running processes are scanned for libssl files not yet probed.
 const TLS_RESCAN: Duration = Duration::from_secs(10);
 
@@ -275,6 +277,8 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         tls: !args.no_tls,
     })?;
     eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
+    // Parsing the kernel's BTF (here and in aya) leaves tens of MiB freed but still held.
+    crate::memory::release_freed();
     if !args.no_drops {
         eprintln!(
             "hopwatch agent: {} kernel drop reasons; not reported: {}",
@@ -464,11 +468,16 @@ async fn watch_counters(
     let mut last_ring = 0u64;
     let mut last_queue = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut round = 0u64;
     loop {
+        round += 1;
         let last_round = tokio::select! {
             () = reader_done.cancelled() => true,
             _ = tick.tick() => false,
         };
+        if round % RELEASE_EVERY_SECONDS == 0 {
+            crate::memory::release_freed();
+        }
         stats.metrics.tick(
             &counters,
             stats.read.load(Ordering::Relaxed),

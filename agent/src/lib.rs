@@ -13,6 +13,7 @@ pub mod hops_cli;
 pub mod identity;
 pub mod l7;
 pub mod loader;
+pub mod memory;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
