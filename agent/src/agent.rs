@@ -228,21 +228,25 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
         () = cancel.cancelled() => {}
     }
-    cancel.cancel();
-    let reader_result = reader.await;
-    reader_done.cancel();
-    let ring_lost = watcher.await.unwrap_or_default();
-    let _ = printer.await;
-    sink.close().await;
-    // Dropping the object detaches every program (all are BPF links owned by this process).
+    // The programs are detached before the final drain (dropping the object detaches every
+    // one: all are BPF links owned by this process), so nothing is written after it: every
+    // event the kernel put in the ring buffer is read, the rest is counted as lost. The ring buffer and the
+    // counters were taken out of the object and stay.
     if let Some(t) = tls_task {
         t.abort();
+        let _ = t.await;
     }
     if stats_guard.is_some() {
         print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     }
     drop(ebpf);
-    stats.print_summary(ring_lost);
+    cancel.cancel();
+    let reader_result = reader.await;
+    reader_done.cancel();
+    let kernel = watcher.await.unwrap_or_default();
+    let _ = printer.await;
+    sink.close().await;
+    stats.print_summary(kernel);
     match reader_result {
         Ok(result) => result,
         Err(e) => {
@@ -349,8 +353,9 @@ async fn read_loop(
         stats.metrics.heartbeat(pipeline.counters());
         drain(ring.get_mut(), usize::MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
     }
-    // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (at
-    // most a full buffer's worth: the programs are still attached and may keep writing).
+    // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (the
+    // programs are detached by now; the bound only guards against a reader slower than a
+    // buffer's worth).
     drain(ring.get_mut(), FINAL_DRAIN_MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
     if let Some(mut rec) = recorder {
         rec.flush().map_err(AgentError::Record)?;
@@ -416,12 +421,13 @@ fn print_program_stats(ebpf: &aya::Ebpf) {
 
 impl PipelineStats {
     /// The last line the agent prints: what it read, produced and lost.
-    fn print_summary(&self, ring_lost: u64) {
+    fn print_summary(&self, kernel: FinalCounts) {
         eprintln!(
-            "hopwatch agent: {} events read, {} lost in the kernel ring buffer; {} flows, {} \
-             undecodable events, {} flows dropped at the output queue",
+            "hopwatch agent: {} events sent by the kernel, {} events read, {} lost in the kernel \
+             ring buffer; {} flows, {} undecodable events, {} flows dropped at the output queue",
+            kernel.sent,
             self.read.load(Ordering::Relaxed),
-            ring_lost,
+            kernel.ring_lost,
             self.flows.load(Ordering::Relaxed),
             self.decode_errors.load(Ordering::Relaxed),
             self.output_dropped.load(Ordering::Relaxed)
@@ -452,15 +458,24 @@ async fn rescan_tls(
     }
 }
 
+/// The kernel's totals read after the final drain.
+#[derive(Debug, Default, Clone, Copy)]
+struct FinalCounts {
+    /// Events put in the ring buffer.
+    sent: u64,
+    /// Events that did not fit (all reported as lost events).
+    ring_lost: u64,
+}
+
 /// Every second, and once more when `reader_done` is cancelled: turn new kernel-side and queue
-/// losses into Hubble `LostEvent`s. Returns the ring buffer losses reported in all.
+/// losses into Hubble `LostEvent`s. Returns the kernel's totals at the last round.
 async fn watch_counters(
     counters: PerCpuArray<MapData, u64>,
     node_name: String,
     tx: Outlet,
     stats: Arc<PipelineStats>,
     reader_done: CancellationToken,
-) -> u64 {
+) -> FinalCounts {
     let mut last_ring = 0u64;
     let mut last_queue = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -501,7 +516,10 @@ async fn watch_counters(
             }
         }
         if last_round {
-            return last_ring;
+            let sent = counters
+                .get(&(Counter::EventsSent as u32), 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum::<u64>());
+            return FinalCounts { sent, ring_lost: last_ring };
         }
     }
 }
