@@ -1,0 +1,1 @@
+//! The agent and the servers it traces, restarted.
