@@ -35,6 +35,8 @@ use crate::{
 const OUTPUT_QUEUE: usize = 16_384;
 /// Longest a kernel event waits in the ring buffer before the agent reads it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// Records read between two rounds of the pipeline's periodic work.
+const DRAIN_BATCH: usize = 4096;
 /// Records read at most after the shutdown signal: an 8 MiB buffer holds about 45 000.
 const FINAL_DRAIN_MAX: usize = 1 << 17;
 /// How often running processes are scanned for libssl files not yet probed.
@@ -350,13 +352,39 @@ async fn read_loop(
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
-        stats.metrics.heartbeat(pipeline.counters());
-        drain(ring.get_mut(), usize::MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
+        // In batches: under a flood the kernel refills the buffer as fast as it is read, and
+        // a drain without a bound never reached the pipeline's periodic work (held flows
+        // released, idle connections swept) nor let the other tasks run; what waited on it
+        // grew with the flood.
+        loop {
+            stats.metrics.heartbeat(pipeline.counters());
+            let n = drain(
+                ring.get_mut(),
+                DRAIN_BATCH,
+                &mut pipeline,
+                &mut recorder,
+                &mut flows,
+                &tx,
+                &stats,
+            );
+            if n < DRAIN_BATCH || cancel.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
     }
     // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (the
     // programs are detached by now; the bound only guards against a reader slower than a
     // buffer's worth).
-    drain(ring.get_mut(), FINAL_DRAIN_MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
+    let _ = drain(
+        ring.get_mut(),
+        FINAL_DRAIN_MAX,
+        &mut pipeline,
+        &mut recorder,
+        &mut flows,
+        &tx,
+        &stats,
+    );
     if let Some(mut rec) = recorder {
         rec.flush().map_err(AgentError::Record)?;
     }
@@ -364,7 +392,7 @@ async fn read_loop(
 }
 
 /// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
-/// its periodic work.
+/// its periodic work. Returns the number of records read.
 fn drain(
     rb: &mut RingBuf<MapData>,
     max: usize,
@@ -373,9 +401,11 @@ fn drain(
     flows: &mut Vec<crate::proto::flow::Flow>,
     tx: &Outlet,
     stats: &PipelineStats,
-) {
-    for _ in 0..max {
+) -> usize {
+    let mut n = 0;
+    while n < max {
         let Some(item) = rb.next() else { break };
+        n += 1;
         stats.read.fetch_add(1, Ordering::Relaxed);
         if let Some(rec) = recorder.as_mut()
             && let Err(e) = rec.record(&item)
@@ -395,6 +425,7 @@ fn drain(
     }
     pipeline.tick(Clock::monotonic_now_ns(), flows);
     ship(flows, pipeline, tx, stats);
+    n
 }
 
 fn ship(
