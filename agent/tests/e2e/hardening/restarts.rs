@@ -20,7 +20,7 @@ use crate::support::{
     Testbed,
     agent::BIN,
     serial,
-    servers::{Nginx, Postgres, ServerProcess, TempDir, children_of, output_in},
+    servers::{Nginx, Postgres, ServerProcess, TempDir, children_of, output_in, succeeds},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -198,14 +198,33 @@ fn reloaded_nginx_and_restarted_postgres_stay_traced_tls_included() {
     let agent = CountingAgent::start(&["--no-collector"], l7_flows());
     // A plain HTTP upstream (Python's), enough for nginx to answer 200 through it.
     let upstream_dir = TempDir::new("upstream");
-    let _upstream = ServerProcess::spawn(
+    let files = upstream_dir.path().join("files");
+    std::fs::create_dir(&files).expect("upstream files directory");
+    for name in ["before-reload", "after-reload-0", "after-reload-1", "after-reload-2"] {
+        std::fs::write(files.join(name), name).expect("an upstream file");
+    }
+    let files = files.to_str().expect("UTF-8 path").to_owned();
+    let upstream = ServerProcess::spawn(
         "http.server",
         &app,
-        &["python3", "-m", "http.server", "8000", "--bind", &app.ip.to_string()],
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            &app.ip.to_string(),
+            "--directory",
+            &files,
+        ],
         &[],
         upstream_dir.path().join("log"),
         libc::SIGTERM,
     );
+    let probe = format!("http://{}:8000/before-reload", app.ip);
+    upstream.wait_until("serving files", || {
+        succeeds(&app, &["curl", "-sf", "-o", "/dev/null", &probe])
+    });
     let nginx = Nginx::start(&ingress, SocketAddrV4::new(app.ip, 8000), 2);
     let mut postgres = Postgres::start(&db);
     let cert = nginx.cert_path();
@@ -219,7 +238,7 @@ fn reloaded_nginx_and_restarted_postgres_stay_traced_tls_included() {
     };
 
     // Before: TLS plaintext at nginx's workers.
-    get("/before-reload");
+    assert_eq!(get("/before-reload"), "200", "{}", nginx.log());
     let before = wait_for_flow(&agent, "for /before-reload at nginx", |f| {
         https_at_nginx(f, "/before-reload")
     });
