@@ -230,18 +230,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
         () = cancel.cancelled() => {}
     }
-    // The programs are detached before the final drain (dropping the object detaches every
-    // one: all are BPF links owned by this process), so nothing is written after it: every
-    // event the kernel put in the ring buffer is read, the rest is counted as lost. The ring buffer and the
-    // counters were taken out of the object and stay.
-    if let Some(t) = tls_task {
-        t.abort();
-        let _ = t.await;
-    }
-    if stats_guard.is_some() {
-        print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    }
-    drop(ebpf);
+    // Programs detached (all are BPF links the object owns) before the final drain: nothing is
+    // written after it, so every event put in the ring buffer is read and the rest was counted
+    // lost. The ring buffer and the counters were taken out of the object and stay.
+    detach(ebpf, tls_task, stats_guard.is_some()).await;
     cancel.cancel();
     let reader_result = reader.await;
     reader_done.cancel();
@@ -256,6 +248,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             Ok(())
         }
     }
+}
+
+/// Stops the TLS rescans (which share the object) and detaches every program by dropping the
+/// object, after printing the programs' run statistics when they were kept.
+async fn detach(
+    ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
+    tls_task: Option<tokio::task::JoinHandle<()>>,
+    bpf_stats: bool,
+) {
+    if let Some(t) = tls_task {
+        t.abort();
+        let _ = t.await;
+    }
+    if bpf_stats {
+        print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+    drop(ebpf);
 }
 
 /// Loads and attaches the kernel side as the flags ask, and reports what was attached.

@@ -431,17 +431,17 @@ fn a_collector_away_then_killed_costs_counted_flows_and_delivery_resumes() {
     // Other processes on the host keep adding flows, so the queue is drained when it stops
     // dropping and holds a small part of what it can.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = agent.scrape().lost("collector_queue");
+    let mut dropped_before = agent.scrape().lost("collector_queue");
     loop {
         std::thread::sleep(Duration::from_millis(1100));
         let m = agent.scrape();
         let (queued, dropped) =
             (m.count("hopwatch_collector_queue_events", &[]), m.lost("collector_queue"));
         eprintln!("queue {queued}, dropped {dropped}");
-        if dropped == last && queued < QUEUE / 4 {
+        if dropped == dropped_before && queued < QUEUE / 4 {
             break;
         }
-        last = dropped;
+        dropped_before = dropped;
         assert!(
             Instant::now() < deadline,
             "the queue never drained:\n{}\n{}",
