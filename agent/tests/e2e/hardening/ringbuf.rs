@@ -65,7 +65,6 @@ fn a_tiny_ring_buffer_overflows_counted_exactly_and_does_not_stall() {
     // holds, so some of each are lost even now; the reader must still take what fits at once,
     // so connections made one by one after the burst show up within a few tries.
     let before = t.class("close");
-    let read_before = m.count("hopwatch_events_read_total", &[]);
     let started = Instant::now();
     let mut tries = 0;
     while agent.tally().class("close") == before {
@@ -80,8 +79,7 @@ fn a_tiny_ring_buffer_overflows_counted_exactly_and_does_not_stall() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("a flow after the burst within {:?} ({tries} connections)", started.elapsed());
-    let (m, _) = settle_and_check(&agent);
-    assert!(m.count("hopwatch_events_read_total", &[]) > read_before);
+    settle_and_check(&agent);
     let took = stop_and_check_summary(&mut agent);
     assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
 }
