@@ -31,8 +31,10 @@ use crate::{
     sink::Outlet,
 };
 
-/// Flows waiting for the printer; beyond this the newest are dropped and counted.
-const OUTPUT_QUEUE: usize = 16_384;
+/// Flows waiting for the printer; beyond this the newest are dropped and counted. A queued flow
+/// costs about 3 KiB: a full queue of 16 384 added 40 to 60 MiB to the agent under a flood
+/// (the e2e floods with `-o json`); 4096 is still tens of milliseconds of a printer's work.
+const OUTPUT_QUEUE: usize = 4096;
 /// Longest a kernel event waits in the ring buffer before the agent reads it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Records read between two rounds of the pipeline's periodic work.
