@@ -305,7 +305,7 @@ fn reloaded_nginx_and_restarted_postgres_stay_traced_tls_included() {
 // The collector away, then killed
 // ============================================================================================
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
@@ -357,7 +357,7 @@ impl Drop for Collector {
 }
 
 /// Everything the collector on `port` stored, as JSON lines from `hopwatch observe`.
-fn observe_all(port: u16) -> Vec<Value> {
+pub(super) fn observe_all(port: u16) -> Vec<Value> {
     let out = Command::new(BIN)
         .args(["observe", "--server", &format!("127.0.0.1:{port}"), "--all", "-o", "json"])
         .output()

@@ -7,6 +7,7 @@ use super::{
     CountingAgent,
     floods::{AcceptSink, connect_flood, prepare_client, settle_and_check, stop_and_check_summary},
     http_get,
+    restarts::{free_port, observe_all},
 };
 use crate::support::{Testbed, serial};
 
@@ -24,8 +25,11 @@ fn a_tiny_ring_buffer_overflows_counted_exactly_and_does_not_stall() {
     let _sink = AcceptSink::start(&server, &PORTS);
     let (src, dst) =
         (format!("\"source\":\"{}\"", client.ip), format!("\"destination\":\"{}\"", server.ip));
+    // The in-process collector too: `hopwatch observe` must show the same losses.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
     let mut agent = CountingAgent::start(
-        &["--no-collector", "--ringbuf-bytes", TINY_RINGBUF],
+        &["--listen", &listen, "--ringbuf-bytes", TINY_RINGBUF],
         Box::new(move |line: &str| {
             (line.contains(&src)
                 && line.contains(&dst)
@@ -57,6 +61,26 @@ fn a_tiny_ring_buffer_overflows_counted_exactly_and_does_not_stall() {
         report.connected
     );
     assert!(t.class("close") <= report.connected);
+    // The same count through the collector's API, as `hopwatch observe` shows it (both streams
+    // get every notice; more may come from the host meanwhile, so until they agree).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let observed: u64 = observe_all(port)
+            .iter()
+            .filter(|l| l["lost_events"]["source"] == "PERF_EVENT_RING_BUFFER")
+            .filter_map(|l| l["lost_events"]["num_events_lost"].as_u64())
+            .sum();
+        let printed = agent.tally().lost("PERF_EVENT_RING_BUFFER");
+        if observed == printed {
+            eprintln!("hopwatch observe shows {observed} events lost in the ring buffer");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "observe shows {observed} ring buffer losses, stdout {printed}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // No stall: the reader caught up (settled above), the agent is healthy, and connections
     // made after the burst are reported promptly.
