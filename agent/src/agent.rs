@@ -31,10 +31,14 @@ use crate::{
     sink::Outlet,
 };
 
-/// Flows waiting for the printer; beyond this the newest are dropped and counted.
-const OUTPUT_QUEUE: usize = 16_384;
+/// Flows waiting for the printer; beyond this the newest are dropped and counted. A queued flow
+/// costs about 3 KiB: a full queue of 16 384 added 40 to 60 MiB to the agent under a flood
+/// (the e2e floods with `-o json`); 4096 is still tens of milliseconds of a printer's work.
+const OUTPUT_QUEUE: usize = 4096;
 /// Longest a kernel event waits in the ring buffer before the agent reads it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// Records read between two rounds of the pipeline's periodic work.
+const DRAIN_BATCH: usize = 4096;
 /// Records read at most after the shutdown signal: an 8 MiB buffer holds about 45 000.
 const FINAL_DRAIN_MAX: usize = 1 << 17;
 /// How often the agent hands memory freed after a burst (a connection flood) back to the system.
@@ -230,21 +234,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
         () = cancel.cancelled() => {}
     }
+    // Programs detached (all are BPF links the object owns) before the final drain: nothing is
+    // written after it, so every event put in the ring buffer is read and the rest was counted
+    // lost. The ring buffer and the counters were taken out of the object and stay.
+    detach(ebpf, tls_task, stats_guard.is_some()).await;
     cancel.cancel();
     let reader_result = reader.await;
     reader_done.cancel();
-    let ring_lost = watcher.await.unwrap_or_default();
+    let kernel = watcher.await.unwrap_or_default();
     let _ = printer.await;
     sink.close().await;
-    // Dropping the object detaches every program (all are BPF links owned by this process).
-    if let Some(t) = tls_task {
-        t.abort();
-    }
-    if stats_guard.is_some() {
-        print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    }
-    drop(ebpf);
-    stats.print_summary(ring_lost);
+    stats.print_summary(kernel);
     match reader_result {
         Ok(result) => result,
         Err(e) => {
@@ -252,6 +252,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             Ok(())
         }
     }
+}
+
+/// Stops the TLS rescans (which share the object) and detaches every program by dropping the
+/// object, after printing the programs' run statistics when they were kept.
+async fn detach(
+    ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
+    tls_task: Option<tokio::task::JoinHandle<()>>,
+    bpf_stats: bool,
+) {
+    if let Some(t) = tls_task {
+        t.abort();
+        let _ = t.await;
+    }
+    if bpf_stats {
+        print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+    drop(ebpf);
 }
 
 /// Loads and attaches the kernel side as the flags ask, and reports what was attached.
@@ -350,12 +367,39 @@ async fn read_loop(
         if let Some(mut guard) = woken {
             guard.clear_ready();
         }
-        stats.metrics.heartbeat(pipeline.counters());
-        drain(ring.get_mut(), usize::MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
+        // In batches: under a flood the kernel refills the buffer as fast as it is read, and
+        // a drain without a bound never reached the pipeline's periodic work (held flows
+        // released, idle connections swept) nor let the other tasks run; what waited on it
+        // grew with the flood.
+        loop {
+            stats.metrics.heartbeat(pipeline.counters());
+            let n = drain(
+                ring.get_mut(),
+                DRAIN_BATCH,
+                &mut pipeline,
+                &mut recorder,
+                &mut flows,
+                &tx,
+                &stats,
+            );
+            if n < DRAIN_BATCH || cancel.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
     }
-    // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (at
-    // most a full buffer's worth: the programs are still attached and may keep writing).
-    drain(ring.get_mut(), FINAL_DRAIN_MAX, &mut pipeline, &mut recorder, &mut flows, &tx, &stats);
+    // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (the
+    // programs are detached by now; the bound only guards against a reader slower than a
+    // buffer's worth).
+    let _ = drain(
+        ring.get_mut(),
+        FINAL_DRAIN_MAX,
+        &mut pipeline,
+        &mut recorder,
+        &mut flows,
+        &tx,
+        &stats,
+    );
     if let Some(mut rec) = recorder {
         rec.flush().map_err(AgentError::Record)?;
     }
@@ -363,7 +407,7 @@ async fn read_loop(
 }
 
 /// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
-/// its periodic work.
+/// its periodic work. Returns the number of records read.
 fn drain(
     rb: &mut RingBuf<MapData>,
     max: usize,
@@ -372,9 +416,11 @@ fn drain(
     flows: &mut Vec<crate::proto::flow::Flow>,
     tx: &Outlet,
     stats: &PipelineStats,
-) {
-    for _ in 0..max {
+) -> usize {
+    let mut n = 0;
+    while n < max {
         let Some(item) = rb.next() else { break };
+        n += 1;
         stats.read.fetch_add(1, Ordering::Relaxed);
         if let Some(rec) = recorder.as_mut()
             && let Err(e) = rec.record(&item)
@@ -394,6 +440,7 @@ fn drain(
     }
     pipeline.tick(Clock::monotonic_now_ns(), flows);
     ship(flows, pipeline, tx, stats);
+    n
 }
 
 fn ship(
@@ -420,12 +467,13 @@ fn print_program_stats(ebpf: &aya::Ebpf) {
 
 impl PipelineStats {
     /// The last line the agent prints: what it read, produced and lost.
-    fn print_summary(&self, ring_lost: u64) {
+    fn print_summary(&self, kernel: FinalCounts) {
         eprintln!(
-            "hopwatch agent: {} events read, {} lost in the kernel ring buffer; {} flows, {} \
-             undecodable events, {} flows dropped at the output queue",
+            "hopwatch agent: {} events sent by the kernel, {} events read, {} lost in the kernel \
+             ring buffer; {} flows, {} undecodable events, {} flows dropped at the output queue",
+            kernel.sent,
             self.read.load(Ordering::Relaxed),
-            ring_lost,
+            kernel.ring_lost,
             self.flows.load(Ordering::Relaxed),
             self.decode_errors.load(Ordering::Relaxed),
             self.output_dropped.load(Ordering::Relaxed)
@@ -456,15 +504,24 @@ async fn rescan_tls(
     }
 }
 
+/// The kernel's totals read after the final drain.
+#[derive(Debug, Default, Clone, Copy)]
+struct FinalCounts {
+    /// Events put in the ring buffer.
+    sent: u64,
+    /// Events that did not fit (all reported as lost events).
+    ring_lost: u64,
+}
+
 /// Every second, and once more when `reader_done` is cancelled: turn new kernel-side and queue
-/// losses into Hubble `LostEvent`s. Returns the ring buffer losses reported in all.
+/// losses into Hubble `LostEvent`s. Returns the kernel's totals at the last round.
 async fn watch_counters(
     counters: PerCpuArray<MapData, u64>,
     node_name: String,
     tx: Outlet,
     stats: Arc<PipelineStats>,
     reader_done: CancellationToken,
-) -> u64 {
+) -> FinalCounts {
     let mut last_ring = 0u64;
     let mut last_queue = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -510,7 +567,10 @@ async fn watch_counters(
             }
         }
         if last_round {
-            return last_ring;
+            let sent = counters
+                .get(&(Counter::EventsSent as u32), 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum::<u64>());
+            return FinalCounts { sent, ring_lost: last_ring };
         }
     }
 }

@@ -311,7 +311,9 @@ impl Telemetry {
         {
             let agg = i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let (hops, sockets) = (agg.table().len() as u64, agg.context().ledger.len() as u64);
-            i.health.map("hop_table", hops, i.series_limit as u64);
+            // A hop is created with its first side series or, for drop-only hops, its first
+            // drop series: each family's budget is the series limit, so twice that bounds it.
+            i.health.map("hop_table", hops, 2 * i.series_limit as u64);
             i.health.map("hop_sockets", sockets, ledger::MAX_SOCKETS as u64);
             i.health.hop_state(agg.table().overflowed, agg.evicted);
         }

@@ -5,6 +5,7 @@
 mod support;
 
 mod drops;
+mod hardening;
 mod identity;
 mod l7;
 mod lifecycle;

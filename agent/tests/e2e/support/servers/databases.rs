@@ -25,6 +25,8 @@ pub struct Postgres {
     pod: Pod,
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// The server's command line, for [`Postgres::restart`].
+    args: Vec<String>,
 }
 
 impl Postgres {
@@ -111,17 +113,35 @@ impl Postgres {
         for s in &settings {
             args.extend(["-c", s]);
         }
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let process = Self::spawn(pod, &args, &dir, "log");
+        Self { process, _dir: dir, pod: pod.clone(), ip, port: Self::PORT, args }
+    }
+
+    /// Starts the server and waits until it accepts connections; its output goes to `log`.
+    fn spawn(pod: &Pod, args: &[String], dir: &TempDir, log: &str) -> ServerProcess {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // SIGINT: fast shutdown (clients disconnected, a checkpoint that fsync=off makes cheap).
         let process =
-            ServerProcess::spawn("postgres", pod, &args, &[], dir.path().join("log"), libc::SIGINT);
-        let (host, port) = (ip.to_string(), Self::PORT.to_string());
+            ServerProcess::spawn("postgres", pod, &args, &[], dir.path().join(log), libc::SIGINT);
+        let (host, port) = (pod.ip.to_string(), Self::PORT.to_string());
         process.wait_until("accepting connections", || {
             succeeds(
                 pod,
                 &["pg_isready", "-q", "-h", &host, "-p", &port, "-U", DB_USER, "-d", "postgres"],
             )
         });
-        Self { process, _dir: dir, pod: pod.clone(), ip, port: Self::PORT }
+        process
+    }
+
+    /// Stops the server (fast shutdown) and starts it again on the same data: a new postmaster
+    /// and new backends.
+    #[must_use]
+    pub fn restart(self) -> Self {
+        let Self { process, _dir: dir, pod, ip, port, args } = self;
+        drop(process);
+        let process = Self::spawn(&pod, &args, &dir, "log-restarted");
+        Self { process, _dir: dir, pod, ip, port, args }
     }
 
     /// The postmaster's pid.
