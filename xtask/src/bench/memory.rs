@@ -19,8 +19,9 @@ use super::{
 };
 use crate::say;
 
-const HOLD_PORT: u16 = 19000;
-const CHURN_PORT: u16 = 19001;
+/// Held connections: one listener port per process from here.
+const HOLD_PORT: u16 = 19100;
+const CHURN_PORT: u16 = 19000;
 /// Listener addresses: 127.0.0.1..=4, each good for ~64k client ports.
 const ADDRS: u8 = 4;
 /// Time limit of the short-connection load.
@@ -29,10 +30,24 @@ const CHURN_LIMIT_S: u64 = 150;
 const SETTLE: Duration = Duration::from_secs(15);
 const RSS_TARGET_MIB: f64 = 128.0;
 
-/// `xtask bench-conns MODE ...` in the bench namespace with room for `conns` connections.
+/// This process's hard limit on open files: without `CAP_SYS_RESOURCE` (containers) it cannot
+/// be raised, so the held connections are spread over several processes.
+fn nofile_hard_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_ascii_whitespace().nth(4)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+/// `xtask bench-conns MODE ...` in the bench namespace, its open-file limit raised to the hard
+/// limit.
 fn conns(mode: &str, conns: u64, port: u16, seconds: u64) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let nofile = conns * 2 + 1024;
+    let nofile = nofile_hard_limit();
     in_netns("prlimit")
         .arg(format!("--nofile={nofile}:{nofile}"))
         .arg(exe)
@@ -42,6 +57,35 @@ fn conns(mode: &str, conns: u64, port: u16, seconds: u64) -> Result<Child> {
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting xtask bench-conns {mode}"))
+}
+
+/// `n` connections held open by as many `bench-conns hold` processes as the open-file limit
+/// needs (two sockets per connection, both ends local), each on its own port; returns once all
+/// are open.
+fn hold_open(n: u64) -> Result<Vec<Child>> {
+    let per = (nofile_hard_limit().saturating_sub(256) / 2).max(1);
+    let procs = n.div_ceil(per);
+    if procs > 200 {
+        bail!("{n} connections need {procs} processes at this open-file limit: too many");
+    }
+    say(&format!("opening {n} connections from {procs} processes of at most {per}"));
+    let mut children = Vec::new();
+    let mut left = n;
+    for i in 0..procs {
+        let count = left.min(per);
+        left -= count;
+        let port = HOLD_PORT + u16::try_from(i).unwrap_or(0);
+        children.push(conns("hold", count, port, 120)?);
+    }
+    for child in &mut children {
+        let mut out = BufReader::new(child.stdout.take().context("bench-conns stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            bail!("bench-conns hold did not open its connections (said {line:?})");
+        }
+    }
+    Ok(children)
 }
 
 /// Waits until the agent has read everything the kernel sent (its read counter stops moving).
@@ -68,14 +112,7 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
 
     // Concurrent connections.
     let n = opts.hold_conns;
-    let mut hold = conns("hold", n, HOLD_PORT, 120)?;
-    let mut out = BufReader::new(hold.stdout.take().context("bench-conns stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    if !line.starts_with("ready") {
-        let _ = hold.wait();
-        bail!("bench-conns hold did not open {n} connections (said {line:?})");
-    }
+    let mut hold = hold_open(n)?;
     wait_drained(&agent)?;
     let held = agent.status_mib("VmRSS")?;
     let conns_map = agent.metric("hopwatch_map_entries", "CONNS\"")?;
@@ -96,10 +133,14 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
          ends of each connection are on this host) and {not_tracked:.0} connections were not \
          tracked for a full table"
     ));
-    drop(hold.stdin.take());
-    let status = hold.wait()?;
-    if !status.success() {
-        bail!("bench-conns hold failed ({status})");
+    for child in &mut hold {
+        drop(child.stdin.take());
+    }
+    for mut child in hold {
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("bench-conns hold failed ({status})");
+        }
     }
     wait_drained(&agent)?;
 
