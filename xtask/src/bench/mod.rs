@@ -71,8 +71,16 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         "Load average when the run started: {}",
         load.split_ascii_whitespace().take(3).collect::<Vec<_>>().join(" ")
     ));
+    // A failing group is reported and the others still run: the report says what is missing.
+    let mut failed: Vec<String> = Vec::new();
+    let mut attempt = |group: &str, result: Result<()>| {
+        if let Err(e) = result {
+            say(&format!("{group} benchmarks failed: {e:#}"));
+            failed.push(format!("{group}: {e:#}"));
+        }
+    };
     if want("hops") {
-        hops::run()?;
+        attempt("hops", hops::run());
     }
     if want("datapath") || want("pipeline") || want("memory") {
         apt_install(BENCH_PACKAGES)?;
@@ -98,25 +106,31 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             ));
             let loads = datapath::loads(opts, &dir);
             if want("datapath") {
-                datapath::run(&bin, opts, &loads, &mut report)?;
+                attempt("datapath", datapath::run(&bin, opts, &loads, &mut report));
             }
             if want("pipeline") {
-                pipeline::run(&bin, opts, &loads, &dir, &mut report)?;
+                attempt("pipeline", pipeline::run(&bin, opts, &loads, &dir, &mut report));
             }
         }
         if want("memory") {
-            memory::run(&bin, opts, &mut report)?;
+            attempt("memory", memory::run(&bin, opts, &mut report));
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
     if want("collector") {
-        collector(opts, &mut report)?;
+        attempt("collector", collector(opts, &mut report));
+    }
+    for f in &failed {
+        report.notes.push(format!("FAILED in this run: {f}"));
     }
     let table = report.table();
     println!("\nhopwatch benchmarks (this run)\n{table}");
     let path = workspace_root().join(&opts.output);
     report.write(&path, &opts.command)?;
     say(&format!("figures written to {}", path.display()));
+    if !failed.is_empty() {
+        bail!("{} group(s) failed: {}", failed.len(), failed.join("; "));
+    }
     Ok(())
 }
 
