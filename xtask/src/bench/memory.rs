@@ -22,7 +22,7 @@ use crate::say;
 /// Held connections: one listener port per process from here.
 const HOLD_PORT: u16 = 19100;
 const CHURN_PORT: u16 = 19000;
-/// Listener addresses: 127.0.0.1..=4, each good for ~64k client ports.
+/// Listener addresses: 127.0.0.1..=4, each good for ~45k client ports per listener port.
 const ADDRS: u8 = 4;
 /// Time limit of the short-connection load.
 const CHURN_LIMIT_S: u64 = 150;

@@ -44,7 +44,8 @@ impl Netns {
         // Churn loads open tens of thousands of connections a second: every local port, and
         // TIME_WAIT sockets (on the side that closes first) reused for new outgoing connections.
         for (key, value) in [
-            ("net.ipv4.ip_local_port_range", "1024 65535"),
+            // Listeners sit below 20000 so that no client end holds their port.
+            ("net.ipv4.ip_local_port_range", "20000 65535"),
             ("net.ipv4.tcp_tw_reuse", "1"),
             ("net.core.somaxconn", "65535"),
             ("net.ipv4.tcp_max_syn_backlog", "65535"),
