@@ -253,8 +253,11 @@ impl Agent {
             std::env::temp_dir().join(format!("hopwatch-bench-agent-{}.log", std::process::id()));
         // Not the default port: other agents may run on this machine.
         let metrics_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // As a node runs it (the DaemonSet, the systemd unit): no printing, every flow to the
+        // in-process collector. Printing JSON costs more than the whole pipeline (see
+        // BENCHMARKS.md's pipeline figures) and is not what this measures.
         let mut child = Command::new(bin)
-            .args(["agent", "-o", "json", "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["agent", "-o", "none", "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
