@@ -285,6 +285,11 @@ async fn ingest(disk: bool, agents: usize, per_agent: usize) {
         "ingest ({}): {n} flows from {agents} agents in {secs:.2}s = {rate:.0} flows/s ({mb:.0} MB/s of protobuf); {cpu:.2} CPU-s = {per_cpu:.0} flows per CPU-second",
         if disk { "memory + on-disk history" } else { "memory only" }
     );
+    println!(
+        "BENCH\tcollector_ingest_{}\t{rate:.0}\tflows/s\tcollector ingest from {agents} agents ({})",
+        if disk { "disk" } else { "memory" },
+        if disk { "memory + on-disk history" } else { "memory only" }
+    );
     stop.cancel();
     hub.shutdown().await;
 }
@@ -407,6 +412,11 @@ async fn query_store(flows: usize) {
             gmax.as_secs_f64() * 1e3,
             c.as_secs_f64() * 1e3
         );
+        println!(
+            "BENCH\tcollector_observe\t{:.1}\tms\tobserve --last 1000 {what} over {} flows (GetFlows median)",
+            g.as_secs_f64() * 1e3,
+            stats.held
+        );
     }
     server_stop.cancel();
     hub.shutdown().await;
@@ -478,6 +488,10 @@ fn kernel_to_observe(label: &str, extra: &[&str], samples: usize) {
         med.as_secs_f64() * 1e3,
         p95.as_secs_f64() * 1e3,
         max.as_secs_f64() * 1e3
+    );
+    println!(
+        "BENCH\tcollector_kernel_to_observe\t{:.1}\tms\tkernel event -> observe -f line, median ({label})",
+        med.as_secs_f64() * 1e3
     );
     let _ = observe.kill();
     let _ = observe.wait();

@@ -11,7 +11,6 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_hops;
 mod fuzz;
 
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
@@ -104,14 +103,21 @@ enum Task {
         /// Targets to run [default: all].
         targets: Vec<String>,
     },
-    /// Measure hop aggregation throughput and /metrics rendering time, then the agent's overhead
-    /// side by side (root required): wrk against nginx with the agent off, with TCP capture, with
-    /// full L7 capture.
+    /// Measure every issue-7 figure in one run (root for all but `hops` and `collector`): the
+    /// data path with the agent off / TCP capture / full L7 (wrk HTTP, HTTPS, connection churn;
+    /// pgbench), the agent's CPU per event, the userspace pipeline on one core, the agent's
+    /// memory, the collector; prints one table and writes BENCHMARKS.md.
     Bench {
         /// Only these groups (comma-separated): `hops` (aggregation and /metrics), `collector`
-        /// (ingest, queries, event-to-observe delay), `datapath` (wrk and pgbench with the agent
-        /// off / TCP / L7; root). All by default.
-        #[arg(long, value_delimiter = ',', value_parser = ["hops", "collector", "datapath"])]
+        /// (ingest, queries, event-to-observe delay), `datapath` (loads with the agent off / TCP /
+        /// L7, agent CPU per event; root), `pipeline` (recorded events replayed on one core;
+        /// root), `memory` (RSS idle, with many connections open, after many short ones; root).
+        /// All by default.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_parser = ["hops", "collector", "datapath", "pipeline", "memory"]
+        )]
         only: Vec<String>,
         /// Rounds over all modes (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -122,10 +128,22 @@ enum Task {
         /// Concurrent wrk connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// Concurrent connections held open for the memory figure.
+        #[arg(long, default_value_t = 100_000)]
+        hold_conns: u64,
+        /// Short-lived connections for the memory figure (stopped after 150 s if not done).
+        #[arg(long, default_value_t = 1_000_000)]
+        churn_conns: u64,
         /// An argument for the collector benchmark binary (e.g. `--collector-arg=--flows=200000`).
         #[arg(long = "collector-arg", allow_hyphen_values = true)]
         collector_args: Vec<String>,
+        /// Where the report goes, relative to the workspace root.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        output: PathBuf,
     },
+    /// Connections for the memory benchmark, run by `bench` inside its namespace.
+    #[command(hide = true)]
+    BenchConns(bench::conns::ConnsArgs),
 }
 
 fn main() -> ExitCode {
@@ -160,34 +178,35 @@ fn run(task: Task) -> Result<()> {
             let err = exec(Command::new(&bin).arg("agent").args(&args));
             Err(err).with_context(|| format!("cannot execute {}", bin.display()))
         }
-        Task::Bench { only, rounds, seconds, connections, collector_args } => {
-            let want = |group: &str| only.is_empty() || only.iter().any(|g| g == group);
+        Task::Bench {
+            only,
+            rounds,
+            seconds,
+            connections,
+            hold_conns,
+            churn_conns,
+            collector_args,
+            output,
+        } => {
             // The agent crate's build embeds the kernel object: the toolchain first.
             setup(&[])?;
-            if want("hops") {
-                bench_hops::run()?;
-            }
-            if want("collector") {
-                if !is_root() {
-                    say(
-                        "not root: the kernel-event-to-observe delay is not measured (it loads eBPF programs)",
-                    );
-                }
-                say("collector benchmarks (release build; figures below, not pass/fail)");
-                let mut cmd = vec!["bench", "-p", "hopwatch", "--bench", "collector", "--"];
-                cmd.extend(collector_args.iter().map(String::as_str));
-                cargo(&cmd)?;
-            }
-            if want("datapath") {
-                if !is_root() {
-                    bail!(
-                        "the data path benchmarks load eBPF programs: run `sudo -E cargo xtask bench`"
-                    );
-                }
-                bench::run(&bench::BenchOptions { rounds, seconds, connections })?;
-            }
-            Ok(())
+            let command = std::iter::once("cargo xtask".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
+            bench::run(&bench::BenchOptions {
+                only,
+                rounds,
+                seconds,
+                connections,
+                collector_args,
+                hold_conns,
+                churn_conns,
+                output,
+                command,
+            })
         }
+        Task::BenchConns(args) => bench::conns::main(&args),
         Task::Fuzz { seconds, targets } => {
             setup(&[])?;
             fuzz::run(&fuzz::FuzzOptions { seconds, targets: &targets })

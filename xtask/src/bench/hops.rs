@@ -1,7 +1,7 @@
 //! `cargo xtask bench`, hop part: aggregation throughput (flows per CPU second into the hop state,
 //! on one core) and `/metrics` rendering time with about 10k and 100k series. The measurement is
 //! the agent crate's `hops` benchmark (`agent/benches/hops.rs`), run in release mode; its tables
-//! are printed as they come. No root needed.
+//! are printed as they come (not in the figures table). No root needed.
 
 use anyhow::Result;
 

@@ -1,0 +1,154 @@
+//! `cargo xtask bench`: every figure of issue 7 from one run, printed as one table and written to
+//! `BENCHMARKS.md`.
+//!
+//! - Data path ([`datapath`]): inside a network namespace the bench creates, wrk against nginx
+//!   (HTTP keep-alive, HTTPS keep-alive, one new connection per request) and `pgbench -S` against
+//!   PostgreSQL, with the agent off, with TCP capture only and with full L7 capture (TLS uprobes
+//!   included), alternating the modes over rounds; throughput and p99 as ratios against "off"
+//!   from the same run; the agent's CPU per million kernel events and per 100k requests.
+//! - Pipeline ([`pipeline`]): a kernel event stream recorded by the agent under that load,
+//!   replayed through the userspace pipeline on one core against the decode-only ceiling.
+//! - Memory ([`memory`]): agent RSS idle, with 100k open connections, during and after 1M short
+//!   connections.
+//! - Collector: ingest rate and `observe` latency over a 1M-flow store (`agent/benches/collector.rs`).
+//! - Hops: aggregation and `/metrics` rendering (`agent/benches/hops.rs`; printed, not tabled).
+
+pub mod conns;
+mod datapath;
+pub mod hops;
+mod load;
+mod memory;
+mod pipeline;
+mod report;
+mod servers;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use report::Report;
+
+use crate::{apt_install, is_root, say, workspace_root};
+
+/// Debian packages the benchmarks drive (openssl makes the HTTPS certificate, util-linux's
+/// prlimit raises the open-file limit for 100k connections).
+pub const BENCH_PACKAGES: &[&str] =
+    &["nginx", "wrk", "iproute2", "postgresql", "openssl", "util-linux"];
+
+pub struct BenchOptions {
+    /// Groups to run (empty: all).
+    pub only: Vec<String>,
+    pub rounds: u32,
+    pub seconds: u32,
+    pub connections: u32,
+    pub collector_args: Vec<String>,
+    /// Concurrent connections held open for the memory figure.
+    pub hold_conns: u64,
+    /// Short connections for the memory figure.
+    pub churn_conns: u64,
+    /// Where the report goes (relative to the workspace root).
+    pub output: PathBuf,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+pub fn run(opts: &BenchOptions) -> Result<()> {
+    let want = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
+    let needs_root = ["datapath", "pipeline", "memory"].iter().any(|g| want(g));
+    if needs_root && !is_root() {
+        bail!(
+            "the data path, pipeline and memory benchmarks load eBPF programs and create a network \
+             namespace: run `sudo -E cargo xtask bench` (or `--only hops,collector`)"
+        );
+    }
+    let mut report = Report::default();
+    report.notes.push(format!(
+        "Settings: {} round(s) of {} s per mode and load, {} wrk connections; memory: {} held \
+         connections, {} short connections",
+        opts.rounds, opts.seconds, opts.connections, opts.hold_conns, opts.churn_conns
+    ));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    report.notes.push(format!(
+        "Load average when the run started: {}",
+        load.split_ascii_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    ));
+    // A failing group is reported and the others still run: the report says what is missing.
+    let mut failed: Vec<String> = Vec::new();
+    let mut attempt = |group: &str, result: Result<()>| {
+        if let Err(e) = result {
+            say(&format!("{group} benchmarks failed: {e:#}"));
+            failed.push(format!("{group}: {e:#}"));
+        }
+    };
+    if want("hops") {
+        attempt("hops", hops::run());
+    }
+    if want("datapath") || want("pipeline") || want("memory") {
+        apt_install(BENCH_PACKAGES)?;
+        crate::build(true)?;
+        let bin = workspace_root().join("target/release/hopwatch");
+        let _ns = servers::Netns::create()?;
+        let dir = servers::tempdir("hopwatch-bench")?;
+        if want("datapath") || want("pipeline") {
+            let nginx = servers::Nginx::start(&dir)?;
+            say(&format!(
+                "nginx (pid {}) on 127.0.0.1:{} (HTTP) and :{} (HTTPS) in netns {}",
+                nginx.pid(),
+                servers::PORT,
+                servers::TLS_PORT,
+                servers::NETNS
+            ));
+            let pg = servers::Postgres::start(&dir)?;
+            say(&format!(
+                "PostgreSQL (pid {}) on 127.0.0.1:{} in netns {}",
+                pg.pid(),
+                servers::PG_PORT,
+                servers::NETNS
+            ));
+            let loads = datapath::loads(opts, &dir);
+            if want("datapath") {
+                attempt("datapath", datapath::run(&bin, opts, &loads, &mut report));
+            }
+            if want("pipeline") {
+                attempt("pipeline", pipeline::run(&bin, opts, &loads, &dir, &mut report));
+            }
+        }
+        if want("memory") {
+            attempt("memory", memory::run(&bin, opts, &mut report));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if want("collector") {
+        attempt("collector", collector(opts, &mut report));
+    }
+    for f in &failed {
+        report.notes.push(format!("FAILED in this run: {f}"));
+    }
+    let table = report.table();
+    println!("\nhopwatch benchmarks (this run)\n{table}");
+    let path = workspace_root().join(&opts.output);
+    report.write(&path, &opts.command)?;
+    say(&format!("figures written to {}", path.display()));
+    if !failed.is_empty() {
+        bail!("{} group(s) failed: {}", failed.len(), failed.join("; "));
+    }
+    Ok(())
+}
+
+/// The collector benchmark binary's figures (`BENCH` lines) into the report.
+fn collector(opts: &BenchOptions, report: &mut Report) -> Result<()> {
+    if !is_root() {
+        say("not root: the kernel-event-to-observe delay is not measured (it loads eBPF programs)");
+    }
+    say("collector benchmarks (cargo bench -p hopwatch --bench collector)");
+    let mut cmd = vec!["bench", "-p", "hopwatch", "--bench", "collector", "--"];
+    cmd.extend(opts.collector_args.iter().map(String::as_str));
+    let lines = report::cargo_bench_lines(&cmd)?;
+    if !lines.iter().any(|l| l.id.starts_with("collector_ingest")) {
+        bail!("the collector benchmark printed no ingest figure");
+    }
+    for l in lines {
+        let unit = if l.id.starts_with("collector_ingest") { "flows/s" } else { "ms" };
+        report.add("4 collector", l.label, l.value, unit, None);
+    }
+    Ok(())
+}
