@@ -532,7 +532,7 @@ async fn watch_counters(
             () = reader_done.cancelled() => true,
             _ = tick.tick() => false,
         };
-        if round % RELEASE_EVERY_SECONDS == 0 {
+        if round.is_multiple_of(RELEASE_EVERY_SECONDS) {
             crate::memory::release_freed();
         }
         stats.metrics.tick(
