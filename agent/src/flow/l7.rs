@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 
-use super::{EVENT_TYPE_L7, FlowBuilder, ip, process};
+use super::{EVENT_TYPE_L7, FlowBuilder, ip, new_uuid, process};
 use crate::{
     conntrack::Process,
     proto::flow::{
@@ -90,7 +90,7 @@ impl FlowBuilder {
         }
         Flow {
             time: Some(self.clock.timestamp(o.time_ns)),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: new_uuid(),
             verdict: verdict.into(),
             ip: Some(ip(src.ip(), dst.ip())),
             l4: Some(Layer4 { protocol: Some(l4) }),
