@@ -131,8 +131,8 @@ impl Pipeline {
                 if conn.netns == 0 {
                     conn.netns = ev.tuple.netns;
                 }
-                let peer = self.table.peer(&conn).cloned();
-                out.push(self.builder.tcp(ev, &conn, peer.as_ref()));
+                let peer = self.table.peer(&conn);
+                out.push(self.builder.tcp(ev, &conn, peer));
                 if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
                     let unanswered = self.l7.close(ev.header.socket_cookie);
                     self.l7_flows(unanswered, out);
@@ -159,10 +159,11 @@ impl Pipeline {
         if ev.header.tgid != 0 {
             self.table.note_process(cookie, ev.header.tgid, &ev.comm, ev.header.cgroup_id);
         }
-        let conn = self.table.get(cookie);
+        let table = &self.table;
+        let conn = table.get(cookie);
         let server_side = conn.map(|c| c.role == Role::Server);
-        let peer = conn.and_then(|c| self.table.peer(c)).map(|p| p.cookie);
-        let done = self.l7.on_data(ev, payload, server_side, peer);
+        let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
+        let done = self.l7.on_data_with(ev, payload, server_side, peer);
         self.l7_flows(done, out);
     }
 
