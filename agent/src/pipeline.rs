@@ -187,13 +187,17 @@ impl Pipeline {
         out: &mut Vec<Flow>,
     ) {
         for c in done {
-            out.push(self.l7_flow(&c));
+            out.push(self.l7_flow(c));
         }
     }
 
-    fn l7_flow(&self, c: &Completed<protocols::Request, protocols::Response>) -> Flow {
-        let x = &c.exchange;
-        let record = protocols::l7_record(&x.request, x.response.as_ref());
+    fn l7_flow(&self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
+        let x = c.exchange;
+        let protocol = x.request.protocol().name();
+        let timed_out = x.response.is_none();
+        let latency_ns = if timed_out { 0 } else { x.latency_ns() };
+        let time_ns = if timed_out { x.request_ns } else { x.response_ns };
+        let record = protocols::into_l7_record(x.request, x.response);
         let conn: Option<&Conn> = self.table.get(c.cookie);
         let (local, remote) = match (conn, endpoints(&c.tuple)) {
             // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
@@ -203,17 +207,16 @@ impl Pipeline {
             (None, None) => (unspecified(), unspecified()),
         };
         let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
-        let timed_out = x.response.is_none();
         let observation = L7Observation {
-            protocol: x.request.protocol().name(),
+            protocol,
             record: Some(record.record),
             error: record.error,
-            latency_ns: if timed_out { 0 } else { x.latency_ns() },
+            latency_ns,
             timed_out,
             peer_latency_ns: c.peer_latency_ns,
             tls: c.tls,
             server_side: c.server_side,
-            time_ns: if timed_out { x.request_ns } else { x.response_ns },
+            time_ns,
             local,
             remote,
             udp: c.tuple.protocol == IPPROTO_UDP,
