@@ -71,6 +71,12 @@ fn main() -> ExitCode {
                      {flows:.0} flows/s on one core",
                     r.events, r.undecodable, r.flows, r.seconds
                 );
+                if !args.no_metrics {
+                    println!(
+                        "hop aggregation (last pass): {} hops, {} flows counted, {} ignored",
+                        r.hops, r.hop_flows_counted, r.hop_flows_ignored
+                    );
+                }
             }),
             Command::Hops(args) => return Ok(Some(hops_cli::main(args).await)),
         }

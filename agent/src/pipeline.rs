@@ -131,8 +131,8 @@ impl Pipeline {
                 if conn.netns == 0 {
                     conn.netns = ev.tuple.netns;
                 }
-                let peer = self.table.peer(&conn).cloned();
-                out.push(self.builder.tcp(ev, &conn, peer.as_ref()));
+                let peer = self.table.peer(&conn);
+                out.push(self.builder.tcp(ev, &conn, peer));
                 if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
                     let unanswered = self.l7.close(ev.header.socket_cookie);
                     self.l7_flows(unanswered, out);
@@ -159,10 +159,11 @@ impl Pipeline {
         if ev.header.tgid != 0 {
             self.table.note_process(cookie, ev.header.tgid, &ev.comm, ev.header.cgroup_id);
         }
-        let conn = self.table.get(cookie);
+        let table = &self.table;
+        let conn = table.get(cookie);
         let server_side = conn.map(|c| c.role == Role::Server);
-        let peer = conn.and_then(|c| self.table.peer(c)).map(|p| p.cookie);
-        let done = self.l7.on_data(ev, payload, server_side, peer);
+        let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
+        let done = self.l7.on_data_with(ev, payload, server_side, peer);
         self.l7_flows(done, out);
     }
 
@@ -186,13 +187,17 @@ impl Pipeline {
         out: &mut Vec<Flow>,
     ) {
         for c in done {
-            out.push(self.l7_flow(&c));
+            out.push(self.l7_flow(c));
         }
     }
 
-    fn l7_flow(&self, c: &Completed<protocols::Request, protocols::Response>) -> Flow {
-        let x = &c.exchange;
-        let record = protocols::l7_record(&x.request, x.response.as_ref());
+    fn l7_flow(&self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
+        let x = c.exchange;
+        let protocol = x.request.protocol().name();
+        let timed_out = x.response.is_none();
+        let latency_ns = if timed_out { 0 } else { x.latency_ns() };
+        let time_ns = if timed_out { x.request_ns } else { x.response_ns };
+        let record = protocols::into_l7_record(x.request, x.response);
         let conn: Option<&Conn> = self.table.get(c.cookie);
         let (local, remote) = match (conn, endpoints(&c.tuple)) {
             // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
@@ -202,17 +207,16 @@ impl Pipeline {
             (None, None) => (unspecified(), unspecified()),
         };
         let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
-        let timed_out = x.response.is_none();
         let observation = L7Observation {
-            protocol: x.request.protocol().name(),
+            protocol,
             record: Some(record.record),
             error: record.error,
-            latency_ns: if timed_out { 0 } else { x.latency_ns() },
+            latency_ns,
             timed_out,
             peer_latency_ns: c.peer_latency_ns,
             tls: c.tls,
             server_side: c.server_side,
-            time_ns: if timed_out { x.request_ns } else { x.response_ns },
+            time_ns,
             local,
             remote,
             udp: c.tuple.protocol == IPPROTO_UDP,

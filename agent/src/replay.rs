@@ -1,7 +1,8 @@
 //! Recording the kernel's event stream (`hopwatch agent --record FILE`) and replaying it through
-//! the userspace pipeline (`hopwatch replay FILE`): decode → connection table → L7 parsing → flows,
-//! with no kernel involved, so the pipeline's throughput on one core can be measured repeatably
-//! and a field problem can be reproduced from a recording.
+//! the userspace pipeline (`hopwatch replay FILE`): decode → connection table → L7 parsing → flows
+//! → hop aggregation (the agent's metrics, not served), with no kernel involved, so the agent's
+//! per-event cost on one core can be measured repeatably and a field problem can be reproduced
+//! from a recording.
 //!
 //! File format: the 8-byte magic `HWREC01\n`, then per record its length as a little-endian
 //! `u32` and the raw ring buffer bytes.
@@ -17,7 +18,9 @@ use crate::{
     drops::DropReasons,
     events::decode,
     flow::{Clock, FlowBuilder},
+    hops::HopConfig,
     loader::btf::Btf,
+    metrics::{MetricsError, Telemetry},
     output::{self, Format},
     pipeline::{Pipeline, PipelineOptions},
     proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
@@ -43,6 +46,8 @@ pub enum ReplayError {
         "{path}: record {index} claims {len} bytes, more than {MAX_RECORD}: the file is corrupt"
     )]
     Corrupt { path: PathBuf, index: usize, len: u32 },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Appends raw ring buffer records to a recording.
@@ -111,6 +116,9 @@ pub struct ReplayArgs {
     /// Also serialize every flow in this format (to a sink), to include the output's cost.
     #[arg(short, long, value_enum)]
     pub output: Option<Format>,
+    /// Leave out the hop aggregation behind the agent's metrics (measures the pipeline alone).
+    #[arg(long)]
+    pub no_metrics: bool,
 }
 
 /// What a replay measured.
@@ -120,6 +128,11 @@ pub struct ReplayReport {
     pub undecodable: u64,
     pub flows: u64,
     pub seconds: f64,
+    /// Hops kept, flows counted and flows ignored by the last pass's aggregation (zeros with
+    /// `--no-metrics`).
+    pub hops: usize,
+    pub hop_flows_counted: u64,
+    pub hop_flows_ignored: u64,
 }
 
 pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
@@ -129,11 +142,23 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         .ok()
         .and_then(|b| DropReasons::from_btf(&b).ok())
         .unwrap_or_else(DropReasons::empty);
-    let mut report = ReplayReport { events: 0, undecodable: 0, flows: 0, seconds: 0.0 };
+    let mut report = ReplayReport {
+        events: 0,
+        undecodable: 0,
+        flows: 0,
+        seconds: 0.0,
+        hops: 0,
+        hop_flows_counted: 0,
+        hop_flows_ignored: 0,
+    };
     let mut sink = io::sink();
     let mut flows = Vec::new();
+    let mut telemetry = Telemetry::default();
     let start = Instant::now();
     for _ in 0..args.repeat {
+        if !args.no_metrics {
+            telemetry = Telemetry::unserved(HopConfig::default(), "replay")?;
+        }
         let builder = FlowBuilder {
             node_name: "replay".to_owned(),
             clock: Clock::now(),
@@ -154,20 +179,27 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
                 Err(_) => report.undecodable += 1,
             }
             report.flows += flows.len() as u64;
-            if let Some(format) = args.output {
-                for flow in flows.drain(..) {
-                    let mut resp = GetFlowsResponse {
-                        time: flow.time,
-                        node_name: String::new(),
-                        response_types: Some(ResponseTypes::Flow(flow)),
-                    };
+            // What the agent does with each flow: count it in the metrics, wrap it for the
+            // printer and the collector queue.
+            for flow in flows.drain(..) {
+                telemetry.observe(&flow);
+                let mut resp = GetFlowsResponse {
+                    time: flow.time,
+                    node_name: pipeline.builder().node_name.clone(),
+                    response_types: Some(ResponseTypes::Flow(flow)),
+                };
+                if let Some(format) = args.output {
                     let _ = output::write(&mut sink, format, &mut resp);
                 }
+                std::hint::black_box(resp);
             }
-            flows.clear();
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
+    if let Some((hops, counted, ignored)) = telemetry.hop_totals() {
+        (report.hops, report.hop_flows_counted, report.hop_flows_ignored) =
+            (hops, counted, ignored);
+    }
     Ok(report)
 }
 

@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 
-use super::{EVENT_TYPE_L7, FlowBuilder, ip, process};
+use super::{EVENT_TYPE_L7, FlowBuilder, ip, new_uuid};
 use crate::{
     conntrack::Process,
     proto::flow::{
@@ -59,13 +59,14 @@ impl FlowBuilder {
         } else {
             (o.local, o.remote, TrafficDirection::Egress)
         };
-        let (src_proc, dst_proc) = if o.server_side {
-            (o.peer_process.as_ref(), o.process.as_ref())
-        } else {
-            (o.process.as_ref(), o.peer_process.as_ref())
-        };
-        let error = match (&o.error, o.timed_out) {
-            (Some(e), _) => e.clone(),
+        let cgroup_id = o.process.as_ref().map_or(0, |p| p.cgroup_id);
+        // The observation is ours: its process names move into the flow.
+        let (local_proc, peer_proc) =
+            (o.process.take().map(into_process), o.peer_process.take().map(into_process));
+        let (src_proc, dst_proc) =
+            if o.server_side { (peer_proc, local_proc) } else { (local_proc, peer_proc) };
+        let error = match (o.error.take(), o.timed_out) {
+            (Some(e), _) => e,
             (None, true) => "timeout".to_owned(),
             (None, false) => String::new(),
         };
@@ -90,7 +91,7 @@ impl FlowBuilder {
         }
         Flow {
             time: Some(self.clock.timestamp(o.time_ns)),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: new_uuid(),
             verdict: verdict.into(),
             ip: Some(ip(src.ip(), dst.ip())),
             l4: Some(Layer4 { protocol: Some(l4) }),
@@ -112,13 +113,17 @@ impl FlowBuilder {
             traffic_direction: direction.into(),
             is_reply: Some(!o.timed_out),
             socket_cookie: o.cookie,
-            cgroup_id: o.process.as_ref().map_or(0, |p| p.cgroup_id),
-            source_process: src_proc.map(process),
-            destination_process: dst_proc.map(process),
+            cgroup_id,
+            source_process: src_proc,
+            destination_process: dst_proc,
             netns_inode: o.netns,
             ..Flow::default()
         }
     }
+}
+
+fn into_process(p: Process) -> pb::Process {
+    pb::Process { pid: p.pid, comm: p.comm, cgroup_id: p.cgroup_id }
 }
 
 #[cfg(test)]

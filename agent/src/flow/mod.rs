@@ -113,7 +113,7 @@ impl FlowBuilder {
         };
         Flow {
             time: Some(self.clock.timestamp(ev.header.timestamp_ns)),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: new_uuid(),
             verdict: verdict.into(),
             ip: Some(ip(src.ip(), dst.ip())),
             l4: Some(Layer4 {
@@ -161,7 +161,7 @@ impl FlowBuilder {
         };
         Flow {
             time: Some(self.clock.timestamp(ev.header.timestamp_ns)),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: new_uuid(),
             verdict: Verdict::Dropped.into(),
             ip: ip_layer,
             l4,
@@ -180,6 +180,13 @@ impl FlowBuilder {
             ..Flow::default()
         }
     }
+}
+
+/// A random flow id in its hyphenated text form, written straight into its string (one per
+/// flow: `to_string` goes through the formatting machinery).
+pub(crate) fn new_uuid() -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf).to_owned()
 }
 
 pub(crate) fn ip(src: IpAddr, dst: IpAddr) -> pb::Ip {

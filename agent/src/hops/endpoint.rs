@@ -12,12 +12,9 @@
 //! flows) and which process owns a client's address:port (from the client's), and fills the far
 //! end from that when the flow leaves it out.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{net::IpAddr, sync::Arc};
 
+use super::{FastMap, FastSet};
 use crate::proto::flow::{Endpoint, Flow, Process};
 
 /// How an endpoint was identified (best first).
@@ -103,12 +100,12 @@ impl<'a> EndView<'a> {
 /// Turns flow ends into [`EndpointId`]s, sharing one copy of each name.
 #[derive(Debug, Default)]
 pub struct Resolver {
-    names: HashSet<Arc<str>>,
+    names: FastSet<Arc<str>>,
     empty: Option<Arc<str>>,
     /// Server address:port → process serving it.
-    servers: HashMap<(IpAddr, u32), Arc<str>>,
+    servers: FastMap<(IpAddr, u32), Arc<str>>,
     /// Client address:port → process owning that socket.
-    clients: HashMap<(IpAddr, u32), Arc<str>>,
+    clients: FastMap<(IpAddr, u32), Arc<str>>,
 }
 
 impl Resolver {
@@ -205,7 +202,7 @@ fn container_label(labels: &[String]) -> Option<&str> {
     })
 }
 
-fn forget_half<K: Clone + Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+fn forget_half<K: Clone + Eq + std::hash::Hash, V>(m: &mut FastMap<K, V>) {
     let drop: Vec<K> = m.keys().take(m.len() / 2).cloned().collect();
     for k in drop {
         m.remove(&k);

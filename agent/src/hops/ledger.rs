@@ -6,9 +6,9 @@
 //! its totals then include what happened before, which is counted once, at that point. A socket
 //! silent for [`FORGET_AFTER_NS`] (its CLOSE lost) is forgotten.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
-use super::{HopKey, stats::Side};
+use super::{FastMap, HopKey, stats::Side};
 
 /// Sockets tracked at most; past this new connections are not tracked (their final totals are
 /// still counted at CLOSE) and [`Ledger::untracked`] grows.
@@ -51,8 +51,8 @@ struct Socket {
 /// Open sockets by (node, socket cookie).
 #[derive(Debug, Default)]
 pub struct Ledger {
-    sockets: HashMap<(Arc<str>, u64), Socket>,
-    open: HashMap<(HopKey, Side), u32>,
+    sockets: FastMap<(Arc<str>, u64), Socket>,
+    open: FastMap<(HopKey, Side), u32>,
     /// Connections not tracked because [`MAX_SOCKETS`] were.
     pub untracked: u64,
 }

@@ -7,10 +7,10 @@
 //! admitted, keeps its counts until its hop is evicted, so exported counters never jump between
 //! series.
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::hash_map::Entry;
 
 use super::{
-    HopKey,
+    FastMap, HopKey,
     stats::{Budget, Hop, Side, SideStats, Tally, TallyKind},
 };
 
@@ -23,7 +23,7 @@ pub enum Landed {
 
 #[derive(Debug)]
 pub struct HopTable {
-    hops: HashMap<HopKey, Hop>,
+    hops: FastMap<HopKey, Hop>,
     /// Counts of everything that did not fit.
     overflow: Hop,
     /// Hop sides held (each is one series in every per-side family).
@@ -39,7 +39,7 @@ impl HopTable {
     #[must_use]
     pub fn new(series_limit: usize, per_hop_values: usize) -> Self {
         Self {
-            hops: HashMap::new(),
+            hops: FastMap::default(),
             overflow: Hop::default(),
             sides: Budget::new(series_limit),
             tallies: [Budget::new(series_limit); TallyKind::COUNT],

@@ -184,6 +184,19 @@ impl Identity {
         }
     }
 
+    /// No source and nothing held: flows pass unchanged, so they need not be moved through the
+    /// holding area (the agent's per-flow path when no identity source is on).
+    fn is_passthrough(&self) -> bool {
+        self.kube.is_none()
+            && self.statics.is_none()
+            && self.cgroups.is_none()
+            && self.docker.is_none()
+            && self.dns.is_none()
+            && self.reverse.is_none()
+            && self.holding.nat.is_none()
+            && self.holding.held.is_empty()
+    }
+
     /// Starts the sources the flags ask for; says on stderr which ones run.
     pub async fn start(args: &IdentityArgs, node_name: &str) -> Result<Self, IdentityError> {
         let mut this = Self::disabled();
@@ -257,7 +270,7 @@ impl Identity {
     /// Enriches the flows `out[from..]` in place; flows waiting for their connection's address
     /// translation or their process's cgroup are taken out and come back from [`Self::release`].
     pub fn process(&mut self, out: &mut Vec<Flow>, from: usize) {
-        if from >= out.len() {
+        if from >= out.len() || self.is_passthrough() {
             return;
         }
         let now = Instant::now();

@@ -91,6 +91,18 @@ impl<P: MessageParser> L7Tracker<P> {
         server_side: Option<bool>,
         peer: Option<u64>,
     ) -> Vec<Completed<P::Req, P::Resp>> {
+        self.on_data_with(ev, payload, server_side, || peer)
+    }
+
+    /// [`L7Tracker::on_data`] with the peer's cookie looked up only when an exchange completes
+    /// (most data events complete none, and the lookup hashes two socket addresses).
+    pub fn on_data_with(
+        &mut self,
+        ev: &DataEvent,
+        payload: &[u8],
+        server_side: Option<bool>,
+        peer: impl FnOnce() -> Option<u64>,
+    ) -> Vec<Completed<P::Req, P::Resp>> {
         let cookie = ev.header.socket_cookie;
         if !self.sessions.contains_key(&cookie) {
             let server_side = server_side.unwrap_or_else(|| guess_server_side(ev));
@@ -136,6 +148,10 @@ impl<P: MessageParser> L7Tracker<P> {
             return Vec::new();
         }
         let done = t.session.on_response_data(payload, total, ts);
+        if done.is_empty() {
+            return Vec::new();
+        }
+        let peer = peer();
         let (server_side, tls) = (t.server_side, t.tls);
         let (tuple, pid, comm, cgroup_id) = (t.last_tuple, t.last_pid, t.last_comm, t.last_cgroup);
         done.into_iter()

@@ -46,6 +46,9 @@ impl Totals {
 
 pub struct Health {
     flows: IntCounterVec,
+    /// `flows`' children by type (l3_l4, l7, drop), looked up once: a label lookup hashes and
+    /// locks, and this is counted for every flow.
+    flow_children: [std::sync::OnceLock<prometheus::IntCounter>; 3],
     kernel_drops: IntCounterVec,
     kernel_drop_keys: Mutex<HashSet<(String, String)>>,
     lost: Totals,
@@ -171,6 +174,7 @@ impl Health {
                 &["reason", "location"],
             )?,
             kernel_drop_keys: Mutex::new(HashSet::new()),
+            flow_children: Default::default(),
             export_lag: registered(
                 r,
                 Histogram::with_opts(
@@ -221,7 +225,18 @@ impl Health {
     }
 
     pub fn flow(&self, kind: &str, lag: Option<Duration>) {
-        self.flows.with_label_values(&[kind]).inc();
+        let slot = match kind {
+            "l3_l4" => Some(0),
+            "l7" => Some(1),
+            "drop" => Some(2),
+            _ => None,
+        };
+        match slot {
+            Some(i) => {
+                self.flow_children[i].get_or_init(|| self.flows.with_label_values(&[kind])).inc();
+            }
+            None => self.flows.with_label_values(&[kind]).inc(),
+        }
         if let Some(lag) = lag {
             self.export_lag.observe(lag.as_secs_f64());
         }

@@ -111,7 +111,8 @@ struct Inner {
     heartbeat_ns: AtomicU64,
     ringbuf: OnceLock<RingbufGauge>,
     programs: OnceLock<Vec<(String, u32)>>,
-    local_addr: SocketAddr,
+    /// Where `/metrics` is served; `None` when it is not (replay).
+    local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
     pipeline: [AtomicU64; 3],
@@ -165,42 +166,35 @@ impl Telemetry {
             stale_after: args.metrics_stale_after,
             ..HopConfig::default()
         };
-        let registry = registry(node);
-        let hops = Arc::new(Mutex::new(Aggregator::new(cfg)));
-        registry.register(Box::new(HopCollector::new(hops.clone())?))?;
-        let health = Health::register(&registry)?;
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        let info = IntGaugeVec::new(
-            Opts::new("hopwatch_agent_info", "The agent's version (value 1)."),
-            &["version"],
-        )?;
-        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        registry.register(Box::new(info))?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| MetricsError::Bind { addr, source })?;
         let local = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
-        let inner = Arc::new(Inner {
-            registry,
-            hops,
-            health,
-            series_limit: cfg.series_limit,
-            ready: AtomicBool::new(false),
-            heartbeat_ns: AtomicU64::new(Clock::monotonic_now_ns()),
-            ringbuf: OnceLock::new(),
-            programs: OnceLock::new(),
-            local_addr: local,
-            pipeline: Default::default(),
-        });
+        let inner = Arc::new(Inner::new(cfg, node, Some(local))?);
         tokio::spawn(server::serve(listener, Self { inner: Some(inner.clone()) }));
         eprintln!("hopwatch agent: metrics on http://{local}/metrics, probes /healthz /readyz");
         Ok(Self { inner: Some(inner) })
     }
 
+    /// The metrics, kept as the agent keeps them but served nowhere: `hopwatch replay` feeds
+    /// them to measure the per-flow cost of the hop aggregation.
+    pub fn unserved(cfg: HopConfig, node: &str) -> Result<Self, MetricsError> {
+        Ok(Self { inner: Some(Arc::new(Inner::new(cfg, node, None)?)) })
+    }
+
+    /// Hops (series) kept, flows counted and flows ignored by the hop aggregation; `None` when
+    /// switched off.
+    #[must_use]
+    pub fn hop_totals(&self) -> Option<(usize, u64, u64)> {
+        let i = self.inner.as_ref()?;
+        let agg = i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some((agg.table().len(), agg.counted, agg.ignored))
+    }
+
     /// Where the server listens (the port chosen, for `--metrics-addr 127.0.0.1:0`).
     #[must_use]
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.inner.as_ref().map(|i| i.local_addr)
+        self.inner.as_ref().and_then(|i| i.local_addr)
     }
 
     /// Counts one flow the agent produced.
@@ -352,6 +346,38 @@ impl Telemetry {
             return Err(format!("the event reader has not run for {} s", idle / 1_000_000_000));
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    fn new(
+        cfg: HopConfig,
+        node: &str,
+        local_addr: Option<SocketAddr>,
+    ) -> Result<Self, MetricsError> {
+        let registry = registry(node);
+        let hops = Arc::new(Mutex::new(Aggregator::new(cfg)));
+        registry.register(Box::new(HopCollector::new(hops.clone())?))?;
+        let health = Health::register(&registry)?;
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let info = IntGaugeVec::new(
+            Opts::new("hopwatch_agent_info", "The agent's version (value 1)."),
+            &["version"],
+        )?;
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(info))?;
+        Ok(Self {
+            registry,
+            hops,
+            health,
+            series_limit: cfg.series_limit,
+            ready: AtomicBool::new(false),
+            heartbeat_ns: AtomicU64::new(Clock::monotonic_now_ns()),
+            ringbuf: OnceLock::new(),
+            programs: OnceLock::new(),
+            local_addr,
+            pipeline: Default::default(),
+        })
     }
 }
 

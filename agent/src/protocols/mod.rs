@@ -311,6 +311,11 @@ pub struct L7Record {
 /// Builds the record of `req` and its response `resp` (`None`: not seen, e.g. a timeout). A
 /// response of another protocol is ignored.
 pub fn l7_record(req: &Request, resp: Option<&Response>) -> L7Record {
+    into_l7_record(req.clone(), resp.cloned())
+}
+
+/// [`l7_record`] consuming the exchange, whose strings move into the record.
+pub fn into_l7_record(req: Request, resp: Option<Response>) -> L7Record {
     match req {
         Request::Http(r) => {
             let resp = resp.and_then(|x| if let Response::Http(x) = x { Some(x) } else { None });
@@ -319,7 +324,7 @@ pub fn l7_record(req: &Request, resp: Option<&Response>) -> L7Record {
         Request::Postgres(r) => {
             let resp =
                 resp.and_then(|x| if let Response::Postgres(x) = x { Some(x) } else { None });
-            records::postgres(r, resp)
+            records::postgres(&r, resp.as_ref())
         }
         Request::Redis(r) => {
             let resp = resp.and_then(|x| if let Response::Redis(x) = x { Some(x) } else { None });
@@ -327,11 +332,11 @@ pub fn l7_record(req: &Request, resp: Option<&Response>) -> L7Record {
         }
         Request::Mysql(r) => {
             let resp = resp.and_then(|x| if let Response::Mysql(x) = x { Some(x) } else { None });
-            records::mysql(r, resp)
+            records::mysql(&r, resp.as_ref())
         }
         Request::Dns(r) => {
             let resp = resp.and_then(|x| if let Response::Dns(x) = x { Some(x) } else { None });
-            records::dns(r, resp)
+            records::dns(&r, resp.as_ref())
         }
     }
 }

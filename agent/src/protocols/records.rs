@@ -3,25 +3,31 @@
 use super::{L7Record, dns, http1, mysql, postgres, redis, sql::cap};
 use crate::proto::flow::{self, layer7::Record};
 
-pub(super) fn http(req: &http1::Request, resp: Option<&http1::Response>) -> L7Record {
-    let url = if req.host.is_empty() || !req.path.starts_with('/') {
-        req.path.clone()
+// Records take the exchange by value: its strings move into the flow (one L7 flow per exchange
+// and end, on the agent's hot path) instead of being copied.
+pub(super) fn http(req: http1::Request, resp: Option<http1::Response>) -> L7Record {
+    let http1::Request { method, path, version, host, headers, .. } = req;
+    let url = if host.is_empty() || !path.starts_with('/') {
+        path
     } else {
-        cap(format!("http://{}{}", req.host, req.path))
+        let mut url = String::with_capacity("http://".len() + host.len() + path.len());
+        url.push_str("http://");
+        url.push_str(&host);
+        url.push_str(&path);
+        cap(url)
     };
-    let headers = req
-        .headers
-        .iter()
-        .chain(resp.map(|r| r.headers.as_slice()).unwrap_or_default())
-        .map(|h| flow::HttpHeader { key: h.name.to_owned(), value: h.value.clone() })
+    let code = resp.as_ref().map_or(0, |r| r.status);
+    let headers = headers
+        .into_iter()
+        .chain(resp.map(|r| r.headers).unwrap_or_default())
+        .map(|h| flow::HttpHeader { key: h.name.to_owned(), value: h.value })
         .collect();
-    let code = resp.map_or(0, |r| r.status);
     L7Record {
         record: Record::Http(flow::Http {
             code: u32::from(code),
-            method: req.method.to_string(),
+            method: method.into_owned(),
             url,
-            protocol: req.version.as_str().to_owned(),
+            protocol: version.as_str().to_owned(),
             headers,
         }),
         error: (code >= 500).then(|| format!("HTTP {code}")),
@@ -70,8 +76,8 @@ pub(super) fn postgres(req: &postgres::Request, resp: Option<&postgres::Response
     L7Record { record: Record::Postgres(rec), error }
 }
 
-pub(super) fn redis(req: &redis::Request, resp: Option<&redis::Response>) -> L7Record {
-    let reply_error = resp.and_then(|r| r.error.clone());
+pub(super) fn redis(req: redis::Request, resp: Option<redis::Response>) -> L7Record {
+    let reply_error = resp.and_then(|r| r.error);
     // The error's first word is its kind ("ERR", "WRONGTYPE", "NOAUTH").
     let error = reply_error.as_ref().map(|e| {
         let kind = e.split_ascii_whitespace().next().unwrap_or("ERR");
@@ -79,9 +85,9 @@ pub(super) fn redis(req: &redis::Request, resp: Option<&redis::Response>) -> L7R
     });
     L7Record {
         record: Record::Redis(flow::Redis {
-            command: req.command.clone(),
+            command: req.command,
             error: reply_error.unwrap_or_default(),
-            args: req.args.clone(),
+            args: req.args,
         }),
         error,
     }
