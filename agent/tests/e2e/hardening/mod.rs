@@ -159,6 +159,10 @@ impl CountingAgent {
     pub fn settle(&self, timeout: Duration) -> (Metrics, Tally) {
         let deadline = Instant::now() + timeout;
         let mut last_classes = self.tally().classes;
+        // Two looks in a row with the accounting closed and the flows unchanged: a single one
+        // can come before the agent printed anything (flows wait up to 250 ms for their
+        // address translation; a loaded machine delays the printer further).
+        let mut closed_before = false;
         loop {
             std::thread::sleep(Duration::from_millis(500));
             let m = self.scrape();
@@ -166,9 +170,11 @@ impl CountingAgent {
             let still = t.classes == last_classes;
             last_classes.clone_from(&t.classes);
             let off = accounting_gaps(&m, &t);
-            if still && off.is_empty() {
+            let closed = off.is_empty();
+            if still && closed && closed_before {
                 return (m, t);
             }
+            closed_before = closed;
             assert!(
                 Instant::now() < deadline,
                 "the agent's accounting did not close within {timeout:?}: {off:?} (classes \
