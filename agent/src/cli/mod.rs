@@ -18,6 +18,57 @@ use crate::{
     tls::{ClientFlags, ClientTls, Target, explain},
 };
 
+/// How to reach the collector: the TLS and connection flags `hopwatch observe` and `hopwatch
+/// hops --server` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// Use TLS to the server (implied by https://).
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate(s) that signed the server's certificate (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca_cert_files: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// Client private key for mutual TLS (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_key_file: Option<PathBuf>,
+    /// Name expected in the server's certificate [default: the server's host].
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// Allow plaintext to a server that is not on loopback.
+    #[arg(long)]
+    pub allow_plaintext: bool,
+    /// Give up connecting after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl Connection {
+    /// The collector at `server` (host:port or a URL) as these flags reach it. An error is the
+    /// user's to fix (a bad address, certificate files, plaintext off loopback): exit status 2.
+    pub fn endpoint(&self, server: &str) -> Result<(Target, tonic::transport::Endpoint), String> {
+        let tls = ClientTls {
+            ca: self.tls_ca_cert_files.clone(),
+            cert: self.tls_client_cert_file.clone(),
+            key: self.tls_client_key_file.clone(),
+            server_name: self.tls_server_name.clone(),
+            flags: ClientFlags {
+                ca: "--tls-ca-cert-files",
+                cert: "--tls-client-cert-file",
+                key: "--tls-client-key-file",
+            },
+        };
+        let target = Target::parse(server, self.tls).map_err(|e| format!("--server: {e}"))?;
+        let endpoint = target
+            .endpoint(&tls, self.allow_plaintext)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.timeout);
+        Ok((target, endpoint))
+    }
+}
+
 /// Flows printed by a plain `hopwatch observe` (as `hubble observe`).
 const DEFAULT_LAST: u64 = 20;
 
@@ -53,32 +104,12 @@ macro_rules! field_check {
     side; --from-X/--to-X one side. Repeating a flag ORs its values; different flags AND. \
     --not puts the next filter in the blacklist."
 )]
-#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct ObserveArgs {
     /// Collector address: host:port, http://host:port or https://host:port.
     #[arg(long, env = "HOPWATCH_SERVER", default_value = "localhost:4245")]
     pub server: String,
-    /// Use TLS to the server (implied by https://).
-    #[arg(long)]
-    pub tls: bool,
-    /// CA certificate(s) that signed the server's certificate (PEM).
-    #[arg(long, value_name = "PEM")]
-    pub tls_ca_cert_files: Option<PathBuf>,
-    /// Client certificate for mutual TLS (PEM).
-    #[arg(long, value_name = "PEM")]
-    pub tls_client_cert_file: Option<PathBuf>,
-    /// Client private key for mutual TLS (PEM).
-    #[arg(long, value_name = "PEM")]
-    pub tls_client_key_file: Option<PathBuf>,
-    /// Name expected in the server's certificate [default: the server's host].
-    #[arg(long)]
-    pub tls_server_name: Option<String>,
-    /// Allow plaintext to a server that is not on loopback.
-    #[arg(long)]
-    pub allow_plaintext: bool,
-    /// Give up connecting after this long.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    #[command(flatten)]
+    pub connection: Connection,
 
     /// The last N flows [default: 20 unless --follow, --since or --until is given].
     #[arg(long, value_name = "N", conflicts_with_all = ["first", "all"])]
@@ -257,23 +288,8 @@ fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, 
 
 async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveError> {
     let req = request(&args, matches)?;
-    let tls = ClientTls {
-        ca: args.tls_ca_cert_files.clone(),
-        cert: args.tls_client_cert_file.clone(),
-        key: args.tls_client_key_file.clone(),
-        server_name: args.tls_server_name.clone(),
-        flags: ClientFlags {
-            ca: "--tls-ca-cert-files",
-            cert: "--tls-client-cert-file",
-            key: "--tls-client-key-file",
-        },
-    };
-    let target = Target::parse(&args.server, args.tls)
-        .map_err(|e| ObserveError::Usage(format!("--server: {e}")))?;
-    let endpoint = target
-        .endpoint(&tls, args.allow_plaintext)
-        .map_err(|e| ObserveError::Usage(e.to_string()))?
-        .connect_timeout(args.timeout);
+    let (target, endpoint) =
+        args.connection.endpoint(&args.server).map_err(ObserveError::Usage)?;
     let channel = endpoint.connect().await.map_err(|e| {
         ObserveError::Failed(format!("cannot connect to {}: {}", target.uri, explain(&e)))
     })?;

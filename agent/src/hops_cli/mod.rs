@@ -58,7 +58,7 @@ pub struct HopsArgs {
     #[arg(long, env = "HOPWATCH_SERVER", default_value = "localhost:4245")]
     pub server: String,
     #[command(flatten)]
-    pub connection: source::Connection,
+    pub connection: crate::cli::Connection,
     /// Read flows from JSON flow lines (`hopwatch observe -o json`, `hubble observe -o json`)
     /// in FILE instead of the server; `-` reads standard input.
     #[arg(long, value_name = "FILE|-")]

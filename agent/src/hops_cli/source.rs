@@ -3,9 +3,7 @@
 
 use std::{
     io::BufRead,
-    path::PathBuf,
     sync::{LazyLock, mpsc},
-    time::Duration,
 };
 
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
@@ -19,34 +17,8 @@ use crate::{
             observer_client::ObserverClient,
         },
     },
-    tls::{ClientFlags, ClientTls, Target, explain},
+    tls::explain,
 };
-
-/// How to reach the collector (the flags of `hopwatch observe`).
-#[derive(Debug, Clone, clap::Args)]
-pub struct Connection {
-    /// Use TLS to the server (implied by https://).
-    #[arg(long)]
-    pub tls: bool,
-    /// CA certificate(s) that signed the server's certificate (PEM).
-    #[arg(long, value_name = "PEM")]
-    pub tls_ca_cert_files: Option<PathBuf>,
-    /// Client certificate for mutual TLS (PEM).
-    #[arg(long, value_name = "PEM")]
-    pub tls_client_cert_file: Option<PathBuf>,
-    /// Client private key for mutual TLS (PEM).
-    #[arg(long, value_name = "PEM")]
-    pub tls_client_key_file: Option<PathBuf>,
-    /// Name expected in the server's certificate [default: the server's host].
-    #[arg(long)]
-    pub tls_server_name: Option<String>,
-    /// Allow plaintext to a server that is not on loopback.
-    #[arg(long)]
-    pub allow_plaintext: bool,
-    /// Give up connecting after this long.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-}
 
 /// The `GetFlows` request for `args`: every flow since `since_ns` (following with `--watch`).
 /// Only `-n` is also asked of the server: a flow is in a namespace exactly when its hop is.
@@ -83,24 +55,7 @@ pub async fn query(
     args: &HopsArgs,
     since_ns: u64,
 ) -> Result<tonic::Streaming<GetFlowsResponse>, HopsError> {
-    let c = &args.connection;
-    let tls = ClientTls {
-        ca: c.tls_ca_cert_files.clone(),
-        cert: c.tls_client_cert_file.clone(),
-        key: c.tls_client_key_file.clone(),
-        server_name: c.tls_server_name.clone(),
-        flags: ClientFlags {
-            ca: "--tls-ca-cert-files",
-            cert: "--tls-client-cert-file",
-            key: "--tls-client-key-file",
-        },
-    };
-    let target = Target::parse(&args.server, c.tls)
-        .map_err(|e| HopsError::Usage(format!("--server: {e}")))?;
-    let endpoint = target
-        .endpoint(&tls, c.allow_plaintext)
-        .map_err(|e| HopsError::Usage(e.to_string()))?
-        .connect_timeout(c.timeout);
+    let (target, endpoint) = args.connection.endpoint(&args.server).map_err(HopsError::Usage)?;
     let channel = endpoint.connect().await.map_err(|e| {
         HopsError::Server(format!("cannot connect to {}: {}", target.uri, explain(&e)))
     })?;
