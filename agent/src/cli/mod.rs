@@ -288,8 +288,7 @@ fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, 
 
 async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveError> {
     let req = request(&args, matches)?;
-    let (target, endpoint) =
-        args.connection.endpoint(&args.server).map_err(ObserveError::Usage)?;
+    let (target, endpoint) = args.connection.endpoint(&args.server).map_err(ObserveError::Usage)?;
     let channel = endpoint.connect().await.map_err(|e| {
         ObserveError::Failed(format!("cannot connect to {}: {}", target.uri, explain(&e)))
     })?;
