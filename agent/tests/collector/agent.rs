@@ -2,7 +2,6 @@
 //! process, and to its own in-process collector, read back with `hopwatch observe`.
 
 use std::{
-    io::{BufRead, BufReader},
     net::TcpStream,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -45,18 +44,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start hopwatch agent");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn({
-            let stderr = stderr.clone();
-            move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
+        let stderr = capture_stderr(&mut child);
         let mut a = Self { child, stderr };
         let deadline = Instant::now() + Duration::from_mins(1);
         while !a.stderr().contains("hopwatch agent: hooks") {

@@ -42,18 +42,7 @@ impl Collector {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start hopwatch collector");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn({
-            let stderr = stderr.clone();
-            move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
+        let stderr = capture_stderr(&mut child);
         let mut c = Self { child: Some(child), port, stderr };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.stderr().contains("listening on") {
@@ -162,4 +151,22 @@ pub async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {
         out.push(r);
     }
     out
+}
+
+/// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
+/// thread of its own.
+pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let err = child.stderr.take().expect("stderr piped");
+    std::thread::spawn({
+        let stderr = stderr.clone();
+        move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+    });
+    stderr
 }

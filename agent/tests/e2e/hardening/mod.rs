@@ -23,7 +23,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::support::{Pod, agent::BIN};
+use crate::support::{
+    Pod,
+    agent::{BIN, capture_stderr, signal_and_wait},
+};
 
 /// What a classifier makes of one flow line: its class, and whether to keep it parsed.
 pub type Verdict = Option<(&'static str, bool)>;
@@ -79,23 +82,12 @@ impl CountingAgent {
             .expect("start hopwatch");
         let pid = child.id();
         let tally = Arc::new(Mutex::new(Tally::default()));
-        let stderr = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().expect("piped");
         std::thread::spawn({
             let tally = tally.clone();
             move || count_lines(out, &classify, &tally)
         });
-        let err = child.stderr.take().expect("piped");
-        std::thread::spawn({
-            let stderr = stderr.clone();
-            move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
+        let stderr = capture_stderr(&mut child);
         let mut agent = Self { child: Some(child), pid, tally, stderr };
         agent.wait_for_stderr("hopwatch agent: hooks", Duration::from_secs(30));
         agent.wait_for_stderr("metrics on http://", Duration::from_secs(10));
@@ -188,24 +180,8 @@ impl CountingAgent {
 
     /// Sends `signal` and waits (up to `timeout`) for the exit status.
     pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("agent running");
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(child.id().cast_signed(), signal) };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "agent did not exit within {timeout:?} of signal {signal}:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take().expect("agent running");
+        signal_and_wait(child, signal, timeout, || self.stderr())
     }
 }
 

@@ -39,7 +39,6 @@ impl Agent {
             .spawn()
             .expect("start hopwatch");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().expect("piped");
         std::thread::spawn({
             let lines = lines.clone();
@@ -51,17 +50,7 @@ impl Agent {
                 }
             }
         });
-        let err = child.stderr.take().expect("piped");
-        std::thread::spawn({
-            let stderr = stderr.clone();
-            move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
+        let stderr = capture_stderr(&mut child);
         let mut agent = Self { child: Some(child), lines, stderr };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !agent.stderr().contains("hopwatch agent: hooks") {
@@ -135,23 +124,32 @@ impl Agent {
 
     /// Sends `signal` and waits for exit; returns the exit status.
     pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("agent running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id().cast_signed(), signal) };
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!(
-                    "agent did not exit within {timeout:?} of signal {signal}:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = self.child.take().expect("agent running");
+        signal_and_wait(child, signal, timeout, || self.stderr())
+    }
+}
+
+/// Sends `signal` to an agent this test started and waits (up to `timeout`) for its exit
+/// status; past that, kills it and panics with its stderr.
+pub fn signal_and_wait(
+    mut child: Child,
+    signal: i32,
+    timeout: Duration,
+    stderr: impl Fn() -> String,
+) -> ExitStatus {
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(child.id().cast_signed(), signal) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
         }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent did not exit within {timeout:?} of signal {signal}:\n{}", stderr());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -183,4 +181,22 @@ pub fn u64_at(f: &Value, path: &[&str]) -> u64 {
         v = &v[*p];
     }
     v.as_u64().unwrap_or(0)
+}
+
+/// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
+/// thread of its own.
+pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let err = child.stderr.take().expect("stderr piped");
+    std::thread::spawn({
+        let stderr = stderr.clone();
+        move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+    });
+    stderr
 }
