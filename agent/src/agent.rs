@@ -421,7 +421,6 @@ fn drain(
     while n < max {
         let Some(item) = rb.next() else { break };
         n += 1;
-        stats.read.fetch_add(1, Ordering::Relaxed);
         if let Some(rec) = recorder.as_mut()
             && let Err(e) = rec.record(&item)
         {
@@ -438,6 +437,8 @@ fn drain(
         }
         ship(flows, pipeline, tx, stats);
     }
+    // Once per batch, not per record: a shared counter the metrics thread reads.
+    stats.read.fetch_add(n as u64, Ordering::Relaxed);
     pipeline.tick(Clock::monotonic_now_ns(), flows);
     ship(flows, pipeline, tx, stats);
     n
