@@ -1,0 +1,246 @@
+//! The collector's core, shared by its gRPC services and the embedded (in-process) path: the
+//! store, the merge stage, per-agent ingest progress, and the node registry.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    merge::{self, MergeConfig, MergeMsg},
+    nodes::NodeRegistry,
+    store::{FlowStore, Incoming, StoreConfig, StoreError},
+};
+use hopwatch_proto::{
+    flow::LostEventSource,
+    hopwatch::v1::AgentStatus,
+    lost,
+    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+};
+
+/// Events waiting for the merge stage, in messages (each a batch); beyond this, ingest streams
+/// wait, which pushes back on agents through HTTP/2 flow control.
+const MERGE_QUEUE: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub store: StoreConfig,
+    pub merge: MergeConfig,
+}
+
+/// One agent's ingest progress.
+#[derive(Debug)]
+pub struct AgentState {
+    pub id: String,
+    pub node_name: String,
+    /// Highest sequence number handed to the merge stage (duplicates at or below are dropped).
+    accepted: tokio::sync::Mutex<u64>,
+    /// Highest sequence number stored (what acknowledgements say).
+    stored: watch::Sender<u64>,
+}
+
+impl AgentState {
+    fn new(id: &str, node_name: &str, seq: u64) -> Self {
+        Self {
+            id: id.to_owned(),
+            node_name: node_name.to_owned(),
+            accepted: tokio::sync::Mutex::new(seq),
+            stored: watch::channel(seq).0,
+        }
+    }
+
+    pub fn stored_through(&self) -> u64 {
+        *self.stored.borrow()
+    }
+
+    pub(super) fn set_stored_through(&self, seq: u64) {
+        self.stored.send_if_modified(|s| {
+            let changed = seq > *s;
+            *s = (*s).max(seq);
+            changed
+        });
+    }
+
+    pub fn watch_stored(&self) -> watch::Receiver<u64> {
+        self.stored.subscribe()
+    }
+
+    pub async fn accepted_through(&self) -> u64 {
+        *self.accepted.lock().await
+    }
+}
+
+/// What [`Hub::accept`] did with a batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub new: u64,
+    pub duplicates: u64,
+    /// Sequence numbers the agent skipped (reported to readers as lost events).
+    pub gap: u64,
+    /// Events that were neither a flow nor a lost-event notice (dropped, counted).
+    pub invalid: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the collector is shutting down")]
+pub struct Closed;
+
+pub struct Hub {
+    pub store: Arc<FlowStore>,
+    pub nodes: NodeRegistry,
+    pub sort_window: Duration,
+    pub started: Instant,
+    /// Entries are encoded for the history by the ingest tasks (in parallel), not the writer.
+    prepare: bool,
+    merge_tx: Mutex<Option<mpsc::Sender<MergeMsg>>>,
+    merge_thread: Mutex<Option<JoinHandle<()>>>,
+    agents: Mutex<HashMap<String, Arc<AgentState>>>,
+}
+
+pub fn version() -> String {
+    format!("hopwatch {}", env!("CARGO_PKG_VERSION"))
+}
+
+impl Hub {
+    /// Opens the store (recovering its history) and starts the merge stage.
+    pub fn start(cfg: &HubConfig) -> Result<Arc<Self>, StoreError> {
+        let (store, writer, recovery) = FlowStore::open(&cfg.store)?;
+        if recovery.discarded > 0 {
+            tracing::info!(
+                entries = recovery.discarded,
+                "history: dropped entries written after the last checkpoint (never acknowledged; their agents resend them)"
+            );
+        }
+        let nodes = NodeRegistry::default();
+        let mut agents = HashMap::new();
+        for mark in &recovery.checkpoint.agents {
+            nodes.remember(&mark.node_name);
+            agents.insert(
+                mark.agent_id.clone(),
+                Arc::new(AgentState::new(&mark.agent_id, &mark.node_name, mark.seq)),
+            );
+        }
+        let (tx, rx) = mpsc::channel(MERGE_QUEUE);
+        let thread = merge::spawn(cfg.merge, writer, agents.values().cloned().collect(), rx);
+        Ok(Arc::new(Self {
+            store,
+            nodes,
+            sort_window: cfg.merge.window,
+            started: Instant::now(),
+            prepare: cfg.store.disk.is_some(),
+            merge_tx: Mutex::new(Some(tx)),
+            merge_thread: Mutex::new(Some(thread)),
+            agents: Mutex::new(agents),
+        }))
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<MergeMsg>, Closed> {
+        self.merge_tx.lock().expect("merge sender lock").clone().ok_or(Closed)
+    }
+
+    /// The state of agent `id` (created on first contact).
+    pub fn agent(&self, id: &str, node_name: &str) -> Arc<AgentState> {
+        let mut agents = self.agents.lock().expect("agents lock");
+        agents
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(AgentState::new(id, node_name, 0)))
+            .clone()
+    }
+
+    /// Takes a batch of events numbered `first_seq..`: drops what was already accepted, reports
+    /// skipped numbers as lost, and hands the rest to the merge stage (waiting while it is full).
+    pub async fn accept(
+        &self,
+        agent: &Arc<AgentState>,
+        first_seq: u64,
+        mut events: Vec<GetFlowsResponse>,
+        status: Option<&AgentStatus>,
+    ) -> Result<Accepted, Closed> {
+        let tx = self.sender()?;
+        let mut out = Accepted::default();
+        let n = events.len() as u64;
+        if n == 0 || first_seq == 0 {
+            out.invalid = n;
+            return Ok(out);
+        }
+        let last_seq = first_seq + n - 1;
+        let mut accepted = agent.accepted.lock().await;
+        if last_seq <= *accepted {
+            out.duplicates = n;
+            return Ok(out);
+        }
+        if first_seq <= *accepted {
+            let dup = *accepted + 1 - first_seq;
+            events.drain(..usize::try_from(dup).expect("fewer than the batch"));
+            out.duplicates = dup;
+        } else if first_seq > *accepted + 1 {
+            out.gap = first_seq - *accepted - 1;
+            tracing::warn!(node = %agent.node_name, missing = out.gap, "agent skipped sequence numbers");
+            let notice =
+                lost::notice(&agent.node_name, LostEventSource::ObserverEventsQueue, out.gap);
+            let notice = Incoming::new(notice, self.prepare);
+            tx.send(MergeMsg::Notices(vec![notice])).await.map_err(|_| Closed)?;
+        }
+        let now = prost_types::Timestamp::from(SystemTime::now());
+        for e in &mut events {
+            match &mut e.response_types {
+                Some(ResponseTypes::Flow(f)) => {
+                    if f.node_name.is_empty() {
+                        f.node_name.clone_from(&agent.node_name);
+                    }
+                    if e.time.is_none() {
+                        e.time = f.time.or(Some(now));
+                    }
+                }
+                Some(ResponseTypes::LostEvents(_)) => {
+                    if e.time.is_none() {
+                        e.time = Some(now);
+                    }
+                }
+                // Node status is the collector's to say; an empty event says nothing.
+                Some(ResponseTypes::NodeStatus(_)) | None => {
+                    out.invalid += 1;
+                    *e = lost::notice(&agent.node_name, LostEventSource::ObserverEventsQueue, 1);
+                }
+            }
+            if e.node_name.is_empty() {
+                e.node_name.clone_from(&agent.node_name);
+            }
+        }
+        out.new = events.len() as u64;
+        self.nodes.received(&agent.node_name, out.new, status);
+        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
+        tx.send(MergeMsg::Batch { agent: agent.clone(), last_seq, events })
+            .await
+            .map_err(|_| Closed)?;
+        *accepted = last_seq;
+        Ok(out)
+    }
+
+    /// Stores events the collector produced itself (lost-event notices).
+    pub async fn notices(&self, events: Vec<GetFlowsResponse>) -> Result<(), Closed> {
+        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
+        self.sender()?.send(MergeMsg::Notices(events)).await.map_err(|_| Closed)
+    }
+
+    /// Releases everything in the sort window and waits until it is stored.
+    pub async fn flush(&self) -> Result<(), Closed> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?.send(MergeMsg::Flush(tx)).await.map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    /// Stops the merge stage after it has stored everything it was given.
+    pub async fn shutdown(&self) {
+        let tx = self.merge_tx.lock().expect("merge sender lock").take();
+        drop(tx);
+        let thread = self.merge_thread.lock().expect("merge thread lock").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}

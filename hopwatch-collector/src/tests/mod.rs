@@ -1,0 +1,10 @@
+//! In-process tests of the collector's gRPC services (over `tokio::io::duplex`, no ports).
+
+mod grpc;
+
+use hopwatch_proto::{
+    flow::Verdict,
+    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+};
+
+use crate::testing::*;

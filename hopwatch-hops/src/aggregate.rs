@@ -1,0 +1,216 @@
+//! One flow → the hop it belongs to and what it adds there.
+//!
+//! - L7 flows (one per exchange and observing end) count a request, an error, a latency sample
+//!   on the side that measured it, and DNS rcodes / NXDOMAIN names.
+//! - Connection flows count connects (with the handshake time), accepts, failed connects by
+//!   cause, and — through the [`Ledger`] — the retransmits, resets and bytes their running totals
+//!   grew by, and the connections open.
+//! - Drop flows count a drop by kernel reason on the hop the packet belonged to. A dropped reply
+//!   (from a service port to an ephemeral port) belongs to the hop of the connection it answers,
+//!   so a drop is oriented client → server by the ports: the end on the ephemeral port is the
+//!   client.
+
+use std::sync::Arc;
+
+use super::{
+    HopKey, Transport,
+    endpoint::{EndView, Resolver},
+    ledger::{Ledger, TcpTotals},
+    stats::{Side, TallyKind},
+    table::HopTable,
+};
+use hopwatch_proto::flow::{
+    Flow, FlowType, SocketEvent, TcpStats, TrafficDirection, Verdict, layer4::Protocol,
+    layer7::Record,
+};
+
+/// Linux's default ephemeral port range starts here (`net.ipv4.ip_local_port_range`).
+const EPHEMERAL_PORTS_START: u32 = 32_768;
+const DNS_RCODE_NXDOMAIN: u32 = 3;
+
+/// What a flow was to the aggregation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Counted,
+    /// Not about a hop (no addresses, or a flow type that carries nothing to count).
+    Ignored,
+}
+
+/// The node-wide state the table updates share: identities and open sockets.
+#[derive(Debug, Default)]
+pub struct Context {
+    pub resolver: Resolver,
+    pub ledger: Ledger,
+}
+
+/// Transport and ports of a flow.
+fn layer4(flow: &Flow) -> (Transport, u32, u32) {
+    match flow.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+        Some(Protocol::Tcp(t)) => (Transport::Tcp, t.source_port, t.destination_port),
+        Some(Protocol::Udp(u)) => (Transport::Udp, u.source_port, u.destination_port),
+        Some(Protocol::Sctp(s)) => (Transport::Sctp, s.source_port, s.destination_port),
+        Some(Protocol::IcmPv4(_) | Protocol::IcmPv6(_)) => (Transport::Icmp, 0, 0),
+        None => (Transport::Other, 0, 0),
+    }
+}
+
+/// Flow time in ns since the epoch, `fallback_ns` when the flow has none.
+#[must_use]
+pub fn flow_time_ns(flow: &Flow, fallback_ns: u64) -> u64 {
+    flow.time.as_ref().map_or(fallback_ns, |t| {
+        u64::try_from(t.seconds).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.nanos).unwrap_or(0)
+    })
+}
+
+/// Adds `flow` to `table`, stamped `at_ns`.
+pub fn apply(flow: &Flow, at_ns: u64, cx: &mut Context, table: &mut HopTable) -> Outcome {
+    if flow.ip.is_none() {
+        return Outcome::Ignored;
+    }
+    let (transport, sport, dport) = layer4(flow);
+    if flow.verdict() == Verdict::Dropped {
+        return apply_drop(flow, at_ns, cx, table, transport, sport, dport);
+    }
+    let side = match flow.traffic_direction() {
+        TrafficDirection::Ingress => Side::Server,
+        TrafficDirection::Egress | TrafficDirection::Unknown => Side::Client,
+    };
+    let src = cx.resolver.resolve(&EndView::source(flow, sport), false, side == Side::Client);
+    let dst = cx.resolver.resolve(&EndView::destination(flow, dport), true, side == Side::Server);
+    let key = HopKey { source: src, destination: dst, port: dport, transport };
+    match flow.r#type() {
+        FlowType::L7 => apply_l7(flow, at_ns, cx, table, &key, side),
+        FlowType::L3L4 if transport == Transport::Tcp => {
+            apply_tcp(flow, at_ns, cx, table, &key, side)
+        }
+        _ => Outcome::Ignored,
+    }
+}
+
+fn apply_drop(
+    flow: &Flow,
+    at_ns: u64,
+    cx: &mut Context,
+    table: &mut HopTable,
+    transport: Transport,
+    sport: u32,
+    dport: u32,
+) -> Outcome {
+    let reply = dport >= EPHEMERAL_PORTS_START && sport < EPHEMERAL_PORTS_START;
+    let (client, server, port) = if reply {
+        (EndView::destination(flow, dport), EndView::source(flow, sport), sport)
+    } else {
+        (EndView::source(flow, sport), EndView::destination(flow, dport), dport)
+    };
+    let key = HopKey {
+        source: cx.resolver.resolve(&client, false, false),
+        destination: cx.resolver.resolve(&server, true, false),
+        port,
+        transport,
+    };
+    let reason =
+        if flow.kernel_drop_reason.is_empty() { "UNKNOWN" } else { &flow.kernel_drop_reason };
+    table.drop(&key, reason, 1, at_ns);
+    Outcome::Counted
+}
+
+fn apply_l7(
+    flow: &Flow,
+    at_ns: u64,
+    cx: &mut Context,
+    table: &mut HopTable,
+    key: &HopKey,
+    side: Side,
+) -> Outcome {
+    let Some(l7) = flow.l7.as_ref() else { return Outcome::Ignored };
+    let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
+    let (s, _) = table.side_mut(key, side, at_ns);
+    if s.protocol.is_none() && !l7.protocol.is_empty() {
+        s.protocol = Some(cx.resolver.intern(&l7.protocol));
+    }
+    s.requests += 1;
+    s.errors += u64::from(failed);
+    if l7.timed_out {
+        s.timeouts += 1;
+    } else {
+        s.latency.record(l7.latency_ns);
+    }
+    if let Some(Record::Dns(dns)) = &l7.record {
+        let rcode = if l7.timed_out { "TIMEOUT" } else { rcode_name(dns.rcode) };
+        table.tally(key, side, TallyKind::DnsRcodes, rcode, 1, at_ns);
+        if !l7.timed_out && dns.rcode == DNS_RCODE_NXDOMAIN && !dns.query.is_empty() {
+            table.tally(key, side, TallyKind::Nxdomain, &dns.query, 1, at_ns);
+        }
+    }
+    Outcome::Counted
+}
+
+fn apply_tcp(
+    flow: &Flow,
+    at_ns: u64,
+    cx: &mut Context,
+    table: &mut HopTable,
+    key: &HopKey,
+    side: Side,
+) -> Outcome {
+    let none = TcpStats::default();
+    let stats = flow.tcp_stats.as_ref().unwrap_or(&none);
+    let totals = TcpTotals {
+        retransmits: u64::from(stats.retransmits),
+        resets: u64::from(stats.resets),
+        bytes_sent: stats.bytes_sent,
+        bytes_received: stats.bytes_received,
+    };
+    let node_name: Arc<str> = cx.resolver.intern(&flow.node_name);
+    let cookie = flow.socket_cookie;
+    let delta = match flow.socket_event() {
+        SocketEvent::Connect | SocketEvent::Accept => {
+            let delta = cx.ledger.open(&node_name, cookie, key, side, totals, at_ns);
+            let (s, _) = table.side_mut(key, side, at_ns);
+            s.opened += 1;
+            if flow.socket_event() == SocketEvent::Connect && stats.connect_latency_ns > 0 {
+                s.connect.record(stats.connect_latency_ns);
+            }
+            delta
+        }
+        SocketEvent::Update => cx.ledger.report(&node_name, cookie, key, side, totals, at_ns),
+        SocketEvent::Close => cx.ledger.close(&node_name, cookie, totals),
+        SocketEvent::ConnectFailed => {
+            let cause = if stats.error.is_empty() { "UNKNOWN" } else { stats.error.as_str() };
+            table.tally(key, side, TallyKind::ConnectFailures, cause, 1, at_ns);
+            // Nothing of a failed connection is in the ledger: its totals are all new.
+            totals
+        }
+        SocketEvent::Unknown => return Outcome::Ignored,
+    };
+    if delta == TcpTotals::default() {
+        // Nothing grew (e.g. the close of a connection opened before the agent, with no
+        // traffic since): no series for it.
+        return Outcome::Counted;
+    }
+    let (s, _) = table.side_mut(key, side, at_ns);
+    s.retransmits += delta.retransmits;
+    s.resets += delta.resets;
+    s.bytes_sent += delta.bytes_sent;
+    s.bytes_received += delta.bytes_received;
+    Outcome::Counted
+}
+
+/// DNS rcode names (RFC 1035, RFC 2136, RFC 6895).
+#[must_use]
+pub fn rcode_name(rcode: u32) -> &'static str {
+    match rcode {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        6 => "YXDOMAIN",
+        7 => "YXRRSET",
+        8 => "NXRRSET",
+        9 => "NOTAUTH",
+        10 => "NOTZONE",
+        _ => "OTHER",
+    }
+}

@@ -1,0 +1,603 @@
+//! `hopwatch agent`: probe, load, then run the pipeline
+//! kernel ring buffer → decode → connection table → flows → output, until SIGINT/SIGTERM.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use hopwatch_common::{Counter, KernelSettings};
+use hopwatch_proto::{
+    flow::{LostEvent, LostEventSource},
+    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+};
+use hopwatch_protocols::Redaction;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    drops::{DEFAULT_IGNORED, symbols::KernelSymbols},
+    events::decode,
+    flow::{Clock, FlowBuilder},
+    loader::{self, LoadOptions, probe::Probe},
+    metrics::Telemetry,
+    pipeline::{Pipeline, PipelineOptions},
+    print::{Format, Options, Printer, time::TimeFormat},
+    sink::Outlet,
+};
+
+/// Flows waiting for the printer; beyond this the newest are dropped and counted. A queued flow
+/// costs about 3 KiB: a full queue of 16 384 added 40 to 60 MiB to the agent under a flood
+/// (the e2e floods with `-o json`); 4096 is still tens of milliseconds of a printer's work.
+const OUTPUT_QUEUE: usize = 4096;
+/// Longest a kernel event waits in the ring buffer before the agent reads it.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// Records read between two rounds of the pipeline's periodic work.
+const DRAIN_BATCH: usize = 4096;
+/// Records read at most after the shutdown signal: an 8 MiB buffer holds about 45 000.
+const FINAL_DRAIN_MAX: usize = 1 << 17;
+/// How often the agent hands memory freed after a burst (a connection flood) back to the system.
+const RELEASE_EVERY_SECONDS: u64 = 10;
+/// How often running processes are scanned for libssl files not yet probed.
+const TLS_RESCAN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, clap::Args)]
+#[expect(clippy::struct_excessive_bools, reason = "independent command-line switches")]
+pub(super) struct AgentArgs {
+    /// Print what this kernel and process allow, then exit.
+    #[arg(long)]
+    pub probe: bool,
+    /// Flow output format on stdout.
+    #[arg(short, long, value_enum, default_value_t = Format::Compact)]
+    pub output: Format,
+    /// Node name put on every flow [default: the host name].
+    #[arg(long, env = "HOPWATCH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Interval between periodic reports of a long-lived connection's counters.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub update_interval: Duration,
+    /// Do not trace kernel packet drops.
+    #[arg(long)]
+    pub no_drops: bool,
+    /// Kernel drop reasons not to report (comma-separated names as this kernel spells them,
+    /// e.g. `NOT_SPECIFIED`). Replaces the default list.
+    #[arg(long, value_delimiter = ',', value_name = "REASON,...")]
+    pub drop_ignore: Option<Vec<String>>,
+    /// Drop events sent per CPU per second at most; the rest are counted as rate-limited.
+    #[arg(long, default_value_t = 1000)]
+    pub drops_per_sec: u32,
+    /// Size of the kernel→agent ring buffer in bytes (a power of two, at least 4096).
+    #[arg(long, value_parser = parse_ringbuf_bytes)]
+    pub ringbuf_bytes: Option<u32>,
+    /// Application payload bytes captured per message for L7 parsing (at most 1024; 0 turns
+    /// L7 capture off).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub capture_bytes: u32,
+    /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
+    #[arg(long)]
+    pub no_tls: bool,
+    /// A request unanswered this long is reported as timed out.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub l7_timeout: Duration,
+    /// Keep full SQL statements and Redis arguments in L7 flows (debugging only: they may
+    /// carry personal data). By default literals become `?` and arguments are dropped.
+    #[arg(long)]
+    pub keep_full_statements: bool,
+    /// Also write every raw kernel event to FILE (for `hopwatch replay`); the file grows without
+    /// bound while the agent runs.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
+    /// Have the kernel count the run time of hopwatch's programs (a small cost per run) and
+    /// print it at exit.
+    #[arg(long)]
+    pub bpf_stats: bool,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
+    /// Endpoint names: Kubernetes, cgroups, Docker, static endpoints, DNS, translations.
+    #[command(flatten)]
+    pub identity: crate::identity::IdentityArgs,
+    /// Where flows go besides stdout (a remote collector, or the in-process one).
+    #[command(flatten)]
+    pub sink: crate::sink::SinkArgs,
+}
+
+fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v < 4096 || !v.is_power_of_two() {
+        return Err(format!("{v} is not a power of two of at least 4096"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AgentError {
+    #[error("{check}: {detail}")]
+    Requirement { check: &'static str, detail: String },
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error("cannot watch the events ring buffer: {0}")]
+    RingBuf(#[source] std::io::Error),
+    #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Record(crate::recording::RecordingError),
+    #[error("cannot enable BPF run-time statistics: {0}")]
+    BpfStats(#[source] aya::sys::SyscallError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+}
+
+/// Counters of what the userspace pipeline read and could not keep.
+#[derive(Debug, Default)]
+struct PipelineStats {
+    /// Records read from the ring buffer (decodable or not).
+    read: AtomicU64,
+    decode_errors: AtomicU64,
+    output_dropped: AtomicU64,
+    flows: AtomicU64,
+    /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
+    metrics: Telemetry,
+}
+
+pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    // Installed first, so a SIGINT/SIGTERM at any point after start-up is a clean shutdown.
+    let shutdown = shutdown_signal().map_err(AgentError::Signals)?;
+    let probe = Probe::run(!args.probe);
+    if args.probe {
+        print!("{probe}");
+        return match probe.first_missing() {
+            Some(c) => Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() }),
+            None => Ok(()),
+        };
+    }
+    eprint!("{probe}");
+    if let Some(c) = probe.first_missing() {
+        return Err(AgentError::Requirement { check: c.name, detail: c.detail.clone() });
+    }
+
+    // Before loading: a bad endpoints file or kubeconfig is refused before anything attaches.
+    let identity = crate::identity::Identity::start(
+        &args.identity,
+        &args.node_name.clone().unwrap_or_else(hostname),
+    )
+    .await?;
+    let loaded = load(&args, &probe)?;
+
+    let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "drop locations will be shown as addresses");
+            None
+        }
+    };
+    let node_name = args.node_name.clone().unwrap_or_else(hostname);
+    let builder = FlowBuilder {
+        node_name: node_name.clone(),
+        clock: Clock::now(),
+        reasons: loaded.reasons.clone(),
+        symbols,
+    };
+
+    let stats_guard = if args.bpf_stats {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(AgentError::BpfStats)?)
+    } else {
+        None
+    };
+    let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
+    let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
+    let stats = Arc::new(PipelineStats { metrics, ..PipelineStats::default() });
+    let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
+    let cancel = CancellationToken::new();
+    let sink = crate::sink::start(&args.sink, &node_name).await?;
+    let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink);
+
+    let printer = tokio::task::spawn_blocking({
+        let cancel = cancel.clone();
+        move || print_loop(rx, args.output, &cancel)
+    });
+    let pipeline = Pipeline::new(
+        builder,
+        PipelineOptions {
+            l7_timeout: args.l7_timeout,
+            redaction: Redaction { keep_full_statements: args.keep_full_statements },
+        },
+    )
+    .with_identity(identity);
+    let recorder = match &args.record {
+        Some(path) => Some(crate::recording::Recorder::create(path).map_err(AgentError::Record)?),
+        None => None,
+    };
+    let reader = tokio::spawn(read_loop(
+        events,
+        pipeline,
+        recorder,
+        tx.clone(),
+        stats.clone(),
+        cancel.clone(),
+    ));
+    // The watcher outlives the reader: its last report covers what the final drain dropped.
+    let reader_done = CancellationToken::new();
+    let watcher =
+        tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), reader_done.clone()));
+    let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
+
+    tokio::select! {
+        () = shutdown => eprintln!("hopwatch agent: shutting down"),
+        () = cancel.cancelled() => {}
+    }
+    // Programs detached (all are BPF links the object owns) before the final drain: nothing is
+    // written after it, so every event put in the ring buffer is read and the rest was counted
+    // lost. The ring buffer and the counters were taken out of the object and stay.
+    detach(ebpf, tls_task, stats_guard.is_some()).await;
+    cancel.cancel();
+    let reader_result = reader.await;
+    reader_done.cancel();
+    let kernel = watcher.await.unwrap_or_default();
+    let _ = printer.await;
+    sink.close().await;
+    stats.print_summary(kernel);
+    match reader_result {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(error = %e, "event reader task failed");
+            Ok(())
+        }
+    }
+}
+
+/// Stops the TLS rescans (which share the object) and detaches every program by dropping the
+/// object, after printing the programs' run statistics when they were kept.
+async fn detach(
+    ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
+    tls_task: Option<tokio::task::JoinHandle<()>>,
+    bpf_stats: bool,
+) {
+    if let Some(t) = tls_task {
+        t.abort();
+        let _ = t.await;
+    }
+    if bpf_stats {
+        print_program_stats(&ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+    drop(ebpf);
+}
+
+/// Loads and attaches the kernel side as the flags ask, and reports what was attached.
+fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
+    let (drop_ignore, strict) = match &args.drop_ignore {
+        Some(list) => (list.clone(), true),
+        None => (DEFAULT_IGNORED.iter().map(|s| (*s).to_owned()).collect(), false),
+    };
+    let settings = KernelSettings {
+        update_interval_ns: u64::try_from(args.update_interval.as_nanos()).unwrap_or(u64::MAX),
+        drops_per_sec_per_cpu: args.drops_per_sec,
+        self_tgid: std::process::id(),
+        capture_bytes: args.capture_bytes,
+        _pad: 0,
+    };
+    let loaded = loader::load(&LoadOptions {
+        settings,
+        drop_ignore: drop_ignore.clone(),
+        drop_ignore_strict: strict,
+        drops: !args.no_drops,
+        cgroup2: probe.cgroup2.clone(),
+        ringbuf_bytes: args.ringbuf_bytes,
+        tls: !args.no_tls,
+    })?;
+    eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
+    // Parsing the kernel's BTF (here and in aya) leaves tens of MiB freed but still held.
+    crate::memory::release_freed();
+    if !args.no_drops {
+        eprintln!(
+            "hopwatch agent: {} kernel drop reasons; not reported: {}",
+            loaded.reasons.count(),
+            drop_ignore.join(",")
+        );
+    }
+    Ok(loaded)
+}
+
+/// Registers SIGINT and SIGTERM handlers now; the returned future completes on either.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
+}
+
+fn send(tx: &Outlet, stats: &PipelineStats, resp: GetFlowsResponse) {
+    // Policy: when the printer falls behind, drop the newest and count it; the count is reported
+    // as an OBSERVER_EVENTS_QUEUE lost event.
+    if tx.try_send(resp).is_err() {
+        stats.output_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn flow_response(node_name: &str, flow: hopwatch_proto::flow::Flow) -> GetFlowsResponse {
+    GetFlowsResponse {
+        time: flow.time,
+        node_name: node_name.to_owned(),
+        response_types: Some(ResponseTypes::Flow(flow)),
+    }
+}
+
+async fn read_loop(
+    events: RingBuf<MapData>,
+    mut pipeline: Pipeline,
+    mut recorder: Option<crate::recording::Recorder>,
+    tx: Outlet,
+    stats: Arc<PipelineStats>,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    // SAFETY: the ring buffer owns its fd and nothing closes or replaces it while the AsyncFd
+    // holds it.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+            .map_err(|e| AgentError::RingBuf(e.into_parts().1))?;
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flows = Vec::new();
+    loop {
+        // The kernel wakes us only when a batch is waiting; the timer bounds the delay of a
+        // trickle of events.
+        let woken = tokio::select! {
+            () = cancel.cancelled() => break,
+            guard = ring.readable_mut() => Some(guard.map_err(AgentError::RingBuf)?),
+            _ = drain_tick.tick() => None,
+        };
+        if let Some(mut guard) = woken {
+            guard.clear_ready();
+        }
+        // In batches: under a flood the kernel refills the buffer as fast as it is read, and
+        // a drain without a bound never reached the pipeline's periodic work (held flows
+        // released, idle connections swept) nor let the other tasks run; what waited on it
+        // grew with the flood.
+        loop {
+            stats.metrics.heartbeat(pipeline.counters());
+            let n = drain(
+                ring.get_mut(),
+                DRAIN_BATCH,
+                &mut pipeline,
+                &mut recorder,
+                &mut flows,
+                &tx,
+                &stats,
+            );
+            if n < DRAIN_BATCH || cancel.is_cancelled() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (the
+    // programs are detached by now; the bound only guards against a reader slower than a
+    // buffer's worth).
+    let _ = drain(
+        ring.get_mut(),
+        FINAL_DRAIN_MAX,
+        &mut pipeline,
+        &mut recorder,
+        &mut flows,
+        &tx,
+        &stats,
+    );
+    if let Some(mut rec) = recorder {
+        rec.flush().map_err(AgentError::Record)?;
+    }
+    Ok(())
+}
+
+/// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
+/// its periodic work. Returns the number of records read.
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    max: usize,
+    pipeline: &mut Pipeline,
+    recorder: &mut Option<crate::recording::Recorder>,
+    flows: &mut Vec<hopwatch_proto::flow::Flow>,
+    tx: &Outlet,
+    stats: &PipelineStats,
+) -> usize {
+    let mut n = 0;
+    while n < max {
+        let Some(item) = rb.next() else { break };
+        n += 1;
+        if let Some(rec) = recorder.as_mut()
+            && let Err(e) = rec.record(&item)
+        {
+            tracing::error!(error = %e, "recording stopped");
+            *recorder = None;
+        }
+        match decode(&item) {
+            Ok(ev) => pipeline.on_event(&ev, flows),
+            Err(e) => {
+                if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
+                }
+            }
+        }
+        ship(flows, pipeline, tx, stats);
+    }
+    // Once per batch, not per record: a shared counter the metrics thread reads.
+    stats.read.fetch_add(n as u64, Ordering::Relaxed);
+    pipeline.tick(Clock::monotonic_now_ns(), flows);
+    ship(flows, pipeline, tx, stats);
+    n
+}
+
+fn ship(
+    flows: &mut Vec<hopwatch_proto::flow::Flow>,
+    pipeline: &Pipeline,
+    tx: &Outlet,
+    stats: &PipelineStats,
+) {
+    for flow in flows.drain(..) {
+        stats.flows.fetch_add(1, Ordering::Relaxed);
+        stats.metrics.observe(&flow);
+        send(tx, stats, flow_response(&pipeline.builder().node_name, flow));
+    }
+}
+
+/// With `--bpf-stats`: each kernel program's runs and average run time.
+fn print_program_stats(ebpf: &aya::Ebpf) {
+    for (name, runs, time) in loader::program_stats(ebpf) {
+        #[expect(clippy::cast_precision_loss, reason = "a rounded display value")]
+        let per_run = time.as_nanos() as f64 / runs as f64;
+        eprintln!("hopwatch agent: program {name}: {runs} runs, {per_run:.0} ns per run");
+    }
+}
+
+impl PipelineStats {
+    /// The last line the agent prints: what it read, produced and lost.
+    fn print_summary(&self, kernel: FinalCounts) {
+        eprintln!(
+            "hopwatch agent: {} events sent by the kernel, {} events read, {} lost in the kernel \
+             ring buffer; {} flows, {} undecodable events, {} flows dropped at the output queue",
+            kernel.sent,
+            self.read.load(Ordering::Relaxed),
+            kernel.ring_lost,
+            self.flows.load(Ordering::Relaxed),
+            self.decode_errors.load(Ordering::Relaxed),
+            self.output_dropped.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
+/// images, a library upgraded in place).
+async fn rescan_tls(
+    mut probes: crate::loader::tls::TlsProbes,
+    ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
+) {
+    let mut tick = tokio::time::interval(TLS_RESCAN);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (attached, failed) = {
+            let mut ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            probes.scan(&mut ebpf)
+        };
+        for lib in attached {
+            eprintln!("hopwatch agent: TLS uprobes attached to {}", lib.display());
+        }
+        for (lib, err) in failed {
+            tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+        }
+    }
+}
+
+/// The kernel's totals read after the final drain.
+#[derive(Debug, Default, Clone, Copy)]
+struct FinalCounts {
+    /// Events put in the ring buffer.
+    sent: u64,
+    /// Events that did not fit (all reported as lost events).
+    ring_lost: u64,
+}
+
+/// Every second, and once more when `reader_done` is cancelled: turn new kernel-side and queue
+/// losses into Hubble `LostEvent`s. Returns the kernel's totals at the last round.
+async fn watch_counters(
+    counters: PerCpuArray<MapData, u64>,
+    node_name: String,
+    tx: Outlet,
+    stats: Arc<PipelineStats>,
+    reader_done: CancellationToken,
+) -> FinalCounts {
+    let mut last_ring = 0u64;
+    let mut last_queue = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let last_round = tokio::select! {
+            () = reader_done.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        if round.is_multiple_of(RELEASE_EVERY_SECONDS) {
+            crate::memory::release_freed();
+        }
+        stats.metrics.tick(
+            &counters,
+            stats.read.load(Ordering::Relaxed),
+            stats.decode_errors.load(Ordering::Relaxed),
+            stats.output_dropped.load(Ordering::Relaxed),
+        );
+        let (collector_dropped, collector_waiting) = tx.collector_queue();
+        stats.metrics.collector_queue(collector_dropped, collector_waiting);
+        let ring_lost = counters
+            .get(&(Counter::RingbufFull as u32), 0)
+            .map_or(last_ring, |per_cpu| per_cpu.iter().sum::<u64>());
+        let queue_lost = stats.output_dropped.load(Ordering::Relaxed);
+        for (source, now, last) in [
+            (LostEventSource::PerfEventRingBuffer, ring_lost, &mut last_ring),
+            (LostEventSource::ObserverEventsQueue, queue_lost, &mut last_queue),
+        ] {
+            if now > *last {
+                let lost =
+                    LostEvent { source: source.into(), num_events_lost: now - *last, cpu: None };
+                tracing::warn!(source = source.as_str_name(), lost = now - *last, "events lost");
+                // Lost-event notices bypass the drop-newest policy: they are what tells the user.
+                let _ = tx
+                    .send(GetFlowsResponse {
+                        time: Some(Clock::now().timestamp(Clock::monotonic_now_ns())),
+                        node_name: node_name.clone(),
+                        response_types: Some(ResponseTypes::LostEvents(lost)),
+                    })
+                    .await;
+                *last = now;
+            }
+        }
+        if last_round {
+            let sent = counters
+                .get(&(Counter::EventsSent as u32), 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum::<u64>());
+            return FinalCounts { sent, ring_lost: last_ring };
+        }
+    }
+}
+
+fn print_loop(
+    mut rx: mpsc::Receiver<GetFlowsResponse>,
+    format: Format,
+    cancel: &CancellationToken,
+) {
+    let stdout = std::io::stdout();
+    // The agent streams: node names on every line, rows as they come, no colour.
+    let options =
+        Options { format, time: TimeFormat::StampMilli, node: true, color: false, follow: true };
+    let mut printer = Printer::new(std::io::BufWriter::new(stdout.lock()), options);
+    while let Some(mut resp) = rx.blocking_recv() {
+        let mut result = printer.write(&mut resp);
+        // Flush when the queue is drained so a reader sees flows promptly.
+        if result.is_ok() && rx.is_empty() {
+            result = printer.flush();
+        }
+        if let Err(e) = result {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                tracing::error!(error = %e, "cannot write flows to stdout");
+            }
+            cancel.cancel();
+            return;
+        }
+    }
+    let _ = printer.flush();
+}

@@ -1,0 +1,68 @@
+//! `hopwatch collector`: receive flows from agents, keep their history, and serve Hubble's
+//! Observer API.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use hopwatch_collector::{CollectorError, StoreArgs, hub::Hub, serve};
+use hopwatch_proto::{signal::shutdown_signal, tls::ServerTlsArgs};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CollectorCommandError {
+    #[error(transparent)]
+    Collector(#[from] CollectorError),
+    #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub(super) struct CollectorArgs {
+    /// Address of the gRPC APIs (agents' ingest and Hubble's Observer for queries).
+    #[arg(long, default_value = "127.0.0.1:4245")]
+    pub listen: SocketAddr,
+    /// Directory of the on-disk flow history (created if missing; one collector per directory).
+    #[arg(long, default_value = "/var/lib/hopwatch", conflicts_with = "memory_only")]
+    pub data_dir: PathBuf,
+    /// Keep flows in memory only (no history, nothing written to disk).
+    #[arg(long)]
+    pub memory_only: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+}
+
+/// `hopwatch collector`.
+pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError> {
+    let shutdown = shutdown_signal().map_err(CollectorCommandError::Signals)?;
+    let tls = args.tls.server_config(args.listen).map_err(CollectorError::from)?;
+    let data_dir = (!args.memory_only).then(|| args.data_dir.clone());
+    let hub = Hub::start(&args.store.hub_config(data_dir.clone())).map_err(CollectorError::from)?;
+    let stop = CancellationToken::new();
+    let serving = serve(hub.clone(), args.listen, tls.clone(), stop.clone()).await?;
+    eprintln!(
+        "hopwatch collector: listening on {} ({}), history {}",
+        serving.addr,
+        if tls.is_none() {
+            "plaintext"
+        } else if args.tls.tls_client_ca.is_some() {
+            "mutual TLS"
+        } else {
+            "TLS"
+        },
+        data_dir.map_or_else(|| "in memory only".to_owned(), |d| d.display().to_string())
+    );
+    let mut task = serving.task;
+    tokio::select! {
+        () = shutdown => eprintln!("hopwatch collector: shutting down"),
+        r = &mut task => {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    hub.shutdown().await;
+    Ok(())
+}

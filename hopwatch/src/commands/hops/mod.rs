@@ -1,0 +1,401 @@
+//! `hopwatch hops`: a per-hop table (or paths) over recent flows.
+//!
+//! Flows come from a collector's Hubble-compatible `GetFlows` (with `since`; following with
+//! `--watch`), or from JSON flow lines (`hopwatch agent -o json`, `hopwatch observe -o json`, `hubble
+//! observe -o json`) from a file or standard input. They are aggregated here, client side, by the
+//! same [`hopwatch_hops`] code the agent's metrics use; the table and the paths are pure functions
+//! of the flows ([`summarize`]).
+//!
+//! `--watch` keeps a sliding window over a live stream (standard input, a growing file, or a
+//! following `GetFlows`) and redraws in place.
+
+mod render;
+mod source;
+
+use std::{
+    io::{BufRead, BufReader, IsTerminal as _, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use hopwatch_hops::{
+    Aggregator, HopConfig,
+    path::{Path, paths},
+    view::{self, HopRow, RowFilter, SortKey},
+    window::Window,
+};
+use hopwatch_proto::flow::Flow;
+use serde::Serialize;
+
+pub(super) use self::render::write_summary;
+use crate::metrics::wall_now_ns;
+
+/// Slots of the `--watch` window (its resolution is the window / this).
+const WATCH_SLOTS: u32 = 12;
+/// Flows waiting between the reader thread and the table.
+const READ_QUEUE: usize = 65_536;
+/// How often a followed file is checked for new lines.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum HopsFormat {
+    /// Aligned columns.
+    Table,
+    /// One JSON document (per refresh with --watch).
+    Json,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub(super) struct HopsArgs {
+    /// Collector address: host:port, http://host:port or https://host:port.
+    #[arg(long, env = "HOPWATCH_SERVER", default_value = "localhost:4245")]
+    pub server: String,
+    #[command(flatten)]
+    pub connection: crate::commands::observe::Connection,
+    /// Read flows from JSON flow lines (`hopwatch observe -o json`, `hubble observe -o json`)
+    /// in FILE instead of the server; `-` reads standard input.
+    #[arg(long, value_name = "FILE|-")]
+    pub input: Option<PathBuf>,
+    /// Flows since this long ago (e.g. `30s`, `5m`) or this time (RFC 3339); rates are per
+    /// second over that window.
+    #[arg(long, default_value = "5m", value_parser = parse_since)]
+    pub since: Since,
+    /// Hops with either end in this namespace (repeatable).
+    #[arg(short = 'n', long = "namespace", value_name = "NAMESPACE")]
+    pub namespaces: Vec<String>,
+    /// Hops with either end named `[namespace/]prefix...` (repeatable).
+    #[arg(long, value_name = "[NAMESPACE/]NAME")]
+    pub pod: Vec<String>,
+    /// Hops to this destination port (repeatable).
+    #[arg(long, value_name = "PORT")]
+    pub to_port: Vec<u16>,
+    /// Column to sort by (numbers largest first, names A→Z).
+    #[arg(long, value_enum, default_value_t = SortKey::P99)]
+    pub sort: SortKey,
+    /// Reverse the sort order.
+    #[arg(long)]
+    pub reverse: bool,
+    /// Show only the first N hops (or paths).
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+    /// Chain hops into paths (upstream → downstream) with each hop's share of the end-to-end
+    /// latency.
+    #[arg(long)]
+    pub path: bool,
+    /// Refresh in place every INTERVAL (default 2s) over a sliding window of --since.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub watch: Option<Duration>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = HopsFormat::Table)]
+    pub output: HopsFormat,
+}
+
+/// Start of the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Since {
+    Ago(Duration),
+    /// ns since the epoch.
+    At(u64),
+}
+
+impl Since {
+    fn start_ns(self, now_ns: u64) -> u64 {
+        match self {
+            Since::Ago(d) => now_ns.saturating_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            Since::At(t) => t,
+        }
+    }
+}
+
+fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(Since::Ago(d));
+    }
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| u64::try_from(d.as_nanos()).ok())
+        .map(Since::At)
+        .ok_or_else(|| format!("{s:?} is neither a duration (30s, 5m, 1h) nor an RFC 3339 time"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HopsError {
+    #[error("cannot read flows from {path}: {source}")]
+    Input {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Server(String),
+    #[error("--watch needs a window relative to now (`--since 5m`), not a fixed start time")]
+    WatchSince,
+    #[error("cannot write the table: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+/// What `hopwatch hops` shows for a set of flows.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Summary {
+    pub window_seconds: f64,
+    /// Flows counted into hops.
+    pub flows: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hops: Option<Vec<HopRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<Path>>,
+}
+
+/// How to present the rows.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Presentation {
+    pub filter: RowFilter,
+    pub sort: Option<(SortKey, bool)>,
+    pub top: Option<usize>,
+    pub path: bool,
+}
+
+/// Rows (or paths) of `rows`, filtered, sorted and cut as asked.
+#[must_use]
+pub(super) fn present(mut rows: Vec<HopRow>, window_s: f64, flows: u64, p: &Presentation) -> Summary {
+    if p.path {
+        let mut ps: Vec<Path> = paths(&rows)
+            .into_iter()
+            .filter(|path| path.steps.iter().any(|s| p.filter.matches(&s.hop)))
+            .collect();
+        if let Some(n) = p.top {
+            ps.truncate(n);
+        }
+        return Summary { window_seconds: window_s, flows, hops: None, paths: Some(ps) };
+    }
+    rows.retain(|r| p.filter.matches(r));
+    let (key, reverse) = p.sort.unwrap_or((SortKey::P99, false));
+    view::sort(&mut rows, key, reverse);
+    if let Some(n) = p.top {
+        rows.truncate(n);
+    }
+    Summary { window_seconds: window_s, flows, hops: Some(rows), paths: None }
+}
+
+/// The summary of `flows` between `start_ns` and `now_ns` (the one-shot table).
+#[must_use]
+pub(super) fn summarize(flows: &[Flow], start_ns: u64, now_ns: u64, p: &Presentation) -> Summary {
+    let cfg =
+        HopConfig { series_limit: usize::MAX, stale_after: Duration::MAX, ..HopConfig::default() };
+    let mut agg = Aggregator::new(cfg);
+    for f in flows {
+        let at = hopwatch_hops::aggregate::flow_time_ns(f, now_ns);
+        if at >= start_ns && at <= now_ns {
+            agg.observe(f, now_ns);
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "seconds for rates")]
+    let window_s = now_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let rows = view::rows(agg.table(), Some(&agg.context().ledger), window_s);
+    present(rows, window_s, agg.counted, p)
+}
+
+/// Runs `hopwatch hops`: exit 2 for bad flags, 1 when the flows cannot be read.
+pub(super) async fn main(args: HopsArgs) -> ExitCode {
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hopwatch hops: error: {}", crate::commands::error_chain(&e));
+            if matches!(e, HopsError::Usage(_) | HopsError::WatchSince) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+pub(super) async fn run(args: HopsArgs) -> Result<(), HopsError> {
+    let p = Presentation {
+        filter: RowFilter {
+            namespaces: args.namespaces.clone(),
+            pods: args.pod.clone(),
+            to_ports: args.to_port.iter().map(|p| u32::from(*p)).collect(),
+        },
+        sort: Some((args.sort, args.reverse)),
+        top: args.top,
+        path: args.path,
+    };
+    if args.watch.is_some() && matches!(args.since, Since::At(_)) {
+        return Err(HopsError::WatchSince);
+    }
+    let (tx, rx) = mpsc::sync_channel::<Flow>(READ_QUEUE);
+    let feeder = if let Some(input) = args.input.clone() {
+        feed_from_input(&input, args.watch.is_some(), tx)?
+    } else {
+        let stream = source::query(&args, args.since.start_ns(wall_now_ns())).await?;
+        tokio::spawn(source::pump(stream, args.server.clone(), tx))
+    };
+    let result = match args.watch {
+        None => tokio::task::spawn_blocking(move || one_shot(&rx, args.since, args.output, &p))
+            .await
+            .unwrap_or_else(|e| panic!("table task failed: {e}")),
+        Some(every) => {
+            tokio::task::spawn_blocking(move || watch(&rx, args.since, every, args.output, &p))
+                .await
+                .unwrap_or_else(|e| panic!("watch task failed: {e}"))
+        }
+    };
+    result?;
+    feeder.await.unwrap_or(Ok(()))
+}
+
+/// Starts reading JSON flow lines from `input` (`-`: standard input) into `tx`.
+fn feed_from_input(
+    input: &std::path::Path,
+    watch: bool,
+    tx: mpsc::SyncSender<Flow>,
+) -> Result<tokio::task::JoinHandle<Result<(), HopsError>>, HopsError> {
+    let name = input.display().to_string();
+    let stdin = name == "-";
+    let reader: Box<dyn BufRead + Send> = if stdin {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(input)
+            .map_err(|source| HopsError::Input { path: name.clone(), source })?;
+        Box::new(BufReader::new(file))
+    };
+    // A growing file is followed with --watch; standard input ends when its writer does.
+    let follow = watch && !stdin;
+    Ok(tokio::task::spawn_blocking(move || source::read_lines(reader, &name, follow, &tx)))
+}
+
+fn one_shot(
+    rx: &mpsc::Receiver<Flow>,
+    since: Since,
+    format: HopsFormat,
+    p: &Presentation,
+) -> Result<(), HopsError> {
+    let flows: Vec<Flow> = rx.iter().collect();
+    let now = wall_now_ns();
+    let summary = summarize(&flows, since.start_ns(now), now, p);
+    let mut out = std::io::stdout().lock();
+    write_summary(&mut out, &summary, format, None).map_err(HopsError::Output)
+}
+
+fn watch(
+    rx: &mpsc::Receiver<Flow>,
+    since: Since,
+    every: Duration,
+    format: HopsFormat,
+    p: &Presentation,
+) -> Result<(), HopsError> {
+    let Since::Ago(span) = since else { return Err(HopsError::WatchSince) };
+    let cfg = HopConfig { series_limit: 100_000, stale_after: span, ..HopConfig::default() };
+    let mut window = Window::new(span, WATCH_SLOTS, cfg);
+    let mut next = Instant::now() + every;
+    let tty = std::io::stdout().is_terminal();
+    let mut ended = false;
+    loop {
+        let wait = next.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(f) => {
+                window.observe(&f, wall_now_ns());
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // The stream ended: show the window as it stands, once more, and stop.
+            Err(mpsc::RecvTimeoutError::Disconnected) => ended = true,
+        }
+        next += every;
+        let now = wall_now_ns();
+        window.advance(now);
+        let table = window.view();
+        let rows = view::rows(&table, Some(&window.context().ledger), span.as_secs_f64());
+        let summary = present(rows, span.as_secs_f64(), window.counted, p);
+        let mut out = std::io::stdout().lock();
+        if tty && format == HopsFormat::Table {
+            // Home and clear: redraw in place.
+            write!(out, "\x1b[H\x1b[2J").map_err(HopsError::Output)?;
+        }
+        let title = format!(
+            "hopwatch hops: last {}, every {}",
+            humantime::format_duration(span),
+            humantime::format_duration(every)
+        );
+        write_summary(&mut out, &summary, format, Some(&title)).map_err(HopsError::Output)?;
+        out.flush().map_err(HopsError::Output)?;
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hopwatch_hops::testing::*;
+
+    use super::*;
+
+    #[test]
+    fn the_server_is_asked_for_every_flow_of_the_window_and_only_the_namespace_filter() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            hops: HopsArgs,
+        }
+        let args = |a: &[&str]| Cli::try_parse_from([&["t"], a].concat()).unwrap().hops;
+        let req = source::request(
+            &args(&["-n", "shop", "--pod", "api", "--to-port", "80"]),
+            5_000_000_000,
+        );
+        assert_eq!((req.number, req.follow), (u64::MAX, false));
+        assert_eq!(req.since.unwrap().seconds, 5);
+        assert_eq!(req.whitelist.len(), 2);
+        assert_eq!(req.whitelist[0].source_pod, ["shop/"]);
+        assert_eq!(req.whitelist[1].destination_pod, ["shop/"]);
+        assert!(req.whitelist.iter().all(|f| f.destination_port.is_empty()));
+        let req = source::request(&args(&["--watch"]), 0);
+        assert!(req.follow && req.whitelist.is_empty());
+    }
+
+    #[test]
+    fn since_takes_durations_and_times() {
+        assert_eq!(parse_since("5m"), Ok(Since::Ago(Duration::from_mins(5))));
+        assert_eq!(parse_since("1970-01-01T00:00:10Z"), Ok(Since::At(10_000_000_000)));
+        assert!(parse_since("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn the_one_shot_summary_keeps_the_window_and_ranks_the_slow_hop_first() {
+        let now = T0 + 60 * S;
+        let mut flows = Vec::new();
+        for i in 0..30 {
+            flows.push(l7(FRONT, APP_SVC, T0 + 30 * S + i * MS, 2 * MS, false, ""));
+            flows.push(l7(APP, DB, T0 + 30 * S + i * MS, 40 * MS, false, ""));
+        }
+        // Outside the window: ignored.
+        flows.push(l7(APP, ("redis", "10.0.0.9", 6379), T0, 900 * MS, false, ""));
+        let s = summarize(&flows, T0 + 10 * S, now, &Presentation::default());
+        let rows = s.hops.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].destination.name, "postgres");
+        assert!((s.window_seconds - 50.0).abs() < 1e-9);
+        assert!((rows[0].requests_per_second - 0.6).abs() < 1e-9);
+        let text = table(&rows);
+        assert!(text.lines().nth(1).unwrap().starts_with("app → postgres:5432"), "{text}");
+        assert!(text.contains("40.0ms"), "{text}");
+        let p = Presentation {
+            path: false,
+            filter: RowFilter { to_ports: vec![8000], ..RowFilter::default() },
+            ..Presentation::default()
+        };
+        assert_eq!(summarize(&flows, T0, now, &p).hops.unwrap().len(), 1);
+        let json =
+            serde_json::to_value(summarize(&flows, T0 + 10 * S, now, &Presentation::default()))
+                .unwrap();
+        assert_eq!(json["hops"][0]["client_latency"]["p50_ns"], 40 * MS);
+    }
+}

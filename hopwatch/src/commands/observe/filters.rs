@@ -1,0 +1,379 @@
+//! `hopwatch observe` filter flags → `GetFlowsRequest` whitelist/blacklist, the way
+//! `hubble observe` builds them:
+//!
+//! - `--from-X`/`--to-X` constrain the source/destination;
+//! - `--X` (ip, pod, namespace, label, service, port, fqdn) means either side: the request gets
+//!   two filters, one with the value as source and one as destination (OR);
+//! - every other flag applies to both of those filters (AND);
+//! - `--not` puts the filter flag that follows it into the blacklist instead;
+//! - a flag repeated is OR within its field; flags that select the same side in different ways
+//!   (e.g. `--pod` and `--from-ip`) cannot be combined.
+
+use clap::ArgMatches;
+use hopwatch_proto::flow::{EventTypeFilter, FlowFilter, TrafficDirection, Verdict};
+
+/// Filter flag ids, as clap knows them.
+pub(super) const FILTER_FLAGS: &[&str] = &[
+    "ip",
+    "from_ip",
+    "to_ip",
+    "namespace",
+    "from_namespace",
+    "to_namespace",
+    "pod",
+    "from_pod",
+    "to_pod",
+    "label",
+    "from_label",
+    "to_label",
+    "service",
+    "from_service",
+    "to_service",
+    "port",
+    "from_port",
+    "to_port",
+    "fqdn",
+    "from_fqdn",
+    "to_fqdn",
+    "protocol",
+    "verdict",
+    "type",
+    "http_status",
+    "http_method",
+    "http_path",
+    "dns_query",
+    "node_name",
+    "traffic_direction",
+    "uuid",
+    "ip_version",
+    "l7_protocol",
+    "min_latency",
+];
+
+const CONFLICTS: &[&[&str]] = &[
+    &["from_fqdn", "from_ip", "ip", "fqdn", "from_namespace", "namespace", "from_pod", "pod"],
+    &["to_fqdn", "to_ip", "ip", "fqdn", "to_namespace", "namespace", "to_pod", "pod"],
+    &["label", "from_label"],
+    &["label", "to_label"],
+    &["service", "from_service"],
+    &["service", "to_service"],
+    &["port", "from_port"],
+    &["port", "to_port"],
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(super) enum FlagError {
+    #[error("filters --{} and --{} cannot be combined", flag(.0), flag(.1))]
+    Conflict(&'static str, &'static str),
+    #[error("--not must be followed by a filter flag")]
+    DanglingNot,
+}
+
+fn flag(id: &str) -> String {
+    id.replace('_', "-")
+}
+
+/// One side of the request (whitelist or blacklist) being built.
+#[derive(Default)]
+struct Tracker {
+    left: FlowFilter,
+    right: FlowFilter,
+    either: bool,
+    used: Vec<&'static str>,
+}
+
+impl Tracker {
+    fn both(&mut self, f: impl Fn(&mut FlowFilter)) {
+        f(&mut self.left);
+        f(&mut self.right);
+    }
+
+    fn add(&mut self, id: &'static str, v: &str) -> Result<(), FlagError> {
+        for group in CONFLICTS.iter().filter(|g| g.contains(&id)) {
+            if let Some(other) = self.used.iter().find(|u| **u != id && group.contains(u)) {
+                return Err(FlagError::Conflict(other, id));
+            }
+        }
+        if !self.used.contains(&id) {
+            self.used.push(id);
+        }
+        let s = v.to_owned();
+        macro_rules! either {
+            ($src:ident, $dst:ident, $val:expr) => {{
+                self.either = true;
+                let val: String = $val;
+                self.left.$src.push(val.clone());
+                self.right.$dst.push(val);
+            }};
+        }
+        match id {
+            "ip" => either!(source_ip, destination_ip, s),
+            "from_ip" => self.both(|f| f.source_ip.push(s.clone())),
+            "to_ip" => self.both(|f| f.destination_ip.push(s.clone())),
+            "namespace" => either!(source_pod, destination_pod, format!("{v}/")),
+            "from_namespace" => self.both(|f| f.source_pod.push(format!("{v}/"))),
+            "to_namespace" => self.both(|f| f.destination_pod.push(format!("{v}/"))),
+            "pod" => either!(source_pod, destination_pod, namespaced(v)),
+            "from_pod" => self.both(|f| f.source_pod.push(namespaced(v))),
+            "to_pod" => self.both(|f| f.destination_pod.push(namespaced(v))),
+            "label" => either!(source_label, destination_label, s),
+            "from_label" => self.both(|f| f.source_label.push(s.clone())),
+            "to_label" => self.both(|f| f.destination_label.push(s.clone())),
+            "service" => either!(source_service, destination_service, namespaced(v)),
+            "from_service" => self.both(|f| f.source_service.push(namespaced(v))),
+            "to_service" => self.both(|f| f.destination_service.push(namespaced(v))),
+            "port" => either!(source_port, destination_port, s),
+            "from_port" => self.both(|f| f.source_port.push(s.clone())),
+            "to_port" => self.both(|f| f.destination_port.push(s.clone())),
+            "fqdn" => either!(source_fqdn, destination_fqdn, s),
+            "from_fqdn" => self.both(|f| f.source_fqdn.push(s.clone())),
+            "to_fqdn" => self.both(|f| f.destination_fqdn.push(s.clone())),
+            "protocol" => self.both(|f| f.protocol.push(s.clone())),
+            "verdict" => {
+                let verdict = parse_verdict(v).expect("validated by clap");
+                self.both(|f| f.verdict.push(verdict.into()));
+            }
+            "type" => {
+                let t = parse_type(v).expect("validated by clap");
+                self.both(|f| f.event_type.push(t));
+            }
+            "http_status" => self.both(|f| f.http_status_code.push(s.clone())),
+            "http_method" => self.both(|f| f.http_method.push(s.clone())),
+            "http_path" => self.both(|f| f.http_path.push(s.clone())),
+            "dns_query" => self.both(|f| f.dns_query.push(s.clone())),
+            "node_name" => self.both(|f| f.node_name.push(s.clone())),
+            "traffic_direction" => {
+                let d = parse_direction(v).expect("validated by clap");
+                self.both(|f| f.traffic_direction.push(d.into()));
+            }
+            "uuid" => self.both(|f| f.uuid.push(s.clone())),
+            "ip_version" => {
+                let ver = parse_ip_version(v).expect("validated by clap");
+                self.both(|f| f.ip_version.push(ver));
+            }
+            "l7_protocol" => self.both(|f| f.l7_protocol.push(s.to_ascii_lowercase())),
+            "min_latency" => {
+                let d = super::time::parse_latency(v).expect("validated by clap");
+                let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+                // Several --min-latency: the smallest is the least strict (OR).
+                self.both(|f| {
+                    f.min_latency_ns =
+                        if f.min_latency_ns == 0 { ns } else { f.min_latency_ns.min(ns) }
+                });
+            }
+            other => unreachable!("{other} is not a filter flag"),
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Vec<FlowFilter> {
+        if self.used.is_empty() {
+            Vec::new()
+        } else if self.either {
+            vec![self.left, self.right]
+        } else {
+            vec![self.left]
+        }
+    }
+}
+
+/// `name` → `default/name` (Kubernetes' default namespace), as `hubble observe` does.
+fn namespaced(v: &str) -> String {
+    if v.contains('/') { v.to_owned() } else { format!("default/{v}") }
+}
+
+/// A filter flag occurrence in command-line order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Occurrence {
+    pub index: usize,
+    pub id: &'static str,
+    pub value: String,
+}
+
+/// Filter flags and `--not`s from parsed arguments, in command-line order.
+pub(super) fn occurrences(m: &ArgMatches) -> (Vec<Occurrence>, Vec<usize>) {
+    let mut out = Vec::new();
+    for &id in FILTER_FLAGS {
+        if let (Some(values), Some(indices)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            for (value, index) in values.zip(indices) {
+                out.push(Occurrence { index, id, value: value.clone() });
+            }
+        }
+    }
+    out.sort_by_key(|o| o.index);
+    // A count flag has a default value (with an index of its own) when not given.
+    let given = m.value_source("not") == Some(clap::parser::ValueSource::CommandLine);
+    let nots = if given {
+        m.indices_of("not").map(Iterator::collect).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    (out, nots)
+}
+
+/// (whitelist, blacklist) for the request.
+pub(super) fn build(
+    flags: &[Occurrence],
+    nots: &[usize],
+) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), FlagError> {
+    let (mut white, mut black) = (Tracker::default(), Tracker::default());
+    let mut nots = nots.to_vec();
+    nots.sort_unstable();
+    let mut pending = nots.iter().peekable();
+    let mut negate = false;
+    for o in flags {
+        while pending.peek().is_some_and(|&&n| n < o.index) {
+            negate = true;
+            pending.next();
+        }
+        if negate {
+            black.add(o.id, &o.value)?;
+        } else {
+            white.add(o.id, &o.value)?;
+        }
+        negate = false;
+    }
+    if pending.next().is_some() {
+        return Err(FlagError::DanglingNot);
+    }
+    Ok((white.finish(), black.finish()))
+}
+
+// ---- value checks (clap value parsers: a bad value exits 2 naming the flag) ----
+
+pub(super) fn parse_verdict(v: &str) -> Result<Verdict, String> {
+    Verdict::from_str_name(&v.to_ascii_uppercase()).filter(|x| *x != Verdict::Unknown).ok_or_else(
+        || "expected FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED".to_owned(),
+    )
+}
+
+/// Cilium's monitor message types (`hubble observe -t`).
+const TYPES: &[(&str, i32)] = &[
+    ("drop", 1),
+    ("debug", 2),
+    ("capture", 3),
+    ("trace", 4),
+    ("policy-verdict", 5),
+    ("recorder", 6),
+    ("trace-sock", 7),
+    ("sock", 7),
+    ("l7", 129),
+    ("agent", 130),
+];
+
+pub(super) fn parse_type(v: &str) -> Result<EventTypeFilter, String> {
+    let (name, sub) = match v.split_once(':') {
+        Some((n, s)) => (n, Some(s)),
+        None => (v, None),
+    };
+    let lower = name.to_ascii_lowercase();
+    let t = TYPES
+        .iter()
+        .find(|(n, _)| *n == lower)
+        .map(|(_, t)| *t)
+        .or_else(|| name.parse().ok())
+        .ok_or_else(|| "expected drop, trace, l7, sock, policy-verdict, capture, debug, agent or a number (with an optional :subtype number)".to_owned())?;
+    let sub_type = match sub {
+        Some(s) => Some(s.parse::<i32>().map_err(|_| format!("subtype {s:?} is not a number"))?),
+        None => None,
+    };
+    Ok(EventTypeFilter {
+        r#type: t,
+        match_sub_type: sub_type.is_some(),
+        sub_type: sub_type.unwrap_or(0),
+    })
+}
+
+pub(super) fn parse_direction(v: &str) -> Result<TrafficDirection, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "ingress" => Ok(TrafficDirection::Ingress),
+        "egress" => Ok(TrafficDirection::Egress),
+        _ => Err("expected ingress or egress".into()),
+    }
+}
+
+pub(super) fn parse_ip_version(v: &str) -> Result<i32, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "4" | "v4" | "ipv4" => Ok(1),
+        "6" | "v6" | "ipv6" => Ok(2),
+        _ => Err("expected v4 or v6".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn occ(list: &[(&'static str, &str)]) -> Vec<Occurrence> {
+        list.iter()
+            .enumerate()
+            .map(|(i, (id, v))| Occurrence { index: i * 2 + 1, id, value: (*v).to_owned() })
+            .collect()
+    }
+
+    #[test]
+    fn either_flags_make_two_filters() {
+        let (white, black) =
+            build(&occ(&[("ip", "10.0.0.1"), ("verdict", "DROPPED")]), &[]).unwrap();
+        assert!(black.is_empty());
+        assert_eq!(white.len(), 2);
+        assert_eq!(white[0].source_ip, ["10.0.0.1"]);
+        assert!(white[0].destination_ip.is_empty());
+        assert_eq!(white[1].destination_ip, ["10.0.0.1"]);
+        assert_eq!(white[0].verdict, [2]);
+        assert_eq!(white[1].verdict, [2]);
+    }
+
+    #[test]
+    fn directional_flags_make_one_filter() {
+        let err =
+            build(&occ(&[("from_pod", "prod/web"), ("from_namespace", "x")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("--from-namespace"), "{err}");
+        let (white, _) =
+            build(&occ(&[("from_pod", "web"), ("to_port", "5432"), ("to_port", "6379")]), &[])
+                .unwrap();
+        assert_eq!(white.len(), 1);
+        assert_eq!(white[0].source_pod, ["default/web"]);
+        assert_eq!(white[0].destination_port, ["5432", "6379"]);
+    }
+
+    #[test]
+    fn not_negates_the_next_filter_only() {
+        // --to-port 80 --not --verdict FORWARDED --protocol tcp
+        let flags = vec![
+            Occurrence { index: 2, id: "to_port", value: "80".into() },
+            Occurrence { index: 5, id: "verdict", value: "FORWARDED".into() },
+            Occurrence { index: 7, id: "protocol", value: "tcp".into() },
+        ];
+        let (white, black) = build(&flags, &[3]).unwrap();
+        assert_eq!(white.len(), 1);
+        assert_eq!(white[0].destination_port, ["80"]);
+        assert_eq!(white[0].protocol, ["tcp"]);
+        assert!(white[0].verdict.is_empty());
+        assert_eq!(black.len(), 1);
+        assert_eq!(black[0].verdict, [1]);
+        assert_eq!(build(&flags, &[9]), Err(FlagError::DanglingNot));
+    }
+
+    #[test]
+    fn conflicting_flags_are_refused() {
+        let err = build(&occ(&[("ip", "1.1.1.1"), ("from_ip", "2.2.2.2")]), &[]).unwrap_err();
+        assert_eq!(err.to_string(), "filters --ip and --from-ip cannot be combined");
+        assert!(build(&occ(&[("port", "80"), ("to_port", "81")]), &[]).is_err());
+        assert!(build(&occ(&[("from_ip", "1.1.1.1"), ("to_pod", "db")]), &[]).is_ok());
+        assert!(build(&occ(&[("from_ip", "1.1.1.1"), ("from_ip", "1.1.1.2")]), &[]).is_ok());
+    }
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_verdict("dropped"), Ok(Verdict::Dropped));
+        assert!(parse_verdict("maybe").is_err());
+        assert_eq!(parse_type("drop").unwrap().r#type, 1);
+        assert_eq!(parse_type("l7").unwrap().r#type, 129);
+        let t = parse_type("trace:3").unwrap();
+        assert!(t.match_sub_type && t.sub_type == 3 && t.r#type == 4);
+        assert!(parse_type("nope").is_err());
+        assert_eq!(parse_direction("EGRESS"), Ok(TrafficDirection::Egress));
+        assert_eq!(parse_ip_version("v6"), Ok(2));
+    }
+}

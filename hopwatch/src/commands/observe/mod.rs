@@ -1,0 +1,349 @@
+//! `hopwatch observe`: query a collector's flows, with the flags of `hubble observe`.
+
+mod filters;
+
+pub(super) mod time;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::ArgMatches;
+use hopwatch_collector::filter::FilterSet;
+use hopwatch_proto::{
+    observer::{GetFlowsRequest, observer_client::ObserverClient},
+    tls::{ClientFlags, ClientTls, Target, explain},
+};
+
+use crate::print::{Color, Format, Options, Printer, time::TimeFormat};
+
+/// How to reach the collector: the TLS and connection flags `hopwatch observe` and `hopwatch
+/// hops --server` share.
+#[derive(Debug, Clone, clap::Args)]
+pub(super) struct Connection {
+    /// Use TLS to the server (implied by https://).
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate(s) that signed the server's certificate (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca_cert_files: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// Client private key for mutual TLS (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_key_file: Option<PathBuf>,
+    /// Name expected in the server's certificate [default: the server's host].
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// Allow plaintext to a server that is not on loopback.
+    #[arg(long)]
+    pub allow_plaintext: bool,
+    /// Give up connecting after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl Connection {
+    /// The collector at `server` (host:port or a URL) as these flags reach it. An error is the
+    /// user's to fix (a bad address, certificate files, plaintext off loopback): exit status 2.
+    pub(super) fn endpoint(&self, server: &str) -> Result<(Target, tonic::transport::Endpoint), String> {
+        let tls = ClientTls {
+            ca: self.tls_ca_cert_files.clone(),
+            cert: self.tls_client_cert_file.clone(),
+            key: self.tls_client_key_file.clone(),
+            server_name: self.tls_server_name.clone(),
+            flags: ClientFlags {
+                ca: "--tls-ca-cert-files",
+                cert: "--tls-client-cert-file",
+                key: "--tls-client-key-file",
+            },
+        };
+        let target = Target::parse(server, self.tls).map_err(|e| format!("--server: {e}"))?;
+        let endpoint = target
+            .endpoint(&tls, self.allow_plaintext)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.timeout);
+        Ok((target, endpoint))
+    }
+}
+
+/// Flows printed by a plain `hopwatch observe` (as `hubble observe`).
+const DEFAULT_LAST: u64 = 20;
+
+fn validated(
+    check: fn(&str) -> Result<(), String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |s| check(s).map(|()| s.to_owned())
+}
+
+fn check_with(
+    field: &'static str,
+    f: impl Fn(&mut hopwatch_proto::flow::FlowFilter, String),
+) -> impl Fn(&str) -> Result<String, String> + Clone {
+    let f = std::sync::Arc::new(f);
+    move |s: &str| {
+        let mut ff = hopwatch_proto::flow::FlowFilter::default();
+        f(&mut ff, s.to_owned());
+        FilterSet::new(&[ff], &[])
+            .map(|_| s.to_owned())
+            .map_err(|e| e.to_string().replace(&format!("invalid {field} filter {s:?}: "), ""))
+    }
+}
+
+macro_rules! field_check {
+    ($field:ident, $name:literal) => {
+        check_with($name, |f, v| f.$field.push(v))
+    };
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Filters: --X (ip, pod, namespace, label, service, port, fqdn) matches either \
+    side; --from-X/--to-X one side. Repeating a flag ORs its values; different flags AND. \
+    --not puts the next filter in the blacklist."
+)]
+pub(super) struct ObserveArgs {
+    /// Collector address: host:port, http://host:port or https://host:port.
+    #[arg(long, env = "HOPWATCH_SERVER", default_value = "localhost:4245")]
+    pub server: String,
+    #[command(flatten)]
+    pub connection: Connection,
+
+    /// The last N flows [default: 20 unless --follow, --since or --until is given].
+    #[arg(long, value_name = "N", conflicts_with_all = ["first", "all"])]
+    pub last: Option<u64>,
+    /// The first N flows.
+    #[arg(long, value_name = "N", conflicts_with_all = ["follow", "all"])]
+    pub first: Option<u64>,
+    /// Every stored flow.
+    #[arg(long)]
+    pub all: bool,
+    /// Keep printing flows as they arrive.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Flows since this time: a duration ago (5m, 1h30m) or RFC 3339.
+    #[arg(long, value_parser = time::parse_when)]
+    pub since: Option<prost_types::Timestamp>,
+    /// Flows until this time: a duration ago (5m) or RFC 3339.
+    #[arg(long, value_parser = time::parse_when)]
+    pub until: Option<prost_types::Timestamp>,
+
+    /// Flows from or to this Kubernetes namespace.
+    #[arg(short, long, value_name = "NS")]
+    pub namespace: Vec<String>,
+    #[arg(long, value_name = "NS")]
+    pub from_namespace: Vec<String>,
+    #[arg(long, value_name = "NS")]
+    pub to_namespace: Vec<String>,
+    /// Flows from or to pods with this name prefix ([namespace/]name; namespace "default" if
+    /// omitted).
+    #[arg(long, value_parser = field_check!(source_pod, "source_pod"))]
+    pub pod: Vec<String>,
+    #[arg(long, value_parser = field_check!(source_pod, "source_pod"))]
+    pub from_pod: Vec<String>,
+    #[arg(long, value_parser = field_check!(destination_pod, "destination_pod"))]
+    pub to_pod: Vec<String>,
+    /// Flows from or to this address or CIDR.
+    #[arg(long, value_parser = field_check!(source_ip, "source_ip"))]
+    pub ip: Vec<String>,
+    #[arg(long, value_parser = field_check!(source_ip, "source_ip"))]
+    pub from_ip: Vec<String>,
+    #[arg(long, value_parser = field_check!(destination_ip, "destination_ip"))]
+    pub to_ip: Vec<String>,
+    /// Flows from or to endpoints matching this label selector (app=web,tier!=db).
+    #[arg(short, long, value_parser = field_check!(source_label, "source_label"))]
+    pub label: Vec<String>,
+    #[arg(long, value_parser = field_check!(source_label, "source_label"))]
+    pub from_label: Vec<String>,
+    #[arg(long, value_parser = field_check!(destination_label, "destination_label"))]
+    pub to_label: Vec<String>,
+    /// Flows from or to this service ([namespace/]name).
+    #[arg(long, value_parser = field_check!(source_service, "source_service"))]
+    pub service: Vec<String>,
+    #[arg(long, value_parser = field_check!(source_service, "source_service"))]
+    pub from_service: Vec<String>,
+    #[arg(long, value_parser = field_check!(destination_service, "destination_service"))]
+    pub to_service: Vec<String>,
+    /// Flows from or to this L4 port.
+    #[arg(long, value_parser = field_check!(source_port, "source_port"))]
+    pub port: Vec<String>,
+    #[arg(long, value_parser = field_check!(source_port, "source_port"))]
+    pub from_port: Vec<String>,
+    #[arg(long, value_parser = field_check!(destination_port, "destination_port"))]
+    pub to_port: Vec<String>,
+    /// Flows from or to this DNS name ("*" within one label).
+    #[arg(long, value_parser = field_check!(source_fqdn, "source_fqdn"))]
+    pub fqdn: Vec<String>,
+    #[arg(long, value_parser = field_check!(source_fqdn, "source_fqdn"))]
+    pub from_fqdn: Vec<String>,
+    #[arg(long, value_parser = field_check!(destination_fqdn, "destination_fqdn"))]
+    pub to_fqdn: Vec<String>,
+    /// L4 or L7 protocol: tcp, udp, icmp, http, dns, postgres, redis, mysql, ...
+    #[arg(long, value_parser = field_check!(protocol, "protocol"))]
+    pub protocol: Vec<String>,
+    /// FORWARDED, DROPPED, ERROR, ...
+    #[arg(long, value_parser = validated(|s| filters::parse_verdict(s).map(|_| ())))]
+    pub verdict: Vec<String>,
+    /// Event type: drop, trace, l7, sock, ... (optionally type:subtype).
+    #[arg(short = 't', long = "type", value_parser = validated(|s| filters::parse_type(s).map(|_| ())))]
+    pub r#type: Vec<String>,
+    /// HTTP status code or prefix (404, 5+).
+    #[arg(long, value_parser = field_check!(http_status_code, "http_status_code"))]
+    pub http_status: Vec<String>,
+    /// HTTP method (GET, POST, ...).
+    #[arg(long)]
+    pub http_method: Vec<String>,
+    /// Regular expression over the HTTP path.
+    #[arg(long, value_parser = field_check!(http_path, "http_path"))]
+    pub http_path: Vec<String>,
+    /// Regular expression over the DNS query name.
+    #[arg(long, value_parser = field_check!(dns_query, "dns_query"))]
+    pub dns_query: Vec<String>,
+    /// Node name pattern ("node-*").
+    #[arg(long, value_parser = field_check!(node_name, "node_name"))]
+    pub node_name: Vec<String>,
+    /// ingress or egress.
+    #[arg(long, value_parser = validated(|s| filters::parse_direction(s).map(|_| ())))]
+    pub traffic_direction: Vec<String>,
+    /// Flow id.
+    #[arg(long)]
+    pub uuid: Vec<String>,
+    /// v4 or v6.
+    #[arg(long, value_parser = validated(|s| filters::parse_ip_version(s).map(|_| ())))]
+    pub ip_version: Vec<String>,
+    /// Application protocol of L7 flows: http, dns, postgres, redis, mysql (hopwatch).
+    #[arg(long, value_parser = field_check!(l7_protocol, "l7_protocol"))]
+    pub l7_protocol: Vec<String>,
+    /// Only flows that took at least this long (L7 request to response, TCP connect), e.g.
+    /// 50ms (hopwatch).
+    #[arg(long, value_parser = validated(|s| time::parse_latency(s).map(|_| ())))]
+    pub min_latency: Vec<String>,
+    /// Put the next filter flag in the blacklist (e.g. --not --verdict FORWARDED).
+    #[arg(long, action = clap::ArgAction::Count)]
+    pub not: u8,
+
+    /// Output format.
+    #[arg(short, long, default_value = "compact", value_parser = query_format)]
+    pub output: Format,
+    /// Print the node each flow was observed on.
+    #[arg(long)]
+    pub print_node_name: bool,
+    /// Timestamp layout (UTC).
+    #[arg(long, value_enum, default_value_t = TimeFormat::StampMilli)]
+    pub time_format: TimeFormat,
+    /// Colorize compact, dict and table output.
+    #[arg(long, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ObserveError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs `hopwatch observe`; exit 2 for bad flags, 1 when the server cannot be used.
+pub(super) async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
+    match observe(args, matches).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ObserveError::Usage(msg)) => {
+            eprintln!("hopwatch observe: error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(ObserveError::Failed(msg)) => {
+            eprintln!("hopwatch observe: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The request the flags describe.
+fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, ObserveError> {
+    let (occ, nots) = filters::occurrences(matches);
+    let (whitelist, blacklist) =
+        filters::build(&occ, &nots).map_err(|e| ObserveError::Usage(e.to_string()))?;
+    let (number, first) = match (args.all, args.first, args.last) {
+        (true, _, _) => (u64::MAX, false),
+        (false, Some(n), _) => (n, true),
+        (false, None, Some(n)) => (n, false),
+        (false, None, None) if args.follow || args.since.is_some() || args.until.is_some() => {
+            (0, false)
+        }
+        (false, None, None) => (DEFAULT_LAST, false),
+    };
+    Ok(GetFlowsRequest {
+        number,
+        first,
+        follow: args.follow,
+        whitelist,
+        blacklist,
+        since: args.since,
+        until: args.until,
+    })
+}
+
+async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveError> {
+    let req = request(&args, matches)?;
+    let (target, endpoint) = args.connection.endpoint(&args.server).map_err(ObserveError::Usage)?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        ObserveError::Failed(format!("cannot connect to {}: {}", target.uri, explain(&e)))
+    })?;
+    let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
+    let mut stream =
+        client.get_flows(req).await.map_err(|s| status_error(&target.uri, &s))?.into_inner();
+    let options = Options {
+        format: args.output,
+        time: args.time_format,
+        node: args.print_node_name,
+        color: args.color.enabled(),
+        follow: args.follow,
+    };
+    let stdout = std::io::stdout();
+    let mut printer = Printer::new(std::io::BufWriter::new(stdout.lock()), options);
+    loop {
+        match stream.message().await {
+            Ok(Some(mut resp)) => {
+                let mut r = printer.write(&mut resp);
+                if r.is_ok() && args.follow {
+                    r = printer.flush();
+                }
+                if let Err(e) = r {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(ObserveError::Failed(format!("cannot write to stdout: {e}")));
+                }
+            }
+            Ok(None) => break,
+            Err(s) => {
+                let _ = printer.flush();
+                return Err(status_error(&target.uri, &s));
+            }
+        }
+    }
+    match printer.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(ObserveError::Failed(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `-o`: every printer format except `none`, which only the agent has.
+fn query_format(s: &str) -> Result<Format, String> {
+    match <Format as clap::ValueEnum>::from_str(s, true) {
+        Ok(Format::None) | Err(_) => Err(format!(
+            "{s:?} is not one of compact, dict, table, json, jsonpb"
+        )),
+        Ok(f) => Ok(f),
+    }
+}
+
+fn status_error(uri: &str, s: &tonic::Status) -> ObserveError {
+    if s.code() == tonic::Code::InvalidArgument {
+        ObserveError::Usage(format!("the server rejected the request: {}", s.message()))
+    } else {
+        ObserveError::Failed(format!("{uri}: {}", explain(s)))
+    }
+}

@@ -1,0 +1,287 @@
+//! The connection table: socket cookie → what we know about a TCP connection (addresses, network
+//! namespace, owning process, role), bounded in size.
+//!
+//! It lets later events name both ends: a periodic update carries no network namespace, a drop
+//! carries no process, and a connection between two namespaces on this node shows up as two
+//! sockets whose processes each flow can name.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hopwatch_common::{ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple};
+use rustc_hash::FxHashMap;
+
+use crate::events::{addrs, comm};
+
+/// Which end of the connection the traced socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Called `connect()`.
+    Client,
+    /// Accepted from a listening socket.
+    Server,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+/// A tracked connection, seen from its local socket.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub cookie: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub netns: u32,
+    pub role: Role,
+    pub process: Option<Process>,
+    /// Monotonic ns of the last event for this connection.
+    pub last_seen_ns: u64,
+}
+
+impl Conn {
+    /// Builds the connection an event describes. `None` if its addresses are unusable.
+    #[must_use]
+    pub fn from_event(ev: &TcpEvent) -> Option<Self> {
+        let (l, r) = addrs(&ev.tuple)?;
+        let role = match ev.role {
+            ROLE_CLIENT => Role::Client,
+            ROLE_SERVER => Role::Server,
+            // Started before hopwatch: guess from the ports. Servers listen on the lower port;
+            // clients get an ephemeral one.
+            _ if ev.tuple.sport < ev.tuple.dport => Role::Server,
+            _ => Role::Client,
+        };
+        let process = (ev.header.tgid != 0).then(|| Process {
+            pid: ev.header.tgid,
+            comm: comm(&ev.comm),
+            cgroup_id: ev.header.cgroup_id,
+        });
+        Some(Self {
+            cookie: ev.header.socket_cookie,
+            local: SocketAddr::new(l, ev.tuple.sport),
+            remote: SocketAddr::new(r, ev.tuple.dport),
+            netns: ev.tuple.netns,
+            role,
+            process,
+            last_seen_ns: ev.header.timestamp_ns,
+        })
+    }
+}
+
+/// A bounded cookie → [`Conn`] table with an address index.
+pub(crate) struct ConnTable {
+    // Keyed by kernel socket cookies and addresses the kernel reported: a fast non-keyed hash.
+    conns: FxHashMap<u64, Conn>,
+    /// (local, remote) → cookies; more than one when namespaces reuse addresses (loopback).
+    by_addr: FxHashMap<(SocketAddr, SocketAddr), Vec<u64>>,
+    capacity: usize,
+    /// Connections not tracked because the table was full.
+    pub overflow: u64,
+}
+
+impl ConnTable {
+    #[must_use]
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { conns: FxHashMap::default(), by_addr: FxHashMap::default(), capacity, overflow: 0 }
+    }
+
+    #[cfg(test)]
+    pub fn tracked(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub(crate) fn get(&self, cookie: u64) -> Option<&Conn> {
+        self.conns.get(&cookie)
+    }
+
+    /// Records the process doing I/O on a tracked connection as its owner (without allocating
+    /// when it already is).
+    pub(crate) fn note_process(&mut self, cookie: u64, pid: u32, raw_comm: &[u8; 16], cgroup_id: u64) {
+        let Some(conn) = self.conns.get_mut(&cookie) else { return };
+        let same = conn.process.as_ref().is_some_and(|p| {
+            p.pid == pid && p.cgroup_id == cgroup_id && p.comm.as_bytes() == trim_nul(raw_comm)
+        });
+        if !same {
+            conn.process = Some(Process { pid, comm: comm(raw_comm), cgroup_id });
+        }
+    }
+
+    /// Applies a TCP event; returns the connection as known after the event (for `Closed` and
+    /// `ConnectFailed`, the entry just removed).
+    pub(crate) fn apply(&mut self, ev: &TcpEvent) -> Option<Conn> {
+        let cookie = ev.header.socket_cookie;
+        match TcpOp::from_u8(ev.op)? {
+            TcpOp::Connected | TcpOp::Accepted => {
+                let conn = Conn::from_event(ev)?;
+                self.insert(conn.clone());
+                Some(conn)
+            }
+            TcpOp::Update => {
+                if let Some(c) = self.conns.get_mut(&cookie) {
+                    c.last_seen_ns = ev.header.timestamp_ns;
+                    return Some(c.clone());
+                }
+                // First sight of a connection older than the table entry (or evicted): track it
+                // from what the update carries.
+                let conn = Conn::from_event(ev)?;
+                self.insert(conn.clone());
+                Some(conn)
+            }
+            TcpOp::Closed | TcpOp::ConnectFailed => {
+                self.remove(cookie).or_else(|| Conn::from_event(ev))
+            }
+        }
+    }
+
+    fn insert(&mut self, conn: Conn) {
+        if !self.conns.contains_key(&conn.cookie) && self.conns.len() >= self.capacity {
+            self.overflow += 1;
+            return;
+        }
+        let key = (conn.local, conn.remote);
+        let cookies = self.by_addr.entry(key).or_default();
+        if !cookies.contains(&conn.cookie) {
+            cookies.push(conn.cookie);
+        }
+        self.conns.insert(conn.cookie, conn);
+    }
+
+    fn remove(&mut self, cookie: u64) -> Option<Conn> {
+        let conn = self.conns.remove(&cookie)?;
+        let key = (conn.local, conn.remote);
+        if let Some(cookies) = self.by_addr.get_mut(&key) {
+            cookies.retain(|c| *c != cookie);
+            if cookies.is_empty() {
+                self.by_addr.remove(&key);
+            }
+        }
+        Some(conn)
+    }
+
+    /// The socket at the other end of `conn`, when it is also on this node.
+    #[must_use]
+    pub(crate) fn peer(&self, conn: &Conn) -> Option<&Conn> {
+        self.find(conn.remote, conn.local, conn.netns).filter(|p| p.cookie != conn.cookie)
+    }
+
+    /// A local socket whose local end is `local` and remote end `remote`. Loopback addresses are
+    /// only matched within `netns` (every namespace has its own 127.0.0.1).
+    #[must_use]
+    pub(crate) fn find(&self, local: SocketAddr, remote: SocketAddr, netns: u32) -> Option<&Conn> {
+        let cookies = self.by_addr.get(&(local, remote))?;
+        let loopback = is_loopback(local.ip());
+        cookies
+            .iter()
+            .filter_map(|c| self.conns.get(c))
+            .find(|c| !loopback || netns == 0 || c.netns == netns)
+    }
+
+    /// Drops connections not seen since `before_ns` (monotonic); returns how many.
+    pub(crate) fn sweep(&mut self, before_ns: u64) -> usize {
+        let stale: Vec<u64> =
+            self.conns.values().filter(|c| c.last_seen_ns < before_ns).map(|c| c.cookie).collect();
+        for cookie in &stale {
+            self.remove(*cookie);
+        }
+        stale.len()
+    }
+}
+
+fn trim_nul(raw: &[u8; 16]) -> &[u8] {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    &raw[..end]
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+/// A tuple's endpoints as socket addresses (source, destination).
+#[must_use]
+pub(crate) fn endpoints(t: &Tuple) -> Option<(SocketAddr, SocketAddr)> {
+    let (s, d) = addrs(t)?;
+    Some((SocketAddr::new(s, t.sport), SocketAddr::new(d, t.dport)))
+}
+
+#[cfg(test)]
+mod tests {
+    use hopwatch_common::{AF_INET, EventKind};
+
+    use super::*;
+
+    fn event(
+        op: TcpOp,
+        cookie: u64,
+        role: u8,
+        local: ([u8; 4], u16),
+        remote: ([u8; 4], u16),
+    ) -> TcpEvent {
+        let mut ev = TcpEvent::default();
+        ev.header.kind = EventKind::Tcp as u32;
+        ev.header.socket_cookie = cookie;
+        ev.header.tgid = 100 + u32::try_from(cookie).unwrap();
+        ev.comm[..4].copy_from_slice(b"proc");
+        ev.op = op as u8;
+        ev.role = role;
+        ev.tuple.family = AF_INET;
+        ev.tuple.saddr[..4].copy_from_slice(&local.0);
+        ev.tuple.sport = local.1;
+        ev.tuple.daddr[..4].copy_from_slice(&remote.0);
+        ev.tuple.dport = remote.1;
+        ev.tuple.netns = 7;
+        ev
+    }
+
+    const A: [u8; 4] = [10, 0, 0, 1];
+    const B: [u8; 4] = [10, 0, 0, 2];
+
+    #[test]
+    fn pairs_the_two_ends_of_a_local_connection() {
+        let mut t = ConnTable::new(10);
+        let client =
+            t.apply(&event(TcpOp::Connected, 1, ROLE_CLIENT, (A, 40000), (B, 80))).unwrap();
+        let server = t.apply(&event(TcpOp::Accepted, 2, ROLE_SERVER, (B, 80), (A, 40000))).unwrap();
+        assert_eq!(t.peer(&client).unwrap().cookie, 2);
+        assert_eq!(t.peer(&server).unwrap().process.as_ref().unwrap().pid, 101);
+        let closed = t.apply(&event(TcpOp::Closed, 1, ROLE_CLIENT, (A, 40000), (B, 80))).unwrap();
+        assert_eq!(closed.role, Role::Client);
+        assert_eq!(t.tracked(), 1);
+        assert!(t.peer(&server).is_none());
+    }
+
+    #[test]
+    fn is_bounded_and_counts_what_it_cannot_keep() {
+        let mut t = ConnTable::new(2);
+        for cookie in 1..=5 {
+            t.apply(&event(
+                TcpOp::Connected,
+                cookie,
+                ROLE_CLIENT,
+                (A, 40000 + u16::try_from(cookie).unwrap()),
+                (B, 80),
+            ));
+        }
+        assert_eq!(t.tracked(), 2);
+        assert_eq!(t.overflow, 3);
+    }
+
+    #[test]
+    fn guesses_the_role_of_preexisting_connections_from_ports() {
+        let ev = event(TcpOp::Closed, 9, 0, (A, 5432), (B, 51000));
+        assert_eq!(Conn::from_event(&ev).unwrap().role, Role::Server);
+    }
+
+    #[test]
+    fn sweeps_idle_connections() {
+        let mut t = ConnTable::new(10);
+        let mut ev = event(TcpOp::Connected, 1, ROLE_CLIENT, (A, 40000), (B, 80));
+        ev.header.timestamp_ns = 5;
+        t.apply(&ev);
+        assert_eq!(t.sweep(4), 0);
+        assert_eq!(t.sweep(6), 1);
+        assert_eq!(t.tracked(), 0);
+    }
+}

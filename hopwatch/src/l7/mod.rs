@@ -1,0 +1,320 @@
+//! Application-layer tracking: kernel data events → per-connection sessions → completed
+//! exchanges, measured on each socket that sees them (client side and, when the server runs on
+//! this node, server side), paired across the two ends of a hop.
+
+pub(crate) mod session;
+pub(crate) mod stream;
+
+use std::collections::VecDeque;
+
+use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, Tuple};
+use rustc_hash::FxHashMap;
+
+use self::session::{Exchange, MessageParser, Session};
+
+/// Connections with live L7 sessions; beyond this new ones are counted, not tracked.
+pub(crate) const MAX_SESSIONS: usize = 65_536;
+/// Completed exchanges remembered for pairing with the other end of the hop.
+const RECENT_EXCHANGES: usize = 65_536;
+const DNS_PORT: u16 = 53;
+
+/// A completed (or timed-out) exchange, ready to become a flow.
+#[derive(Debug, Clone)]
+pub(crate) struct Completed<Req, Resp> {
+    pub cookie: u64,
+    pub exchange: Exchange<Req, Resp>,
+    /// This socket is the server end (it received the request).
+    pub server_side: bool,
+    /// The plaintext came from TLS uprobes.
+    pub tls: bool,
+    /// Latency of the same exchange measured at the other end of the hop, when seen.
+    pub peer_latency_ns: Option<u64>,
+    /// Addresses as the kernel saw them on the response (or request) syscall.
+    pub tuple: Tuple,
+    /// Process that made the response syscall (or the request one, for a timeout).
+    pub pid: u32,
+    pub comm: [u8; 16],
+    pub cgroup_id: u64,
+}
+
+/// What the tracker could not keep or parse, for the agent's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct TrackerStats {
+    pub sessions_overflow: u64,
+    pub unparsed_connections: u64,
+}
+
+struct Tracked<P: MessageParser> {
+    session: Session<P>,
+    server_side: bool,
+    tls: bool,
+    last_tuple: Tuple,
+    last_pid: u32,
+    last_comm: [u8; 16],
+    last_cgroup: u64,
+}
+
+/// Builds a parser for a new connection from its first data event (the kernel's protocol guess,
+/// the transport) and the server port; `None` when the protocol is not parsed.
+pub(crate) type ParserFactory<P> = Box<dyn Fn(&DataEvent, u16) -> Option<P> + Send>;
+
+pub(crate) struct L7Tracker<P: MessageParser> {
+    // Keys are kernel socket cookies (not attacker-chosen): a fast non-keyed hash is fine.
+    sessions: FxHashMap<u64, Tracked<P>>,
+    recent: FxHashMap<(u64, u64), u64>,
+    recent_order: VecDeque<(u64, u64)>,
+    make: ParserFactory<P>,
+    pub stats: TrackerStats,
+}
+
+impl<P: MessageParser> L7Tracker<P> {
+    pub(crate) fn new(make: ParserFactory<P>) -> Self {
+        Self {
+            sessions: FxHashMap::default(),
+            recent: FxHashMap::default(),
+            recent_order: VecDeque::new(),
+            make,
+            stats: TrackerStats::default(),
+        }
+    }
+    #[cfg(test)]
+
+    pub(crate) fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    #[cfg(test)]
+    /// Feeds one data event. `server_side` is the socket's role when the connection table knows
+    /// it; `peer` is the cookie of the socket at the other end, when it is on this node.
+    pub(crate) fn on_data(
+        &mut self,
+        ev: &DataEvent,
+        payload: &[u8],
+        server_side: Option<bool>,
+        peer: Option<u64>,
+    ) -> Vec<Completed<P::Req, P::Resp>> {
+        self.on_data_with(ev, payload, server_side, || peer)
+    }
+
+    /// [`L7Tracker::on_data`] with the peer's cookie looked up only when an exchange completes
+    /// (most data events complete none, and the lookup hashes two socket addresses).
+    pub(crate) fn on_data_with(
+        &mut self,
+        ev: &DataEvent,
+        payload: &[u8],
+        server_side: Option<bool>,
+        peer: impl FnOnce() -> Option<u64>,
+    ) -> Vec<Completed<P::Req, P::Resp>> {
+        let cookie = ev.header.socket_cookie;
+        if !self.sessions.contains_key(&cookie) {
+            let server_side = server_side.unwrap_or_else(|| guess_server_side(ev));
+            let server_port = if server_side { ev.tuple.sport } else { ev.tuple.dport };
+            let Some(parser) = (self.make)(ev, server_port) else {
+                self.stats.unparsed_connections += 1;
+                return Vec::new();
+            };
+            if self.sessions.len() >= MAX_SESSIONS {
+                self.stats.sessions_overflow += 1;
+                return Vec::new();
+            }
+            self.sessions.insert(
+                cookie,
+                Tracked {
+                    session: Session::new(parser),
+                    server_side,
+                    tls: false,
+                    last_tuple: ev.tuple,
+                    last_pid: 0,
+                    last_comm: [0; 16],
+                    last_cgroup: 0,
+                },
+            );
+        }
+        let t = self.sessions.get_mut(&cookie).expect("inserted above");
+        t.tls |= ev.source == SRC_TLS;
+        if ev.tuple.family != 0 {
+            t.last_tuple = ev.tuple;
+        }
+        t.last_pid = ev.header.tgid;
+        t.last_comm = ev.comm;
+        t.last_cgroup = ev.header.cgroup_id;
+        let is_request = match ev.direction {
+            DIR_EGRESS => !t.server_side,
+            DIR_INGRESS => t.server_side,
+            _ => return Vec::new(),
+        };
+        let ts = ev.header.timestamp_ns;
+        let total = u64::from(ev.len);
+        if is_request {
+            t.session.on_request_data(payload, total, ts);
+            return Vec::new();
+        }
+        let done = t.session.on_response_data(payload, total, ts);
+        if done.is_empty() {
+            return Vec::new();
+        }
+        let peer = peer();
+        let (server_side, tls) = (t.server_side, t.tls);
+        let (tuple, pid, comm, cgroup_id) = (t.last_tuple, t.last_pid, t.last_comm, t.last_cgroup);
+        done.into_iter()
+            .map(|exchange| {
+                let peer_latency_ns = self.pair(cookie, peer, &exchange);
+                Completed {
+                    cookie,
+                    exchange,
+                    server_side,
+                    tls,
+                    peer_latency_ns,
+                    tuple,
+                    pid,
+                    comm,
+                    cgroup_id,
+                }
+            })
+            .collect()
+    }
+
+    /// Remembers this exchange's latency and returns the other end's, if already seen.
+    fn pair(
+        &mut self,
+        cookie: u64,
+        peer: Option<u64>,
+        x: &Exchange<P::Req, P::Resp>,
+    ) -> Option<u64> {
+        if self.recent_order.len() >= RECENT_EXCHANGES
+            && let Some(old) = self.recent_order.pop_front()
+        {
+            self.recent.remove(&old);
+        }
+        self.recent.insert((cookie, x.index), x.latency_ns());
+        self.recent_order.push_back((cookie, x.index));
+        peer.and_then(|p| self.recent.get(&(p, x.index)).copied())
+    }
+
+    /// Reports requests unanswered since before `deadline_ns` on every connection.
+    pub(crate) fn expire(&mut self, deadline_ns: u64) -> Vec<Completed<P::Req, P::Resp>> {
+        let mut out = Vec::new();
+        for (&cookie, t) in &mut self.sessions {
+            for exchange in t.session.expire(deadline_ns) {
+                out.push(Completed {
+                    cookie,
+                    exchange,
+                    server_side: t.server_side,
+                    tls: t.tls,
+                    peer_latency_ns: None,
+                    tuple: t.last_tuple,
+                    pid: t.last_pid,
+                    comm: t.last_comm,
+                    cgroup_id: t.last_cgroup,
+                });
+            }
+        }
+        out
+    }
+
+    /// The connection closed: its unanswered requests will never be answered.
+    pub(crate) fn close(&mut self, cookie: u64) -> Vec<Completed<P::Req, P::Resp>> {
+        let Some(mut t) = self.sessions.remove(&cookie) else { return Vec::new() };
+        t.session
+            .expire(u64::MAX)
+            .into_iter()
+            .map(|exchange| Completed {
+                cookie,
+                exchange,
+                server_side: t.server_side,
+                tls: t.tls,
+                peer_latency_ns: None,
+                tuple: t.last_tuple,
+                pid: t.last_pid,
+                comm: t.last_comm,
+                cgroup_id: t.last_cgroup,
+            })
+            .collect()
+    }
+}
+
+/// Role of a socket the connection table does not know: DNS by port, otherwise the end with the
+/// lower port is taken as the server (clients use ephemeral ports).
+fn guess_server_side(ev: &DataEvent) -> bool {
+    if ev.tuple.protocol == IPPROTO_UDP {
+        return ev.tuple.sport == DNS_PORT;
+    }
+    ev.tuple.sport != 0 && ev.tuple.sport < ev.tuple.dport
+}
+
+#[cfg(test)]
+mod tests {
+    use hopwatch_common::{EventKind, PROTO_HTTP};
+    use hopwatch_protocols::{Frame, ParseError};
+
+    use super::*;
+    use crate::l7::stream::tests::toy;
+
+    struct Toy;
+    impl MessageParser for Toy {
+        type Req = String;
+        type Resp = String;
+        fn request(&mut self, buf: &[u8]) -> Result<Frame<String>, ParseError> {
+            toy(buf)
+        }
+        fn response(
+            &mut self,
+            buf: &[u8],
+            _: Option<&String>,
+        ) -> Result<Frame<String>, ParseError> {
+            toy(buf)
+        }
+    }
+
+    fn ev(cookie: u64, dir: u8, ts: u64, sport: u16, dport: u16) -> DataEvent {
+        let mut e = DataEvent::default();
+        e.header.kind = EventKind::Data as u32;
+        e.header.socket_cookie = cookie;
+        e.header.timestamp_ns = ts;
+        e.direction = dir;
+        e.len = 3;
+        e.protocol = PROTO_HTTP;
+        e.tuple.sport = sport;
+        e.tuple.dport = dport;
+        e
+    }
+
+    fn tracker() -> L7Tracker<Toy> {
+        L7Tracker::new(Box::new(|ev: &DataEvent, _| (ev.protocol == PROTO_HTTP).then_some(Toy)))
+    }
+
+    #[test]
+    fn both_ends_of_a_hop_are_measured_and_paired() {
+        let mut t = tracker();
+        // Client socket 1 (port 40000) → server socket 2 (port 80), both on this node.
+        assert!(
+            t.on_data(&ev(1, DIR_EGRESS, 100, 40000, 80), b"1:q", Some(false), Some(2)).is_empty()
+        );
+        assert!(
+            t.on_data(&ev(2, DIR_INGRESS, 110, 80, 40000), b"1:q", Some(true), Some(1)).is_empty()
+        );
+        let server = t.on_data(&ev(2, DIR_EGRESS, 150, 80, 40000), b"1:r", Some(true), Some(1));
+        assert_eq!(server.len(), 1);
+        assert!(server[0].server_side);
+        assert_eq!(server[0].exchange.latency_ns(), 40);
+        assert_eq!(server[0].peer_latency_ns, None, "the client has not seen the response yet");
+        let client = t.on_data(&ev(1, DIR_INGRESS, 160, 40000, 80), b"1:r", Some(false), Some(2));
+        assert_eq!(client[0].exchange.latency_ns(), 60);
+        assert_eq!(client[0].peer_latency_ns, Some(40), "network + queueing share is 20 ns");
+    }
+
+    #[test]
+    fn unknown_protocols_and_unanswered_requests_are_counted_and_reported() {
+        let mut t = tracker();
+        let mut other = ev(3, DIR_EGRESS, 1, 40001, 5000);
+        other.protocol = 0;
+        assert!(t.on_data(&other, b"1:x", Some(false), None).is_empty());
+        assert_eq!(t.stats.unparsed_connections, 1);
+        t.on_data(&ev(4, DIR_EGRESS, 10, 40002, 80), b"1:q", None, None);
+        let closed = t.close(4);
+        assert_eq!(closed.len(), 1);
+        assert!(closed[0].exchange.response.is_none());
+        assert!(!closed[0].server_side, "role guessed from ports");
+        assert_eq!(t.sessions(), 0);
+    }
+}

@@ -1,0 +1,274 @@
+//! Loads hopwatch's kernel object, hands it this kernel's struct offsets and the agent's settings,
+//! and attaches its programs. Everything attached is a BPF link owned by this process: when the
+//! agent exits, however it exits (SIGKILL included), the kernel detaches it. Nothing is pinned and
+//! no tc filter is installed, so a crashed agent leaves nothing behind.
+
+pub(crate) mod btf;
+pub(crate) mod offsets;
+pub(crate) mod probe;
+pub(crate) mod tls;
+
+use std::{fs::File, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError, SockOps, links::CgroupAttachMode},
+};
+use hopwatch_common::{
+    KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL, SYSCALLS_GLOBAL,
+    SyscallNumbers,
+    maps::{COUNTERS, DROP_IGNORE, EVENTS},
+};
+
+use crate::drops::{DropReasonError, DropReasons};
+
+/// The kernel object built by `build.rs`.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hopwatch"));
+
+/// TCP lifecycle hooks (`tp_btf`), in attach order.
+const TCP_TRACEPOINTS: [&str; 4] =
+    ["inet_sock_set_state", "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset"];
+const DROP_TRACEPOINT: &str = "kfree_skb";
+/// Socket data hooks (tp_btf) for L7 capture.
+const DATA_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+const SOCK_OPS_PROGRAM: &str = "hopwatch_sockops";
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    #[error("reading kernel BTF: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error(transparent)]
+    DropReasons(#[from] DropReasonError),
+    #[error("loading the kernel object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("program {program} is missing from the kernel object (build mismatch)")]
+    NoProgram { program: &'static str },
+    #[error("map {map} is missing from the kernel object (build mismatch)")]
+    NoMap { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "the kernel verifier rejected {program}: {reason}; fix: check `hopwatch agent --probe` \
+         for missing BPF features (HOPWATCH_LOG=debug prints the whole verifier log)"
+    )]
+    Verify { program: &'static str, reason: String },
+    #[error("cannot load {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach {hook}: {source}")]
+    Attach {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to load and how to set it up.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadOptions {
+    pub settings: KernelSettings,
+    /// Drop reasons not to report, by name.
+    pub drop_ignore: Vec<String>,
+    /// Whether `drop_ignore` came from the user (unknown names are then an error).
+    pub drop_ignore_strict: bool,
+    /// Attach `skb:kfree_skb`.
+    pub drops: bool,
+    /// cgroup v2 directory for `sock_ops` (`None`: no TCP counters).
+    pub cgroup2: Option<PathBuf>,
+    /// Override of the events ring buffer size in bytes (power of two, page multiple).
+    pub ringbuf_bytes: Option<u32>,
+    /// Attach the OpenSSL uprobes for TLS plaintext (needs `settings.capture_bytes > 0`).
+    pub tls: bool,
+}
+
+/// The loaded and attached programs, and the maps userspace reads.
+pub(crate) struct Loaded {
+    /// Owns every program and link; dropping it detaches them all.
+    pub ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub reasons: DropReasons,
+    /// One line per attached hook, for the start-up report.
+    pub hooks: Vec<String>,
+    /// The TLS uprobes, when enabled (rescan periodically for new libraries).
+    pub tls: Option<tls::TlsProbes>,
+}
+
+/// Loads and attaches everything.
+pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    raise_memlock_limit();
+    let our_btf = btf::Btf::from_file(btf::Btf::VMLINUX)?;
+    let offsets: KernelOffsets = offsets::compute(&our_btf)?;
+    let reasons = DropReasons::from_btf(&our_btf)?;
+    let ignore = reasons.ignore_bitmap(&opts.drop_ignore, opts.drop_ignore_strict)?;
+
+    let syscalls = syscall_numbers();
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(OFFSETS_GLOBAL, &offsets, true)
+        .override_global(SETTINGS_GLOBAL, &opts.settings, true)
+        .override_global(SYSCALLS_GLOBAL, &syscalls, true);
+    if let Some(bytes) = opts.ringbuf_bytes {
+        loader.map_max_entries(EVENTS, bytes);
+    }
+    let mut ebpf = loader.load(KERNEL_OBJECT).map_err(LoadError::Object)?;
+
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Object(e.into()))?;
+    let mut hooks = Vec::new();
+    let mut tracepoints: Vec<&'static str> = TCP_TRACEPOINTS.to_vec();
+    if opts.drops {
+        tracepoints.push(DROP_TRACEPOINT);
+    }
+    if opts.settings.capture_bytes > 0 {
+        tracepoints.extend(DATA_TRACEPOINTS);
+    }
+    for name in tracepoints {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram { program: name })?
+            .try_into()
+            .map_err(|source| LoadError::Program { program: name, source })?;
+        prog.load(name, &aya_btf).map_err(|e| rejected(name, e))?;
+        prog.attach()
+            .map_err(|source| LoadError::Attach { hook: format!("tp_btf/{name}"), source })?;
+        hooks.push(format!("tp_btf/{name}"));
+    }
+
+    if let Some(cgroup) = &opts.cgroup2 {
+        let file = File::open(cgroup)
+            .map_err(|source| LoadError::Cgroup { path: cgroup.display().to_string(), source })?;
+        let prog: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS_PROGRAM)
+            .ok_or(LoadError::NoProgram { program: SOCK_OPS_PROGRAM })?
+            .try_into()
+            .map_err(|source| LoadError::Program { program: SOCK_OPS_PROGRAM, source })?;
+        prog.load().map_err(|e| rejected(SOCK_OPS_PROGRAM, e))?;
+        // A cgroup BPF link is always attached in multi mode (coexisting with Cilium and other
+        // agents on the root cgroup); LINK_CREATE refuses explicit flags, hence `Single` (0).
+        prog.attach(file, CgroupAttachMode::Single).map_err(|source| LoadError::Attach {
+            hook: format!("sock_ops on {}", cgroup.display()),
+            source,
+        })?;
+        hooks.push(format!("sock_ops on {}", cgroup.display()));
+    }
+
+    let mut drop_ignore: Array<_, u32> = ebpf
+        .map_mut(DROP_IGNORE)
+        .ok_or(LoadError::NoMap { map: DROP_IGNORE })?
+        .try_into()
+        .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
+    for (i, word) in (0u32..).zip(ignore.iter()) {
+        drop_ignore
+            .set(i, *word, 0)
+            .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
+    }
+
+    let tls = if opts.tls && opts.settings.capture_bytes > 0 {
+        let mut probes = tls::TlsProbes::load(&mut ebpf)?;
+        let (attached, failed) = probes.scan(&mut ebpf);
+        for lib in attached {
+            hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {}", lib.display()));
+        }
+        for (lib, err) in failed {
+            tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+        }
+        Some(probes)
+    } else {
+        None
+    };
+
+    let events = RingBuf::try_from(ebpf.take_map(EVENTS).ok_or(LoadError::NoMap { map: EVENTS })?)
+        .map_err(|source| LoadError::Map { map: EVENTS, source })?;
+    let counters =
+        PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
+            .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
+    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls })
+}
+
+/// Run counts and run time of hopwatch's loaded programs (`(name, runs, total time)`), as the
+/// kernel counts them while BPF run-time statistics are enabled.
+pub(crate) fn program_stats(ebpf: &Ebpf) -> Vec<(String, u64, std::time::Duration)> {
+    ebpf.programs()
+        .filter_map(|(name, prog)| {
+            let info = prog.info().ok()?;
+            Some((name.to_owned(), info.run_count(), info.run_time()))
+        })
+        .filter(|(_, runs, _)| *runs > 0)
+        .collect()
+}
+
+/// This architecture's syscall numbers, from libc.
+fn syscall_numbers() -> SyscallNumbers {
+    let n = |nr: libc::c_long| u32::try_from(nr).unwrap_or(u32::MAX);
+    SyscallNumbers {
+        read: n(libc::SYS_read),
+        write: n(libc::SYS_write),
+        readv: n(libc::SYS_readv),
+        writev: n(libc::SYS_writev),
+        sendto: n(libc::SYS_sendto),
+        recvfrom: n(libc::SYS_recvfrom),
+        sendmsg: n(libc::SYS_sendmsg),
+        recvmsg: n(libc::SYS_recvmsg),
+        sendmmsg: n(libc::SYS_sendmmsg),
+        recvmmsg: n(libc::SYS_recvmmsg),
+    }
+}
+
+/// A load failure as one line: for verifier rejections, the verifier's own verdict (the last line
+/// of its log that is not statistics); the whole log goes to the debug log.
+pub(crate) fn rejected(program: &'static str, e: ProgramError) -> LoadError {
+    match &e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program, %log, "verifier log");
+            LoadError::Verify { program, reason: format!("{io_error}: {}", verifier_verdict(&log)) }
+        }
+        _ => LoadError::Program { program, source: e },
+    }
+}
+
+fn verifier_verdict(log: &str) -> &str {
+    const STATS: [&str; 4] = ["processed ", "verification time", "stack depth", "max_states"];
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
+        .unwrap_or("no verifier log")
+}
+
+/// Kernels before 5.11 charge BPF maps against `RLIMIT_MEMLOCK`.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_verdict;
+
+    #[test]
+    fn the_verdict_is_the_last_line_that_is_not_statistics() {
+        let log = "0: R1=ctx() R10=fp0\n142: (79) r1 = *(u64 *)(r6 +56)\n\
+                   invalid bpf_context access off=56 size=8\nverification time 8299 usec\n\
+                   stack depth 24+0\nprocessed 1069 insns (limit 1000000) max_states_per_insn 4\n";
+        assert_eq!(verifier_verdict(log), "invalid bpf_context access off=56 size=8");
+        assert_eq!(verifier_verdict(""), "no verifier log");
+    }
+}

@@ -1,0 +1,258 @@
+//! The agent's event pipeline, one event at a time: decoded kernel events → connection table and
+//! L7 sessions → Hubble-shaped flows. Pure of I/O (the caller reads the ring buffer and ships the
+//! flows), so it can be driven by tests and benchmarks from a recorded event stream.
+
+use std::time::Duration;
+
+use hopwatch_common::{
+    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, TcpOp,
+};
+use hopwatch_proto::flow::Flow;
+use hopwatch_protocols::{self as protocols, Protocol, Redaction};
+
+use crate::{
+    conntrack::{Conn, ConnTable, Process, Role, endpoints},
+    events::{KernelEvent, comm},
+    flow::{Clock, FlowBuilder, L7Observation},
+    identity::Identity,
+    l7::{Completed, L7Tracker, session::MessageParser},
+};
+
+/// Connections tracked in userspace.
+const CONN_TABLE_CAPACITY: usize = 262_144;
+/// A connection silent this long is forgotten (long-lived ones report every update interval).
+const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
+/// How often idle connections and unanswered requests are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl MessageParser for protocols::Parser {
+    type Req = protocols::Request;
+    type Resp = protocols::Response;
+
+    fn request(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<protocols::Frame<Self::Req>, protocols::ParseError> {
+        protocols::Parser::request(self, buf)
+    }
+
+    fn response(
+        &mut self,
+        buf: &[u8],
+        pending: Option<&Self::Req>,
+    ) -> Result<protocols::Frame<Self::Resp>, protocols::ParseError> {
+        protocols::Parser::response(self, buf, pending)
+    }
+
+    fn answers(req: &Self::Req, resp: &Self::Resp) -> bool {
+        req.matches(resp)
+    }
+
+    fn expects_response(req: &Self::Req) -> bool {
+        req.expects_response()
+    }
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineOptions {
+    /// A request unanswered this long is reported as timed out.
+    pub l7_timeout: Duration,
+    pub redaction: Redaction,
+}
+
+/// What the pipeline could not keep, for the agent's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PipelineCounters {
+    /// Connections not tracked because the connection table was full.
+    pub conn_table_overflow: u64,
+    /// Connections whose protocol the parsers do not handle (reported at L4 only).
+    pub l7_unparsed_connections: u64,
+    /// L7 sessions not tracked because too many were open.
+    pub l7_sessions_overflow: u64,
+}
+
+pub struct Pipeline {
+    builder: FlowBuilder,
+    /// Names the flows' ends (pods, services, containers, DNS names) before they leave.
+    identity: Identity,
+    table: ConnTable,
+    l7: L7Tracker<protocols::Parser>,
+    options: PipelineOptions,
+    last_sweep_ns: u64,
+}
+
+impl Pipeline {
+    pub fn new(builder: FlowBuilder, options: PipelineOptions) -> Self {
+        let redaction = options.redaction;
+        Self {
+            builder,
+            identity: Identity::disabled(),
+            table: ConnTable::new(CONN_TABLE_CAPACITY),
+            l7: L7Tracker::new(Box::new(move |ev: &DataEvent, _server_port| {
+                new_parser(ev, redaction)
+            })),
+            options,
+            last_sweep_ns: Clock::monotonic_now_ns(),
+        }
+    }
+
+    /// Enriches every flow with `identity` from now on.
+    #[must_use]
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    pub fn builder(&self) -> &FlowBuilder {
+        &self.builder
+    }
+
+    pub fn counters(&self) -> PipelineCounters {
+        PipelineCounters {
+            conn_table_overflow: self.table.overflow,
+            l7_unparsed_connections: self.l7.stats.unparsed_connections,
+            l7_sessions_overflow: self.l7.stats.sessions_overflow,
+        }
+    }
+
+    /// Turns one kernel event into the flows it completes (none, one, or several).
+    pub fn on_event(&mut self, ev: &KernelEvent<'_>, out: &mut Vec<Flow>) {
+        let from = out.len();
+        self.flows_of(ev, out);
+        self.identity.process(out, from);
+    }
+
+    fn flows_of(&mut self, ev: &KernelEvent<'_>, out: &mut Vec<Flow>) {
+        match ev {
+            KernelEvent::Tcp(ev) => {
+                let Some(mut conn) = self.table.apply(ev) else { return };
+                // Updates carry no namespace; keep the one learnt at establishment.
+                if conn.netns == 0 {
+                    conn.netns = ev.tuple.netns;
+                }
+                let peer = self.table.peer(&conn);
+                out.push(self.builder.tcp(ev, &conn, peer));
+                if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
+                    let unanswered = self.l7.close(ev.header.socket_cookie);
+                    self.l7_flows(unanswered, out);
+                }
+            }
+            KernelEvent::Drop(ev) => {
+                let (src_proc, dst_proc) = match endpoints(&ev.tuple) {
+                    Some((s, d)) => (
+                        self.table.find(s, d, ev.tuple.netns).and_then(|c| c.process.clone()),
+                        self.table.find(d, s, ev.tuple.netns).and_then(|c| c.process.clone()),
+                    ),
+                    None => (None, None),
+                };
+                out.push(self.builder.drop(ev, src_proc.as_ref(), dst_proc.as_ref()));
+            }
+            KernelEvent::Data(ev, payload) => self.on_data(ev, payload, out),
+        }
+    }
+
+    fn on_data(&mut self, ev: &DataEvent, payload: &[u8], out: &mut Vec<Flow>) {
+        let cookie = ev.header.socket_cookie;
+        // The process doing the I/O owns the socket now (a pre-forked server's worker rather than
+        // the master that called listen()).
+        if ev.header.tgid != 0 {
+            self.table.note_process(cookie, ev.header.tgid, &ev.comm, ev.header.cgroup_id);
+        }
+        let table = &self.table;
+        let conn = table.get(cookie);
+        let server_side = conn.map(|c| c.role == Role::Server);
+        let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
+        let done = self.l7.on_data_with(ev, payload, server_side, peer);
+        self.l7_flows(done, out);
+    }
+
+    /// Periodic work: forget idle connections, report requests that timed out.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Flow>) {
+        self.identity.release(out);
+        if now_ns.saturating_sub(self.last_sweep_ns) < nanos(SWEEP_EVERY) {
+            return;
+        }
+        let from = out.len();
+        self.last_sweep_ns = now_ns;
+        self.table.sweep(now_ns.saturating_sub(nanos(CONN_IDLE_FORGET)));
+        let expired = self.l7.expire(now_ns.saturating_sub(nanos(self.options.l7_timeout)));
+        self.l7_flows(expired, out);
+        self.identity.process(out, from);
+    }
+
+    fn l7_flows(
+        &mut self,
+        done: Vec<Completed<protocols::Request, protocols::Response>>,
+        out: &mut Vec<Flow>,
+    ) {
+        for c in done {
+            out.push(self.l7_flow(c));
+        }
+    }
+
+    fn l7_flow(&self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
+        let x = c.exchange;
+        let protocol = x.request.protocol().name();
+        let timed_out = x.response.is_none();
+        let latency_ns = if timed_out { 0 } else { x.latency_ns() };
+        let time_ns = if timed_out { x.request_ns } else { x.response_ns };
+        let record = crate::flow::records::l7_record(x.request, x.response);
+        let conn: Option<&Conn> = self.table.get(c.cookie);
+        let (local, remote) = match (conn, endpoints(&c.tuple)) {
+            // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
+            (_, Some(ends)) if c.tuple.protocol == IPPROTO_UDP => ends,
+            (Some(conn), _) => (conn.local, conn.remote),
+            (None, Some(ends)) => ends,
+            (None, None) => (unspecified(), unspecified()),
+        };
+        let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
+        let observation = L7Observation {
+            protocol,
+            record: Some(record.record),
+            error: record.error,
+            latency_ns,
+            timed_out,
+            peer_latency_ns: c.peer_latency_ns,
+            tls: c.tls,
+            server_side: c.server_side,
+            time_ns,
+            local,
+            remote,
+            udp: c.tuple.protocol == IPPROTO_UDP,
+            netns: conn.map_or(c.tuple.netns, |c| c.netns),
+            cookie: c.cookie,
+            process: (c.pid != 0).then(|| Process {
+                pid: c.pid,
+                comm: comm(&c.comm),
+                cgroup_id: c.cgroup_id,
+            }),
+            peer_process,
+        };
+        self.builder.l7(observation)
+    }
+}
+
+fn unspecified() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The parser for a new connection, from the kernel's guess of its protocol.
+fn new_parser(ev: &DataEvent, redaction: Redaction) -> Option<protocols::Parser> {
+    let protocol = match ev.protocol {
+        PROTO_HTTP => Protocol::Http1,
+        PROTO_POSTGRES => Protocol::Postgres,
+        PROTO_REDIS => Protocol::Redis,
+        PROTO_MYSQL => Protocol::Mysql,
+        PROTO_DNS if ev.tuple.protocol == IPPROTO_UDP => {
+            return Some(protocols::Parser::new_dns(protocols::dns::Transport::Udp));
+        }
+        PROTO_DNS => return Some(protocols::Parser::new_dns(protocols::dns::Transport::Tcp)),
+        _ => return None,
+    };
+    Some(protocols::Parser::new(protocol, redaction))
+}
