@@ -8,18 +8,18 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use hopwatch_proto::{
+    flow::LostEventSource,
+    hopwatch::v1::AgentStatus,
+    lost,
+    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     merge::{self, MergeConfig, MergeMsg},
     nodes::NodeRegistry,
     store::{FlowStore, Incoming, StoreConfig, StoreError},
-};
-use hopwatch_proto::{
-    flow::LostEventSource,
-    hopwatch::v1::AgentStatus,
-    lost,
-    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
 };
 
 /// Events waiting for the merge stage, in messages (each a batch); beyond this, ingest streams

@@ -3,6 +3,10 @@
 
 use std::{sync::Arc, time::Duration};
 
+use hopwatch_proto::hopwatch::v1::{
+    Ack, Batch, Hello, PushRequest, PushResponse, Welcome, ingest_server::Ingest, push_request,
+    push_response,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -10,10 +14,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     hub::{Hub, version},
     nodes::Connection,
-};
-use hopwatch_proto::hopwatch::v1::{
-    Ack, Batch, Hello, PushRequest, PushResponse, Welcome, ingest_server::Ingest, push_request,
-    push_response,
 };
 
 /// After an agent closes its side, how long the collector keeps the stream open to send the

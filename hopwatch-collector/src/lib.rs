@@ -18,6 +18,10 @@ pub mod store;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use hopwatch_proto::{
+    hopwatch::v1::ingest_server::IngestServer, observer::observer_server::ObserverServer,
+    tls::TlsError,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -29,11 +33,6 @@ use self::{
     merge::MergeConfig,
     observer::ObserverService,
     store::{StoreConfig, StoreError, disk::DiskConfig},
-};
-use hopwatch_proto::{
-    hopwatch::v1::ingest_server::IngestServer,
-    observer::observer_server::ObserverServer,
-    tls::TlsError,
 };
 
 /// Largest gRPC message accepted (an ingest batch of a few thousand flows is ~1 MB).

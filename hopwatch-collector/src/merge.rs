@@ -20,9 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, oneshot};
-
 use hopwatch_proto::clock;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     hub::AgentState,

@@ -8,13 +8,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::broadcast;
-
 use hopwatch_proto::{
     hopwatch::v1::AgentStatus,
     observer::{Node, Tls},
     relay::{NodeState, NodeStatusEvent},
 };
+use tokio::sync::broadcast;
 
 #[derive(Debug, Clone, Default)]
 struct NodeInfo {

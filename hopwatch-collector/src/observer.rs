@@ -2,6 +2,10 @@
 
 use std::sync::Arc;
 
+use hopwatch_proto::observer::{
+    GetFlowsRequest, GetFlowsResponse, GetNodesRequest, GetNodesResponse, ServerStatusRequest,
+    ServerStatusResponse, observer_server::Observer,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -9,10 +13,6 @@ use tonic::{Request, Response, Status};
 use super::{
     hub::{Hub, version},
     query::{self, Query},
-};
-use hopwatch_proto::observer::{
-    GetFlowsRequest, GetFlowsResponse, GetNodesRequest, GetNodesResponse, ServerStatusRequest,
-    ServerStatusResponse, observer_server::Observer,
 };
 
 /// Responses buffered per `GetFlows` stream; a slow client makes its reader wait (it then

@@ -3,6 +3,12 @@
 
 use std::{sync::Arc, time::Duration};
 
+use hopwatch_proto::{
+    clock,
+    flow::LostEventSource,
+    lost,
+    observer::{GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes},
+};
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
@@ -10,12 +16,6 @@ use super::{
     filter::FilterSet,
     hub::Hub,
     store::{Chunk, FlowStore, Stored, record::BlockMeta},
-};
-use hopwatch_proto::{
-    clock,
-    flow::LostEventSource,
-    lost,
-    observer::{GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes},
 };
 
 type Tx = mpsc::Sender<Result<GetFlowsResponse, Status>>;

@@ -3,10 +3,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint, Server};
-
 pub use hopwatch_proto::clock::now_ns;
 use hopwatch_proto::{
     flow::{Flow, Layer4, Tcp, Verdict, layer4},
@@ -15,6 +11,9 @@ use hopwatch_proto::{
         GetFlowsResponse, get_flows_response::ResponseTypes, observer_server::ObserverServer,
     },
 };
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint, Server};
 
 use crate::{
     hub::{Hub, HubConfig},

@@ -12,16 +12,17 @@
 
 use std::sync::Arc;
 
+use hopwatch_proto::flow::{
+    Flow, FlowType, SocketEvent, TcpStats, TrafficDirection, Verdict, layer4::Protocol,
+    layer7::Record,
+};
+
 use super::{
     HopKey, Transport,
     endpoint::{EndView, Resolver},
     ledger::{Ledger, TcpTotals},
     stats::{Side, TallyKind},
     table::HopTable,
-};
-use hopwatch_proto::flow::{
-    Flow, FlowType, SocketEvent, TcpStats, TrafficDirection, Verdict, layer4::Protocol,
-    layer7::Record,
 };
 
 /// Linux's default ephemeral port range starts here (`net.ipv4.ip_local_port_range`).

@@ -14,8 +14,9 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use super::{FastMap, FastSet};
 use hopwatch_proto::flow::{Endpoint, Flow, Process};
+
+use super::{FastMap, FastSet};
 
 /// How an endpoint was identified (best first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -211,8 +212,9 @@ fn forget_half<K: Clone + Eq + std::hash::Hash, V>(m: &mut FastMap<K, V>) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hopwatch_proto::flow::Workload;
+
+    use super::*;
 
     fn end<'a>(
         ep: Option<&'a Endpoint>,

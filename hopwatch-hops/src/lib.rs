@@ -33,13 +33,14 @@ use std::time::Duration;
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+use hopwatch_proto::flow::Flow;
+
 pub use self::{
     aggregate::{Context, Outcome},
     endpoint::{EndpointId, Kind},
     stats::{Hop, Side, SideStats},
     table::HopTable,
 };
-use hopwatch_proto::flow::Flow;
 
 /// A hop: who talks to whom, on which port and transport.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

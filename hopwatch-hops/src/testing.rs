@@ -9,8 +9,8 @@ pub const T0: u64 = 1_800_000_000_000_000_000;
 pub const MS: u64 = 1_000_000;
 pub const S: u64 = 1_000_000_000;
 
-pub fn ts(ns: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
+pub fn ts(ns: u64) -> hopwatch_proto::prost_types::Timestamp {
+    hopwatch_proto::prost_types::Timestamp {
         seconds: i64::try_from(ns / S).unwrap(),
         nanos: i32::try_from(ns % S).unwrap(),
     }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use hopwatch_proto::flow::{self as pb, Flow, FlowType, SocketEvent, TcpStats, layer7::Record};
+
 use super::{
     histogram::EXPORT_BOUNDS_S,
     path::paths,
@@ -11,7 +13,6 @@ use super::{
     window::Window,
     *,
 };
-use hopwatch_proto::flow::{self as pb, Flow, FlowType, SocketEvent, TcpStats, layer7::Record};
 
 fn agg() -> Aggregator {
     Aggregator::new(HopConfig::default())

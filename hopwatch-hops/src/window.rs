@@ -5,8 +5,9 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use super::{Context, HopConfig, Outcome, aggregate, table::HopTable};
 use hopwatch_proto::flow::Flow;
+
+use super::{Context, HopConfig, Outcome, aggregate, table::HopTable};
 
 #[derive(Debug)]
 pub struct Window {

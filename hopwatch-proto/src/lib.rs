@@ -15,6 +15,9 @@ pub mod lost;
 pub mod signal;
 pub mod tls;
 
+/// Timestamps and other well-known types the messages use.
+pub use prost_types;
+
 /// Default port of the collector's APIs (Hubble Relay's), in-process or standalone.
 pub const DEFAULT_PORT: u16 = 4245;
 
@@ -113,7 +116,8 @@ pub fn flow_from_json(line: &str) -> Result<Option<flow::Flow>, JsonError> {
     let name = if is_response { observer::GetFlowsResponse::FULL_NAME } else { "flow.Flow" };
     let desc = DESCRIPTORS.get_message_by_name(name).expect("message is in proto/");
     let shape = |e: &dyn std::fmt::Display| JsonError::Shape(e.to_string());
-    let msg = DynamicMessage::deserialize_with_options(desc, value, &opts).map_err(|e| shape(&e))?;
+    let msg =
+        DynamicMessage::deserialize_with_options(desc, value, &opts).map_err(|e| shape(&e))?;
     if is_response {
         let resp: observer::GetFlowsResponse = msg.transcode_to().map_err(|e| shape(&e))?;
         Ok(match resp.response_types {
@@ -134,7 +138,11 @@ mod tests {
     fn json_lines_from_observe_and_hubble_decode_to_flows() {
         let f = Flow {
             uuid: "u-1".into(),
-            ip: Some(Ip { source: "10.0.0.1".into(), destination: "10.0.0.2".into(), ..Ip::default() }),
+            ip: Some(Ip {
+                source: "10.0.0.1".into(),
+                destination: "10.0.0.2".into(),
+                ..Ip::default()
+            }),
             l7: Some(Layer7 {
                 latency_ns: 12_000_000,
                 record: Some(Record::Postgres(flow::Postgres {

@@ -282,11 +282,10 @@ impl Request {
             (Request::Http(_), Response::Http(r)) => {
                 (r.status >= 500).then(|| format!("HTTP {}", r.status))
             }
-            (Request::Postgres(_), Response::Postgres(postgres::Response::Done { error_code, .. }))
-                if !error_code.is_empty() =>
-            {
-                Some(format!("SQLSTATE {error_code}"))
-            }
+            (
+                Request::Postgres(_),
+                Response::Postgres(postgres::Response::Done { error_code, .. }),
+            ) if !error_code.is_empty() => Some(format!("SQLSTATE {error_code}")),
             // The error's first word is its kind ("ERR", "WRONGTYPE", "NOAUTH").
             (Request::Redis(_), Response::Redis(r)) => r
                 .error
@@ -302,5 +301,42 @@ impl Request {
             (Request::Dns(_), Response::Dns(r)) if r.rcode != 0 => Some(dns::rcode_name(r.rcode)),
             _ => None,
         }
+    }
+}
+
+impl Request {
+    /// Every text this request and its response keep (what an agent's record is made of), for
+    /// checks of the contract: each is at most [`MAX_TEXT`] bytes, and Redis arguments
+    /// together too.
+    pub fn texts<'a>(&'a self, resp: Option<&'a Response>) -> Vec<&'a str> {
+        let mut t: Vec<&str> = Vec::new();
+        match self {
+            Request::Http(h) => {
+                t.extend([&*h.method, &h.path, &h.host]);
+                t.extend(h.headers.iter().map(|h| h.value.as_str()));
+            }
+            Request::Postgres(postgres::Request::Startup(login)) => {
+                t.extend([login.user.as_str(), &login.database]);
+            }
+            Request::Postgres(postgres::Request::Query { query, .. }) => t.push(query),
+            Request::Postgres(_) => {}
+            Request::Redis(r) => t.push(&r.command),
+            Request::Mysql(m) => t.push(&m.query),
+            Request::Dns(d) => t.push(&d.query),
+        }
+        match resp {
+            Some(Response::Http(h)) => t.extend(h.headers.iter().map(|h| h.value.as_str())),
+            Some(Response::Postgres(postgres::Response::Done { command, error_code })) => {
+                t.extend([command.as_str(), error_code]);
+            }
+            Some(Response::Redis(r)) => t.extend(r.error.as_deref()),
+            Some(Response::Mysql(m)) => t.push(&m.sql_state),
+            Some(Response::Dns(d)) => {
+                t.push(&d.query);
+                t.extend(d.ips.iter().chain(&d.cnames).map(String::as_str));
+            }
+            Some(Response::Postgres(postgres::Response::Encryption { .. })) | None => {}
+        }
+        t
     }
 }

@@ -8,6 +8,10 @@
 //! 3. Kernel event to `observe -f` output (root): a refused connect on loopback, timed from just
 //!    before `connect()` to the line `hopwatch observe -f` prints, through a real agent with its
 //!    in-process collector.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a test or bench target links every dependency of the package; the lint is for the library"
+)]
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -17,31 +21,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch::{
-    collector::{
-        StoreArgs,
-        hub::{Hub, HubConfig},
-        serve,
+use hopwatch_collector::{
+    StoreArgs,
+    hub::{Hub, HubConfig},
+    serve,
+};
+use hopwatch_proto::{
+    flow::{
+        CiliumEventType, Endpoint, Flow, FlowFilter, FlowType, Ip, Layer4, Process, SocketEvent,
+        Tcp, TcpStats, TrafficDirection, Verdict, layer4,
     },
-    proto::{
-        flow::{
-            CiliumEventType, Endpoint, Flow, FlowFilter, FlowType, Ip, Layer4, Process,
-            SocketEvent, Tcp, TcpStats, TrafficDirection, Verdict, layer4,
-        },
-        hopwatch::v1::{Batch, Hello, PushRequest, push_request, push_response},
-        observer::{
-            GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes,
-            observer_client::ObserverClient,
-        },
+    hopwatch::v1::{Batch, Hello, PushRequest, push_request, push_response},
+    observer::{
+        GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes,
+        observer_client::ObserverClient,
     },
 };
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
 
-/// As in the `hopwatch` binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The allocator is the `hopwatch` binary's: the library sets it.
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -155,9 +155,9 @@ impl tonic::codec::Encoder for RawEncoder {
 
 impl tonic::codec::Codec for RawCodec {
     type Encode = bytes::Bytes;
-    type Decode = hopwatch::proto::hopwatch::v1::PushResponse;
+    type Decode = hopwatch_proto::hopwatch::v1::PushResponse;
     type Encoder = RawEncoder;
-    type Decoder = tonic_prost::ProstDecoder<hopwatch::proto::hopwatch::v1::PushResponse>;
+    type Decoder = tonic_prost::ProstDecoder<hopwatch_proto::hopwatch::v1::PushResponse>;
     fn encoder(&mut self) -> RawEncoder {
         RawEncoder
     }

@@ -7,13 +7,18 @@
 //!   ([`Telemetry::observe`]: lock, flow counters, export lag, aggregation).
 //! - Scrape time: a full `/metrics` rendering (registry gather + text encoding) with about 10k
 //!   and about 100k series (one series per sample line, as Prometheus counts them).
+#![allow(
+    unused_crate_dependencies,
+    reason = "a test or bench target links every dependency of the package; the lint is for the library"
+)]
 
 use std::time::{Duration, Instant};
 
-use hopwatch::{
-    hops::{Aggregator, HopConfig},
-    metrics::{MetricsAddr, MetricsArgs, Telemetry, wall_now_ns},
-    proto::flow::{
+use hopwatch::harness::{MetricsAddr, MetricsArgs, Telemetry};
+use hopwatch_hops::{Aggregator, HopConfig};
+use hopwatch_proto::{
+    clock::wall_now_ns,
+    flow::{
         self as pb, Flow, FlowType, Ip, Layer4, Layer7, SocketEvent, TcpStats, TrafficDirection,
         Verdict, layer4::Protocol,
     },

@@ -12,6 +12,10 @@
 //!
 //! Figures go to stdout as a table and as `BENCH<TAB>id<TAB>value<TAB>unit<TAB>label` lines for
 //! `cargo xtask bench` to collect.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a test or bench target links every dependency of the package; the lint is for the library"
+)]
 
 use std::{
     hint::black_box,
@@ -19,16 +23,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch::{
-    drops::DropReasons,
-    events::decode,
-    flow::{Clock, FlowBuilder},
-    loader::btf::Btf,
-    metrics::{MetricsAddr, MetricsArgs, Telemetry},
-    pipeline::{Pipeline, PipelineOptions},
-    protocols::Redaction,
-    replay::read_recording,
+use hopwatch::harness::{
+    Btf, Clock, DropReasons, FlowBuilder, MetricsAddr, MetricsArgs, Pipeline, PipelineOptions,
+    Telemetry, decode, read_recording,
 };
+use hopwatch_protocols::Redaction;
 
 /// Pins this thread to the first CPU it may run on: "one core" means one.
 fn pin_to_one_core() -> Option<usize> {

@@ -89,7 +89,7 @@ impl ConnTable {
     }
 
     #[cfg(test)]
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.conns.len()
     }
 
@@ -99,7 +99,13 @@ impl ConnTable {
 
     /// Records the process doing I/O on a tracked connection as its owner (without allocating
     /// when it already is).
-    pub(crate) fn note_process(&mut self, cookie: u64, pid: u32, raw_comm: &[u8; 16], cgroup_id: u64) {
+    pub(crate) fn note_process(
+        &mut self,
+        cookie: u64,
+        pid: u32,
+        raw_comm: &[u8; 16],
+        cgroup_id: u64,
+    ) {
         let Some(conn) = self.conns.get_mut(&cookie) else { return };
         let same = conn.process.as_ref().is_some_and(|p| {
             p.pid == pid && p.cgroup_id == cgroup_id && p.comm.as_bytes() == trim_nul(raw_comm)

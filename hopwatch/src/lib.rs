@@ -21,6 +21,11 @@ mod print;
 mod recording;
 mod sink;
 
+// Dev-dependencies of the benchmarks (`benches/collector.rs` encodes ingest requests itself),
+// which share the unit tests' dependency list.
+#[cfg(test)]
+use {prost as _, tonic_prost as _};
+
 pub use self::commands::main;
 
 /// The agent and the collector allocate and free millions of small strings a second (decoded
@@ -42,6 +47,7 @@ pub mod harness {
         drops::DropReasons,
         events::decode,
         flow::{Clock, FlowBuilder},
+        identity::cgroup::cgroup2_mount,
         loader::btf::Btf,
         metrics::{MetricsAddr, MetricsArgs, Telemetry},
         pipeline::{Pipeline, PipelineOptions},

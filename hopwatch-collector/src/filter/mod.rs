@@ -12,15 +12,15 @@ pub mod terms;
 
 use std::net::IpAddr;
 
+use hopwatch_proto::flow::{
+    Endpoint, EventTypeFilter, Flow, FlowFilter, Service, TcpFlags, Workload, layer4,
+    layer7::Record,
+};
 use regex::Regex;
 
 use self::{
     label::Selector,
     parse::{Cidr, NamespacedPrefix, Protocol, Status},
-};
-use hopwatch_proto::flow::{
-    Endpoint, EventTypeFilter, Flow, FlowFilter, Service, TcpFlags, Workload, layer4,
-    layer7::Record,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -171,7 +171,11 @@ impl Protocol {
     }
 }
 
-pub(super) fn parse_l7(field: &'static str, raw: &str, lower: &str) -> Result<&'static str, FilterError> {
+pub(super) fn parse_l7(
+    field: &'static str,
+    raw: &str,
+    lower: &str,
+) -> Result<&'static str, FilterError> {
     L7_PROTOCOLS.iter().copied().find(|p| *p == lower).ok_or_else(|| {
         FilterError::invalid(
             field,

@@ -6,8 +6,9 @@
 //! Checks that cannot be reduced to exact terms (CIDR ranges, prefixes, regexes, latencies)
 //! return `None` from [`required`] and never skip a block.
 
-use super::{Check, Side, parse::Protocol};
 use hopwatch_proto::flow::{Flow, layer4};
+
+use super::{Check, Side, parse::Protocol};
 
 /// FNV-1a over a tag and a value; stable across runs (the hashes are stored on disk).
 fn hash(tag: &str, value: &[u8]) -> u64 {

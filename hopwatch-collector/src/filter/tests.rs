@@ -1,10 +1,11 @@
 //! Filter semantics, table-driven against Hubble's documented behaviour.
 
-use super::*;
 use hopwatch_proto::flow::{
     CiliumEventType, Dns, FlowType, Http, Ip, IpVersion, Layer4, Layer7, Tcp, TcpStats,
     TrafficDirection, Udp, Verdict, layer7,
 };
+
+use super::*;
 
 #[expect(clippy::unnecessary_wraps, reason = "fills Option<Endpoint> fields")]
 fn ep(ns: &str, pod: &str, labels: &[&str]) -> Option<Endpoint> {

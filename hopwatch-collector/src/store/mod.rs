@@ -17,13 +17,13 @@ use std::{
     },
 };
 
+use hopwatch_proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes};
 use tokio::sync::watch;
 
 use self::{
     disk::{DiskConfig, DiskIndex, DiskLog, Recovery},
     record::{BlockMeta, Checkpoint},
 };
-use hopwatch_proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -20,9 +20,8 @@ use std::{
     path::Path,
 };
 
-use prost::Message as _;
-
 use hopwatch_proto::observer::GetFlowsResponse;
+use prost::Message as _;
 
 pub const MAGIC: &[u8; 8] = b"HOPWSEG1";
 pub const HEADER_LEN: u64 = 16;

@@ -1,7 +1,8 @@
 use std::time::Duration;
 
-use super::*;
 use hopwatch_proto::flow::{Flow, Layer4, Tcp, Verdict, layer4};
+
+use super::*;
 
 const SEC: i64 = 1_000_000_000;
 

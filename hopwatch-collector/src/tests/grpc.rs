@@ -2,11 +2,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-
-use super::*;
 use hopwatch_proto::{
     flow::{FlowFilter, LostEventSource},
     hopwatch::v1::{
@@ -18,6 +13,11 @@ use hopwatch_proto::{
     },
     relay::NodeState,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::*;
 
 fn hello(agent: &str, node: &str) -> PushRequest {
     PushRequest {

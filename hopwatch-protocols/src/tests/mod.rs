@@ -13,7 +13,7 @@ mod regressions;
 
 use std::collections::VecDeque;
 
-use super::{Frame, MAX_TEXT, ParseError, Parser, Request, Response, postgres};
+use super::{Frame, MAX_TEXT, ParseError, Parser, Request, Response};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Dir {
@@ -61,7 +61,6 @@ pub(super) struct Replay {
     pub skips: usize,
     pub errors: Vec<ParseError>,
 }
-
 
 #[derive(Default)]
 struct Stream {
@@ -153,8 +152,12 @@ pub(super) fn replay(mut parser: Parser, conn: &Conn, datagrams: bool) -> Replay
     }
     out.exchanges.extend(pending.into_iter().map(|q| (q, None)));
     for (req, resp) in &out.exchanges {
-        for text in texts(req, resp.as_ref()) {
+        for text in req.texts(resp.as_ref()) {
             assert!(text.len() <= MAX_TEXT, "kept text of {} bytes: {text:.80}", text.len());
+        }
+        if let Request::Redis(r) = req {
+            let args: usize = r.args.iter().map(String::len).sum();
+            assert!(args <= MAX_TEXT, "{args} bytes of Redis arguments");
         }
     }
     out
@@ -175,41 +178,4 @@ fn frame_len<T>(f: Result<Frame<T>, ParseError>, out: &mut Replay) -> Option<usi
             None
         }
     }
-}
-
-/// Every text an exchange keeps (what the agent's flow record is made of).
-pub(super) fn texts<'a>(req: &'a Request, resp: Option<&'a Response>) -> Vec<&'a str> {
-    let mut t: Vec<&str> = Vec::new();
-    match req {
-        Request::Http(h) => {
-            t.extend([&*h.method, &h.path, &h.host]);
-            t.extend(h.headers.iter().map(|h| h.value.as_str()));
-        }
-        Request::Postgres(postgres::Request::Startup(login)) => {
-            t.extend([login.user.as_str(), &login.database]);
-        }
-        Request::Postgres(postgres::Request::Query { query, .. }) => t.push(query),
-        Request::Postgres(_) => {}
-        Request::Redis(r) => {
-            t.push(&r.command);
-            let args: usize = r.args.iter().map(String::len).sum();
-            assert!(args <= MAX_TEXT, "{args} bytes of Redis arguments");
-        }
-        Request::Mysql(m) => t.push(&m.query),
-        Request::Dns(d) => t.push(&d.query),
-    }
-    match resp {
-        Some(Response::Http(h)) => t.extend(h.headers.iter().map(|h| h.value.as_str())),
-        Some(Response::Postgres(postgres::Response::Done { command, error_code })) => {
-            t.extend([command.as_str(), error_code]);
-        }
-        Some(Response::Redis(r)) => t.extend(r.error.as_deref()),
-        Some(Response::Mysql(m)) => t.push(&m.sql_state),
-        Some(Response::Dns(d)) => {
-            t.push(&d.query);
-            t.extend(d.ips.iter().chain(&d.cnames).map(String::as_str));
-        }
-        Some(Response::Postgres(postgres::Response::Encryption { .. })) | None => {}
-    }
-    t
 }

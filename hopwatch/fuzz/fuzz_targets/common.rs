@@ -8,10 +8,8 @@
 
 use std::collections::VecDeque;
 
-use hopwatch::{
-    proto::flow::layer7::Record,
-    protocols::{Frame, L7Record, MAX_TEXT, Parser, Protocol, Redaction, Request, l7_record},
-};
+use hopwatch_proto::flow::layer7::Record;
+use hopwatch_protocols::{Frame, L7Record, MAX_TEXT, Parser, Protocol, Redaction, Request, l7_record};
 
 pub fn drive(data: &[u8], new: impl Fn(Redaction) -> Parser) {
     let [flags, size, stream @ ..] = data else { return };

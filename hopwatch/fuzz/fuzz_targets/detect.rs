@@ -1,6 +1,6 @@
 #![no_main]
 
-use hopwatch::protocols::detect;
+use hopwatch_protocols::detect;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

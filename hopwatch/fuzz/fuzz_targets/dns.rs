@@ -3,7 +3,7 @@
 #[path = "common.rs"]
 mod common;
 
-use hopwatch::protocols::{Parser, dns::Transport};
+use hopwatch_protocols::{Parser, dns::Transport};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,5 +1,5 @@
-//! The agent's kernel event decoding (`hopwatch::events::decode`) and everything after it in the
-//! pipeline: connection table, L7 sessions and parsers, flow building, the JSON printer.
+//! The agent's kernel event decoding and everything after it in the pipeline: connection table,
+//! L7 sessions and parsers, flow building, the JSON and compact printers.
 //!
 //! The ring buffer is written by hopwatch's own programs, but a version mismatch, a kernel that
 //! fills a field differently or an event stream cut by losses must never bring the agent down.
@@ -10,18 +10,15 @@
 
 use std::time::Duration;
 
-use hopwatch::{
-    drops::DropReasons,
-    events::decode,
-    flow::{Clock, FlowBuilder},
-    output::{self, Format},
-    pipeline::{Pipeline, PipelineOptions},
-    proto::{
-        flow::Flow,
-        observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
-    },
-    protocols::Redaction,
+use hopwatch::harness::{
+    Clock, DropReasons, FlowBuilder, Format, Pipeline, PipelineOptions, PrintOptions, Printer,
+    TimeFormat, decode,
 };
+use hopwatch_proto::{
+    flow::Flow,
+    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+};
+use hopwatch_protocols::Redaction;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -40,7 +37,17 @@ fuzz_target!(|data: &[u8]| {
         },
     );
     let mut flows = Vec::new();
-    let mut out = Vec::new();
+    let printer = |format| {
+        let options = PrintOptions {
+            format,
+            time: TimeFormat::StampMilli,
+            node: true,
+            color: false,
+            follow: true,
+        };
+        Printer::new(Vec::new(), options)
+    };
+    let mut out = [printer(Format::Json), printer(Format::Compact)];
     let mut rest = data;
     while let [lo, hi, tail @ ..] = rest {
         let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
@@ -56,16 +63,18 @@ fuzz_target!(|data: &[u8]| {
     print(&mut flows, &mut out);
 });
 
-/// Prints flows as `hopwatch agent -o json` does (a `Vec` never fails to take them).
-fn print(flows: &mut Vec<Flow>, out: &mut Vec<u8>) {
+/// Prints flows as `hopwatch agent -o json` and `-o compact` do (a `Vec` never fails to take
+/// them).
+fn print(flows: &mut Vec<Flow>, out: &mut [Printer<Vec<u8>>; 2]) {
     for flow in flows.drain(..) {
         let mut resp = GetFlowsResponse {
             time: flow.time,
             node_name: "fuzz".to_owned(),
             response_types: Some(ResponseTypes::Flow(flow)),
         };
-        output::write(out, Format::Json, &mut resp).expect("writing to memory");
-        output::write(out, Format::Compact, &mut resp).expect("writing to memory");
-        out.clear();
+        for printer in out.iter_mut() {
+            printer.write(&mut resp).expect("writing to memory");
+            printer.flush().expect("writing to memory");
+        }
     }
 }

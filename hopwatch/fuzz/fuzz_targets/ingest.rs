@@ -14,18 +14,16 @@
 
 use std::{sync::OnceLock, time::Duration};
 
-use hopwatch::{
-    collector::{
+use hopwatch_collector::{
         hub::{Hub, HubConfig},
         ingest::check_hello,
         merge::MergeConfig,
         store::{Chunk, StoreConfig, record},
-    },
-    proto::{
+    };
+use hopwatch_proto::{
         hopwatch::v1::{Batch, PushRequest, push_request::Message},
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
-    },
-};
+    };
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 

@@ -1,6 +1,6 @@
 #![no_main]
 
-use hopwatch::protocols::{
+use hopwatch_protocols::{
     MAX_TEXT,
     sql::{Dialect, redact},
 };

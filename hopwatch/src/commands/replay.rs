@@ -74,8 +74,13 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         hop_flows_ignored: 0,
     };
     let mut printer = args.output.map(|format| {
-        let options =
-            Options { format, time: TimeFormat::StampMilli, node: true, color: false, follow: true };
+        let options = Options {
+            format,
+            time: TimeFormat::StampMilli,
+            node: true,
+            color: false,
+            follow: true,
+        };
         Printer::new(io::sink(), options)
     });
     let mut flows = Vec::new();

@@ -307,7 +307,7 @@ pub(crate) mod tests_support {
     use super::Clock;
 
     /// A clock whose monotonic zero is `wall_ns` of wall time.
-    pub fn clock_at(wall_ns: i128) -> Clock {
+    pub(crate) fn clock_at(wall_ns: i128) -> Clock {
         Clock { realtime_minus_monotonic_ns: wall_ns }
     }
 }

@@ -116,7 +116,7 @@ pub(crate) fn parse_path(path: &str) -> CgroupInfo {
 
 /// Finds the cgroup2 mount point from `/proc/self/mountinfo` (`/sys/fs/cgroup` on unified
 /// hosts, `/sys/fs/cgroup/unified` on hybrid ones).
-pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
+pub fn cgroup2_mount() -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mountinfo.lines().find_map(|line| {
         let (pre, post) = line.split_once(" - ")?;

@@ -91,15 +91,10 @@ impl DnsNames {
     pub(crate) fn names(&self, ip: IpAddr, now: Instant) -> Option<&[String]> {
         self.by_ip.get(&ip).filter(|(_, until)| *until > now).map(|(n, _)| n.as_slice())
     }
-    #[cfg(test)]
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.by_ip.len()
-    }
-    #[cfg(test)]
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.by_ip.is_empty()
     }
 }
 

@@ -200,11 +200,6 @@ impl StaticEndpoints {
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
-    #[cfg(test)]
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 fn parse_net(s: &str) -> Option<IpNet> {

@@ -77,8 +77,8 @@ impl<P: MessageParser> L7Tracker<P> {
             stats: TrackerStats::default(),
         }
     }
-    #[cfg(test)]
 
+    #[cfg(test)]
     pub(crate) fn sessions(&self) -> usize {
         self.sessions.len()
     }

@@ -6,9 +6,9 @@ use std::collections::VecDeque;
 
 use hopwatch_protocols::{Frame, ParseError};
 
-use super::stream::{Message, Stream};
 #[cfg(test)]
 use super::stream::StreamStats;
+use super::stream::{Message, Stream};
 
 /// Requests waiting for a response, per connection; older ones are reported as unanswered.
 pub(crate) const MAX_PENDING: usize = 128;
@@ -86,8 +86,8 @@ impl<P: MessageParser> Session<P> {
             pending_overflow: 0,
         }
     }
-    #[cfg(test)]
 
+    #[cfg(test)]
     pub(crate) fn stats(&self) -> SessionStats {
         SessionStats {
             requests: self.requests.stats,
@@ -161,8 +161,8 @@ impl<P: MessageParser> Session<P> {
         }
         out
     }
-    #[cfg(test)]
 
+    #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.pending.len()
     }

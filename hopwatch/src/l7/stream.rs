@@ -184,7 +184,7 @@ pub(crate) mod tests {
 
     /// A toy protocol for stream tests: `<len>:<payload>` where `len` is the payload length in
     /// decimal; the whole message is `digits + 1 + len` bytes.
-    pub fn toy(buf: &[u8]) -> Result<Frame<String>, ParseError> {
+    pub(crate) fn toy(buf: &[u8]) -> Result<Frame<String>, ParseError> {
         let Some(colon) = buf.iter().position(|&b| b == b':') else {
             if buf.iter().all(u8::is_ascii_digit) && buf.len() < 8 {
                 return Ok(Frame::Incomplete);

@@ -47,7 +47,6 @@ pub struct Batching {
     pub interval: Duration,
 }
 
-
 /// Waits until a batch is due: `max_events` unsent, or the oldest unsent waited `interval`
 /// (`deadline` remembers when that is, across calls). Returns false on `stop`.
 async fn batch_due(

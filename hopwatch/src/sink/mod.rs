@@ -103,7 +103,10 @@ impl Outlet {
         clippy::result_large_err,
         reason = "the same signature as the mpsc sender it stands in for"
     )]
-    pub(crate) fn try_send(&self, resp: GetFlowsResponse) -> Result<(), TrySendError<GetFlowsResponse>> {
+    pub(crate) fn try_send(
+        &self,
+        resp: GetFlowsResponse,
+    ) -> Result<(), TrySendError<GetFlowsResponse>> {
         if let Some(q) = &self.queue {
             q.offer(resp.clone());
         }
@@ -223,13 +226,16 @@ pub(crate) async fn start(args: &SinkArgs, node_name: &str) -> Result<Sink, Sink
     }
 
     let explicit = args.listen.is_some();
-    let listen =
-        args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], hopwatch_proto::DEFAULT_PORT)));
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], hopwatch_proto::DEFAULT_PORT)));
     let tls = args.tls.server_config(listen).map_err(|e| SinkError::Embedded(e.into()))?;
     let hub = Hub::start(&args.store.hub_config(args.data_dir.clone()))
         .map_err(|e| SinkError::Embedded(e.into()))?;
     let server_stop = CancellationToken::new();
-    let server = match hopwatch_collector::serve(hub.clone(), listen, tls, server_stop.clone()).await {
+    let server = match hopwatch_collector::serve(hub.clone(), listen, tls, server_stop.clone())
+        .await
+    {
         Ok(s) => {
             eprintln!(
                 "hopwatch agent: collector APIs on {} (query with `hopwatch observe`)",
@@ -267,3 +273,6 @@ pub(crate) async fn start(args: &SinkArgs, node_name: &str) -> Result<Sink, Sink
         embedded: Some(Embedded { hub, server, server_stop }),
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch::proto::{
+use hopwatch_proto::{
     flow::{FlowFilter, SocketEvent, Verdict},
     observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
 };
@@ -126,13 +126,13 @@ async fn a_real_agent_streams_kernel_flows_to_a_collector_process() {
     let nodes = client(&collector.url())
         .await
         .unwrap()
-        .get_nodes(hopwatch::proto::observer::GetNodesRequest {})
+        .get_nodes(hopwatch_proto::observer::GetNodesRequest {})
         .await
         .unwrap()
         .into_inner()
         .nodes;
     let node = nodes.iter().find(|n| n.name == "coll-e2e").expect("the agent's node is listed");
-    assert_eq!(node.state(), hopwatch::proto::relay::NodeState::NodeConnected);
+    assert_eq!(node.state(), hopwatch_proto::relay::NodeState::NodeConnected);
     assert!(node.version.starts_with("hopwatch "));
 }
 

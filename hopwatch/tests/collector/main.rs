@@ -1,6 +1,10 @@
 //! The collector as a real process: agents streaming to it while it is killed and restarted,
 //! the `observe` CLI against it, and (as root) a real agent streaming kernel flows to it.
 //! `cargo xtask test` runs these with the privileged tests (serially).
+#![allow(
+    unused_crate_dependencies,
+    reason = "a test or bench target links every dependency of the package; the lint is for the library"
+)]
 
 mod agent;
 mod support;
@@ -12,11 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch::{
-    proto::{
-        flow::LostEventSource, hopwatch::v1::Hello, observer::get_flows_response::ResponseTypes,
-    },
-    sink::{Backoff, Batching, link, queue::Queue},
+use hopwatch::harness::{Batching, Queue, dial, run_remote};
+use hopwatch_proto::{
+    backoff::Backoff,
+    flow::LostEventSource,
+    hopwatch::v1::Hello,
+    observer::get_flows_response::ResponseTypes,
     tls::{ClientTls, Target},
 };
 use tokio_util::sync::CancellationToken;
@@ -31,9 +36,9 @@ fn link_to(
 ) -> tokio::task::JoinHandle<()> {
     let endpoint =
         Target::parse(url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
-    tokio::spawn(link::run_remote(
+    tokio::spawn(run_remote(
         queue.clone(),
-        link::dial(endpoint),
+        dial(endpoint),
         url.to_owned(),
         Hello {
             agent_id: format!("{node}-{}", std::process::id()),

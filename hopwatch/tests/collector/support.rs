@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch::proto::{
+use hopwatch_proto::{
     flow::{Flow, Layer4, Tcp, Verdict, layer4},
     observer::{
         GetFlowsRequest, GetFlowsResponse, ServerStatusRequest, ServerStatusResponse,
@@ -17,14 +17,14 @@ use hopwatch::proto::{
     },
 };
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
 
 /// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
 }
 
-pub struct Collector {
+pub(crate) struct Collector {
     child: Option<Child>,
     pub port: u16,
     stderr: Arc<Mutex<String>>,
@@ -32,7 +32,7 @@ pub struct Collector {
 
 impl Collector {
     /// Starts `hopwatch collector` on `port` with its history in `dir` and waits until it listens.
-    pub fn start(port: u16, dir: &Path, extra: &[&str]) -> Self {
+    pub(crate) fn start(port: u16, dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args(["collector", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
@@ -59,16 +59,16 @@ impl Collector {
         c
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().expect("kill the collector");
             c.wait().expect("reap the collector");
@@ -76,7 +76,7 @@ impl Collector {
     }
 
     /// SIGTERM and wait for a clean exit.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let pid = i32::try_from(c.id()).unwrap();
             // SAFETY: signalling a child we started and have not reaped.
@@ -93,13 +93,13 @@ impl Drop for Collector {
     }
 }
 
-pub fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     i64::try_from(d.as_nanos()).unwrap()
 }
 
 /// A TCP flow with a unique id.
-pub fn flow(node: &str, seq: i64, time_ns: i64, port: u32) -> GetFlowsResponse {
+pub(crate) fn flow(node: &str, seq: i64, time_ns: i64, port: u32) -> GetFlowsResponse {
     let ts = prost_types::Timestamp {
         seconds: time_ns / 1_000_000_000,
         nanos: i32::try_from(time_ns % 1_000_000_000).unwrap(),
@@ -112,7 +112,7 @@ pub fn flow(node: &str, seq: i64, time_ns: i64, port: u32) -> GetFlowsResponse {
             uuid: format!("{node}-{seq}"),
             verdict: Verdict::Forwarded.into(),
             node_name: node.to_owned(),
-            ip: Some(hopwatch::proto::flow::Ip {
+            ip: Some(hopwatch_proto::flow::Ip {
                 source: "10.0.0.1".into(),
                 destination: "10.0.0.2".into(),
                 ip_version: 1,
@@ -130,11 +130,11 @@ pub fn flow(node: &str, seq: i64, time_ns: i64, port: u32) -> GetFlowsResponse {
     }
 }
 
-pub async fn client(url: &str) -> Option<ObserverClient<tonic::transport::Channel>> {
+pub(crate) async fn client(url: &str) -> Option<ObserverClient<tonic::transport::Channel>> {
     ObserverClient::connect(url.to_owned()).await.ok()
 }
 
-pub async fn status(url: &str) -> Option<ServerStatusResponse> {
+pub(crate) async fn status(url: &str) -> Option<ServerStatusResponse> {
     client(url)
         .await?
         .server_status(ServerStatusRequest {})
@@ -143,7 +143,7 @@ pub async fn status(url: &str) -> Option<ServerStatusResponse> {
         .map(tonic::Response::into_inner)
 }
 
-pub async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {
+pub(crate) async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {
     let mut c = client(url).await.expect("connect to the collector");
     let mut s = c.get_flows(GetFlowsRequest::default()).await.expect("GetFlows").into_inner();
     let mut out = Vec::new();
@@ -155,7 +155,7 @@ pub async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {
 
 /// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
 /// thread of its own.
-pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+pub(crate) fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
     let stderr = Arc::new(Mutex::new(String::new()));
     let err = child.stderr.take().expect("stderr piped");
     std::thread::spawn({

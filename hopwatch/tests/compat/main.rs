@@ -1,6 +1,10 @@
 //! Wire compatibility: a client generated from `proto/` by another toolchain (Python
 //! grpcio-tools, installed by `cargo xtask test` into `target/compat-venv`) calls the collector's
 //! Hubble API and decodes the flows.
+#![allow(
+    unused_crate_dependencies,
+    reason = "a test or bench target links every dependency of the package; the lint is for the library"
+)]
 
 #[path = "../collector/support.rs"]
 #[allow(dead_code, reason = "shared with the collector tests; this one uses a part")]
@@ -8,9 +12,12 @@ mod support;
 
 use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
 
-use hopwatch::{
-    proto::{flow::Verdict, hopwatch::v1::Hello, observer::get_flows_response::ResponseTypes},
-    sink::{Backoff, Batching, link, queue::Queue},
+use hopwatch::harness::{Batching, Queue, dial, run_remote};
+use hopwatch_proto::{
+    backoff::Backoff,
+    flow::Verdict,
+    hopwatch::v1::Hello,
+    observer::get_flows_response::ResponseTypes,
     tls::{ClientTls, Target},
 };
 use tokio_util::sync::CancellationToken;
@@ -62,9 +69,9 @@ async fn a_grpcio_tools_client_reads_the_collector() {
     let stop = CancellationToken::new();
     let endpoint =
         Target::parse(&url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
-    let task = tokio::spawn(link::run_remote(
+    let task = tokio::spawn(run_remote(
         queue.clone(),
-        link::dial(endpoint),
+        dial(endpoint),
         url.clone(),
         Hello {
             agent_id: "py-agent".into(),
@@ -84,7 +91,7 @@ async fn a_grpcio_tools_client_reads_the_collector() {
             if k % 20 == 0 {
                 flow.verdict = Verdict::Dropped.into();
             }
-            flow.tcp_stats = Some(hopwatch::proto::flow::TcpStats {
+            flow.tcp_stats = Some(hopwatch_proto::flow::TcpStats {
                 connect_latency_ns: 1000 + u64::try_from(k).unwrap(),
                 ..Default::default()
             });

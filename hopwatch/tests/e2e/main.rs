@@ -1,6 +1,10 @@
 //! Privileged end-to-end tests: the real agent binary, real kernel hooks, real peer processes in
 //! network namespaces this test creates. Each test asserts what a user would see in
 //! `hopwatch agent -o json`. Run as root, serially (`cargo xtask test` does both).
+#![allow(
+    unused_crate_dependencies,
+    reason = "a test or bench target links every dependency of the package; the lint is for the library"
+)]
 
 mod support;
 

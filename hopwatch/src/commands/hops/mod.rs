@@ -29,7 +29,9 @@ use hopwatch_hops::{
 use hopwatch_proto::flow::Flow;
 use serde::Serialize;
 
-pub(super) use self::render::write_summary;
+#[cfg(test)]
+use self::render::table;
+use self::render::write_summary;
 use crate::metrics::wall_now_ns;
 
 /// Slots of the `--watch` window (its resolution is the window / this).
@@ -163,7 +165,12 @@ pub(super) struct Presentation {
 
 /// Rows (or paths) of `rows`, filtered, sorted and cut as asked.
 #[must_use]
-pub(super) fn present(mut rows: Vec<HopRow>, window_s: f64, flows: u64, p: &Presentation) -> Summary {
+pub(super) fn present(
+    mut rows: Vec<HopRow>,
+    window_s: f64,
+    flows: u64,
+    p: &Presentation,
+) -> Summary {
     if p.path {
         let mut ps: Vec<Path> = paths(&rows)
             .into_iter()

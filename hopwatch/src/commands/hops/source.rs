@@ -1,10 +1,7 @@
 //! Where `hopwatch hops` gets its flows: JSON flow lines (a file, a growing file, standard input)
 //! or a collector's `GetFlows`.
 
-use std::{
-    io::BufRead,
-    sync::mpsc,
-};
+use std::{io::BufRead, sync::mpsc};
 
 use hopwatch_proto::{
     flow::{Flow, FlowFilter},

@@ -45,7 +45,10 @@ pub(super) struct Connection {
 impl Connection {
     /// The collector at `server` (host:port or a URL) as these flags reach it. An error is the
     /// user's to fix (a bad address, certificate files, plaintext off loopback): exit status 2.
-    pub(super) fn endpoint(&self, server: &str) -> Result<(Target, tonic::transport::Endpoint), String> {
+    pub(super) fn endpoint(
+        &self,
+        server: &str,
+    ) -> Result<(Target, tonic::transport::Endpoint), String> {
         let tls = ClientTls {
             ca: self.tls_ca_cert_files.clone(),
             cert: self.tls_client_cert_file.clone(),
@@ -333,9 +336,9 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
 /// `-o`: every printer format except `none`, which only the agent has.
 fn query_format(s: &str) -> Result<Format, String> {
     match <Format as clap::ValueEnum>::from_str(s, true) {
-        Ok(Format::None) | Err(_) => Err(format!(
-            "{s:?} is not one of compact, dict, table, json, jsonpb"
-        )),
+        Ok(Format::None) | Err(_) => {
+            Err(format!("{s:?} is not one of compact, dict, table, json, jsonpb"))
+        }
         Ok(f) => Ok(f),
     }
 }

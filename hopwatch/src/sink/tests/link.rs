@@ -6,15 +6,15 @@ use std::{
     time::Duration,
 };
 
+use hopwatch_proto::{flow::LostEventSource, hopwatch::v1::Hello, observer::GetFlowsRequest};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::{sink::{
-        Backoff, Batching,
-        link::{Dial, run_remote},
-        queue::Queue,
-    }};
-use hopwatch_proto::{flow::LostEventSource, hopwatch::v1::Hello, observer::GetFlowsRequest};
+use crate::sink::{
+    Backoff, Batching,
+    link::{Dial, run_remote},
+    queue::Queue,
+};
 
 /// A dial function whose target can be swapped (collector restarts).
 fn swappable(pipe: &Arc<Mutex<Arc<Pipe>>>) -> Dial {

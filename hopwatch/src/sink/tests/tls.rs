@@ -4,14 +4,17 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use hopwatch_collector::serve;
+use hopwatch_proto::{
+    backoff::Backoff,
+    observer::{GetFlowsRequest, ServerStatusRequest, observer_client::ObserverClient},
+    tls::{ClientTls, ServerTlsArgs, Target, TlsError, explain},
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::{sink::{Backoff, Batching, link, queue::Queue}};
-use hopwatch_collector::serve;
-use hopwatch_proto::observer::{GetFlowsRequest, ServerStatusRequest, observer_client::ObserverClient};
-use hopwatch_proto::tls::{ClientTls, ServerTlsArgs, Target, TlsError, explain};
+use crate::sink::{Batching, link, queue::Queue};
 
 struct Pki {
     dir: tempfile::TempDir,

@@ -17,11 +17,11 @@ use super::{CountingAgent, MIB, Metrics, RssSampler, Tally, accounting_gaps, in_
 use crate::support::{Pod, Testbed, serial};
 
 /// Issue 7's memory target for the agent.
-pub const RSS_LIMIT_KIB: u64 = 128 * MIB;
+pub(super) const RSS_LIMIT_KIB: u64 = 128 * MIB;
 
 /// What a flood did.
 #[derive(Debug, Clone, Copy)]
-pub struct FloodReport {
+pub(super) struct FloodReport {
     /// Connections established (then closed).
     pub connected: u64,
     /// Connection attempts refused or failed otherwise.
@@ -31,20 +31,20 @@ pub struct FloodReport {
 
 impl FloodReport {
     #[expect(clippy::cast_precision_loss, reason = "a rate for messages")]
-    pub fn rate(&self) -> f64 {
+    pub(super) fn rate(&self) -> f64 {
         (self.connected + self.failed) as f64 / self.elapsed.as_secs_f64()
     }
 }
 
 /// Listeners in `pod` on `ports` that accept and close every connection until dropped.
-pub struct AcceptSink {
+pub(super) struct AcceptSink {
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl AcceptSink {
-    pub fn start(pod: &Pod, ports: &[u16]) -> Self {
+    pub(super) fn start(pod: &Pod, ports: &[u16]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -82,7 +82,7 @@ impl AcceptSink {
         Self { stop, accepted, threads }
     }
 
-    pub fn accepted(&self) -> u64 {
+    pub(super) fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
     }
 }
@@ -98,14 +98,14 @@ impl Drop for AcceptSink {
 
 /// Widens the client pod's ephemeral port range and lets it reuse TIME_WAIT ports, so that a
 /// flood is bounded by the test's count rather than by free ports.
-pub fn prepare_client(pod: &Pod) {
+pub(super) fn prepare_client(pod: &Pod) {
     pod.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"]);
     pod.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"]);
 }
 
 /// Opens and closes up to `total` connections from `client` to `server` (one thread per port),
 /// for at most `limit`. Refused or failed attempts are counted, not retried.
-pub fn connect_flood(
+pub(super) fn connect_flood(
     client: &Pod,
     server: Ipv4Addr,
     ports: &[u16],
@@ -146,7 +146,7 @@ pub fn connect_flood(
 
 /// Checks the agent's accounting at a moment it has caught up ([`CountingAgent::settle`]) and
 /// prints the figures.
-pub fn settle_and_check(agent: &CountingAgent) -> (Metrics, Tally) {
+pub(super) fn settle_and_check(agent: &CountingAgent) -> (Metrics, Tally) {
     let (m, t) = agent.settle(Duration::from_secs(30));
     assert!(m.kernel("events_sent") > 0, "the kernel counted no events at all:\n{}", m.0);
     assert!(accounting_gaps(&m, &t).is_empty());
@@ -192,7 +192,7 @@ fn flood_classifier(client: Ipv4Addr, server: Ipv4Addr) -> super::Classifier {
 /// programs detached and the ring buffer drained, every event the kernel put in the ring buffer
 /// was read, and what did not fit matches the `lost_events` lines it printed. Returns how long
 /// the exit took.
-pub fn stop_and_check_summary(agent: &mut CountingAgent) -> Duration {
+pub(super) fn stop_and_check_summary(agent: &mut CountingAgent) -> Duration {
     let t0 = Instant::now();
     let status = agent.stop_with(libc::SIGTERM, Duration::from_secs(10));
     let took = t0.elapsed();

@@ -29,14 +29,14 @@ use crate::support::{
 };
 
 /// What a classifier makes of one flow line: its class, and whether to keep it parsed.
-pub type Verdict = Option<(&'static str, bool)>;
+pub(crate) type Verdict = Option<(&'static str, bool)>;
 
 /// Picks the flow lines a test counts (by substring; see the module comment).
-pub type Classifier = Box<dyn Fn(&str) -> Verdict + Send>;
+pub(crate) type Classifier = Box<dyn Fn(&str) -> Verdict + Send>;
 
 /// What the agent printed so far, summed.
 #[derive(Debug, Default, Clone)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub lines: u64,
     /// `num_events_lost` summed by `source` (`PERF_EVENT_RING_BUFFER`, ...).
     pub lost: BTreeMap<String, u64>,
@@ -47,21 +47,21 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn class(&self, name: &str) -> u64 {
+    pub(crate) fn class(&self, name: &str) -> u64 {
         self.classes.get(name).copied().unwrap_or(0)
     }
 
-    pub fn lost(&self, source: &str) -> u64 {
+    pub(crate) fn lost(&self, source: &str) -> u64 {
         self.lost.get(source).copied().unwrap_or(0)
     }
 
-    pub fn lost_total(&self) -> u64 {
+    pub(crate) fn lost_total(&self) -> u64 {
         self.lost.values().sum()
     }
 }
 
 /// `hopwatch agent -o json` with its output counted rather than kept.
-pub struct CountingAgent {
+pub(crate) struct CountingAgent {
     child: Option<Child>,
     pub pid: u32,
     tally: Arc<Mutex<Tally>>,
@@ -71,7 +71,7 @@ pub struct CountingAgent {
 impl CountingAgent {
     /// Starts the agent with `extra` arguments and waits until its hooks are attached and its
     /// metrics are served.
-    pub fn start(extra: &[&str], classify: Classifier) -> Self {
+    pub(crate) fn start(extra: &[&str], classify: Classifier) -> Self {
         let mut child = Command::new(BIN)
             .args(["agent", "-o", "json", "--node-name", "e2e-node"])
             .args(["--metrics-addr", "127.0.0.1:0"])
@@ -94,12 +94,12 @@ impl CountingAgent {
         agent
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
     /// Waits until stderr holds `text`; panics with stderr if the agent exits or time runs out.
-    pub fn wait_for_stderr(&mut self, text: &str, timeout: Duration) {
+    pub(crate) fn wait_for_stderr(&mut self, text: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.stderr().contains(text) {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
@@ -115,23 +115,23 @@ impl CountingAgent {
     }
 
     /// Panics with stderr if the agent has exited.
-    pub fn assert_running(&mut self) {
+    pub(crate) fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
             panic!("the agent exited ({status}):\n{}", self.stderr());
         }
     }
 
-    pub fn tally(&self) -> Tally {
+    pub(crate) fn tally(&self) -> Tally {
         self.tally.lock().unwrap().clone()
     }
 
     /// The agent's anonymous resident memory now (KiB, [`rss_kib`]).
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         rss_kib(self.pid).unwrap_or_else(|| panic!("the agent is gone:\n{}", self.stderr()))
     }
 
     /// Where the agent serves `/metrics`.
-    pub fn metrics_addr(&self) -> SocketAddr {
+    pub(crate) fn metrics_addr(&self) -> SocketAddr {
         self.stderr()
             .lines()
             .find_map(|l| l.split("metrics on http://").nth(1)?.split('/').next()?.parse().ok())
@@ -139,7 +139,7 @@ impl CountingAgent {
     }
 
     /// The `/metrics` exposition now.
-    pub fn scrape(&self) -> Metrics {
+    pub(crate) fn scrape(&self) -> Metrics {
         Metrics(http_get(self.metrics_addr(), "/metrics"))
     }
 
@@ -148,7 +148,7 @@ impl CountingAgent {
     /// loss in `/metrics` was also printed as a `lost_events` line. Other processes on the host
     /// keep the agent's totals moving a little, so this is a moment the agent has caught up,
     /// not a standstill. Returns that moment's scrape and tally; panics with the last ones.
-    pub fn settle(&self, timeout: Duration) -> (Metrics, Tally) {
+    pub(crate) fn settle(&self, timeout: Duration) -> (Metrics, Tally) {
         let deadline = Instant::now() + timeout;
         let mut last_classes = self.tally().classes;
         // Two looks in a row with the accounting closed and the flows unchanged: a single one
@@ -179,7 +179,7 @@ impl CountingAgent {
     }
 
     /// Sends `signal` and waits (up to `timeout`) for the exit status.
-    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+    pub(crate) fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
         let child = self.child.take().expect("agent running");
         signal_and_wait(child, signal, timeout, || self.stderr())
     }
@@ -223,12 +223,12 @@ fn count_lines(out: impl std::io::Read, classify: &Classifier, tally: &Mutex<Tal
 
 /// A `/metrics` exposition.
 #[derive(Debug, Clone)]
-pub struct Metrics(pub String);
+pub(crate) struct Metrics(pub String);
 
 impl Metrics {
     /// The value of `name` in the series whose labels include `labels` (summed over the series
     /// that match); 0 when there is none.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.0
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -243,7 +243,7 @@ impl Metrics {
     }
 
     /// A counter as an integer.
-    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+    pub(crate) fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         let v = self.value(name, labels);
         assert!(v >= 0.0 && v.fract() == 0.0, "{name} {labels:?} is not a count: {v}");
         #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "checked")]
@@ -252,18 +252,18 @@ impl Metrics {
     }
 
     /// A kernel counter (`hopwatch_kernel_events_total{event}`).
-    pub fn kernel(&self, event: &str) -> u64 {
+    pub(crate) fn kernel(&self, event: &str) -> u64 {
         self.count("hopwatch_kernel_events_total", &[("event", event)])
     }
 
     /// `hopwatch_lost_events_total{source}`.
-    pub fn lost(&self, source: &str) -> u64 {
+    pub(crate) fn lost(&self, source: &str) -> u64 {
         self.count("hopwatch_lost_events_total", &[("source", source)])
     }
 }
 
 /// The agent's accounting identities that do not hold in `m` and `t` (empty when all do).
-pub fn accounting_gaps(m: &Metrics, t: &Tally) -> Vec<String> {
+pub(crate) fn accounting_gaps(m: &Metrics, t: &Tally) -> Vec<String> {
     let sent = m.kernel("events_sent");
     let read = m.count("hopwatch_events_read_total", &[("source", "kernel_ring_buffer")]);
     let full = m.kernel("ringbuf_full");
@@ -295,7 +295,7 @@ pub fn accounting_gaps(m: &Metrics, t: &Tally) -> Vec<String> {
 }
 
 /// `GET path` on loopback; the body. Panics on failure.
-pub fn http_get(addr: SocketAddr, path: &str) -> String {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("cannot reach {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
@@ -310,21 +310,21 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
 /// Memory `pid` allocated and touched (KiB, `RssAnon`: heap, stacks), `None` once it is gone.
 /// The file-backed part of the resident set is left out: the tests run the unoptimised,
 /// unstripped binary, whose mapped text alone is tens of MiB a release build does not have.
-pub fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("RssAnon:")?.split_whitespace().next()?.parse().ok())
 }
 
 /// Samples `pid`'s anonymous resident memory ([`rss_kib`]) every 100 ms until dropped; keeps
 /// the peak.
-pub struct RssSampler {
+pub(crate) struct RssSampler {
     peak: Arc<Mutex<u64>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl RssSampler {
-    pub fn start(pid: u32) -> Self {
+    pub(crate) fn start(pid: u32) -> Self {
         let peak = Arc::new(Mutex::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = std::thread::spawn({
@@ -343,7 +343,7 @@ impl RssSampler {
     }
 
     /// The highest resident memory seen (KiB).
-    pub fn peak_kib(&self) -> u64 {
+    pub(crate) fn peak_kib(&self) -> u64 {
         *self.peak.lock().unwrap()
     }
 }
@@ -358,7 +358,7 @@ impl Drop for RssSampler {
 }
 
 /// Runs `f` on a new thread inside `pod`'s network namespace (setns affects only that thread).
-pub fn in_netns<T: Send + 'static>(
+pub(crate) fn in_netns<T: Send + 'static>(
     pod: &Pod,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
@@ -372,4 +372,4 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
-pub const MIB: u64 = 1024;
+pub(crate) const MIB: u64 = 1024;

@@ -34,7 +34,7 @@ struct CgroupTree {
 
 impl CgroupTree {
     fn new() -> Self {
-        let root = hopwatch::identity::cgroup::cgroup2_mount()
+        let root = hopwatch::harness::cgroup2_mount()
             .expect("a cgroup v2 hierarchy is mounted (the agent's sock_ops program needs it too)");
         let top = root.join(format!("hwtest-{}", std::process::id()));
         let _ = std::fs::create_dir(&top);

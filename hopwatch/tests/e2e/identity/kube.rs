@@ -11,10 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch::identity::kube::{
-    KubeSource, PodScope, Source,
-    store::{Kind, KubeState},
-};
+use hopwatch::harness::{Kind, KubeSource, KubeState, PodScope, Source};
 use serde_json::{Value, json};
 
 use super::{
@@ -49,7 +46,7 @@ fn pod_name(state: &KubeState, addr: &str, at_ms: i64) -> Option<String> {
 }
 
 fn workload(state: &KubeState, addr: &str) -> Option<(String, String)> {
-    let p = state.pod_by_ip(ip(addr), hopwatch::identity::now_ms())?;
+    let p = state.pod_by_ip(ip(addr), hopwatch_proto::clock::now_ms())?;
     state.workloads(p).first().map(|w| (w.kind.clone(), w.name.clone()))
 }
 
@@ -125,7 +122,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
             .iter()
             .all(|k| s.synced.contains(k))
     });
-    let now = hopwatch::identity::now_ms();
+    let now = hopwatch_proto::clock::now_ms();
     {
         let s = state.read().unwrap();
         assert_eq!(pod_name(&s, "10.77.0.5", now).as_deref(), Some("api-7d9f-x"));
@@ -151,7 +148,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
     );
 
     // Churn: a rollout replaces api-7d9f-x by api-7d9f-y on the same address; an HPA adds z.
-    let before_replace = hopwatch::identity::now_ms();
+    let before_replace = hopwatch_proto::clock::now_ms();
     std::thread::sleep(Duration::from_millis(20));
     api.remove(Res::Pods, "shop", "api-7d9f-x");
     let y = with_created(
@@ -184,7 +181,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
     });
     {
         let s = state.read().unwrap();
-        let later = hopwatch::identity::now_ms() + 1000;
+        let later = hopwatch_proto::clock::now_ms() + 1000;
         assert_eq!(
             pod_name(&s, "10.77.0.5", later).as_deref(),
             Some("api-7d9f-y"),
@@ -227,7 +224,7 @@ fn metadata_layer_follows_pods_services_owners_and_watch_restarts() {
     assert!(api.lists(Res::Pods) > pod_lists, "pods were listed again after 410 Gone");
     {
         let s = state.read().unwrap();
-        let later = hopwatch::identity::now_ms() + 1000;
+        let later = hopwatch_proto::clock::now_ms() + 1000;
         assert_eq!(pod_name(&s, "10.77.0.10", later).as_deref(), Some("api-7d9f-w"));
         // z is gone from the live set (its uid stays resolvable for the grace period).
         assert!(s.pod_count() == 4, "live pods: backup, pg, y, w; got {}", s.pod_count());

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 /// One kind of object the server holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Res {
+pub(super) enum Res {
     Pods,
     Services,
     EndpointSlices,
@@ -83,7 +83,7 @@ struct State {
 }
 
 /// The server and its objects; stops when dropped.
-pub struct KubeApi {
+pub(super) struct KubeApi {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     _runtime: tokio::runtime::Runtime,
@@ -144,20 +144,20 @@ impl State {
 }
 
 /// Changes made to the server while its watches are down (no events for them).
-pub struct Silent<'a>(&'a mut State);
+pub(super) struct Silent<'a>(&'a mut State);
 
 impl Silent<'_> {
-    pub fn put(&mut self, res: Res, obj: Value) {
+    pub(super) fn put(&mut self, res: Res, obj: Value) {
         self.0.put(res, obj, false);
     }
 
-    pub fn remove(&mut self, res: Res, namespace: &str, name: &str) {
+    pub(super) fn remove(&mut self, res: Res, namespace: &str, name: &str) {
         self.0.remove(res, namespace, name, false);
     }
 }
 
 impl KubeApi {
-    pub fn start() -> Self {
+    pub(super) fn start() -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -190,7 +190,7 @@ impl KubeApi {
     }
 
     /// A kubeconfig pointing at this server (plain HTTP on loopback, no credentials).
-    pub fn kubeconfig(&self) -> String {
+    pub(super) fn kubeconfig(&self) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\nusers:\n- name: test\n  user: {{}}\ncurrent-context: test\n",
             self.addr
@@ -198,17 +198,17 @@ impl KubeApi {
     }
 
     /// Adds or replaces an object, telling the watches.
-    pub fn put(&self, res: Res, obj: Value) {
+    pub(super) fn put(&self, res: Res, obj: Value) {
         self.state.lock().unwrap().put(res, obj, true);
     }
 
-    pub fn remove(&self, res: Res, namespace: &str, name: &str) {
+    pub(super) fn remove(&self, res: Res, namespace: &str, name: &str) {
         self.state.lock().unwrap().remove(res, namespace, name, true);
     }
 
     /// Compacts history: every open watch ends with `410 Gone` and no resume point older than
     /// now is accepted; `changes` happen in between, seen by clients only through a new list.
-    pub fn expire(&self, changes: impl FnOnce(&mut Silent<'_>)) {
+    pub(super) fn expire(&self, changes: impl FnOnce(&mut Silent<'_>)) {
         let mut s = self.state.lock().unwrap();
         let gone = json!({
             "type": "ERROR",
@@ -226,7 +226,7 @@ impl KubeApi {
     }
 
     /// Requests so far whose path starts with `res`'s and that are lists (not watches).
-    pub fn lists(&self, res: Res) -> usize {
+    pub(super) fn lists(&self, res: Res) -> usize {
         self.state
             .lock()
             .unwrap()
@@ -239,7 +239,7 @@ impl KubeApi {
             .count()
     }
 
-    pub fn log(&self) -> Vec<String> {
+    pub(super) fn log(&self) -> Vec<String> {
         self.state.lock().unwrap().log.clone()
     }
 }
@@ -341,7 +341,7 @@ fn handle(
 
 // ---- objects as the API serves them ----
 
-pub fn pod(
+pub(super) fn pod(
     namespace: &str,
     name: &str,
     uid: &str,
@@ -373,7 +373,7 @@ pub fn pod(
     })
 }
 
-pub fn owned(namespace: &str, name: &str, owner: Option<(&str, &str)>) -> Value {
+pub(super) fn owned(namespace: &str, name: &str, owner: Option<(&str, &str)>) -> Value {
     let mut meta = json!({"name": name, "namespace": namespace, "uid": format!("{name}-uid")});
     if let Some((kind, owner_name)) = owner {
         meta["ownerReferences"] = json!([{
@@ -383,7 +383,7 @@ pub fn owned(namespace: &str, name: &str, owner: Option<(&str, &str)>) -> Value 
     json!({ "metadata": meta, "spec": {} })
 }
 
-pub fn service(namespace: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
+pub(super) fn service(namespace: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
     json!({
         "metadata": {"name": name, "namespace": namespace, "uid": format!("{name}-svc")},
         "spec": {
@@ -393,7 +393,7 @@ pub fn service(namespace: &str, name: &str, cluster_ip: &str, port: u16) -> Valu
     })
 }
 
-pub fn slice(namespace: &str, service: &str, port: u16, backends: &[(&str, &str)]) -> Value {
+pub(super) fn slice(namespace: &str, service: &str, port: u16, backends: &[(&str, &str)]) -> Value {
     json!({
         "metadata": {
             "name": format!("{service}-x7k2p"), "namespace": namespace,

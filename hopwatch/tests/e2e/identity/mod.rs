@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::support::{Pod, Testbed, agent::Agent};
 
 /// Waits until the agent's identity layer has started (it starts after the hooks attach).
-pub fn wait_identity(agent: &Agent) -> String {
+pub(crate) fn wait_identity(agent: &Agent) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let err = agent.stderr();
@@ -50,9 +50,9 @@ while True:
 "#;
 
 /// Peers (`ip:port`) a server saw, filled as they connect.
-pub type Peers = Arc<Mutex<Vec<String>>>;
+pub(crate) type Peers = Arc<Mutex<Vec<String>>>;
 
-pub fn accept_logger(tb: &mut Testbed, pod: &Pod, port: u16) -> Peers {
+pub(crate) fn accept_logger(tb: &mut Testbed, pod: &Pod, port: u16) -> Peers {
     let mut child = pod
         .command(&["python3", "-c", ACCEPT_LOGGER, &port.to_string()])
         .stdout(Stdio::piped())
@@ -90,7 +90,7 @@ print(json.dumps(ports), flush=True)
 "#;
 
 /// Runs the connector in `pod` (its pid and the local ports it used).
-pub fn connect_many(pod: &Pod, ip: IpAddr, port: u16, n: usize) -> (u32, Vec<u16>) {
+pub(crate) fn connect_many(pod: &Pod, ip: IpAddr, port: u16, n: usize) -> (u32, Vec<u16>) {
     let child = pod
         .command(&["python3", "-c", CONNECTOR, &ip.to_string(), &port.to_string(), &n.to_string()])
         .stdout(Stdio::piped())
@@ -105,7 +105,7 @@ pub fn connect_many(pod: &Pod, ip: IpAddr, port: u16, n: usize) -> (u32, Vec<u16
 }
 
 /// Waits until `peers` holds `n` entries (the servers log each connection as they accept it).
-pub fn wait_peers(peers: &[&Peers], n: usize) {
+pub(crate) fn wait_peers(peers: &[&Peers], n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while peers.iter().map(|p| p.lock().unwrap().len()).sum::<usize>() < n {
         assert!(Instant::now() < deadline, "servers logged fewer than {n} connections");
@@ -114,7 +114,7 @@ pub fn wait_peers(peers: &[&Peers], n: usize) {
 }
 
 /// `labels` of an endpoint as strings.
-pub fn labels(ep: &Value) -> Vec<String> {
+pub(crate) fn labels(ep: &Value) -> Vec<String> {
     ep["labels"]
         .as_array()
         .into_iter()
@@ -124,16 +124,16 @@ pub fn labels(ep: &Value) -> Vec<String> {
 }
 
 /// A temporary file removed on drop.
-pub struct TempFile(pub std::path::PathBuf);
+pub(crate) struct TempFile(pub std::path::PathBuf);
 
 impl TempFile {
-    pub fn new(name: &str, contents: &str) -> Self {
+    pub(crate) fn new(name: &str, contents: &str) -> Self {
         let path = std::env::temp_dir().join(format!("hw-{}-{name}", std::process::id()));
         std::fs::write(&path, contents).expect("write temp file");
         Self(path)
     }
 
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.0.to_str().expect("UTF-8 temp path")
     }
 }

@@ -13,14 +13,14 @@ use std::{
 
 use serde_json::Value;
 
-pub struct Prometheus {
+pub(super) struct Prometheus {
     child: Child,
     pub addr: SocketAddr,
     dir: PathBuf,
 }
 
 /// A free loopback port (bound and released; the small race is acceptable in a serial test).
-pub fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind a loopback port")
@@ -29,7 +29,7 @@ pub fn free_port() -> u16 {
 
 impl Prometheus {
     /// Starts Prometheus scraping `target` every second, with `rules` loaded; waits until ready.
-    pub fn start(target: SocketAddr, rules: &Path) -> Self {
+    pub(super) fn start(target: SocketAddr, rules: &Path) -> Self {
         let dir =
             std::env::temp_dir().join(format!("hopwatch-e2e-prometheus-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -65,18 +65,18 @@ impl Prometheus {
         }
     }
 
-    pub fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
 
     /// GET `path` → JSON `data`, panicking unless the API says success.
-    pub fn get(&self, path: &str) -> Value {
+    pub(super) fn get(&self, path: &str) -> Value {
         let (code, body) = http(self.addr, "GET", path, "").expect("query prometheus");
         api_data(code, &body, path)
     }
 
     /// An instant query at `time` (Unix seconds): `Ok(result)` or `Err(error)` from the API.
-    pub fn query(&self, expr: &str, time: f64) -> Result<Vec<Value>, String> {
+    pub(super) fn query(&self, expr: &str, time: f64) -> Result<Vec<Value>, String> {
         let form = format!("query={}&time={time:.3}", urlencode(expr));
         let (code, body) =
             http(self.addr, "POST", "/api/v1/query", &form).expect("query prometheus");
@@ -106,7 +106,7 @@ impl Drop for Prometheus {
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
-pub fn urlencode(s: &str) -> String {
+pub(super) fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 2);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -119,7 +119,7 @@ pub fn urlencode(s: &str) -> String {
 }
 
 /// A minimal HTTP/1.1 exchange on loopback (`Connection: close`): (status, body).
-pub fn http(
+pub(super) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,

@@ -9,9 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use hopwatch::{
-    metrics::{MetricsAddr, MetricsArgs, Telemetry, wall_now_ns},
-    proto::flow::{
+use hopwatch::harness::{MetricsAddr, MetricsArgs, Telemetry};
+use hopwatch_proto::{
+    clock::wall_now_ns,
+    flow::{
         self as pb, Dns, Flow, FlowType, Ip, Layer4, Layer7, TrafficDirection, Verdict,
         layer4::Protocol, layer7::Record,
     },

@@ -10,9 +10,9 @@ use std::{
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
 
-pub struct Agent {
+pub(crate) struct Agent {
     child: Option<Child>,
     lines: Arc<Mutex<Vec<Value>>>,
     stderr: Arc<Mutex<String>>,
@@ -20,7 +20,7 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `hopwatch agent -o json <extra>` and waits until its hooks are attached.
-    pub fn start(extra: &[&str]) -> Self {
+    pub(crate) fn start(extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             // Port 0: tests (and other agents on this machine) never compete for the metrics port;
             // the chosen address is printed on stderr ([`Agent::metrics_addr`]).
@@ -65,7 +65,7 @@ impl Agent {
 
     /// Where the agent serves `/metrics` (from its start-up line on stderr, which follows the
     /// hooks line; waits up to 10 s for it).
-    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+    pub(crate) fn metrics_addr(&self) -> std::net::SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let err = self.stderr();
@@ -83,7 +83,7 @@ impl Agent {
         }
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
@@ -92,17 +92,22 @@ impl Agent {
     }
 
     /// Every flow (the `flow` member of each response) seen so far.
-    pub fn flows(&self) -> Vec<Value> {
+    pub(crate) fn flows(&self) -> Vec<Value> {
         self.lines.lock().unwrap().iter().filter_map(|v| v.get("flow").cloned()).collect()
     }
 
     /// Every response line (flows and lost-event notices) seen so far.
-    pub fn lines(&self) -> Vec<Value> {
+    pub(crate) fn lines(&self) -> Vec<Value> {
         self.lines.lock().unwrap().clone()
     }
 
     /// Waits up to `timeout` for a flow matching `pred`; panics with the flows seen otherwise.
-    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(f) = self.flows().into_iter().find(|f| pred(f)) {
@@ -123,7 +128,7 @@ impl Agent {
     }
 
     /// Sends `signal` and waits for exit; returns the exit status.
-    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
+    pub(crate) fn stop_with(&mut self, signal: i32, timeout: Duration) -> ExitStatus {
         let child = self.child.take().expect("agent running");
         signal_and_wait(child, signal, timeout, || self.stderr())
     }
@@ -131,7 +136,7 @@ impl Agent {
 
 /// Sends `signal` to an agent this test started and waits (up to `timeout`) for its exit
 /// status; past that, kills it and panics with its stderr.
-pub fn signal_and_wait(
+pub(crate) fn signal_and_wait(
     mut child: Child,
     signal: i32,
     timeout: Duration,
@@ -163,19 +168,19 @@ impl Drop for Agent {
 }
 
 /// Flow field helpers for assertions.
-pub fn ip_src(f: &Value) -> &str {
+pub(crate) fn ip_src(f: &Value) -> &str {
     f["IP"]["source"].as_str().unwrap_or("")
 }
-pub fn ip_dst(f: &Value) -> &str {
+pub(crate) fn ip_dst(f: &Value) -> &str {
     f["IP"]["destination"].as_str().unwrap_or("")
 }
-pub fn socket_event(f: &Value) -> &str {
+pub(crate) fn socket_event(f: &Value) -> &str {
     f["socket_event"].as_str().unwrap_or("")
 }
-pub fn tcp_port(f: &Value, which: &str) -> u64 {
+pub(crate) fn tcp_port(f: &Value, which: &str) -> u64 {
     f["l4"]["TCP"][which].as_u64().unwrap_or(0)
 }
-pub fn u64_at(f: &Value, path: &[&str]) -> u64 {
+pub(crate) fn u64_at(f: &Value, path: &[&str]) -> u64 {
     let mut v = f;
     for p in path {
         v = &v[*p];
@@ -185,7 +190,7 @@ pub fn u64_at(f: &Value, path: &[&str]) -> u64 {
 
 /// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
 /// thread of its own.
-pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+pub(crate) fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
     let stderr = Arc::new(Mutex::new(String::new()));
     let err = child.stderr.take().expect("stderr piped");
     std::thread::spawn({

@@ -3,10 +3,10 @@
 //! loss and drop rules are injected per pod; every namespace, rule and process is removed when the
 //! [`Testbed`] is dropped, also when a test panics.
 
-pub mod agent;
-pub mod nfqueue;
-pub mod peers;
-pub mod servers;
+pub(crate) mod agent;
+pub(crate) mod nfqueue;
+pub(crate) mod peers;
+pub(crate) mod servers;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -21,13 +21,13 @@ use std::{
 use self::nfqueue::Delayer;
 
 /// Serialises the end-to-end tests: they share the host's kernel hooks and the agent binary.
-pub fn serial() -> MutexGuard<'static, ()> {
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Fails the test (never skips it) when not root.
-pub fn require_root() {
+pub(crate) fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -38,7 +38,7 @@ pub fn require_root() {
 }
 
 /// Runs a command, panicking with its output when it fails.
-pub fn run(args: &[&str]) -> Output {
+pub(crate) fn run(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -55,7 +55,7 @@ pub fn run(args: &[&str]) -> Output {
 
 /// A pod: a network namespace with one interface on the test bed's bridge.
 #[derive(Debug, Clone)]
-pub struct Pod {
+pub(crate) struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
     pub ip6: Ipv6Addr,
@@ -63,25 +63,25 @@ pub struct Pod {
 
 impl Pod {
     /// `/run/netns/<name>`, for setns(2).
-    pub fn netns_path(&self) -> String {
+    pub(crate) fn netns_path(&self) -> String {
         format!("/run/netns/{}", self.netns)
     }
 
     /// Inode of the pod's network namespace (what hopwatch reports as `netns_inode`).
-    pub fn netns_inode(&self) -> u64 {
+    pub(crate) fn netns_inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(self.netns_path()).expect("netns exists").ino()
     }
 
     /// A command that runs `args` inside the pod.
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.netns]).args(args);
         c
     }
 
     /// Runs `args` inside the pod, panicking on failure.
-    pub fn exec(&self, args: &[&str]) -> Output {
+    pub(crate) fn exec(&self, args: &[&str]) -> Output {
         let mut full = vec!["ip", "netns", "exec", &self.netns];
         full.extend_from_slice(args);
         run(&full)
@@ -90,7 +90,7 @@ impl Pod {
     /// Loses each packet `from` sends to this pod with probability `p`, on arrival (a drop
     /// in the sender's own output path is not a loss: TCP just sends the segment again later
     /// without counting a retransmission).
-    pub fn lose_from(&self, from: &Pod, p: f64) {
+    pub(crate) fn lose_from(&self, from: &Pod, p: f64) {
         let p = format!("{p}");
         self.exec(&[
             "iptables",
@@ -110,7 +110,7 @@ impl Pod {
     }
 
     /// Loads an nft ruleset (text for `nft -f -`) into this pod.
-    pub fn nft(&self, ruleset: &str) {
+    pub(crate) fn nft(&self, ruleset: &str) {
         use std::io::Write as _;
         let mut child = self
             .command(&["nft", "-f", "-"])
@@ -125,7 +125,7 @@ impl Pod {
 }
 
 /// One test bed: a switch namespace with a bridge, and pods attached to it.
-pub struct Testbed {
+pub(crate) struct Testbed {
     id: u8,
     switch: String,
     pods: Vec<Pod>,
@@ -136,7 +136,7 @@ pub struct Testbed {
 impl Testbed {
     /// Creates the switch namespace and its bridge. Addresses are `10.213.<id>.0/24` and
     /// `fd00:213:<id>::/64`, unique per test bed in this process.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         require_root();
         let spread = std::process::id() % 100 + NEXT.fetch_add(1, Ordering::Relaxed);
@@ -159,7 +159,7 @@ impl Testbed {
     }
 
     /// Adds a pod with the next free address, attached to the bridge.
-    pub fn pod(&mut self, name: &str) -> Pod {
+    pub(crate) fn pod(&mut self, name: &str) -> Pod {
         let n = u8::try_from(self.pods.len() + 2).expect("fewer than 250 pods");
         let netns = format!("hw{}-{name}", self.id);
         let _ = Command::new("ip").args(["netns", "del", &netns]).stderr(Stdio::null()).status();
@@ -196,12 +196,12 @@ impl Testbed {
     }
 
     /// Keeps a child started elsewhere (e.g. with piped output) for cleanup.
-    pub fn adopt(&mut self, child: Child) {
+    pub(crate) fn adopt(&mut self, child: Child) {
         self.children.push(child);
     }
 
     /// Delays every packet `from` sends to `to` (IPv4 and IPv6) by `delay`.
-    pub fn delay(&mut self, from: &Pod, to: &Pod, delay: Duration) {
+    pub(crate) fn delay(&mut self, from: &Pod, to: &Pod, delay: Duration) {
         static NEXT_QUEUE: AtomicU32 = AtomicU32::new(0);
         let queue = 10 + (NEXT_QUEUE.fetch_add(1, Ordering::Relaxed) % 1000) as u16;
         let delayer = Delayer::start(from.netns_path(), queue, delay)

@@ -41,7 +41,7 @@ const NLM_F_REQUEST: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
 
 /// A running delayer; stopping it accepts every packet still held.
-pub struct Delayer {
+pub(crate) struct Delayer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<io::Result<u64>>>,
 }
@@ -49,7 +49,7 @@ pub struct Delayer {
 impl Delayer {
     /// Starts a delayer bound to `queue` inside the network namespace at `netns_path`. Returns
     /// once the queue is bound, so iptables rules sending to it can be added right after.
-    pub fn start(netns_path: String, queue: u16, delay: Duration) -> io::Result<Self> {
+    pub(crate) fn start(netns_path: String, queue: u16, delay: Duration) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name(format!("nfq-delay-{queue}")).spawn({
@@ -73,7 +73,7 @@ impl Delayer {
     }
 
     /// Stops the delayer; returns how many packets it delayed.
-    pub fn stop(&mut self) -> io::Result<u64> {
+    pub(crate) fn stop(&mut self) -> io::Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take() {
             Some(t) => t.join().map_err(|_| io::Error::other("delayer thread panicked"))?,

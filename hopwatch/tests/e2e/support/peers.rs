@@ -71,12 +71,12 @@ print(json.dumps({"local_port": local_port, "received": got, "connect_s": connec
 "#;
 
 /// A running server.
-pub struct Server {
+pub(crate) struct Server {
     pub pid: u32,
 }
 
 /// Starts the TCP server in `pod` on `ip:port`, replying `reply` bytes; waits until it listens.
-pub fn server(tb: &mut Testbed, pod: &Pod, ip: IpAddr, port: u16, reply: usize) -> Server {
+pub(crate) fn server(tb: &mut Testbed, pod: &Pod, ip: IpAddr, port: u16, reply: usize) -> Server {
     let mut child: Child = pod
         .command(&["python3", "-c", SERVER, &ip.to_string(), &port.to_string(), &reply.to_string()])
         .stdout(Stdio::piped())
@@ -94,20 +94,20 @@ pub fn server(tb: &mut Testbed, pod: &Pod, ip: IpAddr, port: u16, reply: usize) 
 
 /// What the client saw.
 #[derive(Debug)]
-pub struct ClientResult {
+pub(crate) struct ClientResult {
     pub pid: u32,
     pub report: serde_json::Value,
     pub ok: bool,
 }
 
 impl ClientResult {
-    pub fn local_port(&self) -> u64 {
+    pub(crate) fn local_port(&self) -> u64 {
         self.report["local_port"].as_u64().expect("client reports its port")
     }
 }
 
 /// Runs the client in `pod` to completion.
-pub fn client(
+pub(crate) fn client(
     pod: &Pod,
     ip: IpAddr,
     port: u16,

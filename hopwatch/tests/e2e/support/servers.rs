@@ -7,10 +7,10 @@
 //!
 //! [`topology::Topology`] wires them into the chain the application-protocol tests use.
 
-pub mod databases;
-pub mod dns;
-pub mod topology;
-pub mod web;
+pub(crate) mod databases;
+pub(crate) mod dns;
+pub(crate) mod topology;
+pub(crate) mod web;
 
 use std::{
     fs::File,
@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use self::{
+pub(crate) use self::{
     databases::{MariaDb, Postgres, Redis},
     dns::{Dnsmasq, ResolvConf},
     web::{AppBackends, FastApiApp, Nginx},
@@ -33,19 +33,19 @@ use super::{Pod, run};
 
 /// How long a server may take to answer after it was started (`MariaDB` and uvicorn take about a
 /// second on a 2-core machine; the margin is for a machine busy with parallel builds).
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit after its stop signal before its group is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// A directory for one server's files, removed with everything in it on drop.
-pub struct TempDir {
+pub(crate) struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
     /// Creates `<temp_base()>/hopwatch-e2e-<kind>-<pid>-<n>`, readable by everyone so that
     /// servers running as their own system user can reach their subdirectory.
-    pub fn new(kind: &str) -> Self {
+    pub(crate) fn new(kind: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = temp_base().join(format!("hopwatch-e2e-{kind}-{}-{n}", std::process::id()));
@@ -58,18 +58,18 @@ impl TempDir {
         Self { path }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// `path/name` as a string, for command lines.
-    pub fn file(&self, name: &str) -> String {
+    pub(crate) fn file(&self, name: &str) -> String {
         self.path.join(name).to_str().expect("temp paths are UTF-8").to_owned()
     }
 
     /// Creates `path/name` owned by `user` and that user's group: `PostgreSQL` and `MariaDB` run as
     /// their own system users and must own their data directory.
-    pub fn owned_subdir(&self, name: &str, user: &str) -> String {
+    pub(crate) fn owned_subdir(&self, name: &str, user: &str) -> String {
         let dir = self.file(name);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {dir}: {e}"));
         run(&["chown", &format!("{user}:"), &dir]);
@@ -77,7 +77,7 @@ impl TempDir {
     }
 
     /// Writes `text` to `path/name`; returns the path.
-    pub fn write(&self, name: &str, text: &str) -> String {
+    pub(crate) fn write(&self, name: &str, text: &str) -> String {
         let file = self.file(name);
         std::fs::write(&file, text).unwrap_or_else(|e| panic!("cannot write {file}: {e}"));
         file
@@ -92,7 +92,7 @@ impl Drop for TempDir {
 
 /// Where servers keep their files: the tmpfs at /dev/shm when there is one, since databases
 /// fsync a lot and nothing here must outlive the test; the temp dir otherwise.
-pub fn temp_base() -> PathBuf {
+pub(crate) fn temp_base() -> PathBuf {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() { shm.to_owned() } else { std::env::temp_dir() }
 }
@@ -101,7 +101,7 @@ pub fn temp_base() -> PathBuf {
 /// (it gets an empty directory owned by `owner`). The pristine copy is made once per machine and
 /// `key` (server version and set-up) and kept under `target/e2e-templates/`: initdb and
 /// mariadb-install-db spend seconds in fsync, a copy takes a tenth of one.
-pub fn data_dir_from_template(key: &str, owner: &str, dest: &str, init: impl FnOnce(&str)) {
+pub(crate) fn data_dir_from_template(key: &str, owner: &str, dest: &str, init: impl FnOnce(&str)) {
     static BUILDING: Mutex<()> = Mutex::new(());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-templates");
     let template = root.join(key);
@@ -131,7 +131,7 @@ pub fn data_dir_from_template(key: &str, owner: &str, dest: &str, init: impl FnO
 }
 
 /// A template key part from a server's `--version` output: letters, digits, dots and dashes.
-pub fn version_key(version_output: &str) -> String {
+pub(crate) fn version_key(version_output: &str) -> String {
     let mut key: String = version_output
         .trim()
         .chars()
@@ -147,7 +147,7 @@ fn path_str(p: &Path) -> &str {
 
 /// One server process started in a pod, in a process group of its own (so that its workers and
 /// backends can be stopped with it), its stdout and stderr going to a log file.
-pub struct ServerProcess {
+pub(crate) struct ServerProcess {
     name: String,
     netns: String,
     child: Child,
@@ -158,7 +158,7 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `args` inside `pod` with `env` added to the environment; `stop_signal` is the
     /// signal that makes this server shut down quickly.
-    pub fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         pod: &Pod,
         args: &[&str],
@@ -189,12 +189,12 @@ impl ServerProcess {
     }
 
     /// The server's (main) process id.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Everything the server wrote so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read(&self.log).map_or_else(
             |e| format!("(cannot read the log {}: {e})", self.log.display()),
             |b| String::from_utf8_lossy(&b).into_owned(),
@@ -202,7 +202,7 @@ impl ServerProcess {
     }
 
     /// The server's children (nginx workers, `PostgreSQL` backends, ...).
-    pub fn children(&self) -> Vec<u32> {
+    pub(crate) fn children(&self) -> Vec<u32> {
         children_of(self.pid())
     }
 
@@ -227,7 +227,7 @@ impl ServerProcess {
 
     /// Polls `ready` until it is true; panics with the server's log if the server exits first or
     /// `READY_TIMEOUT` passes.
-    pub fn wait_until(&self, what: &str, mut ready: impl FnMut() -> bool) {
+    pub(crate) fn wait_until(&self, what: &str, mut ready: impl FnMut() -> bool) {
         let start = Instant::now();
         loop {
             if ready() {
@@ -275,7 +275,7 @@ impl Drop for ServerProcess {
 }
 
 /// Pids whose parent is `pid`, from /proc.
-pub fn children_of(pid: u32) -> Vec<u32> {
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -292,7 +292,7 @@ pub fn children_of(pid: u32) -> Vec<u32> {
 }
 
 /// Whether `args` run inside `pod` exits successfully (for readiness probes; output discarded).
-pub fn succeeds(pod: &Pod, args: &[&str]) -> bool {
+pub(crate) fn succeeds(pod: &Pod, args: &[&str]) -> bool {
     pod.command(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -302,7 +302,7 @@ pub fn succeeds(pod: &Pod, args: &[&str]) -> bool {
 }
 
 /// Runs `args` inside `pod`, returning stdout; panics with both outputs if it fails.
-pub fn output_in(pod: &Pod, args: &[&str]) -> String {
+pub(crate) fn output_in(pod: &Pod, args: &[&str]) -> String {
     let out = pod
         .command(args)
         .stdin(Stdio::null())

@@ -8,9 +8,9 @@ use super::{ServerProcess, TempDir, data_dir_from_template, output_in, succeeds,
 use crate::support::{Pod, run};
 
 /// The user, password and database every backend is set up with.
-pub const DB_USER: &str = "hopwatch";
-pub const DB_PASSWORD: &str = "hopwatch";
-pub const DB_NAME: &str = "hopwatch";
+pub(crate) const DB_USER: &str = "hopwatch";
+pub(crate) const DB_PASSWORD: &str = "hopwatch";
+pub(crate) const DB_NAME: &str = "hopwatch";
 
 // ============================================================================================
 // PostgreSQL
@@ -18,7 +18,7 @@ pub const DB_NAME: &str = "hopwatch";
 
 /// A `PostgreSQL` server (Debian's newest installed major version) running as the `postgres`
 /// system user, with a `hopwatch` superuser (trust authentication) and a `hopwatch` database.
-pub struct Postgres {
+pub(crate) struct Postgres {
     // Field order is drop order: the process stops before its directory goes.
     process: ServerProcess,
     _dir: TempDir,
@@ -30,9 +30,9 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    pub const PORT: u16 = 5432;
+    pub(crate) const PORT: u16 = 5432;
 
-    pub fn start(pod: &Pod) -> Self {
+    pub(crate) fn start(pod: &Pod) -> Self {
         let dir = TempDir::new("postgres");
         let data = dir.file("data");
         let bin = postgres_bin_dir();
@@ -137,7 +137,7 @@ impl Postgres {
     /// Stops the server (fast shutdown) and starts it again on the same data: a new postmaster
     /// and new backends.
     #[must_use]
-    pub fn restart(self) -> Self {
+    pub(crate) fn restart(self) -> Self {
         let Self { process, _dir: dir, pod, ip, port, args } = self;
         drop(process);
         let process = Self::spawn(&pod, &args, &dir, "log-restarted");
@@ -145,17 +145,17 @@ impl Postgres {
     }
 
     /// The postmaster's pid.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.log()
     }
 
     /// Runs `sql` on the `hopwatch` database with psql (over TCP, from the db pod); returns the
     /// unaligned, tuples-only output.
-    pub fn psql(&self, sql: &str) -> String {
+    pub(crate) fn psql(&self, sql: &str) -> String {
         let (host, port) = (self.ip.to_string(), self.port.to_string());
         output_in(
             &self.pod,
@@ -207,7 +207,7 @@ fn postgres_bin_dir() -> PathBuf {
 
 /// A `MariaDB` server running as the `mysql` system user, with a `hopwatch` user (password
 /// `hopwatch`, from any host) owning a `hopwatch` database.
-pub struct MariaDb {
+pub(crate) struct MariaDb {
     process: ServerProcess,
     _dir: TempDir,
     pod: Pod,
@@ -217,9 +217,9 @@ pub struct MariaDb {
 }
 
 impl MariaDb {
-    pub const PORT: u16 = 3306;
+    pub(crate) const PORT: u16 = 3306;
 
-    pub fn start(pod: &Pod) -> Self {
+    pub(crate) fn start(pod: &Pod) -> Self {
         let dir = TempDir::new("mariadb");
         let data = dir.file("data");
         let datadir = format!("--datadir={data}");
@@ -299,17 +299,17 @@ impl MariaDb {
         db
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.log()
     }
 
     /// Runs `sql` as the `hopwatch` user on its database over TCP from the mysql pod; returns the
     /// tab-separated rows without column names.
-    pub fn sql(&self, sql: &str) -> String {
+    pub(crate) fn sql(&self, sql: &str) -> String {
         let (host, port) = (self.ip.to_string(), self.port.to_string());
         output_in(
             &self.pod,
@@ -339,7 +339,7 @@ impl MariaDb {
 // ============================================================================================
 
 /// A Redis server without persistence, with `DEBUG` enabled (for `DEBUG SLEEP`).
-pub struct Redis {
+pub(crate) struct Redis {
     process: ServerProcess,
     _dir: TempDir,
     pod: Pod,
@@ -348,13 +348,13 @@ pub struct Redis {
 }
 
 impl Redis {
-    pub const PORT: u16 = 6379;
+    pub(crate) const PORT: u16 = 6379;
 
-    pub fn start(pod: &Pod) -> Self {
+    pub(crate) fn start(pod: &Pod) -> Self {
         Self::start_on(pod, Self::PORT)
     }
 
-    pub fn start_on(pod: &Pod, port: u16) -> Self {
+    pub(crate) fn start_on(pod: &Pod, port: u16) -> Self {
         let dir = TempDir::new("redis");
         let ip = pod.ip;
         let (ip_s, port_s) = (ip.to_string(), port.to_string());
@@ -401,16 +401,16 @@ impl Redis {
         redis
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.log()
     }
 
     /// Runs one command with redis-cli from the cache pod; returns its raw output.
-    pub fn cli(&self, args: &[&str]) -> String {
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
         let (host, port) = (self.ip.to_string(), self.port.to_string());
         let mut full = vec!["redis-cli", "--raw", "-h", &host, "-p", &port];
         full.extend_from_slice(args);

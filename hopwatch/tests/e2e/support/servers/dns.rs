@@ -8,7 +8,7 @@ use crate::support::Pod;
 
 /// A dnsmasq answering A records for the names it is given, authoritative for `domain` (any other
 /// name in it gets NXDOMAIN), with no upstream servers, no DHCP and every query logged.
-pub struct Dnsmasq {
+pub(crate) struct Dnsmasq {
     process: ServerProcess,
     _dir: TempDir,
     pub ip: Ipv4Addr,
@@ -16,10 +16,10 @@ pub struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    pub const PORT: u16 = 53;
+    pub(crate) const PORT: u16 = 53;
 
     /// Starts dnsmasq in `pod`; `records` are (fully qualified name, address) pairs.
-    pub fn start(pod: &Pod, domain: &str, records: &[(&str, Ipv4Addr)]) -> Self {
+    pub(crate) fn start(pod: &Pod, domain: &str, records: &[(&str, Ipv4Addr)]) -> Self {
         let dir = TempDir::new("dnsmasq");
         let ip = pod.ip;
         let mut args: Vec<String> = [
@@ -62,29 +62,29 @@ impl Dnsmasq {
         Self { process, _dir: dir, ip, port: Self::PORT }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
     /// dnsmasq's log: one `query[A] <name> from <ip>` line per query and a line with its answer.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.log()
     }
 
     /// Makes every process started in `pod` from now on resolve names through this server.
-    pub fn resolver_for(&self, pod: &Pod) -> ResolvConf {
+    pub(crate) fn resolver_for(&self, pod: &Pod) -> ResolvConf {
         ResolvConf::new(pod, self.ip)
     }
 }
 
 /// `/etc/netns/<netns>/resolv.conf`, which `ip netns exec` bind-mounts over /etc/resolv.conf
 /// for the commands it starts; removed on drop.
-pub struct ResolvConf {
+pub(crate) struct ResolvConf {
     dir: PathBuf,
 }
 
 impl ResolvConf {
-    pub fn new(pod: &Pod, nameserver: Ipv4Addr) -> Self {
+    pub(crate) fn new(pod: &Pod, nameserver: Ipv4Addr) -> Self {
         let dir = PathBuf::from("/etc/netns").join(&pod.netns);
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));

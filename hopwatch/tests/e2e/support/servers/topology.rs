@@ -27,20 +27,20 @@ use super::{
 use crate::support::{Pod, Testbed};
 
 /// The DNS domain dnsmasq is authoritative for.
-pub const DOMAIN: &str = "hopwatch.test";
-pub const PG_NAME: &str = "db.hopwatch.test";
-pub const REDIS_NAME: &str = "cache.hopwatch.test";
-pub const MYSQL_NAME: &str = "mysql.hopwatch.test";
+pub(crate) const DOMAIN: &str = "hopwatch.test";
+pub(crate) const PG_NAME: &str = "db.hopwatch.test";
+pub(crate) const REDIS_NAME: &str = "cache.hopwatch.test";
+pub(crate) const MYSQL_NAME: &str = "mysql.hopwatch.test";
 /// The name `/dns/missing` looks up: not in dnsmasq's records, so NXDOMAIN.
-pub const MISSING_NAME: &str = "missing.hopwatch.test";
+pub(crate) const MISSING_NAME: &str = "missing.hopwatch.test";
 /// The rows the `users` table holds in both `PostgreSQL` and `MariaDB`.
-pub const USERS: [(i64, &str); 3] = [(1, "ada"), (2, "grace"), (3, "edsger")];
+pub(crate) const USERS: [(i64, &str); 3] = [(1, "ada"), (2, "grace"), (3, "edsger")];
 /// nginx worker processes.
-pub const NGINX_WORKERS: u32 = 2;
+pub(crate) const NGINX_WORKERS: u32 = 2;
 
 /// The whole chain, started and ready. Fields drop in declaration order: front to back, so no
 /// server goes away under a client that still holds connections to it.
-pub struct Topology {
+pub(crate) struct Topology {
     pub nginx: Nginx,
     pub app: FastApiApp,
     _resolv: ResolvConf,
@@ -63,7 +63,7 @@ pub struct Topology {
 
 impl Topology {
     /// Creates the seven pods on `tb` and starts every server, the independent ones in parallel.
-    pub fn start(tb: &mut Testbed) -> Self {
+    pub(crate) fn start(tb: &mut Testbed) -> Self {
         let t0 = Instant::now();
         let timed = |name: &'static str, since: Instant| (name, since.elapsed());
         let [client, ingress, app_pod, db, cache, mysql, dns_pod] =
@@ -121,17 +121,17 @@ impl Topology {
     }
 
     /// `https://<ingress ip>` (the certificate names this address).
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         format!("https://{}:{}", self.nginx.ip, self.nginx.https_port)
     }
 
     /// One HTTPS request with curl from the client pod, verifying nginx's certificate.
-    pub fn request(&self, method: &str, path: &str) -> Response {
+    pub(crate) fn request(&self, method: &str, path: &str) -> Response {
         self.curl(method, &format!("{}{path}", self.base_url()))
     }
 
     /// One plain-HTTP request (nginx's port 80) with curl from the client pod.
-    pub fn request_plain(&self, method: &str, path: &str) -> Response {
+    pub(crate) fn request_plain(&self, method: &str, path: &str) -> Response {
         self.curl(method, &format!("http://{}:{}{path}", self.nginx.ip, self.nginx.http_port))
     }
 
@@ -164,13 +164,13 @@ impl Topology {
         }
     }
 
-    pub fn get(&self, path: &str) -> Response {
+    pub(crate) fn get(&self, path: &str) -> Response {
         self.request("GET", path)
     }
 
     /// Sends up to `count` GET requests for `path` from the client pod, one at a time, for at
     /// most `max`; see [`LoadReport`].
-    pub fn load(
+    pub(crate) fn load(
         &self,
         path: &str,
         count: u32,
@@ -215,7 +215,7 @@ fn seed_mariadb(db: MariaDb) -> MariaDb {
 
 /// What the client got back.
 #[derive(Debug)]
-pub struct Response {
+pub(crate) struct Response {
     pub status: u16,
     pub body: Value,
     /// curl's total time for the request.
@@ -267,7 +267,7 @@ print(json.dumps({"sent": sent, "statuses": statuses, "latencies": latencies, "e
 
 /// What a load loop did.
 #[derive(Debug)]
-pub struct LoadReport {
+pub(crate) struct LoadReport {
     /// The loop's pid (the client process hopwatch sees).
     pub pid: u32,
     /// Requests started (a request cut short by the deadline counts, as an error).
@@ -283,14 +283,14 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
-    pub fn answered(&self) -> u32 {
+    pub(crate) fn answered(&self) -> u32 {
         self.statuses.values().sum()
     }
 }
 
 /// Runs the load loop in `client` against `https://<ingress>:443<path>`, trusting the
 /// certificate in `cert` (PEM). Fails if the loop process itself runs more than 10 s past `max`.
-pub fn load(
+pub(crate) fn load(
     client: &Pod,
     ingress: Ipv4Addr,
     cert: &Path,

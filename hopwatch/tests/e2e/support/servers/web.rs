@@ -19,7 +19,7 @@ use crate::support::Pod;
 /// nginx (master and `workers` worker processes) serving HTTPS on 443 with a self-signed
 /// certificate made for this run, and plain HTTP on 80, both proxied to one upstream over
 /// HTTP/1.1 with keep-alive connections.
-pub struct Nginx {
+pub(crate) struct Nginx {
     process: ServerProcess,
     dir: TempDir,
     pub ip: Ipv4Addr,
@@ -28,7 +28,7 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start(pod: &Pod, upstream: SocketAddrV4, workers: u32) -> Self {
+    pub(crate) fn start(pod: &Pod, upstream: SocketAddrV4, workers: u32) -> Self {
         let dir = TempDir::new("nginx");
         let ip = pod.ip;
         let (cert, key) = (dir.file("cert.pem"), dir.file("key.pem"));
@@ -112,26 +112,26 @@ http {{
     }
 
     /// The master's pid.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
-    pub fn worker_pids(&self) -> Vec<u32> {
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
         self.process.children()
     }
 
     /// The self-signed certificate (PEM) clients can verify the server with.
-    pub fn cert_path(&self) -> PathBuf {
+    pub(crate) fn cert_path(&self) -> PathBuf {
         self.dir.path().join("cert.pem")
     }
 
     /// nginx's error log (stderr), which also notes each worker start.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.log()
     }
 
     /// The access log: one line per request.
-    pub fn access_log(&self) -> String {
+    pub(crate) fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
@@ -143,7 +143,7 @@ http {{
 /// Where the app finds its backends: host NAMES (resolved through the pod's resolv.conf when
 /// the app connects) and ports.
 #[derive(Debug, Clone)]
-pub struct AppBackends {
+pub(crate) struct AppBackends {
     pub postgres: (String, u16),
     pub redis: (String, u16),
     pub mysql: (String, u16),
@@ -154,7 +154,7 @@ pub struct AppBackends {
 /// `agent/tests/e2e/app/app.py` on uvicorn (one worker process, HTTP/1.1 via h11), run with the
 /// virtualenv `cargo xtask test` builds. It connects to all its backends on start-up, so a
 /// running app proves they resolve and answer.
-pub struct FastApiApp {
+pub(crate) struct FastApiApp {
     process: ServerProcess,
     _dir: TempDir,
     pub ip: Ipv4Addr,
@@ -162,9 +162,9 @@ pub struct FastApiApp {
 }
 
 impl FastApiApp {
-    pub const PORT: u16 = 8000;
+    pub(crate) const PORT: u16 = 8000;
 
-    pub fn start(pod: &Pod, backends: &AppBackends) -> Self {
+    pub(crate) fn start(pod: &Pod, backends: &AppBackends) -> Self {
         let dir = TempDir::new("app");
         let python = venv_python();
         let app_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/app");
@@ -232,23 +232,23 @@ impl FastApiApp {
         Self { process, _dir: dir, ip, port: Self::PORT }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
-    pub fn addr(&self) -> SocketAddrV4 {
+    pub(crate) fn addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.ip, self.port)
     }
 
     /// uvicorn's log, with one access line per request (`<peer ip>:<peer port> - "GET ..."`).
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.process.log()
     }
 }
 
 /// The virtualenv's python: `$HOPWATCH_E2E_VENV`, or `target/e2e-venv` (made by `cargo xtask
 /// test` from `agent/tests/e2e/requirements.txt`).
-pub fn venv_python() -> PathBuf {
+pub(crate) fn venv_python() -> PathBuf {
     let venv = std::env::var_os("HOPWATCH_E2E_VENV").map_or_else(
         || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/e2e-venv")),
         PathBuf::from,
