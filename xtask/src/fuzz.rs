@@ -1,7 +1,10 @@
-//! `cargo xtask fuzz`: every cargo-fuzz target in `agent/fuzz` (one per protocol parser, SQL
-//! redaction, protocol detection, the kernel event decoding and the collector's ingest), each
-//! for a bounded time. Inputs that once crashed a target are kept in
-//! `agent/fuzz/regressions/<target>/` and replayed before the target is fuzzed.
+//! `cargo xtask fuzz`: every cargo-fuzz target, each for a bounded time. Each crate fuzzes what
+//! it owns, in its own `fuzz/` package that depends only on it: `hopwatch-protocols/fuzz` (one
+//! target per protocol parser, SQL redaction, the kernel's protocol detection),
+//! `hopwatch-collector/fuzz` (the ingest path) and `hopwatch/fuzz` (kernel event decoding
+//! through the whole pipeline and the printers; the only one that needs the eBPF toolchain).
+//! Inputs that once crashed a target are kept in `<crate>/fuzz/regressions/<target>/` and
+//! replayed before the target is fuzzed.
 //!
 //! cargo-fuzz needs the nightly toolchain (sanitizers); `setup` installs nightly, this installs
 //! cargo-fuzz itself when it is missing.
@@ -27,14 +30,13 @@ pub struct FuzzOptions<'a> {
     pub targets: &'a [String],
 }
 
-fn fuzz_dir() -> PathBuf {
-    workspace_root().join("agent/fuzz")
-}
+/// The crates with a `fuzz/` package, cheapest to build first.
+const FUZZED_CRATES: [&str; 3] = ["hopwatch-protocols", "hopwatch-collector", "hopwatch"];
 
-/// `cargo +nightly fuzz <args>` in `agent/` (cargo-fuzz finds `fuzz/` there).
-fn cargo_fuzz() -> Command {
+/// `cargo +nightly fuzz <args>` in `crate_dir` (cargo-fuzz finds `fuzz/` there).
+fn cargo_fuzz(crate_dir: &Path) -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.args(["+nightly", "fuzz"]).current_dir(workspace_root().join("agent"));
+    cmd.args(["+nightly", "fuzz"]).current_dir(crate_dir);
     cmd
 }
 
@@ -56,9 +58,9 @@ fn ensure_cargo_fuzz() -> Result<()> {
     ]))
 }
 
-/// The targets `agent/fuzz/Cargo.toml` declares (`[[bin]]` names), in file order.
-fn all_targets() -> Result<Vec<String>> {
-    let manifest = fuzz_dir().join("Cargo.toml");
+/// The targets `<crate>/fuzz/Cargo.toml` declares (`[[bin]]` names), in file order.
+fn targets_of(crate_dir: &Path) -> Result<Vec<String>> {
+    let manifest = crate_dir.join("fuzz/Cargo.toml");
     let text = std::fs::read_to_string(&manifest)
         .with_context(|| format!("cannot read {}", manifest.display()))?;
     let mut in_bin = false;
@@ -88,31 +90,36 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 
 pub fn run(opts: &FuzzOptions<'_>) -> Result<()> {
     ensure_cargo_fuzz()?;
-    let all = all_targets()?;
-    let targets: Vec<String> = if opts.targets.is_empty() {
-        all.clone()
-    } else {
-        for t in opts.targets {
-            if !all.contains(t) {
-                bail!("no fuzz target {t:?}; agent/fuzz has: {}", all.join(", "));
-            }
+    let mut all: Vec<(PathBuf, String)> = Vec::new();
+    for name in FUZZED_CRATES {
+        let dir = workspace_root().join(name);
+        all.extend(targets_of(&dir)?.into_iter().map(|t| (dir.clone(), t)));
+    }
+    for t in opts.targets {
+        if !all.iter().any(|(_, name)| name == t) {
+            let names: Vec<&str> = all.iter().map(|(_, n)| n.as_str()).collect();
+            bail!("no fuzz target {t:?}; there are: {}", names.join(", "));
         }
-        opts.targets.to_vec()
-    };
-    say(&format!(
-        "building {} fuzz targets (nightly, address sanitizer; the first build takes minutes)",
-        targets.len()
-    ));
-    check(cargo_fuzz().args(["build", "--debug-assertions"]))?;
+    }
+    all.retain(|(_, t)| opts.targets.is_empty() || opts.targets.contains(t));
     let mut crashed = Vec::new();
-    for target in &targets {
-        let regressions = fuzz_dir().join("regressions").join(target);
+    let mut built: Vec<PathBuf> = Vec::new();
+    for (dir, target) in &all {
+        if !built.contains(dir) {
+            say(&format!(
+                "building the fuzz targets of {} (nightly, address sanitizer; the first build takes minutes)",
+                dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            ));
+            check(cargo_fuzz(dir).args(["build", "--debug-assertions"]))?;
+            built.push(dir.clone());
+        }
+        let regressions = dir.join("fuzz/regressions").join(target);
         let known = files_in(&regressions);
         if !known.is_empty() {
             say(&format!("{target}: replaying {} regression inputs", known.len()));
             // Files given as arguments are run once each; nothing is fuzzed or written.
             check(
-                cargo_fuzz()
+                cargo_fuzz(dir)
                     .args(["run", "--debug-assertions", target])
                     .args(&known)
                     .args(["--", &format!("-rss_limit_mb={RSS_LIMIT_MB}")]),
@@ -121,7 +128,7 @@ pub fn run(opts: &FuzzOptions<'_>) -> Result<()> {
         }
         say(&format!("{target}: fuzzing for {} s", opts.seconds));
         let started = Instant::now();
-        let status = cargo_fuzz()
+        let status = cargo_fuzz(dir)
             .args(["run", "--debug-assertions", target, "--"])
             .arg(format!("-max_total_time={}", opts.seconds))
             .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
@@ -136,9 +143,9 @@ pub fn run(opts: &FuzzOptions<'_>) -> Result<()> {
     }
     if !crashed.is_empty() {
         bail!(
-            "fuzz targets crashed: {}. The inputs are in agent/fuzz/artifacts/<target>/: fix the \
-             cause, add a unit test with the input where the bug was, and copy the input to \
-             agent/fuzz/regressions/<target>/ (replayed on every run)",
+            "fuzz targets crashed: {}. The inputs are in <crate>/fuzz/artifacts/<target>/: fix \
+             the cause, add a unit test with the input where the bug was, and copy the input to \
+             <crate>/fuzz/regressions/<target>/ (replayed on every run)",
             crashed.join(", ")
         );
     }

@@ -49,12 +49,12 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
 ];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
-const E2E_REQUIREMENTS: &str = "agent/tests/e2e/requirements.txt";
+const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";
 /// Debian's hook that tells maintainer scripts whether they may start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
-const COMPAT_REQUIREMENTS: &str = "agent/tests/compat/requirements.txt";
+const COMPAT_REQUIREMENTS: &str = "hopwatch/tests/compat/requirements.txt";
 const COMPAT_VENV: &str = "target/compat-venv";
 
 #[derive(Parser)]
@@ -93,7 +93,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
     },
-    /// Run each cargo-fuzz target (`agent/fuzz`: protocol parsers, kernel event decoding,
+    /// Run each cargo-fuzz target (`<crate>/fuzz`: protocol parsers, kernel event decoding,
     /// collector ingest) for a bounded time, after replaying the inputs that once crashed it;
     /// installs cargo-fuzz if needed.
     Fuzz {

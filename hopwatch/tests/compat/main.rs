@@ -34,7 +34,7 @@ fn python() -> PathBuf {
         .map_or_else(|| workspace().join("target/compat-venv/bin/python"), PathBuf::from);
     assert!(
         p.exists(),
-        "{} is missing: run `cargo xtask test` (it creates the virtualenv from agent/tests/compat/requirements.txt)",
+        "{} is missing: run `cargo xtask test` (it creates the virtualenv from hopwatch/tests/compat/requirements.txt)",
         p.display()
     );
     p
@@ -106,7 +106,7 @@ async fn a_grpcio_tools_client_reads_the_collector() {
     }
     assert!(queue.is_drained(), "flows stored");
 
-    let script = workspace().join("agent/tests/compat/client.py");
+    let script = workspace().join("hopwatch/tests/compat/client.py");
     let run = Command::new(&py)
         .arg(&script)
         .arg(out.path())

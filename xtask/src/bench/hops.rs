@@ -1,6 +1,6 @@
 //! `cargo xtask bench`, hop part: aggregation throughput (flows per CPU second into the hop state,
 //! on one core) and `/metrics` rendering time with about 10k and 100k series. The measurement is
-//! the agent crate's `hops` benchmark (`agent/benches/hops.rs`), run in release mode; its tables
+//! the agent crate's `hops` benchmark (`hopwatch/benches/hops.rs`), run in release mode; its tables
 //! are printed as they come (not in the figures table). No root needed.
 
 use anyhow::Result;

@@ -10,8 +10,8 @@
 //!   replayed through the userspace pipeline on one core against the decode-only ceiling.
 //! - Memory ([`memory`]): agent RSS idle, with 100k open connections, during and after 1M short
 //!   connections.
-//! - Collector: ingest rate and `observe` latency over a 1M-flow store (`agent/benches/collector.rs`).
-//! - Hops: aggregation and `/metrics` rendering (`agent/benches/hops.rs`; printed, not tabled).
+//! - Collector: ingest rate and `observe` latency over a 1M-flow store (`hopwatch/benches/collector.rs`).
+//! - Hops: aggregation and `/metrics` rendering (`hopwatch/benches/hops.rs`; printed, not tabled).
 
 pub mod conns;
 mod datapath;

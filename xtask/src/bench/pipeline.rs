@@ -1,5 +1,5 @@
 //! Userspace pipeline throughput: the agent (full L7 capture) records the kernel's event stream
-//! (`--record`) while every data path load runs briefly, then `agent/benches/pipeline.rs` replays
+//! (`--record`) while every data path load runs briefly, then `hopwatch/benches/pipeline.rs` replays
 //! the recording on one pinned core: decode only (the ceiling: the agent's drain loop with nothing
 //! behind it) and decode → track → parse → flows → aggregate (the pipeline).
 

@@ -55,7 +55,7 @@ fn manifests_validate_against_kubernetes_1_28_and_newer() {
     let tool = root().join("target/e2e-venv/bin/kubernetes-validate");
     assert!(
         tool.exists(),
-        "{} is missing: `cargo xtask test` installs it from agent/tests/e2e/requirements.txt",
+        "{} is missing: `cargo xtask test` installs it from hopwatch/tests/e2e/requirements.txt",
         tool.display()
     );
     for version in ["1.28.0", "1.37.0"] {

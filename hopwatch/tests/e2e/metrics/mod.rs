@@ -144,7 +144,10 @@ fn start_dnsmasq(tb: &mut Testbed, pod: &Pod) {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("agent/ is in the repository").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("hopwatch/ is in the repository")
+        .to_owned()
 }
 
 fn unix_now() -> f64 {

@@ -151,7 +151,7 @@ pub(crate) struct AppBackends {
     pub missing_name: String,
 }
 
-/// `agent/tests/e2e/app/app.py` on uvicorn (one worker process, HTTP/1.1 via h11), run with the
+/// `hopwatch/tests/e2e/app/app.py` on uvicorn (one worker process, HTTP/1.1 via h11), run with the
 /// virtualenv `cargo xtask test` builds. It connects to all its backends on start-up, so a
 /// running app proves they resolve and answer.
 pub(crate) struct FastApiApp {
@@ -247,7 +247,7 @@ impl FastApiApp {
 }
 
 /// The virtualenv's python: `$HOPWATCH_E2E_VENV`, or `target/e2e-venv` (made by `cargo xtask
-/// test` from `agent/tests/e2e/requirements.txt`).
+/// test` from `hopwatch/tests/e2e/requirements.txt`).
 pub(crate) fn venv_python() -> PathBuf {
     let venv = std::env::var_os("HOPWATCH_E2E_VENV").map_or_else(
         || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/e2e-venv")),
@@ -257,7 +257,7 @@ pub(crate) fn venv_python() -> PathBuf {
     assert!(
         python.exists(),
         "no Python virtualenv at {}: run `sudo -E cargo xtask test` once, which creates it from \
-         agent/tests/e2e/requirements.txt",
+         hopwatch/tests/e2e/requirements.txt",
         venv.display()
     );
     python

@@ -15,15 +15,15 @@
 use std::{sync::OnceLock, time::Duration};
 
 use hopwatch_collector::{
-        hub::{Hub, HubConfig},
-        ingest::check_hello,
-        merge::MergeConfig,
-        store::{Chunk, StoreConfig, record},
-    };
+    hub::{Hub, HubConfig},
+    ingest::check_hello,
+    merge::MergeConfig,
+    store::{Chunk, StoreConfig, record},
+};
 use hopwatch_proto::{
-        hopwatch::v1::{Batch, PushRequest, push_request::Message},
-        observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
-    };
+    hopwatch::v1::{Batch, PushRequest, push_request::Message},
+    observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+};
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 

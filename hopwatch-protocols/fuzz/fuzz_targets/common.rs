@@ -1,6 +1,6 @@
 //! The driver every parser target shares: it plays the input through a `Parser` the way the
-//! session layer does and checks the contract (no panic, no frame of length 0, no kept text
-//! longer than `MAX_TEXT`).
+//! agent's session layer does and checks the contract (no panic, no frame of length 0, no kept
+//! text longer than `MAX_TEXT`).
 //!
 //! Input layout: byte 0 holds flags (bit 0: keep full statements; bits 1-7: directions of the
 //! first chunks, 1 = client to server, then alternating), byte 1 the chunk size minus one;
@@ -8,8 +8,7 @@
 
 use std::collections::VecDeque;
 
-use hopwatch_proto::flow::layer7::Record;
-use hopwatch_protocols::{Frame, L7Record, MAX_TEXT, Parser, Protocol, Redaction, Request, l7_record};
+use hopwatch_protocols::{Frame, MAX_TEXT, Parser, Protocol, Redaction, Request, Response};
 
 pub fn drive(data: &[u8], new: impl Fn(Redaction) -> Parser) {
     let [flags, size, stream @ ..] = data else { return };
@@ -28,7 +27,7 @@ pub fn drive(data: &[u8], new: impl Fn(Redaction) -> Parser) {
             let frame = if up {
                 parser.request(&bufs[d]).map(|f| match f {
                     Frame::Complete { msg, len } => {
-                        check(&l7_record(&msg, None));
+                        check(&msg, None);
                         pending.push_back(msg);
                         Some(len)
                     }
@@ -39,7 +38,7 @@ pub fn drive(data: &[u8], new: impl Fn(Redaction) -> Parser) {
                 parser.response(&bufs[d], pending.front()).map(|f| match f {
                     Frame::Complete { msg, len } => {
                         if let Some(req) = pending.pop_front() {
-                            check(&l7_record(&req, Some(&msg)));
+                            check(&req, Some(&msg));
                         }
                         Some(len)
                     }
@@ -70,27 +69,17 @@ pub fn drive(data: &[u8], new: impl Fn(Redaction) -> Parser) {
     }
 }
 
-/// Every text of the record is at most `MAX_TEXT` bytes.
-pub fn check(rec: &L7Record) {
-    let mut texts: Vec<&str> = rec.error.as_deref().into_iter().collect();
-    match &rec.record {
-        Record::Http(h) => {
-            texts.extend([h.method.as_str(), &h.url, &h.protocol]);
-            texts.extend(h.headers.iter().map(|h| h.value.as_str()));
-        }
-        Record::Postgres(p) => texts.extend([p.query.as_str(), &p.command, &p.user, &p.database]),
-        Record::Redis(r) => {
-            texts.extend([r.command.as_str(), &r.error]);
-            assert!(r.args.iter().map(String::len).sum::<usize>() <= MAX_TEXT);
-        }
-        Record::Mysql(m) => texts.extend([m.command.as_str(), &m.query, &m.sql_state]),
-        Record::Dns(d) => {
-            texts.push(&d.query);
-            texts.extend(d.ips.iter().chain(&d.cnames).map(String::as_str));
-        }
-    }
-    for t in texts {
+/// Every text the exchange keeps is at most `MAX_TEXT` bytes, Redis arguments together too,
+/// and its failure (if any) is named.
+pub fn check(req: &Request, resp: Option<&Response>) {
+    for t in req.texts(resp) {
         assert!(t.len() <= MAX_TEXT, "text of {} bytes", t.len());
+    }
+    if let Request::Redis(r) = req {
+        assert!(r.args.iter().map(String::len).sum::<usize>() <= MAX_TEXT);
+    }
+    if let Some(why) = req.failure(resp) {
+        assert!(!why.is_empty() && why.len() <= MAX_TEXT, "failure {why:?}");
     }
 }
 
