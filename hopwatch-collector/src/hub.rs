@@ -14,9 +14,10 @@ use hopwatch_proto::{
     lost,
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
+    agents::AgentState,
     merge::{self, MergeConfig, MergeMsg},
     nodes::NodeRegistry,
     store::{FlowStore, Incoming, StoreConfig, StoreError},
@@ -30,48 +31,6 @@ const MERGE_QUEUE: usize = 256;
 pub struct HubConfig {
     pub store: StoreConfig,
     pub merge: MergeConfig,
-}
-
-/// One agent's ingest progress.
-#[derive(Debug)]
-pub struct AgentState {
-    pub id: String,
-    pub node_name: String,
-    /// Highest sequence number handed to the merge stage (duplicates at or below are dropped).
-    accepted: tokio::sync::Mutex<u64>,
-    /// Highest sequence number stored (what acknowledgements say).
-    stored: watch::Sender<u64>,
-}
-
-impl AgentState {
-    fn new(id: &str, node_name: &str, seq: u64) -> Self {
-        Self {
-            id: id.to_owned(),
-            node_name: node_name.to_owned(),
-            accepted: tokio::sync::Mutex::new(seq),
-            stored: watch::channel(seq).0,
-        }
-    }
-
-    pub fn stored_through(&self) -> u64 {
-        *self.stored.borrow()
-    }
-
-    pub(super) fn set_stored_through(&self, seq: u64) {
-        self.stored.send_if_modified(|s| {
-            let changed = seq > *s;
-            *s = (*s).max(seq);
-            changed
-        });
-    }
-
-    pub fn watch_stored(&self) -> watch::Receiver<u64> {
-        self.stored.subscribe()
-    }
-
-    pub async fn accepted_through(&self) -> u64 {
-        *self.accepted.lock().await
-    }
 }
 
 /// What [`Hub::accept`] did with a batch.

@@ -98,7 +98,7 @@ impl Ingest for IngestService {
 /// Reads batches until the agent leaves; returns why it left.
 async fn serve(
     hub: &Hub,
-    agent: &Arc<super::hub::AgentState>,
+    agent: &Arc<super::agents::AgentState>,
     stream: &mut Streaming<PushRequest>,
     tx: &mpsc::Sender<Result<PushResponse, Status>>,
 ) -> String {
@@ -147,7 +147,7 @@ async fn serve(
 
 /// The agent is done sending: acknowledge everything it sent, once stored.
 async fn final_ack(
-    agent: &super::hub::AgentState,
+    agent: &super::agents::AgentState,
     stored: &mut tokio::sync::watch::Receiver<u64>,
     acked: &mut u64,
     tx: &mpsc::Sender<Result<PushResponse, Status>>,

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod filter;
 pub mod hub;
 pub mod ingest;

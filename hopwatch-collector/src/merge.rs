@@ -24,7 +24,7 @@ use hopwatch_proto::clock;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    hub::AgentState,
+    agents::AgentState,
     store::{
         Incoming, StoreWriter,
         record::{AgentMark, Checkpoint},

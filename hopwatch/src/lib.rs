@@ -14,6 +14,7 @@ mod flow;
 mod identity;
 mod l7;
 mod loader;
+mod loss;
 mod memory;
 mod metrics;
 mod pipeline;

@@ -12,8 +12,8 @@ use std::{
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use hopwatch_common::{Counter, KernelSettings};
 use hopwatch_proto::{
-    flow::{LostEvent, LostEventSource},
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
+    signal::shutdown_signal,
 };
 use hopwatch_protocols::Redaction;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -24,6 +24,7 @@ use crate::{
     events::decode,
     flow::{Clock, FlowBuilder},
     loader::{self, LoadOptions, probe::Probe},
+    loss::{Loss, Losses},
     metrics::Telemetry,
     pipeline::{Pipeline, PipelineOptions},
     print::{Format, Options, Printer, time::TimeFormat},
@@ -141,7 +142,7 @@ struct PipelineStats {
     /// Records read from the ring buffer (decodable or not).
     read: AtomicU64,
     decode_errors: AtomicU64,
-    output_dropped: AtomicU64,
+    losses: Losses,
     flows: AtomicU64,
     /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
     metrics: Telemetry,
@@ -305,19 +306,6 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
     Ok(loaded)
 }
 
-/// Registers SIGINT and SIGTERM handlers now; the returned future completes on either.
-fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_or_else(|_| "localhost".to_owned(), |s| s.trim().to_owned())
@@ -327,7 +315,7 @@ fn send(tx: &Outlet, stats: &PipelineStats, resp: GetFlowsResponse) {
     // Policy: when the printer falls behind, drop the newest and count it; the count is reported
     // as an OBSERVER_EVENTS_QUEUE lost event.
     if tx.try_send(resp).is_err() {
-        stats.output_dropped.fetch_add(1, Ordering::Relaxed);
+        stats.losses.count(Loss::OutputQueue, 1);
     }
 }
 
@@ -476,7 +464,7 @@ impl PipelineStats {
             kernel.ring_lost,
             self.flows.load(Ordering::Relaxed),
             self.decode_errors.load(Ordering::Relaxed),
-            self.output_dropped.load(Ordering::Relaxed)
+            self.losses.total(Loss::OutputQueue)
         );
     }
 }
@@ -522,8 +510,6 @@ async fn watch_counters(
     stats: Arc<PipelineStats>,
     reader_done: CancellationToken,
 ) -> FinalCounts {
-    let mut last_ring = 0u64;
-    let mut last_queue = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut round = 0u64;
     loop {
@@ -539,38 +525,26 @@ async fn watch_counters(
             &counters,
             stats.read.load(Ordering::Relaxed),
             stats.decode_errors.load(Ordering::Relaxed),
-            stats.output_dropped.load(Ordering::Relaxed),
+            stats.losses.total(Loss::OutputQueue),
         );
         let (collector_dropped, collector_waiting) = tx.collector_queue();
         stats.metrics.collector_queue(collector_dropped, collector_waiting);
-        let ring_lost = counters
+        if let Some(total) = counters
             .get(&(Counter::RingbufFull as u32), 0)
-            .map_or(last_ring, |per_cpu| per_cpu.iter().sum::<u64>());
-        let queue_lost = stats.output_dropped.load(Ordering::Relaxed);
-        for (source, now, last) in [
-            (LostEventSource::PerfEventRingBuffer, ring_lost, &mut last_ring),
-            (LostEventSource::ObserverEventsQueue, queue_lost, &mut last_queue),
-        ] {
-            if now > *last {
-                let lost =
-                    LostEvent { source: source.into(), num_events_lost: now - *last, cpu: None };
-                tracing::warn!(source = source.as_str_name(), lost = now - *last, "events lost");
-                // Lost-event notices bypass the drop-newest policy: they are what tells the user.
-                let _ = tx
-                    .send(GetFlowsResponse {
-                        time: Some(Clock::now().timestamp(Clock::monotonic_now_ns())),
-                        node_name: node_name.clone(),
-                        response_types: Some(ResponseTypes::LostEvents(lost)),
-                    })
-                    .await;
-                *last = now;
-            }
+            .ok()
+            .map(|per_cpu| per_cpu.iter().sum::<u64>())
+        {
+            stats.losses.follow_total(Loss::KernelRingBuffer, total);
+        }
+        for notice in stats.losses.reports(&node_name) {
+            // Lost-event notices bypass the drop-newest policy: they are what tells the user.
+            let _ = tx.send(notice).await;
         }
         if last_round {
             let sent = counters
                 .get(&(Counter::EventsSent as u32), 0)
                 .map_or(0, |per_cpu| per_cpu.iter().sum::<u64>());
-            return FinalCounts { sent, ring_lost: last_ring };
+            return FinalCounts { sent, ring_lost: stats.losses.total(Loss::KernelRingBuffer) };
         }
     }
 }

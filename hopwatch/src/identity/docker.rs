@@ -15,6 +15,8 @@ use std::{
 use http_body_util::{BodyExt as _, Empty};
 use tokio::sync::mpsc;
 
+use super::DockerContainer;
+
 /// Full refresh interval.
 const REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// Shortest time between two refreshes asked for by unknown container ids.
@@ -24,16 +26,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONTAINERS: usize = 65_536;
 /// Largest response read (a host with thousands of containers stays well below).
 const MAX_RESPONSE: usize = 64 << 20;
-
-/// What Docker says about a container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct DockerContainer {
-    /// Name without Docker's leading `/`.
-    pub name: String,
-    /// `com.docker.compose.project` and `com.docker.compose.service`, when set.
-    pub compose_project: Option<String>,
-    pub compose_service: Option<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DockerError {

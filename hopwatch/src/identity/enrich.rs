@@ -25,7 +25,6 @@ use hopwatch_proto::flow::{
 use super::{
     cgroup::{CgroupCache, CgroupInfo},
     dns::{DnsNames, ReverseDns},
-    docker::DockerNames,
     kube::store::KubeState,
     static_endpoints::StaticEndpoints,
 };
@@ -35,7 +34,8 @@ pub(crate) struct Sources<'a> {
     pub kube: Option<&'a KubeState>,
     pub statics: Option<&'a StaticEndpoints>,
     pub cgroups: Option<&'a CgroupCache>,
-    pub docker: Option<&'a DockerNames>,
+    #[cfg(feature = "docker")]
+    pub docker: Option<&'a super::docker::DockerNames>,
     pub dns: Option<&'a DnsNames>,
     pub reverse: Option<&'a ReverseDns>,
     pub now: Instant,
@@ -158,7 +158,13 @@ fn container_labels(ep: &mut Endpoint, cg: &CgroupInfo, name: Option<String>, s:
         if let Some(rt) = cg.runtime {
             ep.labels.push(format!("container.runtime={rt}"));
         }
+        #[cfg(feature = "docker")]
         let docker = s.docker.filter(|_| name.is_none()).and_then(|d| d.get(id));
+        #[cfg(not(feature = "docker"))]
+        let docker: Option<super::DockerContainer> = {
+            let _ = s;
+            None
+        };
         let name =
             name.or_else(|| docker.as_ref().map(|d| d.name.clone())).filter(|n| !n.is_empty());
         if let Some(name) = &name {
@@ -245,6 +251,7 @@ mod tests {
             kube: Some(kube),
             statics: Some(statics),
             cgroups: None,
+            #[cfg(feature = "docker")]
             docker: None,
             dns: None,
             reverse: None,

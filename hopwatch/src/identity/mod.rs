@@ -12,6 +12,7 @@
 pub(crate) mod cgroup;
 pub(crate) mod ctnetlink;
 pub(crate) mod dns;
+#[cfg(feature = "docker")]
 pub(crate) mod docker;
 mod enrich;
 pub(crate) mod kube;
@@ -29,15 +30,28 @@ use std::{
 use hopwatch_proto::flow::{Flow, FlowType, SocketEvent, TrafficDirection, layer4::Protocol};
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "docker")]
+use self::docker::DockerNames;
 pub(crate) use self::enrich::{Sources, enrich};
+#[cfg(feature = "kubernetes")]
+use self::kube::{KubeSource, PodScope};
 use self::{
     cgroup::CgroupCache,
     dns::{DnsNames, ReverseDns},
-    docker::DockerNames,
-    kube::{KubeSource, PodScope},
+    kube::store::KubeState,
     nat::Nat,
     static_endpoints::StaticEndpoints,
 };
+
+/// What Docker says about a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DockerContainer {
+    /// Name without Docker's leading `/`.
+    pub(crate) name: String,
+    /// `com.docker.compose.project` and `com.docker.compose.service`, when set.
+    pub(crate) compose_project: Option<String>,
+    pub(crate) compose_service: Option<String>,
+}
 
 /// Longest a flow waits for its connection's address translation.
 pub(crate) const HOLD: Duration = Duration::from_millis(250);
@@ -113,8 +127,15 @@ pub struct IdentityArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    #[cfg(feature = "kubernetes")]
     #[error(transparent)]
     Kube(#[from] kube::KubeError),
+    #[cfg(not(feature = "kubernetes"))]
+    #[error(
+        "this hopwatch was built without Kubernetes support (cargo feature `kubernetes`): \
+         leave out --kubernetes on and --kubeconfig"
+    )]
+    NoKubeSupport,
     #[error(
         "--kubernetes on: no Kubernetes configuration (not running in a pod: \
          KUBERNETES_SERVICE_HOST is unset; pass --kubeconfig)"
@@ -159,9 +180,11 @@ struct Holding {
 }
 
 pub struct Identity {
+    #[cfg(feature = "kubernetes")]
     kube: Option<KubeSource>,
     statics: Option<Arc<RwLock<Arc<StaticEndpoints>>>>,
     cgroups: Option<CgroupCache>,
+    #[cfg(feature = "docker")]
     docker: Option<DockerNames>,
     dns: Option<DnsNames>,
     reverse: Option<ReverseDns>,
@@ -173,9 +196,11 @@ impl Identity {
     /// An identity layer with no sources (flows pass unchanged).
     pub fn disabled() -> Self {
         Self {
+            #[cfg(feature = "kubernetes")]
             kube: None,
             statics: None,
             cgroups: None,
+            #[cfg(feature = "docker")]
             docker: None,
             dns: None,
             reverse: None,
@@ -187,41 +212,48 @@ impl Identity {
     /// No source and nothing held: flows pass unchanged, so they need not be moved through the
     /// holding area (the agent's per-flow path when no identity source is on).
     fn is_passthrough(&self) -> bool {
-        self.kube.is_none()
+        self.kube_state().is_none()
             && self.statics.is_none()
             && self.cgroups.is_none()
-            && self.docker.is_none()
+            && !self.has_docker()
             && self.dns.is_none()
             && self.reverse.is_none()
             && self.holding.nat.is_none()
             && self.holding.held.is_empty()
     }
 
+    /// The Kubernetes state, when the agent watches the API.
+    fn kube_state(&self) -> Option<std::sync::RwLockReadGuard<'_, KubeState>> {
+        #[cfg(feature = "kubernetes")]
+        let state = self
+            .kube
+            .as_ref()
+            .map(|k| k.state.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        #[cfg(not(feature = "kubernetes"))]
+        let state = None;
+        state
+    }
+
+    fn has_docker(&self) -> bool {
+        #[cfg(feature = "docker")]
+        let has = self.docker.is_some();
+        #[cfg(not(feature = "docker"))]
+        let has = false;
+        has
+    }
+
     /// Starts the sources the flags ask for; says on stderr which ones run.
     pub async fn start(args: &IdentityArgs, node_name: &str) -> Result<Self, IdentityError> {
         let mut this = Self::disabled();
         let mut said = Vec::new();
-        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let source = match (args.kubernetes, &args.kubeconfig) {
-            (KubeMode::Off, _) => None,
-            (_, Some(path)) => Some(kube::Source::Kubeconfig(path.clone())),
-            (_, None) if in_cluster => Some(kube::Source::InCluster),
-            (KubeMode::On, None) => return Err(IdentityError::NoKube),
-            (KubeMode::Auto, None) => None,
-        };
-        if let Some(source) = source {
-            let scope = if args.kube_all_pods {
-                PodScope::All
-            } else {
-                PodScope::Node(node_name.to_owned())
-            };
-            this.kube =
-                Some(KubeSource::start(&source, &scope, args.pod_grace, &this.cancel).await?);
-            said.push(match scope {
-                PodScope::All => "kubernetes (all pods)".to_owned(),
-                PodScope::Node(n) => format!("kubernetes (pods on {n})"),
-            });
+        #[cfg(feature = "kubernetes")]
+        this.start_kube(args, node_name, &mut said).await?;
+        #[cfg(not(feature = "kubernetes"))]
+        if args.kubernetes == KubeMode::On || args.kubeconfig.is_some() {
+            return Err(IdentityError::NoKubeSupport);
         }
+        #[cfg(not(feature = "kubernetes"))]
+        let _ = node_name;
         if let Some(path) = &args.endpoints_file {
             let statics = StaticEndpoints::load(path)?;
             said.push(format!("static endpoints {} ({} entries)", path.display(), statics.len()));
@@ -239,6 +271,7 @@ impl Identity {
                 );
             }
         }
+        #[cfg(feature = "docker")]
         if !args.no_docker && args.docker_socket.exists() {
             said.push(format!("docker {}", args.docker_socket.display()));
             this.docker = Some(DockerNames::start(args.docker_socket.clone(), this.cancel.clone()));
@@ -265,6 +298,38 @@ impl Identity {
             if said.is_empty() { "off".to_owned() } else { said.join(", ") }
         );
         Ok(this)
+    }
+
+    /// Starts the Kubernetes watches when the agent runs in a pod or `--kubeconfig` is given.
+    #[cfg(feature = "kubernetes")]
+    async fn start_kube(
+        &mut self,
+        args: &IdentityArgs,
+        node_name: &str,
+        said: &mut Vec<String>,
+    ) -> Result<(), IdentityError> {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let source = match (args.kubernetes, &args.kubeconfig) {
+            (KubeMode::Off, _) => None,
+            (_, Some(path)) => Some(kube::Source::Kubeconfig(path.clone())),
+            (_, None) if in_cluster => Some(kube::Source::InCluster),
+            (KubeMode::On, None) => return Err(IdentityError::NoKube),
+            (KubeMode::Auto, None) => None,
+        };
+        if let Some(source) = source {
+            let scope = if args.kube_all_pods {
+                PodScope::All
+            } else {
+                PodScope::Node(node_name.to_owned())
+            };
+            self.kube =
+                Some(KubeSource::start(&source, &scope, args.pod_grace, &self.cancel).await?);
+            said.push(match scope {
+                PodScope::All => "kubernetes (all pods)".to_owned(),
+                PodScope::Node(n) => format!("kubernetes (pods on {n})"),
+            });
+        }
+        Ok(())
     }
 
     /// Enriches the flows `out[from..]` in place; flows waiting for their connection's address
@@ -298,10 +363,7 @@ impl Identity {
         if ready.is_empty() {
             return;
         }
-        let kube = self
-            .kube
-            .as_ref()
-            .map(|k| k.state.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let kube = self.kube_state();
         let statics = self
             .statics
             .as_ref()
@@ -310,6 +372,7 @@ impl Identity {
             kube: kube.as_deref(),
             statics: statics.as_deref(),
             cgroups: self.cgroups.as_ref(),
+            #[cfg(feature = "docker")]
             docker: self.docker.as_ref(),
             dns: self.dns.as_ref(),
             reverse: self.reverse.as_ref(),

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch_collector::hub::{AgentState, Hub};
+use hopwatch_collector::{agents::AgentState, hub::Hub};
 use hopwatch_proto::{
     backoff::Backoff,
     clock,

@@ -11,12 +11,12 @@ use std::{
         Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
 };
 
 use hopwatch_proto::{
-    flow::{LostEvent, LostEventSource},
+    flow::LostEventSource,
     hopwatch::v1::AgentStatus,
+    lost,
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
 };
 use tokio::sync::Notify;
@@ -97,15 +97,8 @@ impl Queue {
     /// Turns counted drops into a notice when there is room for it.
     fn report_drops(&self, q: &mut Inner) {
         if q.unreported > 0 && q.items.len() < self.cap {
-            let notice = GetFlowsResponse {
-                time: Some(prost_types::Timestamp::from(SystemTime::now())),
-                node_name: self.node_name.clone(),
-                response_types: Some(ResponseTypes::LostEvents(LostEvent {
-                    source: LostEventSource::ObserverEventsQueue.into(),
-                    num_events_lost: q.unreported,
-                    cpu: None,
-                })),
-            };
+            let notice =
+                lost::notice(&self.node_name, LostEventSource::ObserverEventsQueue, q.unreported);
             q.items.push_back(notice);
             q.unreported = 0;
         }
