@@ -33,19 +33,31 @@ fn uid() -> u32 {
 struct Agent {
     child: Child,
     stderr: Arc<Mutex<String>>,
+    /// What the agent printed, when started with [`Agent::printing`].
+    stdout: Option<Arc<Mutex<String>>>,
 }
 
 impl Agent {
     fn start(args: &[&str]) -> Self {
+        Self::spawn(args, false)
+    }
+
+    /// An agent whose stdout (its printed flows) is kept.
+    fn printing(args: &[&str]) -> Self {
+        Self::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], keep_stdout: bool) -> Self {
         let mut child = Command::new(BIN)
             .arg("agent")
             .args(args)
-            .stdout(Stdio::null())
+            .stdout(if keep_stdout { Stdio::piped() } else { Stdio::null() })
             .stderr(Stdio::piped())
             .spawn()
             .expect("start hopwatch agent");
         let stderr = capture_stderr(&mut child);
-        let mut a = Self { child, stderr };
+        let stdout = child.stdout.take().map(capture);
+        let mut a = Self { child, stderr, stdout };
         let deadline = Instant::now() + Duration::from_mins(1);
         while !a.stderr().contains("hopwatch agent: hooks") {
             if let Some(status) = a.child.try_wait().unwrap() {
@@ -181,4 +193,102 @@ fn the_agent_serves_its_own_flows_to_observe_by_default() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// One printer: the same flows read the same in the agent's own `-o json` and through
+/// `observe -o json` (summary included), and `observe`'s compact lines carry what the agent's
+/// do for TCP flows: the errno of a failed connect, a connection's duration, bytes and RTT.
+#[test]
+fn agent_and_observe_print_the_same_flows_the_same_way() {
+    require_root();
+    let port = free_port();
+    let agent = Agent::printing(&[
+        "-o",
+        "json",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--node-name",
+        "printer-e2e",
+    ]);
+    let ready = format!("collector APIs on 127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.stderr().contains(&ready) {
+        assert!(Instant::now() < deadline, "no in-process collector:\n{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A refused connect and a connection that carries bytes and closes.
+    let closed = free_port();
+    refused_connect(closed);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().port();
+    {
+        use std::io::{Read as _, Write as _};
+        let mut c = TcpStream::connect(("127.0.0.1", open)).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"pong!").unwrap();
+        c.read_exact(&mut [0u8; 5]).unwrap();
+    }
+    let observe = |format: &str, to_port: u16| {
+        let out = Command::new(BIN)
+            .args(["observe", "--server", &format!("127.0.0.1:{port}")])
+            .args(["--to-port", &to_port.to_string(), "-o", format, "--all"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let to = |line: &str, port: u16| {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        v["flow"]["l4"]["TCP"]["destination_port"] == u64::from(port)
+    };
+    let started = Instant::now();
+    let (printed, queried) = loop {
+        let printed: Vec<String> = agent
+            .stdout
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| to(l, closed) || to(l, open))
+            .map(str::to_owned)
+            .collect();
+        let mut queried: Vec<String> = observe("json", closed).lines().map(str::to_owned).collect();
+        queried.extend(observe("json", open).lines().map(str::to_owned));
+        let has_close = printed.iter().any(|l| l.contains("\"CLOSE\""));
+        if has_close && printed.iter().any(|l| l.contains("CONNECT_FAILED")) {
+            // The collector has what was printed (it may have more: flows still queued for the
+            // printer are not compared).
+            if printed.iter().all(|l| queried.contains(l)) {
+                break (printed, queried);
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "flows missing; printed:\n{}\nqueried:\n{}\nagent:\n{}",
+            printed.join("\n"),
+            queried.join("\n"),
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(printed.len() >= 3, "connect failed, connect, close: {printed:?}");
+    for line in &printed {
+        assert!(queried.contains(line), "observe -o json differs from the agent's:\n{line}");
+        assert!(line.contains("\"Summary\":"), "no summary: {line}");
+    }
+    // Compact lines from observe: the answers users come for.
+    let refused = observe("compact", closed);
+    assert!(refused.contains("tcp-connect-failed ERROR connect failed ECONNREFUSED"), "{refused}");
+    let closes = observe("compact", open);
+    let close = closes.lines().find(|l| l.contains("tcp-close")).expect("a close line");
+    assert!(close.contains("close after"), "{close}");
+    assert!(
+        close.contains("sent 4B received 5B") || close.contains("sent 5B received 4B"),
+        "{close}"
+    );
+    assert!(close.contains("srtt "), "{close}");
 }

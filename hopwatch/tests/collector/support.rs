@@ -156,17 +156,22 @@ pub(crate) async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {
 /// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
 /// thread of its own.
 pub(crate) fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let err = child.stderr.take().expect("stderr piped");
+    capture(child.stderr.take().expect("stderr piped"))
+}
+
+/// Collects what a child writes to one of its pipes into a shared string, line by line, on a
+/// thread of its own.
+pub(crate) fn capture(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
     std::thread::spawn({
-        let stderr = stderr.clone();
+        let text = text.clone();
         move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = stderr.lock().unwrap();
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = text.lock().unwrap();
                 s.push_str(&line);
                 s.push('\n');
             }
         }
     });
-    stderr
+    text
 }
