@@ -12,6 +12,8 @@
     reason = "a test or bench target links every dependency of the package; the lint is for the library"
 )]
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use hopwatch::harness::{MetricsAddr, MetricsArgs, Telemetry};
@@ -23,22 +25,6 @@ use hopwatch_proto::{
         Verdict, layer4::Protocol,
     },
 };
-
-/// Pins this thread to the first CPU it may run on: "one core" means one.
-fn pin_to_one_core() -> Option<usize> {
-    // SAFETY: plain libc calls on a zeroed cpu_set_t owned by this frame.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) != 0 {
-            return None;
-        }
-        let cpu = (0..libc::CPU_SETSIZE as usize).find(|c| libc::CPU_ISSET(*c, &set))?;
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut one);
-        (libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const one) == 0)
-            .then_some(cpu)
-    }
-}
 
 fn ts(ns: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -203,7 +189,7 @@ fn main() {
         println!("hops: bench");
         return;
     }
-    let cpu = pin_to_one_core();
+    let cpu = support::pin_to_one_core();
     let now = wall_now_ns();
     let batch = flows(200_000, 1000, now);
     println!(

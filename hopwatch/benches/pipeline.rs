@@ -17,6 +17,8 @@
     reason = "a test or bench target links every dependency of the package; the lint is for the library"
 )]
 
+mod support;
+
 use std::{
     hint::black_box,
     path::PathBuf,
@@ -28,22 +30,6 @@ use hopwatch::harness::{
     Telemetry, decode, read_recording,
 };
 use hopwatch_protocols::Redaction;
-
-/// Pins this thread to the first CPU it may run on: "one core" means one.
-fn pin_to_one_core() -> Option<usize> {
-    // SAFETY: plain libc calls on a zeroed cpu_set_t owned by this frame.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) != 0 {
-            return None;
-        }
-        let cpu = (0..libc::CPU_SETSIZE as usize).find(|c| libc::CPU_ISSET(*c, &set))?;
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut one);
-        (libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const one) == 0)
-            .then_some(cpu)
-    }
-}
 
 /// CPU time this thread has used (not time spent waiting for a CPU other work holds).
 fn thread_cpu() -> Duration {
@@ -124,7 +110,7 @@ fn main() {
         .ok()
         .and_then(|b| DropReasons::from_btf(&b).ok())
         .unwrap_or_else(DropReasons::empty);
-    let cpu = pin_to_one_core();
+    let cpu = support::pin_to_one_core();
     let n = records.len();
 
     // What the stream holds: the pipeline's work depends on it.

@@ -13,7 +13,7 @@ use hopwatch_proto::{
     observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
 };
 
-use super::support::*;
+use super::support::{capture::capture, *};
 
 fn require_root() {
     let uid = uid();

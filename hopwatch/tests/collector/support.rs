@@ -1,7 +1,6 @@
 //! A real `hopwatch collector` process for tests, and an in-test agent link to it.
 
 use std::{
-    io::{BufRead, BufReader},
     net::TcpListener,
     path::Path,
     process::{Child, Command, Stdio},
@@ -153,25 +152,6 @@ pub(crate) async fn all_responses(url: &str) -> Vec<GetFlowsResponse> {
     out
 }
 
-/// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
-/// thread of its own.
-pub(crate) fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
-    capture(child.stderr.take().expect("stderr piped"))
-}
-
-/// Collects what a child writes to one of its pipes into a shared string, line by line, on a
-/// thread of its own.
-pub(crate) fn capture(pipe: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    std::thread::spawn({
-        let text = text.clone();
-        move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = text.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        }
-    });
-    text
-}
+#[path = "../shared/capture.rs"]
+pub(crate) mod capture;
+pub(crate) use self::capture::capture_stderr;

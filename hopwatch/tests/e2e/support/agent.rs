@@ -188,20 +188,6 @@ pub(crate) fn u64_at(f: &Value, path: &[&str]) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-/// Collects what `child` writes to its piped stderr into a shared string, line by line, on a
-/// thread of its own.
-pub(crate) fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let err = child.stderr.take().expect("stderr piped");
-    std::thread::spawn({
-        let stderr = stderr.clone();
-        move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = stderr.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        }
-    });
-    stderr
-}
+#[path = "../../shared/capture.rs"]
+mod capture;
+pub(crate) use self::capture::capture_stderr;
