@@ -1,6 +1,9 @@
 use std::time::Duration;
 
-use hopwatch_proto::flow::{Flow, Layer4, Tcp, Verdict, layer4};
+use hopwatch_proto::{
+    clock::now_ns,
+    flow::{Flow, Layer4, Tcp, Verdict, layer4},
+};
 
 use super::*;
 
@@ -48,11 +51,6 @@ fn put(
         })
         .collect();
     w.append(&mut v, cp)
-}
-
-fn now_ns() -> i64 {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    i64::try_from(d.as_nanos()).unwrap()
 }
 
 fn disk_cfg(dir: &Path, max_bytes: u64, max_age: Duration) -> StoreConfig {

@@ -149,12 +149,7 @@ pub enum IdentityError {
     Nat(#[source] std::io::Error),
 }
 
-/// Wall-clock Unix milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use hopwatch_proto::clock::now_ms;
 
 /// Flows of one connection held back until what names them is known.
 struct Held {

@@ -115,13 +115,7 @@ struct Inner {
     pipeline: [AtomicU64; 3],
 }
 
-/// Nanoseconds since the Unix epoch.
-#[must_use]
-pub(crate) fn wall_now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
+pub(crate) use hopwatch_proto::clock::wall_now_ns;
 
 /// The registry's text exposition.
 #[must_use]
