@@ -218,6 +218,7 @@ impl Identity {
     }
 
     /// The Kubernetes state, when the agent watches the API.
+    #[cfg_attr(not(feature = "kubernetes"), expect(clippy::unused_self, reason = "no watches"))]
     fn kube_state(&self) -> Option<std::sync::RwLockReadGuard<'_, KubeState>> {
         #[cfg(feature = "kubernetes")]
         let state = self
@@ -229,6 +230,7 @@ impl Identity {
         state
     }
 
+    #[cfg_attr(not(feature = "docker"), expect(clippy::unused_self, reason = "no Docker API"))]
     fn has_docker(&self) -> bool {
         #[cfg(feature = "docker")]
         let has = self.docker.is_some();

@@ -72,6 +72,7 @@ impl Color {
     }
 }
 
+#[expect(clippy::struct_excessive_bools, reason = "independent output options")]
 pub struct Printer<W: Write> {
     out: W,
     format: Format,

@@ -22,13 +22,13 @@ fn resp(f: Flow) -> GetFlowsResponse {
 }
 
 /// 2026-11-03 06:01:02.123 UTC.
-fn at() -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp { seconds: 1_793_685_662, nanos: 123_000_000 })
+fn at() -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: 1_793_685_662, nanos: 123_000_000 }
 }
 
 fn close() -> Flow {
     Flow {
-        time: at(),
+        time: Some(at()),
         node_name: "node-a".into(),
         verdict: Verdict::Forwarded.into(),
         ip: Some(Ip { source: "10.0.0.1".into(), destination: "10.0.0.2".into(), ..Ip::default() }),
@@ -60,7 +60,7 @@ fn close() -> Flow {
 
 fn drop() -> Flow {
     Flow {
-        time: at(),
+        time: Some(at()),
         node_name: "node-a".into(),
         verdict: Verdict::Dropped.into(),
         ip: Some(Ip { source: "fd00::3".into(), destination: "fd00::2".into(), ..Ip::default() }),

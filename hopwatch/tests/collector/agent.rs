@@ -283,8 +283,8 @@ fn agent_and_observe_print_the_same_flows_the_same_way() {
     // Compact lines from observe: the answers users come for.
     let refused = observe("compact", closed);
     assert!(refused.contains("tcp-connect-failed ERROR connect failed ECONNREFUSED"), "{refused}");
-    let closes = observe("compact", open);
-    let close = closes.lines().find(|l| l.contains("tcp-close")).expect("a close line");
+    let to_open = observe("compact", open);
+    let close = to_open.lines().find(|l| l.contains("tcp-close")).expect("a close line");
     assert!(close.contains("close after"), "{close}");
     assert!(
         close.contains("sent 4B received 5B") || close.contains("sent 5B received 4B"),
