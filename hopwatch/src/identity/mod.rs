@@ -240,6 +240,10 @@ impl Identity {
     }
 
     /// Starts the sources the flags ask for; says on stderr which ones run.
+    #[cfg_attr(
+        not(feature = "kubernetes"),
+        expect(clippy::unused_async, reason = "only the Kubernetes client awaits")
+    )]
     pub async fn start(args: &IdentityArgs, node_name: &str) -> Result<Self, IdentityError> {
         let mut this = Self::disabled();
         let mut said = Vec::new();
