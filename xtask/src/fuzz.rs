@@ -33,10 +33,13 @@ pub struct FuzzOptions<'a> {
 /// The crates with a `fuzz/` package, cheapest to build first.
 const FUZZED_CRATES: [&str; 3] = ["hopwatch-protocols", "hopwatch-collector", "hopwatch"];
 
-/// `cargo +nightly fuzz <args>` in `crate_dir` (cargo-fuzz finds `fuzz/` there).
-fn cargo_fuzz(crate_dir: &Path) -> Command {
+/// `cargo +nightly fuzz <verb>` in `crate_dir` (cargo-fuzz finds `fuzz/` there). The packages
+/// share one target directory, so the dependencies they have in common are built once.
+fn cargo_fuzz(crate_dir: &Path, verb: &str) -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.args(["+nightly", "fuzz"]).current_dir(crate_dir);
+    cmd.args(["+nightly", "fuzz", verb, "--target-dir"])
+        .arg(workspace_root().join("target/fuzz"))
+        .current_dir(crate_dir);
     cmd
 }
 
@@ -110,7 +113,7 @@ pub fn run(opts: &FuzzOptions<'_>) -> Result<()> {
                 "building the fuzz targets of {} (nightly, address sanitizer; the first build takes minutes)",
                 dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
             ));
-            check(cargo_fuzz(dir).args(["build", "--debug-assertions"]))?;
+            check(cargo_fuzz(dir, "build").arg("--debug-assertions"))?;
             built.push(dir.clone());
         }
         let regressions = dir.join("fuzz/regressions").join(target);
@@ -119,8 +122,8 @@ pub fn run(opts: &FuzzOptions<'_>) -> Result<()> {
             say(&format!("{target}: replaying {} regression inputs", known.len()));
             // Files given as arguments are run once each; nothing is fuzzed or written.
             check(
-                cargo_fuzz(dir)
-                    .args(["run", "--debug-assertions", target])
+                cargo_fuzz(dir, "run")
+                    .args(["--debug-assertions", target])
                     .args(&known)
                     .args(["--", &format!("-rss_limit_mb={RSS_LIMIT_MB}")]),
             )
@@ -128,8 +131,8 @@ pub fn run(opts: &FuzzOptions<'_>) -> Result<()> {
         }
         say(&format!("{target}: fuzzing for {} s", opts.seconds));
         let started = Instant::now();
-        let status = cargo_fuzz(dir)
-            .args(["run", "--debug-assertions", target, "--"])
+        let status = cargo_fuzz(dir, "run")
+            .args(["--debug-assertions", target, "--"])
             .arg(format!("-max_total_time={}", opts.seconds))
             .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
             .arg("-print_final_stats=1")

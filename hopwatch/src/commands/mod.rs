@@ -24,7 +24,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Trace TCP connections and kernel packet drops on this host and stream them as flows.
+    /// Trace this host's network path — TCP connections, application exchanges (HTTP/1.x,
+    /// PostgreSQL, Redis, MySQL, DNS, also behind TLS) and kernel packet drops — and stream them
+    /// as flows.
     Agent(Box<agent::AgentArgs>),
     /// Receive flows from agents, keep their history, and serve Hubble's Observer API.
     Collector(collector::CollectorArgs),
