@@ -59,6 +59,17 @@ pub struct EventHeader {
     pub socket_cookie: u64,
 }
 const _: () = assert!(size_of::<EventHeader>() == 40);
+// Userspace reads the header of any record to learn its kind: the layout is the contract.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(EventHeader, kind) == 0);
+    assert!(offset_of!(EventHeader, cpu) == 4);
+    assert!(offset_of!(EventHeader, timestamp_ns) == 8);
+    assert!(offset_of!(EventHeader, pid) == 16);
+    assert!(offset_of!(EventHeader, tgid) == 20);
+    assert!(offset_of!(EventHeader, cgroup_id) == 24);
+    assert!(offset_of!(EventHeader, socket_cookie) == 32);
+};
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
@@ -215,6 +226,7 @@ pub struct TcpEvent {
     pub _pad: [u8; 4],
 }
 const _: () = assert!(size_of::<TcpEvent>() == 184);
+const _: () = assert!(core::mem::offset_of!(TcpEvent, header) == 0);
 
 /// A packet the kernel dropped ([`EventKind::Drop`]), from `skb:kfree_skb`.
 #[repr(C)]
@@ -239,6 +251,7 @@ pub struct DropEvent {
     pub _pad: u8,
 }
 const _: () = assert!(size_of::<DropEvent>() == 112);
+const _: () = assert!(core::mem::offset_of!(DropEvent, header) == 0);
 
 /// [`DropEvent::flags`]: the packet's headers could not be read (tuple is empty).
 pub const DROP_F_NO_HEADERS: u8 = 1 << 0;
@@ -488,6 +501,7 @@ pub struct DataEvent {
     pub comm: [u8; 16],
 }
 const _: () = assert!(size_of::<DataEvent>() == 120);
+const _: () = assert!(core::mem::offset_of!(DataEvent, header) == 0);
 
 /// Name of the global holding [`KernelSettings`] in the kernel object.
 pub const SETTINGS_GLOBAL: &str = "HOPWATCH_SETTINGS";

@@ -35,8 +35,7 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
         count(Counter::DropIgnored);
         return 0;
     }
-    // SAFETY: `skb` is the tracepoint's `struct sk_buff *`.
-    unsafe { on_drop(skb, location, reason) };
+    on_drop(skb, location, reason);
     0
 }
 
@@ -69,9 +68,9 @@ fn within_rate(now: u64) -> bool {
     true
 }
 
-unsafe fn on_drop(skb: *const u8, location: u64, reason: u32) {
+fn on_drop(skb: *const u8, location: u64, reason: u32) {
     let o = offsets();
-    let eth_proto = u16::from_be(unsafe { read_at::<u16>(skb, o.skb_protocol) }.unwrap_or(0));
+    let eth_proto = u16::from_be(read_at::<u16>(skb, o.skb_protocol).unwrap_or(0));
     if eth_proto != ETH_P_IP && eth_proto != ETH_P_IPV6 {
         // ARP, unix-socket and other non-IP frees: not network drops we can name a flow for.
         count(Counter::DropIgnored);
@@ -88,49 +87,47 @@ unsafe fn on_drop(skb: *const u8, location: u64, reason: u32) {
     };
     // SAFETY: `reserve` initialised every byte of the slot.
     let e = unsafe { entry.assume_init_mut() };
-    // SAFETY: `skb` is the tracepoint's packet; reads are checked.
-    unsafe {
-        e.location = location;
-        e.reason = reason;
-        e.len = read_at::<u32>(skb, o.skb_len).unwrap_or(0);
-        if let Some(dev) = read_at::<*const u8>(skb, o.skb_dev) {
-            if !dev.is_null() {
-                e.ifindex = read_at::<u32>(dev, o.dev_ifindex).unwrap_or(0);
-                if let Some(net) = read_at::<*const u8>(dev, o.dev_nd_net) {
-                    e.tuple.netns = net_inum(net, &o);
-                }
+    // Reads of the packet go through `read_at`: a bad pointer is an error, not a crash.
+    e.location = location;
+    e.reason = reason;
+    e.len = read_at::<u32>(skb, o.skb_len).unwrap_or(0);
+    if let Some(dev) = read_at::<*const u8>(skb, o.skb_dev) {
+        if !dev.is_null() {
+            e.ifindex = read_at::<u32>(dev, o.dev_ifindex).unwrap_or(0);
+            if let Some(net) = read_at::<*const u8>(dev, o.dev_nd_net) {
+                e.tuple.netns = net_inum(net, &o);
             }
         }
-        if e.tuple.netns == 0 {
-            if let Some(sk) = read_at::<*const u8>(skb, o.skb_sk) {
-                if let Some(net) = read_at::<*const u8>(sk, o.sk_net) {
-                    e.tuple.netns = net_inum(net, &o);
-                }
+    }
+    if e.tuple.netns == 0 {
+        if let Some(sk) = read_at::<*const u8>(skb, o.skb_sk) {
+            if let Some(net) = read_at::<*const u8>(sk, o.sk_net) {
+                e.tuple.netns = net_inum(net, &o);
             }
         }
-        if !read_headers(skb, &o, e) {
-            e.flags |= DROP_F_NO_HEADERS;
-        }
+    }
+    if !read_headers(skb, &o, e) {
+        e.flags |= DROP_F_NO_HEADERS;
     }
     entry.submit(wakeup_flags());
 }
 
 /// Fills the event's tuple (and ICMP type/code) from the packet's IP and L4 headers.
 #[inline(always)]
-unsafe fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> bool {
-    let Some(head) = (unsafe { read_at::<*const u8>(skb, o.skb_head) }) else {
+fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> bool {
+    let Some(head) = read_at::<*const u8>(skb, o.skb_head) else {
         return false;
     };
-    let Some(nh) = (unsafe { read_at::<u16>(skb, o.skb_network_header) }) else {
+    let Some(nh) = read_at::<u16>(skb, o.skb_network_header) else {
         return false;
     };
     if head.is_null() || nh == UNSET {
         return false;
     }
-    let th = unsafe { read_at::<u16>(skb, o.skb_transport_header) }.unwrap_or(UNSET);
+    let th = read_at::<u16>(skb, o.skb_transport_header).unwrap_or(UNSET);
     // SAFETY: `head + nh` is where the kernel says the network header is; reads are checked.
-    let ip = unsafe { head.add(nh as usize) };
-    let Some(first) = (unsafe { read_at::<u8>(ip, 0) }) else {
+    let ip = head.wrapping_add(nh as usize);
+    let Some(first) = read_at::<u8>(ip, 0) else {
         return false;
     };
     let t: &mut Tuple = &mut e.tuple;
@@ -139,7 +136,7 @@ unsafe fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> 
         4 => {
             // struct iphdr: protocol at 9, saddr at 12, daddr at 16.
             let ihl = u16::from(first & 0x0f) * 4;
-            let Some(hdr) = (unsafe { read_at::<[u8; 20]>(ip, 0) }) else {
+            let Some(hdr) = read_at::<[u8; 20]>(ip, 0) else {
                 return false;
             };
             t.family = AF_INET;
@@ -151,7 +148,7 @@ unsafe fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> 
         6 => {
             // struct ipv6hdr: nexthdr at 6, saddr at 8, daddr at 24. Extension headers are not
             // walked: the transport header offset, when set, already skips them.
-            let Some(hdr) = (unsafe { read_at::<[u8; 40]>(ip, 0) }) else {
+            let Some(hdr) = read_at::<[u8; 40]>(ip, 0) else {
                 return false;
             };
             t.family = AF_INET6;
@@ -163,16 +160,16 @@ unsafe fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> 
         _ => return false,
     }
     // SAFETY: checked reads relative to the network header.
-    let l4 = unsafe { ip.add(l4_off as usize) };
+    let l4 = ip.wrapping_add(l4_off as usize);
     match t.protocol {
         IPPROTO_TCP | IPPROTO_UDP => {
-            if let Some(ports) = unsafe { read_at::<[u8; 4]>(l4, 0) } {
+            if let Some(ports) = read_at::<[u8; 4]>(l4, 0) {
                 t.sport = u16::from_be_bytes([ports[0], ports[1]]);
                 t.dport = u16::from_be_bytes([ports[2], ports[3]]);
             }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            if let Some(tc) = unsafe { read_at::<[u8; 2]>(l4, 0) } {
+            if let Some(tc) = read_at::<[u8; 2]>(l4, 0) {
                 e.icmp_type = tc[0];
                 e.icmp_code = tc[1];
             }

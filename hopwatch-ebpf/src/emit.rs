@@ -1,14 +1,17 @@
-//! Putting events in the ring buffer: one place that reserves, zeroes and stamps them, and counts
-//! the ones a full buffer turns away.
+//! Putting events in the ring buffer: one place that stamps their headers (kind, CPU, time,
+//! socket cookie), chooses the wake-up, and counts what was sent and what a full buffer turned
+//! away. Fixed-size events are reserved in place ([`reserve`]); variable-length ones (a data
+//! event and the bytes captured after it) are assembled in a per-CPU scratch map and copied
+//! whole ([`output`]).
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_get_smp_processor_id,
+    helpers::{bpf_get_smp_processor_id, generated::bpf_ringbuf_output},
     maps::ring_buf::RingBufEntry,
 };
 use hopwatch_common::{ConnState, Counter, DropEvent, EventHeader, EventKind, TcpEvent};
 
-use crate::maps::{EVENTS, count};
+use crate::maps::{DataScratch, EVENTS, count};
 
 /// Wake the agent only once this much is waiting; it also drains on a short timer. A wake-up per
 /// event (the ring buffer's default when the reader keeps up) costs an interrupt-work item and a
@@ -45,6 +48,50 @@ impl Event for DropEvent {
     }
 }
 
+impl Event for DataScratch {
+    const KIND: EventKind = EventKind::Data;
+    fn header_mut(&mut self) -> &mut EventHeader {
+        &mut self.event.header
+    }
+}
+
+/// Sets what every event's header says, whichever way it is sent.
+#[inline(always)]
+fn stamp<T: Event>(ev: &mut T, timestamp_ns: u64, cookie: u64) {
+    let h = ev.header_mut();
+    h.kind = T::KIND as u32;
+    // SAFETY: no arguments; valid in every program type.
+    h.cpu = unsafe { bpf_get_smp_processor_id() };
+    h.timestamp_ns = timestamp_ns;
+    h.socket_cookie = cookie;
+}
+
+/// Copies the first `size` bytes of `record` (at most its size) into the ring buffer, its header
+/// stamped as [`reserve`] stamps it. False (and a [`Counter::RingbufFull`]) when the buffer is
+/// full: the event is lost, never waited for.
+#[inline(always)]
+pub fn output<T: Event>(record: &mut T, size: u64, timestamp_ns: u64, cookie: u64) -> bool {
+    stamp(record, timestamp_ns, cookie);
+    let size = size.min(size_of::<T>() as u64);
+    // SAFETY: `record` is `size_of::<T>()` readable bytes (at least `size`); EVENTS is a ring
+    // buffer map.
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            (&raw const EVENTS).cast_mut().cast(),
+            core::ptr::from_mut(record).cast(),
+            size,
+            wakeup_flags(),
+        )
+    };
+    if rc < 0 {
+        count(Counter::RingbufFull);
+        false
+    } else {
+        count(Counter::EventsSent);
+        true
+    }
+}
+
 /// Reserves a zeroed `T` with its header's kind, CPU, time and socket cookie set. `None` (and a
 /// [`Counter::RingbufFull`]) when the buffer is full: the event is lost, never waited for.
 #[inline(always)]
@@ -60,11 +107,7 @@ pub fn reserve<T: Event>(timestamp_ns: u64, cookie: u64) -> Option<RingBufEntry<
     // initialised (T is plain old data) before we hand out a reference.
     unsafe {
         core::ptr::write_bytes(ev, 0, 1);
-        let h = (*ev).header_mut();
-        h.kind = T::KIND as u32;
-        h.cpu = bpf_get_smp_processor_id();
-        h.timestamp_ns = timestamp_ns;
-        h.socket_cookie = cookie;
+        stamp(&mut *ev, timestamp_ns, cookie);
     }
     Some(entry)
 }

@@ -21,15 +21,34 @@ pub fn offsets() -> KernelOffsets {
     HOPWATCH_OFFSETS.load()
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Plain data: every bit pattern is a valid value, so bytes copied from anywhere in kernel
+/// memory make one. Integers, byte arrays and raw pointers (which are only ever read through
+/// [`read_at`] again, never dereferenced).
+pub trait Plain: Copy + sealed::Sealed {}
+
+macro_rules! plain {
+    ($($t:ty),*) => { $(impl sealed::Sealed for $t {} impl Plain for $t {})* };
+}
+plain!(u8, u16, u32, u64, i8, i16, i32, i64, *const u8);
+impl<const N: usize> sealed::Sealed for [u8; N] {}
+impl<const N: usize> Plain for [u8; N] {}
+
 /// Reads a `T` at `base + off` from kernel memory; `None` if the field is unknown or unreadable
-/// (the latter is counted).
+/// (the latter is counted). Safe for any `base`: the read goes through `bpf_probe_read_kernel`,
+/// for which a bad address is an error, not a crash, and `T` is [`Plain`].
 #[inline(always)]
-pub unsafe fn read_at<T: Copy>(base: *const u8, off: u16) -> Option<T> {
+pub fn read_at<T: Plain>(base: *const u8, off: u16) -> Option<T> {
     if off == UNSET || base.is_null() {
         return None;
     }
-    // SAFETY: bpf_probe_read_kernel copes with any address; a fault is an error, not a crash.
-    match unsafe { bpf_probe_read_kernel(base.add(off as usize).cast::<T>()) } {
+    let at = base.wrapping_add(off as usize).cast::<T>();
+    // SAFETY: bpf_probe_read_kernel copes with any address (a fault is an error), and any bytes
+    // it copies are a valid `T` (`Plain`).
+    match unsafe { bpf_probe_read_kernel(at) } {
         Ok(v) => Some(v),
         Err(_) => {
             count(Counter::ReadFailed);
@@ -47,44 +66,44 @@ pub unsafe fn socket_cookie(sk: *const c_void) -> u64 {
 
 /// `sk->sk_protocol` (a `u16` since 5.6, a `u8` bitfield neighbour before).
 #[inline(always)]
-pub unsafe fn sock_protocol(sk: *const u8, o: &KernelOffsets) -> Option<u16> {
+pub fn sock_protocol(sk: *const u8, o: &KernelOffsets) -> Option<u16> {
     if o.sk_protocol_size == 1 {
-        unsafe { read_at::<u8>(sk, o.sk_protocol) }.map(u16::from)
+        read_at::<u8>(sk, o.sk_protocol).map(u16::from)
     } else {
-        unsafe { read_at::<u16>(sk, o.sk_protocol) }
+        read_at::<u16>(sk, o.sk_protocol)
     }
 }
 
 /// Inode number of a `struct net`'s namespace.
 #[inline(always)]
-pub unsafe fn net_inum(net: *const u8, o: &KernelOffsets) -> u32 {
-    unsafe { read_at::<u32>(net, o.net_inum) }.unwrap_or(0)
+pub fn net_inum(net: *const u8, o: &KernelOffsets) -> u32 {
+    read_at::<u32>(net, o.net_inum).unwrap_or(0)
 }
 
 /// Fills `t` with `sk`'s local (`s*`) and remote (`d*`) address, ports and network namespace.
 #[inline(always)]
-pub unsafe fn read_sock_tuple(sk: *const u8, o: &KernelOffsets, t: &mut Tuple) {
-    let family = unsafe { read_at::<u16>(sk, o.sk_family) }.unwrap_or(0);
+pub fn read_sock_tuple(sk: *const u8, o: &KernelOffsets, t: &mut Tuple) {
+    let family = read_at::<u16>(sk, o.sk_family).unwrap_or(0);
     t.family = family;
-    t.sport = unsafe { read_at::<u16>(sk, o.sk_num) }.unwrap_or(0);
-    t.dport = u16::from_be(unsafe { read_at::<u16>(sk, o.sk_dport) }.unwrap_or(0));
+    t.sport = read_at::<u16>(sk, o.sk_num).unwrap_or(0);
+    t.dport = u16::from_be(read_at::<u16>(sk, o.sk_dport).unwrap_or(0));
     if family == AF_INET {
-        if let Some(a) = unsafe { read_at::<[u8; 4]>(sk, o.sk_rcv_saddr) } {
+        if let Some(a) = read_at::<[u8; 4]>(sk, o.sk_rcv_saddr) {
             t.saddr[..4].copy_from_slice(&a);
         }
-        if let Some(a) = unsafe { read_at::<[u8; 4]>(sk, o.sk_daddr) } {
+        if let Some(a) = read_at::<[u8; 4]>(sk, o.sk_daddr) {
             t.daddr[..4].copy_from_slice(&a);
         }
     } else if family == AF_INET6 {
-        if let Some(a) = unsafe { read_at::<[u8; 16]>(sk, o.sk_v6_rcv_saddr) } {
+        if let Some(a) = read_at::<[u8; 16]>(sk, o.sk_v6_rcv_saddr) {
             t.saddr = a;
         }
-        if let Some(a) = unsafe { read_at::<[u8; 16]>(sk, o.sk_v6_daddr) } {
+        if let Some(a) = read_at::<[u8; 16]>(sk, o.sk_v6_daddr) {
             t.daddr = a;
         }
     }
-    if let Some(net) = unsafe { read_at::<*const u8>(sk, o.sk_net) } {
-        t.netns = unsafe { net_inum(net, o) };
+    if let Some(net) = read_at::<*const u8>(sk, o.sk_net) {
+        t.netns = net_inum(net, o);
     }
 }
 

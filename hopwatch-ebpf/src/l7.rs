@@ -20,28 +20,27 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{
-            bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw,
-            bpf_ringbuf_output, bpf_task_pt_regs,
+            bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs,
         },
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use hopwatch_common::{
-    AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, EventKind,
-    IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_IGNORED, PROTO_TLS,
-    PROTO_UNKNOWN, SRC_SYSCALL,
+    AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
+    IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_IGNORED, PROTO_TLS, PROTO_UNKNOWN,
+    SRC_SYSCALL,
     detect::{HEAD, detect},
 };
 
 use crate::{
-    emit::wakeup_flags,
+    emit::output,
     kernel::{
         current_process_into, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie,
     },
     maps::{
-        DATA_SCRATCH, DataScratch, EVENTS, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
-        MMSG_CURSORS, SSL_SOCKETS, TLS_CALLS, count,
+        DATA_SCRATCH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, MMSG_CURSORS,
+        SSL_SOCKETS, TLS_CALLS, count,
     },
 };
 
@@ -98,11 +97,11 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     }
     let o = offsets();
     let skb = sk.cast::<u8>();
-    let Some(family) = (unsafe { read_at::<u16>(skb, o.sk_family) }) else { return };
+    let Some(family) = read_at::<u16>(skb, o.sk_family) else { return };
     if family != AF_INET && family != AF_INET6 {
         return;
     }
-    let protocol = unsafe { sock_protocol(skb, &o) }.unwrap_or(0);
+    let protocol = sock_protocol(skb, &o).unwrap_or(0);
     if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
         return;
     }
@@ -145,7 +144,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     let udp = protocol == u16::from(IPPROTO_UDP);
     if udp || state.tuple_sent == 0 {
         // SAFETY: tracepoint socket.
-        unsafe { read_sock_tuple(skb, &o, &mut ev.tuple) };
+        read_sock_tuple(skb, &o, &mut ev.tuple);
     }
     ev.tuple.protocol = protocol as u8;
     if udp {
@@ -193,37 +192,19 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     ev.direction = direction;
     ev.source = SRC_SYSCALL;
     ev.protocol = state.proto;
-    // SAFETY: helper calls with valid arguments.
-    unsafe { send(scratch, pid_tgid, cookie) };
+    send(scratch, pid_tgid, cookie);
 }
 
-/// Fills the event header and process fields and copies the event plus `captured` bytes into the
-/// ring buffer.
+/// Fills the event's process fields and sends the event plus its `captured` bytes.
 #[inline(always)]
-pub unsafe fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
-    let ev = &mut scratch.event;
-    ev.header.kind = EventKind::Data as u32;
-    // SAFETY: no arguments.
-    ev.header.timestamp_ns = unsafe { bpf_ktime_get_ns() };
-    ev.header.cpu = 0;
-    ev.header.socket_cookie = cookie;
-    current_process_into(pid_tgid, &mut ev.header, &mut ev.comm);
+pub fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
+    current_process_into(pid_tgid, &mut scratch.event.header, &mut scratch.event.comm);
     let size = size_of::<hopwatch_common::DataEvent>() as u64
-        + u64::from(ev.captured.min(DATA_MAX as u32));
-    // SAFETY: `scratch` is a map value of at least `size` bytes; EVENTS is a ring buffer map.
-    let rc = unsafe {
-        bpf_ringbuf_output(
-            (&raw const EVENTS).cast_mut().cast(),
-            core::ptr::from_mut(scratch).cast(),
-            size,
-            wakeup_flags(),
-        )
-    };
-    if rc < 0 {
-        count(Counter::RingbufFull);
-    } else {
+        + u64::from(scratch.event.captured.min(DATA_MAX as u32));
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if output(scratch, size, now, cookie) {
         count(Counter::DataEvents);
-        count(Counter::EventsSent);
     }
 }
 
@@ -240,8 +221,8 @@ pub fn detect_head(data: &[u8; 2 * DATA_MAX], captured: u32) -> u8 {
 unsafe fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
     // SAFETY: helpers valid in tracing programs; `regs` is the current task's saved registers.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
-    let nr = unsafe { read_at::<u64>(regs, o.regs_orig_ax) }?;
-    let arg = |off: u16| unsafe { read_at::<u64>(regs, off) };
+    let nr = read_at::<u64>(regs, o.regs_orig_ax)?;
+    let arg = |off: u16| read_at::<u64>(regs, off);
     let sc = HOPWATCH_SYSCALLS.load();
     let nr = nr as u32;
     if nr == sc.read || nr == sc.write {

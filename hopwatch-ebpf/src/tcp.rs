@@ -57,7 +57,7 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
     let o = offsets();
     let skb = sk.cast::<u8>();
     // MPTCP's parent socket and SCTP share this tracepoint; their subflows are plain TCP.
-    if unsafe { sock_protocol(skb, &o) } != Some(u16::from(IPPROTO_TCP)) {
+    if sock_protocol(skb, &o) != Some(u16::from(IPPROTO_TCP)) {
         return;
     }
     let cookie = unsafe { socket_cookie(sk) };
@@ -73,7 +73,7 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
             unsafe { emit(TcpOp::Connected, skb, &o, cookie, old, new, 0) };
         }
         (TCP_SYN_SENT, TCP_CLOSE) => {
-            let err = unsafe { read_at::<i32>(skb, o.sk_err) }.unwrap_or(0);
+            let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
             unsafe { emit(TcpOp::ConnectFailed, skb, &o, cookie, old, new, err as u32) };
             let _ = CONNS.remove(cookie);
         }
@@ -94,7 +94,7 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
             | TCP_CLOSING | TCP_SYN_RECV,
             TCP_CLOSE,
         ) => {
-            let err = unsafe { read_at::<i32>(skb, o.sk_err) }.unwrap_or(0);
+            let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
             unsafe { emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32) };
             let _ = CONNS.remove(cookie);
         }
@@ -139,7 +139,7 @@ fn on_connect_start(cookie: u64) {
 
 unsafe fn listen_key(sk: *const u8, o: &KernelOffsets) -> ListenKey {
     let mut t = Tuple::default();
-    unsafe { read_sock_tuple(sk, o, &mut t) };
+    read_sock_tuple(sk, o, &mut t);
     ListenKey { netns: t.netns, port: t.sport, family: t.family }
 }
 

@@ -140,6 +140,5 @@ unsafe fn exit(ret: i64) {
     ev.direction = call.direction;
     ev.source = SRC_TLS;
     ev.protocol = state.inner;
-    // SAFETY: valid helper arguments.
-    unsafe { send(scratch, pid_tgid, cookie) };
+    send(scratch, pid_tgid, cookie);
 }
