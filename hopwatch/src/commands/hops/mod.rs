@@ -32,7 +32,7 @@ use serde::Serialize;
 #[cfg(test)]
 use self::render::table;
 use self::render::write_summary;
-use crate::metrics::wall_now_ns;
+use crate::{commands::observe::ServerError, metrics::wall_now_ns};
 
 /// Slots of the `--watch` window (its resolution is the window / this).
 const WATCH_SLOTS: u32 = 12;
@@ -132,10 +132,8 @@ pub(super) enum HopsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Server(String),
+    #[error(transparent)]
+    Server(#[from] ServerError),
     #[error("--watch needs a window relative to now (`--since 5m`), not a fixed start time")]
     WatchSince,
     #[error("cannot write the table: {0}")]
@@ -213,12 +211,13 @@ pub(super) async fn main(args: HopsArgs) -> ExitCode {
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hopwatch hops: error: {}", crate::commands::error_chain(&e));
-            if matches!(e, HopsError::Usage(_) | HopsError::WatchSince) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            eprintln!("hopwatch hops: error: {e}");
+            let usage = match &e {
+                HopsError::Server(s) => s.is_usage(),
+                HopsError::WatchSince => true,
+                HopsError::Input { .. } | HopsError::Output(_) => false,
+            };
+            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

@@ -9,10 +9,10 @@ use hopwatch_proto::{
         GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes,
         observer_client::ObserverClient,
     },
-    tls::explain,
 };
 
 use super::{FOLLOW_POLL, HopsArgs, HopsError};
+use crate::commands::observe::ServerError;
 
 /// The `GetFlows` request for `args`: every flow since `since_ns` (following with `--watch`).
 /// Only `-n` is also asked of the server: a flow is in a namespace exactly when its hop is.
@@ -49,18 +49,16 @@ pub(super) async fn query(
     args: &HopsArgs,
     since_ns: u64,
 ) -> Result<tonic::Streaming<GetFlowsResponse>, HopsError> {
-    let (target, endpoint) = args.connection.endpoint(&args.server).map_err(HopsError::Usage)?;
-    let channel = endpoint.connect().await.map_err(|e| {
-        HopsError::Server(format!("cannot connect to {}: {}", target.uri, explain(&e)))
-    })?;
+    let (target, endpoint) = args.connection.endpoint(&args.server)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| ServerError::Connect { uri: target.uri.clone(), source })?;
     let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
     let req = request(args, since_ns);
     match client.get_flows(req).await {
         Ok(r) => Ok(r.into_inner()),
-        Err(s) if s.code() == tonic::Code::InvalidArgument => {
-            Err(HopsError::Usage(format!("the server rejected the request: {}", s.message())))
-        }
-        Err(s) => Err(HopsError::Server(format!("{}: {}", target.uri, explain(&s)))),
+        Err(s) => Err(ServerError::status(&target.uri, s).into()),
     }
 }
 
@@ -94,7 +92,7 @@ pub(super) async fn pump(
                 _ => {}
             },
             Ok(None) => return Ok(()),
-            Err(s) => return Err(HopsError::Server(format!("{server}: {}", explain(&s)))),
+            Err(s) => return Err(ServerError::status(&server, s).into()),
         }
     }
 }

@@ -10,7 +10,7 @@ use clap::ArgMatches;
 use hopwatch_collector::filter::FilterSet;
 use hopwatch_proto::{
     observer::{GetFlowsRequest, observer_client::ObserverClient},
-    tls::{ClientFlags, ClientTls, Target, explain},
+    tls::{ClientFlags, ClientTls, Target, TlsError, explain},
 };
 
 use crate::print::{Color, Format, Options, Printer, time::TimeFormat};
@@ -42,13 +42,54 @@ pub(super) struct Connection {
     pub timeout: Duration,
 }
 
+/// Why a command could not use the collector.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ServerError {
+    #[error("--server {server:?}: {source}")]
+    Address {
+        server: String,
+        #[source]
+        source: TlsError,
+    },
+    /// Certificate files, or plaintext to a host that is not loopback.
+    #[error(transparent)]
+    Tls(TlsError),
+    #[error("cannot connect to {uri}: {}", explain(source))]
+    Connect {
+        uri: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{uri} rejected the request: {}", status.message())]
+    Rejected { uri: String, status: tonic::Status },
+    #[error("{uri}: {}", explain(status))]
+    Failed { uri: String, status: tonic::Status },
+}
+
+impl ServerError {
+    /// Whether the user's flags are at fault (exit status 2) rather than the server (1).
+    pub(super) fn is_usage(&self) -> bool {
+        matches!(self, Self::Address { .. } | Self::Tls(_) | Self::Rejected { .. })
+    }
+
+    /// A failed call: the server's verdict on the request, or its failure.
+    pub(super) fn status(uri: &str, status: tonic::Status) -> Self {
+        let uri = uri.to_owned();
+        if status.code() == tonic::Code::InvalidArgument {
+            Self::Rejected { uri, status }
+        } else {
+            Self::Failed { uri, status }
+        }
+    }
+}
+
 impl Connection {
     /// The collector at `server` (host:port or a URL) as these flags reach it. An error is the
-    /// user's to fix (a bad address, certificate files, plaintext off loopback): exit status 2.
+    /// user's to fix (a bad address, certificate files, plaintext off loopback).
     pub(super) fn endpoint(
         &self,
         server: &str,
-    ) -> Result<(Target, tonic::transport::Endpoint), String> {
+    ) -> Result<(Target, tonic::transport::Endpoint), ServerError> {
         let tls = ClientTls {
             ca: self.tls_ca_cert_files.clone(),
             cert: self.tls_client_cert_file.clone(),
@@ -60,10 +101,11 @@ impl Connection {
                 key: "--tls-client-key-file",
             },
         };
-        let target = Target::parse(server, self.tls).map_err(|e| format!("--server: {e}"))?;
+        let target = Target::parse(server, self.tls)
+            .map_err(|source| ServerError::Address { server: server.to_owned(), source })?;
         let endpoint = target
             .endpoint(&tls, self.allow_plaintext)
-            .map_err(|e| e.to_string())?
+            .map_err(ServerError::Tls)?
             .connect_timeout(self.timeout);
         Ok((target, endpoint))
     }
@@ -240,23 +282,26 @@ pub(super) struct ObserveArgs {
 
 #[derive(Debug, thiserror::Error)]
 enum ObserveError {
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Failed(String),
+    #[error(transparent)]
+    Flag(#[from] filters::FlagError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("cannot write to stdout: {0}")]
+    Stdout(#[source] std::io::Error),
 }
 
 /// Runs `hopwatch observe`; exit 2 for bad flags, 1 when the server cannot be used.
 pub(super) async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
     match observe(args, matches).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(ObserveError::Usage(msg)) => {
-            eprintln!("hopwatch observe: error: {msg}");
-            ExitCode::from(2)
-        }
-        Err(ObserveError::Failed(msg)) => {
-            eprintln!("hopwatch observe: error: {msg}");
-            ExitCode::FAILURE
+        Err(e) => {
+            eprintln!("hopwatch observe: error: {e}");
+            let usage = match &e {
+                ObserveError::Flag(_) => true,
+                ObserveError::Server(s) => s.is_usage(),
+                ObserveError::Stdout(_) => false,
+            };
+            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
@@ -264,8 +309,7 @@ pub(super) async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
 /// The request the flags describe.
 fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, ObserveError> {
     let (occ, nots) = filters::occurrences(matches);
-    let (whitelist, blacklist) =
-        filters::build(&occ, &nots).map_err(|e| ObserveError::Usage(e.to_string()))?;
+    let (whitelist, blacklist) = filters::build(&occ, &nots)?;
     let (number, first) = match (args.all, args.first, args.last) {
         (true, _, _) => (u64::MAX, false),
         (false, Some(n), _) => (n, true),
@@ -288,13 +332,14 @@ fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, 
 
 async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveError> {
     let req = request(&args, matches)?;
-    let (target, endpoint) = args.connection.endpoint(&args.server).map_err(ObserveError::Usage)?;
-    let channel = endpoint.connect().await.map_err(|e| {
-        ObserveError::Failed(format!("cannot connect to {}: {}", target.uri, explain(&e)))
-    })?;
+    let (target, endpoint) = args.connection.endpoint(&args.server)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| ServerError::Connect { uri: target.uri.clone(), source })?;
     let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
     let mut stream =
-        client.get_flows(req).await.map_err(|s| status_error(&target.uri, &s))?.into_inner();
+        client.get_flows(req).await.map_err(|s| ServerError::status(&target.uri, s))?.into_inner();
     let options = Options {
         format: args.output,
         time: args.time_format,
@@ -315,20 +360,18 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
                         return Ok(());
                     }
-                    return Err(ObserveError::Failed(format!("cannot write to stdout: {e}")));
+                    return Err(ObserveError::Stdout(e));
                 }
             }
             Ok(None) => break,
             Err(s) => {
                 let _ = printer.flush();
-                return Err(status_error(&target.uri, &s));
+                return Err(ServerError::status(&target.uri, s).into());
             }
         }
     }
     match printer.flush() {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(ObserveError::Failed(format!("cannot write to stdout: {e}")))
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ObserveError::Stdout(e)),
         _ => Ok(()),
     }
 }
@@ -340,13 +383,5 @@ fn query_format(s: &str) -> Result<Format, String> {
             Err(format!("{s:?} is not one of compact, dict, table, json, jsonpb"))
         }
         Ok(f) => Ok(f),
-    }
-}
-
-fn status_error(uri: &str, s: &tonic::Status) -> ObserveError {
-    if s.code() == tonic::Code::InvalidArgument {
-        ObserveError::Usage(format!("the server rejected the request: {}", s.message()))
-    } else {
-        ObserveError::Failed(format!("{uri}: {}", explain(s)))
     }
 }
