@@ -91,20 +91,19 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) {
     e.location = location;
     e.reason = reason;
     e.len = read_at::<u32>(skb, o.skb_len).unwrap_or(0);
-    if let Some(dev) = read_at::<*const u8>(skb, o.skb_dev) {
-        if !dev.is_null() {
-            e.ifindex = read_at::<u32>(dev, o.dev_ifindex).unwrap_or(0);
-            if let Some(net) = read_at::<*const u8>(dev, o.dev_nd_net) {
-                e.tuple.netns = net_inum(net, &o);
-            }
+    if let Some(dev) = read_at::<*const u8>(skb, o.skb_dev)
+        && !dev.is_null()
+    {
+        e.ifindex = read_at::<u32>(dev, o.dev_ifindex).unwrap_or(0);
+        if let Some(net) = read_at::<*const u8>(dev, o.dev_nd_net) {
+            e.tuple.netns = net_inum(net, &o);
         }
     }
-    if e.tuple.netns == 0 {
-        if let Some(sk) = read_at::<*const u8>(skb, o.skb_sk) {
-            if let Some(net) = read_at::<*const u8>(sk, o.sk_net) {
-                e.tuple.netns = net_inum(net, &o);
-            }
-        }
+    if e.tuple.netns == 0
+        && let Some(sk) = read_at::<*const u8>(skb, o.skb_sk)
+        && let Some(net) = read_at::<*const u8>(sk, o.sk_net)
+    {
+        e.tuple.netns = net_inum(net, &o);
     }
     if !read_headers(skb, &o, e) {
         e.flags |= DROP_F_NO_HEADERS;
@@ -125,7 +124,7 @@ fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> bool {
         return false;
     }
     let th = read_at::<u16>(skb, o.skb_transport_header).unwrap_or(UNSET);
-    // SAFETY: `head + nh` is where the kernel says the network header is; reads are checked.
+    // Where the kernel says the network header is; only ever read through `read_at`.
     let ip = head.wrapping_add(nh as usize);
     let Some(first) = read_at::<u8>(ip, 0) else {
         return false;
@@ -159,7 +158,7 @@ fn read_headers(skb: *const u8, o: &KernelOffsets, e: &mut DropEvent) -> bool {
         }
         _ => return false,
     }
-    // SAFETY: checked reads relative to the network header.
+    // The transport header, likewise only read through `read_at`.
     let l4 = ip.wrapping_add(l4_off as usize);
     match t.protocol {
         IPPROTO_TCP | IPPROTO_UDP => {

@@ -8,7 +8,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_probe_read_kernel, generated::bpf_get_socket_cookie,
+    bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_socket_cookie,
 };
 use hopwatch_common::{AF_INET, AF_INET6, ConnState, Counter, EventHeader, KernelOffsets, Tuple};
 
@@ -25,17 +25,22 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// Plain data: every bit pattern is a valid value, so bytes copied from anywhere in kernel
-/// memory make one. Integers, byte arrays and raw pointers (which are only ever read through
-/// [`read_at`] again, never dereferenced).
+/// Plain data: every bit pattern is a valid value, so bytes copied from anywhere make one.
+/// Integers, fixed-size arrays of plain data, and raw pointers (a pointer read this way is only
+/// ever read through [`read_at`] again, never dereferenced). Sealed: a type with invalid bit
+/// patterns (`bool`, `char`, references, enums) must never be read from foreign memory.
 pub trait Plain: Copy + sealed::Sealed {}
 
 macro_rules! plain {
     ($($t:ty),*) => { $(impl sealed::Sealed for $t {} impl Plain for $t {})* };
 }
-plain!(u8, u16, u32, u64, i8, i16, i32, i64, *const u8);
-impl<const N: usize> sealed::Sealed for [u8; N] {}
-impl<const N: usize> Plain for [u8; N] {}
+plain!(u8, u16, u32, u64, usize, i8, i16, i32, i64, isize);
+impl<T: Plain, const N: usize> sealed::Sealed for [T; N] {}
+impl<T: Plain, const N: usize> Plain for [T; N] {}
+impl<T> sealed::Sealed for *const T {}
+impl<T> Plain for *const T {}
+impl<T> sealed::Sealed for *mut T {}
+impl<T> Plain for *mut T {}
 
 /// Reads a `T` at `base + off` from kernel memory; `None` if the field is unknown or unreadable
 /// (the latter is counted). Safe for any `base`: the read goes through `bpf_probe_read_kernel`,
@@ -57,10 +62,25 @@ pub fn read_at<T: Plain>(base: *const u8, off: u16) -> Option<T> {
     }
 }
 
-/// The kernel's socket cookie for `sk` (a BTF-typed `struct sock *` from a tp_btf argument).
+/// Reads a `T` at user address `addr` (of the current task); `None` if it is unreadable. Safe
+/// for any `addr`: `bpf_probe_read_user` treats a bad or paged-out address as an error, and `T`
+/// is [`Plain`]. Failures are not counted: user memory that is not resident is routine.
+#[inline(always)]
+pub fn read_user<T: Plain>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_user copes with any address (a fault is an error), and any bytes it
+    // copies are a valid `T` (`Plain`).
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// The kernel's socket cookie for `sk`.
+///
+/// # Safety
+///
+/// `sk` must be a BTF-typed `struct sock *` the program was handed (a tp_btf argument); the
+/// verifier refuses to load a program that passes anything else.
 #[inline(always)]
 pub unsafe fn socket_cookie(sk: *const c_void) -> u64 {
-    // SAFETY: the verifier checks that `sk` is a trusted `struct sock` pointer.
+    // SAFETY: the caller passes a trusted `struct sock` pointer, which the verifier checks.
     unsafe { bpf_get_socket_cookie(sk.cast_mut()) }
 }
 

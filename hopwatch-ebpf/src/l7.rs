@@ -18,7 +18,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs,
         },
@@ -36,7 +36,8 @@ use hopwatch_common::{
 use crate::{
     emit::output,
     kernel::{
-        current_process_into, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie,
+        current_process_into, offsets, read_at, read_sock_tuple, read_user, sock_protocol,
+        socket_cookie,
     },
     maps::{
         DATA_SCRATCH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, MMSG_CURSORS,
@@ -86,6 +87,9 @@ struct UserData {
     addr: u64,
 }
 
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *` (see [`socket_cookie`]).
 unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     let settings = HOPWATCH_SETTINGS.load();
     if settings.capture_bytes == 0 {
@@ -105,7 +109,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
         return;
     }
-    // SAFETY: tracepoint socket argument.
+    // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
     let cookie = unsafe { socket_cookie(sk) };
 
     // Inside SSL_read/SSL_write: this is ciphertext. Remember which socket the SSL object uses;
@@ -119,17 +123,19 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         let state = L7Conn {
             proto: PROTO_TLS,
             tls: 1,
+            // SAFETY: map value, copied out at once.
             ..unsafe { L7CONNS.get(cookie) }.copied().unwrap_or_default()
         };
         let _ = L7CONNS.insert(cookie, state, 0);
         return;
     }
+    // SAFETY: map value, copied out at once.
     let mut state = unsafe { L7CONNS.get(cookie) }.copied().unwrap_or_default();
     if state.proto == PROTO_IGNORED || state.proto == PROTO_TLS {
         return;
     }
 
-    let Some(user) = (unsafe { syscall_data(&o, pid_tgid) }) else {
+    let Some(user) = syscall_data(&o, pid_tgid) else {
         count(Counter::L7UnsupportedCall);
         return;
     };
@@ -143,14 +149,12 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     // many peers, so every datagram carries them.
     let udp = protocol == u16::from(IPPROTO_UDP);
     if udp || state.tuple_sent == 0 {
-        // SAFETY: tracepoint socket.
         read_sock_tuple(skb, &o, &mut ev.tuple);
     }
     ev.tuple.protocol = protocol as u8;
     if udp {
         if ev.tuple.dport == 0 && user.addr != 0 {
-            // SAFETY: user pointer from the syscall's arguments; reads are checked.
-            unsafe { peer_from_sockaddr(user.addr, ev) };
+            peer_from_sockaddr(user.addr, ev);
         }
         // Over UDP only DNS is parsed; everything else stays out of the ring buffer.
         if ev.tuple.sport != DNS_PORT && ev.tuple.dport != DNS_PORT {
@@ -159,8 +163,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     }
 
     let cap = settings.capture_bytes.min(DATA_MAX as u32);
-    // SAFETY: user pointers from the syscall's arguments; copies are bounded and checked.
-    let captured = unsafe { copy_user_data(&mut scratch.data, user, len.min(cap)) };
+    let captured = copy_user_data(&mut scratch.data, user, len.min(cap));
 
     if state.proto == PROTO_UNKNOWN {
         let port_dns =
@@ -218,8 +221,9 @@ pub fn detect_head(data: &[u8; 2 * DATA_MAX], captured: u32) -> u8 {
 
 /// Finds the user buffer of the syscall in progress from its saved registers.
 #[inline(always)]
-unsafe fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
-    // SAFETY: helpers valid in tracing programs; `regs` is the current task's saved registers.
+fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
+    // SAFETY: helpers valid in tracing programs, given the current task; `regs` (the task's saved
+    // registers) is only read through `read_at`.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     let nr = read_at::<u64>(regs, o.regs_orig_ax)?;
     let arg = |off: u16| read_at::<u64>(regs, off);
@@ -234,12 +238,12 @@ unsafe fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
     } else if nr == sc.readv || nr == sc.writev {
         Some(UserData { ptr: arg(o.regs_si)?, iov_count: arg(o.regs_dx)?, addr: 0 })
     } else if nr == sc.sendmsg || nr == sc.recvmsg {
-        unsafe { from_msghdr(arg(o.regs_si)?, nr == sc.sendmsg) }
+        from_msghdr(arg(o.regs_si)?, nr == sc.sendmsg)
     } else if nr == sc.sendmmsg || nr == sc.recvmmsg {
         let vec = arg(o.regs_si)?;
         let vlen = arg(o.regs_dx)?;
         let idx = mmsg_index(pid_tgid, vec, vlen);
-        unsafe { from_msghdr(vec + idx * MMSGHDR_SIZE, nr == sc.sendmmsg) }
+        from_msghdr(vec + idx * MMSGHDR_SIZE, nr == sc.sendmmsg)
     } else {
         None
     }
@@ -249,6 +253,7 @@ unsafe fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
 /// them in order, one socket call each.
 #[inline(always)]
 fn mmsg_index(pid_tgid: u64, vec: u64, vlen: u64) -> u64 {
+    // SAFETY: map value, read at once (only this task's syscall writes its entry).
     let idx = match unsafe { MMSG_CURSORS.get(pid_tgid) } {
         Some(c) if c[0] == vec && c[1] < c[2] => c[1],
         _ => 0,
@@ -259,8 +264,8 @@ fn mmsg_index(pid_tgid: u64, vec: u64, vlen: u64) -> u64 {
 
 /// `struct msghdr` (userspace ABI): `msg_name` at 0, `msg_iov` at 16, `msg_iovlen` at 24.
 #[inline(always)]
-unsafe fn from_msghdr(msg: u64, sending: bool) -> Option<UserData> {
-    let hdr = unsafe { bpf_probe_read_user(msg as *const [u64; 4]) }.ok()?;
+fn from_msghdr(msg: u64, sending: bool) -> Option<UserData> {
+    let hdr = read_user::<[u64; 4]>(msg)?;
     // The receive side's `msg_name` is only filled after the socket layer returns.
     let addr = if sending { hdr[0] } else { 0 };
     Some(UserData { ptr: hdr[2], iov_count: hdr[3], addr })
@@ -268,8 +273,8 @@ unsafe fn from_msghdr(msg: u64, sending: bool) -> Option<UserData> {
 
 /// Reads the peer of an unconnected UDP socket from a `struct sockaddr_in`/`sockaddr_in6`.
 #[inline(always)]
-unsafe fn peer_from_sockaddr(addr: u64, ev: &mut hopwatch_common::DataEvent) {
-    let Ok(sa) = (unsafe { bpf_probe_read_user(addr as *const [u8; 28]) }) else { return };
+fn peer_from_sockaddr(addr: u64, ev: &mut hopwatch_common::DataEvent) {
+    let Some(sa) = read_user::<[u8; 28]>(addr) else { return };
     let family = u16::from_ne_bytes([sa[0], sa[1]]);
     ev.tuple.dport = u16::from_be_bytes([sa[2], sa[3]]);
     if family == AF_INET {
@@ -281,9 +286,9 @@ unsafe fn peer_from_sockaddr(addr: u64, ev: &mut hopwatch_common::DataEvent) {
 
 /// Copies up to `want` bytes of the syscall's data into `dst`; returns how many were copied.
 #[inline(always)]
-unsafe fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
+fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
     if user.iov_count == 0 {
-        return unsafe { copy_chunk(dst, 0, user.ptr, want) };
+        return copy_chunk(dst, 0, user.ptr, want);
     }
     let mut copied = 0u32;
     let mut i = 0u32;
@@ -292,19 +297,20 @@ unsafe fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32
             break;
         }
         let iov = user.ptr + u64::from(i) * IOVEC_SIZE;
-        let Ok(v) = (unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }) else { break };
+        let Some(v) = read_user::<[u64; 2]>(iov) else { break };
         let room = want - copied;
         let n = if v[1] < u64::from(room) { v[1] as u32 } else { room };
-        copied += unsafe { copy_chunk(dst, copied, v[0], n) };
+        copied += copy_chunk(dst, copied, v[0], n);
         i += 1;
     }
     copied
 }
 
-/// Copies `n` bytes from user address `src` to `dst[off..]`, within the verifier's view of the
-/// buffer: `off < DATA_MAX` and `n <= DATA_MAX` keep the copy inside `2 * DATA_MAX`.
+/// Copies `n` bytes from user address `src` (any address: a bad one copies nothing) to
+/// `dst[off..]`, within the verifier's view of the buffer: `off < DATA_MAX` and `n <= DATA_MAX`
+/// keep the copy inside `2 * DATA_MAX`. Returns how many bytes were copied.
 #[inline(always)]
-pub unsafe fn copy_chunk(dst: &mut [u8; 2 * DATA_MAX], off: u32, src: u64, n: u32) -> u32 {
+pub fn copy_chunk(dst: &mut [u8; 2 * DATA_MAX], off: u32, src: u64, n: u32) -> u32 {
     // The compiler can prove `off < DATA_MAX` from the callers and would drop the mask; the
     // verifier cannot, so launder the value through memory to keep the mask in the code.
     // SAFETY: a read of a local.
@@ -316,7 +322,8 @@ pub unsafe fn copy_chunk(dst: &mut [u8; 2 * DATA_MAX], off: u32, src: u64, n: u3
     if n == 0 {
         return 0;
     }
-    // SAFETY: `off + n <= 2 * DATA_MAX`; the helper checks the user address.
+    // SAFETY: `off < DATA_MAX` (masked) and `n <= DATA_MAX`, so `dst[off..off + n]` is inside
+    // `dst`; bpf_probe_read_user copes with any user address (a fault is an error).
     let rc = unsafe {
         probe_read_user_raw(dst.as_mut_ptr().add(off).cast(), n as u32, src as *const c_void)
     };

@@ -76,6 +76,10 @@ pub struct DataScratch {
     pub event: DataEvent,
     pub data: [u8; 2 * DATA_MAX],
 }
+// `emit::output` copies the event and the first captured bytes as one record, and userspace
+// reads the payload at `size_of::<DataEvent>()`: the bytes must follow the event directly.
+const _: () = assert!(core::mem::offset_of!(DataScratch, event) == 0);
+const _: () = assert!(core::mem::offset_of!(DataScratch, data) == size_of::<DataEvent>());
 
 #[map]
 pub static DATA_SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);

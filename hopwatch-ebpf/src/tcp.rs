@@ -52,6 +52,9 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *` (see [`socket_cookie`]).
 unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
     count(Counter::TcpStateChanges);
     let o = offsets();
@@ -60,42 +63,42 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
     if sock_protocol(skb, &o) != Some(u16::from(IPPROTO_TCP)) {
         return;
     }
+    // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
     let cookie = unsafe { socket_cookie(sk) };
     note_fin(cookie, old, new);
     match (old, new) {
         (TCP_CLOSE, TCP_SYN_SENT) => on_connect_start(cookie),
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+            // SAFETY: no arguments.
             let now = unsafe { bpf_ktime_get_ns() };
             if let Some(c) = CONNS.get_ptr_mut(cookie) {
                 // SAFETY: map value pointer, valid until this program returns.
                 unsafe { (*c).connect_latency_ns = now.saturating_sub((*c).start_ns) };
             }
-            unsafe { emit(TcpOp::Connected, skb, &o, cookie, old, new, 0) };
+            emit(TcpOp::Connected, skb, &o, cookie, old, new, 0);
         }
         (TCP_SYN_SENT, TCP_CLOSE) => {
             let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
-            unsafe { emit(TcpOp::ConnectFailed, skb, &o, cookie, old, new, err as u32) };
+            emit(TcpOp::ConnectFailed, skb, &o, cookie, old, new, err as u32);
             let _ = CONNS.remove(cookie);
         }
-        (_, TCP_LISTEN) => unsafe { on_listen(skb, &o) },
+        (_, TCP_LISTEN) => on_listen(skb, &o),
         (TCP_LISTEN, TCP_CLOSE) => {
-            let key = unsafe { listen_key(skb, &o) };
+            let key = listen_key(skb, &o);
             let _ = LISTENERS.remove(key);
         }
         // A child of a listening socket is born in SYN_RECV (cloned from the listener, so the
         // tracepoint shows the listener's state as `old`). Track it now: sock_ops' passive
         // established callback runs before the move to ESTABLISHED.
-        (_, TCP_SYN_RECV) => unsafe { on_child_created(skb, &o, cookie) },
-        (TCP_SYN_RECV, TCP_ESTABLISHED) => unsafe {
-            emit(TcpOp::Accepted, skb, &o, cookie, old, new, 0);
-        },
+        (_, TCP_SYN_RECV) => on_child_created(skb, &o, cookie),
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => emit(TcpOp::Accepted, skb, &o, cookie, old, new, 0),
         (
             TCP_ESTABLISHED | TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSE_WAIT | TCP_LAST_ACK
             | TCP_CLOSING | TCP_SYN_RECV,
             TCP_CLOSE,
         ) => {
             let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
-            unsafe { emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32) };
+            emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32);
             let _ = CONNS.remove(cookie);
         }
         _ => {}
@@ -137,14 +140,14 @@ fn on_connect_start(cookie: u64) {
     }
 }
 
-unsafe fn listen_key(sk: *const u8, o: &KernelOffsets) -> ListenKey {
+fn listen_key(sk: *const u8, o: &KernelOffsets) -> ListenKey {
     let mut t = Tuple::default();
     read_sock_tuple(sk, o, &mut t);
     ListenKey { netns: t.netns, port: t.sport, family: t.family }
 }
 
-unsafe fn on_listen(sk: *const u8, o: &KernelOffsets) {
-    let key = unsafe { listen_key(sk, o) };
+fn on_listen(sk: *const u8, o: &KernelOffsets) {
+    let key = listen_key(sk, o);
     let mut c = ConnState::default();
     current_process(&mut c);
     if LISTENERS.insert(key, c, 0).is_err() {
@@ -152,8 +155,8 @@ unsafe fn on_listen(sk: *const u8, o: &KernelOffsets) {
     }
 }
 
-unsafe fn on_child_created(sk: *const u8, o: &KernelOffsets, cookie: u64) {
-    let mut key = unsafe { listen_key(sk, o) };
+fn on_child_created(sk: *const u8, o: &KernelOffsets, cookie: u64) {
+    let mut key = listen_key(sk, o);
     let mut c = ConnState {
         // SAFETY: no arguments.
         start_ns: unsafe { bpf_ktime_get_ns() },
@@ -164,6 +167,7 @@ unsafe fn on_child_created(sk: *const u8, o: &KernelOffsets, cookie: u64) {
     let listener = unsafe { LISTENERS.get(key) }.copied().or_else(|| {
         // An IPv4 connection to a dual-stack (`[::]`) listener has an AF_INET child.
         key.family = hopwatch_common::AF_INET6;
+        // SAFETY: map value, copied out immediately.
         unsafe { LISTENERS.get(key) }.copied()
     });
     if let Some(l) = listener {
@@ -179,38 +183,28 @@ unsafe fn on_child_created(sk: *const u8, o: &KernelOffsets, cookie: u64) {
 
 /// Sends a [`TcpEvent`] for `sk`, taking process, timing and counters from its `CONNS` entry.
 #[inline(always)]
-unsafe fn emit(
-    op: TcpOp,
-    sk: *const u8,
-    o: &KernelOffsets,
-    cookie: u64,
-    old: i32,
-    new: i32,
-    error: u32,
-) {
+fn emit(op: TcpOp, sk: *const u8, o: &KernelOffsets, cookie: u64, old: i32, new: i32, error: u32) {
     // SAFETY: no arguments.
     let Some(mut entry) = reserve::<TcpEvent>(unsafe { bpf_ktime_get_ns() }, cookie) else {
         return;
     };
     // SAFETY: `reserve` initialised every byte of the slot.
     let e = unsafe { entry.assume_init_mut() };
-    // SAFETY: `sk` is the tracepoint's socket.
-    unsafe {
-        e.op = op as u8;
-        e.old_state = old as u8;
-        e.new_state = new as u8;
-        e.error = error;
-        e.tuple.protocol = IPPROTO_TCP;
-        read_sock_tuple(sk, o, &mut e.tuple);
-        match CONNS.get(cookie) {
-            Some(c) => {
-                fill_from_conn(e, c);
-                if e.tuple.sport == 0 {
-                    e.tuple.sport = c.sport;
-                }
+    e.op = op as u8;
+    e.old_state = old as u8;
+    e.new_state = new as u8;
+    e.error = error;
+    e.tuple.protocol = IPPROTO_TCP;
+    read_sock_tuple(sk, o, &mut e.tuple);
+    // SAFETY: map value, only copied from (`fill_from_conn`, `sport`) before this program returns.
+    match unsafe { CONNS.get(cookie) } {
+        Some(c) => {
+            fill_from_conn(e, c);
+            if e.tuple.sport == 0 {
+                e.tuple.sport = c.sport;
             }
-            None => e.flags = CONN_F_PREEXISTING,
         }
+        None => e.flags = CONN_F_PREEXISTING,
     }
     entry.submit(wakeup_flags());
 }
@@ -218,7 +212,7 @@ unsafe fn emit(
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
-    // SAFETY: tracepoint argument.
+    // SAFETY: `sk` is the tracepoint's `struct sock *`.
     unsafe { with_conn(sk, |c| c.stats.retransmit_events += 1) };
     0
 }
@@ -231,7 +225,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    // SAFETY: non-NULL tracepoint argument.
+    // SAFETY: `sk` is the tracepoint's `struct sock *`, and not NULL.
     unsafe { with_conn(sk, |c| c.stats.resets_sent += 1) };
     0
 }
@@ -239,7 +233,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
-    // SAFETY: tracepoint argument.
+    // SAFETY: `sk` is the tracepoint's `struct sock *`.
     unsafe {
         with_conn(sk, |c| {
             c.stats.resets_received += 1;
@@ -252,9 +246,13 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// Runs `f` on the tracked state of `sk`, if it is tracked.
+///
+/// # Safety
+///
+/// `sk` is a tracepoint's `struct sock *` (see [`socket_cookie`]).
 #[inline(always)]
 unsafe fn with_conn(sk: *const c_void, f: impl FnOnce(&mut ConnState)) {
-    // SAFETY: `sk` is a tracepoint's socket argument.
+    // SAFETY: `sk` is a tracepoint's socket argument (the caller's contract).
     let cookie = unsafe { socket_cookie(sk) };
     if let Some(c) = CONNS.get_ptr_mut(cookie) {
         // SAFETY: map value pointer, valid until the program returns.

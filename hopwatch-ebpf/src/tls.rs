@@ -7,7 +7,7 @@
 //! every process mapping it is covered, including ones started later.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::bpf_get_current_pid_tgid,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -17,6 +17,7 @@ use hopwatch_common::{
 };
 
 use crate::{
+    kernel::read_user,
     l7::{copy_chunk, detect_head, send},
     maps::{DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TlsCall, count},
 };
@@ -49,8 +50,7 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     let ret: i64 = ctx.ret();
-    // SAFETY: reads of user memory named by the call's own arguments.
-    unsafe { exit(ret) };
+    exit(ret);
     0
 }
 
@@ -70,7 +70,7 @@ fn enter(ctx: &ProbeContext, direction: u8, ex: bool) {
     let _ = TLS_CALLS.insert(bpf_get_current_pid_tgid(), call, 0);
 }
 
-unsafe fn exit(ret: i64) {
+fn exit(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: copied out at once.
     let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else { return };
@@ -79,8 +79,8 @@ unsafe fn exit(ret: i64) {
         if ret != 1 {
             return;
         }
-        // SAFETY: the caller's `size_t *` out-parameter.
-        unsafe { bpf_probe_read_user(call.out_len as *const u64) }.unwrap_or(0)
+        // The caller's `size_t *` out-parameter.
+        read_user::<u64>(call.out_len).unwrap_or(0)
     } else if ret > 0 {
         ret as u64
     } else {
@@ -100,6 +100,7 @@ unsafe fn exit(ret: i64) {
         count(Counter::TlsUnassociated);
         return;
     }
+    // SAFETY: map value, copied out at once.
     let mut state = unsafe { L7CONNS.get(cookie) }.copied().unwrap_or(L7Conn {
         proto: PROTO_TLS,
         tls: 1,
@@ -113,8 +114,8 @@ unsafe fn exit(ret: i64) {
     let scratch = unsafe { &mut *scratch };
     let cap = HOPWATCH_SETTINGS.load().capture_bytes.min(DATA_MAX as u32);
     let want = if len < u64::from(cap) { len as u32 } else { cap };
-    // SAFETY: the call's own buffer, `len` bytes of which hold plaintext.
-    let captured = unsafe { copy_chunk(&mut scratch.data, 0, call.buf, want) };
+    // The call's own buffer, `len` bytes of which hold plaintext.
+    let captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
     if state.inner == PROTO_UNKNOWN {
         state.inner = detect_head(&scratch.data, captured);
         if state.inner == PROTO_UNKNOWN {
