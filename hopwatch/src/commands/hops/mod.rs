@@ -240,8 +240,8 @@ pub(super) async fn run(args: HopsArgs) -> Result<(), HopsError> {
     let feeder = if let Some(input) = args.input.clone() {
         feed_from_input(&input, args.watch.is_some(), tx)?
     } else {
-        let stream = source::query(&args, args.since.start_ns(wall_now_ns())).await?;
-        tokio::spawn(source::pump(stream, args.server.clone(), tx))
+        let (uri, stream) = source::query(&args, args.since.start_ns(wall_now_ns())).await?;
+        tokio::spawn(source::pump(stream, uri, tx))
     };
     let result = match args.watch {
         None => tokio::task::spawn_blocking(move || one_shot(&rx, args.since, args.output, &p))

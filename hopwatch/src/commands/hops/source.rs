@@ -43,12 +43,12 @@ pub(super) fn request(args: &HopsArgs, since_ns: u64) -> GetFlowsRequest {
     }
 }
 
-/// Connects to the collector and asks for the flows (errors here are the user's to fix: bad
-/// address, TLS, unreachable server).
+/// Connects to the collector and asks for the flows: the collector's URI (for messages) and the
+/// stream.
 pub(super) async fn query(
     args: &HopsArgs,
     since_ns: u64,
-) -> Result<tonic::Streaming<GetFlowsResponse>, HopsError> {
+) -> Result<(String, tonic::Streaming<GetFlowsResponse>), HopsError> {
     let (target, endpoint) = args.connection.endpoint(&args.server)?;
     let channel = endpoint
         .connect()
@@ -57,7 +57,7 @@ pub(super) async fn query(
     let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
     let req = request(args, since_ns);
     match client.get_flows(req).await {
-        Ok(r) => Ok(r.into_inner()),
+        Ok(r) => Ok((target.uri, r.into_inner())),
         Err(s) => Err(ServerError::status(&target.uri, s).into()),
     }
 }
@@ -65,7 +65,7 @@ pub(super) async fn query(
 /// Forwards the stream's flows into `tx` until it ends (or the table stops reading).
 pub(super) async fn pump(
     mut stream: tonic::Streaming<GetFlowsResponse>,
-    server: String,
+    uri: String,
     tx: mpsc::SyncSender<Flow>,
 ) -> Result<(), HopsError> {
     let mut lost = 0u64;
@@ -92,7 +92,7 @@ pub(super) async fn pump(
                 _ => {}
             },
             Ok(None) => return Ok(()),
-            Err(s) => return Err(ServerError::status(&server, s).into()),
+            Err(s) => return Err(ServerError::status(&uri, s).into()),
         }
     }
 }

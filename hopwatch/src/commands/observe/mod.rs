@@ -46,13 +46,15 @@ pub(super) struct Connection {
 /// Why a command could not use the collector.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ServerError {
-    #[error("--server {server:?}: {source}")]
+    /// `--server` is not an address (the source names it and says why).
+    #[error("--server: {source}")]
     Address {
         server: String,
         #[source]
         source: TlsError,
     },
-    /// Certificate files, or plaintext to a host that is not loopback.
+    /// Certificate files, or plaintext to a host that is not loopback (the source names the
+    /// flag to fix).
     #[error(transparent)]
     Tls(TlsError),
     #[error("cannot connect to {uri}: {}", explain(source))]
@@ -61,10 +63,20 @@ pub(super) enum ServerError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("{uri} rejected the request: {}", status.message())]
-    Rejected { uri: String, status: tonic::Status },
-    #[error("{uri}: {}", explain(status))]
-    Failed { uri: String, status: tonic::Status },
+    /// The server refused the request as invalid (`InvalidArgument`): the flags are at fault.
+    #[error("{uri} rejected the request: {}", source.message())]
+    Rejected {
+        uri: String,
+        #[source]
+        source: tonic::Status,
+    },
+    /// The call failed for any other reason (unavailable, internal, TLS handshake, ...).
+    #[error("{uri}: {}", explain(source))]
+    Failed {
+        uri: String,
+        #[source]
+        source: tonic::Status,
+    },
 }
 
 impl ServerError {
@@ -74,12 +86,12 @@ impl ServerError {
     }
 
     /// A failed call: the server's verdict on the request, or its failure.
-    pub(super) fn status(uri: &str, status: tonic::Status) -> Self {
+    pub(super) fn status(uri: &str, source: tonic::Status) -> Self {
         let uri = uri.to_owned();
-        if status.code() == tonic::Code::InvalidArgument {
-            Self::Rejected { uri, status }
+        if source.code() == tonic::Code::InvalidArgument {
+            Self::Rejected { uri, source }
         } else {
-            Self::Failed { uri, status }
+            Self::Failed { uri, source }
         }
     }
 }
@@ -383,5 +395,27 @@ fn query_format(s: &str) -> Result<Format, FlagError> {
     match <Format as clap::ValueEnum>::from_str(s, true) {
         Ok(Format::None) | Err(_) => Err(FlagError::Output { value: s.to_owned() }),
         Ok(f) => Ok(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_refusing_the_request_is_the_user_s_to_fix() {
+        let uri = "http://127.0.0.1:4245";
+        let rejected =
+            ServerError::status(uri, tonic::Status::invalid_argument("since is after until"));
+        assert!(matches!(rejected, ServerError::Rejected { .. }) && rejected.is_usage());
+        assert_eq!(
+            rejected.to_string(),
+            format!("{uri} rejected the request: since is after until")
+        );
+        let source = std::error::Error::source(&rejected).expect("the status is the source");
+        assert!(source.to_string().contains("since is after until"), "{source}");
+        let failed = ServerError::status(uri, tonic::Status::unavailable("going away"));
+        assert!(matches!(failed, ServerError::Failed { .. }) && !failed.is_usage());
+        assert!(failed.to_string().starts_with(&format!("{uri}: ")), "{failed}");
     }
 }
