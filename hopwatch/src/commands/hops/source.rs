@@ -1,7 +1,7 @@
 //! Where `hopwatch hops` gets its flows: JSON flow lines (a file, a growing file, standard input)
 //! or a collector's `GetFlows`.
 
-use std::{io::BufRead, sync::mpsc};
+use std::{io::BufRead, path::Path, sync::mpsc};
 
 use hopwatch_proto::{
     flow::{Flow, FlowFilter},
@@ -11,7 +11,7 @@ use hopwatch_proto::{
     },
 };
 
-use super::{FOLLOW_POLL, HopsArgs, HopsError};
+use super::{FOLLOW_POLL, HopsArgs, HopsError, input_name};
 use crate::commands::observe::ServerError;
 
 /// The `GetFlows` request for `args`: every flow since `since_ns` (following with `--watch`).
@@ -100,11 +100,12 @@ pub(super) async fn pump(
 /// Reads JSON flow lines into `tx` (at the end, waits for more when `follow`).
 pub(super) fn read_lines(
     mut reader: Box<dyn BufRead + Send>,
-    name: &str,
+    input: &Path,
     follow: bool,
     tx: &mpsc::SyncSender<Flow>,
 ) -> Result<(), HopsError> {
-    let io_err = |source| HopsError::Input { path: name.to_owned(), source };
+    let io_err = |source| HopsError::Input { path: input.to_owned(), source };
+    let name = input_name(input);
     let (mut line, mut n, mut bad) = (String::new(), 0u64, 0u64);
     loop {
         line.clear();
