@@ -62,8 +62,8 @@ const CONFLICTS: &[&[&str]] = &[
     &["port", "to_port"],
 ];
 
-/// A flag the user got wrong (exit status 2): filters and `--output`. Value errors reach the
-/// user through clap, which names the flag and the value before the message.
+/// A flag the user got wrong (exit status 2): filters, `--output`, `--since`/`--until`. Value
+/// errors reach the user through clap, which names the flag and the value before the message.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum FlagError {
     #[error("filters --{} and --{} cannot be combined", flag(first), flag(second))]
@@ -102,6 +102,11 @@ pub(super) enum FlagError {
     /// `--output`.
     #[error("{value:?} is not one of compact, dict, table, json, jsonpb")]
     Output { value: String },
+    #[error(
+        "--since {since} is after --until {until}: no flow can match; give an earlier --since \
+         or a later --until"
+    )]
+    SinceAfterUntil { since: prost_types::Timestamp, until: prost_types::Timestamp },
 }
 
 /// Why the collector's filters refuse a value, without the field and value clap already names.

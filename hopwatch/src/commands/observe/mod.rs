@@ -324,6 +324,11 @@ pub(super) async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
 fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, ObserveError> {
     let (occ, nots) = filters::occurrences(matches);
     let (whitelist, blacklist) = filters::build(&occ, &nots)?;
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && (since.seconds, since.nanos) > (until.seconds, until.nanos)
+    {
+        return Err(FlagError::SinceAfterUntil { since, until }.into());
+    }
     let (number, first) = match (args.all, args.first, args.last) {
         (true, _, _) => (u64::MAX, false),
         (false, Some(n), _) => (n, true),
@@ -400,7 +405,31 @@ fn query_format(s: &str) -> Result<Format, FlagError> {
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        observe: ObserveArgs,
+    }
+
+    fn request_for(args: &[&str]) -> Result<GetFlowsRequest, ObserveError> {
+        let matches = Cli::command().try_get_matches_from([&["t"], args].concat()).expect("flags");
+        let cli = Cli::from_arg_matches(&matches).expect("flags");
+        request(&cli.observe, &matches)
+    }
+
+    #[test]
+    fn a_since_after_until_is_a_flag_error() {
+        let err = request_for(&["--since", "1m", "--until", "2h"]).unwrap_err();
+        assert!(matches!(err, ObserveError::Flag(FlagError::SinceAfterUntil { .. })), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("--since 20") && msg.contains(" is after --until 20"), "{msg}");
+        let req = request_for(&["--since", "2h", "--until", "1m", "--to-port", "80"]).unwrap();
+        assert_eq!((req.number, req.whitelist.len()), (0, 1));
+    }
 
     #[test]
     fn the_server_refusing_the_request_is_the_user_s_to_fix() {
