@@ -112,7 +112,7 @@ impl Since {
     }
 }
 
-fn parse_since(s: &str) -> Result<Since, String> {
+fn parse_since(s: &str) -> Result<Since, HopsError> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(Since::Ago(d));
     }
@@ -121,14 +121,22 @@ fn parse_since(s: &str) -> Result<Since, String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .and_then(|d| u64::try_from(d.as_nanos()).ok())
         .map(Since::At)
-        .ok_or_else(|| format!("{s:?} is neither a duration (30s, 5m, 1h) nor an RFC 3339 time"))
+        .ok_or_else(|| HopsError::Since { value: s.to_owned() })
 }
 
+/// Why `hopwatch hops` stopped.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum HopsError {
-    #[error("cannot read flows from {path}: {source}")]
+    /// `--since` (through clap, which names the flag and the value first).
+    #[error(
+        "{value:?} is neither a duration (30s, 5m, 1h) nor an RFC 3339 time \
+         (2024-05-01T10:00:00Z)"
+    )]
+    Since { value: String },
+    /// `--input` (`-`: standard input) cannot be opened or read.
+    #[error("cannot read flows from {}: {source}", input_name(path))]
     Input {
-        path: String,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -136,8 +144,13 @@ pub(super) enum HopsError {
     Server(#[from] ServerError),
     #[error("--watch needs a window relative to now (`--since 5m`), not a fixed start time")]
     WatchSince,
-    #[error("cannot write the table: {0}")]
+    #[error("cannot write the table to standard output: {0}")]
     Output(#[source] std::io::Error),
+}
+
+/// How messages name `--input`.
+fn input_name(path: &std::path::Path) -> String {
+    if path.as_os_str() == "-" { "standard input".to_owned() } else { path.display().to_string() }
 }
 
 /// What `hopwatch hops` shows for a set of flows.
@@ -214,7 +227,7 @@ pub(super) async fn main(args: HopsArgs) -> ExitCode {
             eprintln!("hopwatch hops: error: {e}");
             let usage = match &e {
                 HopsError::Server(s) => s.is_usage(),
-                HopsError::WatchSince => true,
+                HopsError::Since { .. } | HopsError::WatchSince => true,
                 HopsError::Input { .. } | HopsError::Output(_) => false,
             };
             if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
@@ -240,8 +253,8 @@ pub(super) async fn run(args: HopsArgs) -> Result<(), HopsError> {
     let feeder = if let Some(input) = args.input.clone() {
         feed_from_input(&input, args.watch.is_some(), tx)?
     } else {
-        let stream = source::query(&args, args.since.start_ns(wall_now_ns())).await?;
-        tokio::spawn(source::pump(stream, args.server.clone(), tx))
+        let (uri, stream) = source::query(&args, args.since.start_ns(wall_now_ns())).await?;
+        tokio::spawn(source::pump(stream, uri, tx))
     };
     let result = match args.watch {
         None => tokio::task::spawn_blocking(move || one_shot(&rx, args.since, args.output, &p))
@@ -263,18 +276,18 @@ fn feed_from_input(
     watch: bool,
     tx: mpsc::SyncSender<Flow>,
 ) -> Result<tokio::task::JoinHandle<Result<(), HopsError>>, HopsError> {
-    let name = input.display().to_string();
-    let stdin = name == "-";
+    let stdin = input.as_os_str() == "-";
     let reader: Box<dyn BufRead + Send> = if stdin {
         Box::new(BufReader::new(std::io::stdin()))
     } else {
         let file = std::fs::File::open(input)
-            .map_err(|source| HopsError::Input { path: name.clone(), source })?;
+            .map_err(|source| HopsError::Input { path: input.to_owned(), source })?;
         Box::new(BufReader::new(file))
     };
     // A growing file is followed with --watch; standard input ends when its writer does.
     let follow = watch && !stdin;
-    Ok(tokio::task::spawn_blocking(move || source::read_lines(reader, &name, follow, &tx)))
+    let input = input.to_owned();
+    Ok(tokio::task::spawn_blocking(move || source::read_lines(reader, &input, follow, &tx)))
 }
 
 fn one_shot(
@@ -369,9 +382,11 @@ mod tests {
 
     #[test]
     fn since_takes_durations_and_times() {
-        assert_eq!(parse_since("5m"), Ok(Since::Ago(Duration::from_mins(5))));
-        assert_eq!(parse_since("1970-01-01T00:00:10Z"), Ok(Since::At(10_000_000_000)));
-        assert!(parse_since("yesterday").unwrap_err().contains("RFC 3339"));
+        assert_eq!(parse_since("5m").unwrap(), Since::Ago(Duration::from_mins(5)));
+        assert_eq!(parse_since("1970-01-01T00:00:10Z").unwrap(), Since::At(10_000_000_000));
+        let err = parse_since("yesterday").unwrap_err();
+        assert!(matches!(&err, HopsError::Since { value } if value == "yesterday"), "{err:?}");
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Where `hopwatch hops` gets its flows: JSON flow lines (a file, a growing file, standard input)
 //! or a collector's `GetFlows`.
 
-use std::{io::BufRead, sync::mpsc};
+use std::{io::BufRead, path::Path, sync::mpsc};
 
 use hopwatch_proto::{
     flow::{Flow, FlowFilter},
@@ -11,7 +11,7 @@ use hopwatch_proto::{
     },
 };
 
-use super::{FOLLOW_POLL, HopsArgs, HopsError};
+use super::{FOLLOW_POLL, HopsArgs, HopsError, input_name};
 use crate::commands::observe::ServerError;
 
 /// The `GetFlows` request for `args`: every flow since `since_ns` (following with `--watch`).
@@ -43,12 +43,12 @@ pub(super) fn request(args: &HopsArgs, since_ns: u64) -> GetFlowsRequest {
     }
 }
 
-/// Connects to the collector and asks for the flows (errors here are the user's to fix: bad
-/// address, TLS, unreachable server).
+/// Connects to the collector and asks for the flows: the collector's URI (for messages) and the
+/// stream.
 pub(super) async fn query(
     args: &HopsArgs,
     since_ns: u64,
-) -> Result<tonic::Streaming<GetFlowsResponse>, HopsError> {
+) -> Result<(String, tonic::Streaming<GetFlowsResponse>), HopsError> {
     let (target, endpoint) = args.connection.endpoint(&args.server)?;
     let channel = endpoint
         .connect()
@@ -57,7 +57,7 @@ pub(super) async fn query(
     let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
     let req = request(args, since_ns);
     match client.get_flows(req).await {
-        Ok(r) => Ok(r.into_inner()),
+        Ok(r) => Ok((target.uri, r.into_inner())),
         Err(s) => Err(ServerError::status(&target.uri, s).into()),
     }
 }
@@ -65,7 +65,7 @@ pub(super) async fn query(
 /// Forwards the stream's flows into `tx` until it ends (or the table stops reading).
 pub(super) async fn pump(
     mut stream: tonic::Streaming<GetFlowsResponse>,
-    server: String,
+    uri: String,
     tx: mpsc::SyncSender<Flow>,
 ) -> Result<(), HopsError> {
     let mut lost = 0u64;
@@ -92,7 +92,7 @@ pub(super) async fn pump(
                 _ => {}
             },
             Ok(None) => return Ok(()),
-            Err(s) => return Err(ServerError::status(&server, s).into()),
+            Err(s) => return Err(ServerError::status(&uri, s).into()),
         }
     }
 }
@@ -100,11 +100,12 @@ pub(super) async fn pump(
 /// Reads JSON flow lines into `tx` (at the end, waits for more when `follow`).
 pub(super) fn read_lines(
     mut reader: Box<dyn BufRead + Send>,
-    name: &str,
+    input: &Path,
     follow: bool,
     tx: &mpsc::SyncSender<Flow>,
 ) -> Result<(), HopsError> {
-    let io_err = |source| HopsError::Input { path: name.to_owned(), source };
+    let io_err = |source| HopsError::Input { path: input.to_owned(), source };
+    let name = input_name(input);
     let (mut line, mut n, mut bad) = (String::new(), 0u64, 0u64);
     loop {
         line.clear();

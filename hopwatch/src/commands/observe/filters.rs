@@ -10,6 +10,7 @@
 //!   (e.g. `--pod` and `--from-ip`) cannot be combined.
 
 use clap::ArgMatches;
+use hopwatch_collector::filter::FilterError;
 use hopwatch_proto::flow::{EventTypeFilter, FlowFilter, TrafficDirection, Verdict};
 
 /// Filter flag ids, as clap knows them.
@@ -61,12 +62,58 @@ const CONFLICTS: &[&[&str]] = &[
     &["port", "to_port"],
 ];
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// A flag the user got wrong (exit status 2): filters, `--output`, `--since`/`--until`. Value
+/// errors reach the user through clap, which names the flag and the value before the message.
+#[derive(Debug, thiserror::Error)]
 pub(super) enum FlagError {
-    #[error("filters --{} and --{} cannot be combined", flag(.0), flag(.1))]
-    Conflict(&'static str, &'static str),
+    #[error("filters --{} and --{} cannot be combined", flag(first), flag(second))]
+    Conflict { first: &'static str, second: &'static str },
     #[error("--not must be followed by a filter flag")]
     DanglingNot,
+    /// `--verdict`.
+    #[error("expected FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED")]
+    Verdict { value: String },
+    /// `--type`.
+    #[error(
+        "expected drop, trace, l7, sock, policy-verdict, capture, debug, agent or a number (with \
+         an optional :subtype number)"
+    )]
+    Type { value: String },
+    /// `--type name:subtype`.
+    #[error("subtype {sub_type:?} is not a number")]
+    SubType {
+        sub_type: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// `--traffic-direction`.
+    #[error("expected ingress or egress")]
+    Direction { value: String },
+    /// `--ip-version`.
+    #[error("expected v4 or v6")]
+    IpVersion { value: String },
+    /// A value the collector's filters would refuse (`--to-ip 10.0.0.0/40`), checked here so
+    /// the user hears which flag is wrong before anything is sent.
+    #[error("{}", filter_reason(source))]
+    Filter {
+        #[source]
+        source: FilterError,
+    },
+    /// `--output`.
+    #[error("{value:?} is not one of compact, dict, table, json, jsonpb")]
+    Output { value: String },
+    #[error(
+        "--since {since} is after --until {until}: no flow can match; give an earlier --since \
+         or a later --until"
+    )]
+    SinceAfterUntil { since: prost_types::Timestamp, until: prost_types::Timestamp },
+}
+
+/// Why the collector's filters refuse a value, without the field and value clap already names.
+fn filter_reason(e: &FilterError) -> &str {
+    match e {
+        FilterError::Invalid { reason, .. } => reason,
+    }
 }
 
 fn flag(id: &str) -> String {
@@ -91,7 +138,7 @@ impl Tracker {
     fn add(&mut self, id: &'static str, v: &str) -> Result<(), FlagError> {
         for group in CONFLICTS.iter().filter(|g| g.contains(&id)) {
             if let Some(other) = self.used.iter().find(|u| **u != id && group.contains(u)) {
-                return Err(FlagError::Conflict(other, id));
+                return Err(FlagError::Conflict { first: other, second: id });
             }
         }
         if !self.used.contains(&id) {
@@ -241,10 +288,10 @@ pub(super) fn build(
 
 // ---- value checks (clap value parsers: a bad value exits 2 naming the flag) ----
 
-pub(super) fn parse_verdict(v: &str) -> Result<Verdict, String> {
-    Verdict::from_str_name(&v.to_ascii_uppercase()).filter(|x| *x != Verdict::Unknown).ok_or_else(
-        || "expected FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED".to_owned(),
-    )
+pub(super) fn parse_verdict(v: &str) -> Result<Verdict, FlagError> {
+    Verdict::from_str_name(&v.to_ascii_uppercase())
+        .filter(|x| *x != Verdict::Unknown)
+        .ok_or_else(|| FlagError::Verdict { value: v.to_owned() })
 }
 
 /// Cilium's monitor message types (`hubble observe -t`).
@@ -261,7 +308,7 @@ const TYPES: &[(&str, i32)] = &[
     ("agent", 130),
 ];
 
-pub(super) fn parse_type(v: &str) -> Result<EventTypeFilter, String> {
+pub(super) fn parse_type(v: &str) -> Result<EventTypeFilter, FlagError> {
     let (name, sub) = match v.split_once(':') {
         Some((n, s)) => (n, Some(s)),
         None => (v, None),
@@ -272,9 +319,12 @@ pub(super) fn parse_type(v: &str) -> Result<EventTypeFilter, String> {
         .find(|(n, _)| *n == lower)
         .map(|(_, t)| *t)
         .or_else(|| name.parse().ok())
-        .ok_or_else(|| "expected drop, trace, l7, sock, policy-verdict, capture, debug, agent or a number (with an optional :subtype number)".to_owned())?;
+        .ok_or_else(|| FlagError::Type { value: v.to_owned() })?;
     let sub_type = match sub {
-        Some(s) => Some(s.parse::<i32>().map_err(|_| format!("subtype {s:?} is not a number"))?),
+        Some(s) => Some(
+            s.parse::<i32>()
+                .map_err(|source| FlagError::SubType { sub_type: s.to_owned(), source })?,
+        ),
         None => None,
     };
     Ok(EventTypeFilter {
@@ -284,19 +334,19 @@ pub(super) fn parse_type(v: &str) -> Result<EventTypeFilter, String> {
     })
 }
 
-pub(super) fn parse_direction(v: &str) -> Result<TrafficDirection, String> {
+pub(super) fn parse_direction(v: &str) -> Result<TrafficDirection, FlagError> {
     match v.to_ascii_lowercase().as_str() {
         "ingress" => Ok(TrafficDirection::Ingress),
         "egress" => Ok(TrafficDirection::Egress),
-        _ => Err("expected ingress or egress".into()),
+        _ => Err(FlagError::Direction { value: v.to_owned() }),
     }
 }
 
-pub(super) fn parse_ip_version(v: &str) -> Result<i32, String> {
+pub(super) fn parse_ip_version(v: &str) -> Result<i32, FlagError> {
     match v.to_ascii_lowercase().as_str() {
         "4" | "v4" | "ipv4" => Ok(1),
         "6" | "v6" | "ipv6" => Ok(2),
-        _ => Err("expected v4 or v6".into()),
+        _ => Err(FlagError::IpVersion { value: v.to_owned() }),
     }
 }
 
@@ -352,12 +402,13 @@ mod tests {
         assert!(white[0].verdict.is_empty());
         assert_eq!(black.len(), 1);
         assert_eq!(black[0].verdict, [1]);
-        assert_eq!(build(&flags, &[9]), Err(FlagError::DanglingNot));
+        assert!(matches!(build(&flags, &[9]), Err(FlagError::DanglingNot)));
     }
 
     #[test]
     fn conflicting_flags_are_refused() {
         let err = build(&occ(&[("ip", "1.1.1.1"), ("from_ip", "2.2.2.2")]), &[]).unwrap_err();
+        assert!(matches!(err, FlagError::Conflict { first: "ip", second: "from_ip" }), "{err:?}");
         assert_eq!(err.to_string(), "filters --ip and --from-ip cannot be combined");
         assert!(build(&occ(&[("port", "80"), ("to_port", "81")]), &[]).is_err());
         assert!(build(&occ(&[("from_ip", "1.1.1.1"), ("to_pod", "db")]), &[]).is_ok());
@@ -366,14 +417,21 @@ mod tests {
 
     #[test]
     fn value_parsers() {
-        assert_eq!(parse_verdict("dropped"), Ok(Verdict::Dropped));
-        assert!(parse_verdict("maybe").is_err());
+        assert_eq!(parse_verdict("dropped").unwrap(), Verdict::Dropped);
+        assert!(
+            matches!(parse_verdict("maybe"), Err(FlagError::Verdict { value }) if value == "maybe")
+        );
         assert_eq!(parse_type("drop").unwrap().r#type, 1);
         assert_eq!(parse_type("l7").unwrap().r#type, 129);
         let t = parse_type("trace:3").unwrap();
         assert!(t.match_sub_type && t.sub_type == 3 && t.r#type == 4);
-        assert!(parse_type("nope").is_err());
-        assert_eq!(parse_direction("EGRESS"), Ok(TrafficDirection::Egress));
-        assert_eq!(parse_ip_version("v6"), Ok(2));
+        assert!(matches!(parse_type("nope"), Err(FlagError::Type { value }) if value == "nope"));
+        let err = parse_type("trace:x").unwrap_err();
+        assert_eq!(err.to_string(), "subtype \"x\" is not a number");
+        assert!(std::error::Error::source(&err).is_some(), "{err:?}");
+        assert_eq!(parse_direction("EGRESS").unwrap(), TrafficDirection::Egress);
+        assert!(matches!(parse_direction("up"), Err(FlagError::Direction { .. })));
+        assert_eq!(parse_ip_version("v6").unwrap(), 2);
+        assert_eq!(parse_ip_version("v5").unwrap_err().to_string(), "expected v4 or v6");
     }
 }

@@ -13,6 +13,7 @@ use hopwatch_proto::{
     tls::{ClientFlags, ClientTls, Target, TlsError, explain},
 };
 
+use self::filters::FlagError;
 use crate::print::{Color, Format, Options, Printer, time::TimeFormat};
 
 /// How to reach the collector: the TLS and connection flags `hopwatch observe` and `hopwatch
@@ -45,13 +46,15 @@ pub(super) struct Connection {
 /// Why a command could not use the collector.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ServerError {
-    #[error("--server {server:?}: {source}")]
+    /// `--server` is not an address (the source names it and says why).
+    #[error("--server: {source}")]
     Address {
         server: String,
         #[source]
         source: TlsError,
     },
-    /// Certificate files, or plaintext to a host that is not loopback.
+    /// Certificate files, or plaintext to a host that is not loopback (the source names the
+    /// flag to fix).
     #[error(transparent)]
     Tls(TlsError),
     #[error("cannot connect to {uri}: {}", explain(source))]
@@ -60,10 +63,20 @@ pub(super) enum ServerError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("{uri} rejected the request: {}", status.message())]
-    Rejected { uri: String, status: tonic::Status },
-    #[error("{uri}: {}", explain(status))]
-    Failed { uri: String, status: tonic::Status },
+    /// The server refused the request as invalid (`InvalidArgument`): the flags are at fault.
+    #[error("{uri} rejected the request: {}", source.message())]
+    Rejected {
+        uri: String,
+        #[source]
+        source: tonic::Status,
+    },
+    /// The call failed for any other reason (unavailable, internal, TLS handshake, ...).
+    #[error("{uri}: {}", explain(source))]
+    Failed {
+        uri: String,
+        #[source]
+        source: tonic::Status,
+    },
 }
 
 impl ServerError {
@@ -73,12 +86,12 @@ impl ServerError {
     }
 
     /// A failed call: the server's verdict on the request, or its failure.
-    pub(super) fn status(uri: &str, status: tonic::Status) -> Self {
+    pub(super) fn status(uri: &str, source: tonic::Status) -> Self {
         let uri = uri.to_owned();
-        if status.code() == tonic::Code::InvalidArgument {
-            Self::Rejected { uri, status }
+        if source.code() == tonic::Code::InvalidArgument {
+            Self::Rejected { uri, source }
         } else {
-            Self::Failed { uri, status }
+            Self::Failed { uri, source }
         }
     }
 }
@@ -114,29 +127,30 @@ impl Connection {
 /// Flows printed by a plain `hopwatch observe` (as `hubble observe`).
 const DEFAULT_LAST: u64 = 20;
 
-fn validated(
-    check: fn(&str) -> Result<(), String>,
-) -> impl Fn(&str) -> Result<String, String> + Clone {
-    move |s| check(s).map(|()| s.to_owned())
+/// A clap value parser that keeps the flag's text (filters are built from the raw values, in
+/// command-line order) once `check` accepts it.
+fn validated<T, E>(check: fn(&str) -> Result<T, E>) -> impl Fn(&str) -> Result<String, E> + Clone {
+    move |s| check(s).map(|_| s.to_owned())
 }
 
+/// A clap value parser for a flag that sets one `FlowFilter` field: the value is accepted when
+/// the collector's filters would accept it.
 fn check_with(
-    field: &'static str,
     f: impl Fn(&mut hopwatch_proto::flow::FlowFilter, String),
-) -> impl Fn(&str) -> Result<String, String> + Clone {
+) -> impl Fn(&str) -> Result<String, FlagError> + Clone {
     let f = std::sync::Arc::new(f);
     move |s: &str| {
         let mut ff = hopwatch_proto::flow::FlowFilter::default();
         f(&mut ff, s.to_owned());
         FilterSet::new(&[ff], &[])
             .map(|_| s.to_owned())
-            .map_err(|e| e.to_string().replace(&format!("invalid {field} filter {s:?}: "), ""))
+            .map_err(|source| FlagError::Filter { source })
     }
 }
 
 macro_rules! field_check {
-    ($field:ident, $name:literal) => {
-        check_with($name, |f, v| f.$field.push(v))
+    ($field:ident) => {
+        check_with(|f, v| f.$field.push(v))
     };
 }
 
@@ -181,86 +195,86 @@ pub(super) struct ObserveArgs {
     pub to_namespace: Vec<String>,
     /// Flows from or to pods with this name prefix ([namespace/]name; namespace "default" if
     /// omitted).
-    #[arg(long, value_parser = field_check!(source_pod, "source_pod"))]
+    #[arg(long, value_parser = field_check!(source_pod))]
     pub pod: Vec<String>,
-    #[arg(long, value_parser = field_check!(source_pod, "source_pod"))]
+    #[arg(long, value_parser = field_check!(source_pod))]
     pub from_pod: Vec<String>,
-    #[arg(long, value_parser = field_check!(destination_pod, "destination_pod"))]
+    #[arg(long, value_parser = field_check!(destination_pod))]
     pub to_pod: Vec<String>,
     /// Flows from or to this address or CIDR.
-    #[arg(long, value_parser = field_check!(source_ip, "source_ip"))]
+    #[arg(long, value_parser = field_check!(source_ip))]
     pub ip: Vec<String>,
-    #[arg(long, value_parser = field_check!(source_ip, "source_ip"))]
+    #[arg(long, value_parser = field_check!(source_ip))]
     pub from_ip: Vec<String>,
-    #[arg(long, value_parser = field_check!(destination_ip, "destination_ip"))]
+    #[arg(long, value_parser = field_check!(destination_ip))]
     pub to_ip: Vec<String>,
     /// Flows from or to endpoints matching this label selector (app=web,tier!=db).
-    #[arg(short, long, value_parser = field_check!(source_label, "source_label"))]
+    #[arg(short, long, value_parser = field_check!(source_label))]
     pub label: Vec<String>,
-    #[arg(long, value_parser = field_check!(source_label, "source_label"))]
+    #[arg(long, value_parser = field_check!(source_label))]
     pub from_label: Vec<String>,
-    #[arg(long, value_parser = field_check!(destination_label, "destination_label"))]
+    #[arg(long, value_parser = field_check!(destination_label))]
     pub to_label: Vec<String>,
     /// Flows from or to this service ([namespace/]name).
-    #[arg(long, value_parser = field_check!(source_service, "source_service"))]
+    #[arg(long, value_parser = field_check!(source_service))]
     pub service: Vec<String>,
-    #[arg(long, value_parser = field_check!(source_service, "source_service"))]
+    #[arg(long, value_parser = field_check!(source_service))]
     pub from_service: Vec<String>,
-    #[arg(long, value_parser = field_check!(destination_service, "destination_service"))]
+    #[arg(long, value_parser = field_check!(destination_service))]
     pub to_service: Vec<String>,
     /// Flows from or to this L4 port.
-    #[arg(long, value_parser = field_check!(source_port, "source_port"))]
+    #[arg(long, value_parser = field_check!(source_port))]
     pub port: Vec<String>,
-    #[arg(long, value_parser = field_check!(source_port, "source_port"))]
+    #[arg(long, value_parser = field_check!(source_port))]
     pub from_port: Vec<String>,
-    #[arg(long, value_parser = field_check!(destination_port, "destination_port"))]
+    #[arg(long, value_parser = field_check!(destination_port))]
     pub to_port: Vec<String>,
     /// Flows from or to this DNS name ("*" within one label).
-    #[arg(long, value_parser = field_check!(source_fqdn, "source_fqdn"))]
+    #[arg(long, value_parser = field_check!(source_fqdn))]
     pub fqdn: Vec<String>,
-    #[arg(long, value_parser = field_check!(source_fqdn, "source_fqdn"))]
+    #[arg(long, value_parser = field_check!(source_fqdn))]
     pub from_fqdn: Vec<String>,
-    #[arg(long, value_parser = field_check!(destination_fqdn, "destination_fqdn"))]
+    #[arg(long, value_parser = field_check!(destination_fqdn))]
     pub to_fqdn: Vec<String>,
     /// L4 or L7 protocol: tcp, udp, icmp, http, dns, postgres, redis, mysql, ...
-    #[arg(long, value_parser = field_check!(protocol, "protocol"))]
+    #[arg(long, value_parser = field_check!(protocol))]
     pub protocol: Vec<String>,
     /// FORWARDED, DROPPED, ERROR, ...
-    #[arg(long, value_parser = validated(|s| filters::parse_verdict(s).map(|_| ())))]
+    #[arg(long, value_parser = validated(filters::parse_verdict))]
     pub verdict: Vec<String>,
     /// Event type: drop, trace, l7, sock, ... (optionally type:subtype).
-    #[arg(short = 't', long = "type", value_parser = validated(|s| filters::parse_type(s).map(|_| ())))]
+    #[arg(short = 't', long = "type", value_parser = validated(filters::parse_type))]
     pub r#type: Vec<String>,
     /// HTTP status code or prefix (404, 5+).
-    #[arg(long, value_parser = field_check!(http_status_code, "http_status_code"))]
+    #[arg(long, value_parser = field_check!(http_status_code))]
     pub http_status: Vec<String>,
     /// HTTP method (GET, POST, ...).
     #[arg(long)]
     pub http_method: Vec<String>,
     /// Regular expression over the HTTP path.
-    #[arg(long, value_parser = field_check!(http_path, "http_path"))]
+    #[arg(long, value_parser = field_check!(http_path))]
     pub http_path: Vec<String>,
     /// Regular expression over the DNS query name.
-    #[arg(long, value_parser = field_check!(dns_query, "dns_query"))]
+    #[arg(long, value_parser = field_check!(dns_query))]
     pub dns_query: Vec<String>,
     /// Node name pattern ("node-*").
-    #[arg(long, value_parser = field_check!(node_name, "node_name"))]
+    #[arg(long, value_parser = field_check!(node_name))]
     pub node_name: Vec<String>,
     /// ingress or egress.
-    #[arg(long, value_parser = validated(|s| filters::parse_direction(s).map(|_| ())))]
+    #[arg(long, value_parser = validated(filters::parse_direction))]
     pub traffic_direction: Vec<String>,
     /// Flow id.
     #[arg(long)]
     pub uuid: Vec<String>,
     /// v4 or v6.
-    #[arg(long, value_parser = validated(|s| filters::parse_ip_version(s).map(|_| ())))]
+    #[arg(long, value_parser = validated(filters::parse_ip_version))]
     pub ip_version: Vec<String>,
     /// Application protocol of L7 flows: http, dns, postgres, redis, mysql (hopwatch).
-    #[arg(long, value_parser = field_check!(l7_protocol, "l7_protocol"))]
+    #[arg(long, value_parser = field_check!(l7_protocol))]
     pub l7_protocol: Vec<String>,
     /// Only flows that took at least this long (L7 request to response, TCP connect), e.g.
     /// 50ms (hopwatch).
-    #[arg(long, value_parser = validated(|s| time::parse_latency(s).map(|_| ())))]
+    #[arg(long, value_parser = validated(time::parse_latency))]
     pub min_latency: Vec<String>,
     /// Put the next filter flag in the blacklist (e.g. --not --verdict FORWARDED).
     #[arg(long, action = clap::ArgAction::Count)]
@@ -283,10 +297,10 @@ pub(super) struct ObserveArgs {
 #[derive(Debug, thiserror::Error)]
 enum ObserveError {
     #[error(transparent)]
-    Flag(#[from] filters::FlagError),
+    Flag(#[from] FlagError),
     #[error(transparent)]
     Server(#[from] ServerError),
-    #[error("cannot write to stdout: {0}")]
+    #[error("cannot write to standard output: {0}")]
     Stdout(#[source] std::io::Error),
 }
 
@@ -310,6 +324,11 @@ pub(super) async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
 fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, ObserveError> {
     let (occ, nots) = filters::occurrences(matches);
     let (whitelist, blacklist) = filters::build(&occ, &nots)?;
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && (since.seconds, since.nanos) > (until.seconds, until.nanos)
+    {
+        return Err(FlagError::SinceAfterUntil { since, until }.into());
+    }
     let (number, first) = match (args.all, args.first, args.last) {
         (true, _, _) => (u64::MAX, false),
         (false, Some(n), _) => (n, true),
@@ -377,11 +396,55 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
 }
 
 /// `-o`: every printer format except `none`, which only the agent has.
-fn query_format(s: &str) -> Result<Format, String> {
+fn query_format(s: &str) -> Result<Format, FlagError> {
     match <Format as clap::ValueEnum>::from_str(s, true) {
-        Ok(Format::None) | Err(_) => {
-            Err(format!("{s:?} is not one of compact, dict, table, json, jsonpb"))
-        }
+        Ok(Format::None) | Err(_) => Err(FlagError::Output { value: s.to_owned() }),
         Ok(f) => Ok(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        observe: ObserveArgs,
+    }
+
+    fn request_for(args: &[&str]) -> Result<GetFlowsRequest, ObserveError> {
+        let matches = Cli::command().try_get_matches_from([&["t"], args].concat()).expect("flags");
+        let cli = Cli::from_arg_matches(&matches).expect("flags");
+        request(&cli.observe, &matches)
+    }
+
+    #[test]
+    fn a_since_after_until_is_a_flag_error() {
+        let err = request_for(&["--since", "1m", "--until", "2h"]).unwrap_err();
+        assert!(matches!(err, ObserveError::Flag(FlagError::SinceAfterUntil { .. })), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("--since 20") && msg.contains(" is after --until 20"), "{msg}");
+        let req = request_for(&["--since", "2h", "--until", "1m", "--to-port", "80"]).unwrap();
+        assert_eq!((req.number, req.whitelist.len()), (0, 1));
+    }
+
+    #[test]
+    fn the_server_refusing_the_request_is_the_user_s_to_fix() {
+        let uri = "http://127.0.0.1:4245";
+        let rejected =
+            ServerError::status(uri, tonic::Status::invalid_argument("since is after until"));
+        assert!(matches!(rejected, ServerError::Rejected { .. }) && rejected.is_usage());
+        assert_eq!(
+            rejected.to_string(),
+            format!("{uri} rejected the request: since is after until")
+        );
+        let source = std::error::Error::source(&rejected).expect("the status is the source");
+        assert!(source.to_string().contains("since is after until"), "{source}");
+        let failed = ServerError::status(uri, tonic::Status::unavailable("going away"));
+        assert!(matches!(failed, ServerError::Failed { .. }) && !failed.is_usage());
+        assert!(failed.to_string().starts_with(&format!("{uri}: ")), "{failed}");
     }
 }

@@ -5,17 +5,33 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hopwatch_proto::clock::days_from_civil;
 
+/// A time or duration flag value that does not parse (clap names the flag: exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TimeError {
+    /// `--since`/`--until`.
+    #[error(
+        "{value:?} is neither a duration ago (5m, 1h30m) nor an RFC 3339 time \
+         (2024-05-01T10:00:00Z)"
+    )]
+    When { value: String },
+    /// `--min-latency`.
+    #[error("{value:?} is not a duration like 50ms: {source}")]
+    Latency {
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+}
+
 /// `--since`/`--until`: a duration ago (`5m`, `1h30m`, `2d`) or an absolute time (RFC 3339 with
 /// `Z` or an offset, optional fraction; or a date `2024-05-01`).
-pub(crate) fn parse_when(s: &str) -> Result<prost_types::Timestamp, String> {
+pub(crate) fn parse_when(s: &str) -> Result<prost_types::Timestamp, TimeError> {
     let s = s.trim();
     if let Ok(d) = humantime::parse_duration(s) {
         let at = SystemTime::now().checked_sub(d).unwrap_or(UNIX_EPOCH);
         return Ok(prost_types::Timestamp::from(at));
     }
-    parse_rfc3339(s).ok_or_else(|| {
-        format!("{s:?} is neither a duration ago (5m, 1h30m) nor an RFC 3339 time (2024-05-01T10:00:00Z)")
-    })
+    parse_rfc3339(s).ok_or_else(|| TimeError::When { value: s.to_owned() })
 }
 
 fn num<T: std::str::FromStr>(s: &str, range: std::ops::RangeInclusive<usize>) -> Option<T> {
@@ -73,9 +89,9 @@ fn parse_rfc3339(s: &str) -> Option<prost_types::Timestamp> {
 }
 
 /// `--min-latency`: `50ms`, `1.5s`, `200us`.
-pub(crate) fn parse_latency(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_latency(s: &str) -> Result<Duration, TimeError> {
     humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 50ms: {e}"))
+        .map_err(|source| TimeError::Latency { value: s.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -102,7 +118,17 @@ mod tests {
         for bad in
             ["yesterday", "2026-13-01", "2026-11-03T25:00:00Z", "2026-11-03T06:01:02", "5 parsecs"]
         {
-            assert!(parse_when(bad).is_err(), "{bad}");
+            let err = parse_when(bad).expect_err(bad);
+            assert!(matches!(&err, TimeError::When { value } if value == bad), "{err:?}");
+            assert!(err.to_string().contains("RFC 3339"), "{err}");
         }
+    }
+
+    #[test]
+    fn parses_latencies() {
+        assert_eq!(parse_latency(" 50ms").unwrap(), Duration::from_millis(50));
+        let err = parse_latency("fast").unwrap_err();
+        assert!(matches!(&err, TimeError::Latency { value, .. } if value == "fast"), "{err:?}");
+        assert!(err.to_string().starts_with("\"fast\" is not a duration like 50ms: "), "{err}");
     }
 }
