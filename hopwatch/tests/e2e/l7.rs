@@ -238,11 +238,16 @@ fn https_through_nginx_is_seen_on_the_ingress_and_upstream_hops() {
     );
     assert_eq!(u64_at(&upstream, &["l7", "http", "code"]), 200);
     assert!(!upstream["l7"]["tls"].as_bool().unwrap_or(false), "{upstream}");
-    agent.wait_for(
-        "the last /health upstream",
-        WAIT,
-        exchange("http", "INGRESS", &t.ingress, &t.app_pod, path_is("/health")),
-    );
+    // Both /health and both /fail requests, as the app saw them (the first /health alone would
+    // not mean the later exchanges were reported yet).
+    for path in ["/health", "/fail"] {
+        agent.wait_for_n(
+            &format!("GET {path} twice upstream"),
+            WAIT,
+            2,
+            exchange("http", "INGRESS", &t.ingress, &t.app_pod, path_is(path)),
+        );
+    }
     let statuses: Vec<(String, u64)> = agent
         .flows()
         .iter()

@@ -108,16 +108,28 @@ impl Agent {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_for_n(what, timeout, 1, pred).swap_remove(0)
+    }
+
+    /// Waits until `n` flows match `pred`; returns them in the order they were printed.
+    pub(crate) fn wait_for_n(
+        &self,
+        what: &str,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(f) = self.flows().into_iter().find(|f| pred(f)) {
-                return f;
+            let found: Vec<Value> = self.flows().into_iter().filter(|f| pred(f)).collect();
+            if found.len() >= n {
+                return found;
             }
             if Instant::now() >= deadline {
                 let flows = self.flows();
                 let tail: Vec<String> = flows.iter().rev().take(30).map(Value::to_string).collect();
                 panic!(
-                    "no flow {what} within {timeout:?}; {} flows seen, latest:\n{}\nagent stderr:\n{}",
+                    "not {n} flows {what} within {timeout:?}; {} flows seen, latest:\n{}\nagent stderr:\n{}",
                     flows.len(),
                     tail.join("\n"),
                     self.stderr()
