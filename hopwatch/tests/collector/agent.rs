@@ -72,6 +72,16 @@ impl Agent {
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
+
+    /// Waits until the agent says its in-process collector serves on `port`.
+    fn wait_for_collector(&self, port: u16) {
+        let ready = format!("collector APIs on 127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.stderr().contains(&ready) {
+            assert!(Instant::now() < deadline, "no in-process collector:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Agent {
@@ -154,12 +164,7 @@ fn the_agent_serves_its_own_flows_to_observe_by_default() {
     let port = free_port();
     let agent =
         Agent::start(&["--listen", &format!("127.0.0.1:{port}"), "--node-name", "embedded-e2e"]);
-    let ready = format!("collector APIs on 127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.stderr().contains(&ready) {
-        assert!(Instant::now() < deadline, "no in-process collector:\n{}", agent.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_for_collector(port);
     let closed = free_port();
     refused_connect(closed);
     let started = Instant::now();
@@ -210,12 +215,7 @@ fn agent_and_observe_print_the_same_flows_the_same_way() {
         "--node-name",
         "printer-e2e",
     ]);
-    let ready = format!("collector APIs on 127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.stderr().contains(&ready) {
-        assert!(Instant::now() < deadline, "no in-process collector:\n{}", agent.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_for_collector(port);
     // A refused connect and a connection that carries bytes and closes.
     let closed = free_port();
     refused_connect(closed);

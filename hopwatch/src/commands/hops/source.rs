@@ -5,10 +5,7 @@ use std::{io::BufRead, path::Path, sync::mpsc};
 
 use hopwatch_proto::{
     flow::{Flow, FlowFilter},
-    observer::{
-        GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes,
-        observer_client::ObserverClient,
-    },
+    observer::{GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes},
 };
 
 use super::{FOLLOW_POLL, HopsArgs, HopsError, input_name};
@@ -49,16 +46,11 @@ pub(super) async fn query(
     args: &HopsArgs,
     since_ns: u64,
 ) -> Result<(String, tonic::Streaming<GetFlowsResponse>), HopsError> {
-    let (target, endpoint) = args.connection.endpoint(&args.server)?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| ServerError::Connect { uri: target.uri.clone(), source })?;
-    let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
+    let (uri, mut client) = args.connection.client(&args.server).await?;
     let req = request(args, since_ns);
     match client.get_flows(req).await {
-        Ok(r) => Ok((target.uri, r.into_inner())),
-        Err(s) => Err(ServerError::status(&target.uri, s).into()),
+        Ok(r) => Ok((uri, r.into_inner())),
+        Err(s) => Err(ServerError::status(&uri, s).into()),
     }
 }
 

@@ -122,6 +122,19 @@ impl Connection {
             .connect_timeout(self.timeout);
         Ok((target, endpoint))
     }
+
+    /// An Observer client connected to the collector at `server`, and its URI.
+    pub(super) async fn client(
+        &self,
+        server: &str,
+    ) -> Result<(String, ObserverClient<tonic::transport::Channel>), ServerError> {
+        let (target, endpoint) = self.endpoint(server)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ServerError::Connect { uri: target.uri.clone(), source })?;
+        Ok((target.uri, ObserverClient::new(channel).max_decoding_message_size(32 << 20)))
+    }
 }
 
 /// Flows printed by a plain `hopwatch observe` (as `hubble observe`).
@@ -351,14 +364,9 @@ fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, 
 
 async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveError> {
     let req = request(&args, matches)?;
-    let (target, endpoint) = args.connection.endpoint(&args.server)?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| ServerError::Connect { uri: target.uri.clone(), source })?;
-    let mut client = ObserverClient::new(channel).max_decoding_message_size(32 << 20);
+    let (uri, mut client) = args.connection.client(&args.server).await?;
     let mut stream =
-        client.get_flows(req).await.map_err(|s| ServerError::status(&target.uri, s))?.into_inner();
+        client.get_flows(req).await.map_err(|s| ServerError::status(&uri, s))?.into_inner();
     let options = Options {
         format: args.output,
         time: args.time_format,
@@ -385,7 +393,7 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
             Ok(None) => break,
             Err(s) => {
                 let _ = printer.flush();
-                return Err(ServerError::status(&target.uri, s).into());
+                return Err(ServerError::status(&uri, s).into());
             }
         }
     }
