@@ -119,11 +119,11 @@ enum Task {
             value_parser = ["hops", "collector", "datapath", "pipeline", "memory"]
         )]
         only: Vec<String>,
-        /// Rounds over all modes (medians are reported).
-        #[arg(long, default_value_t = 3)]
+        /// Rounds over all modes (medians are reported, with the lowest and highest round).
+        #[arg(long, default_value_t = 5)]
         rounds: u32,
         /// Seconds of load per mode per round.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 10)]
         seconds: u32,
         /// Concurrent wrk connections.
         #[arg(long, default_value_t = 32)]

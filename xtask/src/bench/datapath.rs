@@ -12,7 +12,7 @@ use super::{
     BenchOptions,
     load::{LoadResult, pgbench, wrk},
     report::{Report, Target},
-    servers::{Agent, PORT, TLS_PORT},
+    servers::{Agent, PORT, TLS_PORT, ThreadCost},
 };
 use crate::say;
 
@@ -72,13 +72,15 @@ pub fn loads<'a>(opts: &'a BenchOptions, dir: &'a Path) -> Vec<Load<'a>> {
     ]
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     load: LoadResult,
     agent_cpu_s: f64,
     kernel_events: f64,
     l7_flows: f64,
     lost: f64,
+    /// The agent's CPU and context switches per thread name during the load.
+    threads: Vec<ThreadCost>,
 }
 
 /// Counters read from the agent before and after a load.
@@ -108,15 +110,25 @@ const COUNTER_PERIOD: Duration = Duration::from_millis(1100);
 fn measure(bin: &Path, mode: Mode, load: &Load<'_>, seconds: u32) -> Result<Sample> {
     let Some(args) = mode.agent_args() else {
         let load = (load.run)(seconds)?;
-        return Ok(Sample { load, agent_cpu_s: 0.0, kernel_events: 0.0, l7_flows: 0.0, lost: 0.0 });
+        return Ok(Sample {
+            load,
+            agent_cpu_s: 0.0,
+            kernel_events: 0.0,
+            l7_flows: 0.0,
+            lost: 0.0,
+            threads: Vec::new(),
+        });
     };
     let agent = Agent::start(bin, args)?;
     std::thread::sleep(COUNTER_PERIOD);
     let before = counters(&agent)?;
+    let threads_before = agent.threads();
     let result = (load.run)(seconds)?;
+    let threads = ThreadCost::since(&agent.threads(), &threads_before);
     std::thread::sleep(COUNTER_PERIOD);
     let after = counters(&agent).with_context(|| format!("agent log:\n{}", agent.log()))?;
     Ok(Sample {
+        threads,
         load: result,
         agent_cpu_s: after.cpu_s - before.cpu_s,
         kernel_events: after.events - before.events,
@@ -125,9 +137,13 @@ fn measure(bin: &Path, mode: Mode, load: &Load<'_>, seconds: u32) -> Result<Samp
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+/// Values of `f` over the rounds of `mode`, in round order.
+fn per_round(samples: &[(Mode, Sample)], mode: Mode, f: &dyn Fn(&Sample) -> f64) -> Vec<f64> {
+    samples.iter().filter(|(m, _)| *m == mode).map(|(_, s)| f(s)).collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    super::report::min_median_max(v).1
 }
 
 pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Report) -> Result<()> {
@@ -159,6 +175,9 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
             }
         }
         figures(load.name, &samples, report)?;
+        let programs = kernel_programs(bin, load, opts.seconds)
+            .with_context(|| format!("{}: kernel program run times", load.name))?;
+        program_figures(load.name, &programs, report);
     }
     for (mode, label) in [(Mode::Tcp, "TCP capture"), (Mode::Full, "full L7 capture")] {
         let (cpu, events) = totals[mode as usize];
@@ -176,16 +195,23 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
 }
 
 fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) -> Result<()> {
-    let of = |mode: Mode, f: &dyn Fn(&Sample) -> f64| {
-        median(samples.iter().filter(|(m, _)| *m == mode).map(|(_, s)| f(s)).collect())
-    };
-    let base_rps = of(Mode::Off, &|s| s.load.rps);
-    let base_p99 = of(Mode::Off, &|s| s.load.p99_ms);
-    if base_rps <= 0.0 {
-        bail!("{name}: no throughput without the agent");
+    let of = |mode: Mode, f: &dyn Fn(&Sample) -> f64| median(&per_round(samples, mode, f));
+    let base = per_round(samples, Mode::Off, &|s| s.load.rps);
+    let base_p99 = per_round(samples, Mode::Off, &|s| s.load.p99_ms);
+    if base.iter().any(|r| *r <= 0.0) {
+        bail!("{name}: no throughput without the agent in a round");
     }
+    // Each round's ratio against the same round without the agent: drift over the run hits
+    // both sides of a ratio, not the spread.
+    let ratios = |mode: Mode, f: &dyn Fn(&Sample) -> f64, of: &[f64], scale: f64| -> Vec<f64> {
+        per_round(samples, mode, f).iter().zip(of).map(|(v, b)| v / b * scale).collect()
+    };
     let mut d = String::new();
-    let _ = writeln!(&mut d, "\n### {name}\n\nMedians of the rounds.\n");
+    let _ = writeln!(
+        &mut d,
+        "\n### {name}\n\nMedians of the rounds; ratios are each round's against the same round \
+         without the agent (lowest – highest round in brackets).\n"
+    );
     let _ = writeln!(
         &mut d,
         "| mode | req/s | vs no agent | p99 ms | vs no agent | agent CPU s / 100k req | \
@@ -204,63 +230,160 @@ fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) 
         let events_req = of(mode, &|s| per_req(s.kernel_events, s));
         let l7_req = of(mode, &|s| per_req(s.l7_flows, s));
         let lost = of(mode, &|s| s.lost);
+        let throughput = ratios(mode, &|s| s.load.rps, &base, 100.0);
+        let latency = ratios(mode, &|s| s.load.p99_ms, &base_p99, 1.0);
+        let (t_lo, t_mid, t_hi) = super::report::min_median_max(&throughput);
         let _ = writeln!(
             &mut d,
-            "| {} | {rps:.0} | {:.1}% | {p99:.2} | {:.2}x | {cpu_100k:.3} | {cpu_1m:.2} | \
-             {events_req:.2} | {l7_req:.2} | {lost:.0} |",
+            "| {} | {rps:.0} | {t_mid:.1}% ({t_lo:.1} – {t_hi:.1}) | {p99:.2} | {:.2}x | \
+             {cpu_100k:.3} | {cpu_1m:.2} | {events_req:.2} | {l7_req:.2} | {lost:.0} |",
             mode.name(),
-            rps / base_rps * 100.0,
-            p99 / base_p99,
+            median(&latency),
         );
-        match mode {
-            Mode::Off => {}
-            Mode::Tcp => {
-                report.add(
-                    "1 data path",
-                    format!("{name}: throughput, TCP capture vs no agent"),
-                    rps / base_rps * 100.0,
-                    "%",
-                    Some(Target::AtLeast(97.0)),
-                );
-                report.add(
-                    "1 data path",
-                    format!("{name}: p99, TCP capture vs no agent"),
-                    p99 / base_p99,
-                    "x",
-                    None,
-                );
-            }
-            Mode::Full => {
-                report.add(
-                    "1 data path",
-                    format!("{name}: throughput, full L7 vs no agent"),
-                    rps / base_rps * 100.0,
-                    "%",
-                    Some(Target::AtLeast(95.0)),
-                );
-                report.add(
-                    "1 data path",
-                    format!("{name}: p99, full L7 vs no agent"),
-                    p99 / base_p99,
-                    "x",
-                    None,
-                );
-                report.add(
-                    "2 cost",
-                    format!("agent CPU s per 100k requests, full L7 ({name})"),
-                    cpu_100k,
-                    "CPU s",
-                    None,
-                );
-            }
+        let (label, target) = match mode {
+            Mode::Off => continue,
+            Mode::Tcp => ("TCP capture", 99.0),
+            Mode::Full => ("full L7", 95.0),
+        };
+        report.add_rounds(
+            "1 data path",
+            format!("{name}: throughput, {label} vs no agent"),
+            &throughput,
+            "%",
+            Some(Target::AtLeast(target)),
+        );
+        report.add_rounds(
+            "1 data path",
+            format!("{name}: p99, {label} vs no agent"),
+            &latency,
+            "x",
+            None,
+        );
+        if mode == Mode::Full {
+            report.add_rounds(
+                "2 cost",
+                format!("agent CPU µs per request, full L7 ({name})"),
+                &per_round(samples, mode, &|s| per_req(s.agent_cpu_s, s) * 1e6),
+                "µs",
+                Some(Target::AtMost(1.0)),
+            );
+            thread_table(&mut d, samples);
         }
     }
     let _ = writeln!(
         &mut d,
-        "\nNo agent: {base_rps:.0} req/s, p99 {base_p99:.2} ms. L7 flows / req of about 2 in full \
-         mode (client and server end, both on this host) shows every request was parsed (for \
-         HTTPS: through the TLS uprobes)."
+        "\nNo agent: {:.0} req/s, p99 {:.2} ms. L7 flows / req of about 2 in full mode (client \
+         and server end, both on this host) shows every request was parsed (for HTTPS: through \
+         the TLS uprobes).",
+        median(&base),
+        median(&base_p99),
     );
     report.details.push_str(&d);
     Ok(())
+}
+
+/// Where the agent's CPU goes in full L7 mode: per thread name, µs and context switches per
+/// request (medians of the rounds).
+fn thread_table(d: &mut String, samples: &[(Mode, Sample)]) {
+    let full: Vec<&Sample> =
+        samples.iter().filter(|(m, _)| *m == Mode::Full).map(|(_, s)| s).collect();
+    let mut names: Vec<&str> =
+        full.iter().flat_map(|s| s.threads.iter().map(|t| t.name.as_str())).collect();
+    names.sort_unstable();
+    names.dedup();
+    let _ = writeln!(
+        d,
+        "\nFull L7, the agent's threads (medians of the rounds, per request):\n\n\
+         | thread | threads | CPU µs / req | voluntary switches / req | involuntary switches / req |\n\
+         |---|---:|---:|---:|---:|"
+    );
+    for name in names {
+        let of = |f: &dyn Fn(&ThreadCost) -> f64| {
+            let v: Vec<f64> = full
+                .iter()
+                .filter(|s| s.load.requests > 0.0)
+                .map(|s| s.threads.iter().find(|t| t.name == name).map_or(0.0, f) / s.load.requests)
+                .collect();
+            median(&v)
+        };
+        let cpu = of(&|t| t.cpu_s * 1e6);
+        if cpu < 0.005 {
+            continue;
+        }
+        let threads = full
+            .iter()
+            .filter_map(|s| s.threads.iter().find(|t| t.name == name))
+            .map(|t| t.threads)
+            .max()
+            .unwrap_or(0);
+        let _ = writeln!(
+            d,
+            "| {name} | {threads} | {cpu:.2} | {:.3} | {:.3} |",
+            of(&|t| t.voluntary_switches),
+            of(&|t| t.involuntary_switches)
+        );
+    }
+}
+
+/// One kernel program's share of a load.
+struct ProgramCost {
+    name: String,
+    runs_per_request: f64,
+    ns_per_run: f64,
+}
+
+/// One more full-L7 run with `--bpf-stats` (the kernel times every program run, which costs a
+/// little, so these runs are not among the rounds): runs and ns per request of each program.
+fn kernel_programs(bin: &Path, load: &Load<'_>, seconds: u32) -> Result<Vec<ProgramCost>> {
+    let agent = Agent::start(bin, &["--bpf-stats"])?;
+    let result = (load.run)(seconds)?;
+    let log = agent.stop();
+    if result.requests <= 0.0 {
+        bail!("no requests completed");
+    }
+    // "hopwatch agent: program NAME: RUNS runs, NS ns per run"
+    let programs: Vec<ProgramCost> = log
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("hopwatch agent: program ")?;
+            let (name, rest) = rest.split_once(": ")?;
+            let (runs, rest) = rest.split_once(" runs, ")?;
+            let ns = rest.strip_suffix(" ns per run")?;
+            Some(ProgramCost {
+                name: name.to_owned(),
+                runs_per_request: runs.parse::<f64>().ok()? / result.requests,
+                ns_per_run: ns.parse().ok()?,
+            })
+        })
+        .collect();
+    if programs.is_empty() {
+        bail!("the agent printed no program run times:\n{log}");
+    }
+    Ok(programs)
+}
+
+fn program_figures(name: &'static str, programs: &[ProgramCost], report: &mut Report) {
+    let mut d = String::from(
+        "\nFull L7 with `--bpf-stats` (one extra run): the kernel programs' cost per request.\n\n\
+         | program | runs / req | ns / run | ns / req |\n|---|---:|---:|---:|\n",
+    );
+    let mut total = 0.0;
+    for p in programs.iter().filter(|p| p.runs_per_request > 0.0) {
+        let per_req = p.runs_per_request * p.ns_per_run;
+        total += per_req;
+        let _ = writeln!(
+            &mut d,
+            "| {} | {:.2} | {:.0} | {per_req:.0} |",
+            p.name, p.runs_per_request, p.ns_per_run
+        );
+    }
+    let _ = writeln!(&mut d, "| all | | | {total:.0} |");
+    report.add(
+        "2 cost",
+        format!("kernel ns per request, all programs, full L7 ({name})"),
+        total,
+        "ns",
+        None,
+    );
+    report.details.push_str(&d);
 }

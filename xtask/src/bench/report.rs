@@ -35,6 +35,8 @@ pub struct Figure {
     pub value: f64,
     pub unit: &'static str,
     pub target: Option<Target>,
+    /// Lowest and highest value over the rounds, when `value` is their median.
+    pub spread: Option<(f64, f64)>,
 }
 
 /// Everything one run measured, plus detail tables (per mode and round) for BENCHMARKS.md.
@@ -54,12 +56,34 @@ impl Report {
         unit: &'static str,
         target: Option<Target>,
     ) {
-        self.figures.push(Figure { section, name: name.into(), value, unit, target });
+        self.figures.push(Figure { section, name: name.into(), value, unit, target, spread: None });
+    }
+
+    /// A figure that is the median of rounds, with their minimum and maximum.
+    pub fn add_rounds(
+        &mut self,
+        section: &'static str,
+        name: impl Into<String>,
+        rounds: &[f64],
+        unit: &'static str,
+        target: Option<Target>,
+    ) {
+        let (min, median, max) = min_median_max(rounds);
+        self.figures.push(Figure {
+            section,
+            name: name.into(),
+            value: median,
+            unit,
+            target,
+            spread: Some((min, max)),
+        });
     }
 
     /// The figures as a Markdown table.
     pub fn table(&self) -> String {
-        let mut out = String::from("| # | figure | value | target | |\n|---|---|---:|---:|---|\n");
+        let mut out = String::from(
+            "| # | figure | value | min – max of the rounds | target | |\n|---|---|---:|---:|---:|---|\n",
+        );
         for f in &self.figures {
             let (target, verdict) = match f.target {
                 Some(t) => {
@@ -74,9 +98,13 @@ impl Report {
                 }
                 None => (String::new(), ""),
             };
+            let spread = f
+                .spread
+                .map(|(lo, hi)| format!("{} – {}", fmt_value(lo), fmt_value(hi)))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} {} | {target} | {verdict} |",
+                "| {} | {} | {} {} | {spread} | {target} | {verdict} |",
                 f.section,
                 f.name,
                 fmt_value(f.value),
@@ -92,7 +120,7 @@ impl Report {
         md.push_str(
             "Produced by one run of `cargo xtask bench` (see `xtask/src/bench/`): every figure \
              below was measured in that run, the data path figures side by side (modes \
-             alternated round by round, medians reported). Regenerate rather than edit.\n\n",
+             alternated round by round, medians reported with the lowest and highest round). Regenerate rather than edit.\n\n",
         );
         let _ = writeln!(md, "- Date: {}", shell("date -u '+%Y-%m-%d %H:%M UTC'"));
         let _ = writeln!(md, "- Command: `{command}`");
@@ -107,6 +135,16 @@ impl Report {
         md.push_str("\n## Details\n");
         md.push_str(&self.details);
         std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The smallest, the median (the upper one of an even count) and the largest value; zeros for none.
+pub fn min_median_max(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.get(v.len() / 2), v.last()) {
+        (Some(&lo), Some(&mid), Some(&hi)) => (lo, mid, hi),
+        _ => (0.0, 0.0, 0.0),
     }
 }
 

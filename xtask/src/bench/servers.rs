@@ -297,6 +297,31 @@ impl Agent {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// CPU seconds and context switches of each of the agent's threads, summed by thread name
+    /// (the tokio workers share one name), sorted by name.
+    pub fn threads(&self) -> Vec<ThreadCost> {
+        let mut by_name: Vec<ThreadCost> = Vec::new();
+        let dir = format!("/proc/{}/task", self.child.id());
+        for task in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = task.path();
+            let Some(t) = ThreadCost::read(&path) else { continue };
+            match by_name.iter_mut().find(|c| c.name == t.name) {
+                Some(c) => c.add(&t),
+                None => by_name.push(t),
+            }
+        }
+        by_name.sort_by(|a, b| a.name.cmp(&b.name));
+        by_name
+    }
+
+    /// Stops the agent (SIGINT, as a node would) and returns what it printed on stderr, its
+    /// final lines (`--bpf-stats` run times) included.
+    pub fn stop(mut self) -> String {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        self.log()
+    }
+
     /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`), as MiB.
     pub fn status_mib(&self, field: &str) -> Result<f64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -327,6 +352,68 @@ impl Agent {
     }
 }
 
+/// One thread's (or one thread name's) CPU time and context switches.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadCost {
+    pub name: String,
+    pub threads: u32,
+    pub cpu_s: f64,
+    pub voluntary_switches: f64,
+    pub involuntary_switches: f64,
+}
+
+impl ThreadCost {
+    /// From `/proc/PID/task/TID`: `stat` for utime + stime, `status` for the switches.
+    fn read(task: &Path) -> Option<Self> {
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1.to_owned();
+        let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Some(Self {
+            name,
+            threads: 1,
+            // USER_HZ is 100 on Linux.
+            cpu_s: (ticks(11) + ticks(12)) / 100.0,
+            voluntary_switches: field("voluntary_ctxt_switches"),
+            involuntary_switches: field("nonvoluntary_ctxt_switches"),
+        })
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.threads += other.threads;
+        self.cpu_s += other.cpu_s;
+        self.voluntary_switches += other.voluntary_switches;
+        self.involuntary_switches += other.involuntary_switches;
+    }
+
+    /// What each thread name used between `before` and `self` (threads that ended in between
+    /// are missing from `self` and not counted).
+    pub fn since(after: &[Self], before: &[Self]) -> Vec<Self> {
+        after
+            .iter()
+            .map(|a| {
+                let b = before.iter().find(|b| b.name == a.name).cloned().unwrap_or_default();
+                Self {
+                    name: a.name.clone(),
+                    threads: a.threads,
+                    cpu_s: a.cpu_s - b.cpu_s,
+                    voluntary_switches: a.voluntary_switches - b.voluntary_switches,
+                    involuntary_switches: a.involuntary_switches - b.involuntary_switches,
+                }
+            })
+            .collect()
+    }
+}
+
 pub fn sum_metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -340,7 +427,10 @@ pub fn sum_metric(text: &str, name: &str, labels: &str) -> f64 {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        // Not signalled again once reaped (by `stop`): its PID may belong to another process.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        }
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
     }
