@@ -140,6 +140,10 @@ enum Task {
         /// Where the report goes, relative to the workspace root.
         #[arg(long, default_value = "BENCHMARKS.md")]
         output: PathBuf,
+        /// Also profile the agent (`perf record -g`) during one extra full-L7 run of the first
+        /// data path load; its hottest functions go into the report.
+        #[arg(long)]
+        profile: bool,
     },
     /// Connections for the memory benchmark, run by `bench` inside its namespace.
     #[command(hide = true)]
@@ -187,6 +191,7 @@ fn run(task: Task) -> Result<()> {
             churn_conns,
             collector_args,
             output,
+            profile,
         } => {
             // The agent crate's build embeds the kernel object: the toolchain first.
             setup(&[])?;
@@ -204,6 +209,7 @@ fn run(task: Task) -> Result<()> {
                 churn_conns,
                 output,
                 command,
+                profile,
             })
         }
         Task::BenchConns(args) => bench::conns::main(&args),

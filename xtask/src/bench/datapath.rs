@@ -387,3 +387,60 @@ fn program_figures(name: &'static str, programs: &[ProgramCost], report: &mut Re
     );
     report.details.push_str(&d);
 }
+
+/// Functions holding at least this share of the agent's samples are listed.
+const PROFILE_PERCENT_LIMIT: &str = "0.8";
+
+/// One extra full-L7 run of `load` with `perf record -g` on the agent: the hottest functions
+/// (self time, kernel and user) into the report's details.
+pub fn profile(
+    bin: &Path,
+    opts: &BenchOptions,
+    load: &Load<'_>,
+    dir: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let data = dir.join("agent.perf.data");
+    let agent = Agent::start(bin, &[])?;
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-p", &agent.pid().to_string(), "-o"])
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting perf record (Debian's linux-perf)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let result = (load.run)(opts.seconds);
+    let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+    let status = perf.wait()?;
+    drop(agent);
+    let result = result?;
+    if !status.success() && !data.exists() {
+        bail!("perf record failed ({status})");
+    }
+    let out = std::process::Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "-g", "none"])
+        .args(["--percent-limit", PROFILE_PERCENT_LIMIT, "-i"])
+        .arg(&data)
+        .output()
+        .context("perf report")?;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .map(|l| format!("    {}", l.trim()))
+        .collect();
+    if lines.is_empty() {
+        bail!("perf report listed nothing: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = writeln!(
+        report.details,
+        "\n### Profile of the agent, full L7, {} ({:.0} req/s)\n\n`perf record -F 999 -g -p AGENT` \
+         for {} s, self time by function (≥ {PROFILE_PERCENT_LIMIT} %):\n\n{}\n",
+        load.name,
+        result.rps,
+        opts.seconds,
+        lines.join("\n")
+    );
+    let _ = std::fs::remove_file(&data);
+    Ok(())
+}

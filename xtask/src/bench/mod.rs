@@ -30,9 +30,9 @@ use report::Report;
 use crate::{apt_install, is_root, say, workspace_root};
 
 /// Debian packages the benchmarks drive (openssl makes the HTTPS certificate, util-linux's
-/// prlimit raises the open-file limit for 100k connections).
+/// prlimit raises the open-file limit for 100k connections, linux-perf profiles the agent).
 pub const BENCH_PACKAGES: &[&str] =
-    &["nginx", "wrk", "iproute2", "postgresql", "openssl", "util-linux"];
+    &["nginx", "wrk", "iproute2", "postgresql", "openssl", "util-linux", "linux-perf"];
 
 pub struct BenchOptions {
     /// Groups to run (empty: all).
@@ -49,6 +49,8 @@ pub struct BenchOptions {
     pub output: PathBuf,
     /// The command line, for the report.
     pub command: String,
+    /// Profile the agent during one extra full-L7 run of the first load.
+    pub profile: bool,
 }
 
 pub fn run(opts: &BenchOptions) -> Result<()> {
@@ -107,6 +109,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             let loads = datapath::loads(opts, &dir);
             if want("datapath") {
                 attempt("datapath", datapath::run(&bin, opts, &loads, &mut report));
+            }
+            if opts.profile {
+                attempt("profile", datapath::profile(&bin, opts, &loads[0], &dir, &mut report));
             }
             if want("pipeline") {
                 attempt("pipeline", pipeline::run(&bin, opts, &loads, &dir, &mut report));
