@@ -114,6 +114,12 @@ impl NodeRegistry {
         }
     }
 
+    /// Exchanges the agents counted but did not record as flows, summed over every node seen.
+    pub fn not_recorded(&self) -> u64 {
+        let nodes = self.nodes.lock().expect("nodes lock");
+        nodes.values().map(|n| n.status.flows_not_recorded).sum()
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<NodeStatusEvent> {
         self.events.subscribe()
     }

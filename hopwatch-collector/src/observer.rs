@@ -66,6 +66,7 @@ impl Observer for ObserverService {
             num_unavailable_nodes: Some(u32::try_from(down.len()).unwrap_or(u32::MAX)),
             unavailable_nodes: down,
             version: version(),
+            flows_not_recorded: self.hub.nodes.not_recorded(),
         }))
     }
 }

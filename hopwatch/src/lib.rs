@@ -18,6 +18,7 @@ mod loss;
 mod memory;
 mod metrics;
 mod pipeline;
+mod policy;
 mod print;
 mod recording;
 mod sink;

@@ -214,6 +214,7 @@ impl Pipeline {
             latency_ns,
             timed_out,
             peer_latency_ns: c.peer_latency_ns,
+            exchange_index: x.index,
             tls: c.tls,
             server_side: c.server_side,
             time_ns,

@@ -151,6 +151,11 @@ impl FlowStore {
         self.end.subscribe()
     }
 
+    /// Queries running now (each follower among them).
+    pub fn readers(&self) -> usize {
+        self.end.receiver_count()
+    }
+
     /// Oldest index still readable.
     pub fn first(&self) -> u64 {
         let ring_first = self.ring.read().expect("ring lock").first;

@@ -27,6 +27,7 @@ use crate::{
     loss::{Loss, Losses},
     metrics::Telemetry,
     pipeline::{Pipeline, PipelineOptions},
+    policy::RecordPolicy,
     print::{Format, Options, Printer, time::TimeFormat},
     sink::Outlet,
 };
@@ -104,6 +105,9 @@ pub(super) struct AgentArgs {
     /// Where flows go besides stdout (a remote collector, or the in-process one).
     #[command(flatten)]
     pub sink: crate::sink::SinkArgs,
+    /// Which application exchanges become flows (all are counted in the metrics and hops).
+    #[command(flatten)]
+    pub l7_flows: crate::policy::RecordArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -144,6 +148,8 @@ struct PipelineStats {
     decode_errors: AtomicU64,
     losses: Losses,
     flows: AtomicU64,
+    /// Exchanges counted but not recorded as flows (the record policy's running total).
+    not_recorded: AtomicU64,
     /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
     metrics: Telemetry,
 }
@@ -198,11 +204,10 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let cancel = CancellationToken::new();
     let sink = crate::sink::start(&args.sink, &node_name).await?;
-    let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink);
-
-    let printer = tokio::task::spawn_blocking({
+    let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink, args.output != Format::None);
+    let printer = rx.map(|rx| {
         let cancel = cancel.clone();
-        move || print_loop(rx, args.output, &cancel)
+        tokio::task::spawn_blocking(move || print_loop(rx, args.output, &cancel))
     });
     let pipeline = Pipeline::new(
         builder,
@@ -219,6 +224,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reader = tokio::spawn(read_loop(
         events,
         pipeline,
+        RecordPolicy::new(&args.l7_flows),
         recorder,
         tx.clone(),
         stats.clone(),
@@ -242,7 +248,9 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reader_result = reader.await;
     reader_done.cancel();
     let kernel = watcher.await.unwrap_or_default();
-    let _ = printer.await;
+    if let Some(printer) = printer {
+        let _ = printer.await;
+    }
     sink.close().await;
     stats.print_summary(kernel);
     match reader_result {
@@ -330,6 +338,7 @@ fn flow_response(node_name: &str, flow: hopwatch_proto::flow::Flow) -> GetFlowsR
 async fn read_loop(
     events: RingBuf<MapData>,
     mut pipeline: Pipeline,
+    mut policy: RecordPolicy,
     mut recorder: Option<crate::recording::Recorder>,
     tx: Outlet,
     stats: Arc<PipelineStats>,
@@ -360,11 +369,15 @@ async fn read_loop(
         // grew with the flood.
         loop {
             stats.metrics.heartbeat(pipeline.counters());
+            policy.set_followed(tx.followed());
             let n = drain(
                 ring.get_mut(),
                 DRAIN_BATCH,
-                &mut pipeline,
-                &mut recorder,
+                &mut Stages {
+                    pipeline: &mut pipeline,
+                    policy: &mut policy,
+                    recorder: &mut recorder,
+                },
                 &mut flows,
                 &tx,
                 &stats,
@@ -381,8 +394,7 @@ async fn read_loop(
     let _ = drain(
         ring.get_mut(),
         FINAL_DRAIN_MAX,
-        &mut pipeline,
-        &mut recorder,
+        &mut Stages { pipeline: &mut pipeline, policy: &mut policy, recorder: &mut recorder },
         &mut flows,
         &tx,
         &stats,
@@ -393,54 +405,71 @@ async fn read_loop(
     Ok(())
 }
 
+/// What the read loop runs each record through.
+struct Stages<'a> {
+    pipeline: &'a mut Pipeline,
+    policy: &'a mut RecordPolicy,
+    recorder: &'a mut Option<crate::recording::Recorder>,
+}
+
 /// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
 /// its periodic work. Returns the number of records read.
 fn drain(
     rb: &mut RingBuf<MapData>,
     max: usize,
-    pipeline: &mut Pipeline,
-    recorder: &mut Option<crate::recording::Recorder>,
+    stages: &mut Stages<'_>,
     flows: &mut Vec<hopwatch_proto::flow::Flow>,
     tx: &Outlet,
     stats: &PipelineStats,
 ) -> usize {
+    let now_ns = Clock::monotonic_now_ns();
     let mut n = 0;
     while n < max {
         let Some(item) = rb.next() else { break };
         n += 1;
-        if let Some(rec) = recorder.as_mut()
+        if let Some(rec) = stages.recorder.as_mut()
             && let Err(e) = rec.record(&item)
         {
             tracing::error!(error = %e, "recording stopped");
-            *recorder = None;
+            *stages.recorder = None;
         }
         match decode(&item) {
-            Ok(ev) => pipeline.on_event(&ev, flows),
+            Ok(ev) => stages.pipeline.on_event(&ev, flows),
             Err(e) => {
                 if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                     tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
                 }
             }
         }
-        ship(flows, pipeline, tx, stats);
+        ship(flows, stages, now_ns, tx, stats);
     }
     // Once per batch, not per record: a shared counter the metrics thread reads.
     stats.read.fetch_add(n as u64, Ordering::Relaxed);
-    pipeline.tick(Clock::monotonic_now_ns(), flows);
-    ship(flows, pipeline, tx, stats);
+    stages.pipeline.tick(Clock::monotonic_now_ns(), flows);
+    ship(flows, stages, now_ns, tx, stats);
+    let not_recorded = stages.policy.not_recorded();
+    if not_recorded != stats.not_recorded.swap(not_recorded, Ordering::Relaxed) {
+        stats.metrics.exchanges(stages.policy.totals().map(|(d, t)| (d.name(), t)));
+        tx.not_recorded(not_recorded);
+    }
     n
 }
 
+/// Every flow is counted in the metrics and hops; those the policy records go on to the printer
+/// and the collector.
 fn ship(
     flows: &mut Vec<hopwatch_proto::flow::Flow>,
-    pipeline: &Pipeline,
+    stages: &mut Stages<'_>,
+    now_ns: u64,
     tx: &Outlet,
     stats: &PipelineStats,
 ) {
     for flow in flows.drain(..) {
         stats.flows.fetch_add(1, Ordering::Relaxed);
         stats.metrics.observe(&flow);
-        send(tx, stats, flow_response(&pipeline.builder().node_name, flow));
+        if stages.policy.keep(&flow, now_ns) {
+            send(tx, stats, flow_response(&stages.pipeline.builder().node_name, flow));
+        }
     }
 }
 
@@ -458,11 +487,13 @@ impl PipelineStats {
     fn print_summary(&self, kernel: FinalCounts) {
         eprintln!(
             "hopwatch agent: {} events sent by the kernel, {} events read, {} lost in the kernel \
-             ring buffer; {} flows, {} undecodable events, {} flows dropped at the output queue",
+             ring buffer; {} flows ({} exchanges counted but not recorded), {} undecodable \
+             events, {} flows dropped at the output queue",
             kernel.sent,
             self.read.load(Ordering::Relaxed),
             kernel.ring_lost,
             self.flows.load(Ordering::Relaxed),
+            self.not_recorded.load(Ordering::Relaxed),
             self.decode_errors.load(Ordering::Relaxed),
             self.losses.total(Loss::OutputQueue)
         );
@@ -538,7 +569,7 @@ async fn watch_counters(
         }
         for notice in stats.losses.reports(&node_name) {
             // Lost-event notices bypass the drop-newest policy: they are what tells the user.
-            let _ = tx.send(notice).await;
+            tx.send(notice).await;
         }
         if last_round {
             let sent = counters

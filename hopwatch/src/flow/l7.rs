@@ -33,6 +33,8 @@ pub struct L7Observation {
     pub latency_ns: u64,
     pub timed_out: bool,
     pub peer_latency_ns: Option<u64>,
+    /// The exchange's position on its connection, from 0.
+    pub exchange_index: u64,
     pub tls: bool,
     /// The observing socket is the server's.
     pub server_side: bool,
@@ -107,6 +109,7 @@ impl FlowBuilder {
                 timed_out: o.timed_out,
                 peer_latency_ns: o.peer_latency_ns.unwrap_or(0),
                 tls: o.tls,
+                exchange_index: o.exchange_index,
             }),
             event_type: Some(CiliumEventType { r#type: EVENT_TYPE_L7, sub_type: 0 }),
             traffic_direction: direction.into(),
@@ -153,6 +156,7 @@ mod tests {
             latency_ns: 12_300_000,
             timed_out: false,
             peer_latency_ns: Some(10_100_000),
+            exchange_index: 3,
             tls: true,
             server_side,
             time_ns: 5,

@@ -14,8 +14,12 @@ use self::session::{Exchange, MessageParser, Session};
 
 /// Connections with live L7 sessions; beyond this new ones are counted, not tracked.
 pub(crate) const MAX_SESSIONS: usize = 65_536;
-/// Completed exchanges remembered for pairing with the other end of the hop.
-const RECENT_EXCHANGES: usize = 65_536;
+/// Latest exchanges of a socket remembered for pairing with the other end of the hop: both ends
+/// are read from one event stream, so the other end completes the same exchange within a few.
+const PAIR_WINDOW: usize = 8;
+/// Closed connections whose latest exchanges are still remembered (the server end of a
+/// `Connection: close` exchange closes before the client reads the response).
+const CLOSED_REMEMBERED: usize = 4096;
 const DNS_PORT: u16 = 53;
 
 /// A completed (or timed-out) exchange, ready to become a flow.
@@ -44,8 +48,31 @@ pub(crate) struct TrackerStats {
     pub unparsed_connections: u64,
 }
 
+/// The latencies of a socket's latest exchanges, by exchange index.
+#[derive(Debug, Default, Clone, Copy)]
+struct Latencies {
+    /// `(index + 1, latency)` in slot `index % PAIR_WINDOW`; 0 marks an empty slot.
+    slots: [(u64, u64); PAIR_WINDOW],
+}
+
+impl Latencies {
+    fn remember(&mut self, index: u64, latency_ns: u64) {
+        self.slots[Self::slot(index)] = (index + 1, latency_ns);
+    }
+
+    fn get(&self, index: u64) -> Option<u64> {
+        let (stored, latency) = self.slots[Self::slot(index)];
+        (stored == index + 1).then_some(latency)
+    }
+
+    fn slot(index: u64) -> usize {
+        usize::try_from(index % PAIR_WINDOW as u64).expect("below the window")
+    }
+}
+
 struct Tracked<P: MessageParser> {
     session: Session<P>,
+    latencies: Latencies,
     server_side: bool,
     tls: bool,
     last_tuple: Tuple,
@@ -61,8 +88,9 @@ pub(crate) type ParserFactory<P> = Box<dyn Fn(&DataEvent, u16) -> Option<P> + Se
 pub(crate) struct L7Tracker<P: MessageParser> {
     // Keys are kernel socket cookies (not attacker-chosen): a fast non-keyed hash is fine.
     sessions: FxHashMap<u64, Tracked<P>>,
-    recent: FxHashMap<(u64, u64), u64>,
-    recent_order: VecDeque<(u64, u64)>,
+    /// Latest latencies of connections closed recently, oldest first in `closed_order`.
+    closed: FxHashMap<u64, Latencies>,
+    closed_order: VecDeque<u64>,
     make: ParserFactory<P>,
     pub stats: TrackerStats,
 }
@@ -71,8 +99,8 @@ impl<P: MessageParser> L7Tracker<P> {
     pub(crate) fn new(make: ParserFactory<P>) -> Self {
         Self {
             sessions: FxHashMap::default(),
-            recent: FxHashMap::default(),
-            recent_order: VecDeque::new(),
+            closed: FxHashMap::default(),
+            closed_order: VecDeque::new(),
             make,
             stats: TrackerStats::default(),
         }
@@ -121,6 +149,7 @@ impl<P: MessageParser> L7Tracker<P> {
                 cookie,
                 Tracked {
                     session: Session::new(parser),
+                    latencies: Latencies::default(),
                     server_side,
                     tls: false,
                     last_tuple: ev.tuple,
@@ -181,14 +210,12 @@ impl<P: MessageParser> L7Tracker<P> {
         peer: Option<u64>,
         x: &Exchange<P::Req, P::Resp>,
     ) -> Option<u64> {
-        if self.recent_order.len() >= RECENT_EXCHANGES
-            && let Some(old) = self.recent_order.pop_front()
-        {
-            self.recent.remove(&old);
+        if let Some(t) = self.sessions.get_mut(&cookie) {
+            t.latencies.remember(x.index, x.latency_ns());
         }
-        self.recent.insert((cookie, x.index), x.latency_ns());
-        self.recent_order.push_back((cookie, x.index));
-        peer.and_then(|p| self.recent.get(&(p, x.index)).copied())
+        let p = peer?;
+        let theirs = self.sessions.get(&p).map(|t| &t.latencies).or_else(|| self.closed.get(&p));
+        theirs.and_then(|l| l.get(x.index))
     }
 
     /// Reports requests unanswered since before `deadline_ns` on every connection.
@@ -215,6 +242,13 @@ impl<P: MessageParser> L7Tracker<P> {
     /// The connection closed: its unanswered requests will never be answered.
     pub(crate) fn close(&mut self, cookie: u64) -> Vec<Completed<P::Req, P::Resp>> {
         let Some(mut t) = self.sessions.remove(&cookie) else { return Vec::new() };
+        if self.closed_order.len() >= CLOSED_REMEMBERED
+            && let Some(old) = self.closed_order.pop_front()
+        {
+            self.closed.remove(&old);
+        }
+        self.closed.insert(cookie, t.latencies);
+        self.closed_order.push_back(cookie);
         t.session
             .expire(u64::MAX)
             .into_iter()
@@ -301,6 +335,38 @@ mod tests {
         let client = t.on_data(&ev(1, DIR_INGRESS, 160, 40000, 80), b"1:r", Some(false), Some(2));
         assert_eq!(client[0].exchange.latency_ns(), 60);
         assert_eq!(client[0].peer_latency_ns, Some(40), "network + queueing share is 20 ns");
+    }
+
+    #[test]
+    fn the_server_end_pairs_after_it_closed_and_only_the_same_exchange_pairs() {
+        let mut t = tracker();
+        let (client, server) =
+            (|ts| ev(1, DIR_EGRESS, ts, 40000, 80), |ts| ev(2, DIR_EGRESS, ts, 80, 40000));
+        // Ten exchanges on one keep-alive connection, both ends seen, then the server closes
+        // (`Connection: close`) before the client reads the last response.
+        for i in 0..10u64 {
+            let at = i * 1000;
+            let mut q = client(at);
+            t.on_data(&q, b"1:q", Some(false), Some(2));
+            q = server(at + 10);
+            q.direction = DIR_INGRESS;
+            t.on_data(&q, b"1:q", Some(true), Some(1));
+            t.on_data(&server(at + 50 + i), b"1:r", Some(true), Some(1));
+            if i == 9 {
+                t.close(2);
+            }
+            let mut r = client(at + 100);
+            r.direction = DIR_INGRESS;
+            let done = t.on_data(&r, b"1:r", Some(false), Some(2));
+            assert_eq!(done[0].exchange.index, i);
+            assert_eq!(done[0].peer_latency_ns, Some(40 + i), "exchange {i}");
+        }
+        // A peer that never completed this exchange pairs with nothing.
+        let mut q = client(20_000);
+        t.on_data(&q, b"1:q", Some(false), Some(3));
+        q.direction = DIR_INGRESS;
+        let done = t.on_data(&q, b"1:r", Some(false), Some(3));
+        assert_eq!(done[0].peer_latency_ns, None);
     }
 
     #[test]

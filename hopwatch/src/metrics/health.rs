@@ -66,6 +66,7 @@ pub(crate) struct Health {
     map_capacity: IntGaugeVec,
     program_runs: Totals,
     events_read: Totals,
+    exchanges: Totals,
     program_run_seconds: CounterVec,
     program_last_ns: Mutex<HashMap<String, u64>>,
 }
@@ -80,7 +81,7 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 /// The counter families fed from running totals, in the order of [`Health`]'s fields below.
-fn totals(r: &Registry) -> Result<[Totals; 8], prometheus::Error> {
+fn totals(r: &Registry) -> Result<[Totals; 9], prometheus::Error> {
     let specs = [
         (
             "hopwatch_lost_events_total",
@@ -126,6 +127,13 @@ fn totals(r: &Registry) -> Result<[Totals; 8], prometheus::Error> {
                  events_sent once the agent has caught up).",
             "source",
         ),
+        (
+            "hopwatch_l7_exchanges_total",
+            "Application exchanges by whether and why they were recorded as flows (error, slow, \
+                 first, followed, under_rate, sampled; not_recorded: counted in the hops and \
+                 metrics only).",
+            "reason",
+        ),
     ];
     let mut out = Vec::with_capacity(specs.len());
     for (name, help, label) in specs {
@@ -152,9 +160,11 @@ impl Health {
             tables_full,
             program_runs,
             events_read,
+            exchanges,
         ] = totals(r)?;
         Ok(Self {
             events_read,
+            exchanges,
             lost,
             queue_dropped,
             kernel,
@@ -272,6 +282,13 @@ impl Health {
         self.parse_failures.set("kernel_event", undecodable);
         self.lost.set("output_queue", output_dropped);
         self.queue_dropped.set("output", output_dropped);
+    }
+
+    /// Running totals of the recording decisions, by reason.
+    pub(crate) fn exchanges(&self, totals: impl Iterator<Item = (&'static str, u64)>) {
+        for (reason, total) in totals {
+            self.exchanges.set(reason, total);
+        }
     }
 
     /// The collector queue: events it dropped (a running total) and events in it now.

@@ -253,6 +253,13 @@ impl Telemetry {
         i.health.pipeline(read, undecodable, output_dropped);
     }
 
+    /// Running totals of the recording decisions (see `policy`), by reason.
+    pub fn exchanges(&self, totals: impl Iterator<Item = (&'static str, u64)>) {
+        if let Some(i) = &self.inner {
+            i.health.exchanges(totals);
+        }
+    }
+
     /// Once a second: the collector queue's drops (a running total) and fill level.
     pub fn collector_queue(&self, dropped: u64, waiting: u64) {
         if let Some(i) = &self.inner {

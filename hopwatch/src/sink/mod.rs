@@ -19,6 +19,7 @@ use hopwatch_collector::{
     self, CollectorError, StoreArgs,
     hub::{Hub, version},
     nodes::Connection,
+    store::FlowStore,
 };
 use hopwatch_proto::{
     backoff::Backoff,
@@ -27,7 +28,7 @@ use hopwatch_proto::{
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     tls::{ClientTls, ServerTlsArgs, Target, TlsError},
 };
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use self::link::Batching;
@@ -87,30 +88,50 @@ pub(crate) struct SinkArgs {
 /// The agent's side of the pipeline to the printer and the collector.
 #[derive(Clone)]
 pub(crate) struct Outlet {
-    printer: mpsc::Sender<GetFlowsResponse>,
+    /// `None` with `-o none`: nothing prints, so flows are not handed to a printer at all.
+    printer: Option<mpsc::Sender<GetFlowsResponse>>,
     queue: Option<Arc<Queue>>,
+    /// The in-process collector's store, whose readers are the agent's followers.
+    store: Option<Arc<FlowStore>>,
 }
 
-/// A bounded channel to the printer whose sending end also feeds the collector queue.
-pub(crate) fn channel(cap: usize, sink: &Sink) -> (Outlet, mpsc::Receiver<GetFlowsResponse>) {
-    let (tx, rx) = mpsc::channel(cap);
-    (Outlet { printer: tx, queue: sink.queue.clone() }, rx)
+/// The sending end of the agent's output: the collector queue, and a bounded channel to the
+/// printer when `print` (returned as the receiving end).
+pub(crate) fn channel(
+    cap: usize,
+    sink: &Sink,
+    print: bool,
+) -> (Outlet, Option<mpsc::Receiver<GetFlowsResponse>>) {
+    let (printer, rx) = if print {
+        let (tx, rx) = mpsc::channel(cap);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let store = sink.embedded.as_ref().map(|e| e.hub.store.clone());
+    (Outlet { printer, queue: sink.queue.clone(), store }, rx)
 }
+
+/// The printer's queue was full: the flow went to the collector (if any) but was not printed.
+#[derive(Debug)]
+pub(crate) struct PrinterFull;
 
 impl Outlet {
     /// Offers a flow to the collector queue, then to the printer (which may refuse it when full).
-    #[expect(
-        clippy::result_large_err,
-        reason = "the same signature as the mpsc sender it stands in for"
-    )]
-    pub(crate) fn try_send(
-        &self,
-        resp: GetFlowsResponse,
-    ) -> Result<(), TrySendError<GetFlowsResponse>> {
-        if let Some(q) = &self.queue {
-            q.offer(resp.clone());
+    /// The flow is copied only when both take it.
+    pub(crate) fn try_send(&self, resp: GetFlowsResponse) -> Result<(), PrinterFull> {
+        match (&self.queue, &self.printer) {
+            (Some(q), Some(p)) => {
+                q.offer(resp.clone());
+                p.try_send(resp).map_err(|_| PrinterFull)
+            }
+            (Some(q), None) => {
+                q.offer(resp);
+                Ok(())
+            }
+            (None, Some(p)) => p.try_send(resp).map_err(|_| PrinterFull),
+            (None, None) => Ok(()),
         }
-        self.printer.try_send(resp)
     }
 
     /// Events the collector queue dropped so far and events waiting in it now (unacknowledged
@@ -122,17 +143,30 @@ impl Outlet {
         })
     }
 
+    /// Someone reads the in-process collector's flows as they come (`observe -f`, or a query
+    /// running now).
+    pub(crate) fn followed(&self) -> bool {
+        self.store.as_ref().is_some_and(|s| s.readers() > 0)
+    }
+
+    /// The running total of exchanges not recorded, for the collector's view of this agent.
+    pub(crate) fn not_recorded(&self, total: u64) {
+        if let Some(q) = &self.queue {
+            q.set_not_recorded(total);
+        }
+    }
+
     /// Sends a lost-event notice to the printer (waiting for room) and to the collector queue.
-    pub(crate) async fn send(
-        &self,
-        resp: GetFlowsResponse,
-    ) -> Result<(), mpsc::error::SendError<GetFlowsResponse>> {
+    pub(crate) async fn send(&self, resp: GetFlowsResponse) {
         if let Some(q) = &self.queue
             && !printer_only(&resp)
         {
             q.offer(resp.clone());
         }
-        self.printer.send(resp).await
+        if let Some(p) = &self.printer {
+            // A closed printer (stdout gone) has nothing left to tell.
+            let _ = p.send(resp).await;
+        }
     }
 }
 

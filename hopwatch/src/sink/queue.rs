@@ -42,6 +42,7 @@ pub struct Queue {
     offered: AtomicU64,
     dropped: AtomicU64,
     kernel_lost: AtomicU64,
+    not_recorded: AtomicU64,
 }
 
 /// Events to send, numbered from `first_seq`.
@@ -61,6 +62,7 @@ impl Queue {
             offered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             kernel_lost: AtomicU64::new(0),
+            not_recorded: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +121,25 @@ impl Queue {
         Some(Outgoing { first_seq, events })
     }
 
+    /// Up to `max` events, removed from the queue: for a collector in the same process, which
+    /// has them once it is handed them (nothing to resend, so nothing to copy).
+    pub fn pop(&self, max: usize) -> Option<Outgoing> {
+        let mut q = self.inner.lock().expect("queue lock");
+        self.report_drops(&mut q);
+        debug_assert_eq!(q.next_send, q.first_seq, "pop is not mixed with take");
+        if q.items.is_empty() {
+            return None;
+        }
+        let n = q.items.len().min(max);
+        let events: Vec<_> = q.items.drain(..n).collect();
+        let first_seq = q.first_seq;
+        q.first_seq += n as u64;
+        q.next_send = q.first_seq;
+        // Room again: the count of what was dropped goes out next.
+        self.report_drops(&mut q);
+        Some(Outgoing { first_seq, events })
+    }
+
     /// Unsent events waiting.
     pub fn unsent(&self) -> usize {
         let q = self.inner.lock().expect("queue lock");
@@ -174,6 +195,11 @@ impl Queue {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// The agent's running total of exchanges it did not record, for its status.
+    pub fn set_not_recorded(&self, total: u64) {
+        self.not_recorded.store(total, Ordering::Relaxed);
+    }
+
     pub fn status(&self) -> AgentStatus {
         let len = self.inner.lock().expect("queue lock").items.len() as u64;
         AgentStatus {
@@ -181,6 +207,7 @@ impl Queue {
             kernel_lost: self.kernel_lost.load(Ordering::Relaxed),
             queue_dropped: self.dropped.load(Ordering::Relaxed),
             queue_len: len,
+            flows_not_recorded: self.not_recorded.load(Ordering::Relaxed),
         }
     }
 }
@@ -212,6 +239,28 @@ mod tests {
         assert_eq!(c.events.iter().map(|e| e.node_name.as_str()).collect::<Vec<_>>(), ["3", "4"]);
         q.ack(5);
         assert!(q.is_drained());
+    }
+
+    #[test]
+    fn pop_hands_events_over_in_order_and_reports_drops() {
+        let q = Queue::new(3, "n");
+        for i in 0..5 {
+            q.offer(ev(i));
+        }
+        let a = q.pop(2).unwrap();
+        assert_eq!(a.first_seq, 1);
+        assert_eq!(a.events.iter().map(|e| e.node_name.as_str()).collect::<Vec<_>>(), ["0", "1"]);
+        // Room again: the two dropped events are reported after what is left.
+        let b = q.pop(10).unwrap();
+        assert_eq!(b.first_seq, 3);
+        assert_eq!(b.events[0].node_name, "2");
+        let Some(ResponseTypes::LostEvents(l)) = &b.events[1].response_types else {
+            panic!("expected a lost-event notice, got {:?}", b.events[1])
+        };
+        assert_eq!(l.num_events_lost, 2);
+        assert!(q.pop(10).is_none());
+        assert!(q.is_drained());
+        assert_eq!(q.last_seq(), 4);
     }
 
     #[test]
