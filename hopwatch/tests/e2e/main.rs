@@ -14,5 +14,6 @@ mod identity;
 mod l7;
 mod lifecycle;
 mod metrics;
+mod sampling;
 mod tcp;
 mod topology;
