@@ -184,6 +184,8 @@ pub struct Identity {
     dns: Option<DnsNames>,
     reverse: Option<ReverseDns>,
     holding: Holding,
+    /// Flows ready to be named, kept between calls for its capacity.
+    ready: Vec<(Flow, Option<SocketAddr>)>,
     cancel: CancellationToken,
 }
 
@@ -200,6 +202,7 @@ impl Identity {
             dns: None,
             reverse: None,
             holding: Holding::default(),
+            ready: Vec::new(),
             cancel: CancellationToken::new(),
         }
     }
@@ -340,9 +343,9 @@ impl Identity {
             return;
         }
         let now = Instant::now();
-        let incoming: Vec<Flow> = out.drain(from..).collect();
-        let mut ready = Vec::with_capacity(incoming.len());
-        for flow in incoming {
+        // Reused across calls: this runs for nearly every kernel event.
+        let mut ready = std::mem::take(&mut self.ready);
+        for flow in out.drain(from..) {
             if let Some(dns) = &mut self.dns {
                 dns.learn(&flow, now);
             }
@@ -350,17 +353,24 @@ impl Identity {
                 ready.push(flow);
             }
         }
-        self.finish(ready, out, now);
+        self.finish(&mut ready, out, now);
+        self.ready = ready;
     }
 
     /// Releases held flows whose translation and cgroups are known, or who waited [`HOLD`].
     pub fn release(&mut self, out: &mut Vec<Flow>) {
         let now = Instant::now();
-        let ready = self.holding.release(self.cgroups.as_ref(), now);
-        self.finish(ready, out, now);
+        let mut ready = self.holding.release(self.cgroups.as_ref(), now);
+        self.finish(&mut ready, out, now);
     }
 
-    fn finish(&self, ready: Vec<(Flow, Option<SocketAddr>)>, out: &mut Vec<Flow>, now: Instant) {
+    /// Enriches the flows in `ready` into `out` (leaving `ready` empty).
+    fn finish(
+        &self,
+        ready: &mut Vec<(Flow, Option<SocketAddr>)>,
+        out: &mut Vec<Flow>,
+        now: Instant,
+    ) {
         if ready.is_empty() {
             return;
         }
@@ -379,7 +389,7 @@ impl Identity {
             reverse: self.reverse.as_ref(),
             now,
         };
-        for (mut flow, translated) in ready {
+        for (mut flow, translated) in ready.drain(..) {
             enrich(&mut flow, translated, &sources);
             out.push(flow);
         }
