@@ -66,6 +66,7 @@ pub(crate) struct Health {
     map_capacity: IntGaugeVec,
     program_runs: Totals,
     events_read: Totals,
+    hidden: Totals,
     program_run_seconds: CounterVec,
     program_last_ns: Mutex<HashMap<String, u64>>,
 }
@@ -80,7 +81,7 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 /// The counter families fed from running totals, in the order of [`Health`]'s fields below.
-fn totals(r: &Registry) -> Result<[Totals; 8], prometheus::Error> {
+fn totals(r: &Registry) -> Result<[Totals; 9], prometheus::Error> {
     let specs = [
         (
             "hopwatch_lost_events_total",
@@ -126,6 +127,12 @@ fn totals(r: &Registry) -> Result<[Totals; 8], prometheus::Error> {
                  events_sent once the agent has caught up).",
             "source",
         ),
+        (
+            "hopwatch_flows_hidden_total",
+            "Flows the agent left out of its output and metrics, by why (own_traffic: \
+                 connections to the agent's own listeners; --show-own-traffic shows them).",
+            "reason",
+        ),
     ];
     let mut out = Vec::with_capacity(specs.len());
     for (name, help, label) in specs {
@@ -152,9 +159,11 @@ impl Health {
             tables_full,
             program_runs,
             events_read,
+            hidden,
         ] = totals(r)?;
         Ok(Self {
             events_read,
+            hidden,
             lost,
             queue_dropped,
             kernel,
@@ -279,6 +288,11 @@ impl Health {
         self.lost.set("collector_queue", dropped);
         self.queue_dropped.set("collector", dropped);
         self.collector_queue.set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    /// Running total of the flows left out for `reason`.
+    pub(crate) fn hidden(&self, reason: &str, total: u64) {
+        self.hidden.set(reason, total);
     }
 
     /// Running totals of the pipeline: tables full, and connections no parser took (their L7 is

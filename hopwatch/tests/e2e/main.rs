@@ -14,5 +14,6 @@ mod identity;
 mod l7;
 mod lifecycle;
 mod metrics;
+mod own_traffic;
 mod tcp;
 mod topology;
