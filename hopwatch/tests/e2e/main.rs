@@ -15,5 +15,6 @@ mod l7;
 mod lifecycle;
 mod metrics;
 mod own_traffic;
+mod server_errors;
 mod tcp;
 mod topology;
