@@ -84,10 +84,10 @@ fn hubble() -> Hubble {
                     (*name).to_owned(),
                 );
             }
-            ["rpc", service, method, req, resp, rest @ ..] => {
+            ["rpc", service, method, request, response, rest @ ..] => {
                 h.rpcs.entry((*service).to_owned()).or_default().insert(
                     (*method).to_owned(),
-                    ((*req).to_owned(), (*resp).to_owned(), rest == ["stream"]),
+                    ((*request).to_owned(), (*response).to_owned(), rest == ["stream"]),
                 );
             }
             ["type", name] => {

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod deploy_mtls;
 mod drops;
 mod hardening;
 mod identity;
