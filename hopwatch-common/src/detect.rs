@@ -66,6 +66,30 @@ pub fn detect(head: &[u8; HEAD], n: usize) -> u8 {
             return PROTO_MYSQL;
         }
     }
+    // A server refusing the connection before any request, on a connection seen from then
+    // (its server socket, or a client that reads first). MySQL: an ERR packet (0xff, an error
+    // code, no SQLSTATE marker) with sequence 0 in place of the greeting.
+    if n >= 7 {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], 0]);
+        let code = u16::from_le_bytes([head[5], head[6]]);
+        if (3..=1024).contains(&len)
+            && head[3] == 0
+            && head[4] == 0xff
+            && (1000..10_000).contains(&code)
+        {
+            return PROTO_MYSQL;
+        }
+    }
+    // Redis: an error reply line, `-` and an upper-case error kind (`-DENIED `, `-ERR `).
+    if n >= 5 && head[0] == b'-' {
+        let mut j = 1;
+        while j < n && j < HEAD && head[j].is_ascii_uppercase() {
+            j += 1;
+        }
+        if j >= 4 && j < n && j < HEAD && head[j] == b' ' {
+            return PROTO_REDIS;
+        }
+    }
     // RESP command: `*<count>\r\n$`.
     if n >= 5 && head[0] == b'*' && head[1].is_ascii_digit() {
         let mut j = 2;
@@ -111,6 +135,20 @@ mod tests {
         assert_eq!(d(b"\x5b\x00\x00\x00\x0a5.5.5-10.11"), PROTO_MYSQL);
         assert_eq!(d(b"*2\r\n$3\r\nGET\r\n"), PROTO_REDIS);
         assert_eq!(d(b"*12\r\n$4\r\nMSET"), PROTO_REDIS);
+    }
+
+    #[test]
+    fn recognises_servers_refusing_a_connection_before_any_request() {
+        // Redis in protected mode; out of client slots.
+        assert_eq!(d(b"-DENIED Redis is running in protected mode"), PROTO_REDIS);
+        assert_eq!(d(b"-ERR max number of clients reached\r\n"), PROTO_REDIS);
+        // MariaDB: ERR 1040 Too many connections, as the first packet.
+        assert_eq!(d(b"\x17\x00\x00\x00\xff\x10\x04Too many connections"), PROTO_MYSQL);
+        // ERR 1129, host blocked.
+        assert_eq!(d(b"\x44\x00\x00\x00\xff\x69\x04Host '10.0.0.2' is blocked"), PROTO_MYSQL);
+        assert_eq!(d(b"-nope lower case"), PROTO_UNKNOWN);
+        assert_eq!(d(b"-AB x"), PROTO_UNKNOWN);
+        assert_eq!(d(b"\x17\x00\x00\x01\xff\x10\x04Too many"), PROTO_UNKNOWN, "not sequence 0");
     }
 
     #[test]

@@ -267,7 +267,8 @@ pub enum Counter {
     ReadFailed = 1,
     /// A `CONNS` insert failed.
     ConnMapFull = 2,
-    /// Drop events skipped in the kernel because their reason is on the ignore list.
+    /// Drop events skipped in the kernel: their reason is on the ignore list, or the packet is
+    /// not IP (ARP, unix sockets).
     DropIgnored = 3,
     /// Drop events not sent because the drop-rate limit was hit.
     DropRateLimited = 4,

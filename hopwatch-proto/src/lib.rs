@@ -15,8 +15,12 @@ pub mod lost;
 pub mod signal;
 pub mod tls;
 
+// A dev-dependency of `tests/hubble_api.rs` (which compiles `proto/` itself), shared with the
+// unit tests' dependency list.
 /// Timestamps and other well-known types the messages use.
 pub use prost_types;
+#[cfg(test)]
+use protox as _;
 
 /// Default port of the collector's APIs (Hubble Relay's), in-process or standalone.
 pub const DEFAULT_PORT: u16 = 4245;

@@ -273,6 +273,32 @@ impl Parser {
     }
 }
 
+impl Response {
+    /// For a response the server sent before any request, when it refuses the connection
+    /// (Redis' `-DENIED` in protected mode, MySQL's ERR packet in place of the greeting): the
+    /// request it answers, which is the connection itself. `None` for any other response: a
+    /// PostgreSQL server speaks only after the client's startup message, which its error answers.
+    pub fn server_first(&self) -> Option<Request> {
+        match self {
+            Response::Redis(r) => r.server_first().map(Request::Redis),
+            Response::Mysql(m) => m.server_first().map(Request::Mysql),
+            _ => None,
+        }
+    }
+}
+
+impl Parser {
+    /// The server-to-client message at the start of `buf`, whose end is in the uncaptured tail
+    /// of the syscall that carried it: a Redis reply line longer than the capture. `None` when
+    /// the protocol needs the message's end to frame it.
+    pub fn response_cut(&mut self, buf: &[u8]) -> Option<Response> {
+        match &self.state {
+            State::Redis(p) => p.response_cut(buf).map(Response::Redis),
+            _ => None,
+        }
+    }
+}
+
 impl Request {
     /// Why the exchange of this request and `resp` failed, in the words users search for
     /// ("HTTP 503", "SQLSTATE 42P01", "WRONGTYPE", "NXDOMAIN"); `None` when it did not, or when

@@ -36,6 +36,11 @@ const CLIENT_QUERY_ATTRIBUTES: u32 = 1 << 27;
 const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
 const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
 
+/// The server's own name for a connection being set up (`Command: Connect` in the process
+/// list); clients never send it, so it is not a [`command_name`]. The request of the exchange
+/// an error greeting makes.
+pub const COM_CONNECT: u8 = 0x0b;
+
 const fn malformed(reason: &'static str) -> ParseError {
     ParseError::Malformed { protocol: "mysql", reason }
 }
@@ -89,6 +94,9 @@ pub struct Request {
 
 impl Request {
     pub fn name(&self) -> &'static str {
+        if self.command == COM_CONNECT {
+            return "COM_CONNECT";
+        }
         command_name(self.command).unwrap_or("COM_UNKNOWN")
     }
 
@@ -108,6 +116,18 @@ pub struct Response {
     pub statement_id: u32,
     /// Rows of the result sets.
     pub rows: u64,
+}
+
+impl Response {
+    /// An ERR packet the server sent in place of its greeting answers the connection: the
+    /// request it completes.
+    pub fn server_first(&self) -> Option<Request> {
+        (self.error_code != 0).then(|| Request {
+            command: COM_CONNECT,
+            query: String::new(),
+            statement_id: 0,
+        })
+    }
 }
 
 /// Where an unfinished response is.
@@ -214,6 +234,16 @@ impl Parser {
             let first = p.payload(buf).first().copied();
             // The greeting, the authentication exchange, and packets that do not start an
             // answer to a command (a response's first packet has sequence id 1).
+            if p.seq == 0 && first == Some(0xFF) {
+                // An ERR packet in place of the greeting: the server refuses the connection
+                // (`Too many connections`, `Host ... is blocked`).
+                if p.end > buf.len() && p.payload(buf).len() < 3 {
+                    return Ok(Frame::Incomplete);
+                }
+                let mut msg = Response::default();
+                read_err(p.payload(buf), &mut msg);
+                return Ok(Frame::Complete { msg, len: p.end });
+            }
             if p.seq != 1 {
                 if p.seq == 0 && first.is_some_and(|b| b != 10) {
                     return Err(not_mysql("server packet with sequence id 0 is not a greeting"));
@@ -551,5 +581,21 @@ mod tests {
             p.response(&packet(5, b"\x00\x00\x00\x02\x00\x00\x00"), Some(&req)),
             Ok(Frame::Skip { .. })
         ));
+    }
+
+    #[test]
+    fn an_err_packet_in_place_of_the_greeting_refuses_the_connection() {
+        let mut p = Parser::default();
+        // MariaDB out of connections: ERR 1040 with sequence 0, no SQLSTATE marker.
+        let err = packet(0, b"\xff\x10\x04Too many connections");
+        let Ok(Frame::Complete { msg, len }) = p.response(&err, None) else { panic!("ERR") };
+        assert_eq!((msg.error_code, msg.sql_state.as_str(), len), (1040, "", err.len()));
+        let connect = msg.server_first().expect("answers the connection");
+        assert_eq!((connect.command, connect.name()), (COM_CONNECT, "COM_CONNECT"));
+        assert_eq!(Response::default().server_first(), None);
+        assert!(p.response(&err[..6], None) == Ok(Frame::Incomplete));
+        // A real greeting is still stepped over.
+        let greeting = packet(0, b"\x0a11.8.3-MariaDB\x00");
+        assert!(matches!(p.response(&greeting, None), Ok(Frame::Skip { .. })));
     }
 }

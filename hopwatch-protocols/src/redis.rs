@@ -50,6 +50,18 @@ pub struct Response {
     pub error: Option<String>,
 }
 
+/// The command of the exchange an error sent before any command makes: the connection itself
+/// (not a Redis command; the parentheses say so).
+pub const CONNECT: &str = "(connect)";
+
+impl Response {
+    /// An error the server sent before any command (protected mode's `-DENIED`, `-ERR max
+    /// number of clients reached`) answers the connection: the request it completes.
+    pub fn server_first(&self) -> Option<Request> {
+        self.error.as_ref().map(|_| Request { command: CONNECT.to_owned(), args: Vec::new() })
+    }
+}
+
 /// The Redis state of one connection: values still to skip in each direction.
 #[derive(Debug, Default)]
 pub struct Parser {
@@ -107,6 +119,20 @@ impl Parser {
             Head::Aggregate { kind: b'>' | b'|', .. } => Frame::Skip { len },
             _ => Frame::Complete { msg: Response { error }, len },
         })
+    }
+
+    /// A reply line (`+OK..`, `-ERR ..`) at the start of `buf` whose CRLF was not captured: Redis
+    /// writes a reply in one call, so it ends with the call (`-DENIED ...`, the protected-mode
+    /// refusal, is over a kilobyte long).
+    pub fn response_cut(&self, buf: &[u8]) -> Option<Response> {
+        if self.response_values_left > 0 || buf.contains(&b'\n') {
+            return None;
+        }
+        match buf.first()? {
+            b'-' => Some(Response { error: Some(capped_text(&buf[1..])) }),
+            b'+' => Some(Response { error: None }),
+            _ => None,
+        }
     }
 
     fn array_request(&mut self, buf: &[u8]) -> Result<Frame<Request>, ParseError> {
@@ -407,5 +433,21 @@ mod tests {
         ));
         assert!(matches!(p.request(b"\x16\x03\x01"), Err(ParseError::NotThisProtocol { .. })));
         assert!(matches!(p.request(b"*1\r\n:1\r\n"), Err(ParseError::Malformed { .. })));
+    }
+
+    #[test]
+    fn a_reply_line_longer_than_the_capture_ends_with_its_call() {
+        let mut p = Parser::default();
+        // The first 64 bytes of protected mode's refusal: no CRLF yet.
+        let cut = b"-DENIED Redis is running in protected mode because protected mo";
+        assert_eq!(p.response(cut, None), Ok(Frame::Incomplete));
+        let r = p.response_cut(cut).expect("a reply line");
+        assert!(r.error.as_deref().is_some_and(|e| e.starts_with("DENIED Redis is running")));
+        let connect = r.server_first().expect("an error before any command answers the connection");
+        assert_eq!(connect.command, CONNECT);
+        assert_eq!(p.response_cut(b"+OK"), Some(Response { error: None }));
+        assert_eq!(Response { error: None }.server_first(), None, "only errors refuse");
+        assert_eq!(p.response_cut(b"$5\r\nhel"), None, "a bulk string has a length");
+        assert_eq!(p.response_cut(b"-ERR x\r\n"), None, "a whole line is framed by response()");
     }
 }

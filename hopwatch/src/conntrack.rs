@@ -39,6 +39,9 @@ pub struct Conn {
     pub process: Option<Process>,
     /// Monotonic ns of the last event for this connection.
     pub last_seen_ns: u64,
+    /// Monotonic ns the connection was established (connected or accepted); 0 when it was
+    /// first seen later (it predates the agent, or its table entry was evicted).
+    pub opened_ns: u64,
 }
 
 impl Conn {
@@ -67,6 +70,10 @@ impl Conn {
             role,
             process,
             last_seen_ns: ev.header.timestamp_ns,
+            opened_ns: match TcpOp::from_u8(ev.op) {
+                Some(TcpOp::Connected | TcpOp::Accepted) => ev.header.timestamp_ns,
+                _ => 0,
+            },
         })
     }
 }

@@ -17,6 +17,7 @@ mod loader;
 mod loss;
 mod memory;
 mod metrics;
+mod own;
 mod pipeline;
 mod policy;
 mod print;

@@ -24,6 +24,9 @@ const CONN_TABLE_CAPACITY: usize = 262_144;
 const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// How often idle connections and unanswered requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long a connection the peer reset keeps its L7 session: the application may still read
+/// what the peer sent before the reset (an error reply) after the socket closed.
+const RESET_READ_GRACE: Duration = Duration::from_secs(1);
 
 impl MessageParser for protocols::Parser {
     type Req = protocols::Request;
@@ -50,6 +53,14 @@ impl MessageParser for protocols::Parser {
 
     fn expects_response(req: &Self::Req) -> bool {
         req.expects_response()
+    }
+
+    fn response_cut(&mut self, buf: &[u8]) -> Option<Self::Resp> {
+        protocols::Parser::response_cut(self, buf)
+    }
+
+    fn server_first(resp: &Self::Resp) -> Option<Self::Req> {
+        resp.server_first()
     }
 }
 
@@ -134,8 +145,14 @@ impl Pipeline {
                 let peer = self.table.peer(&conn);
                 out.push(self.builder.tcp(ev, &conn, peer));
                 if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
-                    let unanswered = self.l7.close(ev.header.socket_cookie);
-                    self.l7_flows(unanswered, out);
+                    let cookie = ev.header.socket_cookie;
+                    if ev.stats.resets_received > 0 {
+                        let deadline = ev.header.timestamp_ns + nanos(RESET_READ_GRACE);
+                        self.l7.close_after(cookie, deadline);
+                    } else {
+                        let unanswered = self.l7.close(cookie);
+                        self.l7_flows(unanswered, out);
+                    }
                 }
             }
             KernelEvent::Drop(ev) => {
@@ -163,7 +180,8 @@ impl Pipeline {
         let conn = table.get(cookie);
         let server_side = conn.map(|c| c.role == Role::Server);
         let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
-        let done = self.l7.on_data_with(ev, payload, server_side, peer);
+        let opened_ns = conn.map_or(0, |c| c.opened_ns);
+        let done = self.l7.on_data_with(ev, payload, server_side, opened_ns, peer);
         self.l7_flows(done, out);
     }
 
@@ -178,6 +196,8 @@ impl Pipeline {
         self.table.sweep(now_ns.saturating_sub(nanos(CONN_IDLE_FORGET)));
         let expired = self.l7.expire(now_ns.saturating_sub(nanos(self.options.l7_timeout)));
         self.l7_flows(expired, out);
+        let closed = self.l7.close_due(now_ns);
+        self.l7_flows(closed, out);
         self.identity.process(out, from);
     }
 

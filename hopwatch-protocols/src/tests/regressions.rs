@@ -68,3 +68,27 @@ fn redis_arguments_split_across_reads() {
         ("CLIENT SETNAME", &["fixture".to_owned()][..], cmd.len())
     );
 }
+
+/// PostgreSQL refusing a connection at start-up (`FATAL 53300 too many clients`) answers the
+/// client's startup message: a failed exchange of that request, not a server-first error.
+#[test]
+fn postgres_too_many_clients_answers_the_startup_message() {
+    use crate::{Parser, Protocol, Request, Response};
+    let mut p = Parser::new(Protocol::Postgres, Redaction::default());
+    let mut startup = Vec::new();
+    let body = b"\x00\x03\x00\x00user\x00app\x00database\x00shop\x00\x00";
+    startup.extend_from_slice(&u32::try_from(body.len() + 4).expect("small").to_be_bytes());
+    startup.extend_from_slice(body);
+    let Ok(Frame::Complete { msg: req, .. }) = p.request(&startup) else { panic!("startup") };
+    let fields = b"SFATAL\x00VFATAL\x00C53300\x00Msorry, too many clients already\x00\x00";
+    let mut err = vec![b'E'];
+    err.extend_from_slice(&u32::try_from(fields.len() + 4).expect("small").to_be_bytes());
+    err.extend_from_slice(fields);
+    let Ok(Frame::Complete { msg: resp, .. }) = p.response(&err, Some(&req)) else {
+        panic!("ErrorResponse")
+    };
+    assert_eq!(req.failure(Some(&resp)).as_deref(), Some("SQLSTATE 53300"));
+    assert!(matches!(req, Request::Postgres(_)));
+    assert_eq!(resp.server_first(), None, "PostgreSQL only answers");
+    assert!(matches!(resp, Response::Postgres(_)));
+}

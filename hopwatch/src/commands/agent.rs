@@ -26,6 +26,7 @@ use crate::{
     loader::{self, LoadOptions, probe::Probe},
     loss::{Loss, Losses},
     metrics::Telemetry,
+    own::OwnListeners,
     pipeline::{Pipeline, PipelineOptions},
     policy::RecordPolicy,
     print::{Format, Options, Printer, time::TimeFormat},
@@ -97,6 +98,11 @@ pub(super) struct AgentArgs {
     /// print it at exit.
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Also show connections to the agent's own listeners (the in-process collector's API,
+    /// `/metrics`): `hopwatch observe`, `hopwatch hops` and Prometheus scrapes of this agent.
+    /// By default they are left out and counted (`hopwatch_flows_hidden_total`).
+    #[arg(long)]
+    pub show_own_traffic: bool,
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
     /// Endpoint names: Kubernetes, cgroups, Docker, static endpoints, DNS, translations.
@@ -152,6 +158,9 @@ struct PipelineStats {
     not_recorded: AtomicU64,
     /// Prometheus metrics and probes (a no-op with `--metrics-addr off`).
     metrics: Telemetry,
+    /// The agent's own listeners, whose connections are left out (counted there); `None` with
+    /// `--show-own-traffic`.
+    own: Option<OwnListeners>,
 }
 
 pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -200,10 +209,11 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
-    let stats = Arc::new(PipelineStats { metrics, ..PipelineStats::default() });
+    let sink = crate::sink::start(&args.sink, &node_name).await?;
+    let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink));
+    let stats = Arc::new(PipelineStats { metrics, own, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let cancel = CancellationToken::new();
-    let sink = crate::sink::start(&args.sink, &node_name).await?;
     let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink, args.output != Format::None);
     let printer = rx.map(|rx| {
         let cancel = cancel.clone();
@@ -312,6 +322,20 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         );
     }
     Ok(loaded)
+}
+
+/// The agent's own listening sockets (the collector's APIs, `/metrics`), announced.
+fn own_listeners(metrics: &Telemetry, sink: &crate::sink::Sink) -> OwnListeners {
+    let own = OwnListeners::new(sink.listen_addr().into_iter().chain(metrics.local_addr()));
+    if !own.addrs().is_empty() {
+        let addrs: Vec<String> = own.addrs().iter().map(ToString::to_string).collect();
+        eprintln!(
+            "hopwatch agent: connections to its own listeners ({}) are not shown \
+             (--show-own-traffic shows them)",
+            addrs.join(", ")
+        );
+    }
+    own
 }
 
 fn hostname() -> String {
@@ -465,6 +489,9 @@ fn ship(
     stats: &PipelineStats,
 ) {
     for flow in flows.drain(..) {
+        if stats.own.as_ref().is_some_and(|own| own.hide(&flow)) {
+            continue;
+        }
         stats.flows.fetch_add(1, Ordering::Relaxed);
         stats.metrics.observe(&flow);
         if stages.policy.keep(&flow, now_ns) {
@@ -558,6 +585,9 @@ async fn watch_counters(
             stats.decode_errors.load(Ordering::Relaxed),
             stats.losses.total(Loss::OutputQueue),
         );
+        if let Some(own) = &stats.own {
+            stats.metrics.flows_hidden("own_traffic", own.hidden());
+        }
         let (collector_dropped, collector_waiting) = tx.collector_queue();
         stats.metrics.collector_queue(collector_dropped, collector_waiting);
         if let Some(total) = counters

@@ -2,6 +2,7 @@
 //! entry point.
 
 mod agent;
+mod certs;
 mod collector;
 mod hops;
 mod observe;
@@ -32,6 +33,9 @@ enum Command {
     Collector(collector::CollectorArgs),
     /// Query a collector's flows (like `hubble observe`).
     Observe(Box<observe::ObserveArgs>),
+    /// Generate a CA and the certificates for mutual TLS between agents, the collector and
+    /// query clients (PEM files, and optionally the Kubernetes Secrets deploy/ mounts).
+    Certs(certs::CertsArgs),
     /// Run a recorded kernel event stream through the userspace pipeline and report its
     /// throughput on one core.
     Replay(replay::ReplayArgs),
@@ -68,6 +72,7 @@ pub fn main() -> ExitCode {
                 let sub = matches.subcommand_matches("observe").expect("observe was parsed");
                 return Ok(Some(observe::run(*args, sub).await));
             }
+            Command::Certs(args) => certs::run(&args).map_err(|e| error_chain(&e)),
             Command::Replay(args) => replay::main(&args).map_err(|e| error_chain(&e)),
             Command::Hops(args) => return Ok(Some(hops::main(args).await)),
         }

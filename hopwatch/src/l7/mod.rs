@@ -91,6 +91,8 @@ pub(crate) struct L7Tracker<P: MessageParser> {
     /// Latest latencies of connections closed recently, oldest first in `closed_order`.
     closed: FxHashMap<u64, Latencies>,
     closed_order: VecDeque<u64>,
+    /// Connections the peer reset, closed at their deadline (monotonic ns), in deadline order.
+    closing: VecDeque<(u64, u64)>,
     make: ParserFactory<P>,
     pub stats: TrackerStats,
 }
@@ -101,6 +103,7 @@ impl<P: MessageParser> L7Tracker<P> {
             sessions: FxHashMap::default(),
             closed: FxHashMap::default(),
             closed_order: VecDeque::new(),
+            closing: VecDeque::new(),
             make,
             stats: TrackerStats::default(),
         }
@@ -121,16 +124,19 @@ impl<P: MessageParser> L7Tracker<P> {
         server_side: Option<bool>,
         peer: Option<u64>,
     ) -> Vec<Completed<P::Req, P::Resp>> {
-        self.on_data_with(ev, payload, server_side, || peer)
+        self.on_data_with(ev, payload, server_side, 0, || peer)
     }
 
     /// [`L7Tracker::on_data`] with the peer's cookie looked up only when an exchange completes
-    /// (most data events complete none, and the lookup hashes two socket addresses).
+    /// (most data events complete none, and the lookup hashes two socket addresses), and with
+    /// when the connection was established (`opened_ns`, 0 if unknown): an error the server
+    /// sends before any request is an exchange measured from then.
     pub(crate) fn on_data_with(
         &mut self,
         ev: &DataEvent,
         payload: &[u8],
         server_side: Option<bool>,
+        opened_ns: u64,
         peer: impl FnOnce() -> Option<u64>,
     ) -> Vec<Completed<P::Req, P::Resp>> {
         let cookie = ev.header.socket_cookie;
@@ -148,7 +154,7 @@ impl<P: MessageParser> L7Tracker<P> {
             self.sessions.insert(
                 cookie,
                 Tracked {
-                    session: Session::new(parser),
+                    session: Session::new(parser, opened_ns),
                     latencies: Latencies::default(),
                     server_side,
                     tls: false,
@@ -235,6 +241,29 @@ impl<P: MessageParser> L7Tracker<P> {
                     cgroup_id: t.last_cgroup,
                 });
             }
+        }
+        out
+    }
+
+    /// The peer reset the connection: what it sent before is still in the socket's receive
+    /// queue and may be read after the socket closed (a server that refuses with an error and
+    /// closes resets the client's request). The session is closed at `deadline_ns`
+    /// ([`L7Tracker::close_due`]).
+    pub(crate) fn close_after(&mut self, cookie: u64, deadline_ns: u64) {
+        if self.sessions.contains_key(&cookie) {
+            self.closing.push_back((cookie, deadline_ns));
+        }
+    }
+
+    /// Closes the sessions [`L7Tracker::close_after`] kept whose deadline is before `now_ns`.
+    pub(crate) fn close_due(&mut self, now_ns: u64) -> Vec<Completed<P::Req, P::Resp>> {
+        let mut out = Vec::new();
+        while let Some(&(cookie, deadline)) = self.closing.front() {
+            if deadline > now_ns {
+                break;
+            }
+            self.closing.pop_front();
+            out.extend(self.close(cookie));
         }
         out
     }
@@ -382,5 +411,21 @@ mod tests {
         assert!(closed[0].exchange.response.is_none());
         assert!(!closed[0].server_side, "role guessed from ports");
         assert_eq!(t.sessions(), 0);
+    }
+
+    #[test]
+    fn a_reset_connection_keeps_its_session_for_the_reply_read_after_the_reset() {
+        let mut t = tracker();
+        t.on_data(&ev(5, DIR_EGRESS, 10, 40003, 80), b"1:q", Some(false), None);
+        t.close_after(5, 1000);
+        assert!(t.close_due(999).is_empty());
+        let answered = t.on_data(&ev(5, DIR_INGRESS, 500, 40003, 80), b"1:r", None, None);
+        assert_eq!(answered[0].exchange.response.as_deref(), Some("r"));
+        t.on_data(&ev(5, DIR_EGRESS, 600, 40003, 80), b"1:z", None, None);
+        let closed = t.close_due(1000);
+        assert_eq!(closed.len(), 1, "the request sent after the reset is unanswered");
+        assert_eq!(t.sessions(), 0);
+        t.close_after(6, 2000);
+        assert!(t.close_due(u64::MAX).is_empty(), "no session, nothing kept");
     }
 }

@@ -31,6 +31,16 @@ pub(crate) trait MessageParser {
     fn expects_response(_req: &Self::Req) -> bool {
         true
     }
+    /// The response at the start of `buf`, whose end is in the uncaptured tail of the syscall
+    /// that carried it (see `Stream::next_or_cut`); `None` when the protocol cannot tell.
+    fn response_cut(&mut self, _buf: &[u8]) -> Option<Self::Resp> {
+        None
+    }
+    /// For a response the server sent before any request (an error greeting that refuses the
+    /// connection): the request it answers, the connection itself. `None` for other responses.
+    fn server_first(_resp: &Self::Resp) -> Option<Self::Req> {
+        None
+    }
 }
 
 /// A request and, unless it timed out, its response.
@@ -70,18 +80,24 @@ pub(crate) struct Session<P: MessageParser> {
     responses: Stream,
     pending: VecDeque<Message<P::Req>>,
     next_index: u64,
+    /// Monotonic ns the connection was established, 0 if unknown.
+    opened_ns: u64,
+    /// A request or a response was framed: a response now is no longer the server's first word.
+    started: bool,
     pub unmatched_responses: u64,
     pub pending_overflow: u64,
 }
 
 impl<P: MessageParser> Session<P> {
-    pub(crate) fn new(parser: P) -> Self {
+    pub(crate) fn new(parser: P, opened_ns: u64) -> Self {
         Self {
             parser,
             requests: Stream::default(),
             responses: Stream::default(),
             pending: VecDeque::new(),
             next_index: 0,
+            opened_ns,
+            started: false,
             unmatched_responses: 0,
             pending_overflow: 0,
         }
@@ -102,6 +118,7 @@ impl<P: MessageParser> Session<P> {
         self.requests.push(captured, total, ts);
         let parser = &mut self.parser;
         while let Some(m) = self.requests.next(|b| parser.request(b)) {
+            self.started = true;
             if !P::expects_response(&m.msg) {
                 continue;
             }
@@ -125,9 +142,33 @@ impl<P: MessageParser> Session<P> {
         // One response at a time: the parser may need the request it answers.
         loop {
             let pending = self.pending.front().map(|m| &m.msg);
-            let parser = &mut self.parser;
-            let Some(resp) = self.responses.next(|b| parser.response(b, pending)) else { break };
+            let parser = std::cell::RefCell::new(&mut self.parser);
+            let Some(resp) = self.responses.next_or_cut(
+                |b| parser.borrow_mut().response(b, pending),
+                |b| parser.borrow_mut().response_cut(b),
+            ) else {
+                break;
+            };
+            let first = !std::mem::replace(&mut self.started, true);
             let position = self.pending.iter().position(|p| P::answers(&p.msg, &resp.msg));
+            if position.is_none()
+                && first
+                && let Some(request) = P::server_first(&resp.msg)
+            {
+                // Measured from the connection's establishment when it is known and earlier.
+                let opened = self.opened_ns;
+                let request_ns =
+                    if opened != 0 && opened <= resp.first_ns { opened } else { resp.first_ns };
+                done.push(Exchange {
+                    request,
+                    response: Some(resp.msg),
+                    request_ns,
+                    response_ns: resp.first_ns,
+                    index: self.next_index,
+                });
+                self.next_index += 1;
+                continue;
+            }
             match position.and_then(|i| self.pending.remove(i)) {
                 Some(req) => {
                     done.push(Exchange {
@@ -197,7 +238,7 @@ mod tests {
 
     #[test]
     fn pipelined_requests_are_answered_in_order_with_latencies() {
-        let mut s = Session::new(Toy);
+        let mut s = Session::new(Toy, 0);
         s.on_request_data(b"1:a1:b1:c", 9, 100);
         assert_eq!(s.pending(), 3);
         let done = s.on_response_data(b"2:ra2:rb", 8, 150);
@@ -211,7 +252,7 @@ mod tests {
 
     #[test]
     fn out_of_order_answers_match_by_id_and_unanswered_requests_time_out() {
-        let mut s = Session::new(Toy);
+        let mut s = Session::new(Toy, 0);
         s.on_request_data(b"1:x", 3, 10);
         s.on_request_data(b"1:y", 3, 20);
         let done = s.on_response_data(b"2:!y", 4, 30);
@@ -221,5 +262,58 @@ mod tests {
         assert_eq!((expired[0].request.as_str(), expired[0].response.as_deref()), ("x", None));
         assert!(s.on_response_data(b"2:!z", 4, 40).is_empty());
         assert_eq!(s.stats().unmatched_responses, 1);
+    }
+
+    /// The toy's server-first error: "E" before any request answers the connection ("connect").
+    struct Greeter;
+
+    impl MessageParser for Greeter {
+        type Req = String;
+        type Resp = String;
+        fn request(&mut self, buf: &[u8]) -> Result<Frame<String>, ParseError> {
+            toy(buf)
+        }
+        fn response(
+            &mut self,
+            buf: &[u8],
+            _: Option<&String>,
+        ) -> Result<Frame<String>, ParseError> {
+            toy(buf)
+        }
+        fn response_cut(&mut self, buf: &[u8]) -> Option<String> {
+            // Digits the toy cannot frame without their colon: an error line cut short.
+            buf.iter().all(u8::is_ascii_digit).then(|| "E".to_owned())
+        }
+        fn server_first(resp: &String) -> Option<String> {
+            (resp == "E").then(|| "connect".to_owned())
+        }
+    }
+
+    #[test]
+    fn an_error_before_any_request_is_an_exchange_from_the_connections_start() {
+        let mut s = Session::new(Greeter, 1000);
+        let done = s.on_response_data(b"1:E", 3, 1500);
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].request.as_str(), done[0].response.as_deref()), ("connect", Some("E")));
+        assert_eq!(done[0].latency_ns(), 500, "from the connection's establishment");
+        // Later, and once requests were seen, an unasked response is just unmatched.
+        assert!(s.on_response_data(b"1:E", 3, 1600).is_empty());
+        let mut s = Session::new(Greeter, 0);
+        s.on_request_data(b"1:q", 3, 10);
+        let done = s.on_response_data(b"1:E", 3, 30);
+        assert_eq!((done[0].request.as_str(), done[0].latency_ns()), ("q", 20));
+    }
+
+    #[test]
+    fn a_response_longer_than_the_capture_can_end_with_its_call() {
+        let mut s = Session::new(Greeter, 0);
+        s.on_request_data(b"1:q", 3, 10);
+        // 11 bytes written, 5 captured: a message whose end is not known.
+        let done = s.on_response_data(b"12345", 11, 40);
+        assert_eq!((done[0].request.as_str(), done[0].response.as_deref()), ("q", Some("E")));
+        // The stream is at a message boundary again.
+        s.on_request_data(b"1:r", 3, 50);
+        let done = s.on_response_data(b"1:s", 3, 60);
+        assert_eq!((done[0].request.as_str(), done[0].response.as_deref()), ("r", Some("s")));
     }
 }

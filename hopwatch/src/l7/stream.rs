@@ -89,7 +89,18 @@ impl Stream {
     /// skip and bytes the parser rejects; `None` when more bytes are needed.
     pub(crate) fn next<T>(
         &mut self,
+        parse: impl FnMut(&[u8]) -> Result<Frame<T>, ParseError>,
+    ) -> Option<Message<T>> {
+        self.next_or_cut(parse, |_| None)
+    }
+
+    /// [`Stream::next`], and when a message's end is in the uncaptured tail of the last
+    /// syscall, `cut` may still take it as a message ending with that syscall (a line reply
+    /// written in one call, longer than the capture).
+    pub(crate) fn next_or_cut<T>(
+        &mut self,
         mut parse: impl FnMut(&[u8]) -> Result<Frame<T>, ParseError>,
+        mut cut: impl FnMut(&[u8]) -> Option<T>,
     ) -> Option<Message<T>> {
         while !self.data.is_empty() {
             let first_ns = self.chunks.front().map_or(0, |c| c.1);
@@ -103,6 +114,13 @@ impl Stream {
                 }
                 Ok(Frame::Incomplete) => {
                     if self.gap > 0 {
+                        if self.chunks.len() == 1
+                            && let Some(msg) = cut(&self.data)
+                        {
+                            let len = self.data.len() + usize::try_from(self.gap).unwrap_or(0);
+                            let last_ns = self.consume(len);
+                            return Some(Message { msg, first_ns, last_ns });
+                        }
                         // The rest of the header is in bytes we will never see.
                         self.resync();
                     }

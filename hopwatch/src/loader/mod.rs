@@ -126,6 +126,9 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         loader.map_max_entries(EVENTS, bytes);
     }
     let mut ebpf = loader.load(KERNEL_OBJECT).map_err(LoadError::Object)?;
+    // Before anything attaches: `kfree_skb` runs from the moment it is attached, and the other
+    // programs take a while to verify; until the bitmap is written every reason is reported.
+    write_drop_ignore(&mut ebpf, &ignore)?;
 
     let aya_btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Object(e.into()))?;
     let mut hooks = Vec::new();
@@ -166,17 +169,6 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         hooks.push(format!("sock_ops on {}", cgroup.display()));
     }
 
-    let mut drop_ignore: Array<_, u32> = ebpf
-        .map_mut(DROP_IGNORE)
-        .ok_or(LoadError::NoMap { map: DROP_IGNORE })?
-        .try_into()
-        .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
-    for (i, word) in (0u32..).zip(ignore.iter()) {
-        drop_ignore
-            .set(i, *word, 0)
-            .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
-    }
-
     let tls = if opts.tls && opts.settings.capture_bytes > 0 {
         let mut probes = tls::TlsProbes::load(&mut ebpf)?;
         let (attached, failed) = probes.scan(&mut ebpf);
@@ -197,6 +189,21 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
             .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
     Ok(Loaded { ebpf, events, counters, reasons, hooks, tls })
+}
+
+/// Fills the kernel's drop-reason ignore bitmap.
+fn write_drop_ignore(ebpf: &mut Ebpf, words: &[u32]) -> Result<(), LoadError> {
+    let mut drop_ignore: Array<_, u32> = ebpf
+        .map_mut(DROP_IGNORE)
+        .ok_or(LoadError::NoMap { map: DROP_IGNORE })?
+        .try_into()
+        .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
+    for (i, word) in (0u32..).zip(words) {
+        drop_ignore
+            .set(i, *word, 0)
+            .map_err(|source| LoadError::Map { map: DROP_IGNORE, source })?;
+    }
+    Ok(())
 }
 
 /// Run counts and run time of hopwatch's loaded programs (`(name, runs, total time)`), as the

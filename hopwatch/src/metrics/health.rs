@@ -67,6 +67,7 @@ pub(crate) struct Health {
     program_runs: Totals,
     events_read: Totals,
     exchanges: Totals,
+    hidden: Totals,
     program_run_seconds: CounterVec,
     program_last_ns: Mutex<HashMap<String, u64>>,
 }
@@ -81,7 +82,7 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 /// The counter families fed from running totals, in the order of [`Health`]'s fields below.
-fn totals(r: &Registry) -> Result<[Totals; 9], prometheus::Error> {
+fn totals(r: &Registry) -> Result<[Totals; 10], prometheus::Error> {
     let specs = [
         (
             "hopwatch_lost_events_total",
@@ -134,6 +135,12 @@ fn totals(r: &Registry) -> Result<[Totals; 9], prometheus::Error> {
                  metrics only).",
             "reason",
         ),
+        (
+            "hopwatch_flows_hidden_total",
+            "Flows the agent left out of its output and metrics, by why (own_traffic: \
+                 connections to the agent's own listeners; --show-own-traffic shows them).",
+            "reason",
+        ),
     ];
     let mut out = Vec::with_capacity(specs.len());
     for (name, help, label) in specs {
@@ -161,10 +168,12 @@ impl Health {
             program_runs,
             events_read,
             exchanges,
+            hidden,
         ] = totals(r)?;
         Ok(Self {
             events_read,
             exchanges,
+            hidden,
             lost,
             queue_dropped,
             kernel,
@@ -296,6 +305,11 @@ impl Health {
         self.lost.set("collector_queue", dropped);
         self.queue_dropped.set("collector", dropped);
         self.collector_queue.set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    /// Running total of the flows left out for `reason`.
+    pub(crate) fn hidden(&self, reason: &str, total: u64) {
+        self.hidden.set(reason, total);
     }
 
     /// Running totals of the pipeline: tables full, and connections no parser took (their L7 is

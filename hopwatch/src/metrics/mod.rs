@@ -260,6 +260,13 @@ impl Telemetry {
         }
     }
 
+    /// Once a second: the running total of flows left out of the output for `reason`.
+    pub fn flows_hidden(&self, reason: &str, total: u64) {
+        if let Some(i) = &self.inner {
+            i.health.hidden(reason, total);
+        }
+    }
+
     /// Once a second: the collector queue's drops (a running total) and fill level.
     pub fn collector_queue(&self, dropped: u64, waiting: u64) {
         if let Some(i) = &self.inner {

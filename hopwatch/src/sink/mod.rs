@@ -196,6 +196,11 @@ impl Sink {
         Self { queue: None, link: None, stop: CancellationToken::new(), embedded: None }
     }
 
+    /// Where the in-process collector's APIs listen, when they do.
+    pub(crate) fn listen_addr(&self) -> Option<SocketAddr> {
+        self.embedded.as_ref()?.server.as_ref().map(|s| s.addr)
+    }
+
     /// Delivers what is queued (bounded by a drain timeout), then stops the embedded collector.
     pub(crate) async fn close(mut self) {
         if let Some(q) = &self.queue {

@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{
-    Pod, Testbed,
-    agent::{Agent, ip_dst, ip_src, u64_at},
-    serial,
+use crate::{
+    hardening::{Metrics, http_get},
+    support::{
+        Pod, Testbed,
+        agent::{Agent, ip_dst, ip_src, u64_at},
+        serial,
+    },
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -88,4 +91,51 @@ fn dropped_syns_name_the_tcp_five_tuple() {
     });
     assert_eq!(ip_dst(&f), b.ip.to_string());
     assert_eq!(f["kernel_drop_reason"], "NETFILTER_DROP");
+}
+
+/// IPv6 multicast to a group no pod joined, from `from`, every 50 ms until the test bed goes:
+/// each copy the bridge floods to another pod is freed by `ip6_mc_input` with `NOT_SPECIFIED`,
+/// the noise fresh veths make (MLD reports, router solicitations), only steadier.
+const MULTICAST_NOISE: &str = "import socket,time\n\
+    s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+    i=socket.if_nametoindex('eth0')\n\
+    while True:\n    s.sendto(b'noise',('ff02::4857',5000,0,i))\n    time.sleep(0.05)\n";
+
+#[test]
+fn ignored_reasons_on_fresh_veths_are_counted_not_reported() {
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    let (a, b) = (tb.pod("noisy"), tb.pod("quiet"));
+    let noise = a.command(&["python3", "-c", MULTICAST_NOISE]).spawn().expect("python3 runs");
+    tb.adopt(noise);
+    // The noise runs before, while and after the agent starts: a drop freed with an ignored
+    // reason while the agent attaches is no more reported than one later.
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = Agent::start(&[]);
+    let ignored = agent
+        .stderr()
+        .lines()
+        .find_map(|l| l.split("not reported: ").nth(1).map(str::to_owned))
+        .expect("the agent names the reasons it does not report");
+    let ignored: Vec<&str> = ignored.split(',').collect();
+    assert!(ignored.contains(&"NOT_SPECIFIED"), "{ignored:?}");
+    let metrics = agent.metrics_addr();
+    let before = Metrics(http_get(metrics, "/metrics")).kernel("drop_ignored");
+    // A real drop next to the noise is still reported.
+    send_udp(&a, &b, 40126, 9998, 3);
+    agent.wait_for("a drop of the unwanted datagram", WAIT, udp_drop(&a, &b, 40126, 9998));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = Metrics(http_get(metrics, "/metrics")).kernel("drop_ignored");
+    let noise: Vec<_> = agent
+        .flows()
+        .into_iter()
+        .filter(|f| f["verdict"] == "DROPPED")
+        .filter(|f| ignored.contains(&f["kernel_drop_reason"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(noise.is_empty(), "{} drops with an ignored reason reported: {noise:#?}", noise.len());
+    // 50 ms apart for 2 s and more, each copy freed at least once: at least 40 counted.
+    assert!(
+        after >= before + 40,
+        "the multicast noise is counted as ignored drops: drop_ignored {before} -> {after}"
+    );
 }

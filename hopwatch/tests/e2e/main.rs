@@ -8,12 +8,15 @@
 
 mod support;
 
+mod deploy_mtls;
 mod drops;
 mod hardening;
 mod identity;
 mod l7;
 mod lifecycle;
 mod metrics;
+mod own_traffic;
 mod sampling;
+mod server_errors;
 mod tcp;
 mod topology;

@@ -220,6 +220,11 @@ impl MariaDb {
     pub(crate) const PORT: u16 = 3306;
 
     pub(crate) fn start(pod: &Pod) -> Self {
+        Self::start_with(pod, &[])
+    }
+
+    /// A server with `extra` options (e.g. `--max-connections=1`).
+    pub(crate) fn start_with(pod: &Pod, extra: &[&str]) -> Self {
         let dir = TempDir::new("mariadb");
         let data = dir.file("data");
         let datadir = format!("--datadir={data}");
@@ -266,6 +271,7 @@ impl MariaDb {
             "--skip-log-bin",
         ];
         args.extend(small);
+        args.extend(extra);
         let process = ServerProcess::spawn(
             "mariadbd",
             pod,
@@ -305,6 +311,28 @@ impl MariaDb {
 
     pub(crate) fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// A client that holds a connection for `secs` seconds (`SELECT SLEEP`): as root through the
+    /// server's socket, or as the `hopwatch` user over TCP. The caller ends it.
+    pub(crate) fn hold_connection(&self, secs: u32, as_root: bool) -> std::process::Child {
+        let (host, port, socket) =
+            (self.ip.to_string(), self.port.to_string(), format!("--socket={}", self.socket));
+        let sleep = format!("SELECT SLEEP({secs})");
+        let password = format!("-p{DB_PASSWORD}");
+        let mut args = vec!["mariadb", "--no-defaults", "--skip-ssl"];
+        if as_root {
+            args.extend([socket.as_str(), "-uroot"]);
+        } else {
+            args.extend(["-h", &host, "-P", &port, "-u", DB_USER, &password]);
+        }
+        args.extend(["-e", &sleep]);
+        self.pod
+            .command(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mariadb client starts")
     }
 
     /// Runs `sql` as the `hopwatch` user on its database over TCP from the mysql pod; returns the
@@ -355,13 +383,24 @@ impl Redis {
     }
 
     pub(crate) fn start_on(pod: &Pod, port: u16) -> Self {
+        Self::start_with(pod, port, false)
+    }
+
+    /// Redis as it starts without configuration: protected mode on and no password, so a client
+    /// from another address than loopback gets `-DENIED ...` and the connection closed. It also
+    /// listens on the pod's loopback, where it answers (for the readiness check).
+    pub(crate) fn start_protected(pod: &Pod) -> Self {
+        Self::start_with(pod, Self::PORT, true)
+    }
+
+    fn start_with(pod: &Pod, port: u16, protected: bool) -> Self {
         let dir = TempDir::new("redis");
         let ip = pod.ip;
         let (ip_s, port_s) = (ip.to_string(), port.to_string());
         let args = [
             "redis-server",
             "--bind",
-            &ip_s,
+            &if protected { format!("{ip_s} 127.0.0.1") } else { ip_s.clone() },
             "--port",
             &port_s,
             "--save",
@@ -369,7 +408,7 @@ impl Redis {
             "--appendonly",
             "no",
             "--protected-mode",
-            "no",
+            if protected { "yes" } else { "no" },
             // Redis 7 refuses DEBUG unless told otherwise.
             "--enable-debug-command",
             "yes",
@@ -391,10 +430,11 @@ impl Redis {
         let redis = Self { process, _dir: dir, pod: pod.clone(), ip, port };
         // Its own process id in INFO: a PING could be answered by another server on the port.
         let me = format!("process_id:{}", redis.pid());
+        let host = if protected { "127.0.0.1".to_owned() } else { ip_s.clone() };
         redis.process.wait_until("answering INFO", || {
             redis
                 .pod
-                .command(&["redis-cli", "-h", &ip_s, "-p", &port_s, "INFO", "server"])
+                .command(&["redis-cli", "-h", &host, "-p", &port_s, "INFO", "server"])
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == me))
         });
