@@ -112,6 +112,8 @@ pub enum JsonError {
     Syntax(#[from] serde_json::Error),
     #[error("not a flow or GetFlowsResponse: {0}")]
     Shape(String),
+    #[error("not a flow.FlowFilter: {0}")]
+    Filter(String),
 }
 
 /// One JSON line → a flow. Accepts a `GetFlowsResponse` (`{"flow": {...}}`, as `hopwatch agent
@@ -147,8 +149,8 @@ pub fn flow_filters_from_json(text: &str) -> Result<Vec<flow::FlowFilter>, JsonE
     let mut out = Vec::new();
     for value in serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>() {
         let msg = DynamicMessage::deserialize(desc.clone(), value?)
-            .map_err(|e| JsonError::Shape(e.to_string()))?;
-        out.push(msg.transcode_to().map_err(|e| JsonError::Shape(e.to_string()))?);
+            .map_err(|e| JsonError::Filter(e.to_string()))?;
+        out.push(msg.transcode_to().map_err(|e| JsonError::Filter(e.to_string()))?);
     }
     Ok(out)
 }

@@ -80,6 +80,8 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             node: true,
             color: false,
             follow: true,
+            numeric: false,
+            quiet: false,
         };
         Printer::new(io::sink(), options)
     });
