@@ -82,6 +82,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             follow: true,
             numeric: false,
             quiet: false,
+            summary: true,
         };
         Printer::new(io::sink(), options)
     });

@@ -53,6 +53,8 @@ pub struct Options {
     pub numeric: bool,
     /// No notices on standard error (`observe --silent-errors`).
     pub quiet: bool,
+    /// Fill in a missing summary (not when `observe --field-mask` left it out).
+    pub summary: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +88,7 @@ pub struct Printer<W: Write> {
     follow: bool,
     numeric: bool,
     quiet: bool,
+    summary: bool,
     rows: Vec<Vec<(String, Option<&'static str>)>>,
     widths: Vec<usize>,
     header_done: bool,
@@ -108,7 +111,7 @@ fn verdict_color(v: Verdict) -> Option<&'static str> {
 
 impl<W: Write> Printer<W> {
     pub fn new(out: W, options: Options) -> Self {
-        let Options { format, time, node, color, follow, numeric, quiet } = options;
+        let Options { format, time, node, color, follow, numeric, quiet, summary } = options;
         Self {
             out,
             format,
@@ -118,6 +121,7 @@ impl<W: Write> Printer<W> {
             follow,
             numeric,
             quiet,
+            summary,
             rows: Vec::new(),
             widths: Vec::new(),
             header_done: false,
@@ -140,6 +144,7 @@ impl<W: Write> Printer<W> {
         }
         if let Some(ResponseTypes::Flow(f)) = &mut resp.response_types
             && f.summary.is_empty()
+            && self.summary
         {
             f.summary = summary(f);
         }

@@ -7,6 +7,7 @@
 )]
 
 mod agent;
+mod hubble_flags;
 mod support;
 
 use std::{

@@ -136,7 +136,9 @@ pub(super) enum FlagError {
     #[error("expected v4 or v6")]
     IpVersion { value: String },
     /// `--tcp-flags`.
-    #[error("unknown TCP flag {flag:?} (expected a comma-separated list of SYN, FIN, RST, PSH, ACK, URG, ECE, CWR, NS)")]
+    #[error(
+        "unknown TCP flag {flag:?} (expected a comma-separated list of SYN, FIN, RST, PSH, ACK, URG, ECE, CWR, NS)"
+    )]
     TcpFlag { flag: String },
     /// `--http-header`.
     #[error("expected NAME:VALUE")]
@@ -153,7 +155,9 @@ pub(super) enum FlagError {
     #[error("--field-mask: {0}")]
     FieldMask(#[source] hopwatch_proto::FieldMaskError),
     /// `--field-mask` with an output that prints summaries, as `hubble observe` refuses it.
-    #[error("--field-mask needs -o json or -o jsonpb: the {format} output reads fields the mask may remove")]
+    #[error(
+        "--field-mask needs -o json or -o jsonpb: the {format} output reads fields the mask may remove"
+    )]
     FieldMaskOutput { format: &'static str },
     /// A `hubble observe` flag with no meaning without Cilium (or that hopwatch refuses).
     #[error("--{flag} is not supported: {reason}")]

@@ -29,8 +29,11 @@ pub(super) fn replay<W: Write>(
     quiet: bool,
     printer: &mut Printer<W>,
 ) -> Result<(), ObserveError> {
-    let name =
-        if path == Path::new("-") { "standard input".to_owned() } else { path.display().to_string() };
+    let name = if path == Path::new("-") {
+        "standard input".to_owned()
+    } else {
+        path.display().to_string()
+    };
     let input_error = |source| ObserveError::Input { name: name.clone(), source };
     let reader: Box<dyn BufRead> = if path == Path::new("-") {
         Box::new(BufReader::new(std::io::stdin().lock()))

@@ -592,9 +592,8 @@ const DEFAULT_FIELD_MASK: &[&str] = &[
 fn raw_filters(flag: &'static str, values: &[String]) -> Result<Vec<FlowFilter>, FlagError> {
     let mut out = Vec::new();
     for v in values {
-        let parsed = hopwatch_proto::flow_filters_from_json(v).map_err(|source| {
-            FlagError::RawFilter { flag, value: v.clone(), source }
-        })?;
+        let parsed = hopwatch_proto::flow_filters_from_json(v)
+            .map_err(|source| FlagError::RawFilter { flag, value: v.clone(), source })?;
         out.extend(parsed);
     }
     Ok(out)
@@ -607,7 +606,8 @@ fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, 
     let (mut whitelist, mut blacklist) = filters::build(&occ, &nots)?;
     whitelist.extend(raw_filters("allowlist", &args.allowlist)?);
     blacklist.extend(raw_filters("denylist", &args.denylist)?);
-    FilterSet::new(&whitelist, &blacklist).map_err(|source| FlagError::RawFilterValue { source })?;
+    FilterSet::new(&whitelist, &blacklist)
+        .map_err(|source| FlagError::RawFilterValue { source })?;
     if let (Some(since), Some(until)) = (args.since, args.until)
         && (since.seconds, since.nanos) > (until.seconds, until.nanos)
     {
@@ -696,6 +696,7 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
         follow: args.follow && args.input_file.is_none(),
         numeric: args.numeric,
         quiet: args.silent_errors,
+        summary: args.field_mask.is_empty() || args.field_mask.iter().any(|p| p == "Summary"),
     };
     let stdout = std::io::stdout();
     let mut printer = Printer::new(std::io::BufWriter::new(stdout.lock()), options);
