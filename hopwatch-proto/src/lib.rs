@@ -261,6 +261,9 @@ impl FieldMask {
 }
 
 #[cfg(test)]
+mod cilium_api;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::flow::{Flow, Ip, Layer7, layer7::Record};
