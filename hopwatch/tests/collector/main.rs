@@ -7,6 +7,7 @@
 )]
 
 mod agent;
+mod flag_cases;
 mod hubble_flags;
 mod support;
 
