@@ -32,7 +32,12 @@ struct Fact {
     ty: String,
 }
 
-fn facts() -> (BTreeMap<String, Vec<Fact>>, BTreeMap<String, BTreeMap<String, i32>>) {
+/// Message name → its fields.
+type Fields = BTreeMap<String, Vec<Fact>>;
+/// Enum name → value name → number.
+type Enums = BTreeMap<String, BTreeMap<String, i32>>;
+
+fn facts() -> (Fields, Enums) {
     let text = include_str!("cilium_api.tsv");
     let (mut fields, mut enums) = (BTreeMap::new(), BTreeMap::new());
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
@@ -99,30 +104,26 @@ fn shared_messages_fields_and_enums_are_hubble_s() {
             continue;
         };
         for fact in facts {
-            match ours.get_field(fact.number) {
-                Some(f) => {
-                    assert_eq!(f.name(), fact.name, "{message} field {}", fact.number);
-                    assert_eq!(declared(&f), short(&fact.ty), "{message}.{}", fact.name);
-                    checked += 1;
-                }
-                None => {
-                    assert!(
-                        ours.get_field_by_name(&fact.name).is_none(),
-                        "{message}.{} has another number than Hubble's {}",
-                        fact.name,
-                        fact.number
-                    );
-                    left_out.insert(format!("{message}.{}", fact.name));
-                    if COMPLETE.contains(&message.as_str()) {
-                        assert!(
-                            NOT_MODELLED.iter().any(|(m, f, _)| m == message && *f == fact.name),
-                            "Hubble's {message}.{} = {} is neither in proto/ nor listed as \
-                             not modelled",
-                            fact.name,
-                            fact.number
-                        );
-                    }
-                }
+            if let Some(f) = ours.get_field(fact.number) {
+                assert_eq!(f.name(), fact.name, "{message} field {}", fact.number);
+                assert_eq!(declared(&f), short(&fact.ty), "{message}.{}", fact.name);
+                checked += 1;
+                continue;
+            }
+            assert!(
+                ours.get_field_by_name(&fact.name).is_none(),
+                "{message}.{} has another number than Hubble's {}",
+                fact.name,
+                fact.number
+            );
+            left_out.insert(format!("{message}.{}", fact.name));
+            if COMPLETE.contains(&message.as_str()) {
+                assert!(
+                    NOT_MODELLED.iter().any(|(m, f, _)| m == message && *f == fact.name),
+                    "Hubble's {message}.{} = {} is neither in proto/ nor listed as not modelled",
+                    fact.name,
+                    fact.number
+                );
             }
         }
         // No Hubble-range number of ours that Hubble does not have.

@@ -196,7 +196,7 @@ impl Compiled {
         push(!urls.is_empty(), Check::HttpUrl(urls));
         push(!ff.http_header.is_empty(), Check::HttpHeader(ff.http_header.clone()));
         push(!ff.drop_reason_desc.is_empty(), Check::DropReasonDesc(ff.drop_reason_desc.clone()));
-        let kernel = each(&ff.kernel_drop_reason, |s| parse::kernel_drop_reason(s))?;
+        let kernel = each(&ff.kernel_drop_reason, parse::kernel_drop_reason)?;
         push(!kernel.is_empty(), Check::KernelDropReason(kernel));
         push(!ff.interface.is_empty(), Check::Interface(ff.interface.clone()));
         let node_labels = each(&ff.node_labels, |s| Selector::parse("node_labels", s))?;
@@ -260,6 +260,7 @@ fn has_flags(have: &TcpFlags, want: &TcpFlags) -> bool {
 }
 
 impl Check {
+    #[expect(clippy::too_many_lines, reason = "one short arm per FlowFilter field")]
     fn matches(&self, f: &Flow) -> bool {
         match self {
             Self::Uuid(ids) => ids.contains(&f.uuid),

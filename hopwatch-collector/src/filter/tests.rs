@@ -257,14 +257,15 @@ fn single_filters_match_as_hubble_documents() {
         (
             "http header, key in any case",
             ff(|f| {
-                f.http_header = vec![HttpHeader { key: "X-Request-ID".into(), value: "r-1".into() }]
+                f.http_header =
+                    vec![HttpHeader { key: "X-Request-ID".into(), value: "r-1".into() }];
             }),
             [false, true, false],
         ),
         (
             "http header value exact",
             ff(|f| {
-                f.http_header = vec![HttpHeader { key: "x-request-id".into(), value: "r".into() }]
+                f.http_header = vec![HttpHeader { key: "x-request-id".into(), value: "r".into() }];
             }),
             [false, false, false],
         ),

@@ -41,6 +41,7 @@ pub enum Format {
 
 /// How a printer lays out what it prints.
 #[derive(Debug, Clone, Copy)]
+#[expect(clippy::struct_excessive_bools, reason = "independent output options")]
 pub struct Options {
     pub format: Format,
     pub time: TimeFormat,

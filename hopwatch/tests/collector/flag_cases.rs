@@ -20,13 +20,13 @@ use super::support::BIN;
 
 pub(crate) const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
-fn endpoint(ns: &str, pod: &str, kind: &str, workload: &str) -> Option<Endpoint> {
-    Some(Endpoint {
+fn endpoint(ns: &str, pod: &str, kind: &str, workload: &str) -> Endpoint {
+    Endpoint {
         namespace: ns.into(),
         pod_name: pod.into(),
         workloads: vec![Workload { name: workload.into(), kind: kind.into() }],
         ..Endpoint::default()
-    })
+    }
 }
 
 fn response(f: Flow, time_ns: i64) -> GetFlowsResponse {
@@ -62,8 +62,8 @@ pub(crate) fn hubble_flag_flows(t0: i64) -> Vec<GetFlowsResponse> {
                     flags: Some(TcpFlags { syn: true, ack: true, ..TcpFlags::default() }),
                 })),
             }),
-            source: endpoint("prod", "web-7d9f", "Deployment", "web"),
-            destination: endpoint("prod", "postgres-0", "StatefulSet", "postgres"),
+            source: Some(endpoint("prod", "web-7d9f", "Deployment", "web")),
+            destination: Some(endpoint("prod", "postgres-0", "StatefulSet", "postgres")),
             node_name: "n1".into(),
             node_labels: vec!["zone=a".into()],
             traffic_direction: TrafficDirection::Egress.into(),
@@ -89,8 +89,8 @@ pub(crate) fn hubble_flag_flows(t0: i64) -> Vec<GetFlowsResponse> {
                     flags: None,
                 })),
             }),
-            source: endpoint("dev", "client-1", "Deployment", "client"),
-            destination: endpoint("dev", "api-5", "Deployment", "api"),
+            source: Some(endpoint("dev", "client-1", "Deployment", "client")),
+            destination: Some(endpoint("dev", "api-5", "Deployment", "api")),
             node_name: "n2".into(),
             l7: Some(Layer7 {
                 r#type: 2,

@@ -229,7 +229,8 @@ async fn a_client_generated_from_cilium_s_api_gets_the_same_flows_as_observe() {
         let (allow, deny) = raw_filters(&yaml);
         hopwatch_only.push(allow.iter().chain(&deny).any(|f| f.contains("kernel_drop_reason")));
         let line = serde_json::json!({"allowlist": allow, "denylist": deny});
-        requests.push_str(&format!("{line}\n"));
+        requests.push_str(&line.to_string());
+        requests.push('\n');
     }
     let extra = [
         serde_json::json!({"allowlist": [r#"{"encrypted":[true]}"#]}),
@@ -240,7 +241,8 @@ async fn a_client_generated_from_cilium_s_api_gets_the_same_flows_as_observe() {
         }),
     ];
     for e in &extra {
-        requests.push_str(&format!("{e}\n"));
+        requests.push_str(&e.to_string());
+        requests.push('\n');
     }
 
     let work = tempfile::tempdir().unwrap();

@@ -211,6 +211,7 @@ impl Tracker {
         f(&mut self.right);
     }
 
+    #[expect(clippy::too_many_lines, reason = "one short arm per filter flag")]
     fn add(&mut self, id: &'static str, v: &str) -> Result<(), FlagError> {
         for group in CONFLICTS.iter().filter(|g| g.contains(&id)) {
             if let Some(other) = self.used.iter().find(|u| **u != id && group.contains(u)) {
