@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use hopwatch_proto::{
-    clock,
+    FieldMask, clock,
     flow::LostEventSource,
     lost,
     observer::{GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes},
@@ -29,6 +29,8 @@ pub struct Query {
     follow: bool,
     since_ns: Option<i64>,
     until_ns: Option<i64>,
+    /// Flow fields sent (`field_mask`); empty: all of them.
+    mask: FieldMask,
 }
 
 fn ts_ns(t: &prost_types::Timestamp) -> i64 {
@@ -56,7 +58,20 @@ impl Query {
             follow: req.follow,
             since_ns,
             until_ns,
+            mask: FieldMask::lenient(req.field_mask.as_ref().map_or(&[][..], |m| &m.paths[..])),
         })
+    }
+
+    /// A stored response as this query sends it: its flow cut to the field mask.
+    fn out(&self, resp: &GetFlowsResponse) -> GetFlowsResponse {
+        match &resp.response_types {
+            Some(ResponseTypes::Flow(f)) if !self.mask.is_empty() => GetFlowsResponse {
+                response_types: Some(ResponseTypes::Flow(self.mask.apply(f))),
+                node_name: resp.node_name.clone(),
+                time: resp.time,
+            },
+            _ => resp.clone(),
+        }
     }
 
     fn in_time(&self, t: i64) -> bool {
@@ -158,7 +173,7 @@ async fn forward_new(store: &FlowStore, q: &Query, pos: &mut u64, tx: &Tx) -> bo
                     break;
                 }
                 for e in entries.iter().filter(|e| e.index >= from && e.index < end) {
-                    if q.wants(e).is_some() && tx.send(Ok(e.resp.clone())).await.is_err() {
+                    if q.wants(e).is_some() && tx.send(Ok(q.out(&e.resp))).await.is_err() {
                         return false;
                     }
                 }
@@ -212,7 +227,7 @@ fn history(store: &FlowStore, q: &Query, end: u64, tx: &Tx) -> bool {
         picked.reverse();
         // Nearly sorted already (the store is in release order); make it exact.
         picked.sort_by_key(|e| (e.time_ns, e.index));
-        return picked.iter().all(|e| tx.blocking_send(Ok(e.resp.clone())).is_ok());
+        return picked.iter().all(|e| tx.blocking_send(Ok(q.out(&e.resp))).is_ok());
     }
     // Oldest first: everything in range, or the first `number` matches.
     let mut flows = 0u64;
@@ -232,7 +247,7 @@ fn history(store: &FlowStore, q: &Query, end: u64, tx: &Tx) -> bool {
                         Some(false) => true,
                         _ => false,
                     };
-                    if send && tx.blocking_send(Ok(e.resp.clone())).is_err() {
+                    if send && tx.blocking_send(Ok(q.out(&e.resp))).is_err() {
                         return false;
                     }
                 }

@@ -225,10 +225,6 @@ fn run(task: Task) -> Result<()> {
             say("unit tests");
             // Default members: everything but the kernel crate, which only builds for the BPF target.
             cargo(&["test", "--lib", "--bins"])?;
-            say(
-                "the wire API against Hubble's published one (hopwatch-proto/tests/hubble_api.txt)",
-            );
-            cargo(&["test", "-p", "hopwatch-proto", "--test", "hubble_api"])?;
             if unit {
                 return Ok(());
             }

@@ -6,6 +6,7 @@
 //! the request arrives: a bad CIDR, port, regex, label selector or status code is an error that
 //! names the field, never a filter that silently matches nothing.
 
+pub mod cel;
 mod label;
 mod parse;
 pub mod terms;
@@ -13,8 +14,8 @@ pub mod terms;
 use std::net::IpAddr;
 
 use hopwatch_proto::flow::{
-    Endpoint, EventTypeFilter, Flow, FlowFilter, Service, TcpFlags, Workload, layer4,
-    layer7::Record,
+    DropReason, Endpoint, EventTypeFilter, Flow, FlowFilter, HttpHeader, NetworkInterface, Service,
+    TcpFlags, Verdict, Workload, layer4, layer7::Record,
 };
 use regex::Regex;
 
@@ -93,6 +94,14 @@ enum Check {
     IpVersion(Vec<i32>),
     L7Protocol(Vec<&'static str>),
     MinLatency(u64),
+    TraceId(Vec<String>),
+    HttpUrl(Vec<Regex>),
+    HttpHeader(Vec<HttpHeader>),
+    DropReasonDesc(Vec<i32>),
+    KernelDropReason(Vec<String>),
+    Interface(Vec<NetworkInterface>),
+    NodeLabels(Vec<Selector>),
+    Cel(Vec<cel::Expr>),
 }
 
 /// One [`FlowFilter`]: all checks must hold.
@@ -182,6 +191,25 @@ impl Compiled {
             each(&ff.l7_protocol, |s| parse::parse_l7("l7_protocol", s, &s.to_ascii_lowercase()))?;
         push(!l7.is_empty(), Check::L7Protocol(l7));
         push(ff.min_latency_ns > 0, Check::MinLatency(ff.min_latency_ns));
+        push(!ff.trace_id.is_empty(), Check::TraceId(ff.trace_id.clone()));
+        let urls = each(&ff.http_url, |s| parse::regex("http_url", s))?;
+        push(!urls.is_empty(), Check::HttpUrl(urls));
+        push(!ff.http_header.is_empty(), Check::HttpHeader(ff.http_header.clone()));
+        push(!ff.drop_reason_desc.is_empty(), Check::DropReasonDesc(ff.drop_reason_desc.clone()));
+        let kernel = each(&ff.kernel_drop_reason, parse::kernel_drop_reason)?;
+        push(!kernel.is_empty(), Check::KernelDropReason(kernel));
+        push(!ff.interface.is_empty(), Check::Interface(ff.interface.clone()));
+        let node_labels = each(&ff.node_labels, |s| Selector::parse("node_labels", s))?;
+        push(!node_labels.is_empty(), Check::NodeLabels(node_labels));
+        let cel = ff.experimental.as_ref().map_or(&[][..], |e| &e.cel_expression[..]);
+        let cel = each(cel, |s| {
+            cel::Expr::parse(s).map_err(|e| FilterError::Invalid {
+                field: "experimental.cel_expression",
+                value: s.to_owned(),
+                reason: e.to_string(),
+            })
+        })?;
+        push(!cel.is_empty(), Check::Cel(cel));
         Ok(Self { checks })
     }
 
@@ -232,6 +260,7 @@ fn has_flags(have: &TcpFlags, want: &TcpFlags) -> bool {
 }
 
 impl Check {
+    #[expect(clippy::too_many_lines, reason = "one short arm per FlowFilter field")]
     fn matches(&self, f: &Flow) -> bool {
         match self {
             Self::Uuid(ids) => ids.contains(&f.uuid),
@@ -324,6 +353,47 @@ impl Check {
             }
             Self::L7Protocol(names) => f.l7_protocol().is_some_and(|p| names.contains(&p)),
             Self::MinLatency(min) => f.latency_ns().is_some_and(|l| l >= *min),
+            Self::TraceId(ids) => {
+                let id = f
+                    .trace_context
+                    .as_ref()
+                    .and_then(|t| t.parent.as_ref())
+                    .map_or("", |p| p.trace_id.as_str());
+                ids.iter().any(|i| i == id)
+            }
+            Self::HttpUrl(res) => match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
+                Some(Record::Http(h)) if !h.url.is_empty() => {
+                    res.iter().any(|r| r.is_match(&h.url))
+                }
+                _ => false,
+            },
+            Self::HttpHeader(wanted) => match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
+                Some(Record::Http(h)) => h.headers.iter().any(|have| {
+                    wanted
+                        .iter()
+                        .any(|w| w.key.eq_ignore_ascii_case(&have.key) && w.value == have.value)
+                }),
+                _ => false,
+            },
+            Self::DropReasonDesc(reasons) => {
+                f.verdict == i32::from(Verdict::Dropped) && reasons.contains(&f.drop_reason_desc)
+            }
+            Self::KernelDropReason(names) => {
+                f.verdict == i32::from(Verdict::Dropped)
+                    && names.iter().any(|n| {
+                        n.eq_ignore_ascii_case(&f.kernel_drop_reason)
+                            || DropReason::try_from(f.drop_reason_desc)
+                                .is_ok_and(|r| r != DropReason::Unknown && r.as_str_name() == n)
+                    })
+            }
+            Self::Interface(wanted) => f.interface.as_ref().is_some_and(|have| {
+                wanted.iter().any(|w| {
+                    (w.index == 0 || w.index == have.index)
+                        && (w.name.is_empty() || w.name == have.name)
+                })
+            }),
+            Self::NodeLabels(selectors) => selectors.iter().any(|s| s.matches(&f.node_labels)),
+            Self::Cel(exprs) => exprs.iter().any(|e| e.matches(f)),
         }
     }
 }

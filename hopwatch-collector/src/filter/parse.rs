@@ -53,8 +53,8 @@ impl Cidr {
     }
 }
 
-/// `namespace/name-prefix`, `name-prefix` (any namespace) or `namespace/` (whole namespace), as
-/// Hubble's pod and service filters take them.
+/// `namespace/name-prefix`, `name-prefix` or `/name-prefix` (any namespace), `namespace/` (whole
+/// namespace) or `/` (any pod or service at all), as Hubble's pod and service filters take them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct NamespacedPrefix {
     namespace: Option<String>,
@@ -67,7 +67,8 @@ impl NamespacedPrefix {
             return Err(FilterError::invalid(field, s, "empty name"));
         }
         match s.split_once('/') {
-            Some(("", _)) => Err(FilterError::invalid(field, s, "empty namespace")),
+            // "/name" and "/" (Hubble's --all-namespaces): any namespace.
+            Some(("", prefix)) => Ok(Self { namespace: None, prefix: prefix.to_owned() }),
             Some((ns, prefix)) => {
                 Ok(Self { namespace: Some(ns.to_owned()), prefix: prefix.to_owned() })
             }
@@ -183,6 +184,21 @@ pub(super) fn parse_l7(
             "unknown protocol (tcp, udp, sctp, icmp, icmpv4, icmpv6, http, dns, postgres, redis, mysql)",
         )
     })
+}
+
+/// A kernel drop reason name: letters, digits and underscores, with or without the kernel's
+/// `SKB_DROP_REASON_` prefix; kept upper case without the prefix, as flows carry it.
+pub(super) fn kernel_drop_reason(s: &str) -> Result<String, FilterError> {
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SKB_DROP_REASON_").unwrap_or(&upper);
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(FilterError::invalid(
+            "kernel_drop_reason",
+            s,
+            "expected a kernel drop reason name like NETFILTER_DROP or NO_SOCKET",
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 pub(super) fn port(field: &'static str, s: &str) -> Result<u32, FilterError> {

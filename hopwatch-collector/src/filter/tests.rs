@@ -2,7 +2,7 @@
 
 use hopwatch_proto::flow::{
     CiliumEventType, Dns, FlowType, Http, Ip, IpVersion, Layer4, Layer7, Tcp, TcpStats,
-    TrafficDirection, Udp, Verdict, layer7,
+    TraceContext, TraceParent, TrafficDirection, Udp, Verdict, flow_filter::Experimental, layer7,
 };
 
 use super::*;
@@ -44,6 +44,7 @@ fn tcp_flow() -> Flow {
         destination: ep("prod", "postgres-0", &["app=postgres"]),
         r#type: FlowType::L3L4.into(),
         node_name: "node-a".into(),
+        node_labels: vec!["topology.kubernetes.io/zone=a".into()],
         destination_names: vec!["db.prod.svc.cluster.local.".into()],
         event_type: Some(CiliumEventType { r#type: 4, sub_type: 0 }),
         destination_service: Some(Service { name: "postgres".into(), namespace: "prod".into() }),
@@ -84,6 +85,7 @@ fn http_flow() -> Flow {
                 code: 503,
                 method: "GET".into(),
                 url: "http://api:8080/api/v1/users?id=3".into(),
+                headers: vec![HttpHeader { key: "x-request-id".into(), value: "r-1".into() }],
                 ..Default::default()
             })),
             ..Default::default()
@@ -91,6 +93,9 @@ fn http_flow() -> Flow {
         event_type: Some(CiliumEventType { r#type: 129, sub_type: 0 }),
         traffic_direction: TrafficDirection::Ingress.into(),
         is_reply: Some(true),
+        trace_context: Some(TraceContext {
+            parent: Some(TraceParent { trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into() }),
+        }),
         ..Default::default()
     }
 }
@@ -118,6 +123,8 @@ fn dns_drop() -> Flow {
             ..Default::default()
         }),
         event_type: Some(CiliumEventType { r#type: 1, sub_type: 0 }),
+        kernel_drop_reason: "NETFILTER_DROP".into(),
+        interface: Some(NetworkInterface { index: 3, name: String::new() }),
         ..Default::default()
     }
 }
@@ -235,6 +242,80 @@ fn single_filters_match_as_hubble_documents() {
             ff(|f| f.min_latency_ns = 10_000_000),
             [true, true, false],
         ),
+        ("pod prefix, any namespace", ff(|f| f.source_pod = s(&["/web-"])), [true, false, false]),
+        ("any pod (--all-namespaces)", ff(|f| f.source_pod = s(&["/"])), [true, true, false]),
+        (
+            "trace id",
+            ff(|f| f.trace_id = s(&["4bf92f3577b34da6a3ce929d0e0e4736"])),
+            [false, true, false],
+        ),
+        (
+            "http url regex",
+            ff(|f| f.http_url = s(&[r"^http://api:8080/.*\?id=3$"])),
+            [false, true, false],
+        ),
+        (
+            "http header, key in any case",
+            ff(|f| {
+                f.http_header =
+                    vec![HttpHeader { key: "X-Request-ID".into(), value: "r-1".into() }];
+            }),
+            [false, true, false],
+        ),
+        (
+            "http header value exact",
+            ff(|f| {
+                f.http_header = vec![HttpHeader { key: "x-request-id".into(), value: "r".into() }];
+            }),
+            [false, false, false],
+        ),
+        (
+            "cilium drop reason: hopwatch drops have none",
+            ff(|f| f.drop_reason_desc = vec![DropReason::PolicyDenied.into()]),
+            [false, false, false],
+        ),
+        (
+            "cilium drop reason unknown: drops without one",
+            ff(|f| f.drop_reason_desc = vec![DropReason::Unknown.into()]),
+            [false, false, true],
+        ),
+        (
+            "hopwatch: kernel drop reason, any case",
+            ff(|f| f.kernel_drop_reason = s(&["netfilter_drop"])),
+            [false, false, true],
+        ),
+        (
+            "hopwatch: kernel drop reason with the kernel's prefix",
+            ff(|f| f.kernel_drop_reason = s(&["SKB_DROP_REASON_NETFILTER_DROP", "NO_SOCKET"])),
+            [false, false, true],
+        ),
+        (
+            "interface index",
+            ff(|f| f.interface = vec![NetworkInterface { index: 3, name: String::new() }]),
+            [false, false, true],
+        ),
+        (
+            "interface name",
+            ff(|f| f.interface = vec![NetworkInterface { index: 0, name: "eth0".into() }]),
+            [false, false, false],
+        ),
+        (
+            "node labels",
+            ff(|f| f.node_labels = s(&["topology.kubernetes.io/zone in (a,b)"])),
+            [true, false, false],
+        ),
+        (
+            "cel expression",
+            ff(|f| {
+                f.experimental = Some(Experimental {
+                    cel_expression: s(&[
+                        "_flow.verdict == Verdict.DROPPED",
+                        "_flow.l7.http.code >= 500",
+                    ]),
+                });
+            }),
+            [false, true, true],
+        ),
         (
             "AND across fields",
             ff(|f| {
@@ -283,8 +364,14 @@ fn invalid_values_are_errors_naming_the_field() {
         ff(|f| f.dns_query = s(&["(unclosed"])),
         ff(|f| f.source_label = s(&["app in prod"])),
         ff(|f| f.protocol = s(&["quic"])),
-        ff(|f| f.source_pod = s(&["/web"])),
+        ff(|f| f.source_pod = s(&[""])),
         ff(|f| f.l7_protocol = s(&["kafka"])),
+        ff(|f| f.http_url = s(&["(unclosed"])),
+        ff(|f| f.kernel_drop_reason = s(&["NETFILTER DROP"])),
+        ff(|f| f.node_labels = s(&["zone in a"])),
+        ff(|f| {
+            f.experimental = Some(Experimental { cel_expression: s(&["_flow.nope == 1"]) });
+        }),
     ];
     let fields = [
         "source_ip",
@@ -295,6 +382,10 @@ fn invalid_values_are_errors_naming_the_field() {
         "protocol",
         "source_pod",
         "l7_protocol",
+        "http_url",
+        "kernel_drop_reason",
+        "node_labels",
+        "cel_expression",
     ];
     for (filter, field) in cases.iter().zip(fields) {
         let err = FilterSet::new(&[], std::slice::from_ref(filter)).expect_err(field);

@@ -617,8 +617,16 @@ fn print_loop(
 ) {
     let stdout = std::io::stdout();
     // The agent streams: node names on every line, rows as they come, no colour.
-    let options =
-        Options { format, time: TimeFormat::StampMilli, node: true, color: false, follow: true };
+    let options = Options {
+        format,
+        time: TimeFormat::StampMilli,
+        node: true,
+        color: false,
+        follow: true,
+        numeric: false,
+        quiet: false,
+        summary: true,
+    };
     let mut printer = Printer::new(std::io::BufWriter::new(stdout.lock()), options);
     while let Some(mut resp) = rx.blocking_recv() {
         let mut result = printer.write(&mut resp);

@@ -80,6 +80,9 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             node: true,
             color: false,
             follow: true,
+            numeric: false,
+            quiet: false,
+            summary: true,
         };
         Printer::new(io::sink(), options)
     });

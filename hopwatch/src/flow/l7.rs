@@ -90,10 +90,12 @@ impl FlowBuilder {
             // The parser saw plaintext; on the wire it was HTTPS.
             h.url.insert(4, 's');
         }
+        let trace_context = super::records::trace_context(o.record.as_ref());
         Flow {
             time: Some(self.clock.timestamp(o.time_ns)),
             uuid: new_uuid(),
             verdict: verdict.into(),
+            trace_context,
             ip: Some(ip(src.ip(), dst.ip())),
             l4: Some(Layer4 { protocol: Some(l4) }),
             source: Some(Endpoint::default()),

@@ -45,6 +45,23 @@ pub(crate) fn l7_record(req: Request, resp: Option<Response>) -> L7Record {
     L7Record { record, error }
 }
 
+/// The W3C trace an HTTP exchange belongs to: the trace id of its `traceparent` header
+/// (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`); `None` without a valid one (an
+/// all-zero trace id is invalid).
+pub(crate) fn trace_context(record: Option<&Record>) -> Option<flow::TraceContext> {
+    let Some(Record::Http(h)) = record else { return None };
+    let header = h.headers.iter().find(|h| h.key.eq_ignore_ascii_case("traceparent"))?;
+    let mut parts = header.value.trim().split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    if trace_id.len() != 32 || !hex(trace_id) || trace_id.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    Some(flow::TraceContext {
+        parent: Some(flow::TraceParent { trace_id: trace_id.to_ascii_lowercase() }),
+    })
+}
+
 fn http(req: http1::Request, resp: Option<http1::Response>) -> Record {
     let http1::Request { method, path, version, host, headers, .. } = req;
     let url = if host.is_empty() || !path.starts_with('/') {
@@ -150,4 +167,35 @@ fn dns(req: &dns::Message, resp: Option<&dns::Message>) -> Record {
         rec.rrtypes = resp.rrtypes.iter().map(|&t| dns::type_name(t)).collect();
     }
     Record::Dns(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http_with(headers: &[(&str, &str)]) -> Record {
+        Record::Http(flow::Http {
+            headers: headers
+                .iter()
+                .map(|(k, v)| flow::HttpHeader { key: (*k).into(), value: (*v).into() })
+                .collect(),
+            ..flow::Http::default()
+        })
+    }
+
+    #[test]
+    fn the_trace_id_comes_from_a_valid_traceparent() {
+        let id = |r: &Record| trace_context(Some(r)).and_then(|t| t.parent).map(|p| p.trace_id);
+        let ok = http_with(&[
+            ("x-request-id", "r-1"),
+            ("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        ]);
+        assert_eq!(id(&ok).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in ["00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-abc-01-01", "x"]
+        {
+            assert_eq!(id(&http_with(&[("traceparent", bad)])), None, "{bad}");
+        }
+        assert_eq!(id(&http_with(&[])), None);
+        assert!(trace_context(Some(&Record::Redis(flow::Redis::default()))).is_none());
+    }
 }

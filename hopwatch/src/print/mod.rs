@@ -41,6 +41,7 @@ pub enum Format {
 
 /// How a printer lays out what it prints.
 #[derive(Debug, Clone, Copy)]
+#[expect(clippy::struct_excessive_bools, reason = "independent output options")]
 pub struct Options {
     pub format: Format,
     pub time: TimeFormat,
@@ -49,6 +50,12 @@ pub struct Options {
     pub color: bool,
     /// Rows are printed as they come instead of aligned at the end (`table`).
     pub follow: bool,
+    /// Addresses, not pod names (`observe --numeric`).
+    pub numeric: bool,
+    /// No notices on standard error (`observe --silent-errors`).
+    pub quiet: bool,
+    /// Fill in a missing summary (not when `observe --field-mask` left it out).
+    pub summary: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -80,6 +87,9 @@ pub struct Printer<W: Write> {
     node: bool,
     color: bool,
     follow: bool,
+    numeric: bool,
+    quiet: bool,
+    summary: bool,
     rows: Vec<Vec<(String, Option<&'static str>)>>,
     widths: Vec<usize>,
     header_done: bool,
@@ -102,7 +112,7 @@ fn verdict_color(v: Verdict) -> Option<&'static str> {
 
 impl<W: Write> Printer<W> {
     pub fn new(out: W, options: Options) -> Self {
-        let Options { format, time, node, color, follow } = options;
+        let Options { format, time, node, color, follow, numeric, quiet, summary } = options;
         Self {
             out,
             format,
@@ -110,6 +120,9 @@ impl<W: Write> Printer<W> {
             node,
             color,
             follow,
+            numeric,
+            quiet,
+            summary,
             rows: Vec::new(),
             widths: Vec::new(),
             header_done: false,
@@ -132,6 +145,7 @@ impl<W: Write> Printer<W> {
         }
         if let Some(ResponseTypes::Flow(f)) = &mut resp.response_types
             && f.summary.is_empty()
+            && self.summary
         {
             f.summary = summary(f);
         }
@@ -148,7 +162,9 @@ impl<W: Write> Printer<W> {
                 _ => {
                     self.flush_rows()?;
                     self.out.flush()?;
-                    eprintln!("{}", compact_node_status(n));
+                    if !self.quiet {
+                        eprintln!("{}", compact_node_status(n));
+                    }
                     Ok(())
                 }
             };
@@ -174,7 +190,7 @@ impl<W: Write> Printer<W> {
 
     fn flow(&mut self, f: &Flow) -> io::Result<()> {
         let ts = f.time.as_ref().map_or_else(|| "-".to_owned(), |t| time::format(t, self.time));
-        let (src, dst) = (endpoint(f, true), endpoint(f, false));
+        let (src, dst) = (endpoint(f, true, self.numeric), endpoint(f, false, self.numeric));
         let kind = type_name(f);
         let verdict = f.verdict();
         let summary = &f.summary;
@@ -276,12 +292,12 @@ impl<W: Write> Printer<W> {
     }
 }
 
-/// `ns/pod:port (comm:pid)`, or the address when no pod is known.
-fn endpoint(f: &Flow, source: bool) -> String {
+/// `ns/pod:port (comm:pid)`, or the address when no pod is known or `numeric`.
+fn endpoint(f: &Flow, source: bool, numeric: bool) -> String {
     let ep = if source { f.source.as_ref() } else { f.destination.as_ref() };
     let ip = f.ip.as_ref().map(|ip| if source { &ip.source } else { &ip.destination });
     let port = f.ports().map(|(s, d)| if source { s } else { d });
-    let base = match ep.filter(|e| !e.pod_name.is_empty()) {
+    let base = match ep.filter(|e| !e.pod_name.is_empty() && !numeric) {
         Some(e) if e.namespace.is_empty() => e.pod_name.clone(),
         Some(e) => format!("{}/{}", e.namespace, e.pod_name),
         None => ip.cloned().unwrap_or_else(|| "?".to_owned()),

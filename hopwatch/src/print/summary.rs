@@ -13,7 +13,16 @@ pub(crate) fn summary(f: &Flow) -> String {
         return l7_summary(l7, f.traffic_direction() == TrafficDirection::Ingress);
     }
     if f.verdict() == Verdict::Dropped {
-        return format!("{} at {}", f.kernel_drop_reason, f.kernel_drop_location);
+        // A flow from Hubble's output (observe --input-file) carries Cilium's reason instead.
+        let reason = if f.kernel_drop_reason.is_empty() {
+            f.drop_reason_desc().as_str_name()
+        } else {
+            &f.kernel_drop_reason
+        };
+        return match f.kernel_drop_location.as_str() {
+            "" => reason.to_owned(),
+            at => format!("{reason} at {at}"),
+        };
     }
     match &f.tcp_stats {
         Some(s) => tcp_summary(f.socket_event(), s),
@@ -159,6 +168,12 @@ mod tests {
             ..Flow::default()
         };
         assert_eq!(summary(&drop), "NO_SOCKET at tcp_v4_rcv+0x91");
+        let cilium = Flow {
+            verdict: Verdict::Dropped.into(),
+            drop_reason_desc: hopwatch_proto::flow::DropReason::PolicyDenied.into(),
+            ..Flow::default()
+        };
+        assert_eq!(summary(&cilium), "POLICY_DENIED");
     }
 
     #[test]

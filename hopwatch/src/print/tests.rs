@@ -77,7 +77,16 @@ fn drop() -> Flow {
 }
 
 fn print(format: Format, node: bool, flows: Vec<GetFlowsResponse>) -> String {
-    let opts = Options { format, time: TimeFormat::StampMilli, node, color: false, follow: false };
+    let opts = Options {
+        format,
+        time: TimeFormat::StampMilli,
+        node,
+        color: false,
+        follow: false,
+        numeric: false,
+        quiet: false,
+        summary: true,
+    };
     let mut p = Printer::new(Vec::new(), opts);
     for mut r in flows {
         p.write(&mut r).expect("write to a Vec");

@@ -292,3 +292,178 @@ fn agent_and_observe_print_the_same_flows_the_same_way() {
     );
     assert!(close.contains("srtt "), "{close}");
 }
+
+/// Flows of this test among whatever else the machine does: ports it chose.
+fn ours(v: &serde_json::Value, http: u16, udp: u16) -> bool {
+    let f = &v["flow"];
+    let ports = [&f["l4"]["TCP"], &f["l4"]["UDP"]];
+    ports.iter().any(|p| {
+        p["destination_port"] == u64::from(http)
+            || p["source_port"] == u64::from(http)
+            || p["destination_port"] == u64::from(udp)
+    })
+}
+
+/// The Hubble flags whose fields a real agent fills, against its own kernel flows (an HTTP
+/// exchange with a W3C traceparent and an x-request-id, and a UDP datagram the kernel drops
+/// for want of a socket), through its in-process collector and through a recording of them read
+/// back with `--input-file`.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, flag by flag")]
+fn hubble_flags_select_a_real_agent_s_flows() {
+    use std::io::{Read as _, Write as _};
+
+    use super::flag_cases::{TRACE, run};
+
+    require_root();
+    let port = free_port();
+    let agent =
+        Agent::start(&["--listen", &format!("127.0.0.1:{port}"), "--node-name", "flags-e2e"]);
+    agent.wait_for_collector(port);
+    let server = ["--server".to_owned(), format!("127.0.0.1:{port}")];
+    // An HTTP exchange answered 503.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = listener.local_addr().unwrap().port();
+    let srv = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "request cut short");
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let _ = s.read(&mut buf);
+    });
+    {
+        let mut c = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        let req = format!(
+            "GET /api/v1/users?id=3 HTTP/1.1\r\nHost: api\r\nX-Request-ID: r-9\r\n\
+             traceparent: 00-{TRACE}-00f067aa0ba902b7-01\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).unwrap();
+        let mut resp = [0u8; 256];
+        let n = c.read(&mut resp).unwrap();
+        assert!(resp[..n].starts_with(b"HTTP/1.1 503"));
+    }
+    srv.join().unwrap();
+    // A datagram to a closed UDP port.
+    let udp = free_port();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.send_to(b"hopwatch", ("127.0.0.1", udp)).unwrap();
+
+    let query = |source: &[String], args: &[&str]| -> Vec<serde_json::Value> {
+        let args: Vec<String> = args.iter().map(|&a| a.to_owned()).collect();
+        let json = ["-o", "json", "--all", "-s"].map(String::from);
+        let (code, out, err) = run(&[source, &args[..], &json[..]].concat(), None);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| ours(v, http, udp))
+            .collect()
+    };
+    let is_l7 = |v: &serde_json::Value| v["flow"]["l7"]["http"].is_object();
+    let is_drop = |v: &serde_json::Value| v["flow"]["verdict"] == "DROPPED";
+    let started = Instant::now();
+    let mine = loop {
+        let mine = query(&server, &[]);
+        if mine.iter().any(is_l7) && mine.iter().any(is_drop) {
+            break mine;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no HTTP and drop flows: {mine:?}\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let uuid = |v: &serde_json::Value| v["flow"]["uuid"].as_str().unwrap().to_owned();
+    let set = |pred: &dyn Fn(&serde_json::Value) -> bool| -> Vec<String> {
+        let mut s: Vec<String> = mine.iter().filter(|v| pred(v)).map(uuid).collect();
+        s.sort();
+        s
+    };
+    let l7 = set(&is_l7);
+    let drops = set(&is_drop);
+    let all = set(&|_| true);
+    let none = Vec::<String>::new();
+    let drop = mine.iter().find(|v| is_drop(v)).unwrap();
+    assert_eq!(drop["flow"]["kernel_drop_reason"], "NO_SOCKET", "{drop}");
+    let l7_flow = mine.iter().find(|v| is_l7(v)).unwrap();
+    assert_eq!(l7_flow["flow"]["trace_context"]["parent"]["trace_id"], TRACE, "{l7_flow}");
+    let ifindex = drop["flow"]["interface"]["index"].as_u64().expect("the drop's interface");
+    let ifindex = ifindex.to_string();
+    let not_drops: Vec<String> = all.iter().filter(|u| !drops.contains(u)).cloned().collect();
+    // The agent derives TCP flags from socket events: SYN for a handshake, FIN for a clean close.
+    let event = |v: &serde_json::Value, names: &[&str]| {
+        names.iter().any(|n| v["flow"]["socket_event"] == *n)
+    };
+    let handshakes = set(&|v| event(v, &["CONNECT", "ACCEPT", "CONNECT_FAILED"]));
+    let closes = set(&|v| event(v, &["CLOSE"]));
+    assert!(!handshakes.is_empty() && !closes.is_empty(), "{mine:?}");
+
+    // The recording, replayed through --input-file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.json");
+    let (_, recorded, _) =
+        run(&[&server[..], &["-o", "json", "--all"].map(String::from)].concat(), None);
+    std::fs::write(&file, recorded).unwrap();
+    let from_file = ["--input-file".to_owned(), file.display().to_string()];
+
+    let cases: Vec<(Vec<&str>, &Vec<String>)> = vec![
+        (vec!["--trace-id", TRACE], &l7),
+        (vec!["--http-header", "x-request-id:r-9"], &l7),
+        // The agent keeps no query string unless told to keep full statements.
+        (vec!["--http-url", "^http://api/api/v1/users$"], &l7),
+        (vec!["--http-url", r"\?id=3"], &none),
+        (vec!["--http-status", "503", "--http-method", "get"], &l7),
+        (vec!["--cel-expression", "_flow.l7.http.code == 503"], &l7),
+        (vec!["--drop-reason-desc", "NO_SOCKET"], &drops),
+        (vec!["--not", "--drop-reason-desc", "no_socket"], &not_drops),
+        (vec!["--allowlist", r#"{"kernel_drop_reason":["NO_SOCKET"]}"#], &drops),
+        (vec!["--denylist", r#"{"verdict":["DROPPED"]}"#], &not_drops),
+        (vec!["--interface", &ifindex], &drops),
+        (vec!["--ipv4"], &all),
+        (vec!["-4", "-6"], &all),
+        (vec!["--ipv6"], &none),
+        (vec!["--tcp-flags", "syn"], &handshakes),
+        (vec!["--tcp-flags", "fin"], &closes),
+        (vec!["--tcp-flags", "syn,fin"], &none),
+        // No Kubernetes here: no pods, workloads or node labels.
+        (vec!["-A"], &none),
+        (vec!["--workload", "api"], &none),
+        (vec!["--node-label", "zone=a"], &none),
+    ];
+    for (args, want) in &cases {
+        for source in [&server[..], &from_file[..]] {
+            let mut got: Vec<String> = query(source, args).iter().map(uuid).collect();
+            got.sort();
+            assert_eq!(&got, *want, "{args:?} from {source:?}; this test's flows: {mine:#?}");
+        }
+    }
+    // --field-mask: only the asked fields (the ports are masked away: the flows are told apart
+    // by uuid); --numeric: addresses.
+    for source in [&server[..], &from_file[..]] {
+        let args =
+            ["--trace-id", TRACE, "--field-mask", "uuid,l7.http.code", "-o", "json", "--all"];
+        let (code, out, err) = run(&[source, &args.map(String::from)[..]].concat(), None);
+        assert_eq!(code, Some(0), "{err}");
+        let masked: Vec<serde_json::Value> =
+            out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let masked: Vec<&serde_json::Value> =
+            masked.iter().filter(|v| l7.contains(&uuid(v))).collect();
+        assert_eq!(masked.len(), l7.len(), "{out}");
+        for v in masked {
+            assert_eq!(v["flow"]["l7"], serde_json::json!({"http": {"code": 503}}), "{v}");
+            assert_eq!(v["flow"].as_object().unwrap().len(), 2, "{v}");
+        }
+    }
+    let (code, compact, err) = run(
+        &[&server[..], &["--all", "--numeric", "--trace-id", TRACE].map(String::from)].concat(),
+        None,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(compact.contains(&format!("127.0.0.1:{http}")), "{compact}");
+    assert!(compact.contains("http-"), "{compact}");
+}

@@ -7,6 +7,8 @@
 )]
 
 mod agent;
+mod flag_cases;
+mod hubble_flags;
 mod support;
 
 use std::{

@@ -11,7 +11,10 @@
 
 use clap::ArgMatches;
 use hopwatch_collector::filter::FilterError;
-use hopwatch_proto::flow::{EventTypeFilter, FlowFilter, TrafficDirection, Verdict};
+use hopwatch_proto::flow::{
+    EventTypeFilter, FlowFilter, HttpHeader, IpVersion, NetworkInterface, TcpFlags,
+    TrafficDirection, Verdict, Workload,
+};
 
 /// Filter flag ids, as clap knows them.
 pub(super) const FILTER_FLAGS: &[&str] = &[
@@ -49,17 +52,57 @@ pub(super) const FILTER_FLAGS: &[&str] = &[
     "ip_version",
     "l7_protocol",
     "min_latency",
+    "all_namespaces",
+    "from_all_namespaces",
+    "to_all_namespaces",
+    "workload",
+    "from_workload",
+    "to_workload",
+    "drop_reason_desc",
+    "http_url",
+    "http_header",
+    "tcp_flags",
+    "ipv4",
+    "ipv6",
+    "trace_id",
+    "node_label",
+    "interface",
+    "cel_expression",
 ];
 
 const CONFLICTS: &[&[&str]] = &[
-    &["from_fqdn", "from_ip", "ip", "fqdn", "from_namespace", "namespace", "from_pod", "pod"],
-    &["to_fqdn", "to_ip", "ip", "fqdn", "to_namespace", "namespace", "to_pod", "pod"],
+    &[
+        "from_fqdn",
+        "from_ip",
+        "ip",
+        "fqdn",
+        "from_namespace",
+        "namespace",
+        "from_all_namespaces",
+        "all_namespaces",
+        "from_pod",
+        "pod",
+    ],
+    &[
+        "to_fqdn",
+        "to_ip",
+        "ip",
+        "fqdn",
+        "to_namespace",
+        "namespace",
+        "to_all_namespaces",
+        "all_namespaces",
+        "to_pod",
+        "pod",
+    ],
     &["label", "from_label"],
     &["label", "to_label"],
     &["service", "from_service"],
     &["service", "to_service"],
     &["port", "from_port"],
     &["port", "to_port"],
+    &["workload", "from_workload"],
+    &["workload", "to_workload"],
 ];
 
 /// A flag the user got wrong (exit status 2): filters, `--output`, `--since`/`--until`. Value
@@ -92,10 +135,43 @@ pub(super) enum FlagError {
     /// `--ip-version`.
     #[error("expected v4 or v6")]
     IpVersion { value: String },
+    /// `--tcp-flags`.
+    #[error(
+        "unknown TCP flag {flag:?} (expected a comma-separated list of SYN, FIN, RST, PSH, ACK, URG, ECE, CWR, NS)"
+    )]
+    TcpFlag { flag: String },
+    /// `--http-header`.
+    #[error("expected NAME:VALUE")]
+    HttpHeader { value: String },
+    /// `--allowlist`/`--denylist`.
+    #[error("--{flag} {value}: {source}")]
+    RawFilter {
+        flag: &'static str,
+        value: String,
+        #[source]
+        source: hopwatch_proto::JsonError,
+    },
+    /// `--field-mask`.
+    #[error("--field-mask: {0}")]
+    FieldMask(#[source] hopwatch_proto::FieldMaskError),
+    /// `--field-mask` with an output that prints summaries, as `hubble observe` refuses it.
+    #[error(
+        "--field-mask needs -o json or -o jsonpb: the {format} output reads fields the mask may remove"
+    )]
+    FieldMaskOutput { format: &'static str },
+    /// A `hubble observe` flag with no meaning without Cilium (or that hopwatch refuses).
+    #[error("--{flag} is not supported: {reason}")]
+    Unsupported { flag: &'static str, reason: &'static str },
     /// A value the collector's filters would refuse (`--to-ip 10.0.0.0/40`), checked here so
     /// the user hears which flag is wrong before anything is sent.
     #[error("{}", filter_reason(source))]
     Filter {
+        #[source]
+        source: FilterError,
+    },
+    /// `--allowlist`/`--denylist` JSON that parses but that the collector's filters refuse.
+    #[error("--allowlist/--denylist: {source}")]
+    RawFilterValue {
         #[source]
         source: FilterError,
     },
@@ -135,6 +211,7 @@ impl Tracker {
         f(&mut self.right);
     }
 
+    #[expect(clippy::too_many_lines, reason = "one short arm per filter flag")]
     fn add(&mut self, id: &'static str, v: &str) -> Result<(), FlagError> {
         for group in CONFLICTS.iter().filter(|g| g.contains(&id)) {
             if let Some(other) = self.used.iter().find(|u| **u != id && group.contains(u)) {
@@ -199,6 +276,37 @@ impl Tracker {
                 self.both(|f| f.ip_version.push(ver));
             }
             "l7_protocol" => self.both(|f| f.l7_protocol.push(s.to_ascii_lowercase())),
+            "all_namespaces" => either!(source_pod, destination_pod, "/".to_owned()),
+            "from_all_namespaces" => self.both(|f| f.source_pod.push("/".to_owned())),
+            "to_all_namespaces" => self.both(|f| f.destination_pod.push("/".to_owned())),
+            "workload" => {
+                self.either = true;
+                self.left.source_workload.push(parse_workload(v));
+                self.right.destination_workload.push(parse_workload(v));
+            }
+            "from_workload" => self.both(|f| f.source_workload.push(parse_workload(v))),
+            "to_workload" => self.both(|f| f.destination_workload.push(parse_workload(v))),
+            "drop_reason_desc" => self.both(|f| f.kernel_drop_reason.push(s.clone())),
+            "http_url" => self.both(|f| f.http_url.push(s.clone())),
+            "http_header" => {
+                let h = parse_http_header(v).expect("validated by clap");
+                self.both(|f| f.http_header.push(h.clone()));
+            }
+            "tcp_flags" => {
+                let t = parse_tcp_flags(v).expect("validated by clap");
+                self.both(|f| f.tcp_flags.push(t));
+            }
+            "ipv4" => self.both(|f| f.ip_version.push(IpVersion::IPv4.into())),
+            "ipv6" => self.both(|f| f.ip_version.push(IpVersion::IPv6.into())),
+            "trace_id" => self.both(|f| f.trace_id.push(s.clone())),
+            "node_label" => self.both(|f| f.node_labels.push(s.clone())),
+            "interface" => {
+                let i = parse_interface(v);
+                self.both(|f| f.interface.push(i.clone()));
+            }
+            "cel_expression" => self.both(|f| {
+                f.experimental.get_or_insert_default().cel_expression.push(s.clone());
+            }),
             "min_latency" => {
                 let d = super::time::parse_latency(v).expect("validated by clap");
                 let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -339,6 +447,51 @@ pub(super) fn parse_direction(v: &str) -> Result<TrafficDirection, FlagError> {
         "ingress" => Ok(TrafficDirection::Ingress),
         "egress" => Ok(TrafficDirection::Egress),
         _ => Err(FlagError::Direction { value: v.to_owned() }),
+    }
+}
+
+/// `[kind/]name` (`Deployment/api`, `api`, `Deployment/`), as `hubble observe --workload`.
+fn parse_workload(v: &str) -> Workload {
+    match v.split_once('/') {
+        Some((kind, name)) => Workload { kind: kind.to_owned(), name: name.to_owned() },
+        None => Workload { kind: String::new(), name: v.to_owned() },
+    }
+}
+
+/// `NAME:VALUE`.
+pub(super) fn parse_http_header(v: &str) -> Result<HttpHeader, FlagError> {
+    let (key, value) =
+        v.split_once(':').ok_or_else(|| FlagError::HttpHeader { value: v.to_owned() })?;
+    Ok(HttpHeader { key: key.to_owned(), value: value.to_owned() })
+}
+
+/// `syn,ack`: a flow matches when it has all of them.
+pub(super) fn parse_tcp_flags(v: &str) -> Result<TcpFlags, FlagError> {
+    let mut t = TcpFlags::default();
+    for flag in v.split(',') {
+        let slot = match flag.to_ascii_uppercase().as_str() {
+            "SYN" => &mut t.syn,
+            "FIN" => &mut t.fin,
+            "RST" => &mut t.rst,
+            "PSH" => &mut t.psh,
+            "ACK" => &mut t.ack,
+            "URG" => &mut t.urg,
+            "ECE" => &mut t.ece,
+            "CWR" => &mut t.cwr,
+            "NS" => &mut t.ns,
+            _ => return Err(FlagError::TcpFlag { flag: flag.to_owned() }),
+        };
+        *slot = true;
+    }
+    Ok(t)
+}
+
+/// An interface name (`eth0`), or its index (`3`): hopwatch's agent records the index of the
+/// interface a packet was dropped on, not its name.
+fn parse_interface(v: &str) -> NetworkInterface {
+    match v.parse::<u32>() {
+        Ok(index) if index > 0 => NetworkInterface { index, name: String::new() },
+        _ => NetworkInterface { index: 0, name: v.to_owned() },
     }
 }
 

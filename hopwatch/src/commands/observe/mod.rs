@@ -1,19 +1,23 @@
 //! `hopwatch observe`: query a collector's flows, with the flags of `hubble observe`.
 
+mod cilium_only;
 mod filters;
+mod input;
 
 pub(super) mod time;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::ArgMatches;
 use hopwatch_collector::filter::FilterSet;
 use hopwatch_proto::{
+    FieldMask,
+    flow::FlowFilter,
     observer::{GetFlowsRequest, observer_client::ObserverClient},
     tls::{ClientFlags, ClientTls, Target, TlsError, explain},
 };
 
-use self::filters::FlagError;
+use self::{cilium_only::CiliumOnly, filters::FlagError};
 use crate::print::{Color, Format, Options, Printer, time::TimeFormat};
 
 /// How to reach the collector: the TLS and connection flags `hopwatch observe` and `hopwatch
@@ -168,6 +172,7 @@ macro_rules! field_check {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+#[expect(clippy::struct_excessive_bools, reason = "independent command-line switches")]
 #[command(
     after_help = "Filters: --X (ip, pod, namespace, label, service, port, fqdn) matches either \
     side; --from-X/--to-X one side. Repeating a flag ORs its values; different flags AND. \
@@ -289,9 +294,86 @@ pub(super) struct ObserveArgs {
     /// 50ms (hopwatch).
     #[arg(long, value_parser = validated(time::parse_latency))]
     pub min_latency: Vec<String>,
+    /// Flows from or to a pod in any Kubernetes namespace.
+    #[arg(short = 'A', long, num_args = 0, default_missing_value = "true", action = clap::ArgAction::Append)]
+    pub all_namespaces: Vec<String>,
+    /// Flows from a pod in any Kubernetes namespace.
+    #[arg(long, num_args = 0, default_missing_value = "true", action = clap::ArgAction::Append)]
+    pub from_all_namespaces: Vec<String>,
+    /// Flows to a pod in any Kubernetes namespace.
+    #[arg(long, num_args = 0, default_missing_value = "true", action = clap::ArgAction::Append)]
+    pub to_all_namespaces: Vec<String>,
+    /// Flows from or to endpoints owned by this workload ([kind/]name: Deployment/api, api).
+    #[arg(long, value_name = "WORKLOAD")]
+    pub workload: Vec<String>,
+    #[arg(long, value_name = "WORKLOAD")]
+    pub from_workload: Vec<String>,
+    #[arg(long, value_name = "WORKLOAD")]
+    pub to_workload: Vec<String>,
+    /// Dropped packets by kernel drop reason (NETFILTER_DROP, NO_SOCKET, ...; hopwatch's drops
+    /// carry the kernel's `enum skb_drop_reason` names, not Cilium's).
+    #[arg(long, value_name = "REASON", value_parser = field_check!(kernel_drop_reason))]
+    pub drop_reason_desc: Vec<String>,
+    /// Regular expression over the whole HTTP URL (http://host/path?query).
+    #[arg(long, value_parser = field_check!(http_url))]
+    pub http_url: Vec<String>,
+    /// HTTP header NAME:VALUE (hopwatch keeps x-request-id, x-correlation-id, traceparent).
+    #[arg(long, value_name = "NAME:VALUE", value_parser = validated(filters::parse_http_header))]
+    pub http_header: Vec<String>,
+    /// TCP flags a flow has, comma-separated (syn,ack).
+    #[arg(long, value_name = "FLAGS", value_parser = validated(filters::parse_tcp_flags))]
+    pub tcp_flags: Vec<String>,
+    /// Only IPv4 flows.
+    #[arg(short = '4', long, num_args = 0, default_missing_value = "true", action = clap::ArgAction::Append)]
+    pub ipv4: Vec<String>,
+    /// Only IPv6 flows.
+    #[arg(short = '6', long, num_args = 0, default_missing_value = "true", action = clap::ArgAction::Append)]
+    pub ipv6: Vec<String>,
+    /// W3C trace id (the HTTP traceparent header's).
+    #[arg(long)]
+    pub trace_id: Vec<String>,
+    /// Flows observed on nodes whose labels match this selector (key=value).
+    #[arg(long, value_parser = field_check!(node_labels))]
+    pub node_label: Vec<String>,
+    /// Network interface the flow was observed on: a name, or an index (hopwatch's drops carry
+    /// the index only).
+    #[arg(long, value_name = "NAME|INDEX")]
+    pub interface: Vec<String>,
+    /// A boolean CEL expression over `_flow` (the supported subset is in the README).
+    #[arg(long, value_name = "EXPR", value_parser = check_with(|f, v| f.experimental.get_or_insert_default().cel_expression.push(v)))]
+    pub cel_expression: Vec<String>,
     /// Put the next filter flag in the blacklist (e.g. --not --verdict FORWARDED).
     #[arg(long, action = clap::ArgAction::Count)]
     pub not: u8,
+    /// Allowlist filter as Hubble's JSON FlowFilter (`{"source_pod":["shop/"]}`).
+    #[arg(long, value_name = "JSON")]
+    pub allowlist: Vec<String>,
+    /// Denylist filter as Hubble's JSON FlowFilter.
+    #[arg(long, value_name = "JSON")]
+    pub denylist: Vec<String>,
+
+    /// Read flows from this file of JSON lines (`-`: standard input) instead of a collector:
+    /// `hopwatch agent -o json`, `observe -o json|jsonpb`, `hubble observe -o json`.
+    #[arg(long, value_name = "FILE")]
+    pub input_file: Option<PathBuf>,
+    /// Print the allowlist/denylist the flags make and exit.
+    #[arg(long)]
+    pub print_raw_filters: bool,
+    /// Only these flow fields (comma-separated protobuf names, e.g. time,source.pod_name);
+    /// -o json or jsonpb only.
+    #[arg(long, value_name = "FIELDS", value_delimiter = ',')]
+    pub field_mask: Vec<String>,
+    /// Ask only for the fields compact, dict and table print.
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub use_default_field_masks: bool,
+    /// Print IP addresses, not pod names.
+    #[arg(long)]
+    pub numeric: bool,
+    /// Nothing on standard error but a fatal error (no node notices, no skipped-line warnings).
+    #[arg(short, long)]
+    pub silent_errors: bool,
+    #[command(flatten)]
+    pub cilium_only: CiliumOnly,
 
     /// Output format.
     #[arg(short, long, default_value = "compact", value_parser = query_format)]
@@ -315,6 +397,12 @@ enum ObserveError {
     Server(#[from] ServerError),
     #[error("cannot write to standard output: {0}")]
     Stdout(#[source] std::io::Error),
+    #[error("cannot read {name}: {source}")]
+    Input {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs `hopwatch observe`; exit 2 for bad flags, 1 when the server cannot be used.
@@ -326,17 +414,63 @@ pub(super) async fn run(args: ObserveArgs, matches: &ArgMatches) -> ExitCode {
             let usage = match &e {
                 ObserveError::Flag(_) => true,
                 ObserveError::Server(s) => s.is_usage(),
-                ObserveError::Stdout(_) => false,
+                ObserveError::Stdout(_) | ObserveError::Input { .. } => false,
             };
             if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
 
+/// Flow fields the compact, dict and table printers read (what `--use-default-field-masks`
+/// asks for): Hubble's default mask less the Cilium-only fields, plus hopwatch's own fields the
+/// summaries are made from.
+const DEFAULT_FIELD_MASK: &[&str] = &[
+    "time",
+    "verdict",
+    "IP",
+    "l4",
+    "source.namespace",
+    "source.pod_name",
+    "destination.namespace",
+    "destination.pod_name",
+    "Type",
+    "node_name",
+    "l7",
+    "event_type",
+    "source_service",
+    "destination_service",
+    "is_reply",
+    "Summary",
+    "traffic_direction",
+    "socket_event",
+    "tcp_stats",
+    "kernel_drop_reason",
+    "kernel_drop_location",
+    "drop_reason_desc",
+    "source_process",
+    "destination_process",
+];
+
+/// Filters from `--allowlist`/`--denylist` values.
+fn raw_filters(flag: &'static str, values: &[String]) -> Result<Vec<FlowFilter>, FlagError> {
+    let mut out = Vec::new();
+    for v in values {
+        let parsed = hopwatch_proto::flow_filters_from_json(v)
+            .map_err(|source| FlagError::RawFilter { flag, value: v.clone(), source })?;
+        out.extend(parsed);
+    }
+    Ok(out)
+}
+
 /// The request the flags describe.
 fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, ObserveError> {
+    args.cilium_only.check()?;
     let (occ, nots) = filters::occurrences(matches);
-    let (whitelist, blacklist) = filters::build(&occ, &nots)?;
+    let (mut whitelist, mut blacklist) = filters::build(&occ, &nots)?;
+    whitelist.extend(raw_filters("allowlist", &args.allowlist)?);
+    blacklist.extend(raw_filters("denylist", &args.denylist)?);
+    FilterSet::new(&whitelist, &blacklist)
+        .map_err(|source| FlagError::RawFilterValue { source })?;
     if let (Some(since), Some(until)) = (args.since, args.until)
         && (since.seconds, since.nanos) > (until.seconds, until.nanos)
     {
@@ -346,36 +480,96 @@ fn request(args: &ObserveArgs, matches: &ArgMatches) -> Result<GetFlowsRequest, 
         (true, _, _) => (u64::MAX, false),
         (false, Some(n), _) => (n, true),
         (false, None, Some(n)) => (n, false),
-        (false, None, None) if args.follow || args.since.is_some() || args.until.is_some() => {
+        (false, None, None)
+            if args.follow
+                || args.since.is_some()
+                || args.until.is_some()
+                || args.input_file.is_some() =>
+        {
             (0, false)
         }
         (false, None, None) => (DEFAULT_LAST, false),
     };
+    let json = matches!(args.output, Format::Json | Format::Jsonpb);
+    let paths: Vec<String> = if !args.field_mask.is_empty() {
+        if !json {
+            return Err(FlagError::FieldMaskOutput { format: format_name(args.output) }.into());
+        }
+        FieldMask::new(&args.field_mask).map_err(FlagError::FieldMask)?;
+        args.field_mask.clone()
+    } else if args.use_default_field_masks && !json {
+        DEFAULT_FIELD_MASK.iter().map(|&p| p.to_owned()).collect()
+    } else {
+        Vec::new()
+    };
     Ok(GetFlowsRequest {
         number,
         first,
-        follow: args.follow,
+        follow: args.follow && args.input_file.is_none(),
         whitelist,
         blacklist,
         since: args.since,
         until: args.until,
+        field_mask: (!paths.is_empty()).then_some(prost_types::FieldMask { paths }),
     })
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Compact => "compact",
+        Format::Dict => "dict",
+        Format::Table => "table",
+        Format::Json => "json",
+        Format::Jsonpb => "jsonpb",
+        Format::None => "none",
+    }
+}
+
+/// The allowlist and denylist as `hubble observe --print-raw-filters` prints them (YAML lists
+/// of one-line JSON filters).
+fn raw_filters_yaml(req: &GetFlowsRequest) -> String {
+    let list = |name: &str, filters: &[FlowFilter]| {
+        if filters.is_empty() {
+            return String::new();
+        }
+        let mut out = format!("{name}:\n");
+        for f in filters {
+            let json = hopwatch_proto::flow_filter_to_json(f).replace('\'', "''");
+            let _ = writeln!(out, "    - '{json}'");
+        }
+        out
+    };
+    let out = list("allowlist", &req.whitelist) + &list("denylist", &req.blacklist);
+    if out.is_empty() { "{}\n".to_owned() } else { out }
 }
 
 async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveError> {
     let req = request(&args, matches)?;
-    let (uri, mut client) = args.connection.client(&args.server).await?;
-    let mut stream =
-        client.get_flows(req).await.map_err(|s| ServerError::status(&uri, s))?.into_inner();
+    if args.print_raw_filters {
+        let mut stdout = std::io::stdout().lock();
+        return write!(stdout, "{}", raw_filters_yaml(&req))
+            .and_then(|()| stdout.flush())
+            .map_err(ObserveError::Stdout);
+    }
     let options = Options {
         format: args.output,
         time: args.time_format,
         node: args.print_node_name,
         color: args.color.enabled(),
-        follow: args.follow,
+        follow: args.follow && args.input_file.is_none(),
+        numeric: args.numeric,
+        quiet: args.silent_errors,
+        summary: args.field_mask.is_empty() || args.field_mask.iter().any(|p| p == "Summary"),
     };
     let stdout = std::io::stdout();
     let mut printer = Printer::new(std::io::BufWriter::new(stdout.lock()), options);
+    if let Some(path) = &args.input_file {
+        let r = input::replay(path, &req, args.silent_errors, &mut printer);
+        return finish(r, &mut printer);
+    }
+    let (uri, mut client) = args.connection.client(&args.server).await?;
+    let mut stream =
+        client.get_flows(req).await.map_err(|s| ServerError::status(&uri, s))?.into_inner();
     loop {
         match stream.message().await {
             Ok(Some(mut resp)) => {
@@ -397,6 +591,19 @@ async fn observe(args: ObserveArgs, matches: &ArgMatches) -> Result<(), ObserveE
             }
         }
     }
+    finish(Ok(()), &mut printer)
+}
+
+/// Flushes what was printed; a reader that went away (a closed pipe) is not an error.
+fn finish<W: std::io::Write>(
+    r: Result<(), ObserveError>,
+    printer: &mut Printer<W>,
+) -> Result<(), ObserveError> {
+    let r = match r {
+        Err(ObserveError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    };
+    r?;
     match printer.flush() {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ObserveError::Stdout(e)),
         _ => Ok(()),
