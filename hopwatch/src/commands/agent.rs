@@ -29,7 +29,7 @@ use crate::{
     own::OwnListeners,
     pipeline::{Pipeline, PipelineOptions},
     policy::RecordPolicy,
-    print::{Format, Options, Printer, time::TimeFormat},
+    print::{Format, Options, Printer},
     sink::Outlet,
 };
 
@@ -616,18 +616,8 @@ fn print_loop(
     cancel: &CancellationToken,
 ) {
     let stdout = std::io::stdout();
-    // The agent streams: node names on every line, rows as they come, no colour.
-    let options = Options {
-        format,
-        time: TimeFormat::StampMilli,
-        node: true,
-        color: false,
-        follow: true,
-        numeric: false,
-        quiet: false,
-        summary: true,
-    };
-    let mut printer = Printer::new(std::io::BufWriter::new(stdout.lock()), options);
+    let mut printer =
+        Printer::new(std::io::BufWriter::new(stdout.lock()), Options::streaming(format));
     while let Some(mut resp) = rx.blocking_recv() {
         let mut result = printer.write(&mut resp);
         // Flush when the queue is drained so a reader sees flows promptly.

@@ -16,7 +16,7 @@ use crate::{
     loader::btf::Btf,
     metrics::{MetricsError, Telemetry},
     pipeline::{Pipeline, PipelineOptions},
-    print::{Format, Options, Printer, time::TimeFormat},
+    print::{Format, Options, Printer},
     recording::{RecordingError, read_recording},
 };
 
@@ -73,19 +73,8 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
         hop_flows_counted: 0,
         hop_flows_ignored: 0,
     };
-    let mut printer = args.output.map(|format| {
-        let options = Options {
-            format,
-            time: TimeFormat::StampMilli,
-            node: true,
-            color: false,
-            follow: true,
-            numeric: false,
-            quiet: false,
-            summary: true,
-        };
-        Printer::new(io::sink(), options)
-    });
+    let mut printer =
+        args.output.map(|format| Printer::new(io::sink(), Options::streaming(format)));
     let mut flows = Vec::new();
     let mut telemetry = Telemetry::default();
     let start = Instant::now();

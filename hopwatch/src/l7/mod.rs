@@ -308,26 +308,9 @@ fn guess_server_side(ev: &DataEvent) -> bool {
 #[cfg(test)]
 mod tests {
     use hopwatch_common::{EventKind, PROTO_HTTP};
-    use hopwatch_protocols::{Frame, ParseError};
 
     use super::*;
-    use crate::l7::stream::tests::toy;
-
-    struct Toy;
-    impl MessageParser for Toy {
-        type Req = String;
-        type Resp = String;
-        fn request(&mut self, buf: &[u8]) -> Result<Frame<String>, ParseError> {
-            toy(buf)
-        }
-        fn response(
-            &mut self,
-            buf: &[u8],
-            _: Option<&String>,
-        ) -> Result<Frame<String>, ParseError> {
-            toy(buf)
-        }
-    }
+    use crate::l7::session::tests::Toy;
 
     fn ev(cookie: u64, dir: u8, ts: u64, sport: u16, dport: u16) -> DataEvent {
         let mut e = DataEvent::default();

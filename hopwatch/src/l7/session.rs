@@ -210,13 +210,13 @@ impl<P: MessageParser> Session<P> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::l7::stream::tests::toy;
 
     /// Requests and responses in the toy framing; a response "!<id>" answers request "<id>",
     /// anything else answers in order.
-    struct Toy;
+    pub(crate) struct Toy;
 
     impl MessageParser for Toy {
         type Req = String;

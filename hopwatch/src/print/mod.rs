@@ -58,6 +58,23 @@ pub struct Options {
     pub summary: bool,
 }
 
+impl Options {
+    /// How the agent (and `replay`) print: node names on every line, rows as they come, no
+    /// colour.
+    pub(crate) fn streaming(format: Format) -> Self {
+        Self {
+            format,
+            time: TimeFormat::StampMilli,
+            node: true,
+            color: false,
+            follow: true,
+            numeric: false,
+            quiet: false,
+            summary: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Color {
     /// When stdout is a terminal (and `NO_COLOR` is not set).

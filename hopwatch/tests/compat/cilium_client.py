@@ -27,8 +27,9 @@ def load_facts(path):
         kind, owner, name, number, ty = line.rstrip("\n").split("\t")
         if kind == "field":
             fields.setdefault(owner, []).append((name, int(number), ty))
-        else:
+        elif kind == "enum":
             enums.setdefault(owner, []).append((name, int(number)))
+        # "rpc" rows: the service is declared by hand below (GetFlows only).
     return fields, enums
 
 

@@ -34,6 +34,34 @@ use tokio_util::sync::CancellationToken;
 
 use self::support::*;
 
+/// An agent's link to the collector at `url`, fed through the returned queue (of `cap` flows)
+/// until `stop`.
+fn stream_to(
+    url: &str,
+    node: &str,
+    cap: usize,
+) -> (Arc<Queue>, CancellationToken, tokio::task::JoinHandle<()>) {
+    let queue = Arc::new(Queue::new(cap, node));
+    let stop = CancellationToken::new();
+    let endpoint =
+        Target::parse(url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
+    let task = tokio::spawn(run_remote(
+        queue.clone(),
+        dial(endpoint),
+        url.to_owned(),
+        Hello {
+            agent_id: format!("{node}-agent"),
+            node_name: node.to_owned(),
+            version: "test".into(),
+            started: None,
+        },
+        Batching { max_events: 100, interval: Duration::from_millis(10) },
+        Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
+        stop.clone(),
+    ));
+    (queue, stop, task)
+}
+
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
@@ -75,24 +103,7 @@ async fn a_grpcio_tools_client_reads_the_collector() {
     let dir = tempfile::tempdir().unwrap();
     let collector = Collector::start(free_port(), dir.path(), &[]);
     let url = collector.url();
-    let queue = Arc::new(Queue::new(10_000, "py-node"));
-    let stop = CancellationToken::new();
-    let endpoint =
-        Target::parse(&url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
-    let task = tokio::spawn(run_remote(
-        queue.clone(),
-        dial(endpoint),
-        url.clone(),
-        Hello {
-            agent_id: "py-agent".into(),
-            node_name: "py-node".into(),
-            version: "test".into(),
-            started: None,
-        },
-        Batching { max_events: 100, interval: Duration::from_millis(10) },
-        Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
-        stop.clone(),
-    ));
+    let (queue, stop, task) = stream_to(&url, "py-node", 10_000);
     let t0 = now_ns() - 1_000_000_000_000;
     // 100 flows: every tenth goes to 5432, and of those every other one is dropped.
     for k in 0..100 {
@@ -187,24 +198,7 @@ async fn a_client_generated_from_cilium_s_api_gets_the_same_flows_as_observe() {
     let dir = tempfile::tempdir().unwrap();
     let collector = Collector::start(free_port(), dir.path(), &[]);
     let url = collector.url();
-    let queue = Arc::new(Queue::new(1000, "n1"));
-    let stop = CancellationToken::new();
-    let endpoint =
-        Target::parse(&url, false).unwrap().endpoint(&ClientTls::default(), false).unwrap();
-    let task = tokio::spawn(run_remote(
-        queue.clone(),
-        dial(endpoint),
-        url.clone(),
-        Hello {
-            agent_id: "cilium-py".into(),
-            node_name: "n1".into(),
-            version: "test".into(),
-            started: None,
-        },
-        Batching { max_events: 100, interval: Duration::from_millis(10) },
-        Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
-        stop.clone(),
-    ));
+    let (queue, stop, task) = stream_to(&url, "n1", 1000);
     for f in flag_cases::hubble_flag_flows(now_ns() - 60_000_000_000) {
         queue.offer(f);
     }
