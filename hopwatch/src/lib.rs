@@ -54,7 +54,7 @@ pub mod harness {
         loader::btf::Btf,
         metrics::{MetricsAddr, MetricsArgs, Telemetry},
         pipeline::{Pipeline, PipelineOptions},
-        print::{Format, Options as PrintOptions, Printer, time::TimeFormat},
+        print::{Format, Options as PrintOptions, Printer},
         recording::read_recording,
         sink::{
             Batching,

@@ -17,7 +17,8 @@ fuzz_target!(|data: &[u8]| {
     match p {
         PROTO_TLS => assert_eq!(&data[..2], [0x16, 0x03]),
         PROTO_HTTP => assert!(data[0].is_ascii_uppercase()),
-        PROTO_REDIS => assert_eq!(data[0], b'*'),
+        // A command array, or an error reply refusing the connection (`-DENIED `).
+        PROTO_REDIS => assert!(matches!(data[0], b'*' | b'-')),
         PROTO_POSTGRES | PROTO_MYSQL => assert!(n >= 5),
         other => assert_eq!(other, PROTO_UNKNOWN, "an unknown protocol number"),
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hopwatch::harness::{
     Clock, DropReasons, FlowBuilder, Format, Pipeline, PipelineOptions, PrintOptions, Printer,
-    TimeFormat, decode,
+    decode,
 };
 use hopwatch_proto::{
     flow::Flow,
@@ -37,16 +37,7 @@ fuzz_target!(|data: &[u8]| {
         },
     );
     let mut flows = Vec::new();
-    let printer = |format| {
-        let options = PrintOptions {
-            format,
-            time: TimeFormat::StampMilli,
-            node: true,
-            color: false,
-            follow: true,
-        };
-        Printer::new(Vec::new(), options)
-    };
+    let printer = |format| Printer::new(Vec::new(), PrintOptions::streaming(format));
     let mut out = [printer(Format::Json), printer(Format::Compact)];
     let mut rest = data;
     while let [lo, hi, tail @ ..] = rest {

@@ -103,7 +103,8 @@ impl FlowBuilder {
             TcpOp::Closed => SocketEvent::Close,
             TcpOp::Update => SocketEvent::Update,
         };
-        let reset = ev.stats.resets_received + ev.stats.resets_sent > 0
+        let reset = ev.stats.resets_received > 0
+            || ev.stats.resets_sent > 0
             || ev.flags & CONN_F_RESET_IN_SYN_SENT != 0;
         let flags = TcpFlags {
             syn: matches!(op, TcpOp::Connected | TcpOp::Accepted | TcpOp::ConnectFailed),
@@ -281,7 +282,8 @@ fn tcp_stats(ev: &TcpEvent, op: TcpOp) -> TcpStats {
         connect_latency_ns: ev.connect_latency_ns,
         srtt_ns: u64::from(s.srtt_us) * 1000,
         retransmits: s.total_retrans.max(s.retransmit_events),
-        resets: s.resets_sent + s.resets_received,
+        // Counters straight from the kernel event: a corrupt one must not overflow.
+        resets: s.resets_sent.saturating_add(s.resets_received),
         bytes_sent: payload_sent(ev),
         bytes_received: s.bytes_received.saturating_sub(u64::from(ev.flags & CONN_F_FIN_IN != 0)),
         duration_ns,
@@ -343,6 +345,18 @@ mod tests {
         ev.tuple.dport = 80;
         ev.start_ns = 1_000_000_000;
         ev
+    }
+
+    #[test]
+    fn counters_at_their_limits_do_not_overflow() {
+        // Found by the `events` fuzz target: reset counts near the type's maximum.
+        let mut ev = client_event(TcpOp::Closed);
+        ev.stats.resets_sent = u32::MAX;
+        ev.stats.resets_received = u32::MAX;
+        assert_eq!(tcp_stats(&ev, TcpOp::Closed).resets, u32::MAX);
+        let conn = Conn::from_event(&ev).unwrap();
+        let f = builder().tcp(&ev, &conn, None);
+        assert_eq!(f.verdict(), Verdict::Forwarded, "a closed connection, reset: {f:?}");
     }
 
     #[test]

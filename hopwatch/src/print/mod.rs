@@ -61,7 +61,7 @@ pub struct Options {
 impl Options {
     /// How the agent (and `replay`) print: node names on every line, rows as they come, no
     /// colour.
-    pub(crate) fn streaming(format: Format) -> Self {
+    pub fn streaming(format: Format) -> Self {
         Self {
             format,
             time: TimeFormat::StampMilli,
