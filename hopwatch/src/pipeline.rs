@@ -147,7 +147,8 @@ impl Pipeline {
                 if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
                     let cookie = ev.header.socket_cookie;
                     if ev.stats.resets_received > 0 {
-                        let deadline = ev.header.timestamp_ns + nanos(RESET_READ_GRACE);
+                        let deadline =
+                            ev.header.timestamp_ns.saturating_add(nanos(RESET_READ_GRACE));
                         self.l7.close_after(cookie, deadline);
                     } else {
                         let unanswered = self.l7.close(cookie);
