@@ -10,6 +10,7 @@
 )]
 
 pub mod detect;
+pub mod exchange;
 pub mod maps;
 
 use core::mem::size_of;
@@ -25,6 +26,9 @@ pub enum EventKind {
     /// A [`DataEvent`] followed by captured payload bytes: application data a socket sent or
     /// received (from a syscall, or plaintext from a TLS library).
     Data = 3,
+    /// An [`exchange::ExchangeEvent`] (possibly followed by the request's head and the
+    /// response's first bytes): one request/response exchange measured in the kernel.
+    Exchange = 4,
 }
 
 impl EventKind {
@@ -34,6 +38,7 @@ impl EventKind {
             1 => Some(Self::Tcp),
             2 => Some(Self::Drop),
             3 => Some(Self::Data),
+            4 => Some(Self::Exchange),
             _ => None,
         }
     }
@@ -291,10 +296,17 @@ pub enum Counter {
     /// Events put in the ring buffer (all kinds). With [`Counter::RingbufFull`] it is every event
     /// the programs produced, so userspace can prove it read all the others.
     EventsSent = 13,
+    /// Exchanges measured on the kernel's fast path ([`EventKind::Exchange`] records sent).
+    KernelExchanges = 14,
+    /// Exchanges of the fast path given back to the capture path midway (a response that was not
+    /// what the protocol allows there), so not measured: each is one exchange missing.
+    ExchangeDemoted = 15,
+    /// Sockets the fast path could not keep state for (socket storage refused).
+    ExchangeNoStorage = 16,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -312,6 +324,9 @@ impl Counter {
         Counter::L7UnsupportedCall,
         Counter::TlsUnassociated,
         Counter::EventsSent,
+        Counter::KernelExchanges,
+        Counter::ExchangeDemoted,
+        Counter::ExchangeNoStorage,
     ];
 
     /// Name as exported by the agent.
@@ -332,6 +347,9 @@ impl Counter {
             Counter::L7UnsupportedCall => "l7_unsupported_calls",
             Counter::TlsUnassociated => "tls_unassociated",
             Counter::EventsSent => "events_sent",
+            Counter::KernelExchanges => "kernel_exchanges",
+            Counter::ExchangeDemoted => "exchange_demoted",
+            Counter::ExchangeNoStorage => "exchange_no_storage",
         }
     }
 }
@@ -395,9 +413,16 @@ pub struct KernelSettings {
     pub self_tgid: u32,
     /// Payload bytes copied per message (at most [`DATA_MAX`]); 0 disables L7 capture.
     pub capture_bytes: u32,
+    /// Exchanges of the kernel's fast path recorded in full per CPU per second before sampling
+    /// (0: all); see [`exchange`].
+    pub exchange_rate_per_cpu: u32,
+    /// Fast-path exchanges at least this slow (ns) are recorded in full.
+    pub exchange_slow_ns: u64,
+    /// Beyond the rate, one exchange in this many is recorded in full ([`exchange::sample_key`]).
+    pub exchange_sample: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelSettings>() == 24);
+const _: () = assert!(size_of::<KernelSettings>() == 40);
 
 impl Default for KernelSettings {
     fn default() -> Self {
@@ -406,6 +431,9 @@ impl Default for KernelSettings {
             drops_per_sec_per_cpu: 1000,
             self_tgid: 0,
             capture_bytes: 512,
+            exchange_rate_per_cpu: 0,
+            exchange_slow_ns: u64::MAX,
+            exchange_sample: 1,
             _pad: 0,
         }
     }
@@ -475,9 +503,19 @@ pub struct L7Conn {
     pub inner: u8,
     /// The connection's addresses went out with an earlier data event.
     pub tuple_sent: u8,
-    pub _pad: [u8; 3],
+    /// Set by userspace: exchanges are measured on the kernel's fast path ([`exchange`]).
+    pub fast: u8,
+    /// Set with `fast`: this socket is the server end (it receives the requests).
+    pub server: u8,
+    /// Direction of the last message: [`DIR_EGRESS`], [`DIR_INGRESS`] or 0.
+    pub last_direction: u8,
+    /// Times the direction of the data changed (see [`exchange`]).
+    pub turns: u32,
+    /// Set with `fast`: an exchange index and the `turns` its response started at.
+    pub anchor_turns: u32,
+    pub anchor_index: u64,
 }
-const _: () = assert!(size_of::<L7Conn>() == 8);
+const _: () = assert!(size_of::<L7Conn>() == 24);
 
 /// Application data seen on a socket ([`EventKind::Data`]); `captured` payload bytes follow the
 /// struct in the ring buffer record.
@@ -498,7 +536,9 @@ pub struct DataEvent {
     pub source: u8,
     /// `PROTO_*` as detected by the kernel.
     pub protocol: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// [`L7Conn::turns`] after this message (the exchange engine's clock).
+    pub turns: u32,
     pub comm: [u8; 16],
 }
 const _: () = assert!(size_of::<DataEvent>() == 120);
@@ -526,4 +566,6 @@ mod pod {
     unsafe impl aya::Pod for super::SyscallNumbers {}
     unsafe impl aya::Pod for super::L7Conn {}
     unsafe impl aya::Pod for super::DataEvent {}
+    unsafe impl aya::Pod for super::exchange::ExchangeEvent {}
+    unsafe impl aya::Pod for super::exchange::Promotion {}
 }

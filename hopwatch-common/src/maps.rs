@@ -31,6 +31,11 @@ pub const DROP_RATE: &str = "DROP_RATE";
 pub const L7CONNS: &str = "L7CONNS";
 pub const L7CONNS_ENTRIES: u32 = 262_144;
 
+/// Sockets userspace promoted to the exchange engine's fast path and the kernel has not seen
+/// since, socket cookie → [`crate::exchange::Promotion`]. LRU: a socket may close first.
+pub const PROMOTIONS: &str = "PROMOTIONS";
+pub const PROMOTIONS_ENTRIES: u32 = 16_384;
+
 /// Threads inside `SSL_read`/`SSL_write`, pid_tgid → the call's arguments. LRU: a thread that
 /// dies inside a call leaves its entry behind.
 pub const TLS_CALLS: &str = "TLS_CALLS";

@@ -9,7 +9,10 @@ use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, generated::bpf_ringbuf_output},
     maps::ring_buf::RingBufEntry,
 };
-use hopwatch_common::{ConnState, Counter, DropEvent, EventHeader, EventKind, TcpEvent};
+use hopwatch_common::{
+    ConnState, Counter, DropEvent, EventHeader, EventKind, TcpEvent,
+    exchange::{ExchangeEvent, ExchangeRecord},
+};
 
 use crate::maps::{DataScratch, EVENTS, count};
 
@@ -45,6 +48,20 @@ impl Event for DropEvent {
     const KIND: EventKind = EventKind::Drop;
     fn header_mut(&mut self) -> &mut EventHeader {
         &mut self.header
+    }
+}
+
+impl Event for ExchangeEvent {
+    const KIND: EventKind = EventKind::Exchange;
+    fn header_mut(&mut self) -> &mut EventHeader {
+        &mut self.header
+    }
+}
+
+impl Event for ExchangeRecord {
+    const KIND: EventKind = EventKind::Exchange;
+    fn header_mut(&mut self) -> &mut EventHeader {
+        &mut self.event.header
     }
 }
 

@@ -28,20 +28,21 @@ use aya_ebpf::{
 };
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
-    IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_IGNORED, PROTO_TLS, PROTO_UNKNOWN,
-    SRC_SYSCALL,
+    IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS,
+    PROTO_UNKNOWN, SRC_SYSCALL,
     detect::{HEAD, detect},
 };
 
 use crate::{
     emit::output,
+    exchange,
     kernel::{
         current_process_into, offsets, read_at, read_sock_tuple, read_user, sock_protocol,
         socket_cookie,
     },
     maps::{
         DATA_SCRATCH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, MMSG_CURSORS,
-        SSL_SOCKETS, TLS_CALLS, count,
+        PROMOTIONS, SSL_SOCKETS, TLS_CALLS, count,
     },
 };
 
@@ -79,12 +80,12 @@ pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
 
 /// Where a syscall's data lives in user memory.
 #[derive(Clone, Copy)]
-struct UserData {
+pub struct UserData {
     /// A flat buffer, or the first `struct iovec` when `iov_count > 0`.
-    ptr: u64,
-    iov_count: u64,
+    pub ptr: u64,
+    pub iov_count: u64,
     /// `struct sockaddr *` naming the peer (sendto/sendmsg to an unconnected socket), or 0.
-    addr: u64,
+    pub addr: u64,
 }
 
 /// # Safety
@@ -129,10 +130,50 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         let _ = L7CONNS.insert(cookie, state, 0);
         return;
     }
+    let conn = L7CONNS.get_ptr_mut(cookie);
     // SAFETY: map value, copied out at once.
-    let mut state = unsafe { L7CONNS.get(cookie) }.copied().unwrap_or_default();
+    let mut state = conn.map(|c| unsafe { *c }).unwrap_or_default();
     if state.proto == PROTO_IGNORED || state.proto == PROTO_TLS {
         return;
+    }
+    let udp = protocol == u16::from(IPPROTO_UDP);
+    if !udp {
+        // The exchange engine's clock: one turn per change of direction (see
+        // `hopwatch_common::exchange`), kept on both paths.
+        if state.last_direction != direction {
+            state.last_direction = direction;
+            state.turns = state.turns.wrapping_add(1);
+            if let Some(c) = conn {
+                // SAFETY: map value of this socket, valid while the program runs.
+                unsafe {
+                    (*c).last_direction = direction;
+                    (*c).turns = state.turns;
+                }
+            }
+        }
+        if state.fast == 0
+            && state.proto == PROTO_HTTP
+            && let Some(c) = conn
+            // SAFETY: map value, copied out at once.
+            && let Some(p) = unsafe { PROMOTIONS.get(cookie) }.copied()
+        {
+            // SAFETY: map value of this socket, valid while the program runs.
+            unsafe {
+                (*c).fast = 1;
+                (*c).server = p.server;
+                (*c).anchor_index = p.anchor_index;
+                (*c).anchor_turns = p.anchor_turns;
+            }
+            state.fast = 1;
+            let _ = PROMOTIONS.remove(cookie);
+        }
+        if state.fast != 0
+            && let Some(c) = conn
+            // SAFETY: the tracepoint's socket and its L7CONNS value.
+            && unsafe { exchange::on_call(sk, cookie, c, len, direction, pid_tgid, &o) }
+        {
+            return;
+        }
     }
 
     let Some(user) = syscall_data(&o, pid_tgid) else {
@@ -147,7 +188,6 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     // A TCP connection's addresses do not change: they are sent with its first captured message
     // (and userspace also has them from the connection's TCP events). UDP sockets may talk to
     // many peers, so every datagram carries them.
-    let udp = protocol == u16::from(IPPROTO_UDP);
     if udp || state.tuple_sent == 0 {
         read_sock_tuple(skb, &o, &mut ev.tuple);
     }
@@ -195,6 +235,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     ev.direction = direction;
     ev.source = SRC_SYSCALL;
     ev.protocol = state.proto;
+    ev.turns = state.turns;
     send(scratch, pid_tgid, cookie);
 }
 
@@ -221,7 +262,7 @@ pub fn detect_head(data: &[u8; 2 * DATA_MAX], captured: u32) -> u8 {
 
 /// Finds the user buffer of the syscall in progress from its saved registers.
 #[inline(always)]
-fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
+pub fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
     // SAFETY: helpers valid in tracing programs, given the current task; `regs` (the task's saved
     // registers) is only read through `read_at`.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;

@@ -8,6 +8,7 @@
 
 mod drop;
 mod emit;
+mod exchange;
 mod kernel;
 mod l7;
 mod maps;

@@ -3,15 +3,18 @@
 
 use aya_ebpf::{
     Global,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use hopwatch_common::{
     COUNTER_COUNT, ConnState, Counter, DATA_MAX, DataEvent, KernelOffsets, KernelSettings, L7Conn,
     SyscallNumbers,
+    exchange::{ExchangeState, Promotion},
     maps::{
         CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
-        ListenKey, MMSG_CURSORS_ENTRIES, SSL_SOCKETS_ENTRIES, TLS_CALLS_ENTRIES,
+        ListenKey, MMSG_CURSORS_ENTRIES, PROMOTIONS_ENTRIES, SSL_SOCKETS_ENTRIES,
+        TLS_CALLS_ENTRIES,
     },
 };
 
@@ -37,6 +40,22 @@ pub static DROP_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0
 
 #[map]
 pub static L7CONNS: LruHashMap<u64, L7Conn> = LruHashMap::with_max_entries(L7CONNS_ENTRIES, 0);
+
+/// The fast path's exchange in progress, per promoted socket (freed with the socket).
+#[btf_map]
+pub static EXCHANGES: SkStorage<ExchangeState> = SkStorage::new();
+
+#[map]
+pub static PROMOTIONS: LruHashMap<u64, Promotion> =
+    LruHashMap::with_max_entries(PROMOTIONS_ENTRIES, 0);
+
+/// `[0]`: non-zero while someone follows the flows (every exchange is recorded in full).
+#[map]
+pub static EXCHANGE_CONTROL: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `[second, exchanges recorded in full in it]` per CPU.
+#[map]
+pub static EXCHANGE_TOKENS: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// The arguments of an `SSL_read`/`SSL_write` call in progress on a thread.
 #[repr(C)]
@@ -136,6 +155,9 @@ pub static HOPWATCH_SETTINGS: Global<KernelSettings> = Global::new(KernelSetting
     drops_per_sec_per_cpu: 1000,
     self_tgid: 0,
     capture_bytes: 0,
+    exchange_rate_per_cpu: 0,
+    exchange_slow_ns: u64::MAX,
+    exchange_sample: 1,
     _pad: 0,
 });
 

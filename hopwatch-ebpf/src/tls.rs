@@ -141,5 +141,6 @@ fn exit(ret: i64) {
     ev.direction = call.direction;
     ev.source = SRC_TLS;
     ev.protocol = state.inner;
+    ev.turns = 0;
     send(scratch, pid_tgid, cookie);
 }

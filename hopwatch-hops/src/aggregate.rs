@@ -37,11 +37,26 @@ pub enum Outcome {
     Ignored,
 }
 
+/// Sockets whose exchanges are remembered by hop; beyond this the oldest half is forgotten.
+const EXCHANGE_SOCKETS_MAX: usize = 262_144;
+
 /// The node-wide state the table updates share: identities and open sockets.
 #[derive(Debug, Default)]
 pub struct Context {
     pub resolver: Resolver,
     pub ledger: Ledger,
+    /// The hop and side of each socket that carried an exchange flow: exchanges counted without a
+    /// flow (measured in the kernel) go there.
+    exchange_sockets: std::collections::HashMap<u64, (HopKey, Side)>,
+}
+
+impl Context {
+    /// The hop and side the socket `cookie`'s exchanges count on, once one of its exchange flows
+    /// was seen.
+    #[must_use]
+    pub fn exchange_hop(&self, cookie: u64) -> Option<&(HopKey, Side)> {
+        self.exchange_sockets.get(&cookie)
+    }
 }
 
 /// Transport and ports of a flow.
@@ -124,6 +139,12 @@ fn apply_l7(
     side: Side,
 ) -> Outcome {
     let Some(l7) = flow.l7.as_ref() else { return Outcome::Ignored };
+    if flow.socket_cookie != 0 && !cx.exchange_sockets.contains_key(&flow.socket_cookie) {
+        if cx.exchange_sockets.len() >= EXCHANGE_SOCKETS_MAX {
+            cx.exchange_sockets.clear();
+        }
+        cx.exchange_sockets.insert(flow.socket_cookie, (key.clone(), side));
+    }
     let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
     let (s, _) = table.side_mut(key, side, at_ns);
     if s.protocol.is_none() && !l7.protocol.is_empty() {
@@ -175,7 +196,10 @@ fn apply_tcp(
             delta
         }
         SocketEvent::Update => cx.ledger.report(&node_name, cookie, key, side, totals, at_ns),
-        SocketEvent::Close => cx.ledger.close(&node_name, cookie, totals),
+        SocketEvent::Close => {
+            cx.exchange_sockets.remove(&cookie);
+            cx.ledger.close(&node_name, cookie, totals)
+        }
         SocketEvent::ConnectFailed => {
             let cause = if stats.error.is_empty() { "UNKNOWN" } else { stats.error.as_str() };
             table.tally(key, side, TallyKind::ConnectFailures, cause, 1, at_ns);
@@ -194,6 +218,24 @@ fn apply_tcp(
     s.resets += delta.resets;
     s.bytes_sent += delta.bytes_sent;
     s.bytes_received += delta.bytes_received;
+    Outcome::Counted
+}
+
+/// Adds one exchange measured in the kernel on socket `cookie` to its hop; `Ignored` when no
+/// exchange flow of that socket was seen (its hop is unknown).
+pub fn apply_exchange(
+    cookie: u64,
+    latency_ns: u64,
+    failed: bool,
+    at_ns: u64,
+    cx: &Context,
+    table: &mut HopTable,
+) -> Outcome {
+    let Some((key, side)) = cx.exchange_hop(cookie) else { return Outcome::Ignored };
+    let (s, _) = table.side_mut(key, *side, at_ns);
+    s.requests += 1;
+    s.errors += u64::from(failed);
+    s.latency.record(latency_ns);
     Outcome::Counted
 }
 

@@ -141,6 +141,30 @@ impl Aggregator {
         outcome
     }
 
+    /// Adds one exchange measured in the kernel (no flow) on socket `cookie`; `now_ns` is ns
+    /// since the epoch.
+    pub fn observe_exchange(
+        &mut self,
+        cookie: u64,
+        latency_ns: u64,
+        failed: bool,
+        now_ns: u64,
+    ) -> Outcome {
+        let outcome = aggregate::apply_exchange(
+            cookie,
+            latency_ns,
+            failed,
+            now_ns,
+            &self.cx,
+            &mut self.table,
+        );
+        match outcome {
+            Outcome::Counted => self.counted += 1,
+            Outcome::Ignored => self.ignored += 1,
+        }
+        outcome
+    }
+
     /// Evicts hops silent for `stale_after` (those with open connections only once these are
     /// silent for [`ledger::FORGET_AFTER_NS`] too), and forgets their names.
     pub fn sweep(&mut self, now_ns: u64) {

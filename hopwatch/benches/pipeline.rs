@@ -54,7 +54,11 @@ fn builder(reasons: &DropReasons) -> FlowBuilder {
 }
 
 fn options() -> PipelineOptions {
-    PipelineOptions { l7_timeout: Duration::from_secs(30), redaction: Redaction::default() }
+    PipelineOptions {
+        l7_timeout: Duration::from_secs(30),
+        redaction: Redaction::default(),
+        fast_path: false,
+    }
 }
 
 /// Runs `pass` (one pass over all records, returning a checksum) until `min` of CPU time has

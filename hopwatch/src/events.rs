@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hopwatch_common::{
     AF_INET, AF_INET6, DATA_MAX, DataEvent, DropEvent, EventHeader, EventKind, TcpEvent, Tuple,
+    exchange::{EXCH_F_FULL, EXCHANGE_HEAD, EXCHANGE_RESPONSE, ExchangeEvent},
 };
 
 #[derive(Debug, Clone)]
@@ -15,6 +16,9 @@ pub enum KernelEvent<'a> {
     Drop(DropEvent),
     /// Application data and the captured payload bytes (borrowed from the ring buffer record).
     Data(DataEvent, &'a [u8]),
+    /// An exchange measured in the kernel, with (for a full record) the request's head and the
+    /// response's first bytes.
+    Exchange(ExchangeEvent, Option<(&'a [u8], &'a [u8])>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -49,6 +53,22 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
                 .get(start..start + captured)
                 .ok_or(DecodeError::Short { len: bytes.len(), need: start + captured })?;
             Ok(KernelEvent::Data(ev, payload))
+        }
+        Some(EventKind::Exchange) => {
+            let ev: ExchangeEvent = read(bytes)?;
+            if ev.flags & EXCH_F_FULL == 0 {
+                return Ok(KernelEvent::Exchange(ev, None));
+            }
+            let head_at = size_of::<ExchangeEvent>();
+            let resp_at = head_at + EXCHANGE_HEAD;
+            let end = resp_at + EXCHANGE_RESPONSE;
+            if bytes.len() < end {
+                return Err(DecodeError::Short { len: bytes.len(), need: end });
+            }
+            let head = &bytes[head_at..head_at + usize::from(ev.head_len).min(EXCHANGE_HEAD)];
+            let resp =
+                &bytes[resp_at..resp_at + usize::from(ev.response_len).min(EXCHANGE_RESPONSE)];
+            Ok(KernelEvent::Exchange(ev, Some((head, resp))))
         }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
@@ -109,7 +129,7 @@ mod tests {
             KernelEvent::Tcp(t) => {
                 assert_eq!((t.op, t.tuple.sport), (TcpOp::Connected as u8, 4242));
             }
-            other @ (KernelEvent::Drop(_) | KernelEvent::Data(..)) => {
+            other @ (KernelEvent::Drop(_) | KernelEvent::Data(..) | KernelEvent::Exchange(..)) => {
                 panic!("wrong kind: {other:?}")
             }
         }

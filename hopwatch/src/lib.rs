@@ -53,7 +53,7 @@ pub mod harness {
         identity::cgroup::cgroup2_mount,
         loader::btf::Btf,
         metrics::{MetricsAddr, MetricsArgs, Telemetry},
-        pipeline::{Pipeline, PipelineOptions},
+        pipeline::{CountedExchange, Pipeline, PipelineOptions},
         print::{Format, Options as PrintOptions, Printer},
         recording::read_recording,
         sink::{

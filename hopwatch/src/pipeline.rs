@@ -10,12 +10,13 @@ use hopwatch_common::{
 use hopwatch_proto::flow::Flow;
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
+pub use crate::l7::CountedExchange;
 use crate::{
     conntrack::{Conn, ConnTable, Process, Role, endpoints},
     events::{KernelEvent, comm},
     flow::{Clock, FlowBuilder, L7Observation},
     identity::Identity,
-    l7::{Completed, L7Tracker, session::MessageParser},
+    l7::{Completed, L7Tracker, Measured, session::MessageParser},
 };
 
 /// Connections tracked in userspace.
@@ -62,6 +63,19 @@ impl MessageParser for protocols::Parser {
     fn server_first(resp: &Self::Resp) -> Option<Self::Req> {
         resp.server_first()
     }
+
+    fn fast_path(&self) -> bool {
+        self.protocol() == Protocol::Http1
+    }
+
+    fn status_response(status: u16) -> Option<Self::Resp> {
+        Some(protocols::Response::Http(protocols::http1::Response {
+            status,
+            version: protocols::http1::Version::Http11,
+            keep_alive: true,
+            headers: Vec::new(),
+        }))
+    }
 }
 
 /// Pipeline settings.
@@ -70,6 +84,9 @@ pub struct PipelineOptions {
     /// A request unanswered this long is reported as timed out.
     pub l7_timeout: Duration,
     pub redaction: Redaction,
+    /// Promote alternating HTTP/1 connections to the kernel's exchange engine
+    /// ([`Pipeline::take_promotions`]).
+    pub fast_path: bool,
 }
 
 /// What the pipeline could not keep, for the agent's counters.
@@ -81,6 +98,8 @@ pub struct PipelineCounters {
     pub l7_unparsed_connections: u64,
     /// L7 sessions not tracked because too many were open.
     pub l7_sessions_overflow: u64,
+    /// Full records of the kernel's exchange engine that did not parse (counted, not recorded).
+    pub l7_fast_unparsed: u64,
 }
 
 pub struct Pipeline {
@@ -89,6 +108,8 @@ pub struct Pipeline {
     identity: Identity,
     table: ConnTable,
     l7: L7Tracker<protocols::Parser>,
+    /// Exchanges the kernel measured that only count ([`Pipeline::take_counted`]).
+    counted: Vec<CountedExchange>,
     options: PipelineOptions,
     last_sweep_ns: u64,
 }
@@ -102,7 +123,9 @@ impl Pipeline {
             table: ConnTable::new(CONN_TABLE_CAPACITY),
             l7: L7Tracker::new(Box::new(move |ev: &DataEvent, _server_port| {
                 new_parser(ev, redaction)
-            })),
+            }))
+            .with_fast_path(options.fast_path),
+            counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
         }
@@ -124,7 +147,19 @@ impl Pipeline {
             conn_table_overflow: self.table.overflow,
             l7_unparsed_connections: self.l7.stats.unparsed_connections,
             l7_sessions_overflow: self.l7.stats.sessions_overflow,
+            l7_fast_unparsed: self.l7.stats.fast_unparsed,
         }
+    }
+
+    /// Connections to hand to the kernel's exchange engine (socket cookie, promotion).
+    pub fn take_promotions(&mut self) -> Vec<(u64, hopwatch_common::exchange::Promotion)> {
+        self.l7.take_promotions()
+    }
+
+    /// The exchanges measured in the kernel and not recorded since the last call: each counts
+    /// in the hops like an exchange flow.
+    pub fn take_counted(&mut self) -> std::vec::Drain<'_, CountedExchange> {
+        self.counted.drain(..)
     }
 
     /// Turns one kernel event into the flows it completes (none, one, or several).
@@ -167,6 +202,15 @@ impl Pipeline {
                 out.push(self.builder.drop(ev, src_proc.as_ref(), dst_proc.as_ref()));
             }
             KernelEvent::Data(ev, payload) => self.on_data(ev, payload, out),
+            KernelEvent::Exchange(ev, full) => {
+                let table = &self.table;
+                let conn = table.get(ev.header.socket_cookie);
+                let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
+                match self.l7.on_exchange(ev, *full, peer) {
+                    Measured::Recorded(c) => out.push(self.l7_flow(c)),
+                    Measured::Counted(c) => self.counted.push(c),
+                }
+            }
         }
     }
 

@@ -15,10 +15,9 @@
 //! Flows that are not exchanges (connections, drops) are always recorded. What is not recorded is
 //! counted (`hopwatch_l7_exchanges_total{recorded="no"}`, the collector's status).
 
-use std::{hash::Hasher as _, time::Duration};
+use std::time::Duration;
 
 use hopwatch_proto::flow::{Flow, FlowType, Verdict};
-use rustc_hash::FxHasher;
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RecordArgs {
@@ -35,6 +34,14 @@ pub(crate) struct RecordArgs {
     /// exchange always are).
     #[arg(long = "l7-flow-slow", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub slow: Duration,
+}
+
+impl RecordArgs {
+    /// The kernel's share of `--l7-flow-rate` per CPU (0: no limit).
+    pub(crate) fn per_cpu_rate(&self) -> u32 {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX).max(1));
+        if self.rate == 0 { 0 } else { self.rate.div_ceil(cpus) }
+    }
 }
 
 /// Why an exchange was recorded, or that it was not.
@@ -111,6 +118,11 @@ impl RecordPolicy {
         Decision::ALL.iter().copied().zip(self.totals.iter().copied())
     }
 
+    /// Exchanges measured in the kernel and not sent in full: never recorded.
+    pub(crate) fn count_not_recorded(&mut self, n: u64) {
+        self.totals[Decision::NotRecorded as usize] += n;
+    }
+
     pub(crate) fn not_recorded(&self) -> u64 {
         self.totals[Decision::NotRecorded as usize]
     }
@@ -156,25 +168,13 @@ impl RecordPolicy {
     }
 }
 
-/// The same number at both ends of one exchange: its connection's two addresses and ports in a
-/// fixed order, and its position on the connection.
+/// The same number at both ends of one exchange, and the one the kernel's exchange engine
+/// computes: the connection's two ports in a fixed order and the exchange's position on it.
 fn sample_key(flow: &Flow) -> u64 {
     let (sport, dport) = flow.ports().unwrap_or_default();
-    let (src, dst) = flow.ip.as_ref().map_or(("", ""), |ip| (&ip.source, &ip.destination));
-    let (a, b) = if (src, sport) <= (dst, dport) {
-        ((src, sport), (dst, dport))
-    } else {
-        ((dst, dport), (src, sport))
-    };
-    let mut h = FxHasher::default();
-    h.write(a.0.as_bytes());
-    h.write_u32(a.1);
-    h.write(b.0.as_bytes());
-    h.write_u32(b.1);
-    h.write_u64(flow.l7.as_ref().map_or(0, |l| l.exchange_index));
-    // Fx leaves the low bits weak: fold the high ones in before taking a remainder.
-    let x = h.finish();
-    x ^ (x >> 29) ^ (x >> 47)
+    let port = |p: u32| u16::try_from(p).unwrap_or(0);
+    let index = flow.l7.as_ref().map_or(0, |l| l.exchange_index);
+    hopwatch_common::exchange::sample_key(port(sport), port(dport), index)
 }
 
 #[cfg(test)]

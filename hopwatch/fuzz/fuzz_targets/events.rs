@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         PipelineOptions {
             l7_timeout: Duration::from_secs(30),
             redaction: Redaction { keep_full_statements },
+            fast_path: true,
         },
     );
     let mut flows = Vec::new();
@@ -46,6 +47,8 @@ fuzz_target!(|data: &[u8]| {
         rest = next;
         if let Ok(event) = decode(record) {
             pipeline.on_event(&event, &mut flows);
+            let _ = pipeline.take_counted().count();
+            let _ = pipeline.take_promotions();
         }
         print(&mut flows, &mut out);
     }

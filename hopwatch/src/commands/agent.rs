@@ -83,6 +83,11 @@ pub(super) struct AgentArgs {
     /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
     #[arg(long)]
     pub no_tls: bool,
+    /// Measure every exchange from captured bytes in userspace; by default HTTP/1 connections
+    /// that alternate request and response are handed to the kernel, which measures their
+    /// exchanges and sends one record each.
+    #[arg(long)]
+    pub no_kernel_exchanges: bool,
     /// A request unanswered this long is reported as timed out.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub l7_timeout: Duration,
@@ -187,19 +192,12 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     .await?;
     let loaded = load(&args, &probe)?;
 
-    let symbols = match KernelSymbols::load(KernelSymbols::KALLSYMS) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "drop locations will be shown as addresses");
-            None
-        }
-    };
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
     let builder = FlowBuilder {
         node_name: node_name.clone(),
         clock: Clock::now(),
         reasons: loaded.reasons.clone(),
-        symbols,
+        symbols: kernel_symbols(),
     };
 
     let stats_guard = if args.bpf_stats {
@@ -207,7 +205,10 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     } else {
         None
     };
-    let loader::Loaded { ebpf, events, counters, tls, .. } = loaded;
+    let loader::Loaded { mut ebpf, events, counters, tls, .. } = loaded;
+    let exchange_maps = (!args.no_kernel_exchanges)
+        .then(|| loader::exchange::ExchangeMaps::take(&mut ebpf))
+        .flatten();
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     let sink = crate::sink::start(&args.sink, &node_name).await?;
     let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink));
@@ -224,6 +225,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
         PipelineOptions {
             l7_timeout: args.l7_timeout,
             redaction: Redaction { keep_full_statements: args.keep_full_statements },
+            fast_path: exchange_maps.is_some(),
         },
     )
     .with_identity(identity);
@@ -233,9 +235,12 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     let reader = tokio::spawn(read_loop(
         events,
-        pipeline,
-        RecordPolicy::new(&args.l7_flows),
-        recorder,
+        Stages {
+            pipeline,
+            policy: RecordPolicy::new(&args.l7_flows),
+            exchange: exchange_maps,
+            recorder,
+        },
         tx.clone(),
         stats.clone(),
         cancel.clone(),
@@ -272,6 +277,13 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
 }
 
+/// The kernel's symbols, to name drop locations (addresses without them).
+fn kernel_symbols() -> Option<KernelSymbols> {
+    KernelSymbols::load(KernelSymbols::KALLSYMS)
+        .inspect_err(|e| tracing::warn!(error = %e, "drop locations will be shown as addresses"))
+        .ok()
+}
+
 /// Stops the TLS rescans (which share the object) and detaches every program by dropping the
 /// object, after printing the programs' run statistics when they were kept.
 async fn detach(
@@ -300,6 +312,9 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         drops_per_sec_per_cpu: args.drops_per_sec,
         self_tgid: std::process::id(),
         capture_bytes: args.capture_bytes,
+        exchange_rate_per_cpu: args.l7_flows.per_cpu_rate(),
+        exchange_slow_ns: u64::try_from(args.l7_flows.slow.as_nanos()).unwrap_or(u64::MAX),
+        exchange_sample: args.l7_flows.sample,
         _pad: 0,
     };
     let loaded = loader::load(&LoadOptions {
@@ -361,9 +376,7 @@ fn flow_response(node_name: &str, flow: hopwatch_proto::flow::Flow) -> GetFlowsR
 
 async fn read_loop(
     events: RingBuf<MapData>,
-    mut pipeline: Pipeline,
-    mut policy: RecordPolicy,
-    mut recorder: Option<crate::recording::Recorder>,
+    mut stages: Stages,
     tx: Outlet,
     stats: Arc<PipelineStats>,
     cancel: CancellationToken,
@@ -392,20 +405,15 @@ async fn read_loop(
         // released, idle connections swept) nor let the other tasks run; what waited on it
         // grew with the flood.
         loop {
-            stats.metrics.heartbeat(pipeline.counters());
-            policy.set_followed(tx.followed());
-            let n = drain(
-                ring.get_mut(),
-                DRAIN_BATCH,
-                &mut Stages {
-                    pipeline: &mut pipeline,
-                    policy: &mut policy,
-                    recorder: &mut recorder,
-                },
-                &mut flows,
-                &tx,
-                &stats,
-            );
+            stats.metrics.heartbeat(stages.pipeline.counters());
+            stages.policy.set_followed(tx.followed());
+            if let Some(x) = stages.exchange.as_mut() {
+                x.set_followed(tx.followed());
+            }
+            let n = drain(ring.get_mut(), DRAIN_BATCH, &mut stages, &mut flows, &tx, &stats);
+            if let Some(x) = stages.exchange.as_mut() {
+                x.promote(stages.pipeline.take_promotions());
+            }
             if n < DRAIN_BATCH || cancel.is_cancelled() {
                 break;
             }
@@ -415,25 +423,20 @@ async fn read_loop(
     // What the kernel wrote before the shutdown is read, not left in the buffer uncounted (the
     // programs are detached by now; the bound only guards against a reader slower than a
     // buffer's worth).
-    let _ = drain(
-        ring.get_mut(),
-        FINAL_DRAIN_MAX,
-        &mut Stages { pipeline: &mut pipeline, policy: &mut policy, recorder: &mut recorder },
-        &mut flows,
-        &tx,
-        &stats,
-    );
-    if let Some(mut rec) = recorder {
+    let _ = drain(ring.get_mut(), FINAL_DRAIN_MAX, &mut stages, &mut flows, &tx, &stats);
+    if let Some(mut rec) = stages.recorder {
         rec.flush().map_err(AgentError::Record)?;
     }
     Ok(())
 }
 
 /// What the read loop runs each record through.
-struct Stages<'a> {
-    pipeline: &'a mut Pipeline,
-    policy: &'a mut RecordPolicy,
-    recorder: &'a mut Option<crate::recording::Recorder>,
+struct Stages {
+    pipeline: Pipeline,
+    policy: RecordPolicy,
+    /// The kernel's exchange engine, unless --no-kernel-exchanges.
+    exchange: Option<crate::loader::exchange::ExchangeMaps>,
+    recorder: Option<crate::recording::Recorder>,
 }
 
 /// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
@@ -441,7 +444,7 @@ struct Stages<'a> {
 fn drain(
     rb: &mut RingBuf<MapData>,
     max: usize,
-    stages: &mut Stages<'_>,
+    stages: &mut Stages,
     flows: &mut Vec<hopwatch_proto::flow::Flow>,
     tx: &Outlet,
     stats: &PipelineStats,
@@ -455,10 +458,15 @@ fn drain(
             && let Err(e) = rec.record(&item)
         {
             tracing::error!(error = %e, "recording stopped");
-            *stages.recorder = None;
+            stages.recorder = None;
         }
         match decode(&item) {
-            Ok(ev) => stages.pipeline.on_event(&ev, flows),
+            Ok(ev) => {
+                stages.pipeline.on_event(&ev, flows);
+                let counted = stages.pipeline.take_counted();
+                stages.policy.count_not_recorded(counted.len() as u64);
+                stats.metrics.count_exchanges(counted);
+            }
             Err(e) => {
                 if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                     tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
@@ -483,7 +491,7 @@ fn drain(
 /// and the collector.
 fn ship(
     flows: &mut Vec<hopwatch_proto::flow::Flow>,
-    stages: &mut Stages<'_>,
+    stages: &mut Stages,
     now_ns: u64,
     tx: &Outlet,
     stats: &PipelineStats,

@@ -93,6 +93,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             PipelineOptions {
                 l7_timeout: std::time::Duration::from_secs(30),
                 redaction: Redaction::default(),
+                fast_path: false,
             },
         );
         for rec in &records {
@@ -101,6 +102,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
                 Ok(ev) => pipeline.on_event(&ev, &mut flows),
                 Err(_) => report.undecodable += 1,
             }
+            telemetry.count_exchanges(pipeline.take_counted());
             report.flows += flows.len() as u64;
             // What the agent does with each flow: count it in the metrics, wrap it for the
             // printer and the collector queue.

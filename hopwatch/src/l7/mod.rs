@@ -7,7 +7,10 @@ pub(crate) mod stream;
 
 use std::collections::VecDeque;
 
-use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, Tuple};
+use hopwatch_common::{
+    DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_SYSCALL, SRC_TLS, Tuple,
+    exchange::{EXCH_F_SERVER, ExchangeEvent, Promotion},
+};
 use rustc_hash::FxHashMap;
 
 use self::session::{Exchange, MessageParser, Session};
@@ -21,6 +24,11 @@ const PAIR_WINDOW: usize = 8;
 /// `Connection: close` exchange closes before the client reads the response).
 const CLOSED_REMEMBERED: usize = 4096;
 const DNS_PORT: u16 = 53;
+/// Exchanges a connection completes on the capture path before it is promoted to the kernel's
+/// exchange engine (all of them one request, one response).
+const PROMOTE_AFTER: u64 = 2;
+/// Promotions waiting for the agent to hand them to the kernel; beyond this none are made.
+const MAX_PROMOTIONS: usize = 4096;
 
 /// A completed (or timed-out) exchange, ready to become a flow.
 #[derive(Debug, Clone)]
@@ -46,6 +54,26 @@ pub(crate) struct Completed<Req, Resp> {
 pub(crate) struct TrackerStats {
     pub sessions_overflow: u64,
     pub unparsed_connections: u64,
+    /// Full records of the kernel's exchange engine whose request head did not parse (counted
+    /// in the hops from the kernel's measurement, not recorded).
+    pub fast_unparsed: u64,
+}
+
+/// An exchange the kernel measured and userspace only counts (no flow is built for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountedExchange {
+    pub cookie: u64,
+    pub server_side: bool,
+    pub latency_ns: u64,
+    pub failed: bool,
+}
+
+/// What an exchange record of the kernel's engine becomes.
+#[derive(Debug)]
+pub(crate) enum Measured<Req, Resp> {
+    /// Recorded in full: a flow.
+    Recorded(Completed<Req, Resp>),
+    Counted(CountedExchange),
 }
 
 /// The latencies of a socket's latest exchanges, by exchange index.
@@ -79,6 +107,18 @@ struct Tracked<P: MessageParser> {
     last_pid: u32,
     last_comm: [u8; 16],
     last_cgroup: u64,
+    engine: Engine,
+}
+
+/// Where a connection's exchanges are measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    /// From captured bytes, here.
+    Capture,
+    /// Handed to the kernel's exchange engine, whose records have not arrived yet.
+    Promoted,
+    /// The kernel's records arrive: the capture path's waiting requests are stale.
+    Kernel,
 }
 
 /// Builds a parser for a new connection from its first data event (the kernel's protocol guess,
@@ -94,6 +134,10 @@ pub(crate) struct L7Tracker<P: MessageParser> {
     /// Connections the peer reset, closed at their deadline (monotonic ns), in deadline order.
     closing: VecDeque<(u64, u64)>,
     make: ParserFactory<P>,
+    /// Promote alternating connections to the kernel's exchange engine.
+    fast_path: bool,
+    /// Promotions for the agent to hand to the kernel (socket cookie, promotion).
+    promotions: Vec<(u64, Promotion)>,
     pub stats: TrackerStats,
 }
 
@@ -105,8 +149,21 @@ impl<P: MessageParser> L7Tracker<P> {
             closed_order: VecDeque::new(),
             closing: VecDeque::new(),
             make,
+            fast_path: false,
+            promotions: Vec::new(),
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Promote connections to the kernel's exchange engine from now on.
+    pub(crate) fn with_fast_path(mut self, on: bool) -> Self {
+        self.fast_path = on;
+        self
+    }
+
+    /// The promotions made since the last call, for the kernel.
+    pub(crate) fn take_promotions(&mut self) -> Vec<(u64, Promotion)> {
+        std::mem::take(&mut self.promotions)
     }
 
     #[cfg(test)]
@@ -162,6 +219,7 @@ impl<P: MessageParser> L7Tracker<P> {
                     last_pid: 0,
                     last_comm: [0; 16],
                     last_cgroup: 0,
+                    engine: Engine::Capture,
                 },
             );
         }
@@ -188,6 +246,30 @@ impl<P: MessageParser> L7Tracker<P> {
         if done.is_empty() {
             return Vec::new();
         }
+        let last_index = done.last().map(|x| x.index);
+        if self.fast_path
+            && t.engine == Engine::Capture
+            && ev.source == SRC_SYSCALL
+            && !t.tls
+            && ev.turns != 0
+            && server_side.is_some()
+            && ev.tuple.protocol != IPPROTO_UDP
+            && last_index.is_some_and(|i| i + 1 >= PROMOTE_AFTER)
+            && t.session.parser().fast_path()
+            && t.session.alternating()
+            && self.promotions.len() < MAX_PROMOTIONS
+        {
+            t.engine = Engine::Promoted;
+            self.promotions.push((
+                cookie,
+                Promotion {
+                    anchor_index: last_index.unwrap_or(0),
+                    anchor_turns: ev.turns,
+                    server: u8::from(t.server_side),
+                    _pad: [0; 3],
+                },
+            ));
+        }
         let peer = peer();
         let (server_side, tls) = (t.server_side, t.tls);
         let (tuple, pid, comm, cgroup_id) = (t.last_tuple, t.last_pid, t.last_comm, t.last_cgroup);
@@ -207,6 +289,77 @@ impl<P: MessageParser> L7Tracker<P> {
                 }
             })
             .collect()
+    }
+
+    /// One exchange the kernel's engine measured on a promoted socket: counted, or (for a full
+    /// record, with the request's head and the response's first bytes) parsed into an exchange
+    /// as the capture path would have.
+    pub(crate) fn on_exchange(
+        &mut self,
+        ev: &ExchangeEvent,
+        full: Option<(&[u8], &[u8])>,
+        peer: impl FnOnce() -> Option<u64>,
+    ) -> Measured<P::Req, P::Resp> {
+        let cookie = ev.header.socket_cookie;
+        let latency_ns = ev.header.timestamp_ns.saturating_sub(ev.request_ns);
+        let counted = Measured::Counted(CountedExchange {
+            cookie,
+            server_side: ev.flags & EXCH_F_SERVER != 0,
+            latency_ns,
+            failed: ev.status >= 500,
+        });
+        let Some(t) = self.sessions.get_mut(&cookie) else { return counted };
+        if std::mem::replace(&mut t.engine, Engine::Kernel) != Engine::Kernel {
+            t.session.forget_pending();
+        }
+        t.latencies.remember(ev.index, latency_ns);
+        if ev.header.tgid != 0 {
+            t.last_pid = ev.header.tgid;
+        }
+        let Some((head, response)) = full else { return counted };
+        let probe =
+            DataEvent { protocol: ev.protocol, tuple: t.last_tuple, ..DataEvent::default() };
+        let port = if t.server_side { t.last_tuple.sport } else { t.last_tuple.dport };
+        let Some(parser) = (self.make)(&probe, port) else { return counted };
+        let mut s = Session::new(parser, 0);
+        s.on_request_data(head, u64::from(ev.request_bytes), ev.request_ns);
+        let ts = ev.header.timestamp_ns;
+        let mut exchange = if let Some(x) =
+            s.on_response_data(response, u64::from(ev.response_bytes), ts).pop()
+        {
+            x
+        } else {
+            // The response's first bytes end inside its headers: the status is the kernel's.
+            let (Some(req), Some(resp)) = (s.take_pending(), P::status_response(ev.status)) else {
+                self.stats.fast_unparsed += 1;
+                return counted;
+            };
+            Exchange {
+                request: req.msg,
+                response: Some(resp),
+                request_ns: req.last_ns,
+                response_ns: ts,
+                index: 0,
+            }
+        };
+        exchange.index = ev.index;
+        let peer_latency_ns = peer()
+            .and_then(|p| {
+                self.sessions.get(&p).map(|t| &t.latencies).or_else(|| self.closed.get(&p))
+            })
+            .and_then(|l| l.get(ev.index));
+        let t = &self.sessions[&cookie];
+        Measured::Recorded(Completed {
+            cookie,
+            exchange,
+            server_side: t.server_side,
+            tls: false,
+            peer_latency_ns,
+            tuple: t.last_tuple,
+            pid: t.last_pid,
+            comm: t.last_comm,
+            cgroup_id: t.last_cgroup,
+        })
     }
 
     /// Remembers this exchange's latency and returns the other end's, if already seen.

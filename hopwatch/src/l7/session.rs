@@ -41,6 +41,16 @@ pub(crate) trait MessageParser {
     fn server_first(_resp: &Self::Resp) -> Option<Self::Req> {
         None
     }
+    /// Whether the kernel's exchange engine can measure this protocol (see
+    /// `hopwatch_common::exchange`).
+    fn fast_path(&self) -> bool {
+        false
+    }
+    /// The response the kernel's exchange engine read as `status`, for when its first bytes do
+    /// not frame a whole response.
+    fn status_response(_status: u16) -> Option<Self::Resp> {
+        None
+    }
 }
 
 /// A request and, unless it timed out, its response.
@@ -84,6 +94,8 @@ pub(crate) struct Session<P: MessageParser> {
     opened_ns: u64,
     /// A request or a response was framed: a response now is no longer the server's first word.
     started: bool,
+    /// A request was sent while another waited for its answer.
+    pipelined: bool,
     pub unmatched_responses: u64,
     pub pending_overflow: u64,
 }
@@ -98,6 +110,7 @@ impl<P: MessageParser> Session<P> {
             next_index: 0,
             opened_ns,
             started: false,
+            pipelined: false,
             unmatched_responses: 0,
             pending_overflow: 0,
         }
@@ -122,6 +135,7 @@ impl<P: MessageParser> Session<P> {
             if !P::expects_response(&m.msg) {
                 continue;
             }
+            self.pipelined |= !self.pending.is_empty();
             if self.pending.len() >= MAX_PENDING {
                 self.pending.pop_front();
                 self.pending_overflow += 1;
@@ -206,6 +220,29 @@ impl<P: MessageParser> Session<P> {
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    pub(crate) fn parser(&self) -> &P {
+        &self.parser
+    }
+
+    /// Every exchange so far was one request answered by one response, nothing is waiting, and
+    /// nothing was lost: what the kernel's exchange engine takes over from.
+    pub(crate) fn alternating(&self) -> bool {
+        !self.pipelined
+            && self.pending.is_empty()
+            && self.unmatched_responses == 0
+            && self.pending_overflow == 0
+    }
+
+    /// The requests waiting for an answer, dropped: the kernel measures the connection now.
+    pub(crate) fn forget_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// The oldest request waiting for an answer.
+    pub(crate) fn take_pending(&mut self) -> Option<Message<P::Req>> {
+        self.pending.pop_front()
     }
 }
 

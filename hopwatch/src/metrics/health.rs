@@ -312,12 +312,20 @@ impl Health {
         self.hidden.set(reason, total);
     }
 
-    /// Running totals of the pipeline: tables full, and connections no parser took (their L7 is
-    /// not parsed: a parse failure of the whole connection).
-    pub(crate) fn tables_full(&self, conn_table: u64, l7_sessions: u64, unparsed_connections: u64) {
+    /// Running totals of the pipeline: tables full, connections no parser took (their L7 is
+    /// not parsed: a parse failure of the whole connection), and full records of the kernel's
+    /// exchange engine whose request did not parse (counted in the hops, not recorded).
+    pub(crate) fn tables_full(
+        &self,
+        conn_table: u64,
+        l7_sessions: u64,
+        unparsed_connections: u64,
+        kernel_exchanges: u64,
+    ) {
         self.tables_full.set("conntrack", conn_table);
         self.tables_full.set("l7_sessions", l7_sessions);
         self.parse_failures.set("l7_connection", unparsed_connections);
+        self.parse_failures.set("l7_kernel_exchange", kernel_exchanges);
     }
 
     pub(crate) fn hop_state(&self, overflowed: u64, evicted: u64) {

@@ -112,7 +112,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 3],
+    pipeline: [AtomicU64; 4],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -206,6 +206,22 @@ impl Telemetry {
         i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).observe(flow, now);
     }
 
+    /// Counts exchanges the kernel measured that are not recorded as flows, in their hops.
+    pub(crate) fn count_exchanges(
+        &self,
+        exchanges: impl ExactSizeIterator<Item = crate::l7::CountedExchange>,
+    ) {
+        let Some(i) = &self.inner else { return };
+        if exchanges.len() == 0 {
+            return;
+        }
+        let now = wall_now_ns();
+        let mut hops = i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for x in exchanges {
+            hops.observe_exchange(x.cookie, x.latency_ns, x.failed, now);
+        }
+    }
+
     /// The event reader is alive (called on every loop, with the pipeline's running totals).
     /// Its first loop also makes the agent ready: the programs are attached and their events
     /// are being read.
@@ -217,11 +233,13 @@ impl Telemetry {
                 conn_table_overflow,
                 l7_unparsed_connections,
                 l7_sessions_overflow,
+                l7_fast_unparsed,
             } = counters;
             for (slot, v) in i.pipeline.iter().zip([
                 conn_table_overflow,
                 l7_sessions_overflow,
                 l7_unparsed_connections,
+                l7_fast_unparsed,
             ]) {
                 slot.store(v, Ordering::Relaxed);
             }
@@ -323,9 +341,9 @@ impl Telemetry {
                 bpf::program_runs(ids).into_iter().filter(|(_, n, _)| *n > 0).collect();
             i.health.programs(&runs);
         }
-        let [conn_table, l7_sessions, unparsed] =
+        let [conn_table, l7_sessions, unparsed, fast_unparsed] =
             i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
-        i.health.tables_full(conn_table, l7_sessions, unparsed);
+        i.health.tables_full(conn_table, l7_sessions, unparsed, fast_unparsed);
         if let Some(g) = i.ringbuf.get() {
             i.health.ringbuf_used.set(i64::try_from(g.used_bytes()).unwrap_or(i64::MAX));
         }

@@ -1,0 +1,257 @@
+//! The fast path of L7 capture: exchanges of promoted sockets measured here, one record each
+//! (see `hopwatch_common::exchange` for the protocol between the two sides).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{
+            bpf_probe_read_kernel, bpf_probe_read_user as probe_read_user_raw, bpf_sk_storage_get,
+        },
+    },
+};
+use hopwatch_common::{
+    Counter, DIR_INGRESS, KernelOffsets, KernelSettings, L7Conn, PROTO_HTTP,
+    exchange::{
+        EXCH_F_FULL, EXCH_F_SERVER, EXCHANGE_HEAD, EXCHANGE_RESPONSE, ExchangeEvent,
+        ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
+        http_status, sample_key,
+    },
+};
+
+use crate::{
+    emit::{reserve, wakeup_flags},
+    kernel::{read_at, read_user},
+    l7::{UserData, syscall_data},
+    maps::{EXCHANGE_CONTROL, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS, count},
+};
+
+/// Status code that switches protocols (`101`): the connection stops being HTTP/1.
+const SWITCHING_PROTOCOLS: u16 = 101;
+
+/// Handles one call on a promoted socket. False when the call goes to the capture path instead:
+/// the answer to a request sent before the promotion, or a response the fast path cannot read
+/// (the socket is demoted).
+///
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *`; `conn` points at the socket's `L7CONNS` value.
+#[inline(always)]
+pub unsafe fn on_call(
+    sk: *const c_void,
+    cookie: u64,
+    conn: *mut L7Conn,
+    len: u32,
+    direction: u8,
+    pid_tgid: u64,
+    o: &KernelOffsets,
+) -> bool {
+    // SAFETY: `sk` is a trusted socket pointer (the caller's contract); a null value asks the
+    // kernel to create zeroed storage.
+    let x = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&EXCHANGES).cast_mut().cast(),
+            sk.cast_mut(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<ExchangeState>();
+    // SAFETY: `conn` is a live map value (the caller's contract).
+    let c = unsafe { &mut *conn };
+    if x.is_null() {
+        count(Counter::ExchangeNoStorage);
+        c.fast = 0;
+        return false;
+    }
+    // SAFETY: socket storage of this socket, valid while the program runs.
+    let x = unsafe { &mut *x };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let request = (direction == DIR_INGRESS) == (c.server != 0);
+    if request {
+        if x.phase != PHASE_REQUEST {
+            x.phase = PHASE_REQUEST;
+            x.request_bytes = 0;
+            let cap = HOPWATCH_SETTINGS.load().capture_bytes;
+            x.head_len = match syscall_data(o, pid_tgid).and_then(first_chunk) {
+                Some((ptr, n)) => copy_head(&mut x.head, ptr, n.min(len).min(cap)),
+                None => 0,
+            };
+        }
+        x.request_bytes = x.request_bytes.saturating_add(len);
+        x.request_ns = now;
+        return true;
+    }
+    match x.phase {
+        PHASE_RESPONSE => return true,
+        PHASE_IDLE => return false,
+        _ => {}
+    }
+    let chunk = syscall_data(o, pid_tgid).and_then(first_chunk);
+    let line = chunk.and_then(|(ptr, _)| read_user::<[u8; 16]>(ptr));
+    let status = line.as_ref().and_then(http_status);
+    let Some(status) = status.filter(|&s| s != SWITCHING_PROTOCOLS) else {
+        // Not a response the fast path can measure: the capture path takes the socket back, and
+        // this exchange is counted as lost.
+        count(Counter::ExchangeDemoted);
+        c.fast = 0;
+        x.phase = PHASE_IDLE;
+        return false;
+    };
+    x.phase = PHASE_RESPONSE;
+    let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns);
+    let latency = now.saturating_sub(x.request_ns);
+    let settings = HOPWATCH_SETTINGS.load();
+    let skb = sk.cast::<u8>();
+    let ports = || {
+        let sport = read_at::<u16>(skb, o.sk_num).unwrap_or(0);
+        let dport = u16::from_be(read_at::<u16>(skb, o.sk_dport).unwrap_or(0));
+        (sport, dport)
+    };
+    let full = status >= 500
+        || latency >= settings.exchange_slow_ns
+        || followed()
+        || under_rate(now, &settings)
+        || {
+            let (a, b) = ports();
+            sample_key(a, b, index) % u64::from(settings.exchange_sample.max(1)) == 0
+        };
+    let fields = Fields {
+        request_ns: x.request_ns,
+        index,
+        request_bytes: x.request_bytes,
+        response_bytes: len,
+        status,
+        flags: if c.server != 0 { EXCH_F_SERVER } else { 0 },
+        pid_tgid,
+    };
+    if full {
+        let Some(mut entry) = reserve::<ExchangeRecord>(now, cookie) else { return true };
+        let rec = entry.as_mut_ptr();
+        // SAFETY: `rec` is a reserved, zeroed, stamped record; the copies stay inside its arrays.
+        unsafe {
+            fields.fill(&mut (*rec).event);
+            (*rec).event.flags |= EXCH_F_FULL;
+            (*rec).event.head_len = x.head_len;
+            if let Some((ptr, n)) = chunk {
+                (*rec).event.response_len = copy_response(&mut (*rec).response, ptr, n.min(len));
+            }
+            let _ = bpf_probe_read_kernel(
+                (*rec).head.as_mut_ptr().cast(),
+                EXCHANGE_HEAD as u32,
+                x.head.as_ptr().cast(),
+            );
+        }
+        entry.submit(wakeup_flags());
+    } else {
+        let Some(mut entry) = reserve::<ExchangeEvent>(now, cookie) else { return true };
+        // SAFETY: a reserved, zeroed, stamped event.
+        unsafe { fields.fill(&mut *entry.as_mut_ptr()) };
+        entry.submit(wakeup_flags());
+    }
+    count(Counter::KernelExchanges);
+    true
+}
+
+/// What an exchange's record says besides its header's stamp.
+struct Fields {
+    request_ns: u64,
+    index: u64,
+    request_bytes: u32,
+    response_bytes: u32,
+    status: u16,
+    flags: u8,
+    pid_tgid: u64,
+}
+
+impl Fields {
+    #[inline(always)]
+    fn fill(&self, e: &mut ExchangeEvent) {
+        e.header.pid = self.pid_tgid as u32;
+        e.header.tgid = (self.pid_tgid >> 32) as u32;
+        e.request_ns = self.request_ns;
+        e.index = self.index;
+        e.request_bytes = self.request_bytes;
+        e.response_bytes = self.response_bytes;
+        e.status = self.status;
+        e.protocol = PROTO_HTTP;
+        e.flags = self.flags;
+    }
+}
+
+/// Someone follows the flows: every exchange is recorded in full.
+#[inline(always)]
+fn followed() -> bool {
+    EXCHANGE_CONTROL.get(0).is_some_and(|&f| f != 0)
+}
+
+/// This CPU may still record an exchange in full this second (0: no limit).
+#[inline(always)]
+fn under_rate(now: u64, settings: &KernelSettings) -> bool {
+    if settings.exchange_rate_per_cpu == 0 {
+        return true;
+    }
+    let Some(t) = EXCHANGE_TOKENS.get_ptr_mut(0) else { return false };
+    // SAFETY: per-CPU value, only this program touches it on this CPU while it runs.
+    let t = unsafe { &mut *t };
+    let second = now / 1_000_000_000;
+    if t[0] != second {
+        t[0] = second;
+        t[1] = 0;
+    }
+    if t[1] < u64::from(settings.exchange_rate_per_cpu) {
+        t[1] += 1;
+        true
+    } else {
+        false
+    }
+}
+
+/// The first buffer of a syscall's data and its length (`u32::MAX` for a flat buffer, whose
+/// length is the call's).
+#[inline(always)]
+fn first_chunk(user: UserData) -> Option<(u64, u32)> {
+    if user.iov_count == 0 {
+        return Some((user.ptr, u32::MAX));
+    }
+    let v = read_user::<[u64; 2]>(user.ptr)?;
+    Some((v[0], u32::try_from(v[1]).unwrap_or(u32::MAX)))
+}
+
+/// Copies up to `n` bytes of user memory at `src` into `head`; returns how many were copied.
+#[inline(always)]
+fn copy_head(head: &mut [u8; EXCHANGE_HEAD], src: u64, n: u32) -> u16 {
+    // The verifier must see the bound: launder the value so the compiler keeps the mask.
+    // SAFETY: a read of a local.
+    let mut n = unsafe { core::ptr::read_volatile(&raw const n) } as usize;
+    if n > EXCHANGE_HEAD {
+        n = EXCHANGE_HEAD;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: `n <= EXCHANGE_HEAD` bytes into `head`; a bad user address copies nothing.
+    let rc =
+        unsafe { probe_read_user_raw(head.as_mut_ptr().cast(), n as u32, src as *const c_void) };
+    if rc < 0 { 0 } else { n as u16 }
+}
+
+/// [`copy_head`] for the response's first bytes.
+#[inline(always)]
+fn copy_response(dst: &mut [u8; EXCHANGE_RESPONSE], src: u64, n: u32) -> u16 {
+    // SAFETY: a read of a local.
+    let mut n = unsafe { core::ptr::read_volatile(&raw const n) } as usize;
+    if n > EXCHANGE_RESPONSE {
+        n = EXCHANGE_RESPONSE;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: `n <= EXCHANGE_RESPONSE` bytes into `dst`.
+    let rc =
+        unsafe { probe_read_user_raw(dst.as_mut_ptr().cast(), n as u32, src as *const c_void) };
+    if rc < 0 { 0 } else { n as u16 }
+}
