@@ -38,6 +38,9 @@ pub const PHASE_RESPONSE: u8 = 2;
 pub const EXCH_F_FULL: u8 = 1 << 0;
 /// [`ExchangeEvent::flags`]: the socket is the server end of the connection.
 pub const EXCH_F_SERVER: u8 = 1 << 1;
+/// [`ExchangeEvent::flags`]: the connection closed before the response started (the record's
+/// time is the close; `status` is 0).
+pub const EXCH_F_UNANSWERED: u8 = 1 << 2;
 
 /// Per-socket state of the fast path, in the socket's storage (freed with the socket).
 #[repr(C)]

@@ -15,9 +15,9 @@ use aya_ebpf::{
 use hopwatch_common::{
     Counter, DIR_INGRESS, KernelOffsets, KernelSettings, L7Conn, PROTO_HTTP,
     exchange::{
-        EXCH_F_FULL, EXCH_F_SERVER, EXCHANGE_HEAD, EXCHANGE_RESPONSE, ExchangeEvent,
-        ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
-        http_status, sample_key,
+        EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, EXCHANGE_RESPONSE,
+        ExchangeEvent, ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE,
+        exchange_index, http_status, sample_key,
     },
 };
 
@@ -25,7 +25,7 @@ use crate::{
     emit::{reserve, wakeup_flags},
     kernel::{read_at, read_user},
     l7::{UserData, syscall_data},
-    maps::{EXCHANGE_CONTROL, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS, count},
+    maps::{EXCHANGE_CONTROL, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS, L7CONNS, count},
 };
 
 /// Status code that switches protocols (`101`): the connection stops being HTTP/1.
@@ -180,6 +180,63 @@ impl Fields {
         e.protocol = PROTO_HTTP;
         e.flags = self.flags;
     }
+}
+
+/// The socket closed: an exchange whose request was sent and whose response never started is
+/// reported unanswered, in full (it is an error).
+///
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *`.
+#[inline(always)]
+pub unsafe fn on_close(sk: *const c_void, cookie: u64) {
+    // SAFETY: `sk` is a trusted socket pointer (the caller's contract); no creation.
+    let x = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&EXCHANGES).cast_mut().cast(),
+            sk.cast_mut(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<ExchangeState>();
+    if x.is_null() {
+        return;
+    }
+    // SAFETY: socket storage of this socket, valid while the program runs.
+    let x = unsafe { &mut *x };
+    if x.phase != PHASE_REQUEST {
+        return;
+    }
+    x.phase = PHASE_IDLE;
+    // SAFETY: map value, copied out at once.
+    let Some(c) = (unsafe { L7CONNS.get(cookie) }).copied() else { return };
+    // SAFETY: no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(mut entry) = reserve::<ExchangeRecord>(now, cookie) else { return };
+    let rec = entry.as_mut_ptr();
+    let fields = Fields {
+        request_ns: x.request_ns,
+        // The response would have started at the next turn.
+        index: exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1)),
+        request_bytes: x.request_bytes,
+        response_bytes: 0,
+        status: 0,
+        flags: EXCH_F_FULL | EXCH_F_UNANSWERED | if c.server != 0 { EXCH_F_SERVER } else { 0 },
+        pid_tgid: 0,
+    };
+    // SAFETY: `rec` is a reserved, zeroed, stamped record; the copy stays inside its head.
+    unsafe {
+        fields.fill(&mut (*rec).event);
+        (*rec).event.head_len = x.head_len;
+        let _ = bpf_probe_read_kernel(
+            (*rec).head.as_mut_ptr().cast(),
+            EXCHANGE_HEAD as u32,
+            x.head.as_ptr().cast(),
+        );
+    }
+    entry.submit(wakeup_flags());
+    count(Counter::KernelExchanges);
 }
 
 /// Someone follows the flows: every exchange is recorded in full.

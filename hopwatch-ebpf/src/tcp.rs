@@ -98,6 +98,8 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
             TCP_CLOSE,
         ) => {
             let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
+            // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
+            unsafe { crate::exchange::on_close(sk, cookie) };
             emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32);
             let _ = CONNS.remove(cookie);
         }

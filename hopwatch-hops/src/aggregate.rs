@@ -221,11 +221,12 @@ fn apply_tcp(
     Outcome::Counted
 }
 
-/// Adds one exchange measured in the kernel on socket `cookie` to its hop; `Ignored` when no
-/// exchange flow of that socket was seen (its hop is unknown).
+/// Adds one exchange measured in the kernel on socket `cookie` to its hop (`latency_ns` `None`
+/// for an unanswered one); `Ignored` when no exchange flow of that socket was seen (its hop is
+/// unknown).
 pub fn apply_exchange(
     cookie: u64,
-    latency_ns: u64,
+    latency_ns: Option<u64>,
     failed: bool,
     at_ns: u64,
     cx: &Context,
@@ -234,8 +235,13 @@ pub fn apply_exchange(
     let Some((key, side)) = cx.exchange_hop(cookie) else { return Outcome::Ignored };
     let (s, _) = table.side_mut(key, *side, at_ns);
     s.requests += 1;
-    s.errors += u64::from(failed);
-    s.latency.record(latency_ns);
+    if let Some(ns) = latency_ns {
+        s.errors += u64::from(failed);
+        s.latency.record(ns);
+    } else {
+        s.errors += 1;
+        s.timeouts += 1;
+    }
     Outcome::Counted
 }
 

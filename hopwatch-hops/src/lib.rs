@@ -146,7 +146,7 @@ impl Aggregator {
     pub fn observe_exchange(
         &mut self,
         cookie: u64,
-        latency_ns: u64,
+        latency_ns: Option<u64>,
         failed: bool,
         now_ns: u64,
     ) -> Outcome {

@@ -54,6 +54,27 @@ fn requests_errors_and_latency_buckets() {
 }
 
 #[test]
+fn exchanges_measured_in_the_kernel_count_on_the_hop_of_their_socket() {
+    let mut a = agg();
+    let mut first = l7(APP, DB, T0, 10 * MS, false, "");
+    first.socket_cookie = 7;
+    a.observe(&first, T0);
+    for _ in 0..97 {
+        assert_eq!(a.observe_exchange(7, Some(10 * MS), false, T0 + MS), Outcome::Counted);
+    }
+    a.observe_exchange(7, Some(100 * MS), true, T0 + MS);
+    a.observe_exchange(7, None, true, T0 + MS);
+    assert_eq!(a.observe_exchange(8, Some(MS), false, T0), Outcome::Ignored, "hop unknown");
+    let r = only_row(&a);
+    assert_eq!((r.requests, r.errors, r.timeouts), (100, 2, 1));
+    let lat = r.client_latency.unwrap();
+    assert_eq!((lat.count, lat.max_ns), (99, 100 * MS), "an unanswered one has no latency");
+    // The socket closed: its later exchanges have no hop.
+    a.observe(&tcp(APP, DB, T0 + 2 * MS, SocketEvent::Close, 7, TcpStats::default()), T0);
+    assert_eq!(a.observe_exchange(7, Some(MS), false, T0), Outcome::Ignored);
+}
+
+#[test]
 fn both_ends_of_an_exchange_count_once_with_two_latencies() {
     let mut a = agg();
     for i in 0..20 {

@@ -148,6 +148,35 @@ mod tests {
     }
 
     #[test]
+    fn decodes_exchange_records_with_and_without_their_bytes() {
+        let mut ev = ExchangeEvent::default();
+        ev.header.kind = EventKind::Exchange as u32;
+        ev.status = 503;
+        let b = bytes_of(&ev);
+        assert!(matches!(decode(&b), Ok(KernelEvent::Exchange(x, None)) if x.status == 503));
+        ev.flags = EXCH_F_FULL;
+        ev.head_len = 3;
+        ev.response_len = 2;
+        let mut b = bytes_of(&ev);
+        let mut head = vec![0u8; EXCHANGE_HEAD];
+        head[..3].copy_from_slice(b"GET");
+        b.extend_from_slice(&head);
+        assert!(
+            matches!(decode(&b), Err(DecodeError::Short { .. })),
+            "a full record without its response bytes is rejected, not over-read"
+        );
+        let mut resp = vec![0u8; EXCHANGE_RESPONSE];
+        resp[..2].copy_from_slice(b"HT");
+        b.extend_from_slice(&resp);
+        match decode(&b).expect("decodes") {
+            KernelEvent::Exchange(_, Some((head, resp))) => {
+                assert_eq!((head, resp), (&b"GET"[..], &b"HT"[..]));
+            }
+            other => panic!("wrong kind: {other:?}"),
+        }
+    }
+
+    #[test]
     fn decodes_a_data_event_with_its_payload() {
         let mut ev = DataEvent::default();
         ev.header.kind = EventKind::Data as u32;

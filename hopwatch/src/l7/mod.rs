@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use hopwatch_common::{
     DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_SYSCALL, SRC_TLS, Tuple,
-    exchange::{EXCH_F_SERVER, ExchangeEvent, Promotion},
+    exchange::{EXCH_F_SERVER, EXCH_F_UNANSWERED, ExchangeEvent, Promotion},
 };
 use rustc_hash::FxHashMap;
 
@@ -64,7 +64,8 @@ pub(crate) struct TrackerStats {
 pub struct CountedExchange {
     pub cookie: u64,
     pub server_side: bool,
-    pub latency_ns: u64,
+    /// `None`: the request was never answered (the connection closed first).
+    pub latency_ns: Option<u64>,
     pub failed: bool,
 }
 
@@ -301,18 +302,21 @@ impl<P: MessageParser> L7Tracker<P> {
         peer: impl FnOnce() -> Option<u64>,
     ) -> Measured<P::Req, P::Resp> {
         let cookie = ev.header.socket_cookie;
+        let unanswered = ev.flags & EXCH_F_UNANSWERED != 0;
         let latency_ns = ev.header.timestamp_ns.saturating_sub(ev.request_ns);
         let counted = Measured::Counted(CountedExchange {
             cookie,
             server_side: ev.flags & EXCH_F_SERVER != 0,
-            latency_ns,
-            failed: ev.status >= 500,
+            latency_ns: (!unanswered).then_some(latency_ns),
+            failed: unanswered || ev.status >= 500,
         });
         let Some(t) = self.sessions.get_mut(&cookie) else { return counted };
         if std::mem::replace(&mut t.engine, Engine::Kernel) != Engine::Kernel {
             t.session.forget_pending();
         }
-        t.latencies.remember(ev.index, latency_ns);
+        if !unanswered {
+            t.latencies.remember(ev.index, latency_ns);
+        }
         if ev.header.tgid != 0 {
             t.last_pid = ev.header.tgid;
         }
@@ -324,21 +328,26 @@ impl<P: MessageParser> L7Tracker<P> {
         let mut s = Session::new(parser, 0);
         s.on_request_data(head, u64::from(ev.request_bytes), ev.request_ns);
         let ts = ev.header.timestamp_ns;
-        let mut exchange = if let Some(x) =
+        let framed = if unanswered {
+            None
+        } else {
             s.on_response_data(response, u64::from(ev.response_bytes), ts).pop()
-        {
+        };
+        let mut exchange = if let Some(x) = framed {
             x
         } else {
-            // The response's first bytes end inside its headers: the status is the kernel's.
-            let (Some(req), Some(resp)) = (s.take_pending(), P::status_response(ev.status)) else {
+            // Unanswered, or the response's first bytes end inside its headers (the status is
+            // the kernel's).
+            let response = if unanswered { None } else { P::status_response(ev.status) };
+            let (Some(req), true) = (s.take_pending(), unanswered || response.is_some()) else {
                 self.stats.fast_unparsed += 1;
                 return counted;
             };
             Exchange {
                 request: req.msg,
-                response: Some(resp),
+                response,
                 request_ns: req.last_ns,
-                response_ns: ts,
+                response_ns: if unanswered { 0 } else { ts },
                 index: 0,
             }
         };
@@ -563,5 +572,108 @@ mod tests {
         assert_eq!(t.sessions(), 0);
         t.close_after(6, 2000);
         assert!(t.close_due(u64::MAX).is_empty(), "no session, nothing kept");
+    }
+
+    /// A data event of socket `cookie` (client end, port 40000 → 80) after `turns` turns.
+    fn turn(cookie: u64, dir: u8, ts: u64, turns: u32) -> DataEvent {
+        let mut e = ev(cookie, dir, ts, 40000, 80);
+        e.tuple.protocol = hopwatch_common::IPPROTO_TCP;
+        e.turns = turns;
+        e
+    }
+
+    #[test]
+    fn alternating_connections_are_promoted_at_an_exchange_they_framed() {
+        let mut t = tracker().with_fast_path(true);
+        let mut turns = 0;
+        for i in 0..3u64 {
+            turns += 1;
+            t.on_data(&turn(1, DIR_EGRESS, i * 100, turns), b"1:q", Some(false), None);
+            turns += 1;
+            t.on_data(&turn(1, DIR_INGRESS, i * 100 + 50, turns), b"1:r", Some(false), None);
+        }
+        let promoted = t.take_promotions();
+        assert_eq!(promoted.len(), 1, "once, after the second exchange");
+        let (cookie, p) = promoted[0];
+        assert_eq!((cookie, p.anchor_index, p.anchor_turns, p.server), (1, 1, 4, 0));
+
+        // Two requests in one call, then their answers: never promoted.
+        let two = |dir, ts, turns| DataEvent { len: 6, ..turn(2, dir, ts, turns) };
+        t.on_data(&two(DIR_EGRESS, 0, 1), b"1:a1:b", Some(false), None);
+        t.on_data(&two(DIR_INGRESS, 10, 2), b"1:x1:y", Some(false), None);
+        t.on_data(&turn(2, DIR_EGRESS, 20, 3), b"1:c", Some(false), None);
+        t.on_data(&turn(2, DIR_INGRESS, 30, 4), b"1:z", Some(false), None);
+        // A role only guessed from the ports: never promoted either.
+        for (i, dir) in [DIR_EGRESS, DIR_INGRESS, DIR_EGRESS, DIR_INGRESS].into_iter().enumerate() {
+            let n = u32::try_from(i).expect("small") + 1;
+            t.on_data(&turn(3, dir, u64::from(n) * 10, n), b"1:q", None, None);
+        }
+        let p = t.take_promotions();
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    fn record(cookie: u64, index: u64, request_ns: u64, at: u64, flags: u8) -> ExchangeEvent {
+        let mut x = ExchangeEvent {
+            request_ns,
+            index,
+            status: 200,
+            protocol: PROTO_HTTP,
+            ..ExchangeEvent::default()
+        };
+        x.header.socket_cookie = cookie;
+        x.header.timestamp_ns = at;
+        x.request_bytes = 3;
+        x.response_bytes = 3;
+        x.flags = flags;
+        x
+    }
+
+    #[test]
+    fn kernel_records_are_counted_or_parsed_and_pair_across_the_hop() {
+        use hopwatch_common::exchange::EXCH_F_FULL;
+        let mut t = tracker().with_fast_path(true);
+        // Both ends known: client 1, server 2 (one exchange each on the capture path).
+        t.on_data(&ev(1, DIR_EGRESS, 0, 40000, 80), b"1:q", Some(false), Some(2));
+        t.on_data(&ev(2, DIR_INGRESS, 1, 80, 40000), b"1:q", Some(true), Some(1));
+        t.on_data(&ev(1, DIR_EGRESS, 5, 40000, 80), b"1:w", Some(false), Some(2));
+        // The server's record of exchange 7 is only counted...
+        let Measured::Counted(c) =
+            t.on_exchange(&record(2, 7, 100, 140, EXCH_F_SERVER), None, || Some(1))
+        else {
+            panic!("a record without bytes is counted")
+        };
+        assert_eq!(
+            c,
+            CountedExchange { cookie: 2, server_side: true, latency_ns: Some(40), failed: false }
+        );
+        // ...and the client's full record of it is an exchange paired with the server's time.
+        let full = record(1, 7, 90, 160, EXCH_F_FULL);
+        let Measured::Recorded(x) = t.on_exchange(&full, Some((b"1:q", b"1:r")), || Some(2)) else {
+            panic!("a full record parses")
+        };
+        assert_eq!((x.exchange.request.as_str(), x.exchange.response.as_deref()), ("q", Some("r")));
+        assert_eq!((x.exchange.index, x.exchange.latency_ns()), (7, 70));
+        assert_eq!(x.peer_latency_ns, Some(40));
+        assert!(t.close(1).is_empty(), "the capture path's waiting request was dropped");
+
+        // A response whose first bytes do not frame it: the kernel's status stands in.
+        let cut = record(2, 8, 200, 230, EXCH_F_FULL | EXCH_F_SERVER);
+        let Measured::Recorded(x) = t.on_exchange(&cut, Some((b"1:q", b"99")), || None) else {
+            panic!("the request parses")
+        };
+        assert_eq!(x.exchange.response.as_deref(), Some("status 200"));
+        // The connection closed on a request: unanswered, a failed exchange without latency.
+        let gone = record(2, 9, 300, 900, EXCH_F_FULL | EXCH_F_SERVER | EXCH_F_UNANSWERED);
+        let Measured::Recorded(x) = t.on_exchange(&gone, Some((b"1:q", b"")), || None) else {
+            panic!("the request parses")
+        };
+        assert_eq!((x.exchange.response, x.exchange.request_ns), (None, 300));
+        // A head that does not parse is still counted, from the kernel's measurement.
+        let bad = record(2, 10, 1000, 1010, EXCH_F_FULL | EXCH_F_SERVER);
+        assert!(matches!(
+            t.on_exchange(&bad, Some((b"x", b"1:r")), || None),
+            Measured::Counted(CountedExchange { latency_ns: Some(10), .. })
+        ));
+        assert_eq!(t.stats.fast_unparsed, 1);
     }
 }

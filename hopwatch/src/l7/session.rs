@@ -271,6 +271,12 @@ pub(crate) mod tests {
         fn answers(req: &String, resp: &String) -> bool {
             resp.strip_prefix('!').is_none_or(|id| id == req)
         }
+        fn fast_path(&self) -> bool {
+            true
+        }
+        fn status_response(status: u16) -> Option<String> {
+            Some(format!("status {status}"))
+        }
     }
 
     #[test]
