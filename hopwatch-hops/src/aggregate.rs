@@ -37,8 +37,21 @@ pub enum Outcome {
     Ignored,
 }
 
-/// Sockets whose exchanges are remembered by hop; beyond this the oldest half is forgotten.
+/// Sockets whose exchanges are remembered by hop; beyond this they are forgotten.
 const EXCHANGE_SOCKETS_MAX: usize = 262_144;
+/// Sockets whose exchanges wait for their hop to be known; beyond this new ones are not kept.
+const AWAITING_MAX: usize = 16_384;
+
+/// Exchanges of a socket counted before any exchange flow of it named its hop (that flow can be
+/// held back a while, e.g. while the identity of its ends is looked up).
+#[derive(Debug, Default)]
+struct Awaiting {
+    requests: u64,
+    errors: u64,
+    timeouts: u64,
+    latency: crate::histogram::Histogram,
+    last_ns: u64,
+}
 
 /// The node-wide state the table updates share: identities and open sockets.
 #[derive(Debug, Default)]
@@ -48,9 +61,27 @@ pub struct Context {
     /// The hop and side of each socket that carried an exchange flow: exchanges counted without a
     /// flow (measured in the kernel) go there.
     exchange_sockets: std::collections::HashMap<u64, (HopKey, Side)>,
+    awaiting: std::collections::HashMap<u64, Awaiting>,
+    /// Exchanges whose socket's hop never became known (the socket closed first, or too many
+    /// sockets waited): counted here, in no hop.
+    pub exchanges_without_hop: u64,
 }
 
 impl Context {
+    /// Forgets the exchanges of sockets whose hop is still unknown after `cutoff_ns` (their
+    /// flows were left out, e.g. the agent's own traffic), counting them.
+    pub fn sweep_awaiting(&mut self, cutoff_ns: u64) {
+        let mut lost = 0;
+        self.awaiting.retain(|_, w| {
+            let keep = w.last_ns >= cutoff_ns;
+            if !keep {
+                lost += w.requests;
+            }
+            keep
+        });
+        self.exchanges_without_hop += lost;
+    }
+
     /// The hop and side the socket `cookie`'s exchanges count on, once one of its exchange flows
     /// was seen.
     #[must_use]
@@ -144,6 +175,13 @@ fn apply_l7(
             cx.exchange_sockets.clear();
         }
         cx.exchange_sockets.insert(flow.socket_cookie, (key.clone(), side));
+        if let Some(w) = cx.awaiting.remove(&flow.socket_cookie) {
+            let (s, _) = table.side_mut(key, side, w.last_ns.max(at_ns));
+            s.requests += w.requests;
+            s.errors += w.errors;
+            s.timeouts += w.timeouts;
+            s.latency.merge(&w.latency);
+        }
     }
     let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
     let (s, _) = table.side_mut(key, side, at_ns);
@@ -198,6 +236,9 @@ fn apply_tcp(
         SocketEvent::Update => cx.ledger.report(&node_name, cookie, key, side, totals, at_ns),
         SocketEvent::Close => {
             cx.exchange_sockets.remove(&cookie);
+            if let Some(w) = cx.awaiting.remove(&cookie) {
+                cx.exchanges_without_hop += w.requests;
+            }
             cx.ledger.close(&node_name, cookie, totals)
         }
         SocketEvent::ConnectFailed => {
@@ -222,25 +263,36 @@ fn apply_tcp(
 }
 
 /// Adds one exchange measured in the kernel on socket `cookie` to its hop (`latency_ns` `None`
-/// for an unanswered one); `Ignored` when no exchange flow of that socket was seen (its hop is
-/// unknown).
+/// for an unanswered one). Until an exchange flow of that socket names its hop, its exchanges
+/// wait (and count there once it does).
 pub fn apply_exchange(
     cookie: u64,
     latency_ns: Option<u64>,
     failed: bool,
     at_ns: u64,
-    cx: &Context,
+    cx: &mut Context,
     table: &mut HopTable,
 ) -> Outcome {
-    let Some((key, side)) = cx.exchange_hop(cookie) else { return Outcome::Ignored };
-    let (s, _) = table.side_mut(key, *side, at_ns);
-    s.requests += 1;
+    let (requests, errors, timeouts, latency) =
+        if let Some((key, side)) = cx.exchange_sockets.get(&cookie) {
+            let (s, _) = table.side_mut(key, *side, at_ns);
+            (&mut s.requests, &mut s.errors, &mut s.timeouts, &mut s.latency)
+        } else {
+            if cx.awaiting.len() >= AWAITING_MAX && !cx.awaiting.contains_key(&cookie) {
+                cx.exchanges_without_hop += 1;
+                return Outcome::Ignored;
+            }
+            let w = cx.awaiting.entry(cookie).or_default();
+            w.last_ns = at_ns;
+            (&mut w.requests, &mut w.errors, &mut w.timeouts, &mut w.latency)
+        };
+    *requests += 1;
     if let Some(ns) = latency_ns {
-        s.errors += u64::from(failed);
-        s.latency.record(ns);
+        *errors += u64::from(failed);
+        latency.record(ns);
     } else {
-        s.errors += 1;
-        s.timeouts += 1;
+        *errors += 1;
+        *timeouts += 1;
     }
     Outcome::Counted
 }

@@ -155,7 +155,7 @@ impl Aggregator {
             latency_ns,
             failed,
             now_ns,
-            &self.cx,
+            &mut self.cx,
             &mut self.table,
         );
         match outcome {
@@ -172,6 +172,7 @@ impl Aggregator {
         self.cx.ledger.sweep(now_ns);
         let stale = u64::try_from(self.cfg.stale_after.as_nanos()).unwrap_or(u64::MAX);
         let cutoff = now_ns.saturating_sub(stale);
+        self.cx.sweep_awaiting(cutoff);
         let forget = now_ns.saturating_sub(ledger::FORGET_AFTER_NS);
         let ledger = &self.cx.ledger;
         // Open connections keep a quiet hop (its gauge still says something) until they too are

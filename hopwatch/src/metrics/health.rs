@@ -108,7 +108,8 @@ fn totals(r: &Registry) -> Result<[Totals; 10], prometheus::Error> {
         (
             "hopwatch_hop_state_events_total",
             "Hop table events: observations counted in the overflow hop (series limit), \
-                 hops evicted as stale.",
+                 hops evicted as stale, exchanges measured in the kernel whose socket's hop \
+                 never became known (exchanges_without_hop).",
             "event",
         ),
         (
@@ -328,9 +329,10 @@ impl Health {
         self.parse_failures.set("l7_kernel_exchange", kernel_exchanges);
     }
 
-    pub(crate) fn hop_state(&self, overflowed: u64, evicted: u64) {
+    pub(crate) fn hop_state(&self, overflowed: u64, evicted: u64, without_hop: u64) {
         self.hop_overflow.set("overflow", overflowed);
         self.hop_overflow.set("evicted", evicted);
+        self.hop_overflow.set("exchanges_without_hop", without_hop);
     }
 
     pub(crate) fn map(&self, name: &str, entries: u64, capacity: u64) {

@@ -332,7 +332,8 @@ impl Telemetry {
             // drop series: each family's budget is the series limit, so twice that bounds it.
             i.health.map("hop_table", hops, 2 * i.series_limit as u64);
             i.health.map("hop_sockets", sockets, ledger::MAX_SOCKETS as u64);
-            i.health.hop_state(agg.table().overflowed, agg.evicted);
+            let without_hop = agg.context().exchanges_without_hop;
+            i.health.hop_state(agg.table().overflowed, agg.evicted, without_hop);
         }
         if let Some(ids) = i.programs.get() {
             // The kernel counts runs only while BPF statistics are on (--bpf-stats): without

@@ -10,6 +10,7 @@ mod support;
 
 mod deploy_mtls;
 mod drops;
+mod exchange_engine;
 mod hardening;
 mod identity;
 mod l7;

@@ -20,16 +20,17 @@ use crate::{
     },
 };
 
-const PORT: u16 = 18_181;
+pub(crate) const PORT: u16 = 18_181;
 const REQUESTS: u64 = 3000;
 /// Every this many requests one goes to `/fail` (a 500).
 const FAIL_EVERY: u64 = 100;
 const SAMPLE: u64 = 10;
 
-/// An HTTP/1.1 keep-alive server: 500 for `/fail`, 200 otherwise, each response in one write
-/// (a header write then a body write waits on delayed ACKs); prints `ready`.
+/// An HTTP/1.1 keep-alive server: 500 for `/fail`, 200 otherwise (after 20 ms for `/slow`), no
+/// answer for `/hang` (the connection is closed), each response in one write (a header write then
+/// a body write waits on delayed ACKs); prints `ready`.
 const SERVER: &str = r#"
-import sys, socket
+import sys, socket, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
@@ -46,8 +47,16 @@ while True:
         buf += data
         while b"\r\n\r\n" in buf:
             head, buf = buf.split(b"\r\n\r\n", 1)
-            code = b"500 Internal Server Error" if head.split(b" ")[1] == b"/fail" else b"200 OK"
+            path = head.split(b" ")[1]
+            if path == b"/hang":
+                data = b""
+                break
+            if path == b"/slow":
+                time.sleep(0.02)
+            code = b"500 Internal Server Error" if path == b"/fail" else b"200 OK"
             c.sendall(b"HTTP/1.1 " + code + b"\r\nContent-Length: 1\r\n\r\nx")
+        if not data:
+            break
     c.close()
 "#;
 
@@ -66,7 +75,7 @@ print(done, flush=True)
 "#;
 
 /// Starts [`SERVER`] in `pod` on [`PORT`] and waits until it listens.
-fn start_server(tb: &mut Testbed, pod: &Pod) {
+pub(crate) fn start_server(tb: &mut Testbed, pod: &Pod) {
     let mut server = pod
         .command(&["python3", "-c", SERVER, &pod.ip.to_string(), &PORT.to_string()])
         .stdout(Stdio::piped())
