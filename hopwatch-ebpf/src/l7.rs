@@ -115,19 +115,30 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
 
     // Inside SSL_read/SSL_write: this is ciphertext. Remember which socket the SSL object uses;
     // the uprobe sends the plaintext.
+    // Maps are updated only when the association changes: an update of an LRU map takes a lock
+    // and may evict, and this runs on every ciphertext call.
     if let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
-        // SAFETY: map value pointer, valid until we return.
+        // SAFETY: map value pointer, valid until we return; the call's cookie is the one
+        // remembered for its `SSL*` (or 0) when the call started.
         unsafe {
-            (*call).cookie = cookie;
-            let _ = SSL_SOCKETS.insert((*call).ssl, cookie, 0);
+            if (*call).cookie != cookie {
+                (*call).cookie = cookie;
+                let _ = SSL_SOCKETS.insert((*call).ssl, cookie, 0);
+            }
         }
-        let state = L7Conn {
-            proto: PROTO_TLS,
-            tls: 1,
-            // SAFETY: map value, copied out at once.
-            ..unsafe { L7CONNS.get(cookie) }.copied().unwrap_or_default()
-        };
-        let _ = L7CONNS.insert(cookie, state, 0);
+        match L7CONNS.get_ptr_mut(cookie) {
+            // SAFETY: map value pointer, valid until we return.
+            Some(c) => unsafe {
+                if (*c).proto != PROTO_TLS {
+                    (*c).proto = PROTO_TLS;
+                    (*c).tls = 1;
+                }
+            },
+            None => {
+                let state = L7Conn { proto: PROTO_TLS, tls: 1, ..L7Conn::default() };
+                let _ = L7CONNS.insert(cookie, state, 0);
+            }
+        }
         return;
     }
     let conn = L7CONNS.get_ptr_mut(cookie);
