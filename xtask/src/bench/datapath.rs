@@ -85,6 +85,8 @@ struct Sample {
     kernel_events: f64,
     /// Exchanges counted in the hops (both ends): about 2 per request when every one is seen.
     exchanges: f64,
+    /// Of them, those the client end and the server end counted.
+    by_end: [f64; 2],
     lost: f64,
     /// The agent's CPU and context switches per thread name during the load.
     threads: Vec<ThreadCost>,
@@ -96,6 +98,7 @@ struct Counters {
     cpu_s: f64,
     events: f64,
     exchanges: f64,
+    by_end: [f64; 2],
     lost: f64,
 }
 
@@ -106,6 +109,8 @@ fn counters(agent: &Agent) -> Result<Counters> {
         cpu_s: agent.cpu_seconds(),
         events: m("hopwatch_kernel_events_total", "event=\"events_sent\""),
         exchanges: m("hopwatch_hop_requests_total", ""),
+        by_end: ["reporter=\"client\"", "reporter=\"server\""]
+            .map(|end| m("hopwatch_hop_requests_total", end)),
         lost: m("hopwatch_lost_events_total", ""),
     })
 }
@@ -122,6 +127,7 @@ fn measure(bin: &Path, mode: Mode, load: &Load<'_>, seconds: u32) -> Result<Samp
             agent_cpu_s: 0.0,
             kernel_events: 0.0,
             exchanges: 0.0,
+            by_end: [0.0; 2],
             lost: 0.0,
             threads: Vec::new(),
         });
@@ -140,6 +146,7 @@ fn measure(bin: &Path, mode: Mode, load: &Load<'_>, seconds: u32) -> Result<Samp
         agent_cpu_s: after.cpu_s - before.cpu_s,
         kernel_events: after.events - before.events,
         exchanges: after.exchanges - before.exchanges,
+        by_end: [0, 1].map(|i| after.by_end[i] - before.by_end[i]),
         lost: after.lost - before.lost,
     })
 }
@@ -269,6 +276,17 @@ fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) 
             None,
         );
         if mode != Mode::Tcp {
+            // Exactness: each end's count against the requests the load generator completed (a
+            // few more at the server: requests in flight when it stopped were answered).
+            for (i, end) in ["client", "server"].into_iter().enumerate() {
+                report.add_rounds(
+                    "3 exactness",
+                    format!("{name}: exchanges counted at the {end} end / requests, {label}"),
+                    &per_round(samples, mode, &|s| per_req(s.by_end[i], s) * 100.0),
+                    "%",
+                    None,
+                );
+            }
             report.add_rounds(
                 "2 cost",
                 format!("agent CPU µs per request, {} ({name})", mode.name()),
