@@ -15,9 +15,9 @@ use aya_ebpf::{
 use hopwatch_common::{
     Counter, DIR_INGRESS, KernelOffsets, KernelSettings, L7Conn, PROTO_HTTP,
     exchange::{
-        EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, EXCHANGE_RESPONSE,
-        ExchangeEvent, ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE,
-        exchange_index, http_status, sample_key,
+        EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, ExchangeEvent,
+        ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
+        http_status, sample_key,
     },
 };
 
@@ -77,7 +77,7 @@ pub unsafe fn on_call(
             x.request_bytes = 0;
             let cap = HOPWATCH_SETTINGS.load().capture_bytes;
             x.head_len = match syscall_data(o, pid_tgid).and_then(first_chunk) {
-                Some((ptr, n)) => copy_head(&mut x.head, ptr, n.min(len).min(cap)),
+                Some((ptr, n)) => copy_user(&mut x.head, ptr, n.min(len).min(cap)),
                 None => 0,
             };
         }
@@ -137,7 +137,7 @@ pub unsafe fn on_call(
             (*rec).event.flags |= EXCH_F_FULL;
             (*rec).event.head_len = x.head_len;
             if let Some((ptr, n)) = chunk {
-                (*rec).event.response_len = copy_response(&mut (*rec).response, ptr, n.min(len));
+                (*rec).event.response_len = copy_user(&mut (*rec).response, ptr, n.min(len));
             }
             let _ = bpf_probe_read_kernel(
                 (*rec).head.as_mut_ptr().cast(),
@@ -278,36 +278,19 @@ fn first_chunk(user: UserData) -> Option<(u64, u32)> {
     Some((v[0], u32::try_from(v[1]).unwrap_or(u32::MAX)))
 }
 
-/// Copies up to `n` bytes of user memory at `src` into `head`; returns how many were copied.
+/// Copies up to `n` bytes of user memory at `src` into `dst`; returns how many were copied.
 #[inline(always)]
-fn copy_head(head: &mut [u8; EXCHANGE_HEAD], src: u64, n: u32) -> u16 {
-    // The verifier must see the bound: launder the value so the compiler keeps the mask.
+fn copy_user<const N: usize>(dst: &mut [u8; N], src: u64, n: u32) -> u16 {
+    // The verifier must see the bound: launder the value so the compiler keeps the check.
     // SAFETY: a read of a local.
     let mut n = unsafe { core::ptr::read_volatile(&raw const n) } as usize;
-    if n > EXCHANGE_HEAD {
-        n = EXCHANGE_HEAD;
+    if n > N {
+        n = N;
     }
     if n == 0 {
         return 0;
     }
-    // SAFETY: `n <= EXCHANGE_HEAD` bytes into `head`; a bad user address copies nothing.
-    let rc =
-        unsafe { probe_read_user_raw(head.as_mut_ptr().cast(), n as u32, src as *const c_void) };
-    if rc < 0 { 0 } else { n as u16 }
-}
-
-/// [`copy_head`] for the response's first bytes.
-#[inline(always)]
-fn copy_response(dst: &mut [u8; EXCHANGE_RESPONSE], src: u64, n: u32) -> u16 {
-    // SAFETY: a read of a local.
-    let mut n = unsafe { core::ptr::read_volatile(&raw const n) } as usize;
-    if n > EXCHANGE_RESPONSE {
-        n = EXCHANGE_RESPONSE;
-    }
-    if n == 0 {
-        return 0;
-    }
-    // SAFETY: `n <= EXCHANGE_RESPONSE` bytes into `dst`.
+    // SAFETY: `n <= N` bytes into `dst`; a bad user address copies nothing.
     let rc =
         unsafe { probe_read_user_raw(dst.as_mut_ptr().cast(), n as u32, src as *const c_void) };
     if rc < 0 { 0 } else { n as u16 }
