@@ -212,9 +212,8 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     } else {
         None
     };
-    let loader::Loaded { ebpf, events, counters, tls, capabilities: mut caps, .. } = loaded;
-    caps.extend_from_slice(identity.capabilities());
-    report_capabilities(&caps);
+    let loader::Loaded { ebpf, events, counters, tls, capabilities, .. } = loaded;
+    let caps = report_capabilities(capabilities, &identity);
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
@@ -335,10 +334,15 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
 
 /// One line per capability on stderr: what the agent runs with and through which hook, and
 /// what it runs without and why.
-fn report_capabilities(caps: &[crate::metrics::capability::Capability]) {
-    for c in caps {
+fn report_capabilities(
+    mut caps: Vec<crate::metrics::capability::Capability>,
+    identity: &crate::identity::Identity,
+) -> Vec<crate::metrics::capability::Capability> {
+    caps.extend_from_slice(identity.capabilities());
+    for c in &caps {
         eprintln!("hopwatch agent: {c}");
     }
+    caps
 }
 
 /// The agent's own listening sockets (the collector's APIs, `/metrics`), announced.

@@ -200,60 +200,14 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         }
     }
 
-    match &opts.cgroup2 {
-        Some(cgroup) => match attach_sock_ops(&mut ebpf, cgroup) {
-            Ok(h) => {
-                capabilities.push(Capability::up("tcp_counters", h.clone()));
-                hooks.push(h);
-            }
-            Err(e) => capabilities.push(Capability::down(
-                "tcp_counters",
-                format!("{e}; connections carry no bytes, RTT or retransmits"),
-            )),
-        },
-        None => capabilities.push(Capability::down(
-            "tcp_counters",
-            "no cgroup v2 mount for sock_ops: connections carry no bytes, RTT or retransmits \
-             (fix: mount -t cgroup2 none /sys/fs/cgroup/unified)",
-        )),
+    let counters = tcp_counters(&mut ebpf, opts.cgroup2.as_deref());
+    if counters.up {
+        hooks.push(counters.detail.clone());
     }
+    capabilities.push(counters);
 
     let tls = if opts.tls && opts.settings.capture_bytes > 0 {
-        match tls::TlsProbes::load(&mut ebpf) {
-            Ok(mut probes) => {
-                let (attached, failed) = probes.scan(&mut ebpf);
-                for (lib, err) in &failed {
-                    tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
-                }
-                let libs: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
-                for lib in &libs {
-                    hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {lib}"));
-                }
-                capabilities.push(if libs.is_empty() {
-                    Capability::down(
-                        "tls",
-                        match failed.first() {
-                            Some((lib, err)) => {
-                                format!("cannot attach to {}: {err}", lib.display())
-                            }
-                            None => "no OpenSSL library (libssl) found in running processes or \
-                                     the library paths; rescanned every 10 s"
-                                .to_owned(),
-                        },
-                    )
-                } else {
-                    Capability::up(
-                        "tls",
-                        format!("uprobe/SSL_read,SSL_write(_ex) on {}", libs.join(", ")),
-                    )
-                });
-                Some(probes)
-            }
-            Err(e) => {
-                capabilities.push(Capability::down("tls", e.to_string()));
-                None
-            }
-        }
+        attach_tls(&mut ebpf, &mut hooks, &mut capabilities)
     } else {
         None
     };
@@ -264,6 +218,47 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
             .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
     Ok(Loaded { ebpf, events, counters, reasons, hooks, tls, capabilities })
+}
+
+/// The OpenSSL uprobes on every libssl found now (rescanned later by the agent).
+fn attach_tls(
+    ebpf: &mut Ebpf,
+    hooks: &mut Vec<String>,
+    capabilities: &mut Vec<Capability>,
+) -> Option<tls::TlsProbes> {
+    match tls::TlsProbes::load(ebpf) {
+        Ok(mut probes) => {
+            let (attached, failed) = probes.scan(ebpf);
+            for (lib, err) in &failed {
+                tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+            }
+            let libs: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
+            for lib in &libs {
+                hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {lib}"));
+            }
+            capabilities.push(if libs.is_empty() {
+                Capability::down(
+                    "tls",
+                    match failed.first() {
+                        Some((lib, err)) => format!("cannot attach to {}: {err}", lib.display()),
+                        None => "no OpenSSL library (libssl) found in running processes or the \
+                                 library paths; rescanned every 10 s"
+                            .to_owned(),
+                    },
+                )
+            } else {
+                Capability::up(
+                    "tls",
+                    format!("uprobe/SSL_read,SSL_write(_ex) on {}", libs.join(", ")),
+                )
+            });
+            Some(probes)
+        }
+        Err(e) => {
+            capabilities.push(Capability::down("tls", e.to_string()));
+            None
+        }
+    }
 }
 
 /// Loads and attaches `(program, tracepoint)` pairs as BTF tracepoints, all or none: when one
@@ -305,6 +300,24 @@ fn attach_tracepoint(
     prog.attach()
         .map_err(|source| LoadError::Attach { hook: format!("tp_btf/{tracepoint}"), source })?;
     Ok(())
+}
+
+/// `sock_ops` on the cgroup v2 hierarchy, for bytes, RTT and retransmits.
+fn tcp_counters(ebpf: &mut Ebpf, cgroup2: Option<&std::path::Path>) -> Capability {
+    let Some(cgroup) = cgroup2 else {
+        return Capability::down(
+            "tcp_counters",
+            "no cgroup v2 mount for sock_ops: connections carry no bytes, RTT or retransmits \
+             (fix: mount -t cgroup2 none /sys/fs/cgroup/unified)",
+        );
+    };
+    match attach_sock_ops(ebpf, cgroup) {
+        Ok(hook) => Capability::up("tcp_counters", hook),
+        Err(e) => Capability::down(
+            "tcp_counters",
+            format!("{e}; connections carry no bytes, RTT or retransmits"),
+        ),
+    }
 }
 
 /// Attaches `sock_ops` to the cgroup v2 hierarchy at `cgroup`; returns the hook's description.
