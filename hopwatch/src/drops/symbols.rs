@@ -32,10 +32,13 @@ pub enum SymbolsError {
     Restricted { path: String },
 }
 
+/// `(address, name)` of text symbols, sorted by address.
+type Symbols = Vec<(u64, Box<str>)>;
+
 /// Sorted text symbols.
 pub struct KernelSymbols {
     /// `(address, name)`, sorted by address.
-    syms: Vec<(u64, Box<str>)>,
+    syms: Symbols,
     /// Where they were read from, to read them again when modules change (`None`: parsed text).
     source: Option<Source>,
 }
@@ -46,7 +49,7 @@ struct Source {
     /// When `/proc/modules` was last looked at, and a hash of what it said.
     seen: Mutex<(Instant, u64)>,
     /// Symbols read again after a module change (replacing `syms` in lookups).
-    reread: Mutex<Option<Vec<(u64, Box<str>)>>>,
+    reread: Mutex<Option<Symbols>>,
 }
 
 fn modules_hash(path: &Path) -> u64 {
@@ -163,7 +166,10 @@ mod tests {
         let mut syms = KernelSymbols::load(&kallsyms).expect("symbols");
         let src = syms.source.as_mut().expect("read from a file");
         src.modules.clone_from(&modules);
-        *src.seen.get_mut().unwrap() = (Instant::now() - RECHECK, modules_hash(&modules));
+        *src.seen.get_mut().unwrap() = (
+            Instant::now().checked_sub(RECHECK).expect("uptime over a second"),
+            modules_hash(&modules),
+        );
         // nf_tables is loaded after the agent started.
         std::fs::write(
             &kallsyms,
