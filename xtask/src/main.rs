@@ -90,7 +90,8 @@ enum Task {
         /// Seconds each fuzz target runs after the tests (0: no fuzzing).
         #[arg(long, default_value_t = 10)]
         fuzz_seconds: u32,
-        /// Skip the VM stage (the agent on Debian 12's own kernel under qemu; see `vm-test`).
+        /// Skip the VM stage (the agent on Debian 12's own kernel under qemu; see `vm-test`). It
+        /// is also skipped when a test filter is given.
         #[arg(long)]
         no_vm: bool,
         /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
@@ -277,7 +278,9 @@ fn run(task: Task) -> Result<()> {
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
             args.extend(filter.iter().map(String::as_str));
             cargo(&args)?;
-            if !no_vm {
+            if !no_vm && !filter.is_empty() {
+                say("VM stage skipped: a test filter was given (cargo xtask vm-test runs it)");
+            } else if !no_vm {
                 say("the release agent on Debian 12's own kernel under qemu (vm-test)");
                 build(true)?;
                 vm::run(&vm::VmOptions { kernel: None })?;
