@@ -7,7 +7,8 @@
 //! between kernels — userspace reads them from BTF. Reasons that are not really drops
 //! (`NOT_SPECIFIED`, frees on socket close, ...) are filtered here through a bitmap userspace
 //! fills from its configuration, and what remains is rate limited per CPU, so a flood costs a
-//! counter increment per packet, not an event.
+//! counter increment per packet, not an event. Kernels before 5.17 have no reason argument:
+//! [`kfree_skb_no_reason`] reports their drops with the tuple and location only.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use hopwatch_common::{
@@ -36,6 +37,20 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     on_drop(skb, location, reason);
+    0
+}
+
+/// `kfree_skb` on kernels before 5.17, whose tracepoint has no `reason` argument (the verifier
+/// refuses a read of a third argument there). Every free is reported, with the packet's tuple and
+/// the dropping function; userspace, which chose this variant, names the reason as unknown.
+/// Before 5.17 frees that are not losses went through `consume_skb`, so there is nothing to
+/// filter by reason.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_no_reason(ctx: BtfTracePointContext) -> i32 {
+    let skb: *const u8 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    count(Counter::KfreeSkbCalls);
+    on_drop(skb, location, 0);
     0
 }
 
@@ -68,6 +83,7 @@ fn within_rate(now: u64) -> bool {
     true
 }
 
+#[inline(always)]
 fn on_drop(skb: *const u8, location: u64, reason: u32) {
     let o = offsets();
     let eth_proto = u16::from_be(read_at::<u16>(skb, o.skb_protocol).unwrap_or(0));

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod vm;
 
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
 /// built against the same one.
@@ -89,9 +90,22 @@ enum Task {
         /// Seconds each fuzz target runs after the tests (0: no fuzzing).
         #[arg(long, default_value_t = 10)]
         fuzz_seconds: u32,
+        /// Skip the VM stage (the agent on Debian 12's own kernel under qemu; see `vm-test`). It
+        /// is also skipped when a test filter is given.
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
+    },
+    /// Boot Debian's own kernel (Debian 12's 6.1 by default) under qemu with a minimal
+    /// initramfs and check the release agent there against injected truth: connect latency
+    /// (netem), bytes, a refused connect, a netfilter drop, L7 capture reported unavailable, no
+    /// programs left after SIGKILL. Installs qemu and downloads the kernel package with apt.
+    VmTest {
+        /// Debian kernel ABI, e.g. `6.1.0-47` [default: what `linux-image-amd64` depends on].
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
     },
     /// Run each cargo-fuzz target (`<crate>/fuzz`: protocol parsers, kernel event decoding,
     /// collector ingest) for a bounded time, after replaying the inputs that once crashed it;
@@ -217,7 +231,17 @@ fn run(task: Task) -> Result<()> {
             setup(&[])?;
             fuzz::run(&fuzz::FuzzOptions { seconds, targets: &targets })
         }
-        Task::Test { unit, fuzz_seconds, filter } => {
+        Task::VmTest { kernel } => {
+            setup(&[])?;
+            if !is_root() {
+                bail!(
+                    "the VM test installs packages and runs qemu: run `sudo -E cargo xtask vm-test`"
+                );
+            }
+            build(true)?;
+            vm::run(&vm::VmOptions { kernel })
+        }
+        Task::Test { unit, fuzz_seconds, no_vm, filter } => {
             setup(if unit { &[] } else { TEST_PACKAGES })?;
             if !unit {
                 e2e_venv()?;
@@ -254,6 +278,13 @@ fn run(task: Task) -> Result<()> {
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
             args.extend(filter.iter().map(String::as_str));
             cargo(&args)?;
+            if !no_vm && !filter.is_empty() {
+                say("VM stage skipped: a test filter was given (cargo xtask vm-test runs it)");
+            } else if !no_vm {
+                say("the release agent on Debian 12's own kernel under qemu (vm-test)");
+                build(true)?;
+                vm::run(&vm::VmOptions { kernel: None })?;
+            }
             if fuzz_seconds > 0 {
                 say(&format!("a short fuzzing pass ({fuzz_seconds} s per target)"));
                 fuzz::run(&fuzz::FuzzOptions { seconds: fuzz_seconds, targets: &[] })?;

@@ -70,6 +70,11 @@ pub(super) struct AgentArgs {
     /// e.g. `NOT_SPECIFIED`). Replaces the default list.
     #[arg(long, value_delimiter = ',', value_name = "REASON,...")]
     pub drop_ignore: Option<Vec<String>>,
+    /// Which `kfree_skb` program reports drops: `auto` picks the one with the kernel's drop
+    /// reasons where the kernel has them (5.17+); `no-reasons` is how older kernels are served
+    /// (for testing that path on a newer kernel).
+    #[arg(long, value_enum, default_value_t = loader::DropHook::Auto, hide = true)]
+    pub drop_hook: loader::DropHook,
     /// Drop events sent per CPU per second at most; the rest are counted as rate-limited.
     #[arg(long, default_value_t = 1000)]
     pub drops_per_sec: u32,
@@ -205,11 +210,13 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     } else {
         None
     };
-    let loader::Loaded { mut ebpf, events, counters, tls, .. } = loaded;
+    let loader::Loaded { mut ebpf, events, counters, tls, capabilities, .. } = loaded;
+    let caps = report_capabilities(capabilities, &identity);
     let exchange_maps = (!args.no_kernel_exchanges)
         .then(|| loader::exchange::ExchangeMaps::take(&mut ebpf))
         .flatten();
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
+    metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
     let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink));
     let stats = Arc::new(PipelineStats { metrics, own, ..PipelineStats::default() });
@@ -325,11 +332,12 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         cgroup2: probe.cgroup2.clone(),
         ringbuf_bytes: args.ringbuf_bytes,
         tls: !args.no_tls,
+        drop_hook: args.drop_hook,
     })?;
     eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
     // Parsing the kernel's BTF (here and in aya) leaves tens of MiB freed but still held.
     crate::memory::release_freed();
-    if !args.no_drops {
+    if !args.no_drops && !loaded.reasons.is_reasonless() {
         eprintln!(
             "hopwatch agent: {} kernel drop reasons; not reported: {}",
             loaded.reasons.count(),
@@ -337,6 +345,19 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         );
     }
     Ok(loaded)
+}
+
+/// One line per capability on stderr: what the agent runs with and through which hook, and
+/// what it runs without and why.
+fn report_capabilities(
+    mut caps: Vec<crate::metrics::capability::Capability>,
+    identity: &crate::identity::Identity,
+) -> Vec<crate::metrics::capability::Capability> {
+    caps.extend_from_slice(identity.capabilities());
+    for c in &caps {
+        eprintln!("hopwatch agent: {c}");
+    }
+    caps
 }
 
 /// The agent's own listening sockets (the collector's APIs, `/metrics`), announced.

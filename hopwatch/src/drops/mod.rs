@@ -29,7 +29,13 @@ pub enum DropReasonError {
 #[derive(Debug, Clone)]
 pub struct DropReasons {
     by_value: BTreeMap<u32, String>,
+    /// The kernel's `kfree_skb` passes no reason (before 5.17): every drop reads as
+    /// [`UNKNOWN_ON_THIS_KERNEL`].
+    reasonless: bool,
 }
+
+/// What a drop's reason reads as on a kernel whose `kfree_skb` has none (before 5.17).
+pub(crate) const UNKNOWN_ON_THIS_KERNEL: &str = "reason unknown on this kernel";
 
 impl DropReasons {
     /// Reads the enum from BTF (its values differ between kernel versions).
@@ -43,22 +49,39 @@ impl DropReasons {
                 Some((v, name))
             })
             .collect();
-        Ok(Self { by_value })
+        Ok(Self { by_value, reasonless: false })
+    }
+
+    /// This kernel's `kfree_skb` passes no drop reason (before 5.17, where BTF has no `enum
+    /// skb_drop_reason`): every reason is [`UNKNOWN_ON_THIS_KERNEL`].
+    pub fn reasonless() -> Self {
+        Self { by_value: BTreeMap::new(), reasonless: true }
+    }
+
+    /// Whether drops carry no reason on this kernel.
+    pub fn is_reasonless(&self) -> bool {
+        self.reasonless
     }
 
     /// No names known (reasons print as `UNKNOWN_<n>`).
     pub fn empty() -> Self {
-        Self { by_value: BTreeMap::new() }
+        Self { by_value: BTreeMap::new(), reasonless: false }
     }
 
     #[cfg(test)]
     pub fn from_pairs(pairs: &[(u32, &str)]) -> Self {
-        Self { by_value: pairs.iter().map(|(v, n)| (*v, (*n).to_owned())).collect() }
+        Self {
+            by_value: pairs.iter().map(|(v, n)| (*v, (*n).to_owned())).collect(),
+            reasonless: false,
+        }
     }
 
     /// The name of `reason`, or `UNKNOWN_<n>` for a value this kernel's BTF does not list.
     #[must_use]
     pub fn name(&self, reason: u32) -> String {
+        if self.reasonless {
+            return UNKNOWN_ON_THIS_KERNEL.to_owned();
+        }
         self.by_value.get(&reason).cloned().unwrap_or_else(|| format!("UNKNOWN_{reason}"))
     }
 
@@ -75,7 +98,7 @@ impl DropReasons {
         for name in &wanted {
             let name = name.strip_prefix(PREFIX).unwrap_or(name);
             let Some((&v, _)) = self.by_value.iter().find(|(_, n)| n.as_str() == name) else {
-                if !strict {
+                if !strict || self.reasonless {
                     continue;
                 }
                 return Err(DropReasonError::UnknownReason {
@@ -117,6 +140,15 @@ mod tests {
         let err = r.ignore_bitmap(&["NOPE".into()], true).unwrap_err().to_string();
         assert!(err.contains("NOPE") && err.contains("NOT_SPECIFIED"), "{err}");
         assert_eq!(r.ignore_bitmap(&["NOPE".into()], false).unwrap()[0], 0);
+    }
+
+    #[test]
+    fn without_reasons_every_drop_says_so_and_nothing_is_filtered() {
+        let r = DropReasons::reasonless();
+        assert_eq!(r.name(0), "reason unknown on this kernel");
+        assert_eq!(r.name(7), "reason unknown on this kernel");
+        let words = r.ignore_bitmap(&["NOT_SPECIFIED".into()], true).unwrap();
+        assert!(words.iter().all(|w| *w == 0));
     }
 
     #[test]

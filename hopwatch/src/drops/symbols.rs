@@ -1,6 +1,21 @@
 //! Kernel text addresses → `function+0xoff`, from `/proc/kallsyms` (root sees real addresses).
+//!
+//! Modules loaded after the agent started (nf_tables on a host's first firewall rule) have text
+//! the first read did not list: a drop there resolved to the last symbol before it, a wrong
+//! function in another module. So when `/proc/modules` changes (looked at most once a second,
+//! only while drops are being resolved), kallsyms is read again.
 
-use std::path::Path;
+use std::{
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Where the loaded modules are listed.
+const MODULES: &str = "/proc/modules";
+/// How often, at most, `/proc/modules` is checked for a change.
+const RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolsError {
@@ -17,10 +32,34 @@ pub enum SymbolsError {
     Restricted { path: String },
 }
 
+/// `(address, name)` of text symbols, sorted by address.
+type Symbols = Vec<(u64, Box<str>)>;
+
 /// Sorted text symbols.
 pub struct KernelSymbols {
     /// `(address, name)`, sorted by address.
-    syms: Vec<(u64, Box<str>)>,
+    syms: Symbols,
+    /// Where they were read from, to read them again when modules change (`None`: parsed text).
+    source: Option<Source>,
+}
+
+struct Source {
+    kallsyms: PathBuf,
+    modules: PathBuf,
+    /// When `/proc/modules` was last looked at, and a hash of what it said.
+    seen: Mutex<(Instant, u64)>,
+    /// Symbols read again after a module change (replacing `syms` in lookups).
+    reread: Mutex<Option<Symbols>>,
+}
+
+fn modules_hash(path: &Path) -> u64 {
+    let mut h = DefaultHasher::new();
+    // Module names and load addresses; the reference counts in between change all the time.
+    std::fs::read_to_string(path).unwrap_or_default().lines().for_each(|l| {
+        let f: Vec<&str> = l.split_ascii_whitespace().collect();
+        (f.first(), f.last()).hash(&mut h);
+    });
+    h.finish()
 }
 
 impl KernelSymbols {
@@ -30,10 +69,17 @@ impl KernelSymbols {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
             .map_err(|source| SymbolsError::Read { path: path.display().to_string(), source })?;
-        let syms = Self::parse(&text);
+        let mut syms = Self::parse(&text);
         if syms.syms.is_empty() {
             return Err(SymbolsError::Restricted { path: path.display().to_string() });
         }
+        let modules = PathBuf::from(MODULES);
+        syms.source = Some(Source {
+            kallsyms: path.to_owned(),
+            seen: Mutex::new((Instant::now(), modules_hash(&modules))),
+            modules,
+            reread: Mutex::new(None),
+        });
         Ok(syms)
     }
 
@@ -51,17 +97,44 @@ impl KernelSymbols {
             })
             .collect();
         syms.sort_unstable_by_key(|(a, _)| *a);
-        Self { syms }
+        Self { syms, source: None }
     }
 
     /// `name+0xoffset` for `addr`, or the bare hex address when it is outside every symbol.
     #[must_use]
     pub fn resolve(&self, addr: u64) -> String {
-        let idx = self.syms.partition_point(|(a, _)| *a <= addr);
-        match idx.checked_sub(1).map(|i| &self.syms[i]) {
-            Some((base, name)) => format!("{name}+{:#x}", addr - base),
-            None => format!("{addr:#x}"),
+        let Some(src) = &self.source else { return lookup(&self.syms, addr) };
+        src.refresh();
+        let reread = src.reread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        lookup(reread.as_deref().unwrap_or(&self.syms), addr)
+    }
+}
+
+impl Source {
+    /// Reads kallsyms again when the list of modules changed since the last look.
+    fn refresh(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.0.elapsed() < RECHECK {
+            return;
         }
+        let now = modules_hash(&self.modules);
+        let changed = now != seen.1;
+        *seen = (Instant::now(), now);
+        drop(seen);
+        if changed && let Ok(text) = std::fs::read_to_string(&self.kallsyms) {
+            let syms = KernelSymbols::parse(&text).syms;
+            if !syms.is_empty() {
+                *self.reread.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(syms);
+            }
+        }
+    }
+}
+
+fn lookup(syms: &[(u64, Box<str>)], addr: u64) -> String {
+    let idx = syms.partition_point(|(a, _)| *a <= addr);
+    match idx.checked_sub(1).map(|i| &syms[i]) {
+        Some((base, name)) => format!("{name}+{:#x}", addr - base),
+        None => format!("{addr:#x}"),
     }
 }
 
@@ -81,6 +154,35 @@ mod tests {
         assert_eq!(syms.resolve(0xffff_ffff_8100_0210), "helper+0x110", "data symbols are skipped");
         assert_eq!(syms.resolve(0xffff_ffff_8100_03c4), "nft_do_chain+0xc4");
         assert_eq!(syms.resolve(0x10), "0x10");
+    }
+
+    #[test]
+    fn a_module_loaded_later_is_named_once_the_module_list_changes() {
+        let dir = std::env::temp_dir().join(format!("hopwatch-syms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (kallsyms, modules) = (dir.join("kallsyms"), dir.join("modules"));
+        std::fs::write(&kallsyms, "ffffffffc0000000 t netem_init\t[sch_netem]\n").unwrap();
+        std::fs::write(&modules, "sch_netem 20480 0 - Live 0xffffffffc0000000\n").unwrap();
+        let mut syms = KernelSymbols::load(&kallsyms).expect("symbols");
+        let src = syms.source.as_mut().expect("read from a file");
+        src.modules.clone_from(&modules);
+        *src.seen.get_mut().unwrap() = (
+            Instant::now().checked_sub(RECHECK).expect("uptime over a second"),
+            modules_hash(&modules),
+        );
+        // nf_tables is loaded after the agent started.
+        std::fs::write(
+            &kallsyms,
+            "ffffffffc0000000 t netem_init\t[sch_netem]\nffffffffc0100000 t nft_do_chain\t[nf_tables]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &modules,
+            "sch_netem 20480 0 - Live 0xffffffffc0000000\nnf_tables 1000 0 - Live 0xffffffffc0100000\n",
+        )
+        .unwrap();
+        assert_eq!(syms.resolve(0xffff_ffff_c010_03c4), "nft_do_chain+0x3c4");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

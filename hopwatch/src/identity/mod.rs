@@ -42,6 +42,7 @@ use self::{
     nat::Nat,
     static_endpoints::StaticEndpoints,
 };
+use crate::metrics::capability::Capability;
 
 /// What Docker says about a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,8 +146,6 @@ pub enum IdentityError {
     Static(#[from] static_endpoints::StaticError),
     #[error(transparent)]
     Reverse(#[from] dns::ReverseError),
-    #[error("cannot start the address-translation worker: {0}")]
-    Nat(#[source] std::io::Error),
 }
 
 pub(crate) use hopwatch_proto::clock::now_ms;
@@ -187,6 +186,8 @@ pub struct Identity {
     /// Flows ready to be named, kept between calls for its capacity.
     ready: Vec<(Flow, Option<SocketAddr>)>,
     cancel: CancellationToken,
+    /// The optional sources the flags asked for: running, or why not.
+    capabilities: Vec<Capability>,
 }
 
 impl Identity {
@@ -204,6 +205,7 @@ impl Identity {
             holding: Holding::default(),
             ready: Vec::new(),
             cancel: CancellationToken::new(),
+            capabilities: Vec::new(),
         }
     }
 
@@ -268,17 +270,33 @@ impl Identity {
         if !args.no_cgroup_names {
             if let Some(root) = args.cgroup_root.clone().or_else(cgroup::cgroup2_mount) {
                 said.push(format!("cgroups {}", root.display()));
+                this.capabilities.push(Capability::up("cgroup_names", root.display().to_string()));
                 this.cgroups = Some(CgroupCache::start(root, this.cancel.clone()));
             } else {
-                tracing::warn!(
-                    "no cgroup v2 mount found: processes are not named by container or unit"
-                );
+                this.capabilities.push(Capability::down(
+                    "cgroup_names",
+                    "no cgroup v2 mount found: processes are not named by container or unit \
+                     (fix: mount -t cgroup2 none /sys/fs/cgroup/unified, or --cgroup-root)",
+                ));
             }
         }
         #[cfg(feature = "docker")]
-        if !args.no_docker && args.docker_socket.exists() {
-            said.push(format!("docker {}", args.docker_socket.display()));
-            this.docker = Some(DockerNames::start(args.docker_socket.clone(), this.cancel.clone()));
+        if !args.no_docker {
+            let socket = &args.docker_socket;
+            if socket.exists() {
+                said.push(format!("docker {}", socket.display()));
+                this.capabilities.push(Capability::up("docker", socket.display().to_string()));
+                this.docker = Some(DockerNames::start(socket.clone(), this.cancel.clone()));
+            } else {
+                this.capabilities.push(Capability::down(
+                    "docker",
+                    format!(
+                        "no Docker API socket at {}: containers are named by their cgroup id, \
+                         not their Docker name (--docker-socket PATH, or --no-docker)",
+                        socket.display()
+                    ),
+                ));
+            }
         }
         if !args.no_dns_names {
             said.push("DNS names".to_owned());
@@ -293,15 +311,36 @@ impl Identity {
             )?);
         }
         if !args.no_translation {
-            said.push("address translation (conntrack)".to_owned());
-            this.holding.nat =
-                Some(Nat::start(args.proc_root.clone()).map_err(IdentityError::Nat)?);
+            // Optional: without conntrack's netlink interface (module nf_conntrack_netlink not
+            // loaded, or a kernel without it) flows name what the application dialled, as
+            // they would with --no-translation.
+            match Nat::start(args.proc_root.clone()) {
+                Ok(nat) => {
+                    said.push("address translation (conntrack)".to_owned());
+                    this.capabilities
+                        .push(Capability::up("address_translation", "conntrack netlink"));
+                    this.holding.nat = Some(nat);
+                }
+                Err(e) => this.capabilities.push(Capability::down(
+                    "address_translation",
+                    format!(
+                        "cannot open conntrack netlink: {e}; Service translations \
+                         (translated_destination) are not reported (fix: modprobe \
+                         nf_conntrack_netlink, or --no-translation)"
+                    ),
+                )),
+            }
         }
         eprintln!(
             "hopwatch agent: identity: {}",
             if said.is_empty() { "off".to_owned() } else { said.join(", ") }
         );
         Ok(this)
+    }
+
+    /// The optional sources the flags asked for, each running or with the reason it does not.
+    pub(crate) fn capabilities(&self) -> &[Capability] {
+        &self.capabilities
     }
 
     /// Starts the Kubernetes watches when the agent runs in a pod or `--kubeconfig` is given.
@@ -326,8 +365,26 @@ impl Identity {
             } else {
                 PodScope::Node(node_name.to_owned())
             };
-            self.kube =
-                Some(KubeSource::start(&source, &scope, args.pod_grace, &self.cancel).await?);
+            let what = match &source {
+                kube::Source::InCluster => "API watches (in-cluster configuration)".to_owned(),
+                kube::Source::Kubeconfig(p) => format!("API watches ({})", p.display()),
+            };
+            match KubeSource::start(&source, &scope, args.pod_grace, &self.cancel).await {
+                Ok(k) => self.kube = Some(k),
+                // Asked for by name (--kubernetes on, --kubeconfig): a mistake to fix, not a
+                // part to run without.
+                Err(e) if args.kubernetes == KubeMode::On || args.kubeconfig.is_some() => {
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    self.capabilities.push(Capability::down(
+                        "kubernetes",
+                        format!("{e}; flows carry no pod, workload or Service names"),
+                    ));
+                    return Ok(());
+                }
+            }
+            self.capabilities.push(Capability::up("kubernetes", what));
             said.push(match scope {
                 PodScope::All => "kubernetes (all pods)".to_owned(),
                 PodScope::Node(n) => format!("kubernetes (pods on {n})"),

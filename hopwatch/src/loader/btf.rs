@@ -241,6 +241,13 @@ impl Btf {
         })
     }
 
+    /// Whether any type in this BTF is called `name` (e.g. `btf_trace_sock_send_length`, the
+    /// typedef a kernel has for each of its BTF tracepoints).
+    #[must_use]
+    pub fn has_name(&self, name: &str) -> bool {
+        self.strings.split(|&b| b == 0).any(|s| s == name.as_bytes())
+    }
+
     /// Values of enum `name` as `(value, name)`.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(i64, String)>, BtfError> {
         let id = *self.enums_by_name.get(name).ok_or_else(|| BtfError::NoEnum(name.to_owned()))?;

@@ -22,7 +22,10 @@ use hopwatch_common::{
     maps::{COUNTERS, DROP_IGNORE, EVENTS},
 };
 
-use crate::drops::{DropReasonError, DropReasons};
+use crate::{
+    drops::{DropReasonError, DropReasons},
+    metrics::capability::Capability,
+};
 
 /// The kernel object built by `build.rs`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hopwatch"));
@@ -31,7 +34,9 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 const TCP_TRACEPOINTS: [&str; 4] =
     ["inet_sock_set_state", "tcp_retransmit_skb", "tcp_send_reset", "tcp_receive_reset"];
 const DROP_TRACEPOINT: &str = "kfree_skb";
-/// Socket data hooks (tp_btf) for L7 capture.
+/// The `kfree_skb` program for kernels whose tracepoint has no `reason` (before 5.17).
+const DROP_NO_REASON_PROGRAM: &str = "kfree_skb_no_reason";
+/// Socket data hooks (tp_btf) for L7 capture (the tracepoints are in 6.3+).
 const DATA_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 const SOCK_OPS_PROGRAM: &str = "hopwatch_sockops";
 
@@ -94,6 +99,18 @@ pub(crate) struct LoadOptions {
     pub ringbuf_bytes: Option<u32>,
     /// Attach the OpenSSL uprobes for TLS plaintext (needs `settings.capture_bytes > 0`).
     pub tls: bool,
+    /// Which `kfree_skb` program to use.
+    pub drop_hook: DropHook,
+}
+
+/// The `kfree_skb` program: with the kernel's drop reason (5.17+), or without (older kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum DropHook {
+    /// With reasons where this kernel's BTF has `enum skb_drop_reason`, without otherwise.
+    Auto,
+    Reasons,
+    /// Without reasons even where the kernel has them (how kernels before 5.17 are served).
+    NoReasons,
 }
 
 /// The loaded and attached programs, and the maps userspace reads.
@@ -107,14 +124,26 @@ pub(crate) struct Loaded {
     pub hooks: Vec<String>,
     /// The TLS uprobes, when enabled (rescan periodically for new libraries).
     pub tls: Option<tls::TlsProbes>,
+    /// Each kernel-side capability asked for: the hooks it runs through, or why it does not.
+    pub capabilities: Vec<Capability>,
 }
 
-/// Loads and attaches everything.
+/// Loads and attaches everything. The TCP hooks are required (an error stops the agent); drops,
+/// TCP counters, L7 capture and TLS are optional: one that cannot load or attach is reported in
+/// [`Loaded::capabilities`] and the rest runs without it.
 pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     raise_memlock_limit();
     let our_btf = btf::Btf::from_file(btf::Btf::VMLINUX)?;
     let offsets: KernelOffsets = offsets::compute(&our_btf)?;
-    let reasons = DropReasons::from_btf(&our_btf)?;
+    // `enum skb_drop_reason` came with the tracepoint's `reason` argument (5.17).
+    let kernel_has_reasons = our_btf.has_name("skb_drop_reason");
+    let with_reasons = match opts.drop_hook {
+        DropHook::Auto => kernel_has_reasons,
+        DropHook::Reasons => true,
+        DropHook::NoReasons => false,
+    };
+    let reasons =
+        if with_reasons { DropReasons::from_btf(&our_btf)? } else { DropReasons::reasonless() };
     let ignore = reasons.ignore_bitmap(&opts.drop_ignore, opts.drop_ignore_strict)?;
 
     let syscalls = syscall_numbers();
@@ -133,53 +162,53 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
 
     let aya_btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Object(e.into()))?;
     let mut hooks = Vec::new();
-    let mut tracepoints: Vec<&'static str> = TCP_TRACEPOINTS.to_vec();
+    let mut capabilities = Vec::new();
+    let tcp: Vec<(&'static str, &'static str)> = TCP_TRACEPOINTS.iter().map(|t| (*t, *t)).collect();
+    hooks.extend(attach_tracepoints(&mut ebpf, &aya_btf, &tcp)?);
+    capabilities.push(Capability::up("tcp", hooks.join(", ")));
+
     if opts.drops {
-        tracepoints.push(DROP_TRACEPOINT);
-    }
-    if opts.settings.capture_bytes > 0 {
-        tracepoints.extend(DATA_TRACEPOINTS);
-    }
-    for name in tracepoints {
-        let prog: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::NoProgram { program: name })?
-            .try_into()
-            .map_err(|source| LoadError::Program { program: name, source })?;
-        prog.load(name, &aya_btf).map_err(|e| rejected(name, e))?;
-        prog.attach()
-            .map_err(|source| LoadError::Attach { hook: format!("tp_btf/{name}"), source })?;
-        hooks.push(format!("tp_btf/{name}"));
+        let program = if with_reasons { DROP_TRACEPOINT } else { DROP_NO_REASON_PROGRAM };
+        match attach_tracepoints(&mut ebpf, &aya_btf, &[(program, DROP_TRACEPOINT)]) {
+            Ok(h) => {
+                let how = if with_reasons {
+                    "with the kernel's drop reasons"
+                } else {
+                    "without drop reasons (kfree_skb has them from 5.17): reason unknown on this \
+                     kernel"
+                };
+                capabilities.push(Capability::up("drops", format!("{} {how}", h.join(", "))));
+                hooks.extend(h);
+            }
+            Err(e) => capabilities.push(Capability::down("drops", e.to_string())),
+        }
     }
 
-    if let Some(cgroup) = &opts.cgroup2 {
-        let file = File::open(cgroup)
-            .map_err(|source| LoadError::Cgroup { path: cgroup.display().to_string(), source })?;
-        let prog: &mut SockOps = ebpf
-            .program_mut(SOCK_OPS_PROGRAM)
-            .ok_or(LoadError::NoProgram { program: SOCK_OPS_PROGRAM })?
-            .try_into()
-            .map_err(|source| LoadError::Program { program: SOCK_OPS_PROGRAM, source })?;
-        prog.load().map_err(|e| rejected(SOCK_OPS_PROGRAM, e))?;
-        // A cgroup BPF link is always attached in multi mode (coexisting with Cilium and other
-        // agents on the root cgroup); LINK_CREATE refuses explicit flags, hence `Single` (0).
-        prog.attach(file, CgroupAttachMode::Single).map_err(|source| LoadError::Attach {
-            hook: format!("sock_ops on {}", cgroup.display()),
-            source,
-        })?;
-        hooks.push(format!("sock_ops on {}", cgroup.display()));
+    if opts.settings.capture_bytes > 0 {
+        let data: Vec<_> = DATA_TRACEPOINTS.iter().map(|t| (*t, *t)).collect();
+        match attach_tracepoints(&mut ebpf, &aya_btf, &data) {
+            Ok(h) => {
+                capabilities.push(Capability::up("l7_capture", h.join(", ")));
+                hooks.extend(h);
+            }
+            Err(e) => capabilities.push(Capability::down(
+                "l7_capture",
+                format!(
+                    "{e}; L7 capture needs the sock:sock_send_length and sock:sock_recv_length \
+                     tracepoints (kernel 6.3+): no application exchanges on this kernel"
+                ),
+            )),
+        }
     }
+
+    let counters = tcp_counters(&mut ebpf, opts.cgroup2.as_deref());
+    if counters.up {
+        hooks.push(counters.detail.clone());
+    }
+    capabilities.push(counters);
 
     let tls = if opts.tls && opts.settings.capture_bytes > 0 {
-        let mut probes = tls::TlsProbes::load(&mut ebpf)?;
-        let (attached, failed) = probes.scan(&mut ebpf);
-        for lib in attached {
-            hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {}", lib.display()));
-        }
-        for (lib, err) in failed {
-            tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
-        }
-        Some(probes)
+        attach_tls(&mut ebpf, &mut hooks, &mut capabilities)
     } else {
         None
     };
@@ -189,7 +218,125 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let counters =
         PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
             .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
-    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls })
+    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls, capabilities })
+}
+
+/// The OpenSSL uprobes on every libssl found now (rescanned later by the agent).
+fn attach_tls(
+    ebpf: &mut Ebpf,
+    hooks: &mut Vec<String>,
+    capabilities: &mut Vec<Capability>,
+) -> Option<tls::TlsProbes> {
+    match tls::TlsProbes::load(ebpf) {
+        Ok(mut probes) => {
+            let (attached, failed) = probes.scan(ebpf);
+            for (lib, err) in &failed {
+                tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+            }
+            let libs: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
+            for lib in &libs {
+                hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {lib}"));
+            }
+            capabilities.push(if libs.is_empty() {
+                Capability::down(
+                    "tls",
+                    match failed.first() {
+                        Some((lib, err)) => format!("cannot attach to {}: {err}", lib.display()),
+                        None => "no OpenSSL library (libssl) found in running processes or the \
+                                 library paths; rescanned every 10 s"
+                            .to_owned(),
+                    },
+                )
+            } else {
+                Capability::up(
+                    "tls",
+                    format!("uprobe/SSL_read,SSL_write(_ex) on {}", libs.join(", ")),
+                )
+            });
+            Some(probes)
+        }
+        Err(e) => {
+            capabilities.push(Capability::down("tls", e.to_string()));
+            None
+        }
+    }
+}
+
+/// Loads and attaches `(program, tracepoint)` pairs as BTF tracepoints, all or none: when one
+/// fails, those of the group already loaded are unloaded (their links detached) again.
+fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    group: &[(&'static str, &'static str)],
+) -> Result<Vec<String>, LoadError> {
+    for &(program, tracepoint) in group {
+        if let Err(e) = attach_tracepoint(ebpf, btf, program, tracepoint) {
+            for (program, _) in group {
+                if let Some(prog) = ebpf.program_mut(program)
+                    && let Ok(prog) = <&mut BtfTracePoint>::try_from(prog)
+                {
+                    // Programs not loaded (the one that failed, those after it) refuse; nothing
+                    // to undo there.
+                    let _ = prog.unload();
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok(group.iter().map(|(_, tp)| format!("tp_btf/{tp}")).collect())
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: &'static str,
+    tracepoint: &'static str,
+) -> Result<(), LoadError> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::NoProgram { program })?
+        .try_into()
+        .map_err(|source| LoadError::Program { program, source })?;
+    prog.load(tracepoint, btf).map_err(|e| rejected(program, e))?;
+    prog.attach()
+        .map_err(|source| LoadError::Attach { hook: format!("tp_btf/{tracepoint}"), source })?;
+    Ok(())
+}
+
+/// `sock_ops` on the cgroup v2 hierarchy, for bytes, RTT and retransmits.
+fn tcp_counters(ebpf: &mut Ebpf, cgroup2: Option<&std::path::Path>) -> Capability {
+    let Some(cgroup) = cgroup2 else {
+        return Capability::down(
+            "tcp_counters",
+            "no cgroup v2 mount for sock_ops: connections carry no bytes, RTT or retransmits \
+             (fix: mount -t cgroup2 none /sys/fs/cgroup/unified)",
+        );
+    };
+    match attach_sock_ops(ebpf, cgroup) {
+        Ok(hook) => Capability::up("tcp_counters", hook),
+        Err(e) => Capability::down(
+            "tcp_counters",
+            format!("{e}; connections carry no bytes, RTT or retransmits"),
+        ),
+    }
+}
+
+/// Attaches `sock_ops` to the cgroup v2 hierarchy at `cgroup`; returns the hook's description.
+fn attach_sock_ops(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<String, LoadError> {
+    let file = File::open(cgroup)
+        .map_err(|source| LoadError::Cgroup { path: cgroup.display().to_string(), source })?;
+    let prog: &mut SockOps = ebpf
+        .program_mut(SOCK_OPS_PROGRAM)
+        .ok_or(LoadError::NoProgram { program: SOCK_OPS_PROGRAM })?
+        .try_into()
+        .map_err(|source| LoadError::Program { program: SOCK_OPS_PROGRAM, source })?;
+    prog.load().map_err(|e| rejected(SOCK_OPS_PROGRAM, e))?;
+    // A cgroup BPF link is always attached in multi mode (coexisting with Cilium and other
+    // agents on the root cgroup); LINK_CREATE refuses explicit flags, hence `Single` (0).
+    let hook = format!("sock_ops on {}", cgroup.display());
+    prog.attach(file, CgroupAttachMode::Single)
+        .map_err(|source| LoadError::Attach { hook: hook.clone(), source })?;
+    Ok(hook)
 }
 
 /// Fills the kernel's drop-reason ignore bitmap.

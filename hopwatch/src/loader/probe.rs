@@ -73,6 +73,9 @@ impl Probe {
         checks.push(program_type("sock_ops", ProgramType::SockOps, true, ""));
         checks.push(kprobe());
         checks.push(program_type("fentry", ProgramType::Tracing, false, "optional, not used"));
+        let vmlinux = Btf::from_file(Btf::VMLINUX).ok();
+        checks.extend(hooks(vmlinux.as_ref()));
+        checks.push(conntrack());
         Self { kernel: kernel_release(), checks, cgroup2 }
     }
 
@@ -241,6 +244,79 @@ fn program_type(name: &'static str, ty: ProgramType, required: bool, note: &str)
         Err(e) => (missing_or_unavailable(required), format!("{}; {note}", error_chain(&e))),
     };
     Check { name, status, detail }
+}
+
+/// Which hook each capability would use on this kernel, from the BTF tracepoints it names.
+fn hooks(btf: Option<&Btf>) -> Vec<Check> {
+    let Some(btf) = btf else { return Vec::new() };
+    let tp = |name: &str| btf.has_name(&format!("btf_trace_{name}"));
+    let mut checks = Vec::new();
+    checks.push(if tp("inet_sock_set_state") {
+        Check { name: "tcp", status: Status::Ok, detail: "tp_btf/inet_sock_set_state".to_owned() }
+    } else {
+        Check {
+            name: "tcp",
+            status: Status::Missing,
+            detail: "no sock:inet_sock_set_state tracepoint in BTF (kernel 4.16+ needed)"
+                .to_owned(),
+        }
+    });
+    checks.push(match (tp("kfree_skb"), btf.has_name("skb_drop_reason")) {
+        (true, true) => Check {
+            name: "drops",
+            status: Status::Ok,
+            detail: "tp_btf/kfree_skb with the kernel's drop reasons".to_owned(),
+        },
+        (true, false) => Check {
+            name: "drops",
+            status: Status::Ok,
+            detail: "tp_btf/kfree_skb without drop reasons (5.17+ has them): reason unknown on \
+                     this kernel"
+                .to_owned(),
+        },
+        (false, _) => Check {
+            name: "drops",
+            status: Status::Unavailable,
+            detail: "no skb:kfree_skb tracepoint in BTF: no drop flows".to_owned(),
+        },
+    });
+    checks.push(if tp("sock_send_length") && tp("sock_recv_length") {
+        Check {
+            name: "l7 capture",
+            status: Status::Ok,
+            detail: "tp_btf/sock_send_length, tp_btf/sock_recv_length".to_owned(),
+        }
+    } else {
+        Check {
+            name: "l7 capture",
+            status: Status::Unavailable,
+            detail: "no sock:sock_send_length/sock_recv_length tracepoints (kernel 6.3+): no \
+                     application exchanges on this kernel"
+                .to_owned(),
+        }
+    });
+    checks
+}
+
+/// conntrack's netlink interface, for Service address translation.
+fn conntrack() -> Check {
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, NETLINK_NETFILTER) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Check {
+            name: "conntrack",
+            status: Status::Unavailable,
+            detail: format!(
+                "netlink: {err}; no Service address translation (fix: modprobe \
+                 nf_conntrack_netlink)"
+            ),
+        };
+    }
+    // SAFETY: fd is ours and open.
+    unsafe { libc::close(fd) };
+    Check { name: "conntrack", status: Status::Ok, detail: "netlink".to_owned() }
 }
 
 fn kprobe() -> Check {

@@ -11,6 +11,7 @@
 //! reader loop ([`Telemetry::heartbeat`]). With `--metrics-addr off` every call is a no-op.
 
 pub(crate) mod bpf;
+pub(crate) mod capability;
 pub(crate) mod health;
 pub(crate) mod hop_families;
 mod server;
@@ -31,7 +32,12 @@ use hopwatch_hops::{Aggregator, HopConfig, ledger};
 use hopwatch_proto::flow::{Flow, FlowType, Verdict};
 use prometheus::{Encoder as _, IntGaugeVec, Opts, Registry, TextEncoder, proto::MetricFamily};
 
-use self::{bpf::RingbufGauge, health::Health, hop_families::HopCollector};
+use self::{
+    bpf::RingbufGauge,
+    capability::{Capability, CapabilityGauge},
+    health::Health,
+    hop_families::HopCollector,
+};
 use crate::{flow::Clock, pipeline::PipelineCounters};
 
 /// How often the kernel maps' entries are counted (a walk of up to their capacity in keys).
@@ -102,6 +108,7 @@ struct Inner {
     registry: Registry,
     hops: Arc<Mutex<Aggregator>>,
     health: Health,
+    capabilities: CapabilityGauge,
     series_limit: usize,
     ready: AtomicBool,
     /// Monotonic ns of the event reader's last loop.
@@ -246,6 +253,13 @@ impl Telemetry {
         }
     }
 
+    /// What the agent runs with, and what it runs without (and why).
+    pub(crate) fn capabilities(&self, caps: &[Capability]) {
+        if let Some(i) = &self.inner {
+            i.capabilities.set(caps);
+        }
+    }
+
     /// The kernel programs are attached and the pipeline runs.
     pub fn set_ready(&self) {
         if let Some(i) = &self.inner {
@@ -383,6 +397,7 @@ impl Inner {
         let hops = Arc::new(Mutex::new(Aggregator::new(cfg)));
         registry.register(Box::new(HopCollector::new(hops.clone())?))?;
         let health = Health::register(&registry)?;
+        let capabilities = CapabilityGauge::register(&registry)?;
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         let info = IntGaugeVec::new(
             Opts::new("hopwatch_agent_info", "The agent's version (value 1)."),
@@ -394,6 +409,7 @@ impl Inner {
             registry,
             hops,
             health,
+            capabilities,
             series_limit: cfg.series_limit,
             ready: AtomicBool::new(false),
             heartbeat_ns: AtomicU64::new(Clock::monotonic_now_ns()),

@@ -139,3 +139,31 @@ fn ignored_reasons_on_fresh_veths_are_counted_not_reported() {
         "the multicast noise is counted as ignored drops: drop_ignored {before} -> {after}"
     );
 }
+
+/// Kernels before 5.17 have no `reason` on `kfree_skb`; the agent's second program serves them.
+/// Forced here (`--drop-hook no-reasons`, a hidden flag) on a kernel that has reasons: the drop
+/// keeps its tuple and location, and says the reason is unknown rather than inventing one.
+#[test]
+fn without_kernel_drop_reasons_a_drop_keeps_its_tuple_and_location() {
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    let (a, b) = (tb.pod("sender"), tb.pod("firewalled"));
+    let agent = Agent::start(&["--drop-hook", "no-reasons"]);
+    // The capability lines come before the metrics line.
+    agent.metrics_addr();
+    assert!(
+        agent.stderr().contains(
+            "hopwatch agent: drops: on, via tp_btf/kfree_skb without drop reasons (kfree_skb has \
+             them from 5.17): reason unknown on this kernel"
+        ),
+        "the start-up line names the hook and the missing reasons:\n{}",
+        agent.stderr()
+    );
+    b.nft("table inet hwtest {\n chain input {\n  type filter hook input priority 0;\n  udp dport 7778 drop\n }\n}\n");
+    send_udp(&a, &b, 40125, 7778, 3);
+    let f = agent.wait_for("a drop of the datagram", WAIT, udp_drop(&a, &b, 40125, 7778));
+    assert_eq!(f["kernel_drop_reason"], "reason unknown on this kernel", "{f}");
+    let location = f["kernel_drop_location"].as_str().unwrap_or_default();
+    assert!(location.starts_with("nft_do_chain+0x"), "where netfilter dropped it: {f}");
+    assert_eq!(u64_at(&f, &["netns_inode"]), b.netns_inode(), "dropped in the server's namespace");
+}

@@ -7,6 +7,7 @@ use std::{
 };
 
 use crate::support::{
+    Testbed,
     agent::{Agent, BIN},
     require_root, serial,
 };
@@ -191,4 +192,40 @@ fn a_full_ring_buffer_is_counted_and_reported_not_fatal() {
     });
     let status = agent.stop_with(libc::SIGINT, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
+}
+
+/// An optional part that cannot start (here: the Docker API socket is missing) is one line on
+/// stderr and a 0 in `hopwatch_capability_up` with the reason; the agent runs without it and
+/// still reports connections (here a refused one).
+#[test]
+fn a_missing_optional_part_is_reported_once_and_the_agent_runs_without_it() {
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    let (client, server) = (tb.pod("client"), tb.pod("server"));
+    let agent = Agent::start(&["--docker-socket", "/nonexistent/docker.sock"]);
+    // The capability lines come before the metrics line.
+    let metrics_addr = agent.metrics_addr();
+    let err = agent.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("docker: unavailable")).collect();
+    assert_eq!(lines.len(), 1, "one line about Docker:\n{err}");
+    assert!(lines[0].contains("/nonexistent/docker.sock"), "names the socket: {}", lines[0]);
+    let metrics = crate::hardening::http_get(metrics_addr, "/metrics");
+    let gauge = |cap: &str, up: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with(&format!("hopwatch_capability_up{{capability=\"{cap}\",detail=\""))
+                && l.ends_with(&format!("}} {up}"))
+        })
+    };
+    assert!(gauge("docker", "0"), "Docker reported down in /metrics:\n{metrics}");
+    assert!(gauge("tcp", "1"), "TCP reported up in /metrics:\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("hopwatch_capability_up{capability=\"docker\"")
+            && l.contains("no Docker API socket at /nonexistent/docker.sock")),
+        "the reason is in the detail label:\n{metrics}"
+    );
+    let script = format!("import socket\nsocket.socket().connect_ex(('{}', 9))", server.ip);
+    client.exec(&["python3", "-c", &script]);
+    agent.wait_for("the refused connect", Duration::from_secs(15), |f| {
+        f["socket_event"] == "CONNECT_FAILED" && f["IP"]["destination"] == server.ip.to_string()
+    });
 }
