@@ -482,12 +482,7 @@ fn drain(
             stages.recorder = None;
         }
         match decode(&item) {
-            Ok(ev) => {
-                stages.pipeline.on_event(&ev, flows);
-                let counted = stages.pipeline.take_counted();
-                stages.policy.count_not_recorded(counted.len() as u64);
-                stats.metrics.count_exchanges(counted);
-            }
+            Ok(ev) => stages.pipeline.on_event(&ev, flows),
             Err(e) => {
                 if stats.decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                     tracing::warn!(error = %e, "undecodable kernel event (counted; further ones are not logged)");
@@ -498,6 +493,7 @@ fn drain(
     }
     // Once per batch, not per record: a shared counter the metrics thread reads.
     stats.read.fetch_add(n as u64, Ordering::Relaxed);
+    count_exchanges(stages, stats);
     stages.pipeline.tick(Clock::monotonic_now_ns(), flows);
     ship(flows, stages, now_ns, tx, stats);
     let not_recorded = stages.policy.not_recorded();
@@ -517,6 +513,11 @@ fn ship(
     tx: &Outlet,
     stats: &PipelineStats,
 ) {
+    if flows.is_empty() {
+        return;
+    }
+    // The exchanges counted so far go first: a flow may close their socket's hop.
+    count_exchanges(stages, stats);
     for flow in flows.drain(..) {
         if stats.own.as_ref().is_some_and(|own| own.hide(&flow)) {
             continue;
@@ -527,6 +528,14 @@ fn ship(
             send(tx, stats, flow_response(&stages.pipeline.builder().node_name, flow));
         }
     }
+}
+
+/// The exchanges the kernel measured and the pipeline only counts, into the hops under one lock
+/// (between flows, in the order they came, and once per batch).
+fn count_exchanges(stages: &mut Stages, stats: &PipelineStats) {
+    let counted = stages.pipeline.take_counted();
+    stages.policy.count_not_recorded(counted.len() as u64);
+    stats.metrics.count_exchanges(counted);
 }
 
 /// With `--bpf-stats`: each kernel program's runs and average run time.
