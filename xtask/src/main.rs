@@ -128,12 +128,12 @@ enum Task {
         /// Only these groups (comma-separated): `hops` (aggregation and /metrics), `collector`
         /// (ingest, queries, event-to-observe delay), `datapath` (loads with the agent off / TCP /
         /// L7, agent CPU per event; root), `pipeline` (recorded events replayed on one core;
-        /// root), `memory` (RSS idle, with many connections open, after many short ones; root).
-        /// All by default.
+        /// root), `memory` (RSS idle, with many connections open, after many short ones; root),
+        /// `vm` (the agent's cost on Debian 12's 6.1 kernel under qemu). All by default.
         #[arg(
             long,
             value_delimiter = ',',
-            value_parser = ["hops", "collector", "datapath", "pipeline", "memory"]
+            value_parser = ["hops", "collector", "datapath", "pipeline", "memory", "vm"]
         )]
         only: Vec<String>,
         /// Rounds over all modes (medians are reported, with the lowest and highest round).
