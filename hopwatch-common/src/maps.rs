@@ -56,6 +56,10 @@ pub const MMSG_CURSORS_ENTRIES: u32 = 16_384;
 pub const PENDING_CALLS: &str = "PENDING_CALLS";
 pub const PENDING_CALLS_ENTRIES: u32 = 16_384;
 
+/// Program array of the syscall path's tail calls: slot 0 its exit program (which tail-calls
+/// itself for each further message of a `sendmmsg`/`recvmmsg`), slot 1 its protocol detection.
+pub const SYSCALL_TAILS: &str = "SYSCALL_TAILS";
+
 /// Key of [`LISTENERS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

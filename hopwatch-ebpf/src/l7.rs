@@ -24,7 +24,7 @@ use aya_ebpf::{
         },
     },
     macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
@@ -41,8 +41,8 @@ use crate::{
         socket_cookie,
     },
     maps::{
-        DATA_SCRATCH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, MMSG_CURSORS,
-        PROMOTIONS, SSL_SOCKETS, TLS_CALLS, count,
+        DATA_SCRATCH, DETECT_STASH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
+        MMSG_CURSORS, PROMOTIONS, SSL_SOCKETS, SYSCALL_TAILS, TAIL_DETECT, TLS_CALLS, count,
     },
 };
 
@@ -98,13 +98,14 @@ unsafe fn on_socket_call(sk: *const c_void, len: u32, direction: u8) {
     }
     // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
     let cookie = unsafe { socket_cookie(sk) };
-    capture(Some(sk), sk.cast(), cookie, len, direction, None);
+    capture(Some(sk), sk.cast(), cookie, len, direction, None, None);
 }
 
 /// One socket call's data, from either capture path: `trusted` is the socket as the kernel handed
 /// it to a socket-layer hook (what the exchange engine needs; `None` on the syscall path), `sk`
 /// the same socket for reads, `user` the call's buffers (`None`: found from the task's saved
-/// registers).
+/// registers), `detect_elsewhere` the syscall path's context, from which protocol detection is a
+/// tail call (`None`: detected here).
 #[inline(always)]
 pub fn capture(
     trusted: Option<*const c_void>,
@@ -113,6 +114,7 @@ pub fn capture(
     len: u32,
     direction: u8,
     user: Option<UserData>,
+    detect_elsewhere: Option<&TracePointContext>,
 ) {
     let settings = HOPWATCH_SETTINGS.load();
     if settings.capture_bytes == 0 {
@@ -217,7 +219,7 @@ pub fn capture(
     // SAFETY: per-CPU scratch value, ours until the program returns.
     let scratch = unsafe { &mut *scratch };
     let ev = &mut scratch.event;
-    ev.tuple = Default::default();
+    zero_tuple(&mut ev.tuple);
     // A TCP connection's addresses do not change: they are sent with its first captured message
     // (and userspace also has them from the connection's TCP events). UDP sockets may talk to
     // many peers, so every datagram carries them.
@@ -238,38 +240,87 @@ pub fn capture(
     let cap = settings.capture_bytes.min(DATA_MAX as u32);
     let captured = copy_user_data(&mut scratch.data, user, len.min(cap));
 
+    let pending =
+        Pending { cookie, state, len, captured, direction, udp: u8::from(udp), _pad: [0; 6] };
     if state.proto == PROTO_UNKNOWN {
         let port_dns =
             scratch.event.tuple.sport == DNS_PORT || scratch.event.tuple.dport == DNS_PORT;
-        state.proto = if port_dns { PROTO_DNS } else { detect_head(&scratch.data, captured) };
-        if state.proto == PROTO_UNKNOWN {
-            state.attempts += 1;
-            if state.attempts >= DETECT_ATTEMPTS {
-                state.proto = PROTO_IGNORED;
-                count(Counter::L7Ignored);
+        let proto = if port_dns {
+            PROTO_DNS
+        } else if let Some(ctx) = detect_elsewhere {
+            // The syscall path detects in a program of its own (older verifiers give up on the
+            // detector's branches multiplied by this program's paths).
+            if let Some(stash) = DETECT_STASH.get_ptr_mut(0) {
+                // SAFETY: per-CPU value, ours until the program (and its tail call) returns.
+                unsafe { *stash = pending };
+                // SAFETY: slot 1 holds `syscall_detect` (set by userspace at load); a tail call
+                // that succeeds does not return.
+                unsafe { SYSCALL_TAILS.tail_call(ctx, TAIL_DETECT) };
             }
-        }
-        let _ = L7CONNS.insert(cookie, state, 0);
-        if state.proto == PROTO_UNKNOWN || state.proto == PROTO_IGNORED || state.proto == PROTO_TLS
-        {
+            count(Counter::L7UnsupportedCall);
             return;
+        } else {
+            detect_head(&scratch.data, captured)
+        };
+        detected(scratch, pending, proto, pid_tgid);
+        return;
+    }
+    finish(scratch, pending, pid_tgid);
+}
+
+/// What [`capture`] knows about a message whose protocol is still being detected.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    pub cookie: u64,
+    pub state: L7Conn,
+    pub len: u32,
+    pub captured: u32,
+    pub direction: u8,
+    pub udp: u8,
+    pub _pad: [u8; 6],
+}
+
+/// The protocol of a connection still unknown was guessed from this message (`proto`): remember
+/// it, and send the message if it is one hopwatch parses.
+#[inline(always)]
+pub fn detected(scratch: &mut DataScratch, mut p: Pending, proto: u8, pid_tgid: u64) {
+    p.state.proto = proto;
+    if proto == PROTO_UNKNOWN {
+        p.state.attempts += 1;
+        if p.state.attempts >= DETECT_ATTEMPTS {
+            p.state.proto = PROTO_IGNORED;
+            count(Counter::L7Ignored);
         }
     }
-    if len > captured {
+    let _ = L7CONNS.insert(p.cookie, p.state, 0);
+    if p.state.proto == PROTO_UNKNOWN
+        || p.state.proto == PROTO_IGNORED
+        || p.state.proto == PROTO_TLS
+    {
+        return;
+    }
+    finish(scratch, p, pid_tgid);
+}
+
+/// Sends a message of a connection whose protocol is known.
+#[inline(always)]
+fn finish(scratch: &mut DataScratch, mut p: Pending, pid_tgid: u64) {
+    if p.len > p.captured {
         count(Counter::DataTruncated);
     }
-    if state.tuple_sent == 0 && !udp {
-        state.tuple_sent = 1;
-        let _ = L7CONNS.insert(cookie, state, 0);
+    if p.state.tuple_sent == 0 && p.udp == 0 {
+        p.state.tuple_sent = 1;
+        let _ = L7CONNS.insert(p.cookie, p.state, 0);
     }
     let ev = &mut scratch.event;
-    ev.len = len;
-    ev.captured = captured;
-    ev.direction = direction;
+    ev.len = p.len;
+    ev.captured = p.captured;
+    ev.direction = p.direction;
     ev.source = SRC_SYSCALL;
-    ev.protocol = state.proto;
-    ev.turns = state.turns;
-    send(scratch, pid_tgid, cookie);
+    ev.protocol = p.state.proto;
+    ev.turns = p.state.turns;
+    send(scratch, pid_tgid, p.cookie);
 }
 
 /// Fills the event's process fields and sends the event plus its `captured` bytes.
@@ -282,6 +333,19 @@ pub fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
     if output(scratch, size, now, cookie) {
         count(Counter::DataEvents);
+    }
+}
+
+/// Zeroes a tuple word by word. `= Default::default()` becomes a call to a byte-by-byte `memset`
+/// loop, which older verifiers (6.1) walk once per path into it, past their instruction limit.
+#[inline(always)]
+fn zero_tuple(t: &mut hopwatch_common::Tuple) {
+    let words = (&raw mut *t).cast::<u32>();
+    let mut i = 0;
+    while i < size_of::<hopwatch_common::Tuple>() / 4 {
+        // SAFETY: inside `t` (48 bytes, 4-aligned); volatile so that it stays word stores.
+        unsafe { words.add(i).write_volatile(0) };
+        i += 1;
     }
 }
 
@@ -389,7 +453,10 @@ pub fn copy_chunk(dst: &mut [u8; 2 * DATA_MAX], off: u32, src: u64, n: u32) -> u
     // verifier cannot, so launder the value through memory to keep the mask in the code.
     // SAFETY: a read of a local.
     let off = unsafe { core::ptr::read_volatile(&raw const off) } as usize & (DATA_MAX - 1);
-    let mut n = n as usize;
+    // The same for the length: callers bound it by comparisons with other registers, which older
+    // verifiers (6.1) do not carry over to it; the clamp below must stay in the code.
+    // SAFETY: a read of a local.
+    let mut n = unsafe { core::ptr::read_volatile(&raw const n) } as usize;
     if n > DATA_MAX {
         n = DATA_MAX;
     }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     Global,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use hopwatch_common::{
     COUNTER_COUNT, ConnState, Counter, DATA_MAX, DataEvent, KernelOffsets, KernelSettings, L7Conn,
@@ -105,8 +105,22 @@ pub struct PendingCall {
     pub direction: u8,
     /// `ptr` is a `struct mmsghdr` vector.
     pub mmsg: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The `struct mmsghdr` the exit hook captures next.
+    pub index: u32,
 }
+
+/// The syscall path's tail calls (set by userspace after loading the programs):
+/// [`TAIL_EXIT`] is `sys_exit_socket_io` itself, which tail-calls itself once per further message
+/// of a `sendmmsg`/`recvmmsg`; [`TAIL_DETECT`] is `syscall_detect`, protocol detection.
+#[map]
+pub static SYSCALL_TAILS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub const TAIL_EXIT: u32 = 0;
+pub const TAIL_DETECT: u32 = 1;
+
+/// A message handed from the syscall path's capture to `syscall_detect`.
+#[map]
+pub static DETECT_STASH: PerCpuArray<crate::l7::Pending> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static PENDING_CALLS: LruHashMap<u64, PendingCall> =

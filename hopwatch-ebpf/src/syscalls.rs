@@ -22,14 +22,17 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use hopwatch_common::{
-    AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
+    AF_INET, AF_INET6, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
     PROTO_IGNORED, PROTO_TLS,
 };
 
 use crate::{
     kernel::{offsets, read_at, read_user, sock_protocol},
     l7::{self, UserData},
-    maps::{HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS, PendingCall, TLS_CALLS},
+    maps::{
+        DATA_SCRATCH, DETECT_STASH, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS,
+        PendingCall, SYSCALL_TAILS, TAIL_EXIT, TLS_CALLS, count,
+    },
 };
 
 /// Offsets in a `syscalls:sys_enter_*` record: the syscall number, then its arguments as 8-byte
@@ -42,11 +45,12 @@ const MSG_PEEK: u64 = 2;
 const S_IFMT: u16 = 0o170_000;
 const S_IFSOCK: u16 = 0o140_000;
 /// Messages of one `sendmmsg`/`recvmmsg` captured at most (glibc's resolver sends its A and AAAA
-/// queries as two); the rest are counted as unsupported calls.
-const MAX_MMSG: u64 = 2;
+/// queries as two), one tail call each; the rest are counted as unsupported calls.
+const MAX_MMSG: u64 = 8;
 /// `struct mmsghdr`: a `struct msghdr` (56 bytes), then the `msg_len` the kernel fills in.
 const MMSGHDR_SIZE: u64 = 64;
 const MMSG_LEN_OFFSET: u64 = 56;
+const DNS_PORT: u16 = 53;
 /// Marks a cookie made from the socket's address (no kernel cookie yet).
 const ADDRESS_COOKIE: u64 = 1 << 63;
 
@@ -86,13 +90,21 @@ fn on_enter(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let protocol = sock_protocol(sk, &o)?;
-    if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
+    if protocol == u16::from(IPPROTO_UDP) {
+        // Over UDP only DNS is parsed: a connected socket shows its ports here (an unconnected
+        // one names its peer per datagram, and the capture checks that).
+        let sport = read_at::<u16>(sk, o.sk_num)?;
+        let dport = u16::from_be(read_at::<u16>(sk, o.sk_dport)?);
+        if dport != 0 && sport != DNS_PORT && dport != DNS_PORT {
+            return None;
+        }
+    } else if protocol != u16::from(IPPROTO_TCP) {
         return None;
     }
-    let cookie = match read_at::<u64>(sk, o.sk_cookie) {
-        Some(c) if c != 0 => c,
-        _ => sk as u64 | ADDRESS_COOKIE,
-    };
+    // A plain value, not a match on the `Option`: LLVM may branch on the payload of `None`, an
+    // uninitialised register the verifier refuses to read (6.1 does).
+    let cookie = read_at::<u64>(sk, o.sk_cookie).unwrap_or(0);
+    let cookie = if cookie != 0 { cookie } else { sk as u64 | ADDRESS_COOKIE };
     // Sockets whose bytes are not wanted cost only this: ignored ones, and TLS ones outside an
     // SSL call (their plaintext comes from the uprobes; inside a call the ciphertext ties the
     // `SSL*` to the socket).
@@ -112,7 +124,8 @@ fn on_enter(ctx: &TracePointContext) -> Option<()> {
         addr: 0,
         direction: DIR_EGRESS,
         mmsg: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        index: 0,
     };
     if nr == sc.read || nr == sc.recvfrom {
         call.direction = DIR_INGRESS;
@@ -153,46 +166,88 @@ fn on_enter(ctx: &TracePointContext) -> Option<()> {
     PENDING_CALLS.insert(pid_tgid, call, 0).ok()
 }
 
-fn on_exit(ctx: &TracePointContext) -> Option<()> {
+/// Protocol detection for a message of the syscall path ([`l7::capture`] stashed it and its bytes
+/// are in the per-CPU scratch), then the next message of a `sendmmsg`/`recvmmsg` if any.
+#[tracepoint]
+pub fn syscall_detect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: map value, copied out at once.
-    let call = unsafe { PENDING_CALLS.get(pid_tgid) }.copied()?;
-    let _ = PENDING_CALLS.remove(pid_tgid);
-    let ret = arg(ctx, 0)?.cast_signed();
-    if ret <= 0 {
-        return None;
+    if let (Some(stash), Some(scratch)) = (DETECT_STASH.get_ptr(0), DATA_SCRATCH.get_ptr_mut(0)) {
+        // SAFETY: per-CPU values, written by the program that tail-called this one on this CPU.
+        let (pending, scratch) = unsafe { (*stash, &mut *scratch) };
+        let proto = l7::detect_head(&scratch.data, pending.captured);
+        l7::detected(scratch, pending, proto, pid_tgid);
     }
-    if call.mmsg == 0 {
-        let user = UserData { ptr: call.ptr, iov_count: call.count, addr: call.addr };
-        capture(&call, user, u32::try_from(ret).unwrap_or(u32::MAX));
-        return Some(());
+    // SAFETY: map value, read at once.
+    if unsafe { PENDING_CALLS.get(pid_tgid) }.is_some() {
+        // More messages of the call: the exit program again (see [`on_exit`]).
+        // SAFETY: slot TAIL_EXIT holds `sys_exit_socket_io`; a tail call that succeeds does not
+        // return.
+        unsafe { SYSCALL_TAILS.tail_call(&ctx, TAIL_EXIT) };
     }
-    // `ret` messages were sent or received, each with its length in its `msg_len`.
-    let sending = call.direction == DIR_EGRESS;
-    let mut i = 0;
-    while i < MAX_MMSG {
-        if i >= ret.cast_unsigned() {
-            return Some(());
-        }
-        let hdr = call.ptr + i * MMSGHDR_SIZE;
-        let len = read_user::<u32>(hdr + MMSG_LEN_OFFSET)?;
-        let user = l7::from_msghdr(hdr, sending)?;
-        capture(&call, user, len);
-        i += 1;
-    }
-    if ret.cast_unsigned() > MAX_MMSG {
-        crate::maps::count(hopwatch_common::Counter::L7UnsupportedCall);
-    }
-    Some(())
+    0
 }
 
-/// One message of a call, through the capture shared with the socket-layer hooks. Not inlined:
-/// one copy of the capture serves every message of a `sendmmsg`/`recvmmsg`.
-#[inline(never)]
-fn capture(call: &PendingCall, user: UserData, len: u32) {
-    if len > 0 {
-        l7::capture(None, call.sk as *const u8, call.cookie, len, call.direction, Some(user));
+/// One message per run: the call's only one, or the next of a `sendmmsg`/`recvmmsg`, after which
+/// the program tail-calls itself ([`SYSCALL_TAILS`]) for the one after. One copy of the
+/// capture in the program keeps it within what older verifiers accept (6.1 gave up on three).
+fn on_exit(ctx: &TracePointContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let entry = PENDING_CALLS.get_ptr_mut(pid_tgid)?;
+    // SAFETY: map value, copied out at once.
+    let call = unsafe { *entry };
+    let ret = arg(ctx, 0)?.cast_signed();
+    if ret <= 0 {
+        let _ = PENDING_CALLS.remove(pid_tgid);
+        return None;
     }
+    let (user, len, more) = if call.mmsg == 0 {
+        let user = UserData { ptr: call.ptr, iov_count: call.count, addr: call.addr };
+        (user, u32::try_from(ret).unwrap_or(u32::MAX), false)
+    } else {
+        // `ret` messages were sent or received, each with its length in its `msg_len`.
+        let messages = ret.cast_unsigned();
+        let i = u64::from(call.index);
+        if i >= messages || i >= MAX_MMSG {
+            let _ = PENDING_CALLS.remove(pid_tgid);
+            return None;
+        }
+        let hdr = call.ptr + i * MMSGHDR_SIZE;
+        let len = read_user::<u32>(hdr + MMSG_LEN_OFFSET).unwrap_or(0);
+        let user = l7::from_msghdr(hdr, call.direction == DIR_EGRESS).unwrap_or(UserData {
+            ptr: 0,
+            iov_count: 0,
+            addr: 0,
+        });
+        let more = i + 1 < messages;
+        if more && i + 1 >= MAX_MMSG {
+            count(Counter::L7UnsupportedCall);
+        }
+        // SAFETY: this thread's map value, valid while the program runs.
+        unsafe { (*entry).index += 1 };
+        (user, len, more && i + 1 < MAX_MMSG)
+    };
+    if !more {
+        let _ = PENDING_CALLS.remove(pid_tgid);
+    }
+    if len > 0 && user.ptr != 0 {
+        l7::capture(
+            None,
+            call.sk as *const u8,
+            call.cookie,
+            len,
+            call.direction,
+            Some(user),
+            Some(ctx),
+        );
+    }
+    if more {
+        // SAFETY: the program array holds this program (userspace puts it there at load); the
+        // tail call does not return when it succeeds.
+        unsafe { SYSCALL_TAILS.tail_call(ctx, TAIL_EXIT) };
+        count(Counter::L7UnsupportedCall);
+        let _ = PENDING_CALLS.remove(pid_tgid);
+    }
+    Some(())
 }
 
 /// The `struct sock *` behind file descriptor `fd` of the current task, if it is a socket.

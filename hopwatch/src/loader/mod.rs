@@ -13,13 +13,13 @@ use std::{fs::File, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, SockOps, TracePoint, links::CgroupAttachMode},
 };
 use hopwatch_common::{
     KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL, SYSCALLS_GLOBAL,
     SyscallNumbers,
-    maps::{COUNTERS, DROP_IGNORE, EVENTS},
+    maps::{COUNTERS, DROP_IGNORE, EVENTS, SYSCALL_TAILS},
 };
 
 use crate::{
@@ -42,6 +42,8 @@ const DATA_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 /// to the `syscalls:sys_enter_*`/`sys_exit_*` tracepoint of every syscall in [`DATA_SYSCALLS`].
 const SYSCALL_ENTER_PROGRAM: &str = "sys_enter_socket_io";
 const SYSCALL_EXIT_PROGRAM: &str = "sys_exit_socket_io";
+/// Protocol detection of the syscall path, a tail call of [`SYSCALL_EXIT_PROGRAM`].
+const SYSCALL_DETECT_PROGRAM: &str = "syscall_detect";
 const DATA_SYSCALLS: [&str; 10] = [
     "read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg",
     "recvmmsg",
@@ -350,10 +352,11 @@ fn attach_syscall_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<String>, LoadError>
         }
         Ok(())
     };
-    let attached =
-        attach(SYSCALL_ENTER_PROGRAM, "enter").and_then(|()| attach(SYSCALL_EXIT_PROGRAM, "exit"));
+    let attached = attach(SYSCALL_ENTER_PROGRAM, "enter")
+        .and_then(|()| attach(SYSCALL_EXIT_PROGRAM, "exit"))
+        .and_then(|()| syscall_tail_calls(ebpf));
     if let Err(e) = attached {
-        for program in [SYSCALL_ENTER_PROGRAM, SYSCALL_EXIT_PROGRAM] {
+        for program in [SYSCALL_ENTER_PROGRAM, SYSCALL_EXIT_PROGRAM, SYSCALL_DETECT_PROGRAM] {
             if let Some(prog) = ebpf.program_mut(program)
                 && let Ok(prog) = <&mut TracePoint>::try_from(prog)
             {
@@ -364,6 +367,35 @@ fn attach_syscall_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<String>, LoadError>
         return Err(e);
     }
     Ok(vec![format!("tracepoint/syscalls/sys_{{enter,exit}}_{{{}}}", DATA_SYSCALLS.join(","))])
+}
+
+/// Fills the syscall path's tail-call slots: the exit program (which captures one message of a
+/// `sendmmsg`/`recvmmsg` per run) and protocol detection (loaded here, never attached).
+fn syscall_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let program = SYSCALL_DETECT_PROGRAM;
+    let detect: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::NoProgram { program })?
+        .try_into()
+        .map_err(|source| LoadError::Program { program, source })?;
+    detect.load().map_err(|e| rejected(program, e))?;
+    for (slot, program) in [(0, SYSCALL_EXIT_PROGRAM), (1, SYSCALL_DETECT_PROGRAM)] {
+        let fd = ebpf
+            .program(program)
+            .ok_or(LoadError::NoProgram { program })?
+            .fd()
+            .map_err(|source| LoadError::Program { program, source })?
+            .try_clone()
+            .map_err(|e| LoadError::Program { program, source: ProgramError::IOError(e) })?;
+        let map = SYSCALL_TAILS;
+        let mut tails: ProgramArray<_> = ebpf
+            .map_mut(map)
+            .ok_or(LoadError::NoMap { map })?
+            .try_into()
+            .map_err(|source| LoadError::Map { map, source })?;
+        tails.set(slot, &fd, 0).map_err(|source| LoadError::Map { map, source })?;
+    }
+    Ok(())
 }
 
 fn attach_tracepoint(
