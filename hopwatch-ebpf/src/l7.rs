@@ -11,8 +11,8 @@
 //! Only a bounded prefix of each message is copied, and only for connections whose first bytes
 //! look like a protocol hopwatch parses (see `hopwatch_common::detect`); a connection that shows
 //! nothing recognisable within a few messages is ignored from then on for the price of one map
-//! lookup per call. TLS connections are skipped here: their plaintext comes from the uprobes in
-//! `tls.rs`.
+//! lookup per call. TLS connections are skipped here once their handshake is over (its records
+//! go to `tls_handshake.rs`): their plaintext comes from the uprobes in `tls.rs`.
 
 use core::ffi::c_void;
 
@@ -29,7 +29,7 @@ use aya_ebpf::{
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
     IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS,
-    PROTO_UNKNOWN, SRC_SYSCALL,
+    PROTO_TLS_HANDSHAKE, PROTO_UNKNOWN, SRC_SYSCALL,
     detect::{HEAD, detect},
 };
 
@@ -44,6 +44,7 @@ use crate::{
         DATA_SCRATCH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, MMSG_CURSORS,
         PROMOTIONS, SSL_SOCKETS, TLS_CALLS, count,
     },
+    tls_handshake,
 };
 
 /// `MSG_PEEK`: the data stays queued and will be read again.
@@ -129,14 +130,21 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         match L7CONNS.get_ptr_mut(cookie) {
             // SAFETY: map value pointer, valid until we return.
             Some(c) => unsafe {
-                if (*c).proto != PROTO_TLS {
+                // A handshake under way, or one the library does inside SSL_read/SSL_write.
+                if (*c).proto == PROTO_TLS_HANDSHAKE || (*c).proto == PROTO_UNKNOWN {
+                    let state = L7Conn { tls: 1, ..*c };
+                    tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o);
+                } else if (*c).proto != PROTO_TLS {
                     (*c).proto = PROTO_TLS;
                     (*c).tls = 1;
                 }
             },
             None => {
-                let state = L7Conn { proto: PROTO_TLS, tls: 1, ..L7Conn::default() };
-                let _ = L7CONNS.insert(cookie, state, 0);
+                let state = L7Conn { tls: 1, ..L7Conn::default() };
+                // SAFETY: `sk` is the tracepoint's socket.
+                unsafe {
+                    tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o)
+                };
             }
         }
         return;
@@ -144,6 +152,11 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     let conn = L7CONNS.get_ptr_mut(cookie);
     // SAFETY: map value, copied out at once.
     let mut state = conn.map(|c| unsafe { *c }).unwrap_or_default();
+    if state.proto == PROTO_TLS_HANDSHAKE {
+        // SAFETY: `sk` is the tracepoint's socket.
+        unsafe { tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o) };
+        return;
+    }
     if state.proto == PROTO_IGNORED || state.proto == PROTO_TLS {
         return;
     }
@@ -220,6 +233,11 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         let port_dns =
             scratch.event.tuple.sport == DNS_PORT || scratch.event.tuple.dport == DNS_PORT;
         state.proto = if port_dns { PROTO_DNS } else { detect_head(&scratch.data, captured) };
+        if state.proto == PROTO_TLS {
+            // SAFETY: `sk` is the tracepoint's socket.
+            unsafe { tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o) };
+            return;
+        }
         if state.proto == PROTO_UNKNOWN {
             state.attempts += 1;
             if state.attempts >= DETECT_ATTEMPTS {
@@ -338,7 +356,7 @@ fn peer_from_sockaddr(addr: u64, ev: &mut hopwatch_common::DataEvent) {
 
 /// Copies up to `want` bytes of the syscall's data into `dst`; returns how many were copied.
 #[inline(always)]
-fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
+pub fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
     if user.iov_count == 0 {
         return copy_chunk(dst, 0, user.ptr, want);
     }

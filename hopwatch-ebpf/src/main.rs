@@ -15,6 +15,7 @@ mod maps;
 mod sockops;
 mod tcp;
 mod tls;
+mod tls_handshake;
 
 #[cfg(not(test))]
 #[panic_handler]

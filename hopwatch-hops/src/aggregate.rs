@@ -161,6 +161,9 @@ fn apply_drop(
     Outcome::Counted
 }
 
+/// `l7.protocol` of the flow of a TLS handshake.
+const TLS_PROTOCOL: &str = "tls";
+
 fn apply_l7(
     flow: &Flow,
     at_ns: u64,
@@ -182,6 +185,16 @@ fn apply_l7(
             s.timeouts += w.timeouts;
             s.latency.merge(&w.latency);
         }
+    }
+    if l7.protocol == TLS_PROTOCOL && flow.tls_handshake.is_some() {
+        // A handshake, not an exchange: its own histogram and failures.
+        if l7.error.is_empty() {
+            let (s, _) = table.side_mut(key, side, at_ns);
+            s.tls_handshake.record(l7.latency_ns);
+        } else {
+            table.tally(key, side, TallyKind::TlsFailures, &l7.error, 1, at_ns);
+        }
+        return Outcome::Counted;
     }
     let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
     let (s, _) = table.side_mut(key, side, at_ns);

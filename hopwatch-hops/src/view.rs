@@ -100,6 +100,14 @@ pub struct HopRow {
     pub dns_rcodes: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nxdomain: BTreeMap<String, u64>,
+    /// TLS handshakes completed and their time, as the client and the server measured it.
+    pub tls_handshakes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_handshake: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_handshake: Option<Latency>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tls_failures: BTreeMap<String, u64>,
     /// Which ends reported ("client", "server").
     pub reported_by: Vec<&'static str>,
 }
@@ -162,6 +170,10 @@ pub fn row(key: &HopKey, hop: &Hop, ledger: Option<&Ledger>, window_s: f64) -> H
         drops_total: hop.drops.total(),
         dns_rcodes: tally_max(c.map(|x| &x.dns_rcodes), s.map(|x| &x.dns_rcodes)),
         nxdomain: tally_max(c.map(|x| &x.nxdomain), s.map(|x| &x.nxdomain)),
+        tls_handshakes: max(|x| x.tls_handshake.count()),
+        client_tls_handshake: c.and_then(|x| Latency::of(&x.tls_handshake)),
+        server_tls_handshake: s.and_then(|x| Latency::of(&x.tls_handshake)),
+        tls_failures: tally_max(c.map(|x| &x.tls_failures), s.map(|x| &x.tls_failures)),
         reported_by: Side::BOTH
             .iter()
             .filter(|x| hop.side(**x).is_some())

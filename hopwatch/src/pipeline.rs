@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use hopwatch_common::{
-    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, TcpOp,
+    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS,
+    PROTO_TLS, SRC_SYSCALL, TcpOp,
 };
 use hopwatch_proto::flow::Flow;
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
@@ -16,7 +17,7 @@ use crate::{
     events::{KernelEvent, comm},
     flow::{Clock, FlowBuilder, L7Observation},
     identity::Identity,
-    l7::{Completed, L7Tracker, Measured, session::MessageParser},
+    l7::{Completed, L7Tracker, Measured, session::MessageParser, tls::TlsTracker},
 };
 
 /// Connections tracked in userspace.
@@ -100,6 +101,8 @@ pub struct PipelineCounters {
     pub l7_sessions_overflow: u64,
     /// Full records of the kernel's exchange engine that did not parse (counted, not recorded).
     pub l7_fast_unparsed: u64,
+    /// TLS handshakes not followed because too many were under way.
+    pub tls_handshakes_overflow: u64,
 }
 
 pub struct Pipeline {
@@ -108,6 +111,7 @@ pub struct Pipeline {
     identity: Identity,
     table: ConnTable,
     l7: L7Tracker<protocols::Parser>,
+    tls: TlsTracker,
     /// Exchanges the kernel measured that only count ([`Pipeline::take_counted`]).
     counted: Vec<CountedExchange>,
     options: PipelineOptions,
@@ -125,6 +129,7 @@ impl Pipeline {
                 new_parser(ev, redaction)
             }))
             .with_fast_path(options.fast_path),
+            tls: TlsTracker::default(),
             counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
@@ -148,6 +153,7 @@ impl Pipeline {
             l7_unparsed_connections: self.l7.stats.unparsed_connections,
             l7_sessions_overflow: self.l7.stats.sessions_overflow,
             l7_fast_unparsed: self.l7.stats.fast_unparsed,
+            tls_handshakes_overflow: self.tls.overflow,
         }
     }
 
@@ -178,9 +184,17 @@ impl Pipeline {
                     conn.netns = ev.tuple.netns;
                 }
                 let peer = self.table.peer(&conn);
-                out.push(self.builder.tcp(ev, &conn, peer));
-                if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
-                    let cookie = ev.header.socket_cookie;
+                let mut flow = self.builder.tcp(ev, &conn, peer);
+                let closed =
+                    matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed));
+                let cookie = ev.header.socket_cookie;
+                flow.tls_handshake = self.tls.outcome(cookie).cloned();
+                out.push(flow);
+                if closed {
+                    let reset = ev.stats.resets_received > 0 || ev.stats.resets_sent > 0;
+                    if let Some(done) = self.tls.close(cookie, reset, ev.header.timestamp_ns) {
+                        out.push(self.tls_flow(done, Some(&conn)));
+                    }
                     if ev.stats.resets_received > 0 {
                         let deadline =
                             ev.header.timestamp_ns.saturating_add(nanos(RESET_READ_GRACE));
@@ -216,6 +230,15 @@ impl Pipeline {
 
     fn on_data(&mut self, ev: &DataEvent, payload: &[u8], out: &mut Vec<Flow>) {
         let cookie = ev.header.socket_cookie;
+        if ev.protocol == PROTO_TLS && ev.source == SRC_SYSCALL {
+            if ev.header.tgid != 0 {
+                self.table.note_process(cookie, ev.header.tgid, &ev.comm, ev.header.cgroup_id);
+            }
+            if let Some(done) = self.tls.on_data(ev, payload) {
+                out.push(self.tls_flow(done, self.table.get(cookie)));
+            }
+            return;
+        }
         // The process doing the I/O owns the socket now (a pre-forked server's worker rather than
         // the master that called listen()).
         if ev.header.tgid != 0 {
@@ -272,6 +295,7 @@ impl Pipeline {
             (None, None) => (unspecified(), unspecified()),
         };
         let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
+        let tls_handshake = self.tls.outcome(c.cookie).cloned();
         let observation = L7Observation {
             protocol,
             record: Some(record.record),
@@ -295,7 +319,44 @@ impl Pipeline {
             }),
             peer_process,
         };
-        self.builder.l7(observation)
+        let mut flow = self.builder.l7(observation);
+        flow.tls_handshake = tls_handshake;
+        flow
+    }
+
+    /// The flow of a TLS handshake's outcome at one end: an L7 flow of protocol "tls" whose
+    /// latency is the handshake's, an error when it failed.
+    fn tls_flow(&self, done: crate::l7::tls::Done, conn: Option<&Conn>) -> Flow {
+        let (local, remote) = conn.map_or((unspecified(), unspecified()), |c| (c.local, c.remote));
+        let process = conn.and_then(|c| c.process.clone()).or_else(|| {
+            (done.pid != 0).then(|| Process {
+                pid: done.pid,
+                comm: comm(&done.comm),
+                cgroup_id: done.cgroup_id,
+            })
+        });
+        let observation = L7Observation {
+            protocol: "tls",
+            record: None,
+            error: (!done.handshake.error.is_empty()).then(|| done.handshake.error.clone()),
+            latency_ns: done.handshake.latency_ns,
+            timed_out: false,
+            peer_latency_ns: None,
+            exchange_index: 0,
+            tls: true,
+            server_side: conn.map_or(done.server_side, |c| c.role == Role::Server),
+            time_ns: done.time_ns,
+            local,
+            remote,
+            udp: false,
+            netns: conn.map_or(0, |c| c.netns),
+            cookie: done.cookie,
+            process,
+            peer_process: conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone()),
+        };
+        let mut flow = self.builder.l7(observation);
+        flow.tls_handshake = Some(done.handshake);
+        flow
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub(crate) mod session;
 pub(crate) mod stream;
+pub(crate) mod tls;
 
 use std::collections::VecDeque;
 

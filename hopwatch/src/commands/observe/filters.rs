@@ -68,6 +68,7 @@ pub(super) const FILTER_FLAGS: &[&str] = &[
     "node_label",
     "interface",
     "cel_expression",
+    "sni",
 ];
 
 const CONFLICTS: &[&[&str]] = &[
@@ -288,6 +289,7 @@ impl Tracker {
             "to_workload" => self.both(|f| f.destination_workload.push(parse_workload(v))),
             "drop_reason_desc" => self.both(|f| f.kernel_drop_reason.push(s.clone())),
             "http_url" => self.both(|f| f.http_url.push(s.clone())),
+            "sni" => self.both(|f| f.sni.push(s.to_ascii_lowercase())),
             "http_header" => {
                 let h = parse_http_header(v).expect("validated by clap");
                 self.both(|f| f.http_header.push(h.clone()));
