@@ -8,7 +8,7 @@ use hopwatch_common::{
     DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS,
     PROTO_TLS, SRC_SYSCALL, TcpOp,
 };
-use hopwatch_proto::flow::Flow;
+use hopwatch_proto::flow::{Flow, layer7::Record};
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
 pub use crate::l7::CountedExchange;
@@ -17,7 +17,10 @@ use crate::{
     events::{KernelEvent, comm},
     flow::{Clock, FlowBuilder, L7Observation},
     identity::Identity,
-    l7::{Completed, L7Tracker, Measured, session::MessageParser, tls::TlsTracker},
+    l7::{
+        Completed, L7Tracker, Measured, session::MessageParser, setup::SetupTracker,
+        tls::TlsTracker,
+    },
 };
 
 /// Connections tracked in userspace.
@@ -112,6 +115,7 @@ pub struct Pipeline {
     table: ConnTable,
     l7: L7Tracker<protocols::Parser>,
     tls: TlsTracker,
+    setups: SetupTracker,
     /// Exchanges the kernel measured that only count ([`Pipeline::take_counted`]).
     counted: Vec<CountedExchange>,
     options: PipelineOptions,
@@ -130,6 +134,7 @@ impl Pipeline {
             }))
             .with_fast_path(options.fast_path),
             tls: TlsTracker::default(),
+            setups: SetupTracker::default(),
             counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
@@ -190,7 +195,13 @@ impl Pipeline {
                 let cookie = ev.header.socket_cookie;
                 flow.tls_handshake = self.tls.outcome(cookie).cloned();
                 out.push(flow);
+                if TcpOp::from_u8(ev.op) == Some(TcpOp::Connected) {
+                    let tgid = conn.process.as_ref().map_or(ev.header.tgid, |p| p.pid);
+                    let (start, took) = (ev.start_ns, ev.connect_latency_ns);
+                    self.setups.on_connect(cookie, tgid, conn.remote.ip(), start, took);
+                }
                 if closed {
+                    self.setups.on_close(cookie);
                     let reset = ev.stats.resets_received > 0 || ev.stats.resets_sent > 0;
                     if let Some(done) = self.tls.close(cookie, reset, ev.header.timestamp_ns) {
                         out.push(self.tls_flow(done, Some(&conn)));
@@ -279,13 +290,26 @@ impl Pipeline {
         }
     }
 
-    fn l7_flow(&self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
+    fn l7_flow(&mut self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
         let x = c.exchange;
         let protocol = x.request.protocol().name();
         let timed_out = x.response.is_none();
         let latency_ns = if timed_out { 0 } else { x.latency_ns() };
         let time_ns = if timed_out { x.request_ns } else { x.response_ns };
+        let (request_ns, index) = (x.request_ns, x.index);
         let record = crate::flow::records::l7_record(x.request, x.response);
+        let setup = if c.server_side || timed_out {
+            None
+        } else {
+            if let Record::Dns(d) = &record.record {
+                self.setups.on_dns_answer(c.pid, &d.query, &d.ips, request_ns, time_ns);
+            }
+            let tls =
+                self.tls.outcome(c.cookie).filter(|t| t.error.is_empty()).map(|t| t.latency_ns);
+            (index == 0)
+                .then(|| self.setups.first_response(c.cookie, tls, request_ns, time_ns))
+                .flatten()
+        };
         let conn: Option<&Conn> = self.table.get(c.cookie);
         let (local, remote) = match (conn, endpoints(&c.tuple)) {
             // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
@@ -321,6 +345,7 @@ impl Pipeline {
         };
         let mut flow = self.builder.l7(observation);
         flow.tls_handshake = tls_handshake;
+        flow.connection_setup = setup;
         flow
     }
 

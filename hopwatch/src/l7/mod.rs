@@ -3,6 +3,7 @@
 //! this node, server side), paired across the two ends of a hop.
 
 pub(crate) mod session;
+pub(crate) mod setup;
 pub(crate) mod stream;
 pub(crate) mod tls;
 

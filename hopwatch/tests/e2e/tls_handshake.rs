@@ -16,12 +16,13 @@ use crate::support::{
     Pod, Testbed,
     agent::{Agent, ip_dst, ip_src, u64_at},
     serial,
-    servers::{ServerProcess, TempDir, output_in, succeeds},
+    servers::{ServerProcess, TempDir, dns::Dnsmasq, output_in, succeeds},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
-/// One-way delay injected client → server: one round trip of the handshake.
-const DELAY: Duration = Duration::from_millis(40);
+/// One-way delay injected client → server: one round trip of the handshake. 100 ms (a distant
+/// client) so that 10 % covers both ends' crypto on a loaded 2-core machine (a few ms).
+const DELAY: Duration = Duration::from_millis(100);
 /// Port with TLS 1.2 and 1.3; port with TLS 1.3 only.
 const BOTH: u16 = 443;
 const TLS13_ONLY: u16 = 8443;
@@ -333,6 +334,65 @@ fn a_handshake_refused_for_its_version_is_an_error_with_the_alert() {
             && l.contains("reason=\"server alert: protocol_version\"")),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_cold_connection_splits_into_dns_connect_tls_and_first_byte() {
+    let _serial = serial();
+    let agent = Agent::start(&[]);
+    let (mut tb, client, server, _nginx) = setup();
+    let dns_pod = tb.pod("dns");
+    let dnsmasq = Dnsmasq::start(&dns_pod, "hopwatch.test", &[("api.hopwatch.test", server.ip)]);
+    let _resolv = dnsmasq.resolver_for(&client);
+    let dns_delay = Duration::from_millis(50);
+    tb.delay(&client, &dns_pod, dns_delay);
+    // A cold connection: resolve, connect, TLS 1.3, one request.
+    let url = format!("https://api.hopwatch.test:{BOTH}/");
+    let out = output_in(&client, &["curl", "-sk", "--http1.1", "--tlsv1.3", &url]);
+    assert_eq!(out, "ok\n");
+    let c = client.ip.to_string();
+    let first = agent.wait_for("the first exchange at curl", WAIT, |f| {
+        f["Type"] == "L7"
+            && f["l7"]["protocol"] == "http"
+            && f["traffic_direction"] == "EGRESS"
+            && ip_src(f) == c
+            && f.get("connection_setup").is_some()
+    });
+    let s = &first["connection_setup"];
+    let phase = |name: &str| u64_at(s, &[name]);
+    eprintln!(
+        "set-up: dns {:.2} ms, connect {:.2} ms, tls {:.2} ms, first byte {:.2} ms, total {:.2} ms",
+        ms(phase("dns_ns")),
+        ms(phase("connect_ns")),
+        ms(phase("tls_ns")),
+        ms(phase("first_byte_ns")),
+        ms(phase("total_ns"))
+    );
+    assert_eq!(text(s, "dns_query"), "api.hopwatch.test.", "{first}");
+    // Each phase is one round trip of its link, within 10 % or 2 ms.
+    for (name, truth) in
+        [("dns_ns", dns_delay), ("connect_ns", DELAY), ("tls_ns", DELAY), ("first_byte_ns", DELAY)]
+    {
+        let truth = u64::try_from(truth.as_nanos()).expect("small");
+        let got = phase(name);
+        assert!(
+            got.abs_diff(truth) <= (truth / 10).max(2_000_000),
+            "{name} {:.2} ms, injected {:.2} ms: {first}",
+            ms(got),
+            ms(truth)
+        );
+    }
+    // They add up: what is left of the total is curl's own time between them.
+    let sum: u64 =
+        ["dns_ns", "connect_ns", "tls_ns", "first_byte_ns"].iter().map(|n| phase(n)).sum();
+    let total = phase("total_ns");
+    assert!(
+        sum <= total && total - sum <= 20_000_000,
+        "phases {:.2} ms, total {:.2} ms: {first}",
+        ms(sum),
+        ms(total)
+    );
+    assert_eq!(first["tls_handshake"]["server_name"], "api.hopwatch.test", "{first}");
 }
 
 /// The agent's `/metrics` once it has a line starting with `want` (waits up to [`WAIT`]).

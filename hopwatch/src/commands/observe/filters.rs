@@ -561,6 +561,18 @@ mod tests {
     }
 
     #[test]
+    fn sni_applies_to_both_filters_lower_case() {
+        // --ip 10.0.0.1 --sni API.example.com --sni *.example.org
+        let flags =
+            occ(&[("ip", "10.0.0.1"), ("sni", "API.example.com"), ("sni", "*.example.org")]);
+        let (white, _) = build(&flags, &[]).unwrap();
+        assert_eq!(white.len(), 2);
+        for f in &white {
+            assert_eq!(f.sni, ["api.example.com", "*.example.org"]);
+        }
+    }
+
+    #[test]
     fn conflicting_flags_are_refused() {
         let err = build(&occ(&[("ip", "1.1.1.1"), ("from_ip", "2.2.2.2")]), &[]).unwrap_err();
         assert!(matches!(err, FlagError::Conflict { first: "ip", second: "from_ip" }), "{err:?}");
