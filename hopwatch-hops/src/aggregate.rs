@@ -198,6 +198,13 @@ fn apply_l7(
     }
     let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
     let (s, _) = table.side_mut(key, side, at_ns);
+    if let Some(x) = &flow.connection_setup {
+        s.setup.total.record(x.total_ns);
+        s.setup.dns_ns += x.dns_ns;
+        s.setup.connect_ns += x.connect_ns;
+        s.setup.tls_ns += x.tls_ns;
+        s.setup.first_byte_ns += x.first_byte_ns;
+    }
     if s.protocol.is_none() && !l7.protocol.is_empty() {
         s.protocol = Some(cx.resolver.intern(&l7.protocol));
     }

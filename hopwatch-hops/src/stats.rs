@@ -165,6 +165,30 @@ pub struct SideStats {
     pub tls_handshake: Histogram,
     /// TLS handshakes that failed, by reason.
     pub tls_failures: Tally,
+    /// Client connections' set-up (DNS → connect → TLS → first response byte), from their
+    /// first exchange's flow: the total's distribution and each phase's sum.
+    pub setup: SetupStats,
+}
+
+/// Connection set-ups of one side of a hop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetupStats {
+    /// First DNS query (or SYN) → first response byte.
+    pub total: Histogram,
+    pub dns_ns: u64,
+    pub connect_ns: u64,
+    pub tls_ns: u64,
+    pub first_byte_ns: u64,
+}
+
+impl SetupStats {
+    pub fn merge(&mut self, other: &SetupStats) {
+        self.total.merge(&other.total);
+        self.dns_ns += other.dns_ns;
+        self.connect_ns += other.connect_ns;
+        self.tls_ns += other.tls_ns;
+        self.first_byte_ns += other.first_byte_ns;
+    }
 }
 
 impl SideStats {
@@ -198,6 +222,7 @@ impl SideStats {
         self.nxdomain.merge(&other.nxdomain);
         self.tls_handshake.merge(&other.tls_handshake);
         self.tls_failures.merge(&other.tls_failures);
+        self.setup.merge(&other.setup);
     }
 
     /// Tally series this side holds, per kind (to give budgets back on eviction).

@@ -67,6 +67,32 @@ impl Latency {
     }
 }
 
+/// How the hop's client connections set up, on average, and the total's distribution.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetupView {
+    pub connections: u64,
+    pub total: Latency,
+    pub mean_dns_ns: u64,
+    pub mean_connect_ns: u64,
+    pub mean_tls_ns: u64,
+    pub mean_first_byte_ns: u64,
+}
+
+impl SetupView {
+    fn of(s: &crate::stats::SetupStats) -> Option<Self> {
+        let n = s.total.count();
+        let total = Latency::of(&s.total)?;
+        Some(Self {
+            connections: n,
+            total,
+            mean_dns_ns: s.dns_ns / n,
+            mean_connect_ns: s.connect_ns / n,
+            mean_tls_ns: s.tls_ns / n,
+            mean_first_byte_ns: s.first_byte_ns / n,
+        })
+    }
+}
+
 /// One hop over the window.
 #[derive(Debug, Clone, Serialize)]
 pub struct HopRow {
@@ -108,6 +134,9 @@ pub struct HopRow {
     pub server_tls_handshake: Option<Latency>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tls_failures: BTreeMap<String, u64>,
+    /// Client connections' set-up, from their first exchange.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_setup: Option<SetupView>,
     /// Which ends reported ("client", "server").
     pub reported_by: Vec<&'static str>,
 }
@@ -174,6 +203,7 @@ pub fn row(key: &HopKey, hop: &Hop, ledger: Option<&Ledger>, window_s: f64) -> H
         client_tls_handshake: c.and_then(|x| Latency::of(&x.tls_handshake)),
         server_tls_handshake: s.and_then(|x| Latency::of(&x.tls_handshake)),
         tls_failures: tally_max(c.map(|x| &x.tls_failures), s.map(|x| &x.tls_failures)),
+        connection_setup: c.and_then(|x| SetupView::of(&x.setup)),
         reported_by: Side::BOTH
             .iter()
             .filter(|x| hop.side(**x).is_some())
