@@ -394,9 +394,20 @@ pub struct KernelOffsets {
     pub regs_r10: u16,
     pub regs_r8: u16,
     pub regs_orig_ax: u16,
-    pub _pad: [u16; 1],
+    // fd → socket, for the syscall capture path: `task_struct.files` → `files_struct.fdt` →
+    // `fdtable.{max_fds, fd}[fd]` → `file.{f_inode → inode.i_mode, private_data}` →
+    // `socket.sk`; and the socket's cookie as the kernel keeps it.
+    pub task_files: u16,
+    pub files_fdt: u16,
+    pub fdt_max_fds: u16,
+    pub fdt_fd: u16,
+    pub file_inode: u16,
+    pub file_private_data: u16,
+    pub inode_mode: u16,
+    pub socket_sk: u16,
+    pub sk_cookie: u16,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 56);
+const _: () = assert!(size_of::<KernelOffsets>() == 72);
 
 /// Name of the global holding [`KernelOffsets`] in the kernel object.
 pub const OFFSETS_GLOBAL: &str = "HOPWATCH_OFFSETS";

@@ -50,6 +50,12 @@ pub const SSL_SOCKETS_ENTRIES: u32 = 65_536;
 pub const MMSG_CURSORS: &str = "MMSG_CURSORS";
 pub const MMSG_CURSORS_ENTRIES: u32 = 16_384;
 
+/// Socket calls in progress on the syscall capture path, pid_tgid → the call's socket and
+/// buffers, saved at `sys_enter_*` for `sys_exit_*`. LRU: a thread that dies inside a call (or a
+/// call the exit hook never sees) leaves its entry behind.
+pub const PENDING_CALLS: &str = "PENDING_CALLS";
+pub const PENDING_CALLS_ENTRIES: u32 = 16_384;
+
 /// Key of [`LISTENERS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

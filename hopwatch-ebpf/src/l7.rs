@@ -62,7 +62,7 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
     let ret: i32 = ctx.arg(1);
     if ret > 0 {
         // SAFETY: `sk` is the tracepoint's socket.
-        unsafe { on_data(sk, ret.cast_unsigned(), DIR_EGRESS) };
+        unsafe { on_socket_call(sk, ret.cast_unsigned(), DIR_EGRESS) };
     }
     0
 }
@@ -74,7 +74,7 @@ pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
     let flags: i32 = ctx.arg(2);
     if ret > 0 && flags & MSG_PEEK == 0 {
         // SAFETY: `sk` is the tracepoint's socket.
-        unsafe { on_data(sk, ret.cast_unsigned(), DIR_INGRESS) };
+        unsafe { on_socket_call(sk, ret.cast_unsigned(), DIR_INGRESS) };
     }
     0
 }
@@ -92,7 +92,29 @@ pub struct UserData {
 /// # Safety
 ///
 /// `sk` is the tracepoint's `struct sock *` (see [`socket_cookie`]).
-unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
+#[inline(always)]
+unsafe fn on_socket_call(sk: *const c_void, len: u32, direction: u8) {
+    if HOPWATCH_SETTINGS.load().capture_bytes == 0 {
+        return;
+    }
+    // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
+    let cookie = unsafe { socket_cookie(sk) };
+    capture(Some(sk), sk.cast(), cookie, len, direction, None);
+}
+
+/// One socket call's data, from either capture path: `trusted` is the socket as the kernel handed
+/// it to a socket-layer hook (what the exchange engine needs; `None` on the syscall path), `sk`
+/// the same socket for reads, `user` the call's buffers (`None`: found from the task's saved
+/// registers).
+#[inline(always)]
+pub fn capture(
+    trusted: Option<*const c_void>,
+    sk: *const u8,
+    cookie: u64,
+    len: u32,
+    direction: u8,
+    user: Option<UserData>,
+) {
     let settings = HOPWATCH_SETTINGS.load();
     if settings.capture_bytes == 0 {
         return;
@@ -102,7 +124,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         return;
     }
     let o = offsets();
-    let skb = sk.cast::<u8>();
+    let skb = sk;
     let Some(family) = read_at::<u16>(skb, o.sk_family) else { return };
     if family != AF_INET && family != AF_INET6 {
         return;
@@ -111,8 +133,6 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
     if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
         return;
     }
-    // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
-    let cookie = unsafe { socket_cookie(sk) };
 
     // Inside SSL_read/SSL_write: this is ciphertext. Remember which socket the SSL object uses;
     // the uprobe sends the plaintext.
@@ -177,6 +197,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         }
         if state.fast == 0
             && state.proto == PROTO_HTTP
+            && trusted.is_some()
             && let Some(c) = conn
             // SAFETY: map value, copied out at once.
             && let Some(p) = unsafe { PROMOTIONS.get(cookie) }.copied()
@@ -192,6 +213,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
             let _ = PROMOTIONS.remove(cookie);
         }
         if state.fast != 0
+            && let Some(sk) = trusted
             && let Some(c) = conn
             // SAFETY: the tracepoint's socket and its L7CONNS value.
             && unsafe { exchange::on_call(sk, cookie, c, len, direction, pid_tgid, &o) }
@@ -200,7 +222,7 @@ unsafe fn on_data(sk: *const c_void, len: u32, direction: u8) {
         }
     }
 
-    let Some(user) = syscall_data(&o, pid_tgid) else {
+    let Some(user) = user.or_else(|| syscall_data(&o, pid_tgid)) else {
         count(Counter::L7UnsupportedCall);
         return;
     };
@@ -334,7 +356,7 @@ fn mmsg_index(pid_tgid: u64, vec: u64, vlen: u64) -> u64 {
 
 /// `struct msghdr` (userspace ABI): `msg_name` at 0, `msg_iov` at 16, `msg_iovlen` at 24.
 #[inline(always)]
-fn from_msghdr(msg: u64, sending: bool) -> Option<UserData> {
+pub fn from_msghdr(msg: u64, sending: bool) -> Option<UserData> {
     let hdr = read_user::<[u64; 4]>(msg)?;
     // The receive side's `msg_name` is only filled after the socket layer returns.
     let addr = if sending { hdr[0] } else { 0 };

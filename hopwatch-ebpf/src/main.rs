@@ -13,6 +13,7 @@ mod kernel;
 mod l7;
 mod maps;
 mod sockops;
+mod syscalls;
 mod tcp;
 mod tls;
 mod tls_handshake;

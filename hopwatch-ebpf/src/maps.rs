@@ -13,8 +13,8 @@ use hopwatch_common::{
     exchange::{ExchangeState, Promotion},
     maps::{
         CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
-        ListenKey, MMSG_CURSORS_ENTRIES, PROMOTIONS_ENTRIES, SSL_SOCKETS_ENTRIES,
-        TLS_CALLS_ENTRIES,
+        ListenKey, MMSG_CURSORS_ENTRIES, PENDING_CALLS_ENTRIES, PROMOTIONS_ENTRIES,
+        SSL_SOCKETS_ENTRIES, TLS_CALLS_ENTRIES,
     },
 };
 
@@ -88,6 +88,30 @@ pub static SSL_SOCKETS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SSL_
 pub static MMSG_CURSORS: LruHashMap<u64, [u64; 3]> =
     LruHashMap::with_max_entries(MMSG_CURSORS_ENTRIES, 0);
 
+/// A socket call in progress on the syscall capture path, as `sys_enter_*` saw it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingCall {
+    /// The `struct sock *` behind the call's file descriptor (read, not a BTF pointer).
+    pub sk: u64,
+    pub cookie: u64,
+    /// A flat buffer or the first `struct iovec`; for `sendmmsg`/`recvmmsg` the `struct mmsghdr`
+    /// vector.
+    pub ptr: u64,
+    /// iovecs at `ptr` (0: a flat buffer); for `*mmsg` the vector's length.
+    pub count: u64,
+    /// `struct sockaddr *` naming the peer of a `sendto`/`sendmsg`, or 0.
+    pub addr: u64,
+    pub direction: u8,
+    /// `ptr` is a `struct mmsghdr` vector.
+    pub mmsg: u8,
+    pub _pad: [u8; 6],
+}
+
+#[map]
+pub static PENDING_CALLS: LruHashMap<u64, PendingCall> =
+    LruHashMap::with_max_entries(PENDING_CALLS_ENTRIES, 0);
+
 /// A data event being assembled: the event, then room for twice the largest capture so that a
 /// copy at any offset below `DATA_MAX` stays inside the buffer (what the verifier checks).
 #[repr(C)]
@@ -146,7 +170,15 @@ pub static HOPWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_r10: u16::MAX,
     regs_r8: u16::MAX,
     regs_orig_ax: u16::MAX,
-    _pad: [0; 1],
+    task_files: u16::MAX,
+    files_fdt: u16::MAX,
+    fdt_max_fds: u16::MAX,
+    fdt_fd: u16::MAX,
+    file_inode: u16::MAX,
+    file_private_data: u16::MAX,
+    inode_mode: u16::MAX,
+    socket_sk: u16::MAX,
+    sk_cookie: u16::MAX,
 });
 
 #[unsafe(no_mangle)]

@@ -49,6 +49,9 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "systemd",
 ];
+/// End-to-end tests run a second time with the agent on the syscall capture path: every
+/// application protocol, TLS, DNS and errors the servers send before any request.
+const SYSCALL_PATH_TESTS: &[&str] = &["l7::", "server_errors::", "tcp::"];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";
@@ -125,12 +128,12 @@ enum Task {
         /// Only these groups (comma-separated): `hops` (aggregation and /metrics), `collector`
         /// (ingest, queries, event-to-observe delay), `datapath` (loads with the agent off / TCP /
         /// L7, agent CPU per event; root), `pipeline` (recorded events replayed on one core;
-        /// root), `memory` (RSS idle, with many connections open, after many short ones; root).
-        /// All by default.
+        /// root), `memory` (RSS idle, with many connections open, after many short ones; root),
+        /// `vm` (the agent's cost on Debian 12's 6.1 kernel under qemu). All by default.
         #[arg(
             long,
             value_delimiter = ',',
-            value_parser = ["hops", "collector", "datapath", "pipeline", "memory"]
+            value_parser = ["hops", "collector", "datapath", "pipeline", "memory", "vm"]
         )]
         only: Vec<String>,
         /// Rounds over all modes (medians are reported, with the lowest and highest round).
@@ -278,6 +281,19 @@ fn run(task: Task) -> Result<()> {
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
             args.extend(filter.iter().map(String::as_str));
             cargo(&args)?;
+            if filter.is_empty() {
+                say("the application-protocol tests again through the syscall capture path (how \
+                     kernels before 6.3 are served), forced with --l7-hook syscalls");
+                let mut args = vec!["test", "-p", "hopwatch", "--test", "e2e", "--"];
+                args.extend(SYSCALL_PATH_TESTS);
+                args.push("--test-threads=1");
+                check(
+                    Command::new(env!("CARGO"))
+                        .args(&args)
+                        .current_dir(workspace_root())
+                        .env("HOPWATCH_E2E_AGENT_ARGS", "--l7-hook syscalls"),
+                )?;
+            }
             if !no_vm && !filter.is_empty() {
                 say("VM stage skipped: a test filter was given (cargo xtask vm-test runs it)");
             } else if !no_vm {

@@ -2,13 +2,17 @@
 //! booted under qemu, against traffic with a known truth.
 //!
 //! The kernel package is fetched with `apt-get download` and unpacked under `target/vm/` (the
-//! host's own kernel and boot set-up are left alone); the guest is a minimal initramfs written
-//! here: static busybox, the agent, `ip`, `tc`, `nft` and `bpftool` with their shared libraries,
-//! and the few kernel modules the test needs. KVM did not boot guests on the machines this runs
-//! on, so qemu uses TCG. Inside, a veth pair joins the root namespace to a peer namespace with
-//! busybox `httpd`; `tc netem` delays the client's packets by [`DELAY_MS`]. The guest prints what
-//! the agent printed (stderr, stdout, a `/metrics` scrape) and the BPF program counts between
-//! markers on the serial console, and the checks run here on what a user would read.
+//! host's own kernel and boot set-up are left alone). The guest boots a minimal initramfs written
+//! here (static busybox, the agent, the few kernel modules the test needs), which mounts the
+//! host's root file system read-only over 9p and runs the test inside it, with tmpfs where the
+//! servers write: so the guest runs the host's real nginx, PostgreSQL, Redis, dnsmasq, curl,
+//! psql, redis-cli and dig, as installed by `cargo xtask test`. KVM did not boot guests on the
+//! machines this runs on, so qemu uses TCG. Inside, a veth pair joins the root namespace (the
+//! clients) to a peer namespace (the servers); `tc netem` delays the client's packets by
+//! [`DELAY_MS`]. The guest prints what the agent printed (stderr, stdout, a `/metrics` scrape)
+//! and the BPF program counts between markers on the serial console, and the checks run here on
+//! what a user would read. The same guest measures the agent's cost on that kernel
+//! ([`bench`]: wrk against nginx, with and without the agent, rounds alternated).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,9 +27,25 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{apt_install, check, output, say, workspace_root};
 
-/// Debian packages the VM test needs on the host.
-const VM_PACKAGES: &[&str] =
-    &["qemu-system-x86", "busybox-static", "iproute2", "nftables", "bpftool", "kmod"];
+/// Debian packages the VM test needs on the host (the guest runs them from the host's root):
+/// qemu, the guest's tools, and the servers and clients of the traffic.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "iproute2",
+    "nftables",
+    "bpftool",
+    "kmod",
+    "util-linux",
+    "nginx",
+    "postgresql",
+    "redis-server",
+    "dnsmasq-base",
+    "curl",
+    "bind9-dnsutils",
+    "openssl",
+    "wrk",
+];
 /// One-way delay netem adds to the client's packets: a connect takes at least this long.
 const DELAY_MS: f64 = 40.0;
 /// Bytes the client downloads per connection.
@@ -33,19 +53,15 @@ const FILE_BYTES: usize = 200_000;
 /// Longest the guest may run before it is stopped and the test fails (it takes about 20 s under
 /// TCG on a 2-core machine; the bound keeps a hung guest from eating CI's time).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
-/// Modules loaded before the agent starts (veth, netem), and after it (nftables for the drop:
-/// loading it earlier would give the agent conntrack's netlink family, and the point of the
-/// first start is to run on a kernel where it is missing).
-const EARLY_MODULES: &[&str] = &["veth", "sch_netem"];
+/// Modules loaded before the agent starts (the host's root over virtio 9p, veth, netem), and
+/// after it (nftables for the drop: loading it earlier would give the agent conntrack's netlink
+/// family, and the point of the first start is to run on a kernel where it is missing). Modules
+/// this kernel has built in are skipped.
+const EARLY_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_netem"];
 /// (nf_tables needs libcrc32c, whose crc32c implementation is otherwise loaded on demand.)
 const LATE_MODULES: &[&str] = &["crc32c_generic", "nf_tables"];
-/// Binaries copied into the guest with their shared libraries.
-const GUEST_TOOLS: &[(&str, &str)] = &[
-    ("/usr/sbin/ip", "/usr/local/sbin/ip"),
-    ("/usr/sbin/tc", "/usr/local/sbin/tc"),
-    ("/usr/sbin/nft", "/usr/local/sbin/nft"),
-    ("/usr/sbin/bpftool", "/usr/local/sbin/bpftool"),
-];
+/// The host's root as the guest sees it (a 9p share).
+const HOST_TAG: &str = "hostroot";
 
 pub(crate) struct VmOptions {
     /// Debian kernel ABI, e.g. `6.1.0-47` [default: what `linux-image-amd64` depends on].
@@ -54,8 +70,78 @@ pub(crate) struct VmOptions {
 
 pub(crate) fn run(opts: &VmOptions) -> Result<()> {
     let started = Instant::now();
+    let (abi, log, console) = guest(opts.kernel.as_deref(), Mode::Test)?;
+    let verdict = verify(&log);
+    say(&format!("vm-test on {abi}: {:.0} s in all", started.elapsed().as_secs_f64()));
+    verdict.with_context(|| format!("vm-test on {abi}; the guest's console: {}", console.display()))
+}
+
+/// The agent's cost on Debian's kernel: requests/s of wrk against nginx inside the guest, without
+/// the agent and with it (full L7 capture on the path that kernel has), per round.
+pub(crate) struct VmBench {
+    pub kernel: String,
+    /// `(without, with)` requests/s per round.
+    pub rounds: Vec<(f64, f64)>,
+    /// The agent's CPU seconds per request, per round.
+    pub cpu_per_request: Vec<f64>,
+    /// The agent's start-up line naming the L7 capture path.
+    pub l7_line: String,
+}
+
+pub(crate) fn bench(kernel: Option<&str>, rounds: u32, seconds: u32) -> Result<VmBench> {
+    let (abi, log, console) = guest(kernel, Mode::Bench { rounds, seconds })?;
+    let log = log.replace("\r\n", "\n");
+    let table = section(&log, "bench");
+    let mut rps: BTreeMap<(u32, String), f64> = BTreeMap::new();
+    let mut cpu = Vec::new();
+    for l in table.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.as_slice() {
+            ["round", r, mode, v] => {
+                let (Ok(r), Ok(v)) = (r.parse(), v.parse()) else { continue };
+                rps.insert((r, (*mode).to_owned()), v);
+            }
+            ["cpu", r, ticks, hz] => {
+                let (Ok(r), Ok(t), Ok(hz)) =
+                    (r.parse::<u32>(), ticks.parse::<f64>(), hz.parse::<f64>())
+                else {
+                    continue;
+                };
+                cpu.push((r, t / hz));
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let mut cpu_per_request = Vec::new();
+    for r in 1..=rounds {
+        let (Some(none), Some(l7)) =
+            (rps.get(&(r, "none".to_owned())), rps.get(&(r, "l7".to_owned())))
+        else {
+            bail!(
+                "round {r} of the VM bench has no wrk figure (console: {}):\n{table}",
+                console.display()
+            );
+        };
+        out.push((*none, *l7));
+        // Each round starts a new agent: its CPU time is that round's.
+        if let Some((_, secs)) = cpu.iter().find(|(cr, _)| *cr == r) {
+            cpu_per_request.push(secs / (l7 * f64::from(seconds)));
+        }
+    }
+    let l7_line = section(&log, "agent.err")
+        .lines()
+        .find(|l| l.contains("l7_capture:"))
+        .unwrap_or("no l7_capture line")
+        .to_owned();
+    Ok(VmBench { kernel: abi, rounds: out, cpu_per_request, l7_line })
+}
+
+/// Boots Debian's kernel `kernel` with the guest for `mode`; returns the kernel ABI, the serial
+/// console's text and where it was saved.
+fn guest(kernel: Option<&str>, mode: Mode) -> Result<(String, String, PathBuf)> {
     apt_install(VM_PACKAGES)?;
-    let abi = match &opts.kernel {
+    let abi = match kernel {
         Some(k) => k.trim_end_matches("-amd64").to_owned(),
         None => default_kernel()?,
     };
@@ -67,23 +153,24 @@ pub(crate) fn run(opts: &VmOptions) -> Result<()> {
     }
     let initramfs = dir.join(format!("initramfs-{abi}.cpio"));
     say(&format!("writing the guest's initramfs {}", initramfs.display()));
-    write_initramfs(&initramfs, &kernel, &agent)?;
+    write_initramfs(&initramfs, &kernel, &agent, mode)?;
     let console = dir.join(format!("console-{abi}.log"));
     say(&format!(
         "booting Debian's {abi}-amd64 under qemu (TCG); console in {}",
         console.display()
     ));
     let booted = Instant::now();
-    boot(&kernel.vmlinuz, &initramfs, &console)?;
+    let timeout = match mode {
+        Mode::Test => GUEST_TIMEOUT,
+        Mode::Bench { rounds, seconds } => {
+            GUEST_TIMEOUT + Duration::from_secs(u64::from(rounds * (2 * seconds + 30)))
+        }
+    };
+    boot(&kernel.vmlinuz, &initramfs, &console, timeout)?;
+    say(&format!("the guest ran {:.0} s", booted.elapsed().as_secs_f64()));
     let log = std::fs::read_to_string(&console)
         .with_context(|| format!("reading {}", console.display()))?;
-    let verdict = verify(&log);
-    say(&format!(
-        "vm-test on {abi}: guest ran {:.0} s, {:.0} s in all",
-        booted.elapsed().as_secs_f64(),
-        started.elapsed().as_secs_f64()
-    ));
-    verdict.with_context(|| format!("vm-test on {abi}; the guest's console: {}", console.display()))
+    Ok((abi, log, console))
 }
 
 fn target_dir() -> PathBuf {
@@ -150,6 +237,15 @@ fn unpack_kernel(dir: &Path, abi: &str) -> Result<Kernel> {
 /// `modules` and their dependencies as paths under the module directory, dependencies first.
 fn module_order(kernel: &Kernel, modules: &[&str]) -> Result<Vec<String>> {
     let dep = std::fs::read_to_string(kernel.modules.join("modules.dep"))?;
+    let builtin =
+        std::fs::read_to_string(kernel.modules.join("modules.builtin")).unwrap_or_default();
+    let is_builtin = |name: &str| {
+        builtin.lines().any(|l| {
+            Path::new(l).file_stem().and_then(|f| f.to_str()).is_some_and(|f| {
+                f.trim_end_matches(".ko").replace('-', "_") == name.replace('-', "_")
+            })
+        })
+    };
     let deps: BTreeMap<&str, Vec<&str>> = dep
         .lines()
         .filter_map(|l| l.split_once(':'))
@@ -171,7 +267,7 @@ fn module_order(kernel: &Kernel, modules: &[&str]) -> Result<Vec<String>> {
         }
         order.push(m.to_owned());
     }
-    for name in modules {
+    for name in modules.iter().filter(|m| !is_builtin(m)) {
         let path = deps
             .keys()
             .find(|p| {
@@ -186,8 +282,18 @@ fn module_order(kernel: &Kernel, modules: &[&str]) -> Result<Vec<String>> {
     Ok(order)
 }
 
-/// The guest's `/init`: set-up, the agent, the traffic, the report.
-fn init_script(early: &[String], late: &[String]) -> String {
+/// What the guest does after set-up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The checks against injected truth.
+    Test,
+    /// wrk against nginx with and without the agent, rounds alternated.
+    Bench { rounds: u32, seconds: u32 },
+}
+
+/// The guest's `/init` (busybox, in the initramfs): modules, the host's root over 9p with tmpfs
+/// where the test writes, then the test script inside it, then the report and power-off.
+fn init_script(early: &[String]) -> String {
     let insmod = |mods: &[String]| {
         mods.iter().fold(String::new(), |mut s, m| {
             let _ = writeln!(s, "insmod /modules/{m} || echo '@@ insmod {m} failed'");
@@ -197,63 +303,163 @@ fn init_script(early: &[String], late: &[String]) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/local/sbin
-# iproute2, tc, nft and bpftool by path: this busybox's shell runs its own applets of the same
-# names before anything on PATH.
-IP=/usr/local/sbin/ip TC=/usr/local/sbin/tc NFT=/usr/local/sbin/nft BPFTOOL=/usr/local/sbin/bpftool
+export PATH=/bin:/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp; mkdir -p /var/run; mount -t tmpfs run /var/run
-mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
-mount -t tracefs nodev /sys/kernel/tracing; mount -t bpf bpf /sys/fs/bpf
-# Modules come only from the list below, never on demand.
+# Modules come only from the lists here, never on demand.
 echo /bin/false > /proc/sys/kernel/modprobe
 {early}
-progs() {{ $BPFTOOL prog show 2>/dev/null | grep -c '^[0-9]*:'; }}
-echo "@@ kernel $(uname -r)"
-$IP link set lo up
-$IP netns add peer
-$IP link add veth0 type veth peer name veth1
-$IP link set veth1 netns peer
-$IP addr add 10.0.0.1/24 dev veth0; $IP link set veth0 up
-$IP -n peer link set lo up; $IP -n peer addr add 10.0.0.2/24 dev veth1; $IP -n peer link set veth1 up
-$TC qdisc add dev veth0 root netem delay {delay}ms || echo '@@ netem failed'
-$IP netns exec peer httpd -p 10.0.0.2:8080 -h /www
-# The neighbour entry first: an ARP exchange would add two delayed packets to the first connect.
-ping -c 1 -W 2 10.0.0.2 >/dev/null || echo '@@ ping failed'
-echo "@@ progs_before $(progs)"
-T0=$(date +%s)
-hopwatch agent -o compact --node-name vm --metrics-addr 127.0.0.1:9965 --no-tls >/tmp/agent.out 2>/tmp/agent.err &
-AGENT=$!
-i=0
-while ! grep -q 'hopwatch agent: metrics on' /tmp/agent.err && [ $i -lt 300 ]; do
-  kill -0 $AGENT 2>/dev/null || break
-  sleep 1; i=$((i+1))
+mkdir -p /host
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose {tag} /host; then
+  echo '@@ the host root over 9p failed to mount'; echo '@@ done'; poweroff -f
+fi
+mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
+for d in /tmp /run /var/log /var/lib/nginx /root; do
+  [ -d /host$d ] && mount -t tmpfs tmp /host$d
 done
-echo "@@ agent_start_seconds $(( $(date +%s) - T0 ))"
-sleep 2
-for n in 1 2 3; do wget -q -O /dev/null http://10.0.0.2:8080/file || echo '@@ wget failed'; done
-nc 10.0.0.2 9 </dev/null && echo '@@ port 9 answered'
-{late}
-$IP netns exec peer $NFT add table inet hw
-$IP netns exec peer $NFT add chain inet hw in '{{ type filter hook input priority 0; }}'
-$IP netns exec peer $NFT add rule inet hw in tcp dport 7777 drop
-timeout 3 nc 10.0.0.2 7777 </dev/null
-sleep 3
-wget -q -O /tmp/metrics http://127.0.0.1:9965/metrics || echo '@@ scrape failed'
-echo "@@ progs_running $(progs)"
-kill -9 $AGENT
-sleep 2
-echo "@@ progs_after_kill $(progs)"
-for f in agent.err agent.out metrics; do
-  echo "@@begin $f"; cat /tmp/$f; echo "@@end $f"
+mount -t cgroup2 none /host/sys/fs/cgroup
+mount -t tracefs nodev /host/sys/kernel/tracing; mount -t bpf bpf /host/sys/fs/bpf
+mkdir -p /host/tmp/vm /host/tmp/late-modules
+cp -a /vm/. /host/tmp/vm/; cp /bin/hopwatch /host/tmp/vm/hopwatch
+# The test loads these itself (after the agent started).
+cp -a /modules/. /host/tmp/late-modules/
+chroot /host /bin/sh /tmp/vm/test.sh
+for f in agent.err agent.out metrics bench; do
+  [ -f /host/tmp/$f ] || continue
+  echo "@@begin $f"; cat /host/tmp/$f; echo "@@end $f"
 done
 echo "@@ done"
 poweroff -f
 "#,
         early = insmod(early),
-        late = insmod(late),
-        delay = DELAY_MS,
+        tag = HOST_TAG,
     )
+}
+
+/// The test, run inside the host's root (`/tmp/vm/test.sh`): the same set-up for the checks and
+/// the bench, then either.
+fn test_script(late: &[String], mode: Mode) -> String {
+    let insmod = late.iter().fold(String::new(), |mut s, m| {
+        let _ = writeln!(s, "insmod /tmp/late-modules/{m} || echo '@@ insmod {m} failed'");
+        s
+    });
+    let setup = format!(
+        r#"export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+AGENT=/tmp/vm/hopwatch
+progs() {{ bpftool prog show 2>/dev/null | grep -c '^[0-9]*:'; }}
+echo "@@ kernel $(uname -r)"
+ip link set lo up
+ip netns add peer
+ip link add veth0 type veth peer name veth1
+ip link set veth1 netns peer
+ip addr add 10.0.0.1/24 dev veth0; ip link set veth0 up
+ip -n peer link set lo up; ip -n peer addr add 10.0.0.2/24 dev veth1; ip -n peer link set veth1 up
+mkdir -p /tmp/www; head -c {file_bytes} /dev/zero | tr '\0' x > /tmp/www/file; echo ok > /tmp/www/small
+ip netns exec peer busybox httpd -p 10.0.0.2:8080 -h /tmp/www
+ip netns exec peer nginx -c /tmp/vm/nginx.conf -e /tmp/nginx-error.log || echo '@@ nginx failed'
+ip netns exec peer redis-server --bind 10.0.0.2 --port 6379 --save '' --appendonly no \
+  --protected-mode no --daemonize yes --logfile /tmp/redis.log || echo '@@ redis failed'
+ip netns exec peer dnsmasq --port 53 --listen-address 10.0.0.2 --bind-interfaces --no-resolv \
+  --no-hosts --address=/svc.test/10.0.0.7 --pid-file=/tmp/dnsmasq.pid || echo '@@ dnsmasq failed'
+PG=$(ls -d /usr/lib/postgresql/*/bin | tail -1)
+mkdir -p /tmp/pg && chown postgres:postgres /tmp/pg
+setpriv --reuid postgres --regid postgres --init-groups $PG/initdb -D /tmp/pg/data -A trust \
+  -U postgres --no-sync >/tmp/initdb.log 2>&1 || {{ echo '@@ initdb failed'; cat /tmp/initdb.log; }}
+ip netns exec peer setpriv --reuid postgres --regid postgres --init-groups $PG/postgres \
+  -D /tmp/pg/data -c listen_addresses=10.0.0.2 -c unix_socket_directories=/tmp/pg -c fsync=off \
+  >/tmp/pg.log 2>&1 &
+i=0; while ! $PG/pg_isready -q -h 10.0.0.2 && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done
+$PG/pg_isready -q -h 10.0.0.2 || echo '@@ postgres failed'
+# The neighbour entry first: an ARP exchange would add two delayed packets to the first connect.
+ping -c 1 -W 2 10.0.0.2 >/dev/null || echo '@@ ping failed'
+start_agent() {{
+  T0=$(date +%s)
+  $AGENT agent --node-name vm --metrics-addr 127.0.0.1:9965 "$@" >/tmp/agent.out 2>/tmp/agent.err &
+  AGENT_PID=$!
+  i=0
+  while ! grep -q 'hopwatch agent: metrics on' /tmp/agent.err && [ $i -lt 300 ]; do
+    kill -0 $AGENT_PID 2>/dev/null || break
+    sleep 1; i=$((i+1))
+  done
+  echo "@@ agent_start_seconds $(( $(date +%s) - T0 ))"
+}}
+"#,
+        file_bytes = FILE_BYTES,
+    );
+    let body = match mode {
+        Mode::Test => format!(
+            r#"tc qdisc add dev veth0 root netem delay {delay}ms || echo '@@ netem failed'
+echo "@@ progs_before $(progs)"
+start_agent -o compact
+sleep 2
+for n in 1 2 3; do curl -sS -o /dev/null http://10.0.0.2:8080/file || echo '@@ curl failed'; done
+for n in 1 2; do curl -sSk -o /dev/null https://10.0.0.2:8443/file || echo '@@ curl https failed'; done
+redis-cli -h 10.0.0.2 SET hopwatch-vm-key v >/dev/null || echo '@@ redis-cli failed'
+redis-cli -h 10.0.0.2 GET hopwatch-vm-key >/dev/null || echo '@@ redis-cli failed'
+psql -h 10.0.0.2 -U postgres -Atc 'SELECT 42' >/dev/null || echo '@@ psql failed'
+[ "$(dig +short +tries=1 +time=5 @10.0.0.2 svc.test)" = 10.0.0.7 ] || echo '@@ dig failed'
+busybox nc 10.0.0.2 9 </dev/null && echo '@@ port 9 answered'
+{late}ip netns exec peer nft add table inet hw
+ip netns exec peer nft add chain inet hw in '{{ type filter hook input priority 0; }}'
+ip netns exec peer nft add rule inet hw in tcp dport 7777 drop
+timeout 3 busybox nc 10.0.0.2 7777 </dev/null
+sleep 3
+curl -sS -o /tmp/metrics http://127.0.0.1:9965/metrics || echo '@@ scrape failed'
+echo "@@ progs_running $(progs)"
+kill -9 $AGENT_PID
+sleep 2
+echo "@@ progs_after_kill $(progs)"
+"#,
+            delay = DELAY_MS,
+            late = insmod,
+        ),
+        Mode::Bench { rounds, seconds } => format!(
+            r#"# Round by round, modes alternated: no agent, then the agent with full L7 capture.
+for r in $(seq 1 {rounds}); do
+  for m in none l7; do
+    if [ $m = l7 ]; then start_agent -o none; sleep 2; fi
+    wrk -t 2 -c 16 -d {seconds}s http://10.0.0.2:8081/small >/tmp/wrk.out 2>&1 || echo '@@ wrk failed'
+    echo "round $r $m $(awk '/^Requests\/sec/ {{print $2}}' /tmp/wrk.out)" >> /tmp/bench
+    if [ $m = l7 ]; then
+      curl -sS -o /tmp/metrics http://127.0.0.1:9965/metrics
+      echo "cpu $r $(awk '{{print $14 + $15}}' /proc/$AGENT_PID/stat) $(getconf CLK_TCK)" >> /tmp/bench
+      kill $AGENT_PID; wait $AGENT_PID
+    fi
+  done
+done
+"#
+        ),
+    };
+    setup + &body
+}
+
+/// nginx in the guest: TLS on 8443 (the checks), plain on 8081 (the bench).
+fn nginx_conf() -> String {
+    r#"daemon on;
+pid /tmp/nginx.pid;
+worker_processes 1;
+error_log /tmp/nginx-error.log;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path /tmp/nginx-body;
+    proxy_temp_path /tmp/nginx-proxy;
+    fastcgi_temp_path /tmp/nginx-fastcgi;
+    uwsgi_temp_path /tmp/nginx-uwsgi;
+    scgi_temp_path /tmp/nginx-scgi;
+    server {
+        listen 10.0.0.2:8443 ssl;
+        ssl_certificate /tmp/vm/cert.pem;
+        ssl_certificate_key /tmp/vm/key.pem;
+        root /tmp/www;
+    }
+    server {
+        listen 10.0.0.2:8081;
+        keepalive_requests 1000000;
+        root /tmp/www;
+    }
+}
+"#
+    .to_owned()
 }
 
 /// A newc cpio archive, built in memory.
@@ -310,10 +516,6 @@ impl Cpio {
         self.entry(path, 0o100_000 | mode, data);
     }
 
-    fn symlink(&mut self, path: &str, target: &str) {
-        self.entry(path, 0o120_777, target.as_bytes());
-    }
-
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, &[]);
         self.out
@@ -324,67 +526,21 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Shared libraries `binary` loads (and the dynamic loader), as `ldd` lists them.
-fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = output(Command::new("ldd").arg(binary))
-        .with_context(|| format!("ldd {}", binary.display()))?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let path = l.split_once("=> ").map_or(l, |(_, p)| p);
-            let path = path.split_whitespace().next()?;
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
-}
-
-fn write_initramfs(path: &Path, kernel: &Kernel, agent: &Path) -> Result<()> {
+fn write_initramfs(path: &Path, kernel: &Kernel, agent: &Path, mode: Mode) -> Result<()> {
     let early = module_order(kernel, EARLY_MODULES)?;
     let late = module_order(kernel, LATE_MODULES)?;
+    let (cert, key) = test_certificate(path.parent().unwrap_or(Path::new(".")))?;
     let mut c = Cpio::default();
-    for d in [
-        "/bin",
-        "/sbin",
-        "/lib",
-        "/lib64",
-        "/usr",
-        "/usr/lib",
-        "/proc",
-        "/sys",
-        "/dev",
-        "/tmp",
-        "/etc",
-        "/var",
-        "/run",
-        "/www",
-        "/modules",
-        "/root",
-        "/usr/local",
-        "/usr/local/sbin",
-    ] {
+    for d in ["/bin", "/sbin", "/proc", "/sys", "/dev", "/vm", "/modules"] {
         c.dir(d);
     }
     c.file("/bin/busybox", 0o755, &read(Path::new("/bin/busybox"))?);
-    c.file("/init", 0o755, init_script(&early, &late).as_bytes());
+    c.file("/init", 0o755, init_script(&early).as_bytes());
     c.file("/bin/hopwatch", 0o755, &read(agent)?);
-    c.file("/www/file", 0o644, &vec![b'x'; FILE_BYTES]);
-    c.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
-    c.file("/etc/hostname", 0o644, b"vm\n");
-    // Debian's /lib is a symlink to /usr/lib: libraries go where ldd names them, both ways.
-    c.symlink("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu");
-    c.dir("/lib/x86_64-linux-gnu");
-    let mut libs = BTreeSet::new();
-    libs.extend(libraries(agent)?);
-    for (host, guest) in GUEST_TOOLS {
-        c.file(guest, 0o755, &read(Path::new(host))?);
-        libs.extend(libraries(Path::new(host))?);
-    }
-    for lib in libs {
-        let real = std::fs::canonicalize(&lib)?;
-        let guest = lib.to_string_lossy().replacen("/usr/lib/", "/lib/", 1);
-        c.file(&guest, 0o755, &read(&real)?);
-    }
+    c.file("/vm/test.sh", 0o755, test_script(&late, mode).as_bytes());
+    c.file("/vm/nginx.conf", 0o644, nginx_conf().as_bytes());
+    c.file("/vm/cert.pem", 0o644, &cert);
+    c.file("/vm/key.pem", 0o600, &key);
     for m in early.iter().chain(&late) {
         let dest = format!("/modules/{m}");
         let mut parent = String::from("/modules");
@@ -398,8 +554,26 @@ fn write_initramfs(path: &Path, kernel: &Kernel, agent: &Path) -> Result<()> {
     std::fs::write(path, c.finish()).with_context(|| format!("writing {}", path.display()))
 }
 
+/// A self-signed certificate for the guest's nginx (made once with openssl).
+fn test_certificate(dir: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert.exists() || !key.exists() {
+        check(
+            Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650"])
+                .args(["-subj", "/CN=vm.test", "-keyout"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+    }
+    Ok((read(&cert)?, read(&key)?))
+}
+
 /// Boots the guest and waits until it powers off (or [`GUEST_TIMEOUT`]).
-fn boot(vmlinuz: &Path, initramfs: &Path, console: &Path) -> Result<()> {
+fn boot(vmlinuz: &Path, initramfs: &Path, console: &Path, timeout: Duration) -> Result<()> {
     let _ = std::fs::remove_file(console);
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "2"])
@@ -409,6 +583,8 @@ fn boot(vmlinuz: &Path, initramfs: &Path, console: &Path) -> Result<()> {
         .arg(initramfs)
         .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
         .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"])
+        .arg("-virtfs")
+        .arg(format!("local,path=/,mount_tag={HOST_TAG},security_model=passthrough,readonly=on"))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .stdin(Stdio::null())
@@ -422,10 +598,10 @@ fn boot(vmlinuz: &Path, initramfs: &Path, console: &Path) -> Result<()> {
             }
             return Ok(());
         }
-        if start.elapsed() > GUEST_TIMEOUT {
+        if start.elapsed() > timeout {
             let _ = qemu.kill();
             let _ = qemu.wait();
-            bail!("the guest did not finish within {} s", GUEST_TIMEOUT.as_secs());
+            bail!("the guest did not finish within {} s", timeout.as_secs());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -476,6 +652,64 @@ fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     words.next()
 }
 
+/// Application exchanges, one kind per server, each seen at both ends: the client's latency
+/// carries the injected delay (the request waits [`DELAY_MS`] in netem), the server's does not.
+fn check_exchanges(out: &str, fail: &mut impl FnMut(String)) {
+    let kinds = [
+        ("HTTP", "10.0.0.2:8080", "http-response", "/file → 200", 3),
+        ("HTTPS through nginx (TLS uprobes)", "10.0.0.2:8443", "http-response", "/file → 200", 2),
+        ("Redis", "10.0.0.2:6379", "redis-response", "Redis SET", 1),
+        ("Redis", "10.0.0.2:6379", "redis-response", "Redis GET", 1),
+        ("PostgreSQL", "10.0.0.2:5432", "postgres-response", "PostgreSQL SELECT", 1),
+        ("DNS", "10.0.0.2:53", "dns-response", "10.0.0.7", 1),
+    ];
+    let mut seen = Vec::new();
+    for (what, server, kind, summary, count) in kinds {
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("-> {server} ")) && l.contains(kind) && l.contains(summary)
+            })
+            .collect();
+        // The client's end names the server's latency as its peer's, and the server's the client's.
+        let latency = |l: &str| after(l, "in").and_then(millis);
+        let clients: Vec<f64> =
+            lines.iter().filter(|l| !l.contains("(client ")).filter_map(|l| latency(l)).collect();
+        let servers: Vec<f64> =
+            lines.iter().filter(|l| l.contains("(client ")).filter_map(|l| latency(l)).collect();
+        if clients.len() < count {
+            fail(format!(
+                "{what}: {count} `{summary}` exchanges made, {} reported at the client",
+                clients.len()
+            ));
+        }
+        if servers.len() < count {
+            fail(format!(
+                "{what}: {count} `{summary}` exchanges made, {} reported at the server",
+                servers.len()
+            ));
+        }
+        for ms in &clients {
+            if !(DELAY_MS - 1.0..=DELAY_MS * 4.0).contains(ms) {
+                fail(format!(
+                    "{what}: `{summary}` at the client took {ms:.1} ms, injected {DELAY_MS} ms"
+                ));
+            }
+        }
+        for ms in &servers {
+            if *ms >= DELAY_MS {
+                fail(format!(
+                    "{what}: `{summary}` at the server took {ms:.1} ms, more than the client's injected delay"
+                ));
+            }
+        }
+        seen.push(format!("{what} {summary}: client {clients:.1?} ms, server {servers:.1?} ms"));
+    }
+    for s in seen {
+        say(&s);
+    }
+}
+
 /// The checks, each against what a user of the agent would read.
 fn verify(log: &str) -> Result<()> {
     let mut failures = Vec::new();
@@ -497,11 +731,11 @@ fn verify(log: &str) -> Result<()> {
         marker(log, "agent_start_seconds").map_or("?".to_owned(), |s| s.to_string())
     ));
 
-    // Start-up: running, with L7 capture and address translation reported unavailable.
+    // Start-up: running, L7 capture on the syscall path, address translation unavailable.
     for (what, needle) in [
         (
-            "the agent reports L7 capture unavailable, naming the missing tracepoint",
-            "hopwatch agent: l7_capture: unavailable",
+            "the agent captures L7 through syscall tracepoints (no sock:sock_send_length on 6.1)",
+            "hopwatch agent: l7_capture: on, via tracepoint/syscalls/sys_{enter,exit}_",
         ),
         (
             "the agent reports address translation unavailable",
@@ -515,20 +749,18 @@ fn verify(log: &str) -> Result<()> {
             "the agent attaches its TCP hooks",
             "hopwatch agent: tcp: on, via tp_btf/inet_sock_set_state",
         ),
+        ("the agent attaches its TLS uprobes", "hopwatch agent: tls: on, via uprobe/SSL_read"),
     ] {
         if !err.contains(needle) {
             fail(format!("{what}: no `{needle}` on its stderr"));
         }
     }
-    if !err.lines().any(|l| l.contains("l7_capture: unavailable") && l.contains("sock_send_length"))
-    {
-        fail("the L7 line does not name sock_send_length".to_owned());
-    }
     if !metrics.lines().any(|l| {
-        l.starts_with("hopwatch_capability_up{capability=\"l7_capture\"") && l.ends_with(" 0")
+        l.starts_with("hopwatch_capability_up{capability=\"l7_capture\"") && l.ends_with(" 1")
     }) {
-        fail("/metrics has no hopwatch_capability_up{capability=\"l7_capture\"} 0".to_owned());
+        fail("/metrics has no hopwatch_capability_up{capability=\"l7_capture\"} 1".to_owned());
     }
+    check_exchanges(out, &mut fail);
 
     // TCP: connect latency against the injected delay, bytes against the file size.
     let connects: Vec<f64> = out

@@ -75,6 +75,11 @@ pub(super) struct AgentArgs {
     /// (for testing that path on a newer kernel).
     #[arg(long, value_enum, default_value_t = loader::DropHook::Auto, hide = true)]
     pub drop_hook: loader::DropHook,
+    /// Which hooks capture application payload: `auto` picks the socket layer's tracepoints
+    /// where the kernel has them (6.3+) and syscall tracepoints otherwise; `syscalls` is how
+    /// older kernels are served (for testing that path on a newer kernel).
+    #[arg(long, value_enum, default_value_t = loader::L7Hook::Auto, hide = true)]
+    pub l7_hook: loader::L7Hook,
     /// Drop events sent per CPU per second at most; the rest are counted as rate-limited.
     #[arg(long, default_value_t = 1000)]
     pub drops_per_sec: u32,
@@ -210,9 +215,11 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     } else {
         None
     };
-    let loader::Loaded { mut ebpf, events, counters, tls, capabilities, .. } = loaded;
+    let loader::Loaded { mut ebpf, events, counters, tls, capabilities, l7_hook, .. } = loaded;
     let caps = report_capabilities(capabilities, &identity);
-    let exchange_maps = (!args.no_kernel_exchanges)
+    // The syscall path's socket is no pointer the kernel handed over: no socket storage for the
+    // kernel's exchange state there.
+    let exchange_maps = (!args.no_kernel_exchanges && l7_hook == Some(loader::L7Hook::Socket))
         .then(|| loader::exchange::ExchangeMaps::take(&mut ebpf))
         .flatten();
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
@@ -333,6 +340,7 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         ringbuf_bytes: args.ringbuf_bytes,
         tls: !args.no_tls,
         drop_hook: args.drop_hook,
+        l7_hook: args.l7_hook,
     })?;
     eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
     // Parsing the kernel's BTF (here and in aya) leaves tens of MiB freed but still held.

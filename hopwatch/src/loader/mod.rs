@@ -14,7 +14,7 @@ use std::{fs::File, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError, SockOps, links::CgroupAttachMode},
+    programs::{BtfTracePoint, ProgramError, SockOps, TracePoint, links::CgroupAttachMode},
 };
 use hopwatch_common::{
     KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL, SYSCALLS_GLOBAL,
@@ -38,6 +38,14 @@ const DROP_TRACEPOINT: &str = "kfree_skb";
 const DROP_NO_REASON_PROGRAM: &str = "kfree_skb_no_reason";
 /// Socket data hooks (tp_btf) for L7 capture (the tracepoints are in 6.3+).
 const DATA_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+/// The syscall capture path's programs (for kernels without [`DATA_TRACEPOINTS`]), each attached
+/// to the `syscalls:sys_enter_*`/`sys_exit_*` tracepoint of every syscall in [`DATA_SYSCALLS`].
+const SYSCALL_ENTER_PROGRAM: &str = "sys_enter_socket_io";
+const SYSCALL_EXIT_PROGRAM: &str = "sys_exit_socket_io";
+const DATA_SYSCALLS: [&str; 10] = [
+    "read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg",
+    "recvmmsg",
+];
 const SOCK_OPS_PROGRAM: &str = "hopwatch_sockops";
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +109,22 @@ pub(crate) struct LoadOptions {
     pub tls: bool,
     /// Which `kfree_skb` program to use.
     pub drop_hook: DropHook,
+    /// Which hooks capture application payload.
+    pub l7_hook: L7Hook,
+}
+
+/// The hooks application payload is captured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum L7Hook {
+    /// The socket layer's tracepoints where the kernel has them (6.3+), syscall tracepoints
+    /// otherwise.
+    Auto,
+    /// `sock:sock_send_length`/`sock_recv_length`: only socket calls run a program, and the
+    /// kernel can measure exchanges itself.
+    Socket,
+    /// `syscalls:sys_enter_*`/`sys_exit_*` of the read/write/send/recv families: every kernel;
+    /// exchanges are measured in userspace.
+    Syscalls,
 }
 
 /// The `kfree_skb` program: with the kernel's drop reason (5.17+), or without (older kernels).
@@ -126,6 +150,8 @@ pub(crate) struct Loaded {
     pub tls: Option<tls::TlsProbes>,
     /// Each kernel-side capability asked for: the hooks it runs through, or why it does not.
     pub capabilities: Vec<Capability>,
+    /// The hooks L7 capture runs on ([`L7Hook::Socket`] or [`L7Hook::Syscalls`]), if it runs.
+    pub l7_hook: Option<L7Hook>,
 }
 
 /// Loads and attaches everything. The TCP hooks are required (an error stops the agent); drops,
@@ -184,22 +210,43 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         }
     }
 
-    if opts.settings.capture_bytes > 0 {
-        let data: Vec<_> = DATA_TRACEPOINTS.iter().map(|t| (*t, *t)).collect();
-        match attach_tracepoints(&mut ebpf, &aya_btf, &data) {
-            Ok(h) => {
-                capabilities.push(Capability::up("l7_capture", h.join(", ")));
+    let l7_hook = if opts.settings.capture_bytes > 0 {
+        let socket_layer = match opts.l7_hook {
+            L7Hook::Auto => our_btf.has_name("btf_trace_sock_send_length"),
+            L7Hook::Socket => true,
+            L7Hook::Syscalls => false,
+        };
+        let attached = if socket_layer {
+            let data: Vec<_> = DATA_TRACEPOINTS.iter().map(|t| (*t, *t)).collect();
+            attach_tracepoints(&mut ebpf, &aya_btf, &data).map(|h| (L7Hook::Socket, h))
+        } else {
+            attach_syscall_tracepoints(&mut ebpf).map(|h| (L7Hook::Syscalls, h))
+        };
+        match attached {
+            Ok((hook, h)) => {
+                let how = match hook {
+                    L7Hook::Socket => "socket layer; HTTP/1 exchanges measured in the kernel",
+                    _ => {
+                        "syscall tracepoints (no sock:sock_send_length on this kernel, 6.3+); \
+                         every exchange measured in userspace"
+                    }
+                };
+                capabilities
+                    .push(Capability::up("l7_capture", format!("{} ({how})", h.join(", "))));
                 hooks.extend(h);
+                Some(hook)
             }
-            Err(e) => capabilities.push(Capability::down(
-                "l7_capture",
-                format!(
-                    "{e}; L7 capture needs the sock:sock_send_length and sock:sock_recv_length \
-                     tracepoints (kernel 6.3+): no application exchanges on this kernel"
-                ),
-            )),
+            Err(e) => {
+                capabilities.push(Capability::down(
+                    "l7_capture",
+                    format!("{e}: no application exchanges on this kernel"),
+                ));
+                None
+            }
         }
-    }
+    } else {
+        None
+    };
 
     let counters = tcp_counters(&mut ebpf, opts.cgroup2.as_deref());
     if counters.up {
@@ -218,7 +265,7 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let counters =
         PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
             .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
-    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls, capabilities })
+    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls, capabilities, l7_hook })
 }
 
 /// The OpenSSL uprobes on every libssl found now (rescanned later by the agent).
@@ -284,6 +331,39 @@ fn attach_tracepoints(
         }
     }
     Ok(group.iter().map(|(_, tp)| format!("tp_btf/{tp}")).collect())
+}
+
+/// The syscall capture path: its two programs on the enter and exit tracepoints of every syscall
+/// in [`DATA_SYSCALLS`], all or none.
+fn attach_syscall_tracepoints(ebpf: &mut Ebpf) -> Result<Vec<String>, LoadError> {
+    let mut attach = |program: &'static str, phase: &str| -> Result<(), LoadError> {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or(LoadError::NoProgram { program })?
+            .try_into()
+            .map_err(|source| LoadError::Program { program, source })?;
+        prog.load().map_err(|e| rejected(program, e))?;
+        for syscall in DATA_SYSCALLS {
+            let name = format!("sys_{phase}_{syscall}");
+            prog.attach("syscalls", &name)
+                .map_err(|source| LoadError::Attach { hook: format!("syscalls/{name}"), source })?;
+        }
+        Ok(())
+    };
+    let attached =
+        attach(SYSCALL_ENTER_PROGRAM, "enter").and_then(|()| attach(SYSCALL_EXIT_PROGRAM, "exit"));
+    if let Err(e) = attached {
+        for program in [SYSCALL_ENTER_PROGRAM, SYSCALL_EXIT_PROGRAM] {
+            if let Some(prog) = ebpf.program_mut(program)
+                && let Ok(prog) = <&mut TracePoint>::try_from(prog)
+            {
+                // Unloading detaches its links; one never loaded refuses, with nothing to undo.
+                let _ = prog.unload();
+            }
+        }
+        return Err(e);
+    }
+    Ok(vec![format!("tracepoint/syscalls/sys_{{enter,exit}}_{{{}}}", DATA_SYSCALLS.join(","))])
 }
 
 fn attach_tracepoint(

@@ -52,7 +52,15 @@ pub(crate) fn compute(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         regs_r10: off("pt_regs", &["r10"])?,
         regs_r8: off("pt_regs", &["r8"])?,
         regs_orig_ax: off("pt_regs", &["orig_ax"])?,
-        _pad: [0; 1],
+        task_files: off("task_struct", &["files"])?,
+        files_fdt: off("files_struct", &["fdt"])?,
+        fdt_max_fds: off("fdtable", &["max_fds"])?,
+        fdt_fd: off("fdtable", &["fd"])?,
+        file_inode: off("file", &["f_inode"])?,
+        file_private_data: off("file", &["private_data"])?,
+        inode_mode: off("inode", &["i_mode"])?,
+        socket_sk: off("socket", &["sk"])?,
+        sk_cookie: skc("skc_cookie")?,
     })
 }
 

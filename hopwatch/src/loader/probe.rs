@@ -280,19 +280,32 @@ fn hooks(btf: Option<&Btf>) -> Vec<Check> {
             detail: "no skb:kfree_skb tracepoint in BTF: no drop flows".to_owned(),
         },
     });
+    let syscall_events = PathBuf::from(TRACEFS).join("events/syscalls/sys_exit_recvfrom");
     checks.push(if tp("sock_send_length") && tp("sock_recv_length") {
         Check {
             name: "l7 capture",
             status: Status::Ok,
-            detail: "tp_btf/sock_send_length, tp_btf/sock_recv_length".to_owned(),
+            detail: "tp_btf/sock_send_length, tp_btf/sock_recv_length (socket layer; HTTP/1 \
+                     exchanges measured in the kernel)"
+                .to_owned(),
+        }
+    } else if syscall_events.exists() {
+        Check {
+            name: "l7 capture",
+            status: Status::Ok,
+            detail: "tracepoint/syscalls/sys_{enter,exit}_* (no sock:sock_send_length, 6.3+; \
+                     every exchange measured in userspace)"
+                .to_owned(),
         }
     } else {
         Check {
             name: "l7 capture",
             status: Status::Unavailable,
-            detail: "no sock:sock_send_length/sock_recv_length tracepoints (kernel 6.3+): no \
-                     application exchanges on this kernel"
-                .to_owned(),
+            detail: format!(
+                "neither sock:sock_send_length (6.3+) nor syscall tracepoints ({} missing: \
+                 CONFIG_FTRACE_SYSCALLS off, or tracefs not mounted): no application exchanges",
+                syscall_events.display()
+            ),
         }
     });
     checks

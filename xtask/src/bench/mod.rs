@@ -12,6 +12,9 @@
 //!   connections.
 //! - Collector: ingest rate and `observe` latency over a 1M-flow store (`hopwatch/benches/collector.rs`).
 //! - Hops: aggregation and `/metrics` rendering (`hopwatch/benches/hops.rs`; printed, not tabled).
+//! - VM (`vm`): the same keep-alive load (wrk against nginx across a veth pair) inside Debian 12's
+//!   own 6.1 kernel under qemu, without and with the agent (L7 on the syscall capture path), rounds
+//!   alternated in one boot ([`crate::vm::bench`]).
 
 pub mod conns;
 mod datapath;
@@ -125,6 +128,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if want("collector") {
         attempt("collector", collector(opts, &mut report));
     }
+    if want("vm") {
+        attempt("vm", vm(opts, &mut report));
+    }
     for f in &failed {
         report.notes.push(format!("FAILED in this run: {f}"));
     }
@@ -136,6 +142,39 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if !failed.is_empty() {
         bail!("{} group(s) failed: {}", failed.len(), failed.join("; "));
     }
+    Ok(())
+}
+
+/// The agent's cost on Debian 12's 6.1 kernel, inside a guest (see [`crate::vm::bench`]).
+fn vm(opts: &BenchOptions, report: &mut Report) -> Result<()> {
+    crate::build(true)?;
+    say(&format!(
+        "the agent on Debian's kernel under qemu: {} rounds of {} s per mode",
+        opts.rounds, opts.seconds
+    ));
+    let b = crate::vm::bench(None, opts.rounds, opts.seconds)?;
+    let ratios: Vec<f64> = b.rounds.iter().map(|(none, l7)| l7 / none * 100.0).collect();
+    let name = format!("{} guest (TCG), HTTP keep-alive (wrk → nginx)", b.kernel);
+    report.add_rounds(
+        "5 kernels",
+        format!("{name}: throughput, full L7 (syscall tracepoints) vs no agent"),
+        &ratios,
+        "%",
+        Some(report::Target::AtLeast(95.0)),
+    );
+    let none: Vec<f64> = b.rounds.iter().map(|r| r.0).collect();
+    report.add_rounds("5 kernels", format!("{name}: requests/s, no agent"), &none, "req/s", None);
+    let cpu: Vec<f64> = b.cpu_per_request.iter().map(|s| s * 1e6).collect();
+    if !cpu.is_empty() {
+        report.add_rounds(
+            "5 kernels",
+            format!("{name}: agent CPU µs per request (emulated CPU)"),
+            &cpu,
+            "µs",
+            None,
+        );
+    }
+    report.notes.push(format!("VM bench: the guest agent said `{}`", b.l7_line.trim()));
     Ok(())
 }
 

@@ -11,6 +11,9 @@ use std::{
 use serde_json::Value;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_hopwatch");
+/// Extra arguments for every agent the tests start (whitespace-separated), e.g.
+/// `--l7-hook syscalls` to run the L7 tests through the syscall capture path.
+pub(crate) const EXTRA_ARGS_VAR: &str = "HOPWATCH_E2E_AGENT_ARGS";
 
 pub(crate) struct Agent {
     child: Option<Child>,
@@ -34,6 +37,7 @@ impl Agent {
                 "127.0.0.1:0",
             ])
             .args(extra)
+            .args(std::env::var(EXTRA_ARGS_VAR).unwrap_or_default().split_whitespace())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,216 @@
+//! Application payload capture from syscall tracepoints, for kernels without the socket layer's
+//! `sock:sock_send_length`/`sock_recv_length` (before 6.3/6.4: Debian 12, Amazon Linux 2023 and
+//! GKE COS on 6.1, Ubuntu 22.04 on 5.15, RHEL 9 on 5.14).
+//!
+//! Why these hooks: `syscalls:sys_enter_*`/`sys_exit_*` exist on every kernel users run, and one
+//! program serves every syscall of the read/write/send/recv families (their records share one
+//! layout: the syscall number, then six arguments or the return value). Unlike the socket-layer
+//! hooks they fire for file I/O too, so `sys_enter_*` first resolves the file descriptor to its
+//! socket (`task → files → fdtable → file`, checked to be a socket by its inode's mode) and saves
+//! the call only for TCP/UDP sockets whose bytes are wanted; `sys_exit_*` then hands the call and
+//! its result to the capture shared with the socket-layer path ([`l7::capture`]).
+//!
+//! What this path cannot do: the socket is a pointer read from kernel memory, not one the kernel
+//! handed over, so the verifier allows neither `bpf_get_socket_cookie` (the cookie is read from
+//! the socket, where the kernel keeps it once anything asked for it, and is the socket's address
+//! otherwise) nor the socket storage the exchange engine keeps its state in: every exchange is
+//! measured in userspace on this path.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_task},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use hopwatch_common::{
+    AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
+    PROTO_IGNORED, PROTO_TLS,
+};
+
+use crate::{
+    kernel::{offsets, read_at, read_user, sock_protocol},
+    l7::{self, UserData},
+    maps::{HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS, PendingCall, TLS_CALLS},
+};
+
+/// Offsets in a `syscalls:sys_enter_*` record: the syscall number, then its arguments as 8-byte
+/// slots. `sys_exit_*` records have the return value where the first argument would be.
+const NR_OFFSET: usize = 8;
+const ARGS_OFFSET: usize = 16;
+/// `MSG_PEEK`: the data stays queued and will be read again.
+const MSG_PEEK: u64 = 2;
+/// `S_IFMT` and `S_IFSOCK` of an inode's `i_mode`.
+const S_IFMT: u16 = 0o170_000;
+const S_IFSOCK: u16 = 0o140_000;
+/// Messages of one `sendmmsg`/`recvmmsg` captured at most (glibc's resolver sends its A and AAAA
+/// queries as two); the rest are counted as unsupported calls.
+const MAX_MMSG: u64 = 2;
+/// `struct mmsghdr`: a `struct msghdr` (56 bytes), then the `msg_len` the kernel fills in.
+const MMSGHDR_SIZE: u64 = 64;
+const MMSG_LEN_OFFSET: u64 = 56;
+/// Marks a cookie made from the socket's address (no kernel cookie yet).
+const ADDRESS_COOKIE: u64 = 1 << 63;
+
+#[tracepoint]
+pub fn sys_enter_socket_io(ctx: TracePointContext) -> u32 {
+    let _ = on_enter(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_socket_io(ctx: TracePointContext) -> u32 {
+    let _ = on_exit(&ctx);
+    0
+}
+
+fn arg(ctx: &TracePointContext, i: usize) -> Option<u64> {
+    // SAFETY: a read inside the tracepoint's record (bpf_probe_read_kernel copes with any
+    // address).
+    unsafe { ctx.read_at::<u64>(ARGS_OFFSET + 8 * i) }.ok()
+}
+
+fn on_enter(ctx: &TracePointContext) -> Option<()> {
+    let settings = HOPWATCH_SETTINGS.load();
+    if settings.capture_bytes == 0 {
+        return None;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if settings.self_tgid != 0 && (pid_tgid >> 32) as u32 == settings.self_tgid {
+        return None;
+    }
+    // SAFETY: a read inside the tracepoint's record.
+    let nr = unsafe { ctx.read_at::<i32>(NR_OFFSET) }.ok()?.cast_unsigned();
+    let o = offsets();
+    let sk = fd_socket(arg(ctx, 0)?, &o)?;
+    let family = read_at::<u16>(sk, o.sk_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    let protocol = sock_protocol(sk, &o)?;
+    if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
+        return None;
+    }
+    let cookie = match read_at::<u64>(sk, o.sk_cookie) {
+        Some(c) if c != 0 => c,
+        _ => sk as u64 | ADDRESS_COOKIE,
+    };
+    // Sockets whose bytes are not wanted cost only this: ignored ones, and TLS ones outside an
+    // SSL call (their plaintext comes from the uprobes; inside a call the ciphertext ties the
+    // `SSL*` to the socket).
+    // SAFETY: map values, read at once.
+    if let Some(state) = unsafe { L7CONNS.get(cookie) }
+        && (state.proto == PROTO_IGNORED
+            || (state.proto == PROTO_TLS && unsafe { TLS_CALLS.get(pid_tgid) }.is_none()))
+    {
+        return None;
+    }
+    let sc = HOPWATCH_SYSCALLS.load();
+    let mut call = PendingCall {
+        sk: sk as u64,
+        cookie,
+        ptr: arg(ctx, 1)?,
+        count: 0,
+        addr: 0,
+        direction: DIR_EGRESS,
+        mmsg: 0,
+        _pad: [0; 6],
+    };
+    if nr == sc.read || nr == sc.recvfrom {
+        call.direction = DIR_INGRESS;
+        if nr == sc.recvfrom && arg(ctx, 3)? & MSG_PEEK != 0 {
+            return None;
+        }
+    } else if nr == sc.readv {
+        call.direction = DIR_INGRESS;
+        call.count = arg(ctx, 2)?;
+    } else if nr == sc.writev {
+        call.count = arg(ctx, 2)?;
+    } else if nr == sc.sendto {
+        call.addr = arg(ctx, 4)?;
+    } else if nr == sc.sendmsg || nr == sc.recvmsg {
+        let sending = nr == sc.sendmsg;
+        if !sending {
+            call.direction = DIR_INGRESS;
+            if arg(ctx, 2)? & MSG_PEEK != 0 {
+                return None;
+            }
+        }
+        let user = l7::from_msghdr(call.ptr, sending)?;
+        call.ptr = user.ptr;
+        call.count = user.iov_count;
+        call.addr = user.addr;
+    } else if nr == sc.sendmmsg || nr == sc.recvmmsg {
+        if nr == sc.recvmmsg {
+            call.direction = DIR_INGRESS;
+            if arg(ctx, 3)? & MSG_PEEK != 0 {
+                return None;
+            }
+        }
+        call.count = arg(ctx, 2)?;
+        call.mmsg = 1;
+    } else if nr != sc.write {
+        return None;
+    }
+    PENDING_CALLS.insert(pid_tgid, call, 0).ok()
+}
+
+fn on_exit(ctx: &TracePointContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: map value, copied out at once.
+    let call = unsafe { PENDING_CALLS.get(pid_tgid) }.copied()?;
+    let _ = PENDING_CALLS.remove(pid_tgid);
+    let ret = arg(ctx, 0)?.cast_signed();
+    if ret <= 0 {
+        return None;
+    }
+    if call.mmsg == 0 {
+        let user = UserData { ptr: call.ptr, iov_count: call.count, addr: call.addr };
+        capture(&call, user, u32::try_from(ret).unwrap_or(u32::MAX));
+        return Some(());
+    }
+    // `ret` messages were sent or received, each with its length in its `msg_len`.
+    let sending = call.direction == DIR_EGRESS;
+    let mut i = 0;
+    while i < MAX_MMSG {
+        if i >= ret.cast_unsigned() {
+            return Some(());
+        }
+        let hdr = call.ptr + i * MMSGHDR_SIZE;
+        let len = read_user::<u32>(hdr + MMSG_LEN_OFFSET)?;
+        let user = l7::from_msghdr(hdr, sending)?;
+        capture(&call, user, len);
+        i += 1;
+    }
+    if ret.cast_unsigned() > MAX_MMSG {
+        crate::maps::count(hopwatch_common::Counter::L7UnsupportedCall);
+    }
+    Some(())
+}
+
+/// One message of a call, through the capture shared with the socket-layer hooks. Not inlined:
+/// one copy of the capture serves every message of a `sendmmsg`/`recvmmsg`.
+#[inline(never)]
+fn capture(call: &PendingCall, user: UserData, len: u32) {
+    if len > 0 {
+        l7::capture(None, call.sk as *const u8, call.cookie, len, call.direction, Some(user));
+    }
+}
+
+/// The `struct sock *` behind file descriptor `fd` of the current task, if it is a socket.
+fn fd_socket(fd: u64, o: &KernelOffsets) -> Option<*const u8> {
+    // SAFETY: no arguments; the task pointer is only read through `read_at`.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files = read_at::<*const u8>(task, o.task_files)?;
+    let fdt = read_at::<*const u8>(files, o.files_fdt)?;
+    let max = read_at::<u32>(fdt, o.fdt_max_fds)?;
+    if fd >= u64::from(max) {
+        return None;
+    }
+    let table = read_at::<u64>(fdt, o.fdt_fd)?;
+    let file = read_at::<*const u8>((table + fd * 8) as *const u8, 0)?;
+    let inode = read_at::<*const u8>(file, o.file_inode)?;
+    if read_at::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let socket = read_at::<*const u8>(file, o.file_private_data)?;
+    read_at::<*const u8>(socket, o.socket_sk)
+}
