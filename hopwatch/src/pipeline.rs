@@ -29,6 +29,10 @@ const CONN_TABLE_CAPACITY: usize = 262_144;
 const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// How often idle connections and unanswered requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often the TLS and set-up tables drop sockets the connection table forgot.
+const TLS_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// A handshake with no record for this long is forgotten (its close was lost).
+const TLS_HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(60);
 /// How long a connection the peer reset keeps its L7 session: the application may still read
 /// what the peer sent before the reset (an error reply) after the socket closed.
 const RESET_READ_GRACE: Duration = Duration::from_secs(1);
@@ -120,6 +124,7 @@ pub struct Pipeline {
     counted: Vec<CountedExchange>,
     options: PipelineOptions,
     last_sweep_ns: u64,
+    last_tls_sweep_ns: u64,
 }
 
 impl Pipeline {
@@ -138,6 +143,7 @@ impl Pipeline {
             counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
+            last_tls_sweep_ns: Clock::monotonic_now_ns(),
         }
     }
 
@@ -273,6 +279,13 @@ impl Pipeline {
         let from = out.len();
         self.last_sweep_ns = now_ns;
         self.table.sweep(now_ns.saturating_sub(nanos(CONN_IDLE_FORGET)));
+        if now_ns.saturating_sub(self.last_tls_sweep_ns) >= nanos(TLS_SWEEP_EVERY) {
+            self.last_tls_sweep_ns = now_ns;
+            let table = &self.table;
+            let alive = |cookie| table.get(cookie).is_some();
+            self.tls.sweep(now_ns.saturating_sub(nanos(TLS_HANDSHAKE_GIVE_UP)), alive);
+            self.setups.sweep(alive);
+        }
         let expired = self.l7.expire(now_ns.saturating_sub(nanos(self.options.l7_timeout)));
         self.l7_flows(expired, out);
         let closed = self.l7.close_due(now_ns);

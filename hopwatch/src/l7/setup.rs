@@ -80,6 +80,11 @@ impl SetupTracker {
         }
     }
 
+    /// Forgets connections `alive` no longer knows (a close lost with the events that were).
+    pub(crate) fn sweep(&mut self, alive: impl Fn(u64) -> bool) {
+        self.pending.retain(|cookie, _| alive(*cookie));
+    }
+
     pub(crate) fn on_close(&mut self, cookie: u64) {
         self.pending.remove(&cookie);
     }

@@ -29,6 +29,8 @@ pub(crate) struct Done {
 
 struct Conn {
     handshake: Handshake,
+    /// Last record seen (monotonic ns).
+    last_ns: u64,
     /// Direction (`DIR_*`) of the ClientHello at this socket.
     hello_direction: u8,
     pid: u32,
@@ -62,6 +64,7 @@ impl TlsTracker {
                 cookie,
                 Conn {
                     handshake: Handshake::default(),
+                    last_ns: 0,
                     hello_direction: ev.direction,
                     pid: 0,
                     comm: [0; 16],
@@ -70,6 +73,7 @@ impl TlsTracker {
             );
         }
         let c = self.open.get_mut(&cookie).expect("inserted above");
+        c.last_ns = ev.header.timestamp_ns;
         if ev.header.tgid != 0 {
             (c.pid, c.comm, c.cgroup_id) = (ev.header.tgid, ev.comm, ev.header.cgroup_id);
         }
@@ -104,6 +108,14 @@ impl TlsTracker {
         self.outcomes.remove(&cookie);
         done.time_ns = ts_ns;
         Some(done)
+    }
+
+    /// Forgets handshakes with no record since `idle_before_ns` (a close lost with the events
+    /// that were), and outcomes of sockets `alive` no longer knows: the tables stay bounded by
+    /// the connections open.
+    pub(crate) fn sweep(&mut self, idle_before_ns: u64, alive: impl Fn(u64) -> bool) {
+        self.open.retain(|_, c| c.last_ns >= idle_before_ns);
+        self.outcomes.retain(|cookie, _| alive(*cookie));
     }
 
     /// The handshake of a socket, once known.
@@ -225,6 +237,17 @@ mod tests {
         assert_eq!(feed(&mut t, 1, DIR_EGRESS, 400, &app), None, "once");
         assert_eq!(t.close(1, false, 500), None, "it completed");
         assert_eq!(t.outcome(1), None, "forgotten at close");
+    }
+
+    #[test]
+    fn stalled_handshakes_and_outcomes_of_forgotten_sockets_are_swept() {
+        let mut t = TlsTracker::default();
+        feed(&mut t, 1, DIR_EGRESS, 100, &hello(1, &[]));
+        feed(&mut t, 2, DIR_EGRESS, 500, &hello(1, &[]));
+        feed(&mut t, 2, DIR_INGRESS, 510, &hello(2, &[]));
+        feed(&mut t, 2, DIR_EGRESS, 520, &record(23, &[0; 40])).expect("established");
+        t.sweep(200, |cookie| cookie != 2);
+        assert_eq!((t.open(), t.outcome(2)), (0, None));
     }
 
     #[test]
