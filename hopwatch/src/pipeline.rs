@@ -30,9 +30,9 @@ const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// How often idle connections and unanswered requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often the TLS and set-up tables drop sockets the connection table forgot.
-const TLS_SWEEP_EVERY: Duration = Duration::from_secs(60);
+const TLS_SWEEP_EVERY: Duration = Duration::from_mins(1);
 /// A handshake with no record for this long is forgotten (its close was lost).
-const TLS_HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(60);
+const TLS_HANDSHAKE_GIVE_UP: Duration = Duration::from_mins(1);
 /// How long a connection the peer reset keeps its L7 session: the application may still read
 /// what the peer sent before the reset (an error reply) after the socket closed.
 const RESET_READ_GRACE: Duration = Duration::from_secs(1);
