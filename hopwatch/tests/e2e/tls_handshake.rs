@@ -313,7 +313,7 @@ fn tls13_and_tls12_handshakes_report_version_sni_alpn_resumption_and_round_trips
 #[test]
 fn a_handshake_refused_for_its_version_is_an_error_with_the_alert() {
     let _serial = serial();
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--listen", "127.0.0.1:0"]);
     let (_tb, client, server, _nginx) = setup();
     // TLS 1.2 only, to a server that speaks TLS 1.3 only.
     let out =
@@ -334,6 +334,57 @@ fn a_handshake_refused_for_its_version_is_an_error_with_the_alert() {
             && l.contains("reason=\"server alert: protocol_version\"")),
         "{metrics}"
     );
+
+    // `observe --sni` through the agent's collector: a handshake to another name is left out.
+    let out = s_client(&client, &server, BOTH, &["-tls1_3", "-servername", "new.hopwatch.test"]);
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    handshake_at(&agent, "INGRESS", &client, &server, BOTH, |h| {
+        h["server_name"] == "new.hopwatch.test"
+    });
+    let collector = collector_addr(&agent);
+    let names = |args: &[&str]| -> Vec<String> {
+        let flows = observe(&collector, args);
+        flows.iter().map(|f| text(&f["tls_handshake"], "server_name").to_owned()).collect()
+    };
+    let old = names(&["--sni", "OLD.hopwatch.test"]);
+    assert!(old.len() >= 2, "both ends' handshake flows: {old:?}");
+    assert!(old.iter().all(|n| n == "old.hopwatch.test"), "{old:?}");
+    let all = names(&["--sni", "*.hopwatch.test", "--l7-protocol", "tls"]);
+    assert!(all.iter().any(|n| n == "new.hopwatch.test"), "{all:?}");
+    assert!(all.iter().any(|n| n == "old.hopwatch.test"), "{all:?}");
+    let errors = names(&["--sni", "*.hopwatch.test", "--verdict", "ERROR"]);
+    assert!(errors.iter().all(|n| n == "old.hopwatch.test") && !errors.is_empty(), "{errors:?}");
+}
+
+/// Where the agent's in-process collector listens (from its start-up line).
+fn collector_addr(agent: &Agent) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let err = agent.stderr();
+        let addr = err.lines().find_map(|l| {
+            let a = l.split("collector APIs on ").nth(1)?.split(' ').next()?;
+            a.parse::<std::net::SocketAddr>().ok().map(|a| a.to_string())
+        });
+        if let Some(a) = addr {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "the agent did not say where its collector is:\n{err}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `hopwatch observe --all -o json <args>` against `collector`: the flows it printed.
+fn observe(collector: &str, args: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(crate::support::agent::BIN)
+        .args(["observe", "--server", collector, "--all", "-o", "json"])
+        .args(args)
+        .output()
+        .expect("run hopwatch observe");
+    assert!(out.status.success(), "observe {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("flow").cloned())
+        .collect()
 }
 
 #[test]
