@@ -175,6 +175,17 @@ def hop_latency():
     b.panel("Top slow connects (p99)", "s",
             [(f"topk(10, {quantile(0.99, 'hopwatch_hop_connect_duration_seconds')})", HOP_LEGEND)],
             kind="bargauge", description="The ten hops with the slowest TCP handshakes now.")
+    tls = "hopwatch_hop_tls_handshake_duration_seconds"
+    b.panel("TLS handshake p99 by hop", "s",
+            [(quantile(0.99, tls, HOP + ", reporter"), HOP_LEGEND + " ({{reporter}})")],
+            description="99th percentile TLS handshake time (ClientHello → the client's first encrypted "
+                        "record), as each end measured it from its own socket: a distant client shows "
+                        "its round trips here, a server short of CPU its crypto.")
+    b.panel("TLS handshake failures by hop", "short",
+            [(hop_rate("hopwatch_hop_tls_handshake_failures_total", HOP + ", reason"),
+              HOP_LEGEND + " {{reason}}")],
+            description="Failed TLS handshakes per second by reason: the alert's description "
+                        "(protocol_version, handshake_failure, ...) or a reset or close mid-handshake.")
     b.panel("Open connections by hop", "short",
             [(f"max by ({HOP}) ({either(lambda s: f'sum by ({HOP}, reporter) (hopwatch_hop_open_connections{s})')})",
               HOP_LEGEND)],

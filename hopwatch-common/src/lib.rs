@@ -497,6 +497,15 @@ pub const PROTO_DNS: u8 = 5;
 pub const PROTO_TLS: u8 = 6;
 /// Nothing recognisable in the first messages: not captured any more.
 pub const PROTO_IGNORED: u8 = 7;
+/// A TLS connection whose handshake is under way: its records (ClientHello, ServerHello,
+/// alerts, the client's first encrypted record) are sent to userspace as [`PROTO_TLS`] data
+/// events until the handshake is over at this end or [`TLS_HANDSHAKE_MESSAGES`] were sent, then
+/// the connection is [`PROTO_TLS`]. [`L7Conn::attempts`] counts the messages sent and
+/// [`L7Conn::last_direction`] is the direction of the ClientHello at this socket.
+pub const PROTO_TLS_HANDSHAKE: u8 = 8;
+/// Messages of a TLS handshake sent at most: a full TLS 1.2 handshake is about 17 calls at the
+/// client when records are read header then body (as OpenSSL reads them).
+pub const TLS_HANDSHAKE_MESSAGES: u8 = 32;
 
 /// Messages inspected before a connection's protocol is given up as unknown.
 pub const DETECT_ATTEMPTS: u8 = 3;

@@ -11,8 +11,8 @@
 //! Only a bounded prefix of each message is copied, and only for connections whose first bytes
 //! look like a protocol hopwatch parses (see `hopwatch_common::detect`); a connection that shows
 //! nothing recognisable within a few messages is ignored from then on for the price of one map
-//! lookup per call. TLS connections are skipped here: their plaintext comes from the uprobes in
-//! `tls.rs`.
+//! lookup per call. TLS connections are skipped here once their handshake is over (its records
+//! go to `tls_handshake.rs`): their plaintext comes from the uprobes in `tls.rs`.
 
 use core::ffi::c_void;
 
@@ -29,7 +29,7 @@ use aya_ebpf::{
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
     IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS,
-    PROTO_UNKNOWN, SRC_SYSCALL,
+    PROTO_TLS_HANDSHAKE, PROTO_UNKNOWN, SRC_SYSCALL,
     detect::{HEAD, detect},
 };
 
@@ -44,6 +44,7 @@ use crate::{
         DATA_SCRATCH, DETECT_STASH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
         MMSG_CURSORS, PROMOTIONS, SSL_SOCKETS, SYSCALL_TAILS, TAIL_DETECT, TLS_CALLS, count,
     },
+    tls_handshake,
 };
 
 /// `MSG_PEEK`: the data stays queued and will be read again.
@@ -79,6 +80,7 @@ pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// Where a syscall's data lives in user memory.
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UserData {
     /// A flat buffer, or the first `struct iovec` when `iov_count > 0`.
@@ -139,6 +141,7 @@ pub fn capture(
     // the uprobe sends the plaintext.
     // Maps are updated only when the association changes: an update of an LRU map takes a lock
     // and may evict, and this runs on every ciphertext call.
+    let mut handshake = None;
     if let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
         // SAFETY: map value pointer, valid until we return; the call's cookie is the one
         // remembered for its `SSL*` (or 0) when the call started.
@@ -151,21 +154,43 @@ pub fn capture(
         match L7CONNS.get_ptr_mut(cookie) {
             // SAFETY: map value pointer, valid until we return.
             Some(c) => unsafe {
-                if (*c).proto != PROTO_TLS {
+                // A handshake under way, or one the library does inside SSL_read/SSL_write.
+                if (*c).proto == PROTO_TLS_HANDSHAKE || (*c).proto == PROTO_UNKNOWN {
+                    handshake = Some(L7Conn { tls: 1, ..*c });
+                } else if (*c).proto != PROTO_TLS {
                     (*c).proto = PROTO_TLS;
                     (*c).tls = 1;
                 }
             },
-            None => {
-                let state = L7Conn { proto: PROTO_TLS, tls: 1, ..L7Conn::default() };
-                let _ = L7CONNS.insert(cookie, state, 0);
-            }
+            None => handshake = Some(L7Conn { tls: 1, ..L7Conn::default() }),
         }
-        return;
+        if handshake.is_none() {
+            return;
+        }
     }
     let conn = L7CONNS.get_ptr_mut(cookie);
     // SAFETY: map value, copied out at once.
     let mut state = conn.map(|c| unsafe { *c }).unwrap_or_default();
+    if let Some(h) = handshake.or((state.proto == PROTO_TLS_HANDSHAKE).then_some(state)) {
+        let p = Pending {
+            cookie,
+            sk: sk as u64,
+            user: user.unwrap_or(UserData { ptr: 0, iov_count: 0, addr: 0 }),
+            state: h,
+            len,
+            captured: 0,
+            direction,
+            udp: 0,
+            handshake: 1,
+            _pad: [0; 5],
+        };
+        if let (Some(ctx), Some(_)) = (detect_elsewhere, user) {
+            stash_and_detect(ctx, p);
+        } else {
+            tls_handshake::on_message(sk, cookie, h, len, direction, &o, user);
+        }
+        return;
+    }
     if state.proto == PROTO_IGNORED || state.proto == PROTO_TLS {
         return;
     }
@@ -240,8 +265,18 @@ pub fn capture(
     let cap = settings.capture_bytes.min(DATA_MAX as u32);
     let captured = copy_user_data(&mut scratch.data, user, len.min(cap));
 
-    let pending =
-        Pending { cookie, state, len, captured, direction, udp: u8::from(udp), _pad: [0; 6] };
+    let pending = Pending {
+        cookie,
+        sk: sk as u64,
+        user,
+        state,
+        len,
+        captured,
+        direction,
+        udp: u8::from(udp),
+        handshake: 0,
+        _pad: [0; 5],
+    };
     if state.proto == PROTO_UNKNOWN {
         let port_dns =
             scratch.event.tuple.sport == DNS_PORT || scratch.event.tuple.dport == DNS_PORT;
@@ -250,35 +285,51 @@ pub fn capture(
         } else if let Some(ctx) = detect_elsewhere {
             // The syscall path detects in a program of its own (older verifiers give up on the
             // detector's branches multiplied by this program's paths).
-            if let Some(stash) = DETECT_STASH.get_ptr_mut(0) {
-                // SAFETY: per-CPU value, ours until the program (and its tail call) returns.
-                unsafe { *stash = pending };
-                // SAFETY: slot 1 holds `syscall_detect` (set by userspace at load); a tail call
-                // that succeeds does not return.
-                unsafe { SYSCALL_TAILS.tail_call(ctx, TAIL_DETECT) };
-            }
-            count(Counter::L7UnsupportedCall);
+            stash_and_detect(ctx, pending);
             return;
         } else {
             detect_head(&scratch.data, captured)
         };
+        if proto == PROTO_TLS {
+            tls_handshake::on_message(sk, cookie, state, len, direction, &o, Some(user));
+            return;
+        }
         detected(scratch, pending, proto, pid_tgid);
         return;
     }
     finish(scratch, pending, pid_tgid);
 }
 
-/// What [`capture`] knows about a message whose protocol is still being detected.
+/// Hands a message to `syscall_detect` (tail call): protocol detection, or a TLS handshake's
+/// record. Only returns if the tail call fails (counted).
+#[inline(always)]
+fn stash_and_detect(ctx: &TracePointContext, p: Pending) {
+    if let Some(stash) = DETECT_STASH.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, ours until the program (and its tail call) returns.
+        unsafe { *stash = p };
+        // SAFETY: slot TAIL_DETECT holds `syscall_detect` (set by userspace at load); a tail
+        // call that succeeds does not return.
+        unsafe { SYSCALL_TAILS.tail_call(ctx, TAIL_DETECT) };
+    }
+    count(Counter::L7UnsupportedCall);
+}
+
+/// What [`capture`] knows about a message it hands on: to protocol detection (its bytes are in
+/// the per-CPU scratch, `captured` of them) or, with `handshake`, to the TLS handshake capture.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Pending {
     pub cookie: u64,
+    /// The socket, for reads.
+    pub sk: u64,
+    pub user: UserData,
     pub state: L7Conn,
     pub len: u32,
     pub captured: u32,
     pub direction: u8,
     pub udp: u8,
-    pub _pad: [u8; 6],
+    pub handshake: u8,
+    pub _pad: [u8; 5],
 }
 
 /// The protocol of a connection still unknown was guessed from this message (`proto`): remember
@@ -339,7 +390,7 @@ pub fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
 /// Zeroes a tuple word by word. `= Default::default()` becomes a call to a byte-by-byte `memset`
 /// loop, which older verifiers (6.1) walk once per path into it, past their instruction limit.
 #[inline(always)]
-fn zero_tuple(t: &mut hopwatch_common::Tuple) {
+pub fn zero_tuple(t: &mut hopwatch_common::Tuple) {
     let words = (&raw mut *t).cast::<u32>();
     let mut i = 0;
     while i < size_of::<hopwatch_common::Tuple>() / 4 {
@@ -424,7 +475,7 @@ fn peer_from_sockaddr(addr: u64, ev: &mut hopwatch_common::DataEvent) {
 
 /// Copies up to `want` bytes of the syscall's data into `dst`; returns how many were copied.
 #[inline(always)]
-fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
+pub fn copy_user_data(dst: &mut [u8; 2 * DATA_MAX], user: UserData, want: u32) -> u32 {
     if user.iov_count == 0 {
         return copy_chunk(dst, 0, user.ptr, want);
     }

@@ -16,6 +16,7 @@ mod sockops;
 mod syscalls;
 mod tcp;
 mod tls;
+mod tls_handshake;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -29,6 +29,7 @@ use hopwatch_common::{
 use crate::{
     kernel::{offsets, read_at, read_user, sock_protocol},
     l7::{self, UserData},
+    tls_handshake,
     maps::{
         DATA_SCRATCH, DETECT_STASH, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS,
         PendingCall, SYSCALL_TAILS, TAIL_EXIT, TLS_CALLS, count,
@@ -173,9 +174,24 @@ pub fn syscall_detect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if let (Some(stash), Some(scratch)) = (DETECT_STASH.get_ptr(0), DATA_SCRATCH.get_ptr_mut(0)) {
         // SAFETY: per-CPU values, written by the program that tail-called this one on this CPU.
-        let (pending, scratch) = unsafe { (*stash, &mut *scratch) };
-        let proto = l7::detect_head(&scratch.data, pending.captured);
-        l7::detected(scratch, pending, proto, pid_tgid);
+        let (p, scratch) = unsafe { (*stash, &mut *scratch) };
+        let proto =
+            if p.handshake == 0 { l7::detect_head(&scratch.data, p.captured) } else { PROTO_TLS };
+        if proto == PROTO_TLS {
+            // A TLS handshake's record (detected here, or of a handshake under way).
+            let o = offsets();
+            tls_handshake::on_message(
+                p.sk as *const u8,
+                p.cookie,
+                p.state,
+                p.len,
+                p.direction,
+                &o,
+                Some(p.user),
+            );
+        } else {
+            l7::detected(scratch, p, proto, pid_tgid);
+        }
     }
     // SAFETY: map value, read at once.
     if unsafe { PENDING_CALLS.get(pid_tgid) }.is_some() {

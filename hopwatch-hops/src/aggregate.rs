@@ -161,6 +161,9 @@ fn apply_drop(
     Outcome::Counted
 }
 
+/// `l7.protocol` of the flow of a TLS handshake.
+const TLS_PROTOCOL: &str = "tls";
+
 fn apply_l7(
     flow: &Flow,
     at_ns: u64,
@@ -183,8 +186,25 @@ fn apply_l7(
             s.latency.merge(&w.latency);
         }
     }
+    if l7.protocol == TLS_PROTOCOL && flow.tls_handshake.is_some() {
+        // A handshake, not an exchange: its own histogram and failures.
+        if l7.error.is_empty() {
+            let (s, _) = table.side_mut(key, side, at_ns);
+            s.tls_handshake.record(l7.latency_ns);
+        } else {
+            table.tally(key, side, TallyKind::TlsFailures, &l7.error, 1, at_ns);
+        }
+        return Outcome::Counted;
+    }
     let failed = !l7.error.is_empty() || l7.timed_out || flow.verdict() == Verdict::Error;
     let (s, _) = table.side_mut(key, side, at_ns);
+    if let Some(x) = &flow.connection_setup {
+        s.setup.total.record(x.total_ns);
+        s.setup.dns_ns += x.dns_ns;
+        s.setup.connect_ns += x.connect_ns;
+        s.setup.tls_ns += x.tls_ns;
+        s.setup.first_byte_ns += x.first_byte_ns;
+    }
     if s.protocol.is_none() && !l7.protocol.is_empty() {
         s.protocol = Some(cx.resolver.intern(&l7.protocol));
     }

@@ -125,10 +125,12 @@ pub enum TallyKind {
     Nxdomain = 2,
     /// Packet drops on the hop by kernel reason (hop level, not per side).
     Drops = 3,
+    /// Failed TLS handshakes by reason (the alert's description, or a reset or close).
+    TlsFailures = 4,
 }
 
 impl TallyKind {
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 }
 
 /// What one end of a hop reported.
@@ -158,6 +160,35 @@ pub struct SideStats {
     pub bytes_received: u64,
     pub dns_rcodes: Tally,
     pub nxdomain: Tally,
+    /// TLS handshakes completed, ClientHello → the client's first encrypted record, as this
+    /// end measured it.
+    pub tls_handshake: Histogram,
+    /// TLS handshakes that failed, by reason.
+    pub tls_failures: Tally,
+    /// Client connections' set-up (DNS → connect → TLS → first response byte), from their
+    /// first exchange's flow: the total's distribution and each phase's sum.
+    pub setup: SetupStats,
+}
+
+/// Connection set-ups of one side of a hop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetupStats {
+    /// First DNS query (or SYN) → first response byte.
+    pub total: Histogram,
+    pub dns_ns: u64,
+    pub connect_ns: u64,
+    pub tls_ns: u64,
+    pub first_byte_ns: u64,
+}
+
+impl SetupStats {
+    pub fn merge(&mut self, other: &SetupStats) {
+        self.total.merge(&other.total);
+        self.dns_ns += other.dns_ns;
+        self.connect_ns += other.connect_ns;
+        self.tls_ns += other.tls_ns;
+        self.first_byte_ns += other.first_byte_ns;
+    }
 }
 
 impl SideStats {
@@ -166,6 +197,7 @@ impl SideStats {
             TallyKind::ConnectFailures => &mut self.connect_failures,
             TallyKind::DnsRcodes => &mut self.dns_rcodes,
             TallyKind::Nxdomain => &mut self.nxdomain,
+            TallyKind::TlsFailures => &mut self.tls_failures,
             TallyKind::Drops => unreachable!("drops are counted per hop, not per side"),
         }
     }
@@ -188,12 +220,21 @@ impl SideStats {
         self.bytes_received += other.bytes_received;
         self.dns_rcodes.merge(&other.dns_rcodes);
         self.nxdomain.merge(&other.nxdomain);
+        self.tls_handshake.merge(&other.tls_handshake);
+        self.tls_failures.merge(&other.tls_failures);
+        self.setup.merge(&other.setup);
     }
 
     /// Tally series this side holds, per kind (to give budgets back on eviction).
     #[must_use]
     pub fn tally_series(&self) -> [usize; TallyKind::COUNT] {
-        [self.connect_failures.len(), self.dns_rcodes.len(), self.nxdomain.len(), 0]
+        [
+            self.connect_failures.len(),
+            self.dns_rcodes.len(),
+            self.nxdomain.len(),
+            0,
+            self.tls_failures.len(),
+        ]
     }
 }
 

@@ -316,3 +316,49 @@ fn flows_without_a_hop_are_ignored_not_miscounted() {
     assert_eq!(a.observe(&udp, T0), Outcome::Ignored);
     assert_eq!((a.counted, a.ignored, a.table().len()), (0, 2, 0));
 }
+
+#[test]
+fn tls_handshakes_and_set_ups_have_their_own_figures_not_requests() {
+    let mut a = agg();
+    let handshake = |latency: u64, error: &str| {
+        let mut f = l7(APP, DB, T0, latency, false, error);
+        let l = f.l7.as_mut().unwrap();
+        l.protocol = "tls".into();
+        l.record = None;
+        f.tls_handshake = Some(pb::TlsHandshake {
+            version: "TLS 1.3".into(),
+            latency_ns: latency,
+            error: error.into(),
+            ..Default::default()
+        });
+        f
+    };
+    for _ in 0..9 {
+        a.observe(&handshake(40 * MS, ""), T0);
+    }
+    a.observe(&handshake(0, "server alert: protocol_version"), T0);
+    let mut first = l7(APP, DB, T0, 10 * MS, false, "");
+    first.connection_setup = Some(pb::ConnectionSetup {
+        dns_ns: 5 * MS,
+        connect_ns: 20 * MS,
+        tls_ns: 40 * MS,
+        first_byte_ns: 10 * MS,
+        total_ns: 80 * MS,
+        ..Default::default()
+    });
+    a.observe(&first, T0);
+    let r = only_row(&a);
+    assert_eq!(
+        (r.requests, r.errors, r.protocol.as_str()),
+        (1, 0, "http"),
+        "handshakes are not requests"
+    );
+    assert_eq!(r.tls_handshakes, 9);
+    assert_eq!(r.client_tls_handshake.as_ref().map(|l| l.p50_ns), Some(40 * MS));
+    assert_eq!(r.tls_failures.get("server alert: protocol_version"), Some(&1));
+    let s = r.connection_setup.expect("one set-up");
+    assert_eq!(
+        (s.connections, s.mean_dns_ns, s.mean_tls_ns, s.total.max_ns),
+        (1, 5 * MS, 40 * MS, 80 * MS)
+    );
+}

@@ -67,6 +67,32 @@ impl Latency {
     }
 }
 
+/// How the hop's client connections set up, on average, and the total's distribution.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetupView {
+    pub connections: u64,
+    pub total: Latency,
+    pub mean_dns_ns: u64,
+    pub mean_connect_ns: u64,
+    pub mean_tls_ns: u64,
+    pub mean_first_byte_ns: u64,
+}
+
+impl SetupView {
+    fn of(s: &crate::stats::SetupStats) -> Option<Self> {
+        let n = s.total.count();
+        let total = Latency::of(&s.total)?;
+        Some(Self {
+            connections: n,
+            total,
+            mean_dns_ns: s.dns_ns / n,
+            mean_connect_ns: s.connect_ns / n,
+            mean_tls_ns: s.tls_ns / n,
+            mean_first_byte_ns: s.first_byte_ns / n,
+        })
+    }
+}
+
 /// One hop over the window.
 #[derive(Debug, Clone, Serialize)]
 pub struct HopRow {
@@ -100,6 +126,17 @@ pub struct HopRow {
     pub dns_rcodes: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nxdomain: BTreeMap<String, u64>,
+    /// TLS handshakes completed and their time, as the client and the server measured it.
+    pub tls_handshakes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls_handshake: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_handshake: Option<Latency>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tls_failures: BTreeMap<String, u64>,
+    /// Client connections' set-up, from their first exchange.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_setup: Option<SetupView>,
     /// Which ends reported ("client", "server").
     pub reported_by: Vec<&'static str>,
 }
@@ -162,6 +199,11 @@ pub fn row(key: &HopKey, hop: &Hop, ledger: Option<&Ledger>, window_s: f64) -> H
         drops_total: hop.drops.total(),
         dns_rcodes: tally_max(c.map(|x| &x.dns_rcodes), s.map(|x| &x.dns_rcodes)),
         nxdomain: tally_max(c.map(|x| &x.nxdomain), s.map(|x| &x.nxdomain)),
+        tls_handshakes: max(|x| x.tls_handshake.count()),
+        client_tls_handshake: c.and_then(|x| Latency::of(&x.tls_handshake)),
+        server_tls_handshake: s.and_then(|x| Latency::of(&x.tls_handshake)),
+        tls_failures: tally_max(c.map(|x| &x.tls_failures), s.map(|x| &x.tls_failures)),
+        connection_setup: c.and_then(|x| SetupView::of(&x.setup)),
         reported_by: Side::BOTH
             .iter()
             .filter(|x| hop.side(**x).is_some())

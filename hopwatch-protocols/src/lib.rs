@@ -53,6 +53,7 @@ pub mod redis;
 pub mod sql;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 /// Longest text (query, path, command) kept in a record, in bytes.
 pub const MAX_TEXT: usize = 1024;

@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use hopwatch_common::{
-    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, TcpOp,
+    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS,
+    PROTO_TLS, SRC_SYSCALL, TcpOp,
 };
-use hopwatch_proto::flow::Flow;
+use hopwatch_proto::flow::{Flow, layer7::Record};
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
 pub use crate::l7::CountedExchange;
@@ -16,7 +17,10 @@ use crate::{
     events::{KernelEvent, comm},
     flow::{Clock, FlowBuilder, L7Observation},
     identity::Identity,
-    l7::{Completed, L7Tracker, Measured, session::MessageParser},
+    l7::{
+        Completed, L7Tracker, Measured, session::MessageParser, setup::SetupTracker,
+        tls::TlsTracker,
+    },
 };
 
 /// Connections tracked in userspace.
@@ -25,6 +29,10 @@ const CONN_TABLE_CAPACITY: usize = 262_144;
 const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
 /// How often idle connections and unanswered requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often the TLS and set-up tables drop sockets the connection table forgot.
+const TLS_SWEEP_EVERY: Duration = Duration::from_mins(1);
+/// A handshake with no record for this long is forgotten (its close was lost).
+const TLS_HANDSHAKE_GIVE_UP: Duration = Duration::from_mins(1);
 /// How long a connection the peer reset keeps its L7 session: the application may still read
 /// what the peer sent before the reset (an error reply) after the socket closed.
 const RESET_READ_GRACE: Duration = Duration::from_secs(1);
@@ -100,6 +108,8 @@ pub struct PipelineCounters {
     pub l7_sessions_overflow: u64,
     /// Full records of the kernel's exchange engine that did not parse (counted, not recorded).
     pub l7_fast_unparsed: u64,
+    /// TLS handshakes not followed because too many were under way.
+    pub tls_handshakes_overflow: u64,
 }
 
 pub struct Pipeline {
@@ -108,10 +118,13 @@ pub struct Pipeline {
     identity: Identity,
     table: ConnTable,
     l7: L7Tracker<protocols::Parser>,
+    tls: TlsTracker,
+    setups: SetupTracker,
     /// Exchanges the kernel measured that only count ([`Pipeline::take_counted`]).
     counted: Vec<CountedExchange>,
     options: PipelineOptions,
     last_sweep_ns: u64,
+    last_tls_sweep_ns: u64,
 }
 
 impl Pipeline {
@@ -125,9 +138,12 @@ impl Pipeline {
                 new_parser(ev, redaction)
             }))
             .with_fast_path(options.fast_path),
+            tls: TlsTracker::default(),
+            setups: SetupTracker::default(),
             counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
+            last_tls_sweep_ns: Clock::monotonic_now_ns(),
         }
     }
 
@@ -148,6 +164,7 @@ impl Pipeline {
             l7_unparsed_connections: self.l7.stats.unparsed_connections,
             l7_sessions_overflow: self.l7.stats.sessions_overflow,
             l7_fast_unparsed: self.l7.stats.fast_unparsed,
+            tls_handshakes_overflow: self.tls.overflow,
         }
     }
 
@@ -178,9 +195,23 @@ impl Pipeline {
                     conn.netns = ev.tuple.netns;
                 }
                 let peer = self.table.peer(&conn);
-                out.push(self.builder.tcp(ev, &conn, peer));
-                if matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed)) {
-                    let cookie = ev.header.socket_cookie;
+                let mut flow = self.builder.tcp(ev, &conn, peer);
+                let closed =
+                    matches!(TcpOp::from_u8(ev.op), Some(TcpOp::Closed | TcpOp::ConnectFailed));
+                let cookie = ev.header.socket_cookie;
+                flow.tls_handshake = self.tls.outcome(cookie).cloned();
+                out.push(flow);
+                if TcpOp::from_u8(ev.op) == Some(TcpOp::Connected) {
+                    let tgid = conn.process.as_ref().map_or(ev.header.tgid, |p| p.pid);
+                    let (start, took) = (ev.start_ns, ev.connect_latency_ns);
+                    self.setups.on_connect(cookie, tgid, conn.remote.ip(), start, took);
+                }
+                if closed {
+                    self.setups.on_close(cookie);
+                    let reset = ev.stats.resets_received > 0 || ev.stats.resets_sent > 0;
+                    if let Some(done) = self.tls.close(cookie, reset, ev.header.timestamp_ns) {
+                        out.push(self.tls_flow(done, Some(&conn)));
+                    }
                     if ev.stats.resets_received > 0 {
                         let deadline =
                             ev.header.timestamp_ns.saturating_add(nanos(RESET_READ_GRACE));
@@ -216,6 +247,15 @@ impl Pipeline {
 
     fn on_data(&mut self, ev: &DataEvent, payload: &[u8], out: &mut Vec<Flow>) {
         let cookie = ev.header.socket_cookie;
+        if ev.protocol == PROTO_TLS && ev.source == SRC_SYSCALL {
+            if ev.header.tgid != 0 {
+                self.table.note_process(cookie, ev.header.tgid, &ev.comm, ev.header.cgroup_id);
+            }
+            if let Some(done) = self.tls.on_data(ev, payload) {
+                out.push(self.tls_flow(done, self.table.get(cookie)));
+            }
+            return;
+        }
         // The process doing the I/O owns the socket now (a pre-forked server's worker rather than
         // the master that called listen()).
         if ev.header.tgid != 0 {
@@ -239,6 +279,13 @@ impl Pipeline {
         let from = out.len();
         self.last_sweep_ns = now_ns;
         self.table.sweep(now_ns.saturating_sub(nanos(CONN_IDLE_FORGET)));
+        if now_ns.saturating_sub(self.last_tls_sweep_ns) >= nanos(TLS_SWEEP_EVERY) {
+            self.last_tls_sweep_ns = now_ns;
+            let table = &self.table;
+            let alive = |cookie| table.get(cookie).is_some();
+            self.tls.sweep(now_ns.saturating_sub(nanos(TLS_HANDSHAKE_GIVE_UP)), alive);
+            self.setups.sweep(alive);
+        }
         let expired = self.l7.expire(now_ns.saturating_sub(nanos(self.options.l7_timeout)));
         self.l7_flows(expired, out);
         let closed = self.l7.close_due(now_ns);
@@ -256,13 +303,26 @@ impl Pipeline {
         }
     }
 
-    fn l7_flow(&self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
+    fn l7_flow(&mut self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
         let x = c.exchange;
         let protocol = x.request.protocol().name();
         let timed_out = x.response.is_none();
         let latency_ns = if timed_out { 0 } else { x.latency_ns() };
         let time_ns = if timed_out { x.request_ns } else { x.response_ns };
+        let (request_ns, index) = (x.request_ns, x.index);
         let record = crate::flow::records::l7_record(x.request, x.response);
+        let setup = if c.server_side || timed_out {
+            None
+        } else {
+            if let Record::Dns(d) = &record.record {
+                self.setups.on_dns_answer(c.pid, &d.query, &d.ips, request_ns, time_ns);
+            }
+            let tls =
+                self.tls.outcome(c.cookie).filter(|t| t.error.is_empty()).map(|t| t.latency_ns);
+            (index == 0)
+                .then(|| self.setups.first_response(c.cookie, tls, request_ns, time_ns))
+                .flatten()
+        };
         let conn: Option<&Conn> = self.table.get(c.cookie);
         let (local, remote) = match (conn, endpoints(&c.tuple)) {
             // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
@@ -272,6 +332,7 @@ impl Pipeline {
             (None, None) => (unspecified(), unspecified()),
         };
         let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
+        let tls_handshake = self.tls.outcome(c.cookie).cloned();
         let observation = L7Observation {
             protocol,
             record: Some(record.record),
@@ -295,7 +356,45 @@ impl Pipeline {
             }),
             peer_process,
         };
-        self.builder.l7(observation)
+        let mut flow = self.builder.l7(observation);
+        flow.tls_handshake = tls_handshake;
+        flow.connection_setup = setup;
+        flow
+    }
+
+    /// The flow of a TLS handshake's outcome at one end: an L7 flow of protocol "tls" whose
+    /// latency is the handshake's, an error when it failed.
+    fn tls_flow(&self, done: crate::l7::tls::Done, conn: Option<&Conn>) -> Flow {
+        let (local, remote) = conn.map_or((unspecified(), unspecified()), |c| (c.local, c.remote));
+        let process = conn.and_then(|c| c.process.clone()).or_else(|| {
+            (done.pid != 0).then(|| Process {
+                pid: done.pid,
+                comm: comm(&done.comm),
+                cgroup_id: done.cgroup_id,
+            })
+        });
+        let observation = L7Observation {
+            protocol: "tls",
+            record: None,
+            error: (!done.handshake.error.is_empty()).then(|| done.handshake.error.clone()),
+            latency_ns: done.handshake.latency_ns,
+            timed_out: false,
+            peer_latency_ns: None,
+            exchange_index: 0,
+            tls: true,
+            server_side: conn.map_or(done.server_side, |c| c.role == Role::Server),
+            time_ns: done.time_ns,
+            local,
+            remote,
+            udp: false,
+            netns: conn.map_or(0, |c| c.netns),
+            cookie: done.cookie,
+            process,
+            peer_process: conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone()),
+        };
+        let mut flow = self.builder.l7(observation);
+        flow.tls_handshake = Some(done.handshake);
+        flow
     }
 }
 

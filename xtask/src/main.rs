@@ -51,7 +51,7 @@ const TEST_PACKAGES: &[&str] = &[
 ];
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
 /// application protocol, TLS, DNS and errors the servers send before any request.
-const SYSCALL_PATH_TESTS: &[&str] = &["l7::", "server_errors::", "tcp::"];
+const SYSCALL_PATH_TESTS: &[&str] = &["l7::", "server_errors::", "tcp::", "tls_handshake::"];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";

@@ -99,6 +99,8 @@ enum Check {
     HttpHeader(Vec<HttpHeader>),
     DropReasonDesc(Vec<i32>),
     KernelDropReason(Vec<String>),
+    /// Lower-case server names; `*.` prefixes kept (see [`parse::sni`]).
+    Sni(Vec<String>),
     Interface(Vec<NetworkInterface>),
     NodeLabels(Vec<Selector>),
     Cel(Vec<cel::Expr>),
@@ -198,6 +200,8 @@ impl Compiled {
         push(!ff.drop_reason_desc.is_empty(), Check::DropReasonDesc(ff.drop_reason_desc.clone()));
         let kernel = each(&ff.kernel_drop_reason, parse::kernel_drop_reason)?;
         push(!kernel.is_empty(), Check::KernelDropReason(kernel));
+        let sni = each(&ff.sni, parse::sni)?;
+        push(!sni.is_empty(), Check::Sni(sni));
         push(!ff.interface.is_empty(), Check::Interface(ff.interface.clone()));
         let node_labels = each(&ff.node_labels, |s| Selector::parse("node_labels", s))?;
         push(!node_labels.is_empty(), Check::NodeLabels(node_labels));
@@ -386,6 +390,10 @@ impl Check {
                                 .is_ok_and(|r| r != DropReason::Unknown && r.as_str_name() == n)
                     })
             }
+            Self::Sni(names) => f
+                .tls_handshake
+                .as_ref()
+                .is_some_and(|t| names.iter().any(|n| sni_matches(n, &t.server_name))),
             Self::Interface(wanted) => f.interface.as_ref().is_some_and(|have| {
                 wanted.iter().any(|w| {
                     (w.index == 0 || w.index == have.index)
@@ -395,6 +403,19 @@ impl Check {
             Self::NodeLabels(selectors) => selectors.iter().any(|s| s.matches(&f.node_labels)),
             Self::Cel(exprs) => exprs.iter().any(|e| e.matches(f)),
         }
+    }
+}
+
+/// A server name against a `--sni` value: equal ignoring case, or for `*.suffix` any name
+/// ending in `.suffix`.
+fn sni_matches(want: &str, name: &str) -> bool {
+    match want.strip_prefix("*.") {
+        Some(suffix) => {
+            name.len() > suffix.len() + 1
+                && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+                && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+        None => want.eq_ignore_ascii_case(name),
     }
 }
 

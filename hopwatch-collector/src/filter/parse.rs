@@ -155,7 +155,7 @@ pub(super) enum Protocol {
 }
 
 /// Application protocols hopwatch decodes.
-pub(super) const L7_PROTOCOLS: &[&str] = &["http", "dns", "postgres", "redis", "mysql"];
+pub(super) const L7_PROTOCOLS: &[&str] = &["http", "dns", "postgres", "redis", "mysql", "tls"];
 
 impl Protocol {
     pub(super) fn parse(field: &'static str, s: &str) -> Result<Self, FilterError> {
@@ -181,9 +181,26 @@ pub(super) fn parse_l7(
         FilterError::invalid(
             field,
             raw,
-            "unknown protocol (tcp, udp, sctp, icmp, icmpv4, icmpv6, http, dns, postgres, redis, mysql)",
+            "unknown protocol (tcp, udp, sctp, icmp, icmpv4, icmpv6, http, dns, postgres, redis, mysql, tls)",
         )
     })
+}
+
+/// A TLS server name for `sni`: a DNS name (letters, digits, `-`, `.`, `_`), optionally
+/// starting with `*.`; kept lower case.
+pub(super) fn sni(s: &str) -> Result<String, FilterError> {
+    let lower = s.trim_end_matches('.').to_ascii_lowercase();
+    let name = lower.strip_prefix("*.").unwrap_or(&lower);
+    if name.is_empty()
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err(FilterError::invalid(
+            "sni",
+            s,
+            "expected a server name like api.example.com or *.example.com",
+        ));
+    }
+    Ok(lower)
 }
 
 /// A kernel drop reason name: letters, digits and underscores, with or without the kernel's

@@ -430,3 +430,28 @@ fn url_paths() {
     assert_eq!(url_path("http://h"), "");
     assert_eq!(url_path("/p#frag"), "/p");
 }
+
+#[test]
+fn sni_matches_handshakes_by_server_name() {
+    let tls = |uuid: &str, name: &str| Flow {
+        uuid: uuid.into(),
+        tls_handshake: Some(hopwatch_proto::flow::TlsHandshake {
+            server_name: name.into(),
+            version: "TLS 1.3".into(),
+            ..Default::default()
+        }),
+        ..http_flow()
+    };
+    let flows =
+        [tls("api", "api.example.com"), tls("apex", "example.com"), tls("none", ""), http_flow()];
+    let names = |filter: FlowFilter| -> Vec<String> {
+        let set = FilterSet::new(&[filter], &[]).expect("valid");
+        flows.iter().filter(|f| set.matches(f)).map(|f| f.uuid.clone()).collect()
+    };
+    assert_eq!(names(ff(|f| f.sni = s(&["API.Example.com"]))), ["api"]);
+    assert_eq!(names(ff(|f| f.sni = s(&["*.example.com"]))), ["api"], "a subdomain, not the apex");
+    assert_eq!(names(ff(|f| f.sni = s(&["example.com", "other.test"]))), ["apex"]);
+    assert_eq!(names(ff(|f| f.l7_protocol = s(&["tls"]))).len(), 0, "l7.protocol is http here");
+    let err = FilterSet::new(&[ff(|f| f.sni = s(&["bad name"]))], &[]).expect_err("a space");
+    assert!(err.to_string().contains("sni"), "{err}");
+}

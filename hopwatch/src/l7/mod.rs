@@ -3,7 +3,9 @@
 //! this node, server side), paired across the two ends of a hop.
 
 pub(crate) mod session;
+pub(crate) mod setup;
 pub(crate) mod stream;
+pub(crate) mod tls;
 
 use std::collections::VecDeque;
 

@@ -329,6 +329,11 @@ impl Health {
         self.parse_failures.set("l7_kernel_exchange", kernel_exchanges);
     }
 
+    /// Running total of TLS handshakes not followed (too many under way at once).
+    pub(crate) fn tls_handshakes_full(&self, total: u64) {
+        self.tables_full.set("tls_handshakes", total);
+    }
+
     pub(crate) fn hop_state(&self, overflowed: u64, evicted: u64, without_hop: u64) {
         self.hop_overflow.set("overflow", overflowed);
         self.hop_overflow.set("evicted", evicted);

@@ -83,6 +83,10 @@ families! {
         "DNS queries by response code (TIMEOUT: no response).";
     Nxdomain = "hopwatch_dns_nxdomain_responses_total", COUNTER, ["reporter", "query"],
         "NXDOMAIN answers by queried name.";
+    TlsHandshake = "hopwatch_hop_tls_handshake_duration_seconds", HISTOGRAM, ["reporter"],
+        "TLS handshake time, ClientHello to the client's first encrypted record, at the reporting end.";
+    TlsFailures = "hopwatch_hop_tls_handshake_failures_total", COUNTER, ["reporter", "reason"],
+        "TLS handshakes that failed, by reason (the alert's description, or a reset or close).";
 }
 
 /// Renders the aggregator's hops on every scrape.
@@ -232,6 +236,12 @@ impl Out {
         }
         for (query, n) in s.nxdomain.iter() {
             self.counter(F::Nxdomain, base, &[("reporter", r), ("query", query)], n);
+        }
+        if !s.tls_handshake.is_empty() {
+            self.histogram(F::TlsHandshake, base, &[("reporter", r)], &s.tls_handshake);
+        }
+        for (reason, n) in s.tls_failures.iter() {
+            self.counter(F::TlsFailures, base, &[("reporter", r), ("reason", reason)], n);
         }
     }
 

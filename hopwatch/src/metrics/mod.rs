@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 4],
+    pipeline: [AtomicU64; 5],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -241,12 +241,14 @@ impl Telemetry {
                 l7_unparsed_connections,
                 l7_sessions_overflow,
                 l7_fast_unparsed,
+                tls_handshakes_overflow,
             } = counters;
             for (slot, v) in i.pipeline.iter().zip([
                 conn_table_overflow,
                 l7_sessions_overflow,
                 l7_unparsed_connections,
                 l7_fast_unparsed,
+                tls_handshakes_overflow,
             ]) {
                 slot.store(v, Ordering::Relaxed);
             }
@@ -356,9 +358,10 @@ impl Telemetry {
                 bpf::program_runs(ids).into_iter().filter(|(_, n, _)| *n > 0).collect();
             i.health.programs(&runs);
         }
-        let [conn_table, l7_sessions, unparsed, fast_unparsed] =
+        let [conn_table, l7_sessions, unparsed, fast_unparsed, tls_handshakes] =
             i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
         i.health.tables_full(conn_table, l7_sessions, unparsed, fast_unparsed);
+        i.health.tls_handshakes_full(tls_handshakes);
         if let Some(g) = i.ringbuf.get() {
             i.health.ringbuf_used.set(i64::try_from(g.used_bytes()).unwrap_or(i64::MAX));
         }

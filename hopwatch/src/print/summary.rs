@@ -4,11 +4,16 @@
 use std::fmt::Write as _;
 
 use hopwatch_proto::flow::{
-    Flow, Layer7, SocketEvent, TcpStats, TrafficDirection, Verdict, layer7::Record,
+    Flow, Layer7, SocketEvent, TcpStats, TlsHandshake, TrafficDirection, Verdict, layer7::Record,
 };
 
 /// `connect 20.3ms`, `NETFILTER_DROP at nft_do_chain+0x3c4`, `HTTP/1.1 GET /x → 200 in 1.2ms`.
 pub(crate) fn summary(f: &Flow) -> String {
+    if let (Some(l7), Some(t)) = (&f.l7, &f.tls_handshake)
+        && l7.protocol == "tls"
+    {
+        return tls_summary(t);
+    }
     if let Some(l7) = &f.l7 {
         return l7_summary(l7, f.traffic_direction() == TrafficDirection::Ingress);
     }
@@ -115,6 +120,28 @@ fn l7_summary(l7: &Layer7, server_side: bool) -> String {
     out
 }
 
+/// `TLS 1.3 handshake api.example.com (h2, resumed) in 41.2ms`, or its failure.
+fn tls_summary(t: &TlsHandshake) -> String {
+    let version = if t.version.is_empty() { "TLS" } else { &t.version };
+    let mut out = format!("{version} handshake");
+    if !t.server_name.is_empty() {
+        let _ = write!(out, " {}", t.server_name);
+    }
+    let notes: Vec<&str> = [t.alpn.as_str(), if t.resumed { "resumed" } else { "" }]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !notes.is_empty() {
+        let _ = write!(out, " ({})", notes.join(", "));
+    }
+    if t.error.is_empty() {
+        let _ = write!(out, " in {}", human_ns(t.latency_ns));
+    } else {
+        let _ = write!(out, " failed [{}]", t.error);
+    }
+    out
+}
+
 fn first_nonempty<'a>(a: &'a str, b: &'a str) -> &'a str {
     if a.is_empty() { b } else { a }
 }
@@ -174,6 +201,32 @@ mod tests {
             ..Flow::default()
         };
         assert_eq!(summary(&cilium), "POLICY_DENIED");
+    }
+
+    #[test]
+    fn tls_handshakes() {
+        let mut f = Flow {
+            l7: Some(Layer7 { protocol: "tls".into(), ..Layer7::default() }),
+            tls_handshake: Some(TlsHandshake {
+                version: "TLS 1.3".into(),
+                server_name: "api.example.com".into(),
+                alpn: "h2".into(),
+                resumed: true,
+                latency_ns: 41_200_000,
+                ..TlsHandshake::default()
+            }),
+            ..Flow::default()
+        };
+        assert_eq!(summary(&f), "TLS 1.3 handshake api.example.com (h2, resumed) in 41.2ms");
+        f.tls_handshake = Some(TlsHandshake {
+            server_name: "old.example.com".into(),
+            error: "server alert: protocol_version".into(),
+            ..TlsHandshake::default()
+        });
+        assert_eq!(
+            summary(&f),
+            "TLS handshake old.example.com failed [server alert: protocol_version]"
+        );
     }
 
     #[test]

@@ -20,4 +20,5 @@ mod own_traffic;
 mod sampling;
 mod server_errors;
 mod tcp;
+mod tls_handshake;
 mod topology;

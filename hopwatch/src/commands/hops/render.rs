@@ -83,8 +83,20 @@ fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
 #[must_use]
 pub(crate) fn table(rows: &[HopRow]) -> String {
     let header = [
-        "HOP", "PROTO", "REQ/S", "ERR%", "P50", "P90", "P99", "SRV P99", "CONN P99", "CONNS",
-        "RETRANS", "DROPS",
+        "HOP",
+        "PROTO",
+        "REQ/S",
+        "ERR%",
+        "P50",
+        "P90",
+        "P99",
+        "SRV P99",
+        "CONN P99",
+        "TLS P99",
+        "SETUP P99",
+        "CONNS",
+        "RETRANS",
+        "DROPS",
     ];
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -100,6 +112,10 @@ pub(crate) fn table(rows: &[HopRow]) -> String {
                 lat(client, |l| l.p99_ns),
                 lat(r.server_latency.as_ref(), |l| l.p99_ns),
                 lat(r.connect_latency.as_ref(), |l| l.p99_ns),
+                lat(r.client_tls_handshake.as_ref().or(r.server_tls_handshake.as_ref()), |l| {
+                    l.p99_ns
+                }),
+                lat(r.connection_setup.as_ref().map(|s| &s.total), |l| l.p99_ns),
                 r.connects.to_string(),
                 r.retransmits.to_string(),
                 r.drops_total.to_string(),

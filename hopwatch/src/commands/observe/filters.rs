@@ -68,6 +68,7 @@ pub(super) const FILTER_FLAGS: &[&str] = &[
     "node_label",
     "interface",
     "cel_expression",
+    "sni",
 ];
 
 const CONFLICTS: &[&[&str]] = &[
@@ -288,6 +289,7 @@ impl Tracker {
             "to_workload" => self.both(|f| f.destination_workload.push(parse_workload(v))),
             "drop_reason_desc" => self.both(|f| f.kernel_drop_reason.push(s.clone())),
             "http_url" => self.both(|f| f.http_url.push(s.clone())),
+            "sni" => self.both(|f| f.sni.push(s.to_ascii_lowercase())),
             "http_header" => {
                 let h = parse_http_header(v).expect("validated by clap");
                 self.both(|f| f.http_header.push(h.clone()));
@@ -556,6 +558,18 @@ mod tests {
         assert_eq!(black.len(), 1);
         assert_eq!(black[0].verdict, [1]);
         assert!(matches!(build(&flags, &[9]), Err(FlagError::DanglingNot)));
+    }
+
+    #[test]
+    fn sni_applies_to_both_filters_lower_case() {
+        // --ip 10.0.0.1 --sni API.example.com --sni *.example.org
+        let flags =
+            occ(&[("ip", "10.0.0.1"), ("sni", "API.example.com"), ("sni", "*.example.org")]);
+        let (white, _) = build(&flags, &[]).unwrap();
+        assert_eq!(white.len(), 2);
+        for f in &white {
+            assert_eq!(f.sni, ["api.example.com", "*.example.org"]);
+        }
     }
 
     #[test]

@@ -287,7 +287,7 @@ pub(super) struct ObserveArgs {
     /// v4 or v6.
     #[arg(long, value_parser = validated(filters::parse_ip_version))]
     pub ip_version: Vec<String>,
-    /// Application protocol of L7 flows: http, dns, postgres, redis, mysql (hopwatch).
+    /// Application protocol of L7 flows: http, dns, postgres, redis, mysql, tls (hopwatch).
     #[arg(long, value_parser = field_check!(l7_protocol))]
     pub l7_protocol: Vec<String>,
     /// Only flows that took at least this long (L7 request to response, TCP connect), e.g.
@@ -314,6 +314,10 @@ pub(super) struct ObserveArgs {
     /// carry the kernel's `enum skb_drop_reason` names, not Cilium's).
     #[arg(long, value_name = "REASON", value_parser = field_check!(kernel_drop_reason))]
     pub drop_reason_desc: Vec<String>,
+    /// TLS server name (SNI) of the connection's handshake: api.example.com, or *.example.com
+    /// for its subdomains (hopwatch; flows carrying tls_handshake).
+    #[arg(long, value_name = "NAME", value_parser = field_check!(sni))]
+    pub sni: Vec<String>,
     /// Regular expression over the whole HTTP URL (http://host/path?query).
     #[arg(long, value_parser = field_check!(http_url))]
     pub http_url: Vec<String>,
@@ -444,6 +448,7 @@ const DEFAULT_FIELD_MASK: &[&str] = &[
     "traffic_direction",
     "socket_event",
     "tcp_stats",
+    "tls_handshake",
     "kernel_drop_reason",
     "kernel_drop_location",
     "drop_reason_desc",

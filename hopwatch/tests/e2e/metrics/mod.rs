@@ -60,13 +60,60 @@ print("ready", flush=True)
 srv.serve_forever()
 "#;
 
+/// An HTTPS server (TLS 1.3 only) named `hwm-tls`: argv host, port, certificate, key. A client
+/// offering an older version is refused with an alert.
+const TLS_SERVER: &str = r#"
+import ctypes, sys, ssl, http.server
+ctypes.CDLL(None).prctl(15, b"hwm-tls", 0, 0, 0)
+host, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(cert, key)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a):
+        pass
+class S(http.server.HTTPServer):
+    def finish_request(self, request, client_address):
+        try:
+            tls = ctx.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        self.RequestHandlerClass(tls, client_address, self)
+srv = S((host, port), H)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
 /// The client: HTTP to app and slow, DNS to dnsmasq (answered, NXDOMAIN, REFUSED), a connect
-/// that is dropped, one refused.
+/// that is dropped, one refused, HTTPS to the TLS server and a TLS 1.2 handshake it refuses.
 const CLIENT: &str = r#"
-import ctypes, http.client, json, socket, struct, sys, time
+import ctypes, http.client, json, socket, ssl, struct, sys, time
 ctypes.CDLL(None).prctl(15, b"hwm-front", 0, 0, 0)
-app, slow, dns, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-counts = {"http": 0, "dns": 0, "dropped": 0, "refused": 0, "errors": []}
+app, slow, dns, seconds, tls = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+counts = {"http": 0, "dns": 0, "dropped": 0, "refused": 0, "tls": 0, "tls_refused": 0, "errors": []}
+any_cert = ssl.create_default_context()
+any_cert.check_hostname = False
+any_cert.verify_mode = ssl.CERT_NONE
+old = ssl.create_default_context()
+old.check_hostname = False
+old.verify_mode = ssl.CERT_NONE
+old.maximum_version = ssl.TLSVersion.TLSv1_2
+def https(host, port):
+    c = http.client.HTTPSConnection(host, port, timeout=5, context=any_cert)
+    c.request("GET", "/")
+    r = c.getresponse(); r.read(); c.close()
+    counts["tls"] += 1
+def tls_refused(host, port):
+    with socket.create_connection((host, port), timeout=5) as s:
+        try:
+            old.wrap_socket(s, server_hostname="old.test")
+        except ssl.SSLError:
+            counts["tls_refused"] += 1
 def get(host, port):
     c = http.client.HTTPConnection(host, port, timeout=5)
     c.request("GET", "/")
@@ -98,6 +145,9 @@ while time.monotonic() < end:
         if i % 3 == 0:
             connect(app, 7777, 0.3, "dropped")
         connect(app, 1, 1.0, "refused")
+        https(tls, 8443)
+        if i % 4 == 0:
+            tls_refused(tls, 8443)
     except Exception as e:
         counts["errors"].append(repr(e))
     i += 1
@@ -120,6 +170,45 @@ fn start_server(tb: &mut Testbed, pod: &Pod, name: &str, port: u16, upstream: Op
         .expect("server says ready");
     assert_eq!(line.trim(), "ready", "{name} did not start");
     tb.adopt(child);
+}
+
+/// [`TLS_SERVER`] on port 8443 of `pod`, with a certificate made for it in the returned
+/// directory.
+fn start_tls_server(tb: &mut Testbed, pod: &Pod) -> crate::support::servers::TempDir {
+    let dir = crate::support::servers::TempDir::new("hwm-tls");
+    let (cert, key) = (dir.file("cert.pem"), dir.file("key.pem"));
+    crate::support::servers::output_in(
+        pod,
+        &[
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hwm-tls",
+        ],
+    );
+    let ip = pod.ip.to_string();
+    let args = ["python3", "-c", TLS_SERVER, &ip, "8443", &cert, &key];
+    let mut child =
+        pod.command(&args).stdout(Stdio::piped()).spawn().expect("python3 is installed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("server says ready");
+    assert_eq!(line.trim(), "ready", "hwm-tls did not start");
+    tb.adopt(child);
+    dir
 }
 
 fn start_dnsmasq(tb: &mut Testbed, pod: &Pod) {
@@ -247,6 +336,7 @@ fn prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works() {
     start_server(&mut tb, &app, "hwm-app", 8080, Some(&format!("http://{}:5432/", db.ip)));
     start_server(&mut tb, &slow, "hwm-slow", 9090, None);
     start_dnsmasq(&mut tb, &dns);
+    let _tls_dir = start_tls_server(&mut tb, &db);
     tb.delay(&front, &slow, SLOW);
     tb.delay(&app, &db, DB_DELAY);
     app.nft("table inet hwm {\n chain input {\n  type filter hook input priority 0;\n  tcp dport 7777 drop\n }\n}\n");
@@ -264,6 +354,7 @@ fn prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works() {
             &slow.ip.to_string(),
             &dns.ip.to_string(),
             &TRAFFIC_S.to_string(),
+            &db.ip.to_string(),
         ])
         .output()
         .expect("client ran");
@@ -274,6 +365,8 @@ fn prometheus_scrapes_hops_and_every_dashboard_query_and_rule_works() {
     assert!(counts["http"].as_u64().unwrap_or(0) >= 20, "too little traffic: {counts}");
     assert!(counts["dropped"].as_u64().unwrap_or(0) >= 3, "{counts}");
     assert!(counts["refused"].as_u64().unwrap_or(0) >= 3, "{counts}");
+    assert!(counts["tls"].as_u64().unwrap_or(0) >= 10, "{counts}");
+    assert!(counts["tls_refused"].as_u64().unwrap_or(0) >= 3, "{counts}");
     assert_eq!(counts["errors"].as_array().map_or(0, Vec::len), 0, "{counts}");
     let t_traffic_end = unix_now();
     // A few scrapes and rule evaluations after the traffic.
@@ -441,7 +534,7 @@ fn check_rules(prom: &Prometheus, rules: &Path, t_eval: f64, failures: &mut Vec<
             }
         }
     }
-    assert_eq!(n, 18, "every rule of the file is loaded");
+    assert_eq!(n, 22, "every rule of the file is loaded");
 }
 
 /// `hopwatch hops -o json` over the agent's flows from `source` (`--server` or `--input`): the
