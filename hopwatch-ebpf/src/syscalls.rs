@@ -29,11 +29,11 @@ use hopwatch_common::{
 use crate::{
     kernel::{offsets, read_at, read_user, sock_protocol},
     l7::{self, UserData},
-    tls_handshake,
     maps::{
         DATA_SCRATCH, DETECT_STASH, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS,
         PendingCall, SYSCALL_TAILS, TAIL_EXIT, TLS_CALLS, count,
     },
+    tls_handshake,
 };
 
 /// Offsets in a `syscalls:sys_enter_*` record: the syscall number, then its arguments as 8-byte

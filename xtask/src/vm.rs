@@ -763,6 +763,25 @@ fn verify(log: &str) -> Result<()> {
         fail("/metrics has no hopwatch_capability_up{capability=\"l7_capture\"} 1".to_owned());
     }
     check_exchanges(out, &mut fail);
+    // TLS handshakes from the records on the wire: TLS 1.2 (nginx 1.22's default) takes two
+    // round trips, each carrying the injected delay once, at both ends.
+    let handshakes: Vec<f64> = out
+        .lines()
+        .filter(|l| l.contains("-> 10.0.0.2:8443 ") && l.contains("TLS 1.2 handshake"))
+        .filter_map(|l| after(l, "in").and_then(millis))
+        .collect();
+    if handshakes.len() < 4 {
+        fail(format!(
+            "2 TLS connections to nginx, {} handshakes reported (of 4: both ends)",
+            handshakes.len()
+        ));
+    }
+    for ms in &handshakes {
+        if *ms < 2.0 * DELAY_MS - 1.0 {
+            fail(format!("a TLS 1.2 handshake took {ms:.1} ms, two round trips of {DELAY_MS} ms"));
+        }
+    }
+    say(&format!("TLS 1.2 handshakes with nginx: {handshakes:.1?} ms"));
 
     // TCP: connect latency against the injected delay, bytes against the file size.
     let connects: Vec<f64> = out
