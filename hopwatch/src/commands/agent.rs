@@ -2,6 +2,7 @@
 //! kernel ring buffer → decode → connection table → flows → output, until SIGINT/SIGTERM.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -121,6 +122,9 @@ pub(super) struct AgentArgs {
     /// Where flows go besides stdout (a remote collector, or the in-process one).
     #[command(flatten)]
     pub sink: crate::sink::SinkArgs,
+    /// The web UI over the in-process collector (none with --collector or --no-collector).
+    #[command(flatten)]
+    pub ui: super::ui::UiArgs,
     /// Which application exchanges become flows (all are counted in the metrics and hops).
     #[command(flatten)]
     pub l7_flows: crate::policy::RecordArgs,
@@ -154,6 +158,8 @@ pub(super) enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Sink(#[from] crate::sink::SinkError),
+    #[error(transparent)]
+    Ui(#[from] super::ui::UiError),
 }
 
 /// Counters of what the userspace pipeline read and could not keep.
@@ -218,7 +224,12 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
-    let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink));
+    let ui_stop = CancellationToken::new();
+    let ui = match sink.hub() {
+        Some(hub) => super::ui::start(&args.ui, hub, "hopwatch agent", ui_stop.clone()).await?,
+        None => None,
+    };
+    let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink, ui));
     let stats = Arc::new(PipelineStats { metrics, own, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let cancel = CancellationToken::new();
@@ -273,6 +284,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if let Some(printer) = printer {
         let _ = printer.await;
     }
+    ui_stop.cancel();
     sink.close().await;
     stats.print_summary(kernel);
     match reader_result {
@@ -360,9 +372,14 @@ fn report_capabilities(
     caps
 }
 
-/// The agent's own listening sockets (the collector's APIs, `/metrics`), announced.
-fn own_listeners(metrics: &Telemetry, sink: &crate::sink::Sink) -> OwnListeners {
-    let own = OwnListeners::new(sink.listen_addr().into_iter().chain(metrics.local_addr()));
+/// The agent's own listening sockets (the collector's APIs, `/metrics`, the web UI), announced.
+fn own_listeners(
+    metrics: &Telemetry,
+    sink: &crate::sink::Sink,
+    ui: Option<SocketAddr>,
+) -> OwnListeners {
+    let own =
+        OwnListeners::new(sink.listen_addr().into_iter().chain(metrics.local_addr()).chain(ui));
     if !own.addrs().is_empty() {
         let addrs: Vec<String> = own.addrs().iter().map(ToString::to_string).collect();
         eprintln!(

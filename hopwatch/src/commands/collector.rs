@@ -13,6 +13,8 @@ pub(crate) enum CollectorCommandError {
     Collector(#[from] CollectorError),
     #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Ui(#[from] super::ui::UiError),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -30,6 +32,8 @@ pub(super) struct CollectorArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+    #[command(flatten)]
+    pub ui: super::ui::UiArgs,
 }
 
 /// `hopwatch collector`.
@@ -52,6 +56,7 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
         },
         data_dir.map_or_else(|| "in memory only".to_owned(), |d| d.display().to_string())
     );
+    super::ui::start(&args.ui, hub.clone(), "hopwatch collector", stop.clone()).await?;
     let mut task = serving.task;
     tokio::select! {
         () = shutdown => eprintln!("hopwatch collector: shutting down"),

@@ -21,3 +21,4 @@ mod sampling;
 mod server_errors;
 mod tcp;
 mod topology;
+mod ui;
