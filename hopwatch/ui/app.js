@@ -124,7 +124,10 @@ function mapStyle() {
       selector: "edge.failing",
       style: { "line-color": cssVar("--failing"), "target-arrow-color": cssVar("--failing"), "line-style": "solid" },
     },
-    { selector: "edge.slowest", style: { "font-weight": 700 } },
+    {
+      selector: "edge.slowest",
+      style: { "font-weight": 700, "underlay-color": cssVar("--slow"), "underlay-opacity": 0.25, "underlay-padding": 5 },
+    },
     {
       selector: ":selected",
       style: { "overlay-color": cssVar("--accent"), "overlay-opacity": 0.18, "overlay-padding": 6 },
@@ -195,6 +198,7 @@ function renderMap() {
     });
     cy.on("tap", "edge", (ev) => selectHop(ev.target.data("hop")));
     cy.on("tap", "node.endpoint", (ev) => selectEndpoint(ev.target.data("endpoint")));
+    new ResizeObserver(() => cy.resize()).observe($("#map"));
   }
   cy.batch(() => {
     if (key !== state.layoutKey) {
@@ -213,11 +217,16 @@ function renderMap() {
   });
   if (key !== state.layoutKey) {
     state.layoutKey = key;
-    const grouped = cy.nodes(".group").nonempty();
-    const layout = grouped
-      ? { name: "cose", animate: false, randomize: false, nodeRepulsion: () => 9000, idealEdgeLength: () => 140, padding: 30 }
-      : { name: "breadthfirst", directed: true, spacingFactor: 1.4, padding: 30 };
-    cy.layout(layout).run();
+    // Levels from the callers (endpoints nothing calls) to the called, left to right, as a
+    // request travels; groups are boxes around their endpoints.
+    const endpoints = cy.nodes(".endpoint");
+    const roots = endpoints.filter((n) => n.incomers("edge").empty());
+    const layout = {
+      name: "breadthfirst", directed: true, roots: roots.nonempty() ? roots : undefined, padding: 30,
+      spacingFactor: 1.1, avoidOverlap: true, nodeDimensionsIncludeLabels: true,
+      transform: (_node, pos) => ({ x: pos.y * 1.8, y: pos.x * 0.7 }),
+    };
+    endpoints.union(cy.edges()).layout(layout).run();
     cy.fit(undefined, 30);
   }
   if (state.selected?.kind === "hop") cy.getElementById("hop:" + state.selected.id).select();
@@ -248,9 +257,11 @@ async function refreshHops() {
     const v = await api(`/api/hops?since=${$("#since").value}`);
     state.hops = v.hops;
     state.nodes = v.nodes;
-    renderMap();
+    // The list first: its height sets the map's, which the layout fits into.
     renderHopList();
-    setStatus(`${v.hops.length} hops from ${v.flows} flows · last ${$("#since").selectedOptions[0].text} · ${new Date().toLocaleTimeString()}`);
+    renderMap();
+    const span = v.window_seconds >= 90 ? `${Math.round(v.window_seconds / 60)} min` : `${Math.round(v.window_seconds)} s`;
+    setStatus(`${v.hops.length} hops from ${v.flows} flows over the last ${span} · ${new Date().toLocaleTimeString()}`);
     if (state.selected?.kind === "endpoint") renderEndpoint(state.selected.id);
   } catch (e) {
     setStatus("cannot load hops: " + e.message);
@@ -370,11 +381,17 @@ function side(flow, which) {
   return name ? `${name} (${addr})` : addr;
 }
 
+/** The path of an absolute URL (the table already shows the destination). */
+function urlPath(url) {
+  const m = /^[a-z]+:\/\/[^/]*(\/.*)?$/i.exec(url);
+  return m ? m[1] || "/" : url;
+}
+
 function summary(f) {
   if (f.l7) {
     const l7 = f.l7;
     let what = l7.protocol || "l7";
-    if (l7.http) what += ` ${l7.http.method ?? ""} ${l7.http.url ?? ""} ${l7.http.code ?? ""}`;
+    if (l7.http) what += ` ${l7.http.method ?? ""} ${urlPath(l7.http.url ?? "")} ${l7.http.code ?? ""}`;
     if (l7.dns) what += ` ${l7.dns.query ?? ""} ${l7.dns.rcode ?? ""}`;
     if (l7.postgres) what += ` ${l7.postgres.command ?? ""}`;
     if (l7.redis) what += ` ${l7.redis.command ?? ""}`;
@@ -493,7 +510,8 @@ function waterfall(flows) {
   const rows = spans.map((s) => {
     const left = ((s.start - t0) / total) * 100, width = Math.max(0.5, ((s.end - s.start) / total) * 100);
     const server = s.f.traffic_direction === "INGRESS";
-    return `<div class="row"><span class="label" title="${esc(side(s.f, "source"))} → ${esc(side(s.f, "destination"))}">${esc(side(s.f, "destination"))}</span>
+    const label = `${server ? "server" : "client"} side → ${side(s.f, "destination")}`;
+    return `<div class="row"><span class="label" title="${esc(side(s.f, "source"))} → ${esc(side(s.f, "destination"))}: ${esc(summary(s.f))}">${esc(label)}</span>
       <span class="lane"><span class="bar${server ? " server" : ""}" style="left:${left}%;width:${width}%" title="${esc(summary(s.f))}"></span></span></div>`;
   }).join("");
   return `<p class="hint">Spans are not stitched into a trace yet: these are the ${spans.length} flows sharing the trace id, in time order (bar: the exchange's latency; <span class="key client"></span>client side <span class="key server"></span>server side).</p>${rows}`;
@@ -543,7 +561,11 @@ function start() {
   });
   for (const id of ["#since", "#group", "#slow"]) $(id).addEventListener("change", () => { state.layoutKey = ""; refreshHops(); });
   activateRow($("#hop-list tbody"), (tr) => { selectHop(tr.dataset.hop); $("#detail").focus(); });
-  activateRow($("#flows tbody"), (tr) => showFlow(tr._resp));
+  activateRow($("#flows tbody"), (tr) => {
+    for (const r of $("#flows tbody").querySelectorAll('tr[aria-selected="true"]')) r.removeAttribute("aria-selected");
+    tr.setAttribute("aria-selected", "true");
+    showFlow(tr._resp);
+  });
   $("#flow-filters").addEventListener("submit", (ev) => { ev.preventDefault(); loadFlows(); });
   $("#verdict").addEventListener("change", loadFlows);
   $("#follow").addEventListener("change", () => ($("#follow").checked ? startFollow() : stopFollow()));

@@ -224,12 +224,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
-    let ui_stop = CancellationToken::new();
-    let ui = match sink.hub() {
-        Some(hub) => super::ui::start(&args.ui, hub, "hopwatch agent", ui_stop.clone()).await?,
-        None => None,
-    };
-    let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink, ui));
+    let (own, _ui) = start_ui(&args, &metrics, &sink).await?;
     let stats = Arc::new(PipelineStats { metrics, own, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let cancel = CancellationToken::new();
@@ -284,7 +279,6 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if let Some(printer) = printer {
         let _ = printer.await;
     }
-    ui_stop.cancel();
     sink.close().await;
     stats.print_summary(kernel);
     match reader_result {
@@ -370,6 +364,21 @@ fn report_capabilities(
         eprintln!("hopwatch agent: {c}");
     }
     caps
+}
+
+/// The web UI over the in-process collector (none when flows go elsewhere), and the agent's own
+/// listeners with it (`None` with `--show-own-traffic`).
+async fn start_ui(
+    args: &AgentArgs,
+    metrics: &Telemetry,
+    sink: &crate::sink::Sink,
+) -> Result<(Option<OwnListeners>, Option<super::ui::UiServer>), AgentError> {
+    let ui = match sink.hub() {
+        Some(hub) => super::ui::start(&args.ui, hub, "hopwatch agent").await?,
+        None => None,
+    };
+    let addr = ui.as_ref().map(|u| u.addr);
+    Ok(((!args.show_own_traffic).then(|| own_listeners(metrics, sink, addr)), ui))
 }
 
 /// The agent's own listening sockets (the collector's APIs, `/metrics`, the web UI), announced.

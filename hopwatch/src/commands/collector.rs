@@ -56,7 +56,7 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
         },
         data_dir.map_or_else(|| "in memory only".to_owned(), |d| d.display().to_string())
     );
-    super::ui::start(&args.ui, hub.clone(), "hopwatch collector", stop.clone()).await?;
+    let ui = super::ui::start(&args.ui, hub.clone(), "hopwatch collector").await?;
     let mut task = serving.task;
     tokio::select! {
         () = shutdown => eprintln!("hopwatch collector: shutting down"),
@@ -67,6 +67,7 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
         }
     }
     stop.cancel();
+    drop(ui);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     hub.shutdown().await;
     Ok(())

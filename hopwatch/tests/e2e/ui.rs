@@ -89,6 +89,50 @@ fn hops(ui: SocketAddr) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/hops: {e}: {body}"))
 }
 
+/// Waits (up to 30 s) until `/api/hops` has each of `ids` with a few requests; returns it.
+fn wait_for_hops(ui: SocketAddr, ids: &[&str], agent: &Agent) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = hops(ui);
+        let ready = ids.iter().all(|id| {
+            v["hops"].as_array().is_some_and(|hs| {
+                hs.iter().any(|h| h["id"] == *id && h["requests"].as_u64().unwrap_or(0) >= 3)
+            })
+        });
+        if ready {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hops not all seen within 30 s: {v}\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs the browser half against the UI at `ui`; panics with its report when it fails.
+fn browser(ui: SocketAddr, expect: &Value, screenshots: &std::path::Path, agent: &Agent) {
+    let script = repo_root().join("hopwatch/ui/tests/browser.mjs");
+    let out = Command::new("node")
+        .arg(&script)
+        .current_dir(repo_root())
+        .env("HOPWATCH_UI_URL", format!("http://{ui}/"))
+        .env("HOPWATCH_UI_EXPECT", expect.to_string())
+        .env("HOPWATCH_UI_SCREENSHOTS", screenshots)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "the browser test failed ({}):\n{stdout}{stderr}\nagent stderr:\n{}",
+        out.status,
+        agent.stderr()
+    );
+}
+
 #[test]
 fn the_browser_shows_the_map_the_slow_hop_and_followed_flows() {
     let _serial = serial();
@@ -129,22 +173,19 @@ fn the_browser_shows_the_map_the_slow_hop_and_followed_flows() {
 
     // The API first: the hops the browser will draw, measured against the injected delay.
     let slow_id = "shop/front -> shop/slow:9090/tcp";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let table = loop {
-        let v = hops(ui);
-        let ready = ["shop/front -> shop/app:8080/tcp", "shop/app -> data/db:5432/tcp", slow_id]
-            .iter()
-            .all(|id| v["hops"].as_array().is_some_and(|hs| {
-                hs.iter().any(|h| h["id"] == *id && h["requests"].as_u64().unwrap_or(0) >= 3)
-            }));
-        if ready {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "hops not all seen within 30 s: {v}\n{}", agent.stderr());
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let table = wait_for_hops(
+        ui,
+        &["shop/front -> shop/app:8080/tcp", "shop/app -> data/db:5432/tcp", slow_id],
+        &agent,
+    );
     let hop = |id: &str| -> Value {
-        table["hops"].as_array().expect("hops").iter().find(|h| h["id"] == id).cloned().expect("hop")
+        table["hops"]
+            .as_array()
+            .expect("hops")
+            .iter()
+            .find(|h| h["id"] == id)
+            .cloned()
+            .expect("hop")
     };
     let slow_p50 = hop(slow_id)["client_latency"]["p50_ns"].as_u64().expect("client latency");
     // Request and response each cross the delayed direction once or more (SLOW per packet).
@@ -152,9 +193,12 @@ fn the_browser_shows_the_map_the_slow_hop_and_followed_flows() {
     let fast_p99 = hop("shop/front -> shop/app:8080/tcp")["client_latency"]["p99_ns"]
         .as_u64()
         .expect("client latency");
-    assert!(fast_p99 < 100_000_000, "front → app p99 {fast_p99} ns: not fast, the map's threshold would flag it");
+    assert!(
+        fast_p99 < 100_000_000,
+        "front → app p99 {fast_p99} ns: not fast, the map's threshold would flag it"
+    );
 
-    let screenshots = std::env::var("HOPWATCH_UI_SCREENSHOTS")
+    let screenshots: std::path::PathBuf = std::env::var("HOPWATCH_UI_SCREENSHOTS")
         .map_or_else(|_| repo_root().join("target/ui-screenshots"), Into::into);
     let trigger = [
         "ip".to_owned(),
@@ -180,24 +224,7 @@ fn the_browser_shows_the_map_the_slow_hop_and_followed_flows() {
         "trigger_mark": format!("/follow-check-{}", std::process::id()),
         "trace_rows": 2,
     });
-    let script = repo_root().join("hopwatch/ui/tests/browser.mjs");
-    let out = Command::new("node")
-        .arg(&script)
-        .current_dir(repo_root())
-        .env("HOPWATCH_UI_URL", format!("http://{ui}/"))
-        .env("HOPWATCH_UI_EXPECT", expect.to_string())
-        .env("HOPWATCH_UI_SCREENSHOTS", &screenshots)
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    assert!(
-        out.status.success(),
-        "the browser test failed ({}):\n{stdout}{stderr}\nagent stderr:\n{}",
-        out.status,
-        agent.stderr()
-    );
+    browser(ui, &expect, &screenshots, &agent);
     for shot in ["ui-map.png", "ui-hop.png", "ui-flows.png", "ui-map-dark.png"] {
         let len = std::fs::metadata(screenshots.join(shot)).map_or(0, |m| m.len());
         assert!(len > 10_000, "screenshot {shot} missing or empty in {}", screenshots.display());

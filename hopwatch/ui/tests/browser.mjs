@@ -53,7 +53,21 @@ async function until(what, timeoutMs, fn) {
   }
 }
 
-const browser = await chromium.launch({ executablePath, headless: true, args: ["--no-sandbox"] });
+// No traffic of the browser's own (component updates, DNS prefetch, safe browsing): the agent on
+// this host would show it on the map next to the test's pods.
+const quiet = [
+  "--no-sandbox",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--dns-prefetch-disable",
+  "--disable-domain-reliability",
+  "--disable-features=OptimizationHints,MediaRouter,DialMediaRouteProvider,AutofillServerCommunication,CertificateTransparencyComponentUpdater,Translate",
+  "--no-pings",
+  // Names resolve to nothing without asking DNS (the UI is addressed by IP).
+  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+];
+const browser = await chromium.launch({ executablePath, headless: true, args: quiet });
 try {
   // A laptop screen.
   const context = await browser.newContext({ viewport: { width: 1440, height: 900 }, colorScheme: "light" });
@@ -115,14 +129,13 @@ try {
   await page.locator("#hop-list tbody tr").first().focus();
   await page.keyboard.press("ArrowDown");
   await page.keyboard.press("Enter");
-  const focusedHop = await page.evaluate(() => document.activeElement?.closest?.("aside")?.id || document.activeElement?.dataset?.hop);
   await until("Enter on a hop-list row opens that hop", 10000, () =>
     page.evaluate(() => {
       const sel = document.querySelector('#hop-list tbody tr[aria-selected="true"]');
       return sel && document.querySelector("#detail .histogram") ? sel.dataset.hop : null;
     }),
   );
-  ok(`keyboard: hop list row opened (focus on ${focusedHop})`);
+  ok("keyboard: a hop-list row opens its hop with Enter");
 
   // ---- flows: filters narrow the table ----
   await page.locator("#tab-flows").click();

@@ -212,7 +212,11 @@ pub(super) fn summarize(flows: &[Flow], start_ns: u64, now_ns: u64, p: &Presenta
 /// The hops of `flows` between `start_ns` and `now_ns`, and the window in seconds: what the
 /// one-shot table and the web UI show.
 #[must_use]
-pub(in crate::commands) fn aggregate(flows: &[Flow], start_ns: u64, now_ns: u64) -> (Aggregator, f64) {
+pub(in crate::commands) fn aggregate(
+    flows: &[Flow],
+    start_ns: u64,
+    now_ns: u64,
+) -> (Aggregator, f64) {
     let cfg =
         HopConfig { series_limit: usize::MAX, stale_after: Duration::MAX, ..HopConfig::default() };
     let mut agg = Aggregator::new(cfg);

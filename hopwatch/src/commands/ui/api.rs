@@ -93,8 +93,11 @@ pub(super) enum ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            if matches!(self, ApiError::NoHop { .. }) { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
+        let status = if matches!(self, ApiError::NoHop { .. }) {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::BAD_REQUEST
+        };
         (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{self}\n"))
             .into_response()
     }
@@ -158,7 +161,9 @@ pub(super) fn params(raw: Option<&str>) -> Result<Params, ApiError> {
 }
 
 /// (whitelist, blacklist) as `hubble observe` builds them from the same flags.
-pub(super) fn filters(list: &[FilterParam]) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), ApiError> {
+pub(super) fn filters(
+    list: &[FilterParam],
+) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), ApiError> {
     let mut occurrences = Vec::with_capacity(list.len());
     let mut nots = Vec::new();
     for (i, f) in list.iter().enumerate() {
@@ -166,11 +171,8 @@ pub(super) fn filters(list: &[FilterParam]) -> Result<(Vec<FlowFilter>, Vec<Flow
         let Some(&id) = FILTER_FLAGS.iter().find(|known| **known == wanted) else {
             return Err(ApiError::UnknownFilter { name: f.flag.clone() });
         };
-        let bad = |source| ApiError::FilterValue {
-            name: f.flag.clone(),
-            value: f.value.clone(),
-            source,
-        };
+        let bad =
+            |source| ApiError::FilterValue { name: f.flag.clone(), value: f.value.clone(), source };
         check_value(id, &f.value).map_err(bad)?;
         if id == "min_latency" && parse_latency(&f.value).is_err() {
             return Err(ApiError::Param {
@@ -221,11 +223,19 @@ fn flow_of(r: &GetFlowsResponse) -> Option<&Flow> {
     }
 }
 
-/// The window's flows (filtered as asked) and its bounds.
+/// The window's flows (filtered as asked) and its bounds. The window starts no earlier than the
+/// oldest flow the collector holds: rates over 5 minutes of an agent started 10 s ago would be
+/// 30 times too low.
 async fn window(hub: &Arc<Hub>, p: &Params) -> Result<(Vec<GetFlowsResponse>, u64, u64), ApiError> {
     let (whitelist, blacklist) = filters(&p.filters)?;
     let now = wall_now_ns();
-    let start = since_ns(p.since.unwrap_or(DEFAULT_SINCE), now);
+    let oldest = GetFlowsRequest { first: true, number: 1, ..GetFlowsRequest::default() };
+    let held_since = fetch(hub, &oldest)
+        .await?
+        .first()
+        .and_then(flow_of)
+        .map(|f| hopwatch_hops::aggregate::flow_time_ns(f, now));
+    let start = since_ns(p.since.unwrap_or(DEFAULT_SINCE), now).max(held_since.unwrap_or(0));
     let req = GetFlowsRequest {
         since: Some(timestamp(start)),
         whitelist,
@@ -366,10 +376,7 @@ async fn hop_detail(
     Ok(json_response(serde_json::to_string(&detail).expect("serializable")))
 }
 
-async fn flows(
-    State(hub): State<Arc<Hub>>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+async fn flows(State(hub): State<Arc<Hub>>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let p = params(raw.as_deref())?;
     let (whitelist, blacklist) = filters(&p.filters)?;
     let since = p.since.map(|d| timestamp(since_ns(d, wall_now_ns())));
@@ -391,8 +398,7 @@ async fn follow(
 ) -> Result<Response, ApiError> {
     let p = params(raw.as_deref())?;
     let (whitelist, blacklist) = filters(&p.filters)?;
-    let req =
-        GetFlowsRequest { follow: true, whitelist, blacklist, ..GetFlowsRequest::default() };
+    let req = GetFlowsRequest { follow: true, whitelist, blacklist, ..GetFlowsRequest::default() };
     let q = Query::new(&req).map_err(ApiError::Query)?;
     let (tx, rx) = mpsc::channel(QUERY_QUEUE);
     // The query ends when the browser goes: the stream (and `rx`) is dropped, `tx` closes.

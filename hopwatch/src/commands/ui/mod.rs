@@ -19,7 +19,7 @@ use axum::{
     routing::get,
 };
 use hopwatch_collector::hub::Hub;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Hubble UI's port.
 pub(crate) const DEFAULT_PORT: u16 = 12_000;
@@ -56,14 +56,19 @@ pub(crate) enum UiError {
     },
 }
 
-/// Starts the UI over `hub` as `args` ask, until `stop`: its address, or `None` when it is off
-/// or the default port is taken (said on stderr, prefixed with `who`).
+/// A running UI server; it stops (after the requests in flight) when this is dropped.
+pub(crate) struct UiServer {
+    pub addr: SocketAddr,
+    _stop: DropGuard,
+}
+
+/// Starts the UI over `hub` as `args` ask: `None` when it is off or the default port is taken
+/// (said on stderr, prefixed with `who`).
 pub(crate) async fn start(
     args: &UiArgs,
     hub: Arc<Hub>,
     who: &str,
-    stop: CancellationToken,
-) -> Result<Option<SocketAddr>, UiError> {
+) -> Result<Option<UiServer>, UiError> {
     let (addr, explicit) = match args.ui_listen {
         Some(UiListen::Off) => return Ok(None),
         Some(UiListen::At(a)) => (a, true),
@@ -82,6 +87,8 @@ pub(crate) async fn start(
     };
     let local = listener.local_addr().map_err(|source| UiError::Listen { addr, source })?;
     let app = router(hub);
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
     tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = served.await {
@@ -89,23 +96,23 @@ pub(crate) async fn start(
         }
     });
     eprintln!("{who}: web UI on http://{local}/");
-    Ok(Some(local))
+    Ok(Some(UiServer { addr: local, _stop: guard }))
 }
 
 /// The page, its assets and the JSON/SSE API.
 pub(crate) fn router(hub: Arc<Hub>) -> Router {
     Router::new()
-        .route("/", get(|| asset(INDEX_HTML, "text/html; charset=utf-8")))
-        .route("/app.js", get(|| asset(APP_JS, "text/javascript; charset=utf-8")))
-        .route("/app.css", get(|| asset(APP_CSS, "text/css; charset=utf-8")))
-        .route("/favicon.svg", get(|| asset(FAVICON, "image/svg+xml")))
+        .route("/", get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }))
+        .route("/app.js", get(|| async { asset(APP_JS, "text/javascript; charset=utf-8") }))
+        .route("/app.css", get(|| async { asset(APP_CSS, "text/css; charset=utf-8") }))
+        .route("/favicon.svg", get(|| async { asset(FAVICON, "image/svg+xml") }))
         .route(
             "/vendor/cytoscape.min.js",
-            get(|| asset(CYTOSCAPE_JS, "text/javascript; charset=utf-8")),
+            get(|| async { asset(CYTOSCAPE_JS, "text/javascript; charset=utf-8") }),
         )
         .route(
             "/vendor/cytoscape.LICENSE",
-            get(|| asset(CYTOSCAPE_LICENSE, "text/plain; charset=utf-8")),
+            get(|| async { asset(CYTOSCAPE_LICENSE, "text/plain; charset=utf-8") }),
         )
         .merge(api::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
@@ -119,7 +126,7 @@ const FAVICON: &str = include_str!("../../../ui/favicon.svg");
 const CYTOSCAPE_JS: &str = include_str!("../../../ui/vendor/cytoscape/cytoscape.min.js");
 const CYTOSCAPE_LICENSE: &str = include_str!("../../../ui/vendor/cytoscape/LICENSE");
 
-async fn asset(body: &'static str, content_type: &'static str) -> impl IntoResponse {
+fn asset(body: &'static str, content_type: &'static str) -> impl IntoResponse {
     // The assets change only with the binary; a reload after an upgrade revalidates.
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
 }

@@ -39,7 +39,14 @@ fn traffic() -> Vec<Flow> {
     let mut flows = Vec::new();
     for i in 0..10 {
         flows.push(l7(FRONT, APP_SVC, t + i * MS, 2 * MS, false, ""));
-        flows.push(l7(APP, DB, t + i * MS, 80 * MS, false, if i == 0 { "SQLSTATE 42P01" } else { "" }));
+        flows.push(l7(
+            APP,
+            DB,
+            t + i * MS,
+            80 * MS,
+            false,
+            if i == 0 { "SQLSTATE 42P01" } else { "" },
+        ));
         flows.push(l7(APP, DB, t + i * MS, 70 * MS, true, ""));
     }
     flows.push(dropped(APP, DB, t + 20 * MS, "NETFILTER_DROP"));
@@ -85,9 +92,14 @@ async fn hops_are_the_cli_rows_with_ids_and_nodes() {
 async fn a_hop_has_histograms_and_its_own_recent_flows() {
     let hub = hub_with(traffic()).await;
     let id = "app -> postgres:5432/tcp";
-    let v = get_json(&hub, &format!("/api/hop?id={}", id.replace(' ', "%20").replace('>', "%3E"))).await;
-    let client: u64 =
-        v["histograms"]["client"].as_array().expect("client").iter().map(|b| b[1].as_u64().unwrap()).sum();
+    let v = get_json(&hub, &format!("/api/hop?id={}", id.replace(' ', "%20").replace('>', "%3E")))
+        .await;
+    let client: u64 = v["histograms"]["client"]
+        .as_array()
+        .expect("client")
+        .iter()
+        .map(|b| b[1].as_u64().unwrap())
+        .sum();
     assert_eq!(client, 10, "client-side exchanges (the failed one answered too)");
     let flows = v["flows"].as_array().expect("flows");
     assert_eq!(flows.len(), 21, "the hop's 20 exchanges and its drop");
@@ -109,7 +121,9 @@ async fn flows_take_hubble_filters() {
     assert_eq!(not_db["flows"].as_array().expect("flows").len(), 10);
     let newest = get_json(&hub, "/api/flows?number=5").await;
     assert_eq!(newest["flows"].as_array().expect("flows").len(), 5);
-    for bad in ["/api/flows?f=verdict:MAYBE", "/api/flows?f=colour:red", "/api/flows?f=to-ip:10.0.0.0/40"] {
+    for bad in
+        ["/api/flows?f=verdict:MAYBE", "/api/flows?f=colour:red", "/api/flows?f=to-ip:10.0.0.0/40"]
+    {
         let (status, body) = get(&hub, bad).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(!body.trim().is_empty(), "{bad}: a reason");
