@@ -374,7 +374,10 @@ async fn start_ui(
     sink: &crate::sink::Sink,
 ) -> Result<(Option<OwnListeners>, Option<super::ui::UiServer>), AgentError> {
     let ui = match sink.hub() {
-        Some(hub) => super::ui::start(&args.ui, hub, "hopwatch agent").await?,
+        Some(hub) => {
+            let plaintext = args.sink.tls.allow_plaintext;
+            super::ui::start(&args.ui, hub, "hopwatch agent", plaintext).await?
+        }
         None => None,
     };
     let addr = ui.as_ref().map(|u| u.addr);

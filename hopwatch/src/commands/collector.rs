@@ -56,7 +56,9 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
         },
         data_dir.map_or_else(|| "in memory only".to_owned(), |d| d.display().to_string())
     );
-    let ui = super::ui::start(&args.ui, hub.clone(), "hopwatch collector").await?;
+    let ui =
+        super::ui::start(&args.ui, hub.clone(), "hopwatch collector", args.tls.allow_plaintext)
+            .await?;
     let mut task = serving.task;
     tokio::select! {
         () = shutdown => eprintln!("hopwatch collector: shutting down"),

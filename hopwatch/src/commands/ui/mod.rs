@@ -48,6 +48,12 @@ pub(crate) struct UiArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UiError {
+    #[error(
+        "--ui-listen {addr}: the web UI has neither TLS nor authentication and shows every flow; \
+         serve it on loopback (reach it with `ssh -L` or `kubectl port-forward`), or pass \
+         --allow-plaintext on a trusted network"
+    )]
+    Plaintext { addr: SocketAddr },
     #[error("cannot listen on --ui-listen {addr}: {source} (pick a free address, or `off`)")]
     Listen {
         addr: SocketAddr,
@@ -63,17 +69,22 @@ pub(crate) struct UiServer {
 }
 
 /// Starts the UI over `hub` as `args` ask: `None` when it is off or the default port is taken
-/// (said on stderr, prefixed with `who`).
+/// (said on stderr, prefixed with `who`). Off loopback only with `allow_plaintext` (the gRPC
+/// APIs' `--allow-plaintext`).
 pub(crate) async fn start(
     args: &UiArgs,
     hub: Arc<Hub>,
     who: &str,
+    allow_plaintext: bool,
 ) -> Result<Option<UiServer>, UiError> {
     let (addr, explicit) = match args.ui_listen {
         Some(UiListen::Off) => return Ok(None),
         Some(UiListen::At(a)) => (a, true),
         None => (SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), false),
     };
+    if !addr.ip().is_loopback() && !allow_plaintext {
+        return Err(UiError::Plaintext { addr });
+    }
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(source) if !explicit => {

@@ -166,3 +166,21 @@ fn filter_params_parse_as_observe_flags() {
     assert_eq!(black[0].verdict, [hopwatch_proto::flow::Verdict::Dropped as i32]);
     assert!(api::params(Some("since=soon")).is_err());
 }
+
+#[tokio::test]
+async fn off_loopback_only_with_allow_plaintext() {
+    let hub = hub_with(Vec::new()).await;
+    let at = |a: &str| super::UiArgs { ui_listen: Some(super::UiListen::At(a.parse().unwrap())) };
+    let refused = super::start(&at("0.0.0.0:0"), hub.clone(), "test", false).await;
+    assert!(
+        matches!(refused, Err(super::UiError::Plaintext { .. })),
+        "a UI on every address without --allow-plaintext"
+    );
+    let served = super::start(&at("127.0.0.1:0"), hub.clone(), "test", false)
+        .await
+        .expect("loopback is fine")
+        .expect("served");
+    assert!(served.addr.ip().is_loopback());
+    let off = super::UiArgs { ui_listen: Some(super::UiListen::Off) };
+    assert!(super::start(&off, hub, "test", false).await.expect("off").is_none());
+}
