@@ -76,7 +76,6 @@ function applyTheme(theme) {
   if (theme) document.documentElement.dataset.theme = theme;
   const dark = isDark();
   $("#theme").setAttribute("aria-pressed", String(dark));
-  $("#theme").textContent = dark ? "Light theme" : "Dark theme";
   if (cy) cy.style(mapStyle());
 }
 
@@ -316,7 +315,8 @@ async function selectHop(id) {
     const hl = health(h);
     const flows = v.flows.map((r) => flowRowHtml(r.flow)).join("");
     aside.innerHTML = `
-      <h2 id="detail-title">${esc(endpointName(h.source))} → ${esc(endpointName(h.destination))}:${h.port}
+      <h2 id="detail-title"><button type="button" class="link" data-endpoint="${esc(endpointName(h.source))}">${esc(endpointName(h.source))}</button>
+        → <button type="button" class="link" data-endpoint="${esc(endpointName(h.destination))}">${esc(endpointName(h.destination))}</button>:${h.port}
         <span class="badge ${hl}">${hl}</span></h2>
       <dl>
         <dt>Protocol</dt><dd>${esc(h.protocol)} over ${h.transport} (reported by ${h.reported_by.join(" and ")})</dd>
@@ -336,9 +336,12 @@ async function selectHop(id) {
       <h3>Recent flows <small>(${v.flows.length}, newest first)</small></h3>
       <div class="table-wrap"><table class="hop-flows"><thead><tr><th>Time</th><th>Source</th><th>Destination</th><th>Type</th><th>Verdict</th><th>Summary</th></tr></thead>
       <tbody>${flows}</tbody></table></div>`;
+    aside.querySelectorAll("button[data-endpoint]").forEach((b) => b.addEventListener("click", () => selectEndpoint(b.dataset.endpoint)));
     aside.querySelectorAll(".hop-flows tbody tr").forEach((tr, i) => {
       tr.tabIndex = 0;
-      tr.addEventListener("click", () => { showTab("flows"); showFlow(v.flows[i]); });
+      const open = () => { showTab("flows"); showFlow(v.flows[i]); };
+      tr.addEventListener("click", open);
+      tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") open(); });
     });
   } catch (e) {
     aside.innerHTML = `<h2 id="detail-title">Hop</h2><p role="alert">${esc(e.message)}</p>`;
@@ -421,7 +424,9 @@ function flowRowHtml(f) {
 function filterParams() {
   const p = new URLSearchParams();
   for (const tok of $("#filter").value.trim().split(/\s+/).filter(Boolean)) {
-    p.append("f", tok.replace(/^--/, "").replace(/^(!?)--/, "$1").replace("=", ":"));
+    // `to-port:9090`, also as `--to-port=9090`; the value keeps its own `:` and `=`.
+    const m = /^(!?)(?:--)?([a-z][a-z0-9-]*)[:=](.*)$/i.exec(tok);
+    p.append("f", m ? `${m[1]}${m[2]}:${m[3]}` : tok.replace(/^(!?)--/, "$1"));
   }
   if ($("#verdict").value) p.append("f", "verdict:" + $("#verdict").value);
   return p;

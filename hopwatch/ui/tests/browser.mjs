@@ -136,6 +136,31 @@ try {
     }),
   );
   ok("keyboard: a hop-list row opens its hop with Enter");
+  await page.keyboard.press("Tab");
+  await page.keyboard.press("Enter");
+  await until("Tab, Enter in the hop detail opens its source endpoint", 5000, () =>
+    page.evaluate(() => /Hops in[\s\S]*Hops out/.test(document.querySelector("#detail").innerText)),
+  );
+  ok("keyboard: from a hop to its endpoint's hops in and out");
+
+  // ---- click an endpoint: its hops in and out ----
+  const endpoint = expect.slow_hop.split(" -> ")[0];
+  const nodeAt = await page.evaluate((id) => {
+    const cy = window.hopwatchUi.cy;
+    const p = cy.getElementById("ep:" + id).renderedPosition();
+    const box = cy.container().getBoundingClientRect();
+    return { x: box.left + p.x, y: box.top + p.y };
+  }, endpoint);
+  await page.mouse.click(nodeAt.x, nodeAt.y);
+  const hopsOut = await until(`a click on ${endpoint} lists its hops out`, 5000, () =>
+    page.evaluate((name) => {
+      const d = document.querySelector("#detail");
+      return d.querySelector("h2")?.textContent.trim() === name ? d.innerText : null;
+    }, endpoint),
+  );
+  const slowTarget = expect.slow_hop.split(" -> ")[1].split(":")[0];
+  if (!hopsOut.includes(slowTarget)) fail(`${endpoint}'s hops out lack ${slowTarget}: ${hopsOut}`);
+  ok(`endpoint ${endpoint}: hops in and out, ${slowTarget} among them`);
 
   // ---- flows: filters narrow the table ----
   await page.locator("#tab-flows").click();

@@ -184,3 +184,39 @@ async fn off_loopback_only_with_allow_plaintext() {
     let off = super::UiArgs { ui_listen: Some(super::UiListen::Off) };
     assert!(super::start(&off, hub, "test", false).await.expect("off").is_none());
 }
+
+/// What one refresh of the map costs on a full memory ring (the collector's default 65 536
+/// flows: 128 hops, client- and server-side exchanges). Prints the times; run with
+/// `cargo test -p hopwatch --lib ui::tests::cost -- --ignored --nocapture` (`--release` for
+/// the figure a release binary gives).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, not a check"]
+async fn cost_of_a_map_refresh_on_a_full_ring() {
+    let t = wall_now_ns() - 60_000 * MS;
+    let mut flows = Vec::with_capacity(65_536);
+    for i in 0..65_536u64 {
+        let n = i % 128;
+        let src = (format!("client-{}", n / 8), format!("10.0.1.{}", n / 8), 40_000 + n as u32);
+        let dst = (format!("server-{}", n % 8), format!("10.0.2.{}", n % 8), 8000 + (n % 8) as u32);
+        let (src, dst) =
+            ((src.0.as_str(), src.1.as_str(), src.2), (dst.0.as_str(), dst.1.as_str(), dst.2));
+        flows.push(l7(src, dst, t + i * 900_000, (1 + i % 50) * MS, i % 2 == 1, ""));
+    }
+    let hub = hub_with(flows).await;
+    for round in 0..3 {
+        let start = std::time::Instant::now();
+        let v = get_json(&hub, "/api/hops?since=5m").await;
+        let map_ms = start.elapsed().as_secs_f64() * 1e3;
+        let start = std::time::Instant::now();
+        let _ = get_json(&hub, "/api/hop?id=client-0%20-%3E%20server-0:8000/tcp").await;
+        let one_ms = start.elapsed().as_secs_f64() * 1e3;
+        let start = std::time::Instant::now();
+        let _ = get_json(&hub, "/api/flows?number=200").await;
+        let flows_ms = start.elapsed().as_secs_f64() * 1e3;
+        eprintln!(
+            "round {round}: /api/hops {map_ms:.0} ms ({} hops, {} flows), /api/hop {one_ms:.0} ms, /api/flows?number=200 {flows_ms:.0} ms",
+            v["hops"].as_array().map_or(0, Vec::len),
+            v["flows"]
+        );
+    }
+}
