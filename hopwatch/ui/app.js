@@ -114,8 +114,7 @@ function mapStyle() {
         width: "data(width)", "curve-style": "bezier", "target-arrow-shape": "triangle",
         "line-color": cssVar("--ok"), "target-arrow-color": cssVar("--ok"), label: "data(label)",
         "font-size": 10, color: fg, "text-wrap": "wrap", "text-rotation": "autorotate",
-        "text-background-color": bg, "text-background-opacity": 0.85, "text-background-padding": 2,
-        "arrow-scale": 1.1,
+        "text-outline-color": bg, "text-outline-width": 2.5, "arrow-scale": 1.1,
       },
     },
     { selector: "edge.slow", style: { "line-color": cssVar("--slow"), "target-arrow-color": cssVar("--slow") } },
@@ -187,6 +186,15 @@ function elementsOf(hops) {
   return [...groupEls, ...nodes.values(), ...edges];
 }
 
+/** The whole map in view, but never magnified past 1.2 (a few endpoints would fill it). */
+function fitMap() {
+  cy.fit(undefined, 30);
+  if (cy.zoom() > 1.2) {
+    cy.zoom(1.2);
+    cy.center();
+  }
+}
+
 function renderMap() {
   const els = elementsOf(state.hops);
   const key = els.filter((e) => e.group === "nodes").map((e) => e.data.id + ">" + (e.data.parent ?? "")).sort().join("|");
@@ -226,7 +234,7 @@ function renderMap() {
       transform: (_node, pos) => ({ x: pos.y * 1.8, y: pos.x * 0.7 }),
     };
     endpoints.union(cy.edges()).layout(layout).run();
-    cy.fit(undefined, 30);
+    fitMap();
   }
   if (state.selected?.kind === "hop") cy.getElementById("hop:" + state.selected.id).select();
 }
@@ -533,7 +541,7 @@ function showTab(name) {
     $("#tab-" + t).tabIndex = on ? 0 : -1;
     $("#view-" + t).hidden = !on;
   }
-  if (name === "map" && cy) { cy.resize(); cy.fit(undefined, 30); }
+  if (name === "map" && cy) { cy.resize(); fitMap(); }
   if (name === "flows" && !state.flowsLoaded) { state.flowsLoaded = true; loadFlows(); }
 }
 
