@@ -372,15 +372,18 @@ async fn start_ui(
     args: &AgentArgs,
     metrics: &Telemetry,
     sink: &crate::sink::Sink,
-) -> Result<(Option<OwnListeners>, Option<super::ui::UiServer>), AgentError> {
+) -> Result<(Option<OwnListeners>, Option<super::ui::Started>), AgentError> {
     let ui = match sink.hub() {
         Some(hub) => {
-            let plaintext = args.sink.tls.allow_plaintext;
-            super::ui::start(&args.ui, hub, "hopwatch agent", plaintext).await?
+            let started = super::ui::start(&args.ui, hub, args.sink.tls.allow_plaintext).await?;
+            if !matches!(started, super::ui::Started::Off) {
+                eprintln!("hopwatch agent: {started}");
+            }
+            Some(started)
         }
         None => None,
     };
-    let addr = ui.as_ref().map(|u| u.addr);
+    let addr = ui.as_ref().and_then(super::ui::Started::addr);
     Ok(((!args.show_own_traffic).then(|| own_listeners(metrics, sink, addr)), ui))
 }
 

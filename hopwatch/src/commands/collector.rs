@@ -44,8 +44,10 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
     let hub = Hub::start(&args.store.hub_config(data_dir.clone())).map_err(CollectorError::from)?;
     let stop = CancellationToken::new();
     let serving = serve(hub.clone(), args.listen, tls.clone(), stop.clone()).await?;
+    let ui = super::ui::start(&args.ui, hub.clone(), args.tls.allow_plaintext).await?;
+    // One line: scripts and tests read it (and may stop reading after it).
     eprintln!(
-        "hopwatch collector: listening on {} ({}), history {}",
+        "hopwatch collector: listening on {} ({}), history {}, {ui}",
         serving.addr,
         if tls.is_none() {
             "plaintext"
@@ -56,9 +58,6 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
         },
         data_dir.map_or_else(|| "in memory only".to_owned(), |d| d.display().to_string())
     );
-    let ui =
-        super::ui::start(&args.ui, hub.clone(), "hopwatch collector", args.tls.allow_plaintext)
-            .await?;
     let mut task = serving.task;
     tokio::select! {
         () = shutdown => eprintln!("hopwatch collector: shutting down"),

@@ -41,7 +41,8 @@ fn parse_ui_listen(s: &str) -> Result<UiListen, String> {
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct UiArgs {
     /// Address of the web UI (service map, hops, flows), or `off` [default: 127.0.0.1:12000; if
-    /// that port is taken, the UI is left out and a warning says so].
+    /// that port is taken, the UI is left out and a warning says so]. Off loopback only with
+    /// --allow-plaintext: the UI has neither TLS nor authentication.
     #[arg(long, value_name = "ADDR|off", value_parser = parse_ui_listen)]
     pub ui_listen: Option<UiListen>,
 }
@@ -68,17 +69,50 @@ pub(crate) struct UiServer {
     _stop: DropGuard,
 }
 
-/// Starts the UI over `hub` as `args` ask: `None` when it is off or the default port is taken
-/// (said on stderr, prefixed with `who`). Off loopback only with `allow_plaintext` (the gRPC
+/// What became of the UI; the caller says so in its start-up line (the collector's is one line,
+/// which scripts read).
+pub(crate) enum Started {
+    Serving(UiServer),
+    Off,
+    /// The default port is taken (another agent or collector on this host): no UI, and a
+    /// warning rather than an error.
+    PortTaken {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Started {
+    pub(crate) fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Started::Serving(s) => Some(s.addr),
+            Started::Off | Started::PortTaken { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Started::Serving(s) => write!(f, "web UI on http://{}/", s.addr),
+            Started::Off => f.write_str("web UI off"),
+            Started::PortTaken { addr, source } => write!(
+                f,
+                "warning: no web UI: cannot listen on {addr}: {source} (use --ui-listen ADDR)"
+            ),
+        }
+    }
+}
+
+/// Starts the UI over `hub` as `args` ask. Off loopback only with `allow_plaintext` (the gRPC
 /// APIs' `--allow-plaintext`).
 pub(crate) async fn start(
     args: &UiArgs,
     hub: Arc<Hub>,
-    who: &str,
     allow_plaintext: bool,
-) -> Result<Option<UiServer>, UiError> {
+) -> Result<Started, UiError> {
     let (addr, explicit) = match args.ui_listen {
-        Some(UiListen::Off) => return Ok(None),
+        Some(UiListen::Off) => return Ok(Started::Off),
         Some(UiListen::At(a)) => (a, true),
         None => (SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), false),
     };
@@ -87,13 +121,7 @@ pub(crate) async fn start(
     }
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
-        Err(source) if !explicit => {
-            eprintln!(
-                "{who}: warning: web UI not served: cannot listen on {addr}: {source} (use \
-                 --ui-listen ADDR)"
-            );
-            return Ok(None);
-        }
+        Err(source) if !explicit => return Ok(Started::PortTaken { addr, source }),
         Err(source) => return Err(UiError::Listen { addr, source }),
     };
     let local = listener.local_addr().map_err(|source| UiError::Listen { addr, source })?;
@@ -106,8 +134,7 @@ pub(crate) async fn start(
             tracing::error!(error = %e, "web UI server stopped");
         }
     });
-    eprintln!("{who}: web UI on http://{local}/");
-    Ok(Some(UiServer { addr: local, _stop: guard }))
+    Ok(Started::Serving(UiServer { addr: local, _stop: guard }))
 }
 
 /// The page, its assets and the JSON/SSE API.

@@ -171,18 +171,17 @@ fn filter_params_parse_as_observe_flags() {
 async fn off_loopback_only_with_allow_plaintext() {
     let hub = hub_with(Vec::new()).await;
     let at = |a: &str| super::UiArgs { ui_listen: Some(super::UiListen::At(a.parse().unwrap())) };
-    let refused = super::start(&at("0.0.0.0:0"), hub.clone(), "test", false).await;
+    let refused = super::start(&at("0.0.0.0:0"), hub.clone(), false).await;
     assert!(
         matches!(refused, Err(super::UiError::Plaintext { .. })),
         "a UI on every address without --allow-plaintext"
     );
-    let served = super::start(&at("127.0.0.1:0"), hub.clone(), "test", false)
-        .await
-        .expect("loopback is fine")
-        .expect("served");
-    assert!(served.addr.ip().is_loopback());
+    let served = super::start(&at("127.0.0.1:0"), hub.clone(), false).await.expect("loopback");
+    assert!(served.addr().is_some_and(|a| a.ip().is_loopback()));
+    assert!(served.to_string().starts_with("web UI on http://127.0.0.1:"), "{served}");
     let off = super::UiArgs { ui_listen: Some(super::UiListen::Off) };
-    assert!(super::start(&off, hub, "test", false).await.expect("off").is_none());
+    let off = super::start(&off, hub, false).await.expect("off");
+    assert!(matches!(off, super::Started::Off));
 }
 
 /// What one refresh of the map costs on a full memory ring (the collector's default 65 536
