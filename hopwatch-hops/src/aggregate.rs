@@ -109,56 +109,51 @@ pub fn flow_time_ns(flow: &Flow, fallback_ns: u64) -> u64 {
     })
 }
 
-/// Adds `flow` to `table`, stamped `at_ns`.
-pub fn apply(flow: &Flow, at_ns: u64, cx: &mut Context, table: &mut HopTable) -> Outcome {
-    if flow.ip.is_none() {
-        return Outcome::Ignored;
-    }
+/// The hop `flow` belongs to, as [`apply`] counts it, and the end that reported it (`None` for a
+/// drop, which the kernel reports for the hop); `None` for a flow without addresses.
+pub fn hop_of(flow: &Flow, resolver: &mut Resolver) -> Option<(HopKey, Option<Side>)> {
+    flow.ip.as_ref()?;
     let (transport, sport, dport) = layer4(flow);
     if flow.verdict() == Verdict::Dropped {
-        return apply_drop(flow, at_ns, cx, table, transport, sport, dport);
+        let reply = dport >= EPHEMERAL_PORTS_START && sport < EPHEMERAL_PORTS_START;
+        let (client, server, port) = if reply {
+            (EndView::destination(flow, dport), EndView::source(flow, sport), sport)
+        } else {
+            (EndView::source(flow, sport), EndView::destination(flow, dport), dport)
+        };
+        let key = HopKey {
+            source: resolver.resolve(&client, false, false),
+            destination: resolver.resolve(&server, true, false),
+            port,
+            transport,
+        };
+        return Some((key, None));
     }
     let side = match flow.traffic_direction() {
         TrafficDirection::Ingress => Side::Server,
         TrafficDirection::Egress | TrafficDirection::Unknown => Side::Client,
     };
-    let src = cx.resolver.resolve(&EndView::source(flow, sport), false, side == Side::Client);
-    let dst = cx.resolver.resolve(&EndView::destination(flow, dport), true, side == Side::Server);
-    let key = HopKey { source: src, destination: dst, port: dport, transport };
+    let src = resolver.resolve(&EndView::source(flow, sport), false, side == Side::Client);
+    let dst = resolver.resolve(&EndView::destination(flow, dport), true, side == Side::Server);
+    Some((HopKey { source: src, destination: dst, port: dport, transport }, Some(side)))
+}
+
+/// Adds `flow` to `table`, stamped `at_ns`.
+pub fn apply(flow: &Flow, at_ns: u64, cx: &mut Context, table: &mut HopTable) -> Outcome {
+    let Some((key, side)) = hop_of(flow, &mut cx.resolver) else { return Outcome::Ignored };
+    let Some(side) = side else {
+        let reason =
+            if flow.kernel_drop_reason.is_empty() { "UNKNOWN" } else { &flow.kernel_drop_reason };
+        table.drop(&key, reason, 1, at_ns);
+        return Outcome::Counted;
+    };
     match flow.r#type() {
         FlowType::L7 => apply_l7(flow, at_ns, cx, table, &key, side),
-        FlowType::L3L4 if transport == Transport::Tcp => {
+        FlowType::L3L4 if key.transport == Transport::Tcp => {
             apply_tcp(flow, at_ns, cx, table, &key, side)
         }
         _ => Outcome::Ignored,
     }
-}
-
-fn apply_drop(
-    flow: &Flow,
-    at_ns: u64,
-    cx: &mut Context,
-    table: &mut HopTable,
-    transport: Transport,
-    sport: u32,
-    dport: u32,
-) -> Outcome {
-    let reply = dport >= EPHEMERAL_PORTS_START && sport < EPHEMERAL_PORTS_START;
-    let (client, server, port) = if reply {
-        (EndView::destination(flow, dport), EndView::source(flow, sport), sport)
-    } else {
-        (EndView::source(flow, sport), EndView::destination(flow, dport), dport)
-    };
-    let key = HopKey {
-        source: cx.resolver.resolve(&client, false, false),
-        destination: cx.resolver.resolve(&server, true, false),
-        port,
-        transport,
-    };
-    let reason =
-        if flow.kernel_drop_reason.is_empty() { "UNKNOWN" } else { &flow.kernel_drop_reason };
-    table.drop(&key, reason, 1, at_ns);
-    Outcome::Counted
 }
 
 /// `l7.protocol` of the flow of a TLS handshake.

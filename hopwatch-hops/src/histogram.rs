@@ -98,6 +98,14 @@ impl Histogram {
         self.sum_ns += other.sum_ns;
     }
 
+    /// The non-empty fine buckets, lowest first: (upper bound in ns, count); the +Inf bucket's
+    /// bound is `u64::MAX`. For a histogram drawn as it is kept (the UI's hop detail).
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.buckets
+            .iter()
+            .map(|&(idx, n)| (BOUNDS_NS.get(usize::from(idx)).copied().unwrap_or(u64::MAX), n))
+    }
+
     #[must_use]
     pub fn count(&self) -> u64 {
         self.count

@@ -30,7 +30,8 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// mariadb-server, dnsmasq-base: the binary without Debian's system-wide service) and tools
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
 /// python3-venv for the app's and the compatibility test's virtualenvs); the metrics test's Prometheus server with promtool
-/// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/.
+/// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/; the web UI test's
+/// browser (chromium, driven by playwright-core from npm, see [`ui_npm`]).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -48,6 +49,7 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-venv",
     "prometheus",
     "systemd",
+    "chromium",
 ];
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
 /// application protocol, TLS, DNS and errors the servers send before any request.
@@ -60,6 +62,14 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
 const COMPAT_REQUIREMENTS: &str = "hopwatch/tests/compat/requirements.txt";
 const COMPAT_VENV: &str = "target/compat-venv";
+/// The web UI's npm packages (package.json, package-lock.json): the graph library it embeds
+/// (vendored, see `ui-vendor`) and the browser test's driver.
+const UI_DIR: &str = "hopwatch/ui";
+/// What `ui-vendor` copies from node_modules into the UI's vendor/ dir (embedded in the binary).
+const UI_VENDORED: &[(&str, &str)] = &[
+    ("node_modules/cytoscape/dist/cytoscape.min.js", "vendor/cytoscape/cytoscape.min.js"),
+    ("node_modules/cytoscape/LICENSE", "vendor/cytoscape/LICENSE"),
+];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "hopwatch's set-up, build, run and test tasks")]
@@ -162,6 +172,11 @@ enum Task {
         #[arg(long)]
         profile: bool,
     },
+    /// Install the web UI's npm packages (exact versions from hopwatch/ui/package-lock.json)
+    /// and copy the graph library's build and licence into hopwatch/ui/vendor/, which the
+    /// binary embeds; run after changing a version in package.json (`npm install` there first
+    /// to update the lock file).
+    UiVendor,
     /// Connections for the memory benchmark, run by `bench` inside its namespace.
     #[command(hide = true)]
     BenchConns(bench::conns::ConnsArgs),
@@ -230,6 +245,16 @@ fn run(task: Task) -> Result<()> {
             })
         }
         Task::BenchConns(args) => bench::conns::main(&args),
+        Task::UiVendor => {
+            ui_npm()?;
+            let ui = workspace_root().join(UI_DIR);
+            for (from, to) in UI_VENDORED {
+                say(&format!("{UI_DIR}/{from} -> {UI_DIR}/{to}"));
+                std::fs::copy(ui.join(from), ui.join(to))
+                    .with_context(|| format!("cannot copy {from} to {to} in {UI_DIR}"))?;
+            }
+            Ok(())
+        }
         Task::Fuzz { seconds, targets } => {
             setup(&[])?;
             fuzz::run(&fuzz::FuzzOptions { seconds, targets: &targets })
@@ -248,6 +273,8 @@ fn run(task: Task) -> Result<()> {
             setup(if unit { &[] } else { TEST_PACKAGES })?;
             if !unit {
                 e2e_venv()?;
+                ui_npm()?;
+                ui_vendored_current()?;
             }
             say("unit tests");
             // Default members: everything but the kernel crate, which only builds for the BPF target.
@@ -308,6 +335,42 @@ fn run(task: Task) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The web UI's npm packages in hopwatch/ui/node_modules, exactly as package-lock.json pins
+/// them (`npm ci`; integrity hashes checked). Runs only when the lock file differs from the copy
+/// npm keeps in node_modules after a successful install. Installs Debian's npm (and Node.js)
+/// when there is no npm.
+fn ui_npm() -> Result<()> {
+    let ui = workspace_root().join(UI_DIR);
+    let lock = std::fs::read(ui.join("package-lock.json"))
+        .with_context(|| format!("cannot read {UI_DIR}/package-lock.json"))?;
+    let stamp = ui.join("node_modules/.hopwatch-lock");
+    if std::fs::read(&stamp).is_ok_and(|have| have == lock) {
+        return Ok(());
+    }
+    if output(Command::new("npm").arg("--version")).is_none() {
+        apt_install(&["npm"])?;
+    }
+    say(&format!("installing the web UI's npm packages ({UI_DIR}/package-lock.json, npm ci)"));
+    check(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&ui))?;
+    std::fs::write(&stamp, lock).with_context(|| format!("cannot write {}", stamp.display()))
+}
+
+/// The vendored graph library is the build package-lock.json pins (so what the binary embeds is
+/// what the lock file says).
+fn ui_vendored_current() -> Result<()> {
+    let ui = workspace_root().join(UI_DIR);
+    for (from, to) in UI_VENDORED {
+        let (a, b) = (std::fs::read(ui.join(from)), std::fs::read(ui.join(to)));
+        if a.is_err() || a.ok() != b.ok() {
+            bail!(
+                "{UI_DIR}/{to} is not the {from} that package-lock.json pins: run `cargo xtask \
+                 ui-vendor` and commit the result"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A virtualenv with the compatibility test's Python packages, from the Python registry.

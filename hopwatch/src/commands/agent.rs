@@ -2,6 +2,7 @@
 //! kernel ring buffer → decode → connection table → flows → output, until SIGINT/SIGTERM.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -126,6 +127,9 @@ pub(super) struct AgentArgs {
     /// Where flows go besides stdout (a remote collector, or the in-process one).
     #[command(flatten)]
     pub sink: crate::sink::SinkArgs,
+    /// The web UI over the in-process collector (none with --collector or --no-collector).
+    #[command(flatten)]
+    pub ui: super::ui::UiArgs,
     /// Which application exchanges become flows (all are counted in the metrics and hops).
     #[command(flatten)]
     pub l7_flows: crate::policy::RecordArgs,
@@ -159,6 +163,8 @@ pub(super) enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Sink(#[from] crate::sink::SinkError),
+    #[error(transparent)]
+    Ui(#[from] super::ui::UiError),
 }
 
 /// Counters of what the userspace pipeline read and could not keep.
@@ -225,7 +231,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
-    let own = (!args.show_own_traffic).then(|| own_listeners(&metrics, &sink));
+    let (own, _ui) = start_ui(&args, &metrics, &sink).await?;
     let stats = Arc::new(PipelineStats { metrics, own, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
     let cancel = CancellationToken::new();
@@ -368,9 +374,35 @@ fn report_capabilities(
     caps
 }
 
-/// The agent's own listening sockets (the collector's APIs, `/metrics`), announced.
-fn own_listeners(metrics: &Telemetry, sink: &crate::sink::Sink) -> OwnListeners {
-    let own = OwnListeners::new(sink.listen_addr().into_iter().chain(metrics.local_addr()));
+/// The web UI over the in-process collector (none when flows go elsewhere), and the agent's own
+/// listeners with it (`None` with `--show-own-traffic`).
+async fn start_ui(
+    args: &AgentArgs,
+    metrics: &Telemetry,
+    sink: &crate::sink::Sink,
+) -> Result<(Option<OwnListeners>, Option<super::ui::Started>), AgentError> {
+    let ui = match sink.hub() {
+        Some(hub) => {
+            let started = super::ui::start(&args.ui, hub, args.sink.tls.allow_plaintext).await?;
+            if !matches!(started, super::ui::Started::Off) {
+                eprintln!("hopwatch agent: {started}");
+            }
+            Some(started)
+        }
+        None => None,
+    };
+    let addr = ui.as_ref().and_then(super::ui::Started::addr);
+    Ok(((!args.show_own_traffic).then(|| own_listeners(metrics, sink, addr)), ui))
+}
+
+/// The agent's own listening sockets (the collector's APIs, `/metrics`, the web UI), announced.
+fn own_listeners(
+    metrics: &Telemetry,
+    sink: &crate::sink::Sink,
+    ui: Option<SocketAddr>,
+) -> OwnListeners {
+    let own =
+        OwnListeners::new(sink.listen_addr().into_iter().chain(metrics.local_addr()).chain(ui));
     if !own.addrs().is_empty() {
         let addrs: Vec<String> = own.addrs().iter().map(ToString::to_string).collect();
         eprintln!(

@@ -13,6 +13,8 @@ pub(crate) enum CollectorCommandError {
     Collector(#[from] CollectorError),
     #[error("cannot install SIGINT/SIGTERM handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Ui(#[from] super::ui::UiError),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -30,6 +32,8 @@ pub(super) struct CollectorArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+    #[command(flatten)]
+    pub ui: super::ui::UiArgs,
 }
 
 /// `hopwatch collector`.
@@ -40,8 +44,10 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
     let hub = Hub::start(&args.store.hub_config(data_dir.clone())).map_err(CollectorError::from)?;
     let stop = CancellationToken::new();
     let serving = serve(hub.clone(), args.listen, tls.clone(), stop.clone()).await?;
+    let ui = super::ui::start(&args.ui, hub.clone(), args.tls.allow_plaintext).await?;
+    // One line: scripts and tests read it (and may stop reading after it).
     eprintln!(
-        "hopwatch collector: listening on {} ({}), history {}",
+        "hopwatch collector: listening on {} ({}), history {}, {ui}",
         serving.addr,
         if tls.is_none() {
             "plaintext"
@@ -62,6 +68,7 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
         }
     }
     stop.cancel();
+    drop(ui);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     hub.shutdown().await;
     Ok(())

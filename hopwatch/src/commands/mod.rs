@@ -7,6 +7,7 @@ mod collector;
 mod hops;
 mod observe;
 mod replay;
+mod ui;
 
 use std::process::ExitCode;
 

@@ -201,6 +201,11 @@ impl Sink {
         self.embedded.as_ref()?.server.as_ref().map(|s| s.addr)
     }
 
+    /// The in-process collector's hub (what the web UI reads), when the agent runs one.
+    pub(crate) fn hub(&self) -> Option<Arc<Hub>> {
+        self.embedded.as_ref().map(|e| e.hub.clone())
+    }
+
     /// Delivers what is queued (bounded by a drain timeout), then stops the embedded collector.
     pub(crate) async fn close(mut self) {
         if let Some(q) = &self.queue {

@@ -22,3 +22,4 @@ mod server_errors;
 mod tcp;
 mod tls_handshake;
 mod topology;
+mod ui;

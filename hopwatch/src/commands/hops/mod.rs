@@ -204,6 +204,19 @@ pub(super) fn present(
 /// The summary of `flows` between `start_ns` and `now_ns` (the one-shot table).
 #[must_use]
 pub(super) fn summarize(flows: &[Flow], start_ns: u64, now_ns: u64, p: &Presentation) -> Summary {
+    let (agg, window_s) = aggregate(flows, start_ns, now_ns);
+    let rows = view::rows(agg.table(), Some(&agg.context().ledger), window_s);
+    present(rows, window_s, agg.counted, p)
+}
+
+/// The hops of `flows` between `start_ns` and `now_ns`, and the window in seconds: what the
+/// one-shot table and the web UI show.
+#[must_use]
+pub(in crate::commands) fn aggregate(
+    flows: &[Flow],
+    start_ns: u64,
+    now_ns: u64,
+) -> (Aggregator, f64) {
     let cfg =
         HopConfig { series_limit: usize::MAX, stale_after: Duration::MAX, ..HopConfig::default() };
     let mut agg = Aggregator::new(cfg);
@@ -215,8 +228,7 @@ pub(super) fn summarize(flows: &[Flow], start_ns: u64, now_ns: u64, p: &Presenta
     }
     #[expect(clippy::cast_precision_loss, reason = "seconds for rates")]
     let window_s = now_ns.saturating_sub(start_ns) as f64 / 1e9;
-    let rows = view::rows(agg.table(), Some(&agg.context().ledger), window_s);
-    present(rows, window_s, agg.counted, p)
+    (agg, window_s)
 }
 
 /// Runs `hopwatch hops`: exit 2 for bad flags, 1 when the flows cannot be read.

@@ -17,7 +17,7 @@ use hopwatch_proto::flow::{
 };
 
 /// Filter flag ids, as clap knows them.
-pub(super) const FILTER_FLAGS: &[&str] = &[
+pub(in crate::commands) const FILTER_FLAGS: &[&str] = &[
     "ip",
     "from_ip",
     "to_ip",
@@ -109,7 +109,7 @@ const CONFLICTS: &[&[&str]] = &[
 /// A flag the user got wrong (exit status 2): filters, `--output`, `--since`/`--until`. Value
 /// errors reach the user through clap, which names the flag and the value before the message.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum FlagError {
+pub(in crate::commands) enum FlagError {
     #[error("filters --{} and --{} cannot be combined", flag(first), flag(second))]
     Conflict { first: &'static str, second: &'static str },
     #[error("--not must be followed by a filter flag")]
@@ -341,7 +341,7 @@ fn namespaced(v: &str) -> String {
 
 /// A filter flag occurrence in command-line order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Occurrence {
+pub(in crate::commands) struct Occurrence {
     pub index: usize,
     pub id: &'static str,
     pub value: String,
@@ -369,7 +369,7 @@ pub(super) fn occurrences(m: &ArgMatches) -> (Vec<Occurrence>, Vec<usize>) {
 }
 
 /// (whitelist, blacklist) for the request.
-pub(super) fn build(
+pub(in crate::commands) fn build(
     flags: &[Occurrence],
     nots: &[usize],
 ) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), FlagError> {
@@ -397,6 +397,21 @@ pub(super) fn build(
 }
 
 // ---- value checks (clap value parsers: a bad value exits 2 naming the flag) ----
+
+/// Checks `v` as the value of filter flag `id` the way clap's value parsers do for `observe`
+/// (the web UI's filters come as text, not through clap). `min_latency` is checked by
+/// [`super::time::parse_latency`].
+pub(in crate::commands) fn check_value(id: &str, v: &str) -> Result<(), FlagError> {
+    match id {
+        "verdict" => parse_verdict(v).map(drop),
+        "type" => parse_type(v).map(drop),
+        "traffic_direction" => parse_direction(v).map(drop),
+        "http_header" => parse_http_header(v).map(drop),
+        "tcp_flags" => parse_tcp_flags(v).map(drop),
+        "ip_version" => parse_ip_version(v).map(drop),
+        _ => Ok(()),
+    }
+}
 
 pub(super) fn parse_verdict(v: &str) -> Result<Verdict, FlagError> {
     Verdict::from_str_name(&v.to_ascii_uppercase())

@@ -1,7 +1,7 @@
 //! `hopwatch observe`: query a collector's flows, with the flags of `hubble observe`.
 
 mod cilium_only;
-mod filters;
+pub(super) mod filters;
 mod input;
 
 pub(super) mod time;

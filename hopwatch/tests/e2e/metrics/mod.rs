@@ -8,7 +8,7 @@
 //! hwm-front → hwm-app:8080 → hwm-db:5432 (a chain for `--path`), hwm-front → hwm-slow:9090 (the
 //! slow hop: every packet from front to slow waits SLOW), hwm-front → dnsmasq:53.
 
-mod prometheus;
+pub(crate) mod prometheus;
 mod synthetic;
 
 use std::{
@@ -155,7 +155,13 @@ while time.monotonic() < end:
 print(json.dumps(counts), flush=True)
 "#;
 
-fn start_server(tb: &mut Testbed, pod: &Pod, name: &str, port: u16, upstream: Option<&str>) {
+pub(crate) fn start_server(
+    tb: &mut Testbed,
+    pod: &Pod,
+    name: &str,
+    port: u16,
+    upstream: Option<&str>,
+) {
     let ip = pod.ip.to_string();
     let port = port.to_string();
     let mut args = vec!["python3", "-c", SERVER, name, &ip, &port];
@@ -232,7 +238,7 @@ fn start_dnsmasq(tb: &mut Testbed, pod: &Pod) {
     tb.adopt(child);
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("hopwatch/ is in the repository")

@@ -20,7 +20,7 @@ pub(super) struct Prometheus {
 }
 
 /// A free loopback port (bound and released; the small race is acceptable in a serial test).
-pub(super) fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind a loopback port")
@@ -119,7 +119,7 @@ pub(super) fn urlencode(s: &str) -> String {
 }
 
 /// A minimal HTTP/1.1 exchange on loopback (`Connection: close`): (status, body).
-pub(super) fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
