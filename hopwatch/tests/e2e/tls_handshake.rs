@@ -37,28 +37,7 @@ struct TlsNginx {
 impl TlsNginx {
     fn start(pod: &Pod) -> Self {
         let dir = TempDir::new("nginx-tls");
-        let (cert, key) = (dir.file("cert.pem"), dir.file("key.pem"));
-        output_in(
-            pod,
-            &[
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-subj",
-                "/CN=api.hopwatch.test",
-            ],
-        );
+        let (cert, key) = dir.self_signed_cert(pod, "api.hopwatch.test", None);
         let d = dir.path().display();
         let ip = pod.ip;
         let server = |port: u16, protocols: &str| {

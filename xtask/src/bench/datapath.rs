@@ -25,10 +25,12 @@ pub enum Mode {
     Full,
     /// Full L7 capture without the kernel's exchange engine.
     Capture,
+    /// Full L7 capture from the syscall tracepoints, as kernels before 6.3 are served.
+    Syscalls,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [Mode::Off, Mode::Tcp, Mode::Full, Mode::Capture];
+    const ALL: [Mode; 5] = [Mode::Off, Mode::Tcp, Mode::Full, Mode::Capture, Mode::Syscalls];
 
     fn name(self) -> &'static str {
         match self {
@@ -36,6 +38,7 @@ impl Mode {
             Mode::Tcp => "TCP capture",
             Mode::Full => "full L7 capture",
             Mode::Capture => "full L7, capture path only",
+            Mode::Syscalls => "full L7 from syscall tracepoints",
         }
     }
 
@@ -45,6 +48,7 @@ impl Mode {
             Mode::Tcp => Some(&["--capture-bytes", "0", "--no-tls"]),
             Mode::Full => Some(&[]),
             Mode::Capture => Some(&["--no-kernel-exchanges"]),
+            Mode::Syscalls => Some(&["--l7-hook", "syscalls"]),
         }
     }
 }
@@ -193,7 +197,7 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
             .with_context(|| format!("{}: kernel program run times", load.name))?;
         program_figures(load.name, &programs, report);
     }
-    for mode in [Mode::Tcp, Mode::Full, Mode::Capture] {
+    for mode in [Mode::Tcp, Mode::Full, Mode::Capture, Mode::Syscalls] {
         let label = mode.name();
         let (cpu, events) = totals[mode as usize];
         if events > 0.0 {
@@ -260,6 +264,7 @@ fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) 
             Mode::Tcp => ("TCP capture", 99.0),
             Mode::Full => ("full L7", 95.0),
             Mode::Capture => ("full L7 on the capture path", 95.0),
+            Mode::Syscalls => ("full L7 from syscall tracepoints (kernels before 6.3)", 95.0),
         };
         report.add_rounds(
             "1 data path",

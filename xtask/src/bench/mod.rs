@@ -137,7 +137,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let table = report.table();
     println!("\nhopwatch benchmarks (this run)\n{table}");
     let path = workspace_root().join(&opts.output);
-    report.write(&path, &opts.command)?;
+    let partial = (!opts.only.is_empty()).then(|| opts.only.join(","));
+    report.write(&path, &opts.command, partial.as_deref())?;
     say(&format!("figures written to {}", path.display()));
     if !failed.is_empty() {
         bail!("{} group(s) failed: {}", failed.len(), failed.join("; "));

@@ -114,26 +114,60 @@ impl Report {
         out
     }
 
-    /// Writes BENCHMARKS.md: conditions, the figures, the notes, the detail tables.
-    pub fn write(&self, path: &Path, command: &str) -> Result<()> {
-        let mut md = String::from("# hopwatch benchmarks\n\n");
-        md.push_str(
-            "Produced by one run of `cargo xtask bench` (see `xtask/src/bench/`): every figure \
-             below was measured in that run, the data path figures side by side (modes \
-             alternated round by round, medians reported with the lowest and highest round). Regenerate rather than edit.\n\n",
-        );
-        let _ = writeln!(md, "- Date: {}", shell("date -u '+%Y-%m-%d %H:%M UTC'"));
-        let _ = writeln!(md, "- Command: `{command}`");
-        let _ = writeln!(md, "- Commit: {}", commit());
-        let _ = writeln!(md, "- Machine: {}", machine());
-        let _ = writeln!(md, "- Kernel: {}", shell("uname -r"));
+    /// Writes BENCHMARKS.md: conditions, the figures, the notes, the detail tables. A run of some
+    /// groups only (`partial`, the `--only` list) does not replace a whole run's file: it goes
+    /// into a section of its own at the end (replacing that of an earlier run of the same
+    /// groups), headed by its own conditions.
+    pub fn write(&self, path: &Path, command: &str, partial: Option<&str>) -> Result<()> {
+        let mut conditions = String::new();
+        let _ = writeln!(conditions, "- Date: {}", shell("date -u '+%Y-%m-%d %H:%M UTC'"));
+        let _ = writeln!(conditions, "- Command: `{command}`");
+        let _ = writeln!(conditions, "- Commit: {}", commit());
+        let _ = writeln!(conditions, "- Machine: {}", machine());
+        let _ = writeln!(conditions, "- Kernel: {}", shell("uname -r"));
         for note in &self.notes {
-            let _ = writeln!(md, "- {note}");
+            let _ = writeln!(conditions, "- {note}");
         }
-        md.push_str("\n## Figures and targets\n\n");
-        md.push_str(&self.table());
-        md.push_str("\n## Details\n");
-        md.push_str(&self.details);
+        let existing = std::fs::read_to_string(path).unwrap_or_default();
+        let md = match partial {
+            Some(groups) if existing.starts_with("# hopwatch benchmarks") => {
+                let heading = format!("\n## Partial run: {groups}\n");
+                let mut md = match existing.find(&heading) {
+                    Some(at) => {
+                        // Keep later partial sections of other groups.
+                        let rest = &existing[at + heading.len()..];
+                        let next = rest.find("\n## Partial run: ").map_or("", |i| &rest[i..]);
+                        format!("{}{next}", &existing[..at])
+                    }
+                    None => existing,
+                };
+                let _ = write!(
+                    md,
+                    "{heading}\nMeasured in a later run of only these groups (`--only`); the figures \
+                     above are from the whole run.\n\n{conditions}\n### Figures and targets\n\n{}\n\
+                     ### Details\n{}",
+                    self.table(),
+                    self.details.replace("\n### ", "\n#### ")
+                );
+                md
+            }
+            _ => {
+                let mut md = String::from("# hopwatch benchmarks\n\n");
+                md.push_str(
+                    "Produced by one run of `cargo xtask bench` (see `xtask/src/bench/`): every \
+                     figure below was measured in that run, the data path figures side by side \
+                     (modes alternated round by round, medians reported with the lowest and \
+                     highest round); runs of some groups only (`--only`) are added as sections \
+                     of their own at the end. Regenerate rather than edit.\n\n",
+                );
+                md.push_str(&conditions);
+                md.push_str("\n## Figures and targets\n\n");
+                md.push_str(&self.table());
+                md.push_str("\n## Details\n");
+                md.push_str(&self.details);
+                md
+            }
+        };
         std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))
     }
 }

@@ -182,28 +182,7 @@ pub(crate) fn start_server(
 /// directory.
 fn start_tls_server(tb: &mut Testbed, pod: &Pod) -> crate::support::servers::TempDir {
     let dir = crate::support::servers::TempDir::new("hwm-tls");
-    let (cert, key) = (dir.file("cert.pem"), dir.file("key.pem"));
-    crate::support::servers::output_in(
-        pod,
-        &[
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-subj",
-            "/CN=hwm-tls",
-        ],
-    );
+    let (cert, key) = dir.self_signed_cert(pod, "hwm-tls", None);
     let ip = pod.ip.to_string();
     let args = ["python3", "-c", TLS_SERVER, &ip, "8443", &cert, &key];
     let mut child =

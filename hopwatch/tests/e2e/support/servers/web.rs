@@ -8,7 +8,6 @@ use std::{
 use super::{
     ServerProcess, TempDir,
     databases::{DB_NAME, DB_PASSWORD, DB_USER},
-    output_in,
 };
 use crate::support::Pod;
 
@@ -31,32 +30,7 @@ impl Nginx {
     pub(crate) fn start(pod: &Pod, upstream: SocketAddrV4, workers: u32) -> Self {
         let dir = TempDir::new("nginx");
         let ip = pod.ip;
-        let (cert, key) = (dir.file("cert.pem"), dir.file("key.pem"));
-        // P-256 rather than RSA: generated in milliseconds. The address is in the SAN, so clients
-        // can verify the certificate with `--cacert` instead of skipping verification.
-        output_in(
-            pod,
-            &[
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-subj",
-                "/CN=ingress.hopwatch.test",
-                "-addext",
-                &format!("subjectAltName=IP:{ip}"),
-            ],
-        );
+        let (cert, key) = dir.self_signed_cert(pod, "ingress.hopwatch.test", Some(ip));
         let d = dir.path().display();
         let config = format!(
             "daemon off;
