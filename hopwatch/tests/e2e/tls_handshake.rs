@@ -16,7 +16,7 @@ use crate::support::{
     Pod, Testbed,
     agent::{Agent, ip_dst, ip_src, u64_at},
     serial,
-    servers::{ServerProcess, TempDir, dns::Dnsmasq, output_in, succeeds},
+    servers::{ServerProcess, TempDir, dns::Dnsmasq, output_in, succeeds, web},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,7 +38,6 @@ impl TlsNginx {
     fn start(pod: &Pod) -> Self {
         let dir = TempDir::new("nginx-tls");
         let (cert, key) = dir.self_signed_cert(pod, "api.hopwatch.test", None);
-        let d = dir.path().display();
         let ip = pod.ip;
         let server = |port: u16, protocols: &str| {
             format!(
@@ -53,23 +52,12 @@ impl TlsNginx {
             )
         };
         let config = format!(
-            "daemon off;
-master_process on;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log stderr info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
+            "{}
     {}
     {}
 }}
 ",
+            web::nginx_preamble(&dir, 1, 64),
             server(BOTH, "TLSv1.2 TLSv1.3"),
             server(TLS13_ONLY, "TLSv1.3")
         );

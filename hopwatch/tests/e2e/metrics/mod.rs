@@ -168,8 +168,12 @@ pub(crate) fn start_server(
     if let Some(u) = upstream {
         args.push(u);
     }
-    let mut child =
-        pod.command(&args).stdout(Stdio::piped()).spawn().expect("python3 is installed");
+    spawn_ready(tb, pod, &args, name);
+}
+
+/// Starts a Python server in `pod` and waits for its `ready` line.
+fn spawn_ready(tb: &mut Testbed, pod: &Pod, args: &[&str], name: &str) {
+    let mut child = pod.command(args).stdout(Stdio::piped()).spawn().expect("python3 is installed");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped"))
         .read_line(&mut line)
@@ -185,14 +189,7 @@ fn start_tls_server(tb: &mut Testbed, pod: &Pod) -> crate::support::servers::Tem
     let (cert, key) = dir.self_signed_cert(pod, "hwm-tls", None);
     let ip = pod.ip.to_string();
     let args = ["python3", "-c", TLS_SERVER, &ip, "8443", &cert, &key];
-    let mut child =
-        pod.command(&args).stdout(Stdio::piped()).spawn().expect("python3 is installed");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("server says ready");
-    assert_eq!(line.trim(), "ready", "hwm-tls did not start");
-    tb.adopt(child);
+    spawn_ready(tb, pod, &args, "hwm-tls");
     dir
 }
 

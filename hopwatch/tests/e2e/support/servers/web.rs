@@ -31,21 +31,9 @@ impl Nginx {
         let dir = TempDir::new("nginx");
         let ip = pod.ip;
         let (cert, key) = dir.self_signed_cert(pod, "ingress.hopwatch.test", Some(ip));
-        let d = dir.path().display();
+        let preamble = nginx_preamble(&dir, workers, 512);
         let config = format!(
-            "daemon off;
-master_process on;
-worker_processes {workers};
-pid {d}/nginx.pid;
-error_log stderr info;
-events {{ worker_connections 512; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
+            "{preamble}
     upstream app {{
         server {upstream};
         keepalive 16;
@@ -218,6 +206,28 @@ impl FastApiApp {
     pub(crate) fn log(&self) -> String {
         self.process.log()
     }
+}
+
+/// The start of an nginx configuration for a test server: in the foreground, everything it writes
+/// under `dir`, its log on stderr, up to the `http {` block's own directives (the caller adds its
+/// servers and closes the block).
+pub(crate) fn nginx_preamble(dir: &TempDir, workers: u32, connections: u32) -> String {
+    let d = dir.path().display();
+    format!(
+        "daemon off;
+master_process on;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log stderr info;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;"
+    )
 }
 
 /// The virtualenv's python: `$HOPWATCH_E2E_VENV`, or `target/e2e-venv` (made by `cargo xtask
