@@ -4,7 +4,10 @@
 //! Only cheap, unambiguous prefixes: anything else stays unknown, and after a few messages the
 //! connection is ignored. Userspace parsers confirm or reject the guess.
 
-use crate::{PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, PROTO_TLS, PROTO_UNKNOWN};
+use crate::{
+    DIR_EGRESS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, PROTO_TLS, PROTO_UNKNOWN,
+    ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN,
+};
 
 /// How many leading bytes detection looks at.
 pub const HEAD: usize = 16;
@@ -106,6 +109,22 @@ pub fn detect(head: &[u8; HEAD], n: usize) -> u8 {
     PROTO_UNKNOWN
 }
 
+/// The role of a socket that sent (`direction` [`DIR_EGRESS`]) or received a message whose
+/// protocol [`detect`] guessed as `proto` and whose first byte is `first`: requests (HTTP request
+/// lines, PostgreSQL startup codes, RESP commands) come from clients; status lines, MySQL
+/// greetings and Redis error replies from servers.
+#[must_use]
+pub fn socket_role(proto: u8, first: u8, direction: u8) -> u8 {
+    let sent_by_client = match proto {
+        PROTO_HTTP => first != b'H',
+        PROTO_POSTGRES => true,
+        PROTO_MYSQL => false,
+        PROTO_REDIS => first == b'*',
+        _ => return ROLE_UNKNOWN,
+    };
+    if sent_by_client == (direction == DIR_EGRESS) { ROLE_CLIENT } else { ROLE_SERVER }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +139,20 @@ mod tests {
     fn d(b: &[u8]) -> u8 {
         let (h, n) = head(b);
         detect(&h, n)
+    }
+
+    #[test]
+    fn tells_the_socket_role_from_the_first_message() {
+        use crate::DIR_INGRESS;
+        let role = |b: &[u8], dir| socket_role(d(b), b[0], dir);
+        assert_eq!(role(b"GET / HTTP/1.1\r\n", DIR_EGRESS), ROLE_CLIENT);
+        assert_eq!(role(b"GET / HTTP/1.1\r\n", DIR_INGRESS), ROLE_SERVER);
+        assert_eq!(role(b"HTTP/1.1 200 OK\r\n", DIR_EGRESS), ROLE_SERVER);
+        assert_eq!(role(b"*2\r\n$3\r\nGET\r\n", DIR_EGRESS), ROLE_CLIENT);
+        assert_eq!(role(b"-ERR unknown\r\n", DIR_INGRESS), ROLE_CLIENT);
+        assert_eq!(role(b"\x5b\x00\x00\x00\x0a5.5.5-10.11", DIR_EGRESS), ROLE_SERVER);
+        assert_eq!(role(b"\x00\x00\x00\x08\x04\xd2\x16\x2f", DIR_INGRESS), ROLE_SERVER);
+        assert_eq!(socket_role(crate::PROTO_DNS, 0, DIR_EGRESS), ROLE_UNKNOWN);
     }
 
     #[test]

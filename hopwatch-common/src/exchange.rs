@@ -20,7 +20,7 @@
 
 use core::mem::size_of;
 
-use crate::EventHeader;
+use crate::{EventHeader, ThreadRequest};
 
 /// Request head bytes kept per exchange (and sent with a full record).
 pub const EXCHANGE_HEAD: usize = 512;
@@ -55,9 +55,11 @@ pub struct ExchangeState {
     /// A `PHASE_*`.
     pub phase: u8,
     pub _pad: u8,
+    /// Client sockets: the inbound request the sending thread was serving at the request's start.
+    pub caller: ThreadRequest,
     pub head: [u8; EXCHANGE_HEAD],
 }
-const _: () = assert!(size_of::<ExchangeState>() == 16 + EXCHANGE_HEAD);
+const _: () = assert!(size_of::<ExchangeState>() == 40 + EXCHANGE_HEAD);
 
 /// One exchange measured on the fast path ([`crate::EventKind::Exchange`]). The header's time is
 /// the response's first byte, its process the task that read or wrote it (no comm or cgroup: the
@@ -82,8 +84,11 @@ pub struct ExchangeEvent {
     /// Bytes of [`ExchangeRecord::head`] and [`ExchangeRecord::response`] that are valid.
     pub head_len: u16,
     pub response_len: u16,
+    /// Client sockets: the inbound request the sending thread was serving (see
+    /// [`ThreadRequest`]).
+    pub caller: ThreadRequest,
 }
-const _: () = assert!(size_of::<ExchangeEvent>() == 72);
+const _: () = assert!(size_of::<ExchangeEvent>() == 96);
 const _: () = assert!(core::mem::offset_of!(ExchangeEvent, header) == 0);
 
 /// A full record: the event, the request's head, the response's first bytes.

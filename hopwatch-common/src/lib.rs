@@ -534,8 +534,39 @@ pub struct L7Conn {
     /// Set with `fast`: an exchange index and the `turns` its response started at.
     pub anchor_turns: u32,
     pub anchor_index: u64,
+    /// Thread that read the request this socket is serving, until its response starts (server
+    /// sockets; see [`ThreadRequest`]). 0: none in progress.
+    pub owner_tid: u32,
+    /// A `ROLE_*`: which end of the connection this socket is, from the first message seen
+    /// (requests come from the client).
+    pub role: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<L7Conn>() == 24);
+const _: () = assert!(size_of::<L7Conn>() == 32);
+
+/// The inbound request a thread is serving: kept per thread id in
+/// [`maps::THREAD_REQUESTS`](crate::maps::THREAD_REQUESTS) and copied into the first event of
+/// each request the thread sends on a client socket, so userspace can tell which request an
+/// outbound call was made for (request tracing's thread causality).
+///
+/// A server socket's request start (its first request-direction call after a response) sets the
+/// thread's `cookie`/`turns` and adds one to `inflight`; the response's start (by any thread)
+/// takes one from the reading thread's `inflight`. A thread that serves one request at a time
+/// (thread- or process-per-request servers) has `inflight` 1 while it calls out for it; an
+/// event loop interleaving requests has more, and its calls cannot be attributed this way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadRequest {
+    /// Socket cookie of the server socket whose request the thread read last (0: none).
+    pub cookie: u64,
+    /// [`L7Conn::turns`] of that socket at the request's first call.
+    pub turns: u32,
+    pub _pad: u32,
+    /// Requests read by the thread whose responses have not started (64 bits: the BPF target's
+    /// atomics are 64-bit).
+    pub inflight: u64,
+}
+const _: () = assert!(size_of::<ThreadRequest>() == 24);
 
 /// Application data seen on a socket ([`EventKind::Data`]); `captured` payload bytes follow the
 /// struct in the ring buffer record.
@@ -560,8 +591,11 @@ pub struct DataEvent {
     /// [`L7Conn::turns`] after this message (the exchange engine's clock).
     pub turns: u32,
     pub comm: [u8; 16],
+    /// On the first message of a request sent from a client socket: the inbound request the
+    /// sending thread was serving. Zero otherwise.
+    pub caller: ThreadRequest,
 }
-const _: () = assert!(size_of::<DataEvent>() == 120);
+const _: () = assert!(size_of::<DataEvent>() == 144);
 const _: () = assert!(core::mem::offset_of!(DataEvent, header) == 0);
 
 /// Name of the global holding [`KernelSettings`] in the kernel object.
@@ -586,6 +620,7 @@ mod pod {
     unsafe impl aya::Pod for super::SyscallNumbers {}
     unsafe impl aya::Pod for super::L7Conn {}
     unsafe impl aya::Pod for super::DataEvent {}
+    unsafe impl aya::Pod for super::ThreadRequest {}
     unsafe impl aya::Pod for super::exchange::ExchangeEvent {}
     unsafe impl aya::Pod for super::exchange::Promotion {}
 }

@@ -36,6 +36,11 @@ pub const L7CONNS_ENTRIES: u32 = 262_144;
 pub const PROMOTIONS: &str = "PROMOTIONS";
 pub const PROMOTIONS_ENTRIES: u32 = 16_384;
 
+/// The inbound request each thread is serving, thread id → [`crate::ThreadRequest`]. LRU:
+/// every thread that ever served a request leaves an entry.
+pub const THREAD_REQUESTS: &str = "THREAD_REQUESTS";
+pub const THREAD_REQUESTS_ENTRIES: u32 = 65_536;
+
 /// Threads inside `SSL_read`/`SSL_write`, pid_tgid → the call's arguments. LRU: a thread that
 /// dies inside a call leaves its entry behind.
 pub const TLS_CALLS: &str = "TLS_CALLS";

@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
 };
 use hopwatch_common::{
-    Counter, DIR_INGRESS, KernelOffsets, KernelSettings, L7Conn, PROTO_HTTP,
+    Counter, DIR_INGRESS, KernelOffsets, KernelSettings, L7Conn, PROTO_HTTP, ThreadRequest,
     exchange::{
         EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, ExchangeEvent,
         ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
@@ -47,6 +47,7 @@ pub unsafe fn on_call(
     direction: u8,
     pid_tgid: u64,
     o: &KernelOffsets,
+    caller: ThreadRequest,
 ) -> bool {
     // SAFETY: `sk` is a trusted socket pointer (the caller's contract); a null value asks the
     // kernel to create zeroed storage.
@@ -75,6 +76,7 @@ pub unsafe fn on_call(
         if x.phase != PHASE_REQUEST {
             x.phase = PHASE_REQUEST;
             x.request_bytes = 0;
+            x.caller = caller;
             let cap = HOPWATCH_SETTINGS.load().capture_bytes;
             x.head_len = match syscall_data(o, pid_tgid).and_then(first_chunk) {
                 Some((ptr, n)) => copy_user(&mut x.head, ptr, n.min(len).min(cap)),
@@ -127,6 +129,7 @@ pub unsafe fn on_call(
         status,
         flags: if c.server != 0 { EXCH_F_SERVER } else { 0 },
         pid_tgid,
+        caller: x.caller,
     };
     if full {
         let Some(mut entry) = reserve::<ExchangeRecord>(now, cookie) else { return true };
@@ -165,6 +168,7 @@ struct Fields {
     status: u16,
     flags: u8,
     pid_tgid: u64,
+    caller: ThreadRequest,
 }
 
 impl Fields {
@@ -179,6 +183,7 @@ impl Fields {
         e.status = self.status;
         e.protocol = PROTO_HTTP;
         e.flags = self.flags;
+        e.caller = self.caller;
     }
 }
 
@@ -224,6 +229,7 @@ pub unsafe fn on_close(sk: *const c_void, cookie: u64) {
         status: 0,
         flags: EXCH_F_FULL | EXCH_F_UNANSWERED | if c.server != 0 { EXCH_F_SERVER } else { 0 },
         pid_tgid: 0,
+        caller: x.caller,
     };
     // SAFETY: `rec` is a reserved, zeroed, stamped record; the copy stays inside its head.
     unsafe {

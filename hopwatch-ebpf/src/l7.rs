@@ -29,11 +29,12 @@ use aya_ebpf::{
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
     IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS,
-    PROTO_TLS_HANDSHAKE, PROTO_UNKNOWN, SRC_SYSCALL,
-    detect::{HEAD, detect},
+    PROTO_TLS_HANDSHAKE, PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_SYSCALL, ThreadRequest,
+    detect::{HEAD, detect, socket_role},
 };
 
 use crate::{
+    causality,
     emit::output,
     exchange,
     kernel::{
@@ -182,7 +183,9 @@ pub fn capture(
             direction,
             udp: 0,
             handshake: 1,
-            _pad: [0; 5],
+            turned: 0,
+            _pad: [0; 4],
+            caller: ThreadRequest::default(),
         };
         if let (Some(ctx), Some(_)) = (detect_elsewhere, user) {
             stash_and_detect(ctx, p);
@@ -195,10 +198,13 @@ pub fn capture(
         return;
     }
     let udp = protocol == u16::from(IPPROTO_UDP);
+    let mut turned = false;
+    let mut caller = ThreadRequest::default();
     if !udp {
         // The exchange engine's clock: one turn per change of direction (see
         // `hopwatch_common::exchange`), kept on both paths.
         if state.last_direction != direction {
+            turned = true;
             state.last_direction = direction;
             state.turns = state.turns.wrapping_add(1);
             if let Some(c) = conn {
@@ -206,6 +212,10 @@ pub fn capture(
                 unsafe {
                     (*c).last_direction = direction;
                     (*c).turns = state.turns;
+                    if state.role != ROLE_UNKNOWN {
+                        caller = causality::on_turn(&mut *c, cookie, pid_tgid, direction);
+                        state.owner_tid = (*c).owner_tid;
+                    }
                 }
             }
         }
@@ -230,7 +240,7 @@ pub fn capture(
             && let Some(sk) = trusted
             && let Some(c) = conn
             // SAFETY: the tracepoint's socket and its L7CONNS value.
-            && unsafe { exchange::on_call(sk, cookie, c, len, direction, pid_tgid, &o) }
+            && unsafe { exchange::on_call(sk, cookie, c, len, direction, pid_tgid, &o, caller) }
         {
             return;
         }
@@ -275,7 +285,9 @@ pub fn capture(
         direction,
         udp: u8::from(udp),
         handshake: 0,
-        _pad: [0; 5],
+        turned: u8::from(turned),
+        _pad: [0; 4],
+        caller,
     };
     if state.proto == PROTO_UNKNOWN {
         let port_dns =
@@ -329,7 +341,11 @@ pub struct Pending {
     pub direction: u8,
     pub udp: u8,
     pub handshake: u8,
-    pub _pad: [u8; 5],
+    /// The message changed the socket's direction (see [`causality`]).
+    pub turned: u8,
+    pub _pad: [u8; 4],
+    /// What [`causality::on_turn`] returned for it.
+    pub caller: ThreadRequest,
 }
 
 /// The protocol of a connection still unknown was guessed from this message (`proto`): remember
@@ -337,6 +353,12 @@ pub struct Pending {
 #[inline(always)]
 pub fn detected(scratch: &mut DataScratch, mut p: Pending, proto: u8, pid_tgid: u64) {
     p.state.proto = proto;
+    if p.state.role == ROLE_UNKNOWN && p.udp == 0 {
+        p.state.role = socket_role(proto, scratch.data[0], p.direction);
+        if p.state.role != ROLE_UNKNOWN && p.turned != 0 {
+            p.caller = causality::on_turn(&mut p.state, p.cookie, pid_tgid, p.direction);
+        }
+    }
     if proto == PROTO_UNKNOWN {
         p.state.attempts += 1;
         if p.state.attempts >= DETECT_ATTEMPTS {
@@ -371,6 +393,7 @@ fn finish(scratch: &mut DataScratch, mut p: Pending, pid_tgid: u64) {
     ev.source = SRC_SYSCALL;
     ev.protocol = p.state.proto;
     ev.turns = p.state.turns;
+    ev.caller = p.caller;
     send(scratch, pid_tgid, p.cookie);
 }
 

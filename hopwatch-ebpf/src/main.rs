@@ -5,7 +5,10 @@
 //! kernel's BTF: Rust eBPF has no CO-RE relocations).
 #![no_std]
 #![no_main]
+// `asm!` for the BPF atomic add (`causality`).
+#![feature(asm_experimental_arch)]
 
+mod causality;
 mod drop;
 mod emit;
 mod exchange;

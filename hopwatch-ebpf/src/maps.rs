@@ -9,12 +9,12 @@ use aya_ebpf::{
 };
 use hopwatch_common::{
     COUNTER_COUNT, ConnState, Counter, DATA_MAX, DataEvent, KernelOffsets, KernelSettings, L7Conn,
-    SyscallNumbers,
+    SyscallNumbers, ThreadRequest,
     exchange::{ExchangeState, Promotion},
     maps::{
         CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
         ListenKey, MMSG_CURSORS_ENTRIES, PENDING_CALLS_ENTRIES, PROMOTIONS_ENTRIES,
-        SSL_SOCKETS_ENTRIES, TLS_CALLS_ENTRIES,
+        SSL_SOCKETS_ENTRIES, THREAD_REQUESTS_ENTRIES, TLS_CALLS_ENTRIES,
     },
 };
 
@@ -70,6 +70,11 @@ pub struct TlsCall {
     pub direction: u8,
     pub _pad: [u8; 7],
 }
+
+/// See `hopwatch_common::maps::THREAD_REQUESTS`.
+#[map]
+pub static THREAD_REQUESTS: LruHashMap<u32, ThreadRequest> =
+    LruHashMap::with_max_entries(THREAD_REQUESTS_ENTRIES, 0);
 
 /// LRU: a thread that dies inside an SSL call never reaches the return probe; with a plain hash
 /// map such leftovers would fill it and new calls would lose their plaintext without a trace.

@@ -27,7 +27,7 @@ use hopwatch_common::{
 use crate::{
     emit::{fill_from_conn, reserve, wakeup_flags},
     kernel::{current_process, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie},
-    maps::{CONNS, HOPWATCH_SETTINGS, LISTENERS, count},
+    maps::{CONNS, HOPWATCH_SETTINGS, L7CONNS, LISTENERS, count},
 };
 
 // include/net/tcp_states.h
@@ -100,6 +100,10 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
             let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
             // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
             unsafe { crate::exchange::on_close(sk, cookie) };
+            // SAFETY: map value, copied out at once.
+            if let Some(c) = unsafe { L7CONNS.get(cookie) } {
+                crate::causality::on_close(c);
+            }
             emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32);
             let _ = CONNS.remove(cookie);
         }

@@ -13,10 +13,11 @@ use aya_ebpf::{
 };
 use hopwatch_common::{
     Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, L7Conn, PROTO_IGNORED, PROTO_TLS,
-    PROTO_UNKNOWN, SRC_TLS,
+    PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_TLS, ThreadRequest, detect::socket_role,
 };
 
 use crate::{
+    causality,
     kernel::read_user,
     l7::{copy_chunk, detect_head, send},
     maps::{DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TlsCall, count},
@@ -116,6 +117,16 @@ fn exit(ret: i64) {
     let want = if len < u64::from(cap) { len as u32 } else { cap };
     // The call's own buffer, `len` bytes of which hold plaintext.
     let captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
+    // The plaintext's turns (the socket's own carry ciphertext and are not counted for TLS):
+    // thread causality for requests served or sent over TLS. Only once the handshake is over
+    // (until then `last_direction` is the ClientHello's); the first plaintext message is a turn.
+    let turned = state.proto == PROTO_TLS
+        && (state.inner == PROTO_UNKNOWN || state.last_direction != call.direction);
+    if turned {
+        state.last_direction = call.direction;
+        state.turns = state.turns.wrapping_add(1);
+    }
+    let mut caller = ThreadRequest::default();
     if state.inner == PROTO_UNKNOWN {
         state.inner = detect_head(&scratch.data, captured);
         if state.inner == PROTO_UNKNOWN {
@@ -124,11 +135,18 @@ fn exit(ret: i64) {
                 state.inner = PROTO_IGNORED;
                 count(Counter::L7Ignored);
             }
+        } else {
+            state.role = socket_role(state.inner, scratch.data[0], call.direction);
         }
+    }
+    if turned && state.role != ROLE_UNKNOWN {
+        caller = causality::on_turn(&mut state, cookie, pid_tgid, call.direction);
+    }
+    if turned || state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
         let _ = L7CONNS.insert(cookie, state, 0);
-        if state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
-            return;
-        }
+    }
+    if state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
+        return;
     }
     if len > u64::from(captured) {
         count(Counter::DataTruncated);
@@ -141,6 +159,7 @@ fn exit(ret: i64) {
     ev.direction = call.direction;
     ev.source = SRC_TLS;
     ev.protocol = state.inner;
-    ev.turns = 0;
+    ev.turns = state.turns;
+    ev.caller = caller;
     send(scratch, pid_tgid, cookie);
 }

@@ -13,7 +13,7 @@
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use hopwatch_common::{
     Counter, DATA_MAX, KernelOffsets, L7Conn, PROTO_TLS, PROTO_TLS_HANDSHAKE, SRC_SYSCALL,
-    TLS_HANDSHAKE_MESSAGES, detect::detect,
+    TLS_HANDSHAKE_MESSAGES, ThreadRequest, detect::detect,
 };
 
 use crate::{
@@ -92,5 +92,6 @@ pub fn on_message(
     ev.source = SRC_SYSCALL;
     ev.protocol = PROTO_TLS;
     ev.turns = 0;
+    ev.caller = ThreadRequest::default();
     send(scratch, pid_tgid, cookie);
 }

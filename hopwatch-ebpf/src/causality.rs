@@ -1,0 +1,101 @@
+//! Which inbound request each thread is serving, for request tracing's thread causality.
+//!
+//! Why here: the link between "the request this thread read" and "the query it then sent" exists
+//! only in the order of one thread's socket calls, and most of those calls never reach userspace
+//! (the exchange engine measures promoted connections in the kernel). So the kernel keeps, per
+//! thread, the last request it read on a server socket and how many it has read whose responses
+//! have not started ([`ThreadRequest`]), and copies that into the first event of every request
+//! the thread sends on a client socket. Userspace links the two only when the thread had exactly
+//! one request in flight: an event loop interleaving requests stays unlinked, never guessed.
+//!
+//! It runs only at turns (a socket's change of direction): two map operations per exchange on a
+//! server socket, one lookup per request on a client socket.
+
+use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, L7Conn, ROLE_CLIENT, ROLE_SERVER, ThreadRequest};
+
+use crate::maps::THREAD_REQUESTS;
+
+/// A turn of a socket whose role is known: `c` is its state with `turns` already advanced.
+/// Returns the caller to attach to the message when the turn starts a request on a client
+/// socket (zero otherwise).
+#[inline(always)]
+pub fn on_turn(c: &mut L7Conn, cookie: u64, pid_tgid: u64, direction: u8) -> ThreadRequest {
+    let tid = pid_tgid as u32;
+    if c.role == ROLE_SERVER {
+        if direction == DIR_INGRESS {
+            request_read(c, cookie, tid);
+        } else if c.owner_tid != 0 {
+            response_started(c.owner_tid);
+            c.owner_tid = 0;
+        }
+    } else if c.role == ROLE_CLIENT
+        && direction == DIR_EGRESS
+        // SAFETY: map value, copied out at once.
+        && let Some(t) = unsafe { THREAD_REQUESTS.get(tid) }
+    {
+        return *t;
+    }
+    ThreadRequest::default()
+}
+
+/// A server socket whose request started was closed before its response started: the reading
+/// thread is no longer serving it.
+#[inline(always)]
+pub fn on_close(c: &L7Conn) {
+    if c.role == ROLE_SERVER && c.owner_tid != 0 {
+        response_started(c.owner_tid);
+    }
+}
+
+#[inline(always)]
+fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
+    // A second request before the first's response (pipelining) is still one request in flight
+    // for the socket's owner.
+    let fresh = c.owner_tid == 0;
+    if fresh {
+        c.owner_tid = tid;
+    }
+    match THREAD_REQUESTS.get_ptr_mut(tid) {
+        // SAFETY: map value of this thread, valid while the program runs; `inflight` is also
+        // decremented by the threads that write responses, hence the atomic add.
+        Some(t) => unsafe {
+            (*t).cookie = cookie;
+            (*t).turns = c.turns;
+            if fresh {
+                atomic_add(&raw mut (*t).inflight, 1);
+            }
+        },
+        None => {
+            let t = ThreadRequest { cookie, turns: c.turns, _pad: 0, inflight: u64::from(fresh) };
+            let _ = THREAD_REQUESTS.insert(tid, t, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn response_started(owner: u32) {
+    if let Some(t) = THREAD_REQUESTS.get_ptr_mut(owner) {
+        // SAFETY: map value, valid while the program runs. A lost race leaves `inflight` too
+        // high, which makes the thread's calls unlinked (never linked wrongly); it never goes
+        // below zero because only a socket's owner is decremented, once per request.
+        unsafe {
+            if (*t).inflight > 0 {
+                atomic_add(&raw mut (*t).inflight, u64::MAX);
+            }
+        }
+    }
+}
+
+/// `*p += v` as one BPF atomic add (`u64::MAX` subtracts one). The BPF target has no atomic
+/// read-modify-write in `core`, but the instruction exists on every kernel.
+///
+/// # Safety
+///
+/// `p` points at a live map value.
+#[inline(always)]
+unsafe fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: the caller's contract; the instruction touches only `*p`.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) v, options(nostack));
+    }
+}
