@@ -5,6 +5,12 @@
 //! socket I/O OpenSSL does inside the call (seen by `sock_send_length`/`sock_recv_length`, see
 //! `l7.rs`) tells us which socket the `SSL*` uses. Uprobes are attached to the library file, so
 //! every process mapping it is covered, including ones started later.
+//!
+//! `SSL_do_handshake` (which `SSL_connect`/`SSL_accept` call) is followed like a read or write
+//! without plaintext, so the handshake's socket I/O ties a new `SSL*` to its socket before the
+//! first `SSL_read`, whose request may already sit in OpenSSL's buffer (no socket I/O inside the
+//! call to learn from). `SSL_free` forgets the tie: servers reuse the freed `SSL*`'s address for
+//! the next connection, whose data would otherwise go to the closed one.
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
@@ -36,6 +42,19 @@ pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
 }
 
 #[uprobe]
+pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
+    enter(&ctx, 0, false);
+    0
+}
+
+#[uprobe]
+pub fn ssl_free(ctx: ProbeContext) -> u32 {
+    let ssl: u64 = ctx.arg(0).unwrap_or(0);
+    let _ = SSL_SOCKETS.remove(ssl);
+    0
+}
+
+#[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
     enter(&ctx, DIR_INGRESS, false);
     0
@@ -50,7 +69,9 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 /// Shared by all four functions: the return says how many bytes the buffer holds.
 #[uretprobe]
 pub fn ssl_return(ctx: RetProbeContext) -> u32 {
-    let ret: i64 = ctx.ret();
+    // All four return an `int`: the upper half of the register is not part of it (-1 arrives
+    // as 0xffff_ffff, which as 64 bits would read as four billion bytes of plaintext).
+    let ret = i64::from(ctx.ret::<i64>() as i32);
     exit(ret);
     0
 }
@@ -76,6 +97,10 @@ fn exit(ret: i64) {
     // SAFETY: copied out at once.
     let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else { return };
     let _ = TLS_CALLS.remove(pid_tgid);
+    if call.direction == 0 {
+        // A handshake: its socket I/O tied the `SSL*` to its socket; no plaintext.
+        return;
+    }
     let len = if call.out_len != 0 {
         if ret != 1 {
             return;

@@ -23,6 +23,7 @@ mod policy;
 mod print;
 mod recording;
 mod sink;
+mod trace;
 
 // Dev-dependencies of the benchmarks (`benches/collector.rs` encodes ingest requests itself),
 // which share the unit tests' dependency list.

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use hopwatch_common::{
     DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS,
-    PROTO_TLS, SRC_SYSCALL, TcpOp,
+    PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest,
 };
-use hopwatch_proto::flow::{Flow, layer7::Record};
+use hopwatch_proto::flow::{Flow, TrafficDirection, layer4, layer7::Record};
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
 pub use crate::l7::CountedExchange;
@@ -21,6 +21,7 @@ use crate::{
         Completed, L7Tracker, Measured, session::MessageParser, setup::SetupTracker,
         tls::TlsTracker,
     },
+    trace::{Link, Tracer, TracerStats, span_id},
 };
 
 /// Connections tracked in userspace.
@@ -36,6 +37,9 @@ const TLS_HANDSHAKE_GIVE_UP: Duration = Duration::from_mins(1);
 /// How long a connection the peer reset keeps its L7 session: the application may still read
 /// what the peer sent before the reset (an error reply) after the socket closed.
 const RESET_READ_GRACE: Duration = Duration::from_secs(1);
+/// How long an exchange's flows wait for the trace of the request it was made for (the parent
+/// completes after its children: this bounds the requests whose children get a trace id).
+const TRACE_HOLD: Duration = Duration::from_secs(10);
 
 impl MessageParser for protocols::Parser {
     type Req = protocols::Request;
@@ -110,6 +114,8 @@ pub struct PipelineCounters {
     pub l7_fast_unparsed: u64,
     /// TLS handshakes not followed because too many were under way.
     pub tls_handshakes_overflow: u64,
+    /// Request tracing's links (and what it left unlinked).
+    pub trace: TracerStats,
 }
 
 pub struct Pipeline {
@@ -120,6 +126,8 @@ pub struct Pipeline {
     l7: L7Tracker<protocols::Parser>,
     tls: TlsTracker,
     setups: SetupTracker,
+    /// Links exchanges into traces (holds a child's flows until its parent's trace is known).
+    tracer: Tracer,
     /// Exchanges the kernel measured that only count ([`Pipeline::take_counted`]).
     counted: Vec<CountedExchange>,
     options: PipelineOptions,
@@ -140,6 +148,7 @@ impl Pipeline {
             .with_fast_path(options.fast_path),
             tls: TlsTracker::default(),
             setups: SetupTracker::default(),
+            tracer: Tracer::new(nanos(TRACE_HOLD)),
             counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
@@ -165,6 +174,7 @@ impl Pipeline {
             l7_sessions_overflow: self.l7.stats.sessions_overflow,
             l7_fast_unparsed: self.l7.stats.fast_unparsed,
             tls_handshakes_overflow: self.tls.overflow,
+            trace: self.tracer.stats,
         }
     }
 
@@ -238,7 +248,7 @@ impl Pipeline {
                 let conn = table.get(ev.header.socket_cookie);
                 let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
                 match self.l7.on_exchange(ev, *full, peer) {
-                    Measured::Recorded(c) => out.push(self.l7_flow(c)),
+                    Measured::Recorded(c) => self.l7_flows(vec![c], out),
                     Measured::Counted(c) => self.counted.push(c),
                 }
             }
@@ -290,6 +300,7 @@ impl Pipeline {
         self.l7_flows(expired, out);
         let closed = self.l7.close_due(now_ns);
         self.l7_flows(closed, out);
+        self.tracer.expire(now_ns, out);
         self.identity.process(out, from);
     }
 
@@ -299,8 +310,47 @@ impl Pipeline {
         out: &mut Vec<Flow>,
     ) {
         for c in done {
-            out.push(self.l7_flow(c));
+            let (time_ns, caller, cookie) = (c.exchange.response_ns, c.caller, c.cookie);
+            let flow = self.l7_flow(c);
+            let (span, link) = self.span_and_link(&flow, cookie, caller);
+            self.tracer.admit(flow, span, link, time_ns, out);
         }
+    }
+
+    /// The exchange's span and how it links to the request it was made for (see [`crate::trace`]).
+    fn span_and_link(&self, flow: &Flow, cookie: u64, caller: ThreadRequest) -> (u64, Link) {
+        let l7 = flow.l7.as_ref();
+        let index = l7.map_or(0, |l| l.exchange_index);
+        let server_side = flow.traffic_direction == i32::from(TrafficDirection::Ingress);
+        let conn = self.table.get(cookie);
+        let (client, server) = match conn {
+            Some(c) if server_side => (c.remote, c.local),
+            Some(c) => (c.local, c.remote),
+            None => flow_ends(flow),
+        };
+        let span = span_id(client, server, index);
+        if server_side {
+            // The client end, when it is on this node and captured, carries the link.
+            let peer = conn.and_then(|c| self.table.peer(c)).map(|p| p.cookie);
+            let link =
+                if peer.is_some_and(|p| self.l7.tracks(p)) { Link::SameAsPeer } else { Link::Root };
+            return (span, link);
+        }
+        let link = match caller.inflight {
+            0 => Link::Root,
+            1 => {
+                let parent = self
+                    .l7
+                    .index_at(caller.cookie, caller.turns)
+                    .zip(self.table.get(caller.cookie));
+                match parent {
+                    Some((index, c)) => Link::Thread { parent: span_id(c.remote, c.local, index) },
+                    None => Link::Root,
+                }
+            }
+            _ => Link::Ambiguous,
+        };
+        (span, link)
     }
 
     fn l7_flow(&mut self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
@@ -396,6 +446,24 @@ impl Pipeline {
         flow.tls_handshake = Some(done.handshake);
         flow
     }
+}
+
+/// A flow's client (source) and server (destination) addresses.
+fn flow_ends(flow: &Flow) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let ports = match flow.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+        Some(layer4::Protocol::Tcp(t)) => (t.source_port, t.destination_port),
+        Some(layer4::Protocol::Udp(u)) => (u.source_port, u.destination_port),
+        _ => (0, 0),
+    };
+    let addr = |ip: Option<&str>, port: u32| {
+        let ip = ip.and_then(|i| i.parse().ok()).unwrap_or(unspecified().ip());
+        std::net::SocketAddr::new(ip, u16::try_from(port).unwrap_or(0))
+    };
+    let ip = flow.ip.as_ref();
+    (
+        addr(ip.map(|i| i.source.as_str()), ports.0),
+        addr(ip.map(|i| i.destination.as_str()), ports.1),
+    )
 }
 
 fn unspecified() -> std::net::SocketAddr {

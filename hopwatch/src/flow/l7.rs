@@ -112,6 +112,8 @@ impl FlowBuilder {
                 peer_latency_ns: o.peer_latency_ns.unwrap_or(0),
                 tls: o.tls,
                 exchange_index: o.exchange_index,
+                // Set by request tracing (`crate::trace`).
+                span: None,
             }),
             event_type: Some(CiliumEventType { r#type: EVENT_TYPE_L7, sub_type: 0 }),
             traffic_direction: direction.into(),

@@ -10,7 +10,7 @@ pub(crate) mod tls;
 use std::collections::VecDeque;
 
 use hopwatch_common::{
-    DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_SYSCALL, SRC_TLS, Tuple,
+    DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_SYSCALL, SRC_TLS, ThreadRequest, Tuple,
     exchange::{EXCH_F_SERVER, EXCH_F_UNANSWERED, ExchangeEvent, Promotion},
 };
 use rustc_hash::FxHashMap;
@@ -49,6 +49,9 @@ pub(crate) struct Completed<Req, Resp> {
     pub pid: u32,
     pub comm: [u8; 16],
     pub cgroup_id: u64,
+    /// Client sockets: the inbound request the sending thread was serving when the request
+    /// started (see [`ThreadRequest`]).
+    pub caller: ThreadRequest,
 }
 
 /// What the tracker could not keep or parse, for the agent's counters.
@@ -111,6 +114,33 @@ struct Tracked<P: MessageParser> {
     last_comm: [u8; 16],
     last_cgroup: u64,
     engine: Engine,
+    /// The caller the kernel attached to the latest request's first message (client sockets).
+    caller: ThreadRequest,
+    /// An exchange index and the turns its response started at: maps a request's turns (what
+    /// the kernel names an inbound request by) to its exchange index.
+    anchor: (u64, u32),
+    /// Turns of the latest request's first message.
+    request_turns: u32,
+}
+
+impl<P: MessageParser> Tracked<P> {
+    fn new(parser: P, opened_ns: u64, server_side: bool, tuple: Tuple) -> Self {
+        Self {
+            session: Session::new(parser, opened_ns),
+            latencies: Latencies::default(),
+            server_side,
+            tls: false,
+            last_tuple: tuple,
+            last_pid: 0,
+            last_comm: [0; 16],
+            last_cgroup: 0,
+            engine: Engine::Capture,
+            caller: ThreadRequest::default(),
+            // Seen from its start: the first request starts at turn 1.
+            anchor: (0, 2),
+            request_turns: 0,
+        }
+    }
 }
 
 /// Where a connection's exchanges are measured.
@@ -211,20 +241,7 @@ impl<P: MessageParser> L7Tracker<P> {
                 self.stats.sessions_overflow += 1;
                 return Vec::new();
             }
-            self.sessions.insert(
-                cookie,
-                Tracked {
-                    session: Session::new(parser, opened_ns),
-                    latencies: Latencies::default(),
-                    server_side,
-                    tls: false,
-                    last_tuple: ev.tuple,
-                    last_pid: 0,
-                    last_comm: [0; 16],
-                    last_cgroup: 0,
-                    engine: Engine::Capture,
-                },
-            );
+            self.sessions.insert(cookie, Tracked::new(parser, opened_ns, server_side, ev.tuple));
         }
         let t = self.sessions.get_mut(&cookie).expect("inserted above");
         t.tls |= ev.source == SRC_TLS;
@@ -241,6 +258,11 @@ impl<P: MessageParser> L7Tracker<P> {
         };
         let ts = ev.header.timestamp_ns;
         let total = u64::from(ev.len);
+        if is_request && ev.turns != t.request_turns {
+            // The first message of a request: the kernel attached its caller.
+            t.request_turns = ev.turns;
+            t.caller = ev.caller;
+        }
         if is_request {
             t.session.on_request_data(payload, total, ts);
             return Vec::new();
@@ -250,6 +272,9 @@ impl<P: MessageParser> L7Tracker<P> {
             return Vec::new();
         }
         let last_index = done.last().map(|x| x.index);
+        if let (Some(i), true) = (last_index, ev.turns != 0) {
+            t.anchor = (i, ev.turns);
+        }
         if self.fast_path
             && t.engine == Engine::Capture
             && ev.source == SRC_SYSCALL
@@ -276,6 +301,7 @@ impl<P: MessageParser> L7Tracker<P> {
         let peer = peer();
         let (server_side, tls) = (t.server_side, t.tls);
         let (tuple, pid, comm, cgroup_id) = (t.last_tuple, t.last_pid, t.last_comm, t.last_cgroup);
+        let caller = t.caller;
         done.into_iter()
             .map(|exchange| {
                 let peer_latency_ns = self.pair(cookie, peer, &exchange);
@@ -289,6 +315,7 @@ impl<P: MessageParser> L7Tracker<P> {
                     pid,
                     comm,
                     cgroup_id,
+                    caller,
                 }
             })
             .collect()
@@ -370,7 +397,23 @@ impl<P: MessageParser> L7Tracker<P> {
             pid: t.last_pid,
             comm: t.last_comm,
             cgroup_id: t.last_cgroup,
+            caller: ev.caller,
         })
+    }
+
+    /// Whether socket `cookie` has an L7 session.
+    pub(crate) fn tracks(&self, cookie: u64) -> bool {
+        self.sessions.contains_key(&cookie)
+    }
+
+    /// The exchange index of the request that started at `turns` on the server socket `cookie`
+    /// (what [`ThreadRequest`] names it by), when that socket is tracked as a server's.
+    pub(crate) fn index_at(&self, cookie: u64, turns: u32) -> Option<u64> {
+        let t = self.sessions.get(&cookie).filter(|t| t.server_side)?;
+        let (index, response_turns) = t.anchor;
+        // Each exchange is two turns; its response starts the turn after its request.
+        let delta = i64::from(turns.wrapping_add(1)) - i64::from(response_turns);
+        u64::try_from(i64::try_from(index).ok()? + delta / 2).ok()
     }
 
     /// Remembers this exchange's latency and returns the other end's, if already seen.
@@ -403,6 +446,7 @@ impl<P: MessageParser> L7Tracker<P> {
                     pid: t.last_pid,
                     comm: t.last_comm,
                     cgroup_id: t.last_cgroup,
+                    caller: t.caller,
                 });
             }
         }
@@ -455,6 +499,7 @@ impl<P: MessageParser> L7Tracker<P> {
                 pid: t.last_pid,
                 comm: t.last_comm,
                 cgroup_id: t.last_cgroup,
+                caller: t.caller,
             })
             .collect()
     }

@@ -284,7 +284,9 @@ fn attach_tls(
             }
             let libs: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
             for lib in &libs {
-                hooks.push(format!("uprobe/SSL_read,SSL_write(_ex) on {lib}"));
+                hooks.push(format!(
+                    "uprobe/SSL_read,SSL_write(_ex),SSL_do_handshake,SSL_free on {lib}"
+                ));
             }
             capabilities.push(if libs.is_empty() {
                 Capability::down(
@@ -299,7 +301,10 @@ fn attach_tls(
             } else {
                 Capability::up(
                     "tls",
-                    format!("uprobe/SSL_read,SSL_write(_ex) on {}", libs.join(", ")),
+                    format!(
+                        "uprobe/SSL_read,SSL_write(_ex),SSL_do_handshake,SSL_free on {}",
+                        libs.join(", ")
+                    ),
                 )
             });
             Some(probes)

@@ -17,13 +17,16 @@ use aya::{
 use super::LoadError;
 
 /// (program, function) pairs: entry probes, then the shared return probe for each function.
-const ENTRY_PROBES: [(&str, &str); 4] = [
+const ENTRY_PROBES: [(&str, &str); 5] = [
     ("ssl_write", "SSL_write"),
     ("ssl_write_ex", "SSL_write_ex"),
     ("ssl_read", "SSL_read"),
     ("ssl_read_ex", "SSL_read_ex"),
+    ("ssl_do_handshake", "SSL_do_handshake"),
 ];
 const RETURN_PROBE: &str = "ssl_return";
+/// Entry only: forgets a freed `SSL*`'s socket.
+const FREE_PROBE: (&str, &str) = ("ssl_free", "SSL_free");
 
 /// Where distributions put libssl.
 const DEFAULT_LIBSSL: [&str; 4] = [
@@ -42,7 +45,7 @@ pub(crate) struct TlsProbes {
 impl TlsProbes {
     /// Loads the uprobe programs (attaching happens per library in [`TlsProbes::scan`]).
     pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        for name in ENTRY_PROBES.iter().map(|(p, _)| *p).chain([RETURN_PROBE]) {
+        for name in ENTRY_PROBES.iter().map(|(p, _)| *p).chain([RETURN_PROBE, FREE_PROBE.0]) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or(LoadError::NoProgram { program: name })?
@@ -88,6 +91,9 @@ fn attach_all(ebpf: &mut Ebpf, lib: &Path) -> Result<(), ProgramError> {
             prog.attach(function, lib, UProbeScope::AllProcesses)?;
         }
     }
+    let prog: &mut UProbe =
+        ebpf.program_mut(FREE_PROBE.0).expect("loaded in TlsProbes::load").try_into()?;
+    prog.attach(FREE_PROBE.1, lib, UProbeScope::AllProcesses)?;
     Ok(())
 }
 

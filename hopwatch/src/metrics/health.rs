@@ -68,6 +68,7 @@ pub(crate) struct Health {
     events_read: Totals,
     exchanges: Totals,
     hidden: Totals,
+    trace_links: Totals,
     program_run_seconds: CounterVec,
     program_last_ns: Mutex<HashMap<String, u64>>,
 }
@@ -82,7 +83,7 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 /// The counter families fed from running totals, in the order of [`Health`]'s fields below.
-fn totals(r: &Registry) -> Result<[Totals; 10], prometheus::Error> {
+fn totals(r: &Registry) -> Result<[Totals; 11], prometheus::Error> {
     let specs = [
         (
             "hopwatch_lost_events_total",
@@ -142,6 +143,14 @@ fn totals(r: &Registry) -> Result<[Totals; 10], prometheus::Error> {
                  connections to the agent's own listeners; --show-own-traffic shows them).",
             "reason",
         ),
+        (
+            "hopwatch_trace_links_total",
+            "L7 exchanges by how request tracing linked them to the exchange they were made for \
+                 (thread: the calling thread served exactly that request; ambiguous: it had \
+                 several in flight, left unlinked; expired: emitted without a trace id because \
+                 the parent's trace was not known within the hold; overflow: too many held).",
+            "outcome",
+        ),
     ];
     let mut out = Vec::with_capacity(specs.len());
     for (name, help, label) in specs {
@@ -170,11 +179,13 @@ impl Health {
             events_read,
             exchanges,
             hidden,
+            trace_links,
         ] = totals(r)?;
         Ok(Self {
             events_read,
             exchanges,
             hidden,
+            trace_links,
             lost,
             queue_dropped,
             kernel,
@@ -327,6 +338,14 @@ impl Health {
         self.tables_full.set("l7_sessions", l7_sessions);
         self.parse_failures.set("l7_connection", unparsed_connections);
         self.parse_failures.set("l7_kernel_exchange", kernel_exchanges);
+    }
+
+    /// Running totals of request tracing's links.
+    pub(crate) fn trace_links(&self, t: crate::trace::TracerStats) {
+        self.trace_links.set("thread", t.linked_thread);
+        self.trace_links.set("ambiguous", t.ambiguous);
+        self.trace_links.set("expired", t.expired);
+        self.trace_links.set("overflow", t.overflow);
     }
 
     /// Running total of TLS handshakes not followed (too many under way at once).

@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 5],
+    pipeline: [AtomicU64; 9],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -242,6 +242,7 @@ impl Telemetry {
                 l7_sessions_overflow,
                 l7_fast_unparsed,
                 tls_handshakes_overflow,
+                trace,
             } = counters;
             for (slot, v) in i.pipeline.iter().zip([
                 conn_table_overflow,
@@ -249,6 +250,10 @@ impl Telemetry {
                 l7_unparsed_connections,
                 l7_fast_unparsed,
                 tls_handshakes_overflow,
+                trace.linked_thread,
+                trace.ambiguous,
+                trace.expired,
+                trace.overflow,
             ]) {
                 slot.store(v, Ordering::Relaxed);
             }
@@ -358,10 +363,25 @@ impl Telemetry {
                 bpf::program_runs(ids).into_iter().filter(|(_, n, _)| *n > 0).collect();
             i.health.programs(&runs);
         }
-        let [conn_table, l7_sessions, unparsed, fast_unparsed, tls_handshakes] =
-            i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
+        let [
+            conn_table,
+            l7_sessions,
+            unparsed,
+            fast_unparsed,
+            tls_handshakes,
+            linked_thread,
+            ambiguous,
+            expired,
+            overflow,
+        ] = i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
         i.health.tables_full(conn_table, l7_sessions, unparsed, fast_unparsed);
         i.health.tls_handshakes_full(tls_handshakes);
+        i.health.trace_links(crate::trace::TracerStats {
+            linked_thread,
+            ambiguous,
+            expired,
+            overflow,
+        });
         if let Some(g) = i.ringbuf.get() {
             i.health.ringbuf_used.set(i64::try_from(g.used_bytes()).unwrap_or(i64::MAX));
         }

@@ -22,4 +22,5 @@ mod server_errors;
 mod tcp;
 mod tls_handshake;
 mod topology;
+mod tracing;
 mod ui;

@@ -1,0 +1,344 @@
+//! Request tracing on one node: each L7 exchange is a span, linked to the exchange it was made
+//! for, and the spans of one request share a trace id.
+//!
+//! - **Span.** Both ends of an exchange name it alike: a hash of the client's and the server's
+//!   addresses and the exchange's index on the connection ([`span_id`]).
+//! - **Links.** An outbound exchange's parent is the inbound request its thread was serving when
+//!   it sent the request, as the kernel recorded it ([`hopwatch_common::ThreadRequest`]), and only
+//!   when the thread was serving exactly one: thread- and process-per-request servers link, an
+//!   event loop with several requests in flight stays unlinked ("ambiguous"), never guessed.
+//! - **Trace id.** The root exchange's `traceparent` trace id, else one derived from the root's
+//!   span id, so every end computes the same.
+//!
+//! A child exchange completes before its parent, and a trace's id is only known once its root is
+//! linked: so the [`Tracer`] holds an exchange's flows until its parent's trace is known, at most
+//! [`Tracer::hold_ns`]; what it gives up on is emitted with its link but without a trace id, and
+//! counted. Exchanges that cannot have a parent here (a client that serves nothing, a server end
+//! whose client is not on this node) pass through at once.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, SocketAddr},
+};
+
+use hopwatch_proto::flow::{Flow, Span, TraceContext, TraceParent};
+use rustc_hash::FxHashMap;
+
+/// Spans whose flows are held at most (beyond, new ones pass through unlinked, counted).
+const MAX_HELD: usize = 65_536;
+/// Spans whose trace id is remembered for their late ends and children.
+const MAX_RESOLVED: usize = 262_144;
+
+/// How a flow's exchange relates to the rest of its trace, as the pipeline found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Link {
+    /// No parent: the exchange starts a trace.
+    Root,
+    /// Made for the inbound request `parent`, by the thread serving it alone.
+    Thread { parent: u64 },
+    /// A parent may exist but could not be told without guessing; the exchange starts a trace.
+    Ambiguous,
+    /// A server end whose client end is on this node: the client end carries the link.
+    SameAsPeer,
+}
+
+/// What the tracer did, for the agent's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TracerStats {
+    /// Exchanges linked to their parent by thread causality.
+    pub linked_thread: u64,
+    /// Exchanges left unlinked because their thread had several requests in flight.
+    pub ambiguous: u64,
+    /// Flows emitted without a trace id because their parent's trace was not known in time.
+    pub expired: u64,
+    /// Flows passed through unlinked because too many spans were held.
+    pub overflow: u64,
+}
+
+struct Held {
+    flows: Vec<Flow>,
+    /// The span whose trace this one waits for (its parent, or itself for a server end).
+    waits_for: u64,
+    since_ns: u64,
+}
+
+pub(crate) struct Tracer {
+    held: FxHashMap<u64, Held>,
+    /// Held spans in the order they were first held, for expiry.
+    held_order: VecDeque<u64>,
+    /// Span → the held spans waiting for its trace.
+    waiting: FxHashMap<u64, Vec<u64>>,
+    resolved: FxHashMap<u64, u128>,
+    resolved_order: VecDeque<u64>,
+    hold_ns: u64,
+    pub stats: TracerStats,
+}
+
+impl Tracer {
+    pub(crate) fn new(hold_ns: u64) -> Self {
+        Self {
+            held: FxHashMap::default(),
+            held_order: VecDeque::new(),
+            waiting: FxHashMap::default(),
+            resolved: FxHashMap::default(),
+            resolved_order: VecDeque::new(),
+            hold_ns,
+            stats: TracerStats::default(),
+        }
+    }
+
+    /// One exchange's flow, with its span and link; the flows whose trace is now known go to
+    /// `out` (this one, and any it completes).
+    pub(crate) fn admit(
+        &mut self,
+        mut flow: Flow,
+        span: u64,
+        link: Link,
+        now_ns: u64,
+        out: &mut Vec<Flow>,
+    ) {
+        let own_trace = flow.trace_context.as_ref().and_then(trace_id_of);
+        let mut s = Span { span_id: hex64(span), ..Span::default() };
+        let waits_for = match link {
+            Link::Root => None,
+            Link::Ambiguous => {
+                self.stats.ambiguous += 1;
+                "ambiguous".clone_into(&mut s.unlinked);
+                None
+            }
+            Link::Thread { parent } => {
+                self.stats.linked_thread += 1;
+                s.parent_span_id = hex64(parent);
+                "thread".clone_into(&mut s.link);
+                Some(parent)
+            }
+            Link::SameAsPeer => Some(span),
+        };
+        if let Some(l7) = flow.l7.as_mut() {
+            l7.span = Some(s);
+        }
+        let Some(waits_for) = waits_for else {
+            // A root: its trace is its own.
+            let trace = own_trace.unwrap_or_else(|| derived_trace(span));
+            self.resolve(span, trace, out);
+            out.push(with_trace(flow, trace));
+            return;
+        };
+        if let Some(&trace) = self.resolved.get(&waits_for) {
+            if waits_for != span {
+                self.resolve(span, trace, out);
+            }
+            out.push(with_trace(flow, trace));
+            return;
+        }
+        if let Some(h) = self.held.get_mut(&span) {
+            h.flows.push(flow);
+            if waits_for != span && h.waits_for == span {
+                // The client end arrived with the link the server end was waiting for.
+                h.waits_for = waits_for;
+                self.waiting.entry(waits_for).or_default().push(span);
+            }
+            return;
+        }
+        if self.held.len() >= MAX_HELD {
+            self.stats.overflow += 1;
+            out.push(flow);
+            return;
+        }
+        self.held.insert(span, Held { flows: vec![flow], waits_for, since_ns: now_ns });
+        self.held_order.push_back(span);
+        if waits_for != span {
+            self.waiting.entry(waits_for).or_default().push(span);
+        }
+    }
+
+    /// Emits the flows held longer than the hold, without a trace id (their links stay).
+    pub(crate) fn expire(&mut self, now_ns: u64, out: &mut Vec<Flow>) {
+        while let Some(&span) = self.held_order.front() {
+            let Some(h) = self.held.get(&span) else {
+                self.held_order.pop_front();
+                continue;
+            };
+            if now_ns.saturating_sub(h.since_ns) < self.hold_ns {
+                break;
+            }
+            self.held_order.pop_front();
+            let h = self.held.remove(&span).expect("looked up above");
+            self.stats.expired += h.flows.len() as u64;
+            for mut f in h.flows {
+                if let Some(s) = f.l7.as_mut().and_then(|l| l.span.as_mut())
+                    && s.unlinked.is_empty()
+                {
+                    "expired".clone_into(&mut s.unlinked);
+                }
+                out.push(f);
+            }
+        }
+    }
+
+    /// Flows held now.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.held.values().map(|h| h.flows.len()).sum()
+    }
+
+    /// `span` belongs to `trace`: remembered, and everything waiting for it is emitted.
+    fn resolve(&mut self, span: u64, trace: u128, out: &mut Vec<Flow>) {
+        let mut released = Vec::new();
+        let mut queue = VecDeque::from([(span, trace)]);
+        while let Some((span, trace)) = queue.pop_front() {
+            if self.resolved.insert(span, trace).is_none() {
+                self.resolved_order.push_back(span);
+                if self.resolved_order.len() > MAX_RESOLVED
+                    && let Some(old) = self.resolved_order.pop_front()
+                {
+                    self.resolved.remove(&old);
+                }
+            }
+            if let Some(h) = self.held.remove(&span) {
+                released.extend(h.flows.into_iter().map(|f| with_trace(f, trace)));
+            }
+            for child in self.waiting.remove(&span).unwrap_or_default() {
+                if self.held.get(&child).is_some_and(|h| h.waits_for == span) {
+                    queue.push_back((child, trace));
+                }
+            }
+        }
+        // In the order they happened (a pipeline's commands, a request's queries).
+        released.sort_by_key(|f| f.time.map(|t| (t.seconds, t.nanos)));
+        out.extend(released);
+    }
+}
+
+/// The span id of an exchange: both of its ends compute it from the same facts.
+#[must_use]
+pub(crate) fn span_id(client: SocketAddr, server: SocketAddr, index: u64) -> u64 {
+    let mut h = Fnv::default();
+    for end in [client, server] {
+        match end.ip() {
+            IpAddr::V4(a) => h.write(&a.to_ipv6_mapped().octets()),
+            IpAddr::V6(a) => h.write(&a.octets()),
+        }
+        h.write(&end.port().to_be_bytes());
+    }
+    h.write(&index.to_be_bytes());
+    // 0 is not a valid span id (W3C Trace Context).
+    h.0.max(1)
+}
+
+/// The trace id of a trace whose root exchange carried no `traceparent`.
+fn derived_trace(root: u64) -> u128 {
+    let mut hi = Fnv::default();
+    hi.write(b"hopwatch trace");
+    hi.write(&root.to_be_bytes());
+    (u128::from(hi.0) << 64) | u128::from(root)
+}
+
+fn trace_id_of(t: &TraceContext) -> Option<u128> {
+    u128::from_str_radix(&t.parent.as_ref()?.trace_id, 16).ok().filter(|&v| v != 0)
+}
+
+fn with_trace(mut f: Flow, trace: u128) -> Flow {
+    f.trace_context =
+        Some(TraceContext { parent: Some(TraceParent { trace_id: format!("{trace:032x}") }) });
+    f
+}
+
+fn hex64(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+/// FNV-1a, 64-bit: stable across builds and machines (the standard library's hasher is not),
+/// so two agents name a span alike.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hopwatch_proto::flow::Layer7;
+
+    use super::*;
+
+    fn flow(traceparent: Option<&str>) -> Flow {
+        Flow {
+            l7: Some(Layer7::default()),
+            trace_context: traceparent
+                .map(|t| TraceContext { parent: Some(TraceParent { trace_id: t.to_owned() }) }),
+            ..Flow::default()
+        }
+    }
+
+    fn trace(f: &Flow) -> Option<&str> {
+        f.trace_context.as_ref()?.parent.as_ref().map(|p| p.trace_id.as_str())
+    }
+
+    fn span(f: &Flow) -> &Span {
+        f.l7.as_ref().and_then(|l| l.span.as_ref()).expect("a span")
+    }
+
+    #[test]
+    fn both_ends_name_an_exchange_alike_and_exchanges_apart() {
+        let (c, s) = ("10.0.0.1:40000".parse().unwrap(), "10.0.0.2:80".parse().unwrap());
+        assert_eq!(span_id(c, s, 3), span_id(c, s, 3));
+        assert_ne!(span_id(c, s, 3), span_id(c, s, 4));
+        assert_ne!(span_id(c, s, 3), span_id(s, c, 3));
+    }
+
+    #[test]
+    fn children_wait_for_their_parents_trace_and_share_it() {
+        let mut t = Tracer::new(5_000_000_000);
+        let mut out = Vec::new();
+        // The query completes first, then the inbound request's server end, then its client end
+        // (a root carrying a traceparent).
+        t.admit(flow(None), 30, Link::Thread { parent: 20 }, 1, &mut out);
+        t.admit(flow(None), 20, Link::SameAsPeer, 2, &mut out);
+        assert!(out.is_empty(), "held until the root is known");
+        assert_eq!(t.held(), 2);
+        let root = "4bf92f3577b34da6a3ce929d0e0e4736";
+        t.admit(flow(Some(root)), 20, Link::Root, 3, &mut out);
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|f| trace(f) == Some(root)), "{out:?}");
+        let query = out.iter().find(|f| span(f).span_id == hex64(30)).expect("the query");
+        assert_eq!(
+            (span(query).parent_span_id.as_str(), span(query).link.as_str()),
+            (hex64(20).as_str(), "thread")
+        );
+        // A late end of a resolved span passes at once, with the trace.
+        out.clear();
+        t.admit(flow(None), 30, Link::SameAsPeer, 4, &mut out);
+        assert_eq!(trace(&out[0]), Some(root));
+        assert_eq!(t.stats.linked_thread, 1);
+    }
+
+    #[test]
+    fn unlinked_and_expired_exchanges_are_counted_never_guessed() {
+        let mut t = Tracer::new(100);
+        let mut out = Vec::new();
+        t.admit(flow(None), 7, Link::Ambiguous, 0, &mut out);
+        assert_eq!(span(&out[0]).unlinked, "ambiguous");
+        assert_eq!(span(&out[0]).parent_span_id, "");
+        assert_eq!(trace(&out[0]), Some(format!("{:032x}", derived_trace(7)).as_str()));
+        out.clear();
+        t.admit(flow(None), 8, Link::Thread { parent: 9 }, 10, &mut out);
+        t.expire(50, &mut out);
+        assert!(out.is_empty());
+        t.expire(110, &mut out);
+        assert_eq!((span(&out[0]).unlinked.as_str(), trace(&out[0])), ("expired", None));
+        assert_eq!(span(&out[0]).parent_span_id, hex64(9), "the link stays");
+        assert_eq!((t.stats.ambiguous, t.stats.expired, t.held()), (1, 1, 0));
+    }
+}
