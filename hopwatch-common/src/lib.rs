@@ -557,7 +557,8 @@ const _: () = assert!(size_of::<L7Conn>() == 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadRequest {
-    /// Socket cookie of the server socket whose request the thread read last (0: none).
+    /// Socket cookie of the server socket whose request the thread read last; 0 once that
+    /// request's response started (the thread may still serve others: which is not known).
     pub cookie: u64,
     /// [`L7Conn::turns`] of that socket at the request's first call.
     pub turns: u32,

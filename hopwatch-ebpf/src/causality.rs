@@ -25,7 +25,7 @@ pub fn on_turn(c: &mut L7Conn, cookie: u64, pid_tgid: u64, direction: u8) -> Thr
         if direction == DIR_INGRESS {
             request_read(c, cookie, tid);
         } else if c.owner_tid != 0 {
-            response_started(c.owner_tid);
+            response_started(c.owner_tid, cookie);
             c.owner_tid = 0;
         }
     } else if c.role == ROLE_CLIENT
@@ -41,9 +41,9 @@ pub fn on_turn(c: &mut L7Conn, cookie: u64, pid_tgid: u64, direction: u8) -> Thr
 /// A server socket whose request started was closed before its response started: the reading
 /// thread is no longer serving it.
 #[inline(always)]
-pub fn on_close(c: &L7Conn) {
+pub fn on_close(c: &L7Conn, cookie: u64) {
     if c.role == ROLE_SERVER && c.owner_tid != 0 {
-        response_started(c.owner_tid);
+        response_started(c.owner_tid, cookie);
     }
 }
 
@@ -73,12 +73,18 @@ fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
 }
 
 #[inline(always)]
-fn response_started(owner: u32) {
+fn response_started(owner: u32, cookie: u64) {
     if let Some(t) = THREAD_REQUESTS.get_ptr_mut(owner) {
         // SAFETY: map value, valid while the program runs. A lost race leaves `inflight` too
         // high, which makes the thread's calls unlinked (never linked wrongly); it never goes
         // below zero because only a socket's owner is decremented, once per request.
         unsafe {
+            // The thread's latest request is answered: whichever request it still serves is
+            // not known any more (an event loop that read A then B and answered B first is
+            // serving A), so its calls stay unlinked until it reads another.
+            if (*t).cookie == cookie {
+                (*t).cookie = 0;
+            }
             if (*t).inflight > 0 {
                 atomic_add(&raw mut (*t).inflight, u64::MAX);
             }

@@ -151,6 +151,7 @@ pub fn capture(
                 (*call).cookie = cookie;
                 let _ = SSL_SOCKETS.insert((*call).ssl, cookie, 0);
             }
+            (*call).io_ns = bpf_ktime_get_ns();
         }
         match L7CONNS.get_ptr_mut(cookie) {
             // SAFETY: map value pointer, valid until we return.
@@ -400,12 +401,17 @@ fn finish(scratch: &mut DataScratch, mut p: Pending, pid_tgid: u64) {
 /// Fills the event's process fields and sends the event plus its `captured` bytes.
 #[inline(always)]
 pub fn send(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64) {
+    // SAFETY: no arguments.
+    send_at(scratch, pid_tgid, cookie, unsafe { bpf_ktime_get_ns() });
+}
+
+/// [`send`], stamped `ts` (monotonic ns).
+#[inline(always)]
+pub fn send_at(scratch: &mut DataScratch, pid_tgid: u64, cookie: u64, ts: u64) {
     current_process_into(pid_tgid, &mut scratch.event.header, &mut scratch.event.comm);
     let size = size_of::<hopwatch_common::DataEvent>() as u64
         + u64::from(scratch.event.captured.min(DATA_MAX as u32));
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if output(scratch, size, now, cookie) {
+    if output(scratch, size, ts, cookie) {
         count(Counter::DataEvents);
     }
 }

@@ -67,6 +67,10 @@ pub struct TlsCall {
     pub out_len: u64,
     /// Learnt from socket I/O inside the call (or remembered for this `SSL*`).
     pub cookie: u64,
+    /// Monotonic ns of the last socket I/O inside the call: when a write's bytes left (its
+    /// return can come much later, if the writer is preempted by the reader it woke) or a read's
+    /// arrived. 0: none (the data was buffered).
+    pub io_ns: u64,
     pub direction: u8,
     pub _pad: [u8; 7],
 }

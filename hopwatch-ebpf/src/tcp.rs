@@ -102,7 +102,7 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
             unsafe { crate::exchange::on_close(sk, cookie) };
             // SAFETY: map value, copied out at once.
             if let Some(c) = unsafe { L7CONNS.get(cookie) } {
-                crate::causality::on_close(c);
+                crate::causality::on_close(c, cookie);
             }
             emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32);
             let _ = CONNS.remove(cookie);

@@ -13,7 +13,7 @@
 //! the next connection, whose data would otherwise go to the closed one.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -25,7 +25,7 @@ use hopwatch_common::{
 use crate::{
     causality,
     kernel::read_user,
-    l7::{copy_chunk, detect_head, send},
+    l7::{copy_chunk, detect_head, send_at},
     maps::{DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TlsCall, count},
 };
 
@@ -88,7 +88,7 @@ fn enter(ctx: &ProbeContext, direction: u8, ex: bool) {
     let out_len: u64 = if ex { ctx.arg(3).unwrap_or(0) } else { 0 };
     // SAFETY: copied out at once.
     let cookie = unsafe { SSL_SOCKETS.get(ssl) }.copied().unwrap_or(0);
-    let call = TlsCall { ssl, buf, out_len, cookie, direction, _pad: [0; 7] };
+    let call = TlsCall { ssl, buf, out_len, cookie, io_ns: 0, direction, _pad: [0; 7] };
     let _ = TLS_CALLS.insert(bpf_get_current_pid_tgid(), call, 0);
 }
 
@@ -186,5 +186,7 @@ fn exit(ret: i64) {
     ev.protocol = state.inner;
     ev.turns = state.turns;
     ev.caller = caller;
-    send(scratch, pid_tgid, cookie);
+    // SAFETY: no arguments.
+    let ts = if call.io_ns != 0 { call.io_ns } else { unsafe { bpf_ktime_get_ns() } };
+    send_at(scratch, pid_tgid, cookie, ts);
 }

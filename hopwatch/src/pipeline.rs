@@ -338,6 +338,8 @@ impl Pipeline {
         }
         let link = match caller.inflight {
             0 => Link::Root,
+            // Serving one request, but not the one it read last (that one is answered).
+            1 if caller.cookie == 0 => Link::Ambiguous,
             1 => {
                 let parent = self
                     .l7

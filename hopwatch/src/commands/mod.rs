@@ -7,6 +7,7 @@ mod collector;
 mod hops;
 mod observe;
 mod replay;
+mod trace;
 mod ui;
 
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
     /// Per-hop table (requests/s, errors, latency quantiles, TCP health, drops) over recent
     /// flows; `--path` chains hops upstream → downstream.
     Hops(hops::HopsArgs),
+    /// One request hop by hop: a waterfall of the exchanges of trace TRACE_ID (client- and
+    /// server-side time, share of the whole, calls made), or the slowest recent traces.
+    Trace(trace::TraceArgs),
 }
 
 /// Parses the command line, runs the subcommand on a two-thread runtime and says how it ended:
@@ -76,6 +80,7 @@ pub fn main() -> ExitCode {
             Command::Certs(args) => certs::run(&args).map_err(|e| error_chain(&e)),
             Command::Replay(args) => replay::main(&args).map_err(|e| error_chain(&e)),
             Command::Hops(args) => return Ok(Some(hops::main(args).await)),
+            Command::Trace(args) => return Ok(Some(trace::main(args).await)),
         }
         .map(|()| None)
     });

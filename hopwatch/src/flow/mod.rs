@@ -29,7 +29,7 @@ use crate::{
 /// `--type l7`) use.
 const EVENT_TYPE_DROP: i32 = 1;
 const EVENT_TYPE_TRACE: i32 = 4;
-const EVENT_TYPE_L7: i32 = 129;
+pub(crate) const EVENT_TYPE_L7: i32 = 129;
 
 /// Converts `CLOCK_MONOTONIC` nanoseconds (what BPF programs stamp) to wall-clock time.
 #[derive(Debug, Clone, Copy)]

@@ -6,7 +6,7 @@
 //! Flows are built and stored without their one-line summary (Hubble's `Summary`); the printer
 //! fills it in when it is missing, so a flow reads the same whoever prints it.
 
-mod summary;
+pub(crate) mod summary;
 pub(crate) mod time;
 
 use std::{

@@ -88,7 +88,25 @@ fn tcp_summary(event: SocketEvent, s: &TcpStats) -> String {
 
 /// `GET /api/items → 200 in 12.3ms (server 10.1ms)`, and the like per protocol.
 fn l7_summary(l7: &Layer7, server_side: bool) -> String {
-    let mut out = match &l7.record {
+    let mut out = l7_label(l7);
+    if l7.timed_out {
+        out.push_str(" no response");
+    } else {
+        let _ = write!(out, " in {}", human_ns(l7.latency_ns));
+        if l7.peer_latency_ns > 0 {
+            let other = if server_side { "client" } else { "server" };
+            let _ = write!(out, " ({other} {})", human_ns(l7.peer_latency_ns));
+        }
+    }
+    if !l7.error.is_empty() {
+        let _ = write!(out, " [{}]", l7.error);
+    }
+    out
+}
+
+/// What an exchange was: `HTTP/1.1 GET /x → 200`, `PostgreSQL SELECT ...`, `Redis GET`.
+pub(crate) fn l7_label(l7: &Layer7) -> String {
+    match &l7.record {
         Some(Record::Http(h)) => match h.code {
             0 => format!("{} {} {}", h.protocol, h.method, h.url),
             code => format!("{} {} {} → {code}", h.protocol, h.method, h.url),
@@ -104,20 +122,7 @@ fn l7_summary(l7: &Layer7, server_side: bool) -> String {
         Some(Record::Redis(r)) => format!("Redis {}", r.command),
         Some(Record::Mysql(m)) => format!("MySQL {}", first_nonempty(&m.query, &m.command)),
         None => l7.protocol.clone(),
-    };
-    if l7.timed_out {
-        out.push_str(" no response");
-    } else {
-        let _ = write!(out, " in {}", human_ns(l7.latency_ns));
-        if l7.peer_latency_ns > 0 {
-            let other = if server_side { "client" } else { "server" };
-            let _ = write!(out, " ({other} {})", human_ns(l7.peer_latency_ns));
-        }
     }
-    if !l7.error.is_empty() {
-        let _ = write!(out, " [{}]", l7.error);
-    }
-    out
 }
 
 /// `TLS 1.3 handshake api.example.com (h2, resumed) in 41.2ms`, or its failure.

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::support::{
     Pod, Testbed,
-    agent::{Agent, ip_dst, ip_src, u64_at},
+    agent::{Agent, ip_dst, ip_src, observe, u64_at},
     serial,
     servers::{ServerProcess, TempDir, dns::Dnsmasq, output_in, succeeds, web},
 };
@@ -308,7 +308,7 @@ fn a_handshake_refused_for_its_version_is_an_error_with_the_alert() {
     handshake_at(&agent, "INGRESS", &client, &server, BOTH, |h| {
         h["server_name"] == "new.hopwatch.test"
     });
-    let collector = collector_addr(&agent);
+    let collector = agent.collector_addr();
     let names = |args: &[&str]| -> Vec<String> {
         let flows = observe(&collector, args);
         flows.iter().map(|f| text(&f["tls_handshake"], "server_name").to_owned()).collect()
@@ -321,37 +321,6 @@ fn a_handshake_refused_for_its_version_is_an_error_with_the_alert() {
     assert!(all.iter().any(|n| n == "old.hopwatch.test"), "{all:?}");
     let errors = names(&["--sni", "*.hopwatch.test", "--verdict", "ERROR"]);
     assert!(errors.iter().all(|n| n == "old.hopwatch.test") && !errors.is_empty(), "{errors:?}");
-}
-
-/// Where the agent's in-process collector listens (from its start-up line).
-fn collector_addr(agent: &Agent) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let err = agent.stderr();
-        let addr = err.lines().find_map(|l| {
-            let a = l.split("collector APIs on ").nth(1)?.split(' ').next()?;
-            a.parse::<std::net::SocketAddr>().ok().map(|a| a.to_string())
-        });
-        if let Some(a) = addr {
-            return a;
-        }
-        assert!(Instant::now() < deadline, "the agent did not say where its collector is:\n{err}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `hopwatch observe --all -o json <args>` against `collector`: the flows it printed.
-fn observe(collector: &str, args: &[&str]) -> Vec<Value> {
-    let out = std::process::Command::new(crate::support::agent::BIN)
-        .args(["observe", "--server", collector, "--all", "-o", "json"])
-        .args(args)
-        .output()
-        .expect("run hopwatch observe");
-    assert!(out.status.success(), "observe {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("flow").cloned())
-        .collect()
 }
 
 #[test]

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::support::{
     Pod, Testbed,
-    agent::{Agent, ip_dst, ip_src},
+    agent::{Agent, BIN, ip_dst, ip_src, observe},
     serial,
     servers::topology::Topology,
 };
@@ -98,16 +98,55 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
     for f in [&ingress_s, &upstream_c, &upstream_s, &pg, &pg_s, &redis, &mysql] {
         assert_eq!(trace(f), id, "every exchange of the request is in its trace: {f}");
     }
+
+    // The same trace through the agent's collector: Hubble's trace-id filter, and the waterfall.
+    let collector = agent.collector_addr();
+    let wanted: Vec<&str> = [&ingress_c, &upstream_c, &pg, &redis, &mysql].map(span).to_vec();
+    let deadline = std::time::Instant::now() + WAIT;
+    let in_trace = loop {
+        // The agent ships flows to its collector in batches: wait for the last of them.
+        let got = observe(&collector, &["--trace-id", id]);
+        let spans: Vec<&str> = got.iter().map(span).collect();
+        if wanted.iter().all(|w| spans.contains(w)) {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "observe --trace-id {id} has spans {spans:?}, not all of {wanted:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(in_trace.iter().all(|f| trace(f) == id), "{in_trace:?}");
+    let out = std::process::Command::new(BIN)
+        .args(["trace", "--server", &collector, id])
+        .output()
+        .expect("run hopwatch trace");
+    let waterfall = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{waterfall}");
+    let line = |needle: &str| {
+        waterfall
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle}: {waterfall}"))
+    };
+    let (entry, proxied, query) =
+        (line("curl → nginx"), line("nginx → python"), line("python → postgres"));
+    assert!(entry.contains("100%"), "the entry exchange spans the trace: {waterfall}");
+    assert!(proxied.contains("via thread") && query.contains("via thread"), "{waterfall}");
+    // The app's queries (asyncpg also resets the pooled connection while serving it).
+    let calls = proxied.split('(').nth(1).and_then(|c| c.split(' ').next()?.parse::<u32>().ok());
+    assert!(calls.is_some_and(|n| n >= 3), "{waterfall}");
 }
 
 #[test]
-fn concurrent_requests_on_an_event_loop_are_linked_right_or_left_unlinked() {
+fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
     let _serial = serial();
     let mut tb = Testbed::new();
     let agent = Agent::start(&["--keep-full-statements"]);
     let t = Topology::start(&mut tb);
     // Eight clients at once, each with its own key: the key is the truth joining a request to
-    // the Redis command the app sent for it.
+    // the request nginx made for it and to the Redis command the app sent for that.
     let keys: Vec<String> = (0..8).map(|i| format!("hwtrace{i}")).collect();
     std::thread::scope(|scope| {
         for k in &keys {
@@ -115,37 +154,62 @@ fn concurrent_requests_on_an_event_loop_are_linked_right_or_left_unlinked() {
             scope.spawn(move || t.get(&format!("/cache/get?key={k}")));
         }
     });
+    let ingress = |f: &Value| exchange("http", "EGRESS", &t.client, &t.ingress, |_| true)(f);
     let upstream = |f: &Value| exchange("http", "EGRESS", &t.ingress, &t.app_pod, |_| true)(f);
     let gets = |f: &Value| {
         exchange("redis", "EGRESS", &t.app_pod, &t.cache, |r| s(r, &["command"]) == "GET")(f)
     };
     agent.wait_for_n("the eight Redis GETs", WAIT, 8, gets);
     agent.wait_for_n("the eight upstream requests", WAIT, 8, upstream);
+    agent.wait_for_n("the eight requests to nginx", WAIT, 8, ingress);
     let flows = agent.flows();
-    let key_of_request = |span_id: &str| {
-        flows.iter().filter(|f| upstream(f)).find(|f| span(f) == span_id).map(|f| {
-            let url = s(f, &["l7", "http", "url"]);
-            url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned()
-        })
+    let url_key = |f: &Value| {
+        let url = s(f, &["l7", "http", "url"]);
+        url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned()
     };
-    let (mut linked, mut unlinked) = (0, 0);
-    for g in flows.iter().filter(|f| gets(f)) {
-        let key = g["l7"]["redis"]["args"][0].as_str().unwrap_or_default();
-        if !keys.iter().any(|k| k == key) {
+    let redis_key = |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
+    // nginx's workers (event loops), then uvicorn's.
+    let (nginx_linked, nginx_ambiguous) = score(&flows, &keys, &upstream, &url_key, &ingress);
+    let (app_linked, app_ambiguous) = score(&flows, &keys, &gets, &redis_key, &upstream);
+    eprintln!(
+        "concurrency 8: nginx {nginx_linked} linked, {nginx_ambiguous} ambiguous; uvicorn \
+         {app_linked} linked, {app_ambiguous} ambiguous"
+    );
+}
+
+/// Checks every call (`is_call`, keyed by `key`) against the truth: linked to the request
+/// (`is_request`, keyed by its URL) with the same key, or left unlinked as ambiguous. Returns
+/// (linked, ambiguous).
+fn score(
+    flows: &[Value],
+    keys: &[String],
+    is_call: &dyn Fn(&Value) -> bool,
+    key: &dyn Fn(&Value) -> String,
+    is_request: &dyn Fn(&Value) -> bool,
+) -> (u32, u32) {
+    let request_key = |span_id: &str| {
+        let f = flows.iter().filter(|f| is_request(f)).find(|f| span(f) == span_id)?;
+        let url = s(f, &["l7", "http", "url"]);
+        Some(url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned())
+    };
+    let (mut linked, mut ambiguous) = (0, 0);
+    for call in flows.iter().filter(|f| is_call(f)) {
+        let k = key(call);
+        if !keys.contains(&k) {
             continue;
         }
-        if parent(g).is_empty() {
-            assert_eq!(s(g, &["l7", "span", "unlinked"]), "ambiguous", "{g}");
-            unlinked += 1;
+        if parent(call).is_empty() {
+            assert_eq!(s(call, &["l7", "span", "unlinked"]), "ambiguous", "{call}");
+            ambiguous += 1;
             continue;
         }
         linked += 1;
         assert_eq!(
-            key_of_request(parent(g)).as_deref(),
-            Some(key),
-            "a GET linked to the request of another key: {g}"
+            request_key(parent(call)).as_deref(),
+            Some(k.as_str()),
+            "a call linked to the request of another key: {call}"
         );
     }
-    assert_eq!(linked + unlinked, 8, "every GET seen once");
-    eprintln!("concurrency 8 on uvicorn: {linked} linked, {unlinked} left ambiguous");
+    assert_eq!(linked + ambiguous, 8, "every call seen once");
+    (linked, ambiguous)
 }

@@ -104,7 +104,7 @@ pub(super) enum Since {
 }
 
 impl Since {
-    fn start_ns(self, now_ns: u64) -> u64 {
+    pub(super) fn start_ns(self, now_ns: u64) -> u64 {
         match self {
             Since::Ago(d) => now_ns.saturating_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
             Since::At(t) => t,
@@ -112,7 +112,7 @@ impl Since {
     }
 }
 
-fn parse_since(s: &str) -> Result<Since, HopsError> {
+pub(super) fn parse_since(s: &str) -> Result<Since, HopsError> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(Since::Ago(d));
     }

@@ -70,19 +70,28 @@ impl Agent {
     /// Where the agent serves `/metrics` (from its start-up line on stderr, which follows the
     /// hooks line; waits up to 10 s for it).
     pub(crate) fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.announced("where it serves metrics", |l| {
+            l.split("metrics on http://").nth(1)?.split('/').next()?.parse().ok()
+        })
+    }
+
+    /// Where the agent's in-process collector listens (from its start-up line).
+    pub(crate) fn collector_addr(&self) -> String {
+        self.announced("where its collector is", |l| {
+            let a = l.split("collector APIs on ").nth(1)?.split(' ').next()?;
+            a.parse::<std::net::SocketAddr>().ok().map(|a| a.to_string())
+        })
+    }
+
+    /// The first stderr line `parse` accepts, waiting up to 10 s for it.
+    fn announced<T>(&self, what: &str, parse: impl Fn(&str) -> Option<T>) -> T {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let err = self.stderr();
-            let addr = err.lines().find_map(|l| {
-                l.split("metrics on http://").nth(1)?.split('/').next()?.parse().ok()
-            });
-            if let Some(a) = addr {
-                return a;
+            if let Some(v) = err.lines().find_map(&parse) {
+                return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not say where it serves metrics:\n{err}"
-            );
+            assert!(Instant::now() < deadline, "the agent did not say {what}:\n{err}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -184,6 +193,20 @@ impl Drop for Agent {
 }
 
 /// Flow field helpers for assertions.
+/// `hopwatch observe --all -o json <args>` against `collector`: the flows it printed.
+pub(crate) fn observe(collector: &str, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(BIN)
+        .args(["observe", "--server", collector, "--all", "-o", "json"])
+        .args(args)
+        .output()
+        .expect("run hopwatch observe");
+    assert!(out.status.success(), "observe {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("flow").cloned())
+        .collect()
+}
+
 pub(crate) fn ip_src(f: &Value) -> &str {
     f["IP"]["source"].as_str().unwrap_or("")
 }
