@@ -17,6 +17,7 @@ mod loader;
 mod loss;
 mod memory;
 mod metrics;
+mod otlp;
 mod own;
 mod pipeline;
 mod policy;

@@ -62,6 +62,10 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
 const COMPAT_REQUIREMENTS: &str = "hopwatch/tests/compat/requirements.txt";
 const COMPAT_VENV: &str = "target/compat-venv";
+/// A real OTLP trace receiver with a query API (Arize Phoenix) for the trace export test, in a
+/// virtualenv of its own (its web stack pins differ from the test app's).
+const OTLP_REQUIREMENTS: &str = "hopwatch/tests/e2e/otlp-requirements.txt";
+const OTLP_VENV: &str = "target/otlp-venv";
 /// The web UI's npm packages (package.json, package-lock.json): the graph library it embeds
 /// (vendored, see `ui-vendor`) and the browser test's driver.
 const UI_DIR: &str = "hopwatch/ui";
@@ -272,7 +276,8 @@ fn run(task: Task) -> Result<()> {
         Task::Test { unit, fuzz_seconds, no_vm, filter } => {
             setup(if unit { &[] } else { TEST_PACKAGES })?;
             if !unit {
-                e2e_venv()?;
+                python_venv(E2E_REQUIREMENTS, E2E_VENV)?;
+                python_venv(OTLP_REQUIREMENTS, OTLP_VENV)?;
                 ui_npm()?;
                 ui_vendored_current()?;
             }
@@ -288,7 +293,7 @@ fn run(task: Task) -> Result<()> {
                      `sudo -E cargo xtask test` (or `cargo xtask test --unit` for unit tests only)"
                 );
             }
-            compat_venv()?;
+            python_venv(COMPAT_REQUIREMENTS, COMPAT_VENV)?;
             say(
                 "collector and compatibility tests (collector processes, a real agent, a Python gRPC client)",
             );
@@ -371,27 +376,6 @@ fn ui_vendored_current() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A virtualenv with the compatibility test's Python packages, from the Python registry.
-fn compat_venv() -> Result<()> {
-    let root = workspace_root();
-    let venv = root.join(COMPAT_VENV);
-    let python = venv.join("bin/python");
-    let stamp = venv.join(".requirements");
-    let wanted = std::fs::read_to_string(root.join(COMPAT_REQUIREMENTS))
-        .with_context(|| format!("reading {COMPAT_REQUIREMENTS}"))?;
-    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
-        return Ok(());
-    }
-    say(&format!("creating {COMPAT_VENV} with {COMPAT_REQUIREMENTS} (Python gRPC toolchain)"));
-    check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    check(
-        Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "-r"])
-            .arg(root.join(COMPAT_REQUIREMENTS)),
-    )?;
-    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
 }
 
 /// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`; the eBPF build finds it through PATH.
@@ -530,33 +514,32 @@ impl Drop for NoServiceStarts {
     }
 }
 
-/// Makes `target/e2e-venv` (Debian's python3 with venv) and installs the end-to-end tests'
-/// requirements into it with pip. pip runs only when the requirements file differs from the copy
-/// kept in the virtualenv after its last successful install.
-fn e2e_venv() -> Result<()> {
+/// Makes the virtualenv `venv` (Debian's python3 with venv) and installs `requirements` into it
+/// with pip. pip runs only when the requirements file differs from the copy kept in the
+/// virtualenv after its last successful install.
+fn python_venv(requirements: &str, venv: &str) -> Result<()> {
     let root = workspace_root();
-    let requirements = root.join(E2E_REQUIREMENTS);
-    let venv = root.join(E2E_VENV);
-    let stamp = venv.join("requirements.installed");
-    let wanted = std::fs::read(&requirements)
-        .with_context(|| format!("cannot read {}", requirements.display()))?;
-    let python = venv.join("bin/python");
+    let wanted = std::fs::read(root.join(requirements))
+        .with_context(|| format!("cannot read {requirements}"))?;
+    let venv_dir = root.join(venv);
+    let stamp = venv_dir.join("requirements.installed");
+    let python = venv_dir.join("bin/python");
     let python_works = Command::new(&python).args(["-c", ""]).status().is_ok_and(|s| s.success());
     if python_works && std::fs::read(&stamp).is_ok_and(|have| have == wanted) {
         return Ok(());
     }
     if !python_works {
-        say(&format!("creating the Python virtualenv {} (Debian's python3)", venv.display()));
+        say(&format!("creating the Python virtualenv {venv} (Debian's python3)"));
         // A virtualenv left by a different Python cannot be repaired in place.
-        let _ = std::fs::remove_dir_all(&venv);
-        check(Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv))?;
+        let _ = std::fs::remove_dir_all(&venv_dir);
+        check(Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv_dir))?;
     }
-    say(&format!("installing the end-to-end tests' Python packages from {E2E_REQUIREMENTS}"));
+    say(&format!("installing the Python packages of {requirements} into {venv}"));
     let _ = std::fs::remove_file(&stamp);
     check(
         Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
-            .arg(&requirements),
+            .arg(root.join(requirements)),
     )?;
     std::fs::write(&stamp, wanted).with_context(|| format!("cannot write {}", stamp.display()))
 }

@@ -133,6 +133,9 @@ pub(super) struct AgentArgs {
     /// Which application exchanges become flows (all are counted in the metrics and hops).
     #[command(flatten)]
     pub l7_flows: crate::policy::RecordArgs,
+    /// Traces to an OTLP backend, from the in-process collector.
+    #[command(flatten)]
+    pub otlp: crate::otlp::OtlpArgs,
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -165,6 +168,13 @@ pub(super) enum AgentError {
     Sink(#[from] crate::sink::SinkError),
     #[error(transparent)]
     Ui(#[from] super::ui::UiError),
+    #[error(transparent)]
+    Otlp(#[from] crate::otlp::OtlpError),
+    #[error(
+        "--otlp-endpoint exports from the in-process collector; with --collector, give it to \
+         that collector instead"
+    )]
+    OtlpWithoutCollector,
 }
 
 /// Counters of what the userspace pipeline read and could not keep.
@@ -231,10 +241,10 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
-    let (own, _ui) = start_ui(&args, &metrics, &sink).await?;
+    let cancel = CancellationToken::new();
+    let (own, _ui) = start_ui(&args, &metrics, &sink, &cancel).await?;
     let stats = Arc::new(PipelineStats { metrics, own, ..PipelineStats::default() });
     let ebpf = Arc::new(std::sync::Mutex::new(ebpf));
-    let cancel = CancellationToken::new();
     let (tx, rx) = crate::sink::channel(OUTPUT_QUEUE, &sink, args.output != Format::None);
     let printer = rx.map(|rx| {
         let cancel = cancel.clone();
@@ -374,13 +384,30 @@ fn report_capabilities(
     caps
 }
 
-/// The web UI over the in-process collector (none when flows go elsewhere), and the agent's own
-/// listeners with it (`None` with `--show-own-traffic`).
+/// OTLP export of traces from the in-process collector, with `--otlp-endpoint`.
+fn start_otlp(
+    args: &AgentArgs,
+    sink: &crate::sink::Sink,
+    cancel: &CancellationToken,
+) -> Result<(), AgentError> {
+    if args.otlp.otlp_endpoint.is_some() {
+        let hub = sink.hub().ok_or(AgentError::OtlpWithoutCollector)?;
+        if let Some(to) = crate::otlp::start(&args.otlp, hub, cancel.clone())? {
+            eprintln!("hopwatch agent: traces to OTLP endpoint {to}");
+        }
+    }
+    Ok(())
+}
+
+/// The web UI and the OTLP export over the in-process collector (none when flows go elsewhere),
+/// and the agent's own listeners (`None` with `--show-own-traffic`).
 async fn start_ui(
     args: &AgentArgs,
     metrics: &Telemetry,
     sink: &crate::sink::Sink,
+    cancel: &CancellationToken,
 ) -> Result<(Option<OwnListeners>, Option<super::ui::Started>), AgentError> {
+    start_otlp(args, sink, cancel)?;
     let ui = match sink.hub() {
         Some(hub) => {
             let started = super::ui::start(&args.ui, hub, args.sink.tls.allow_plaintext).await?;

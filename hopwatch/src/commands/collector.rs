@@ -15,6 +15,8 @@ pub(crate) enum CollectorCommandError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Ui(#[from] super::ui::UiError),
+    #[error(transparent)]
+    Otlp(#[from] crate::otlp::OtlpError),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -34,6 +36,8 @@ pub(super) struct CollectorArgs {
     pub tls: ServerTlsArgs,
     #[command(flatten)]
     pub ui: super::ui::UiArgs,
+    #[command(flatten)]
+    pub otlp: crate::otlp::OtlpArgs,
 }
 
 /// `hopwatch collector`.
@@ -45,9 +49,11 @@ pub(super) async fn run(args: CollectorArgs) -> Result<(), CollectorCommandError
     let stop = CancellationToken::new();
     let serving = serve(hub.clone(), args.listen, tls.clone(), stop.clone()).await?;
     let ui = super::ui::start(&args.ui, hub.clone(), args.tls.allow_plaintext).await?;
+    let otlp = crate::otlp::start(&args.otlp, hub.clone(), stop.clone())?
+        .map_or_else(String::new, |to| format!(", traces to OTLP endpoint {to}"));
     // One line: scripts and tests read it (and may stop reading after it).
     eprintln!(
-        "hopwatch collector: listening on {} ({}), history {}, {ui}",
+        "hopwatch collector: listening on {} ({}), history {}, {ui}{otlp}",
         serving.addr,
         if tls.is_none() {
             "plaintext"

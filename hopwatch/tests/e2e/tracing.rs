@@ -213,3 +213,124 @@ fn score(
     assert_eq!(linked + ambiguous, 8, "every call seen once");
     (linked, ambiguous)
 }
+
+/// Arize Phoenix, a real OTLP trace receiver with a span query API, on loopback (from
+/// target/otlp-venv, which `cargo xtask test` makes); stopped on drop.
+struct Phoenix {
+    child: std::process::Child,
+    http: u16,
+    grpc: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Phoenix {
+    fn start() -> Self {
+        let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/otlp-venv/bin/phoenix");
+        assert!(
+            std::path::Path::new(bin).exists(),
+            "{bin} is missing: `cargo xtask test` installs Arize Phoenix (the OTLP receiver) there"
+        );
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("a free port")
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (http, grpc) = (port(), port());
+        let dir = tempfile::tempdir().expect("a working directory");
+        let child = std::process::Command::new(bin)
+            .arg("serve")
+            .env("PHOENIX_WORKING_DIR", dir.path())
+            .env("PHOENIX_HOST", "127.0.0.1")
+            .env("PHOENIX_PORT", http.to_string())
+            .env("PHOENIX_GRPC_PORT", grpc.to_string())
+            .env("PHOENIX_TELEMETRY_ENABLED", "false")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start phoenix");
+        let phoenix = Self { child, http, grpc, _dir: dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while phoenix.get("/healthz").is_none() {
+            assert!(std::time::Instant::now() < deadline, "Phoenix not ready after 90 s");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        phoenix
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        let out = std::process::Command::new("curl")
+            .args(["-sf", "--max-time", "5", &format!("http://127.0.0.1:{}{path}", self.http)])
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The spans Phoenix stored (its default project), as its REST API returns them.
+    fn spans(&self) -> Vec<Value> {
+        let body = self.get("/v1/projects/default/spans?limit=1000").unwrap_or_default();
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        v["data"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Phoenix {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn traces_reach_an_otlp_receiver_as_spans_with_their_parents() {
+    let _serial = serial();
+    let phoenix = Phoenix::start();
+    let mut tb = Testbed::new();
+    let endpoint = format!("http://127.0.0.1:{}", phoenix.grpc);
+    let agent = Agent::start(&["--otlp-endpoint", &endpoint]);
+    let t = Topology::start(&mut tb);
+    assert_eq!(t.get("/chain").status, 200);
+    let chain = |h: &Value| s(h, &["url"]).ends_with("/chain");
+    let upstream = agent.wait_for(
+        "GET /chain from nginx",
+        WAIT,
+        exchange("http", "EGRESS", &t.ingress, &t.app_pod, chain),
+    );
+    let count = |q: &Value| s(q, &["query"]).contains("count(*) FROM users");
+    let pg = agent.wait_for(
+        "the app's PostgreSQL query",
+        WAIT,
+        exchange("postgres", "EGRESS", &t.app_pod, &t.db, count),
+    );
+    let id = trace(&pg).to_owned();
+    // Phoenix's spans of this trace: one per exchange, both ends merged into one.
+    let deadline = std::time::Instant::now() + WAIT;
+    let spans = loop {
+        let spans: Vec<Value> = phoenix
+            .spans()
+            .into_iter()
+            .filter(|sp| s(sp, &["context", "trace_id"]) == id)
+            .collect();
+        let has = |want: &str| spans.iter().any(|sp| s(sp, &["context", "span_id"]) == want);
+        if has(span(&upstream)) && has(span(&pg)) {
+            break spans;
+        }
+        assert!(std::time::Instant::now() < deadline, "Phoenix has {spans:?} for trace {id}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let by_id = |want: &str| {
+        spans.iter().find(|sp| s(sp, &["context", "span_id"]) == want).expect("the span")
+    };
+    let query = by_id(span(&pg));
+    assert_eq!(s(query, &["parent_id"]), span(&upstream), "{query}");
+    assert_eq!(s(query, &["attributes", "hopwatch.link"]), "thread", "{query}");
+    assert_eq!(s(query, &["attributes", "db.system.name"]), "postgresql", "{query}");
+    let proxied = by_id(span(&upstream));
+    assert_eq!(s(proxied, &["name"]), "GET /chain", "{proxied}");
+    let ids: Vec<&str> = spans.iter().map(|sp| s(sp, &["context", "span_id"])).collect();
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(ids.len(), unique.len(), "one span per exchange: {ids:?}");
+}
