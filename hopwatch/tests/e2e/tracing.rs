@@ -169,8 +169,8 @@ fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
     };
     let redis_key = |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
     // nginx's workers (event loops), then uvicorn's.
-    let (nginx_linked, nginx_ambiguous) = score(&flows, &keys, &upstream, &url_key, &ingress);
-    let (app_linked, app_ambiguous) = score(&flows, &keys, &gets, &redis_key, &upstream);
+    let (nginx_linked, nginx_ambiguous) = score_n(&flows, &keys, &upstream, &url_key, &ingress);
+    let (app_linked, app_ambiguous) = score_n(&flows, &keys, &gets, &redis_key, &upstream);
     eprintln!(
         "concurrency 8: nginx {nginx_linked} linked, {nginx_ambiguous} ambiguous; uvicorn \
          {app_linked} linked, {app_ambiguous} ambiguous"
@@ -180,19 +180,19 @@ fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
 /// Checks every call (`is_call`, keyed by `key`) against the truth: linked to the request
 /// (`is_request`, keyed by its URL) with the same key, or left unlinked as ambiguous. Returns
 /// (linked, ambiguous).
-fn score(
+fn score_n(
     flows: &[Value],
     keys: &[String],
     is_call: &dyn Fn(&Value) -> bool,
     key: &dyn Fn(&Value) -> String,
     is_request: &dyn Fn(&Value) -> bool,
-) -> (u32, u32) {
+) -> (usize, usize) {
     let request_key = |span_id: &str| {
         let f = flows.iter().filter(|f| is_request(f)).find(|f| span(f) == span_id)?;
         let url = s(f, &["l7", "http", "url"]);
         Some(url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned())
     };
-    let (mut linked, mut ambiguous) = (0, 0);
+    let (mut linked, mut ambiguous) = (0usize, 0usize);
     for call in flows.iter().filter(|f| is_call(f)) {
         let k = key(call);
         if !keys.contains(&k) {
@@ -210,7 +210,7 @@ fn score(
             "a call linked to the request of another key: {call}"
         );
     }
-    assert_eq!(linked + ambiguous, 8, "every call seen once");
+    assert_eq!(linked + ambiguous, keys.len(), "every call seen once");
     (linked, ambiguous)
 }
 
@@ -333,4 +333,90 @@ fn traces_reach_an_otlp_receiver_as_spans_with_their_parents() {
     unique.sort_unstable();
     unique.dedup();
     assert_eq!(ids.len(), unique.len(), "one span per exchange: {ids:?}");
+}
+
+#[test]
+fn a_thread_per_request_server_links_every_call_to_its_request_at_any_concurrency() {
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    // Full statements: the keys (the truth) stay in the URLs and the Redis arguments.
+    let agent = Agent::start(&["--keep-full-statements"]);
+    let t = Topology::start(&mut tb);
+    let app = ThreadedApp::start(&t);
+    for (round, concurrency) in [1usize, 8, 32].into_iter().enumerate() {
+        let keys: Vec<String> = (0..concurrency).map(|i| format!("thr{round}k{i}")).collect();
+        std::thread::scope(|scope| {
+            for k in &keys {
+                let url = format!("http://{}:{}/work?key={k}", t.app_pod.ip, ThreadedApp::PORT);
+                let client = &t.client;
+                scope.spawn(move || {
+                    crate::support::servers::output_in(
+                        client,
+                        &["curl", "-sf", "--max-time", "20", &url],
+                    )
+                });
+            }
+        });
+        let requests = |f: &Value| {
+            exchange("http", "EGRESS", &t.client, &t.app_pod, |h| {
+                s(h, &["url"]).contains("/work?key=thr")
+            })(f)
+        };
+        let gets = |f: &Value| {
+            exchange("redis", "EGRESS", &t.app_pod, &t.cache, |r| s(r, &["command"]) == "GET")(f)
+                && f["l7"]["redis"]["args"][0].as_str().is_some_and(|k| keys.iter().any(|x| x == k))
+        };
+        agent.wait_for_n(&format!("the {concurrency} GETs"), WAIT, concurrency, gets);
+        let flows = agent.flows();
+        let redis_key =
+            |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
+        let (linked, ambiguous) = score_n(&flows, &keys, &gets, &redis_key, &requests);
+        eprintln!(
+            "thread-per-request, concurrency {concurrency}: {linked} linked, {ambiguous} ambiguous"
+        );
+        assert_eq!(linked, concurrency, "every call of a thread-per-request server is linked");
+    }
+    drop(app);
+}
+
+/// The thread-per-request app (tests/e2e/app/threaded.py) in the app pod.
+struct ThreadedApp {
+    _process: crate::support::servers::ServerProcess,
+    _dir: crate::support::servers::TempDir,
+}
+
+impl ThreadedApp {
+    const PORT: u16 = 8100;
+
+    fn start(t: &Topology) -> Self {
+        let dir = crate::support::servers::TempDir::new("threaded-app");
+        let python = crate::support::servers::web::venv_python();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/app/threaded.py");
+        let (host, port) = (t.app_pod.ip.to_string(), Self::PORT.to_string());
+        let redis_port = t.redis.port.to_string();
+        let redis_host = t.redis.ip.to_string();
+        let env = [
+            ("APP_HOST", host.as_str()),
+            ("APP_PORT", port.as_str()),
+            ("APP_REDIS_HOST", redis_host.as_str()),
+            ("APP_REDIS_PORT", redis_port.as_str()),
+            ("PYTHONDONTWRITEBYTECODE", "1"),
+        ];
+        let process = crate::support::servers::ServerProcess::spawn(
+            "threaded-app",
+            &t.app_pod,
+            &[python.to_str().expect("UTF-8 path"), script],
+            &env,
+            dir.path().join("log"),
+            libc::SIGTERM,
+        );
+        let url = format!("http://{host}:{port}/health");
+        process.wait_until("answering /health", || {
+            t.app_pod
+                .command(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+                .output()
+                .is_ok_and(|o| o.stdout == b"200")
+        });
+        Self { _process: process, _dir: dir }
+    }
 }
