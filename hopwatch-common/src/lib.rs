@@ -431,7 +431,8 @@ pub struct KernelSettings {
     pub exchange_slow_ns: u64,
     /// Beyond the rate, one exchange in this many is recorded in full ([`exchange::sample_key`]).
     pub exchange_sample: u32,
-    pub _pad: u32,
+    /// 1: keep which request each thread serves ([`ThreadRequest`]), for request tracing.
+    pub trace_threads: u32,
 }
 const _: () = assert!(size_of::<KernelSettings>() == 40);
 
@@ -445,7 +446,7 @@ impl Default for KernelSettings {
             exchange_rate_per_cpu: 0,
             exchange_slow_ns: u64::MAX,
             exchange_sample: 1,
-            _pad: 0,
+            trace_threads: 1,
         }
     }
 }

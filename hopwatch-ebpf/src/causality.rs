@@ -13,13 +13,16 @@
 
 use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, L7Conn, ROLE_CLIENT, ROLE_SERVER, ThreadRequest};
 
-use crate::maps::THREAD_REQUESTS;
+use crate::maps::{HOPWATCH_SETTINGS, THREAD_REQUESTS};
 
 /// A turn of a socket whose role is known: `c` is its state with `turns` already advanced.
 /// Returns the caller to attach to the message when the turn starts a request on a client
 /// socket (zero otherwise).
 #[inline(always)]
 pub fn on_turn(c: &mut L7Conn, cookie: u64, pid_tgid: u64, direction: u8) -> ThreadRequest {
+    if HOPWATCH_SETTINGS.load().trace_threads == 0 {
+        return ThreadRequest::default();
+    }
     let tid = pid_tgid as u32;
     if c.role == ROLE_SERVER {
         if direction == DIR_INGRESS {

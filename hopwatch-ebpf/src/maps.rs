@@ -213,7 +213,7 @@ pub static HOPWATCH_SETTINGS: Global<KernelSettings> = Global::new(KernelSetting
     exchange_rate_per_cpu: 0,
     exchange_slow_ns: u64::MAX,
     exchange_sample: 1,
-    _pad: 0,
+    trace_threads: 1,
 });
 
 /// Adds one to a per-CPU counter.

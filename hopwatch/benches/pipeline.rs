@@ -58,6 +58,7 @@ fn options() -> PipelineOptions {
         l7_timeout: Duration::from_secs(30),
         redaction: Redaction::default(),
         fast_path: false,
+        tracing: true,
     }
 }
 

@@ -99,6 +99,8 @@ pub struct PipelineOptions {
     /// Promote alternating HTTP/1 connections to the kernel's exchange engine
     /// ([`Pipeline::take_promotions`]).
     pub fast_path: bool,
+    /// Link exchanges into traces ([`crate::trace`]).
+    pub tracing: bool,
 }
 
 /// What the pipeline could not keep, for the agent's counters.
@@ -312,6 +314,10 @@ impl Pipeline {
         for c in done {
             let (time_ns, caller, cookie) = (c.exchange.response_ns, c.caller, c.cookie);
             let flow = self.l7_flow(c);
+            if !self.options.tracing {
+                out.push(flow);
+                continue;
+            }
             let (span, link) = self.span_and_link(&flow, cookie, caller);
             self.tracer.admit(flow, span, link, time_ns, out);
         }

@@ -99,6 +99,10 @@ pub(super) struct AgentArgs {
     /// exchanges and sends one record each.
     #[arg(long)]
     pub no_kernel_exchanges: bool,
+    /// Do not link exchanges into traces (no per-thread request state in the kernel, no span
+    /// ids, no trace ids beyond a request's own `traceparent`; flows are never held).
+    #[arg(long)]
+    pub no_request_tracing: bool,
     /// A request unanswered this long is reported as timed out.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub l7_timeout: Duration,
@@ -250,15 +254,8 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || print_loop(rx, args.output, &cancel))
     });
-    let pipeline = Pipeline::new(
-        builder,
-        PipelineOptions {
-            l7_timeout: args.l7_timeout,
-            redaction: Redaction { keep_full_statements: args.keep_full_statements },
-            fast_path: exchange_maps.is_some(),
-        },
-    )
-    .with_identity(identity);
+    let pipeline = Pipeline::new(builder, pipeline_options(&args, exchange_maps.is_some()))
+        .with_identity(identity);
     let recorder = match &args.record {
         Some(path) => Some(crate::recording::Recorder::create(path).map_err(AgentError::Record)?),
         None => None,
@@ -345,7 +342,7 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         exchange_rate_per_cpu: args.l7_flows.per_cpu_rate(),
         exchange_slow_ns: u64::try_from(args.l7_flows.slow.as_nanos()).unwrap_or(u64::MAX),
         exchange_sample: args.l7_flows.sample,
-        _pad: 0,
+        trace_threads: u32::from(!args.no_request_tracing),
     };
     let loaded = loader::load(&LoadOptions {
         settings,
@@ -382,6 +379,15 @@ fn report_capabilities(
         eprintln!("hopwatch agent: {c}");
     }
     caps
+}
+
+fn pipeline_options(args: &AgentArgs, fast_path: bool) -> PipelineOptions {
+    PipelineOptions {
+        l7_timeout: args.l7_timeout,
+        redaction: Redaction { keep_full_statements: args.keep_full_statements },
+        fast_path,
+        tracing: !args.no_request_tracing,
+    }
 }
 
 /// OTLP export of traces from the in-process collector, with `--otlp-endpoint`.

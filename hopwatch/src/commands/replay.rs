@@ -94,6 +94,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
                 l7_timeout: std::time::Duration::from_secs(30),
                 redaction: Redaction::default(),
                 fast_path: false,
+                tracing: true,
             },
         );
         for rec in &records {

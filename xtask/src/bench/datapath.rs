@@ -1,8 +1,10 @@
 //! Data path overhead: each load with the agent off, with TCP capture only
 //! (`--capture-bytes 0 --no-tls`), with full L7 capture (defaults: payload capture, TLS uprobes,
 //! the kernel's exchange engine) and with full L7 capture on the capture path alone
-//! (`--no-kernel-exchanges`, the baseline the engine is measured against), modes alternated round
-//! by round so drift hits all of them; medians of the rounds.
+//! (`--no-kernel-exchanges`, the baseline the engine is measured against), from the syscall
+//! tracepoints (`--l7-hook syscalls`) and without request tracing (`--no-request-tracing`, what
+//! tracing costs), modes alternated round by round so drift hits all of them; medians of the
+//! rounds.
 //! The agent's cost comes from the same runs: its CPU time (from /proc) against the kernel events
 //! it was sent (`hopwatch_kernel_events_total{event="events_sent"}`) and the requests served.
 
@@ -27,10 +29,13 @@ pub enum Mode {
     Capture,
     /// Full L7 capture from the syscall tracepoints, as kernels before 6.3 are served.
     Syscalls,
+    /// Full L7 capture without request tracing (what tracing costs, side by side).
+    NoTracing,
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [Mode::Off, Mode::Tcp, Mode::Full, Mode::Capture, Mode::Syscalls];
+    const ALL: [Mode; 6] =
+        [Mode::Off, Mode::Tcp, Mode::Full, Mode::Capture, Mode::Syscalls, Mode::NoTracing];
 
     fn name(self) -> &'static str {
         match self {
@@ -39,6 +44,7 @@ impl Mode {
             Mode::Full => "full L7 capture",
             Mode::Capture => "full L7, capture path only",
             Mode::Syscalls => "full L7 from syscall tracepoints",
+            Mode::NoTracing => "full L7 without request tracing",
         }
     }
 
@@ -49,6 +55,7 @@ impl Mode {
             Mode::Full => Some(&[]),
             Mode::Capture => Some(&["--no-kernel-exchanges"]),
             Mode::Syscalls => Some(&["--l7-hook", "syscalls"]),
+            Mode::NoTracing => Some(&["--no-request-tracing"]),
         }
     }
 }
@@ -197,7 +204,7 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
             .with_context(|| format!("{}: kernel program run times", load.name))?;
         program_figures(load.name, &programs, report);
     }
-    for mode in [Mode::Tcp, Mode::Full, Mode::Capture, Mode::Syscalls] {
+    for mode in Mode::ALL.into_iter().skip(1) {
         let label = mode.name();
         let (cpu, events) = totals[mode as usize];
         if events > 0.0 {
@@ -265,6 +272,7 @@ fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) 
             Mode::Full => ("full L7", 95.0),
             Mode::Capture => ("full L7 on the capture path", 95.0),
             Mode::Syscalls => ("full L7 from syscall tracepoints (kernels before 6.3)", 95.0),
+            Mode::NoTracing => ("full L7 without request tracing", 95.0),
         };
         report.add_rounds(
             "1 data path",
