@@ -59,6 +59,7 @@ fn options() -> PipelineOptions {
         redaction: Redaction::default(),
         fast_path: false,
         tracing: true,
+        trace_headers: Vec::new(),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
         Completed, L7Tracker, Measured, session::MessageParser, setup::SetupTracker,
         tls::TlsTracker,
     },
-    trace::{Link, Tracer, TracerStats, span_id},
+    trace::{Link, Tracer, TracerStats, propagated_keys, span_id},
 };
 
 /// Connections tracked in userspace.
@@ -91,7 +91,7 @@ impl MessageParser for protocols::Parser {
 }
 
 /// Pipeline settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PipelineOptions {
     /// A request unanswered this long is reported as timed out.
     pub l7_timeout: Duration,
@@ -101,6 +101,9 @@ pub struct PipelineOptions {
     pub fast_path: bool,
     /// Link exchanges into traces ([`crate::trace`]).
     pub tracing: bool,
+    /// Request headers whose values link a call to the request it was made for (a subset of
+    /// [`crate::trace::PROPAGATED_HEADERS`]).
+    pub trace_headers: Vec<&'static str>,
 }
 
 /// What the pipeline could not keep, for the agent's counters.
@@ -312,20 +315,32 @@ impl Pipeline {
         out: &mut Vec<Flow>,
     ) {
         for c in done {
-            let (time_ns, caller, cookie) = (c.exchange.response_ns, c.caller, c.cookie);
+            let (time_ns, caller, cookie, tgid) =
+                (c.exchange.response_ns, c.caller, c.cookie, c.pid);
             let flow = self.l7_flow(c);
             if !self.options.tracing {
                 out.push(flow);
                 continue;
             }
-            let (span, link) = self.span_and_link(&flow, cookie, caller);
-            self.tracer.admit(flow, span, link, time_ns, out);
+            let (span, link, carried) = self.span_and_link(&flow, cookie, caller, tgid);
+            self.tracer.admit(flow, span, link, &carried, time_ns, out);
         }
     }
 
-    /// The exchange's span and how it links to the request it was made for (see [`crate::trace`]).
-    fn span_and_link(&self, flow: &Flow, cookie: u64, caller: ThreadRequest) -> (u64, Link) {
+    /// The exchange's span, how it links to the request it was made for, and (for a server end)
+    /// the propagated ids its request carried (see [`crate::trace`]).
+    fn span_and_link(
+        &mut self,
+        flow: &Flow,
+        cookie: u64,
+        caller: ThreadRequest,
+        tgid: u32,
+    ) -> (u64, Link, Vec<u64>) {
         let l7 = flow.l7.as_ref();
+        let ids = match l7.and_then(|l| l.record.as_ref()) {
+            Some(Record::Http(h)) => propagated_keys(tgid, &h.headers, &self.options.trace_headers),
+            _ => Vec::new(),
+        };
         let index = l7.map_or(0, |l| l.exchange_index);
         let server_side = flow.traffic_direction == i32::from(TrafficDirection::Ingress);
         let conn = self.table.get(cookie);
@@ -340,7 +355,10 @@ impl Pipeline {
             let peer = conn.and_then(|c| self.table.peer(c)).map(|p| p.cookie);
             let link =
                 if peer.is_some_and(|p| self.l7.tracks(p)) { Link::SameAsPeer } else { Link::Root };
-            return (span, link);
+            if !ids.is_empty() {
+                self.tracer.note_carrier(tgid, flow_time_ns(flow));
+            }
+            return (span, link, ids.into_iter().map(|(k, _)| k).collect());
         }
         let link = match caller.inflight {
             0 => Link::Root,
@@ -353,12 +371,24 @@ impl Pipeline {
                     .zip(self.table.get(caller.cookie));
                 match parent {
                     Some((index, c)) => Link::Thread { parent: span_id(c.remote, c.local, index) },
-                    None => Link::Root,
+                    // Serving a request whose connection the agent does not follow.
+                    None => Link::Ambiguous,
                 }
             }
             _ => Link::Ambiguous,
         };
-        (span, link)
+        // A propagated id links what thread causality cannot: an event loop's calls, or a
+        // thread that serves nothing itself (a pool the request was handed to).
+        let by_id = match link {
+            Link::Ambiguous => true,
+            Link::Root => self.tracer.carries_ids(tgid),
+            _ => false,
+        };
+        let link = match ids.first() {
+            Some(&(key, header)) if by_id => Link::Header { key, header },
+            _ => link,
+        };
+        (span, link, Vec::new())
     }
 
     fn l7_flow(&mut self, c: Completed<protocols::Request, protocols::Response>) -> Flow {
@@ -454,6 +484,13 @@ impl Pipeline {
         flow.tls_handshake = Some(done.handshake);
         flow
     }
+}
+
+/// A flow's wall-clock time, ns.
+fn flow_time_ns(flow: &Flow) -> u64 {
+    flow.time.map_or(0, |t| {
+        u64::try_from(t.seconds).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.nanos).unwrap_or(0)
+    })
 }
 
 /// A flow's client (source) and server (destination) addresses.

@@ -28,6 +28,10 @@ use rustc_hash::FxHashMap;
 const MAX_HELD: usize = 65_536;
 /// Spans whose trace id is remembered for their late ends and children.
 const MAX_RESOLVED: usize = 262_144;
+/// Propagated ids of inbound requests remembered (per process) for the calls made for them.
+const MAX_KEYS: usize = 262_144;
+/// Processes remembered as serving requests that carry propagated ids.
+const MAX_CARRIERS: usize = 16_384;
 
 /// How a flow's exchange relates to the rest of its trace, as the pipeline found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +40,9 @@ pub(crate) enum Link {
     Root,
     /// Made for the inbound request `parent`, by the thread serving it alone.
     Thread { parent: u64 },
+    /// Carries the propagated id `key` (a hash of the process, the header and its value) that
+    /// exactly one inbound request of the same process carried; `header` names it.
+    Header { key: u64, header: &'static str },
     /// A parent may exist but could not be told without guessing; the exchange starts a trace.
     Ambiguous,
     /// A server end whose client end is on this node: the client end carries the link.
@@ -47,6 +54,8 @@ pub(crate) enum Link {
 pub struct TracerStats {
     /// Exchanges linked to their parent by thread causality.
     pub linked_thread: u64,
+    /// Exchanges linked to their parent by a propagated id (`X-Request-ID`, ...).
+    pub linked_header: u64,
     /// Exchanges left unlinked because their thread had several requests in flight.
     pub ambiguous: u64,
     /// Flows emitted without a trace id because their parent's trace was not known in time.
@@ -57,9 +66,20 @@ pub struct TracerStats {
 
 struct Held {
     flows: Vec<Flow>,
-    /// The span whose trace this one waits for (its parent, or itself for a server end).
+    /// The span whose trace this one waits for (its parent, or itself for a server end), or
+    /// the propagated id whose inbound request it waits for (`by_header`).
     waits_for: u64,
+    by_header: Option<&'static str>,
     since_ns: u64,
+}
+
+/// What a propagated id of an inbound request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// The inbound request (span) that carried it.
+    Span(u64),
+    /// Several inbound requests carried it (a constant id): it links nothing.
+    Several,
 }
 
 pub(crate) struct Tracer {
@@ -70,6 +90,11 @@ pub(crate) struct Tracer {
     waiting: FxHashMap<u64, Vec<u64>>,
     resolved: FxHashMap<u64, u128>,
     resolved_order: VecDeque<u64>,
+    /// Propagated ids of inbound requests, oldest first in `keys_order` (with when seen).
+    keys: FxHashMap<u64, Carrier>,
+    keys_order: VecDeque<(u64, u64)>,
+    /// Processes whose inbound requests carried propagated ids, with when last seen.
+    carriers: FxHashMap<u32, u64>,
     hold_ns: u64,
     pub stats: TracerStats,
 }
@@ -82,21 +107,39 @@ impl Tracer {
             waiting: FxHashMap::default(),
             resolved: FxHashMap::default(),
             resolved_order: VecDeque::new(),
+            keys: FxHashMap::default(),
+            keys_order: VecDeque::new(),
+            carriers: FxHashMap::default(),
             hold_ns,
             stats: TracerStats::default(),
         }
     }
 
-    /// One exchange's flow, with its span and link; the flows whose trace is now known go to
-    /// `out` (this one, and any it completes).
+    /// One exchange's flow, with its span and link, and (for a server end) the propagated ids
+    /// its request carried; the flows whose trace is now known go to `out` (this one, and any
+    /// it completes).
     pub(crate) fn admit(
         &mut self,
         mut flow: Flow,
         span: u64,
         link: Link,
+        carried: &[u64],
         now_ns: u64,
         out: &mut Vec<Flow>,
     ) {
+        for &key in carried {
+            self.carried(key, span, now_ns, out);
+        }
+        let link = match link {
+            Link::Header { key, header } => match self.keys.get(&key) {
+                Some(Carrier::Span(parent)) => {
+                    return self.admit_linked(flow, span, *parent, header, now_ns, out);
+                }
+                Some(Carrier::Several) => Link::Ambiguous,
+                None => return self.hold(flow, span, key, Some(header), now_ns, out),
+            },
+            other => other,
+        };
         let own_trace = flow.trace_context.as_ref().and_then(trace_id_of);
         let mut s = Span { span_id: hex64(span), ..Span::default() };
         let waits_for = match link {
@@ -113,6 +156,7 @@ impl Tracer {
                 Some(parent)
             }
             Link::SameAsPeer => Some(span),
+            Link::Header { .. } => unreachable!("resolved above"),
         };
         if let Some(l7) = flow.l7.as_mut() {
             l7.span = Some(s);
@@ -131,11 +175,48 @@ impl Tracer {
             out.push(with_trace(flow, trace));
             return;
         }
+        self.hold(flow, span, waits_for, None, now_ns, out);
+    }
+
+    /// A call linked by a propagated id to the inbound request `parent`.
+    fn admit_linked(
+        &mut self,
+        mut flow: Flow,
+        span: u64,
+        parent: u64,
+        header: &'static str,
+        now_ns: u64,
+        out: &mut Vec<Flow>,
+    ) {
+        self.stats.linked_header += 1;
+        set_parent(&mut flow, span, parent, header);
+        if let Some(&trace) = self.resolved.get(&parent) {
+            self.resolve(span, trace, out);
+            out.push(with_trace(flow, trace));
+            return;
+        }
+        self.hold(flow, span, parent, None, now_ns, out);
+    }
+
+    /// Holds `flow` until `waits_for` (a span, or with `by_header` a propagated id) is known.
+    fn hold(
+        &mut self,
+        mut flow: Flow,
+        span: u64,
+        waits_for: u64,
+        by_header: Option<&'static str>,
+        now_ns: u64,
+        out: &mut Vec<Flow>,
+    ) {
+        if let Some(l7) = flow.l7.as_mut() {
+            l7.span.get_or_insert_with(|| Span { span_id: hex64(span), ..Span::default() });
+        }
         if let Some(h) = self.held.get_mut(&span) {
             h.flows.push(flow);
             if waits_for != span && h.waits_for == span {
                 // The client end arrived with the link the server end was waiting for.
                 h.waits_for = waits_for;
+                h.by_header = by_header;
                 self.waiting.entry(waits_for).or_default().push(span);
             }
             return;
@@ -145,10 +226,48 @@ impl Tracer {
             out.push(flow);
             return;
         }
-        self.held.insert(span, Held { flows: vec![flow], waits_for, since_ns: now_ns });
+        self.held.insert(span, Held { flows: vec![flow], waits_for, by_header, since_ns: now_ns });
         self.held_order.push_back(span);
         if waits_for != span {
             self.waiting.entry(waits_for).or_default().push(span);
+        }
+    }
+
+    /// The inbound request `span` carried the propagated id `key`: the calls waiting for it are
+    /// linked to it (unless another request carried it too).
+    fn carried(&mut self, key: u64, span: u64, now_ns: u64, out: &mut Vec<Flow>) {
+        while let Some(&(old, seen)) = self.keys_order.front() {
+            if self.keys_order.len() < MAX_KEYS && now_ns.saturating_sub(seen) < self.hold_ns {
+                break;
+            }
+            self.keys_order.pop_front();
+            self.keys.remove(&old);
+        }
+        match self.keys.get(&key) {
+            Some(Carrier::Span(s)) if *s != span => {
+                self.keys.insert(key, Carrier::Several);
+                return;
+            }
+            Some(_) => return,
+            None => {
+                self.keys.insert(key, Carrier::Span(span));
+                self.keys_order.push_back((key, now_ns));
+            }
+        }
+        let trace = self.resolved.get(&span).copied();
+        for child in self.waiting.remove(&key).unwrap_or_default() {
+            let Some(h) = self.held.get_mut(&child) else { continue };
+            let Some(header) = h.by_header.filter(|_| h.waits_for == key) else { continue };
+            self.stats.linked_header += 1;
+            for f in &mut h.flows {
+                set_parent(f, child, span, header);
+            }
+            h.waits_for = span;
+            h.by_header = None;
+            match trace {
+                Some(t) => self.resolve(child, t, out),
+                None => self.waiting.entry(span).or_default().push(child),
+            }
         }
     }
 
@@ -174,6 +293,25 @@ impl Tracer {
                 out.push(f);
             }
         }
+    }
+
+    /// Process `tgid` served a request carrying a propagated id at `now_ns` (wall clock).
+    pub(crate) fn note_carrier(&mut self, tgid: u32, now_ns: u64) {
+        if self.carriers.len() >= MAX_CARRIERS && !self.carriers.contains_key(&tgid) {
+            // Forget the processes not seen within the hold (and, past that, start over).
+            let hold = self.hold_ns;
+            self.carriers.retain(|_, seen| now_ns.saturating_sub(*seen) < hold);
+            if self.carriers.len() >= MAX_CARRIERS {
+                self.carriers.clear();
+            }
+        }
+        self.carriers.insert(tgid, now_ns);
+    }
+
+    /// Whether process `tgid` ever served a request carrying a propagated id (as far as the
+    /// tracer remembers): only then does a call of one of its idle threads wait for one.
+    pub(crate) fn carries_ids(&self, tgid: u32) -> bool {
+        self.carriers.contains_key(&tgid)
     }
 
     /// Flows held now.
@@ -210,6 +348,36 @@ impl Tracer {
     }
 }
 
+/// Request headers whose value a proxy or an application passes on to the requests it makes for
+/// the request (`traceparent` by its trace id, the others whole).
+pub(crate) const PROPAGATED_HEADERS: [&str; 4] =
+    ["traceparent", "x-request-id", "x-correlation-id", "cf-ray"];
+
+/// The propagated ids an HTTP request carries, as keys of process `tgid`: (key, header), in the
+/// order of `headers` (those looked at).
+pub(crate) fn propagated_keys(
+    tgid: u32,
+    request: &[hopwatch_proto::flow::HttpHeader],
+    headers: &[&'static str],
+) -> Vec<(u64, &'static str)> {
+    let mut out = Vec::new();
+    for &name in headers {
+        let Some(h) = request.iter().find(|h| h.key.eq_ignore_ascii_case(name)) else { continue };
+        let value = h.value.trim();
+        let value =
+            if name == "traceparent" { value.split('-').nth(1).unwrap_or("") } else { value };
+        if value.is_empty() {
+            continue;
+        }
+        let mut f = Fnv::default();
+        f.write(&tgid.to_be_bytes());
+        f.write(name.as_bytes());
+        f.write(value.to_ascii_lowercase().as_bytes());
+        out.push((f.0, name));
+    }
+    out
+}
+
 /// The span id of an exchange: both of its ends compute it from the same facts.
 #[must_use]
 pub(crate) fn span_id(client: SocketAddr, server: SocketAddr, index: u64) -> u64 {
@@ -236,6 +404,16 @@ fn derived_trace(root: u64) -> u128 {
 
 fn trace_id_of(t: &TraceContext) -> Option<u128> {
     u128::from_str_radix(&t.parent.as_ref()?.trace_id, 16).ok().filter(|&v| v != 0)
+}
+
+/// Marks `flow` (of span `span`) as made for `parent`, linked by the propagated id `header`.
+fn set_parent(flow: &mut Flow, span: u64, parent: u64, header: &str) {
+    if let Some(l7) = flow.l7.as_mut() {
+        let s = l7.span.get_or_insert_with(|| Span { span_id: hex64(span), ..Span::default() });
+        s.parent_span_id = hex64(parent);
+        s.link = format!("header:{header}");
+        s.unlinked.clear();
+    }
 }
 
 fn with_trace(mut f: Flow, trace: u128) -> Flow {
@@ -304,12 +482,12 @@ mod tests {
         let mut out = Vec::new();
         // The query completes first, then the inbound request's server end, then its client end
         // (a root carrying a traceparent).
-        t.admit(flow(None), 30, Link::Thread { parent: 20 }, 1, &mut out);
-        t.admit(flow(None), 20, Link::SameAsPeer, 2, &mut out);
+        t.admit(flow(None), 30, Link::Thread { parent: 20 }, &[], 1, &mut out);
+        t.admit(flow(None), 20, Link::SameAsPeer, &[], 2, &mut out);
         assert!(out.is_empty(), "held until the root is known");
         assert_eq!(t.held(), 2);
         let root = "4bf92f3577b34da6a3ce929d0e0e4736";
-        t.admit(flow(Some(root)), 20, Link::Root, 3, &mut out);
+        t.admit(flow(Some(root)), 20, Link::Root, &[], 3, &mut out);
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|f| trace(f) == Some(root)), "{out:?}");
         let query = out.iter().find(|f| span(f).span_id == hex64(30)).expect("the query");
@@ -319,21 +497,47 @@ mod tests {
         );
         // A late end of a resolved span passes at once, with the trace.
         out.clear();
-        t.admit(flow(None), 30, Link::SameAsPeer, 4, &mut out);
+        t.admit(flow(None), 30, Link::SameAsPeer, &[], 4, &mut out);
         assert_eq!(trace(&out[0]), Some(root));
         assert_eq!(t.stats.linked_thread, 1);
+    }
+
+    #[test]
+    fn a_propagated_id_links_a_call_to_the_one_request_that_carried_it() {
+        let mut t = Tracer::new(5_000_000_000);
+        let mut out = Vec::new();
+        let header = "x-request-id";
+        // The call completes first and waits for the request carrying its id.
+        t.admit(flow(None), 30, Link::Header { key: 7, header }, &[], 1, &mut out);
+        assert!(out.is_empty());
+        // The inbound request (a root here) carried it.
+        t.admit(flow(None), 20, Link::Root, &[7], 2, &mut out);
+        let call = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
+        assert_eq!(span(call).parent_span_id, hex64(20));
+        assert_eq!(span(call).link, "header:x-request-id");
+        assert_eq!(trace(call), trace(out.iter().find(|f| span(f).span_id == hex64(20)).unwrap()));
+        // A second request with the same id: the id links nothing any more.
+        out.clear();
+        t.admit(flow(None), 21, Link::Root, &[7], 3, &mut out);
+        t.admit(flow(None), 31, Link::Header { key: 7, header }, &[], 4, &mut out);
+        let late = out.iter().find(|f| span(f).span_id == hex64(31)).expect("passed through");
+        assert_eq!(
+            (span(late).parent_span_id.as_str(), span(late).unlinked.as_str()),
+            ("", "ambiguous")
+        );
+        assert_eq!(t.stats.linked_header, 1);
     }
 
     #[test]
     fn unlinked_and_expired_exchanges_are_counted_never_guessed() {
         let mut t = Tracer::new(100);
         let mut out = Vec::new();
-        t.admit(flow(None), 7, Link::Ambiguous, 0, &mut out);
+        t.admit(flow(None), 7, Link::Ambiguous, &[], 0, &mut out);
         assert_eq!(span(&out[0]).unlinked, "ambiguous");
         assert_eq!(span(&out[0]).parent_span_id, "");
         assert_eq!(trace(&out[0]), Some(format!("{:032x}", derived_trace(7)).as_str()));
         out.clear();
-        t.admit(flow(None), 8, Link::Thread { parent: 9 }, 10, &mut out);
+        t.admit(flow(None), 8, Link::Thread { parent: 9 }, &[], 10, &mut out);
         t.expire(50, &mut out);
         assert!(out.is_empty());
         t.expire(110, &mut out);

@@ -103,6 +103,17 @@ pub(super) struct AgentArgs {
     /// ids, no trace ids beyond a request's own `traceparent`; flows are never held).
     #[arg(long)]
     pub no_request_tracing: bool,
+    /// Request headers whose values link a call to the request it was made for where thread
+    /// causality cannot (an event loop's calls): an outbound request carrying the value that
+    /// exactly one inbound request of the same process carried is its child. Comma-separated;
+    /// `none` links by threads alone.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "traceparent,x-request-id,x-correlation-id,cf-ray",
+        value_parser = ["none", "traceparent", "x-request-id", "x-correlation-id", "cf-ray"]
+    )]
+    pub trace_headers: Vec<String>,
     /// A request unanswered this long is reported as timed out.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub l7_timeout: Duration,
@@ -387,6 +398,10 @@ fn pipeline_options(args: &AgentArgs, fast_path: bool) -> PipelineOptions {
         redaction: Redaction { keep_full_statements: args.keep_full_statements },
         fast_path,
         tracing: !args.no_request_tracing,
+        trace_headers: crate::trace::PROPAGATED_HEADERS
+            .into_iter()
+            .filter(|h| args.trace_headers.iter().any(|a| a == h))
+            .collect(),
     }
 }
 

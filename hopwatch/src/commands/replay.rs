@@ -95,6 +95,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
                 redaction: Redaction::default(),
                 fast_path: false,
                 tracing: true,
+                trace_headers: crate::trace::PROPAGATED_HEADERS.to_vec(),
             },
         );
         for rec in &records {

@@ -146,8 +146,9 @@ fn totals(r: &Registry) -> Result<[Totals; 11], prometheus::Error> {
         (
             "hopwatch_trace_links_total",
             "L7 exchanges by how request tracing linked them to the exchange they were made for \
-                 (thread: the calling thread served exactly that request; ambiguous: it had \
-                 several in flight, left unlinked; expired: emitted without a trace id because \
+                 (thread: the calling thread served exactly that request; header: a propagated \
+                 id only that request carried; ambiguous: neither could tell (an event loop with \
+                 several requests in flight), left unlinked; expired: emitted without a trace id because \
                  the parent's trace was not known within the hold; overflow: too many held).",
             "outcome",
         ),
@@ -343,6 +344,7 @@ impl Health {
     /// Running totals of request tracing's links.
     pub(crate) fn trace_links(&self, t: crate::trace::TracerStats) {
         self.trace_links.set("thread", t.linked_thread);
+        self.trace_links.set("header", t.linked_header);
         self.trace_links.set("ambiguous", t.ambiguous);
         self.trace_links.set("expired", t.expired);
         self.trace_links.set("overflow", t.overflow);

@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 9],
+    pipeline: [AtomicU64; 10],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -251,6 +251,7 @@ impl Telemetry {
                 l7_fast_unparsed,
                 tls_handshakes_overflow,
                 trace.linked_thread,
+                trace.linked_header,
                 trace.ambiguous,
                 trace.expired,
                 trace.overflow,
@@ -370,6 +371,7 @@ impl Telemetry {
             fast_unparsed,
             tls_handshakes,
             linked_thread,
+            linked_header,
             ambiguous,
             expired,
             overflow,
@@ -378,6 +380,7 @@ impl Telemetry {
         i.health.tls_handshakes_full(tls_handshakes);
         i.health.trace_links(crate::trace::TracerStats {
             linked_thread,
+            linked_header,
             ambiguous,
             expired,
             overflow,

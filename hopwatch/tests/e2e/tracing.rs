@@ -141,17 +141,35 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
 
 #[test]
 fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
+    // Blind: thread causality alone (the client's X-Request-ID is there, not looked at).
+    let blind = concurrent_through_nginx(&["--trace-headers", "none"]);
+    // With the ids: nginx passes the client's X-Request-ID on, so each of its upstream requests
+    // is linked to the one inbound request that carried the same id.
+    let (nginx_linked, _) = concurrent_through_nginx(&[]);
+    eprintln!(
+        "concurrency 8: blind {blind:?}; with X-Request-ID, nginx {nginx_linked} of 8 linked"
+    );
+    assert_eq!(nginx_linked, 8, "every upstream request carries its request's id");
+}
+
+/// Eight clients at once through nginx, each with its own key (in the URL, the Redis key and
+/// `X-Request-ID`): the truth joining a request to the request nginx made for it and to the
+/// Redis command the app sent for that. Checks every link against it; returns how many of
+/// nginx's and of the app's calls were linked.
+fn concurrent_through_nginx(extra: &[&str]) -> (usize, usize) {
     let _serial = serial();
     let mut tb = Testbed::new();
-    let agent = Agent::start(&["--keep-full-statements"]);
+    let mut args = vec!["--keep-full-statements"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&args);
     let t = Topology::start(&mut tb);
-    // Eight clients at once, each with its own key: the key is the truth joining a request to
-    // the request nginx made for it and to the Redis command the app sent for that.
     let keys: Vec<String> = (0..8).map(|i| format!("hwtrace{i}")).collect();
     std::thread::scope(|scope| {
         for k in &keys {
             let t = &t;
-            scope.spawn(move || t.get(&format!("/cache/get?key={k}")));
+            scope.spawn(move || {
+                t.get_with(&format!("/cache/get?key={k}"), &[&format!("X-Request-ID: {k}")])
+            });
         }
     });
     let ingress = |f: &Value| exchange("http", "EGRESS", &t.client, &t.ingress, |_| true)(f);
@@ -168,13 +186,13 @@ fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
         url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned()
     };
     let redis_key = |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
-    // nginx's workers (event loops), then uvicorn's.
     let (nginx_linked, nginx_ambiguous) = score_n(&flows, &keys, &upstream, &url_key, &ingress);
     let (app_linked, app_ambiguous) = score_n(&flows, &keys, &gets, &redis_key, &upstream);
     eprintln!(
-        "concurrency 8: nginx {nginx_linked} linked, {nginx_ambiguous} ambiguous; uvicorn \
-         {app_linked} linked, {app_ambiguous} ambiguous"
+        "concurrency 8 {extra:?}: nginx {nginx_linked} linked, {nginx_ambiguous} ambiguous; \
+         uvicorn {app_linked} linked, {app_ambiguous} ambiguous"
     );
+    (nginx_linked, app_linked)
 }
 
 /// Checks every call (`is_call`, keyed by `key`) against the truth: linked to the request

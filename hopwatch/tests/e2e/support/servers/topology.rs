@@ -127,33 +127,37 @@ impl Topology {
 
     /// One HTTPS request with curl from the client pod, verifying nginx's certificate.
     pub(crate) fn request(&self, method: &str, path: &str) -> Response {
-        self.curl(method, &format!("{}{path}", self.base_url()))
+        self.curl(method, &format!("{}{path}", self.base_url()), &[])
+    }
+
+    /// A GET over HTTPS with extra request headers (`Name: value`).
+    pub(crate) fn get_with(&self, path: &str, headers: &[&str]) -> Response {
+        self.curl("GET", &format!("{}{path}", self.base_url()), headers)
     }
 
     /// One plain-HTTP request (nginx's port 80) with curl from the client pod.
     pub(crate) fn request_plain(&self, method: &str, path: &str) -> Response {
-        self.curl(method, &format!("http://{}:{}{path}", self.nginx.ip, self.nginx.http_port))
+        self.curl(method, &format!("http://{}:{}{path}", self.nginx.ip, self.nginx.http_port), &[])
     }
 
-    fn curl(&self, method: &str, url: &str) -> Response {
+    fn curl(&self, method: &str, url: &str, headers: &[&str]) -> Response {
         let cert = self.nginx.cert_path();
-        let out = output_in(
-            &self.client,
-            &[
-                "curl",
-                "-s",
-                "-S",
-                "--max-time",
-                "20",
-                "--cacert",
-                cert.to_str().expect("UTF-8 path"),
-                "-X",
-                method,
-                "-w",
-                "\n%{http_code} %{time_total}",
-                url,
-            ],
-        );
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-S",
+            "--max-time",
+            "20",
+            "--cacert",
+            cert.to_str().expect("UTF-8 path"),
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code} %{time_total}",
+        ];
+        args.extend(headers.iter().flat_map(|h| ["-H", *h]));
+        args.push(url);
+        let out = output_in(&self.client, &args);
         let (body, last) = out.rsplit_once('\n').expect("curl printed the status line");
         let (status, time) = last.split_once(' ').expect("status and time");
         Response {
