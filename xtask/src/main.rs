@@ -31,7 +31,9 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
 /// python3-venv for the app's and the compatibility test's virtualenvs); the metrics test's Prometheus server with promtool
 /// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/; the web UI test's
-/// browser (chromium, driven by playwright-core from npm, see [`ui_npm`]).
+/// browser (chromium, driven by playwright-core from npm, see [`ui_npm`]); the collector's
+/// ClickHouse tests' server (clickhouse-server, Debian's 18.16; the tests start private instances
+/// on loopback, never the system-wide one).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -50,6 +52,7 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "systemd",
     "chromium",
+    "clickhouse-server",
 ];
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
 /// application protocol, TLS, DNS and errors the servers send before any request.
@@ -59,7 +62,8 @@ const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";
 /// Debian's hook that tells maintainer scripts whether they may start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
-/// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
+/// The compatibility test's Python packages (a second gRPC toolchain, and chdb-core: a modern
+/// ClickHouse in process for the collector's ClickHouse DDL and queries) and where they go.
 const COMPAT_REQUIREMENTS: &str = "hopwatch/tests/compat/requirements.txt";
 const COMPAT_VENV: &str = "target/compat-venv";
 /// The web UI's npm packages (package.json, package-lock.json): the graph library it embeds
@@ -177,6 +181,10 @@ enum Task {
     /// binary embeds; run after changing a version in package.json (`npm install` there first
     /// to update the lock file).
     UiVendor,
+    /// Install what the collector tests need (the Debian test packages, services held back; the
+    /// compatibility virtualenv with grpcio-tools and chdb-core) without running anything: for
+    /// running one test target by hand, e.g. `cargo test -p hopwatch --test collector clickhouse`.
+    TestSetup,
     /// Connections for the memory benchmark, run by `bench` inside its namespace.
     #[command(hide = true)]
     BenchConns(bench::conns::ConnsArgs),
@@ -197,6 +205,10 @@ fn main() -> ExitCode {
 fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup(&[]),
+        Task::TestSetup => {
+            setup(TEST_PACKAGES)?;
+            compat_venv()
+        }
         Task::Build { release } => {
             setup(&[])?;
             build(release)
