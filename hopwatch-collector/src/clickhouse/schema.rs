@@ -146,7 +146,7 @@ impl Layout {
     pub fn expired_partitions_sql(&self) -> String {
         format!(
             "SELECT DISTINCT partition FROM system.parts WHERE database = {} AND table = {} AND active \
-             AND toDateTime(replaceAll(partition, '''', '')) + 3600 <= now() - {}",
+             AND toDateTime(partition) + 3600 <= now() - {}",
             crate::filter::sql::literal(&self.database),
             crate::filter::sql::literal(
                 match &self.cluster {

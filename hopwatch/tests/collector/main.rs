@@ -7,6 +7,8 @@
 )]
 
 mod agent;
+mod clickhouse;
+mod clickhouse_server;
 mod flag_cases;
 mod hubble_flags;
 mod support;
