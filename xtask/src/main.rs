@@ -140,14 +140,15 @@ enum Task {
     /// memory, the collector; prints one table and writes BENCHMARKS.md.
     Bench {
         /// Only these groups (comma-separated): `hops` (aggregation and /metrics), `collector`
-        /// (ingest, queries, event-to-observe delay), `datapath` (loads with the agent off / TCP /
+        /// (ingest, queries, event-to-observe delay), `clickhouse` (the collector's ClickHouse
+        /// writes, a rare-filter query over 10M stored flows, bytes per flow), `datapath` (loads with the agent off / TCP /
         /// L7, agent CPU per event; root), `pipeline` (recorded events replayed on one core;
         /// root), `memory` (RSS idle, with many connections open, after many short ones; root),
         /// `vm` (the agent's cost on Debian 12's 6.1 kernel under qemu). All by default.
         #[arg(
             long,
             value_delimiter = ',',
-            value_parser = ["hops", "collector", "datapath", "pipeline", "memory", "vm"]
+            value_parser = ["hops", "collector", "clickhouse", "datapath", "pipeline", "memory", "vm"]
         )]
         only: Vec<String>,
         /// Rounds over all modes (medians are reported, with the lowest and highest round).
@@ -168,6 +169,10 @@ enum Task {
         /// An argument for the collector benchmark binary (e.g. `--collector-arg=--flows=200000`).
         #[arg(long = "collector-arg", allow_hyphen_values = true)]
         collector_args: Vec<String>,
+        /// An argument for the ClickHouse benchmark binary (e.g.
+        /// `--clickhouse-arg=--flows --clickhouse-arg=2000000`).
+        #[arg(long = "clickhouse-arg", allow_hyphen_values = true)]
+        clickhouse_args: Vec<String>,
         /// Where the report goes, relative to the workspace root.
         #[arg(long, default_value = "BENCHMARKS.md")]
         output: PathBuf,
@@ -234,6 +239,7 @@ fn run(task: Task) -> Result<()> {
             hold_conns,
             churn_conns,
             collector_args,
+            clickhouse_args,
             output,
             profile,
         } => {
@@ -249,6 +255,7 @@ fn run(task: Task) -> Result<()> {
                 seconds,
                 connections,
                 collector_args,
+                clickhouse_args,
                 hold_conns,
                 churn_conns,
                 output,

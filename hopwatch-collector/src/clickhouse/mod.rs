@@ -101,6 +101,9 @@ pub struct ClickHouseArgs {
     /// Flows per INSERT at most.
     #[arg(long, default_value_t = 100_000)]
     pub clickhouse_batch: usize,
+    /// Concurrent INSERTs (each a server thread parsing rows: more use more server cores).
+    #[arg(long, default_value_t = 2)]
+    pub clickhouse_writers: usize,
     /// A partial batch is written after this long (history queries lag by about this much).
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub clickhouse_flush_interval: Duration,
@@ -161,14 +164,18 @@ impl ClickHouse {
         };
         let sink = Sink::new(cfg.queue);
         let stop = CancellationToken::new();
-        let mut tasks = vec![tokio::spawn(writer::run(
-            client.clone(),
-            layout.table(),
-            sink.clone(),
-            cfg,
-            String::new(),
-            stop.clone(),
-        ))];
+        let mut tasks: Vec<JoinHandle<()>> = (0..args.clickhouse_writers.max(1))
+            .map(|_| {
+                tokio::spawn(writer::run(
+                    client.clone(),
+                    layout.table(),
+                    sink.clone(),
+                    cfg,
+                    String::new(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
         if variant == Variant::Legacy {
             tasks.push(tokio::spawn(retention(client.clone(), layout.clone(), stop.clone())));
         }

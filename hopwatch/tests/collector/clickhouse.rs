@@ -139,10 +139,7 @@ fn rich_flow(node: &str, k: i64, time_ns: i64) -> GetFlowsResponse {
                 .then(|| Service { name: "db".into(), namespace: "shop".into() }),
             l7,
             trace_context: (k == 777).then(|| TraceContext {
-                parent: Some(TraceParent {
-                    trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
-                    ..Default::default()
-                }),
+                parent: Some(TraceParent { trace_id: "0af7651916cd43dd8448eb211c80319c".into() }),
             }),
             ..Default::default()
         })),

@@ -1,6 +1,7 @@
 //! A private Debian `clickhouse-server` (18.16) for tests: the system's config copied with its own
 //! paths and ports, loopback only, killed when dropped. And the chdb-core virtualenv's Python,
-//! for running SQL on a modern ClickHouse in process.
+//! for running SQL on a modern ClickHouse in process. Also used by `benches/clickhouse.rs`.
+#![allow(dead_code, reason = "the tests and the benchmark each use part of it")]
 
 use std::{
     io::{Read as _, Write as _},
@@ -10,7 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::support::free_port;
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// Where Debian installs it.
 const SERVER: &str = "/usr/sbin/clickhouse-server";
@@ -80,7 +88,7 @@ impl ClickHouseServer {
             .spawn()
             .expect("start clickhouse-server");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             if http(self.http_port, "GET", "/ping", "").is_ok_and(|b| b == "Ok.\n") {
                 return;
@@ -107,6 +115,11 @@ impl ClickHouseServer {
             .map(|s| s.lines().rev().take(30).collect::<Vec<_>>().join("\n"))
             .collect::<Vec<_>>()
             .join("\n---\n")
+    }
+
+    /// The server's process id (while it runs).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub(crate) fn url(&self) -> String {
@@ -146,7 +159,7 @@ pub(crate) fn http_bytes(
     body: &str,
 ) -> Result<Vec<u8>, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_mins(1))).map_err(|e| e.to_string())?;
     write!(
         s,
         "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
