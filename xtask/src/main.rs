@@ -33,7 +33,8 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/; the web UI test's
 /// browser (chromium, driven by playwright-core from npm, see [`ui_npm`]); the collector's
 /// ClickHouse tests' server (clickhouse-server, Debian's 18.16; the tests start private instances
-/// on loopback, never the system-wide one).
+/// on loopback, never the system-wide one) and, for its 2-shard cluster test, ZooKeeper
+/// (zookeeper, run by the test with openjdk-17-jre-headless's java).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -53,6 +54,8 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
     "chromium",
     "clickhouse-server",
+    "zookeeper",
+    "openjdk-17-jre-headless",
 ];
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
 /// application protocol, TLS, DNS and errors the servers send before any request.

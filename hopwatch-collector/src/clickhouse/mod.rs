@@ -150,11 +150,7 @@ impl ClickHouse {
             retention_s: args.clickhouse_retention.as_secs().max(3600),
         };
         for sql in layout.ddl(variant) {
-            client
-                .query_raw(&sql)
-                .execute()
-                .await
-                .map_err(|source| ClickHouseError::Ddl { sql: sql.clone(), source })?;
+            ddl(&client, &sql).await?;
         }
         tracing::info!(%url, %version, ?variant, table = %layout.table(), "flow history on ClickHouse");
         let cfg = WriterConfig {
@@ -248,6 +244,31 @@ impl ClickHouse {
         out
     }
 }
+
+/// Runs one DDL statement. A dropped connection is retried (a few times, with backoff): a
+/// pooled keep-alive connection the server has just closed fails the first send, and `ON
+/// CLUSTER` statements wait on ZooKeeper, which may still be coming up beside the server.
+async fn ddl(client: &clickhouse::Client, sql: &str) -> Result<(), ClickHouseError> {
+    let backoff = hopwatch_proto::backoff::Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(2),
+    };
+    let mut attempt = 0;
+    loop {
+        match client.query_raw(sql).execute().await {
+            Ok(()) => return Ok(()),
+            Err(clickhouse::error::Error::Network(e)) if attempt < DDL_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "ClickHouse DDL: connection lost; retrying");
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
+            }
+            Err(source) => return Err(ClickHouseError::Ddl { sql: sql.to_owned(), source }),
+        }
+    }
+}
+
+/// Tries of one DDL statement on network errors.
+const DDL_ATTEMPTS: u32 = 5;
 
 /// Legacy retention: drops hourly partitions older than the retention, now and every
 /// [`RETENTION_EVERY`].

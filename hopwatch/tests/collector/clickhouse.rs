@@ -34,13 +34,13 @@ use super::{
 };
 
 /// A collector on `ch` with an empty data directory of its own.
-struct ChCollector {
-    collector: Collector,
+pub(crate) struct ChCollector {
+    pub(crate) collector: Collector,
     metrics_port: u16,
     _dir: tempfile::TempDir,
 }
 
-fn ch_collector(ch: &ClickHouseServer, db: &str, extra: &[&str]) -> ChCollector {
+pub(crate) fn ch_collector(ch: &ClickHouseServer, db: &str, extra: &[&str]) -> ChCollector {
     let dir = tempfile::tempdir().unwrap();
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
@@ -74,7 +74,7 @@ impl ChCollector {
     }
 }
 
-fn ts(ns: i64) -> prost_types::Timestamp {
+pub(crate) fn ts(ns: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ns.div_euclid(1_000_000_000),
         nanos: i32::try_from(ns.rem_euclid(1_000_000_000)).unwrap(),
@@ -82,7 +82,7 @@ fn ts(ns: i64) -> prost_types::Timestamp {
 }
 
 /// A flow with something for every pushed-down filter to find, varied by `k`.
-fn rich_flow(node: &str, k: i64, time_ns: i64) -> GetFlowsResponse {
+pub(crate) fn rich_flow(node: &str, k: i64, time_ns: i64) -> GetFlowsResponse {
     let v6 = k % 3 == 0;
     let (src, dst) = if v6 {
         (format!("fd00::{:x}", k % 7 + 1), format!("fd01::{:x}", k % 5 + 1))
@@ -190,7 +190,7 @@ fn filters() -> Vec<(&'static str, Vec<FlowFilter>)> {
     ]
 }
 
-async fn history(url: &str, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
+pub(crate) async fn history(url: &str, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
     let mut c = client(url).await.expect("connect to the collector");
     let mut s = c.get_flows(req).await.expect("GetFlows").into_inner();
     let mut out = Vec::new();
@@ -200,7 +200,7 @@ async fn history(url: &str, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
     out
 }
 
-fn uuids(resps: &[GetFlowsResponse]) -> Vec<String> {
+pub(crate) fn uuids(resps: &[GetFlowsResponse]) -> Vec<String> {
     resps
         .iter()
         .filter_map(|r| match &r.response_types {

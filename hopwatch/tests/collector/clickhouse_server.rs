@@ -45,8 +45,14 @@ impl ClickHouseServer {
     /// Starts a server with its data, logs and config under `dir` (`extra`: XML put inside the
     /// config's root, e.g. clusters and macros) and waits until `GET /ping` answers `Ok.`.
     pub(crate) fn start(dir: &Path, extra: &str) -> Self {
+        Self::start_with_tcp_port(dir, free_port(), extra)
+    }
+
+    /// [`Self::start`] on a native-protocol port chosen beforehand (a cluster's servers name
+    /// each other's).
+    pub(crate) fn start_with_tcp_port(dir: &Path, tcp_port: u16, extra: &str) -> Self {
         require_server();
-        let (http_port, tcp_port, inter) = (free_port(), free_port(), free_port());
+        let (http_port, inter) = (free_port(), free_port());
         for sub in ["data", "log", "config"] {
             std::fs::create_dir_all(dir.join(sub)).expect("create the server's directories");
         }
@@ -106,6 +112,16 @@ impl ClickHouseServer {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The server's error log so far (and, with `clear`, starts it anew).
+    pub(crate) fn error_log(&self, clear: bool) -> String {
+        let path = self.dir.join("log/clickhouse-server.err.log");
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if clear {
+            let _ = std::fs::remove_file(&path);
+        }
+        log
     }
 
     fn logs(&self) -> String {

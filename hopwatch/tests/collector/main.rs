@@ -8,6 +8,7 @@
 
 mod agent;
 mod clickhouse;
+mod clickhouse_cluster;
 mod clickhouse_server;
 mod flag_cases;
 mod hubble_flags;
