@@ -119,12 +119,13 @@ impl Plan {
             Order::OldestFirst => (cursor, None),
             Order::NewestFirst => (None, cursor),
         };
+        // Ties broken by node and uuid: every collector sends equal times in the same order.
+        let d = Self::dir(order);
         format!(
-            "SELECT time_ns, flow FROM {}{} WHERE {} ORDER BY time_ns {}",
+            "SELECT time_ns, flow FROM {}{} WHERE {} ORDER BY time_ns {d}, node_name {d}, uuid {d}",
             self.table,
             self.prewhere(),
             self.range(after, before, Some((order, edge))),
-            Self::dir(order)
         )
     }
 

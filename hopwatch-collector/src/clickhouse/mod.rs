@@ -229,8 +229,8 @@ impl ClickHouse {
             (
                 "hopwatch_clickhouse_queue_flows",
                 "gauge",
-                "Events waiting to be written to ClickHouse.",
-                s.queued.load(Ordering::Relaxed),
+                "Events waiting to be written to ClickHouse (queued, or in an insert not yet done).",
+                s.queued.load(Ordering::Relaxed) + s.in_flight.load(Ordering::Relaxed),
             ),
             (
                 "hopwatch_clickhouse_encoded_bytes_total",

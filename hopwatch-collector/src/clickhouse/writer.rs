@@ -38,6 +38,8 @@ pub struct SinkStats {
     pub failures: AtomicU64,
     /// Events waiting in the queue.
     pub queued: AtomicU64,
+    /// Events taken by a writer and not yet written (in an insert, or waiting to retry one).
+    pub in_flight: AtomicU64,
     /// Bytes of encoded events sent (the `flow` column before compression).
     pub encoded_bytes: AtomicU64,
 }
@@ -98,6 +100,8 @@ impl Sink {
         let mut q = self.queue.lock().expect("sink queue lock");
         let n = q.len().min(max);
         let out: Vec<_> = q.drain(..n).collect();
+        // In flight before no longer queued: the two together never under-count.
+        self.stats.in_flight.fetch_add(n as u64, Ordering::Relaxed);
         self.stats.queued.store(q.len() as u64, Ordering::Relaxed);
         out
     }
@@ -160,6 +164,7 @@ pub async fn run(
             if lost > 0 {
                 let notice = lost::notice(&node, LostEventSource::ObserverEventsQueue, lost);
                 pending.push(Stored::new(notice));
+                sink.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             }
             if pending.is_empty() {
                 if stop.is_cancelled() {
@@ -176,6 +181,7 @@ pub async fn run(
                 }
                 attempt = 0;
                 sink.stats.written.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                sink.stats.in_flight.fetch_sub(pending.len() as u64, Ordering::Relaxed);
                 sink.stats.encoded_bytes.fetch_add(bytes, Ordering::Relaxed);
                 pending.clear();
             }
