@@ -95,7 +95,8 @@ impl Layout {
         self.cluster.as_ref().map_or_else(String::new, |c| format!(" ON CLUSTER {}", ident(c)))
     }
 
-    /// The statements that create the database and tables, in order (each `IF NOT EXISTS`).
+    /// The statements that create the database and tables, in order (each `IF NOT EXISTS`; on
+    /// modern servers, then the retention's TTL).
     pub fn ddl(&self, variant: Variant) -> Vec<String> {
         let mut out = vec![format!(
             "CREATE DATABASE IF NOT EXISTS {}{}",
@@ -127,6 +128,15 @@ impl Layout {
             }
         }
         out.push(t);
+        if variant == Variant::Modern {
+            // An existing table keeps the TTL it was created with: set this run's retention.
+            out.push(format!(
+                "ALTER TABLE {}{} MODIFY TTL time + toIntervalSecond({})",
+                self.data_table(),
+                self.on_cluster(),
+                self.retention_s
+            ));
+        }
         if let Some(cluster) = &self.cluster {
             out.push(format!(
                 "CREATE TABLE IF NOT EXISTS {}{} AS {}\nENGINE = Distributed({}, {}, {}, cityHash64(node_name))",
@@ -265,6 +275,7 @@ mod tests {
 
     #[test]
     fn cluster_ddl_is_distributed_over_replicated_shards() {
+        assert_eq!(layout(Some("two")).ddl(Variant::Modern).len(), 4, "with MODIFY TTL");
         let ddl = layout(Some("two")).ddl(Variant::Legacy);
         assert_eq!(ddl.len(), 3);
         assert!(ddl[1].contains("`hopwatch`.`flows_local` ON CLUSTER `two`"), "{}", ddl[1]);
