@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     agents::AgentState,
+    clickhouse::ClickHouse,
     merge::{self, MergeConfig, MergeMsg},
     nodes::NodeRegistry,
     store::{FlowStore, Incoming, StoreConfig, StoreError},
@@ -26,6 +27,8 @@ use super::{
 /// Events waiting for the merge stage, in messages (each a batch); beyond this, ingest streams
 /// wait, which pushes back on agents through HTTP/2 flow control.
 const MERGE_QUEUE: usize = 256;
+/// At shutdown, how long queued flows may take to reach ClickHouse.
+const SHUTDOWN_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -53,6 +56,8 @@ pub struct Hub {
     pub nodes: NodeRegistry,
     pub sort_window: Duration,
     pub started: Instant,
+    /// The shared history, when flows go to ClickHouse (history queries are answered there).
+    pub clickhouse: Option<Arc<ClickHouse>>,
     /// Entries are encoded for the history by the ingest tasks (in parallel), not the writer.
     prepare: bool,
     merge_tx: Mutex<Option<mpsc::Sender<MergeMsg>>>,
@@ -67,7 +72,19 @@ pub fn version() -> String {
 impl Hub {
     /// Opens the store (recovering its history) and starts the merge stage.
     pub fn start(cfg: &HubConfig) -> Result<Arc<Self>, StoreError> {
-        let (store, writer, recovery) = FlowStore::open(&cfg.store)?;
+        Self::start_with(cfg, None)
+    }
+
+    /// [`Self::start`], with every stored event also written to ClickHouse, which then answers
+    /// history queries.
+    pub fn start_with(
+        cfg: &HubConfig,
+        clickhouse: Option<Arc<ClickHouse>>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let (store, mut writer, recovery) = FlowStore::open(&cfg.store)?;
+        if let Some(ch) = &clickhouse {
+            writer.set_sink(ch.sink.clone());
+        }
         if recovery.discarded > 0 {
             tracing::info!(
                 entries = recovery.discarded,
@@ -90,6 +107,7 @@ impl Hub {
             nodes,
             sort_window: cfg.merge.window,
             started: Instant::now(),
+            clickhouse,
             prepare: cfg.store.disk.is_some(),
             merge_tx: Mutex::new(Some(tx)),
             merge_thread: Mutex::new(Some(thread)),
@@ -200,6 +218,9 @@ impl Hub {
         let thread = self.merge_thread.lock().expect("merge thread lock").take();
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if let Some(ch) = &self.clickhouse {
+            ch.close(SHUTDOWN_WRITE_WAIT).await;
         }
     }
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod clickhouse;
 pub mod filter;
 pub mod hub;
 pub mod ingest;

@@ -66,7 +66,9 @@ impl Observer for ObserverService {
             num_unavailable_nodes: Some(u32::try_from(down.len()).unwrap_or(u32::MAX)),
             unavailable_nodes: down,
             version: version(),
-            flows_not_recorded: self.hub.nodes.not_recorded(),
+            // Flows the ClickHouse write queue had no room for are not recorded either.
+            flows_not_recorded: self.hub.nodes.not_recorded()
+                + self.hub.clickhouse.as_ref().map_or(0, |c| c.dropped()),
         }))
     }
 }

@@ -62,8 +62,30 @@ impl Query {
         })
     }
 
+    pub fn filters(&self) -> &FilterSet {
+        &self.filters
+    }
+
+    /// How many flows (0: all in range).
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// Oldest first (`--first`) rather than the newest `number`.
+    pub fn first(&self) -> bool {
+        self.first
+    }
+
+    pub fn since_ns(&self) -> Option<i64> {
+        self.since_ns
+    }
+
+    pub fn until_ns(&self) -> Option<i64> {
+        self.until_ns
+    }
+
     /// A stored response as this query sends it: its flow cut to the field mask.
-    fn out(&self, resp: &GetFlowsResponse) -> GetFlowsResponse {
+    pub fn out(&self, resp: &GetFlowsResponse) -> GetFlowsResponse {
         match &resp.response_types {
             Some(ResponseTypes::Flow(f)) if !self.mask.is_empty() => GetFlowsResponse {
                 response_types: Some(ResponseTypes::Flow(self.mask.apply(f))),
@@ -86,7 +108,7 @@ impl Query {
 
     /// `Some(true)` for a matching flow, `Some(false)` for a notice (sent, not counted), `None`
     /// for anything else.
-    fn wants(&self, e: &Stored) -> Option<bool> {
+    pub fn wants(&self, e: &Stored) -> Option<bool> {
         if !self.in_time(e.time_ns) {
             return None;
         }
@@ -114,7 +136,20 @@ pub async fn run(hub: Arc<Hub>, q: Query, tx: Tx) {
         }
     }
     let q = Arc::new(q);
-    if q.wants_history() {
+    if q.wants_history()
+        && let Some(ch) = &hub.clickhouse
+    {
+        // The shared history: every node's flows, whichever collector they came through.
+        match super::clickhouse::history::run(ch, &q, &tx).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "history query on ClickHouse failed");
+                let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                return;
+            }
+        }
+    } else if q.wants_history() {
         let (store, q2, tx2) = (hub.store.clone(), q.clone(), tx.clone());
         let done = tokio::task::spawn_blocking(move || history(&store, &q2, end0, &tx2)).await;
         if !matches!(done, Ok(true)) {

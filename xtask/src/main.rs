@@ -31,7 +31,10 @@ const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// (openssl for the test certificate, curl as the client, dig to see dnsmasq answer,
 /// python3-venv for the app's and the compatibility test's virtualenvs); the metrics test's Prometheus server with promtool
 /// (prometheus); systemd for `systemd-analyze verify` of the unit in deploy/; the web UI test's
-/// browser (chromium, driven by playwright-core from npm, see [`ui_npm`]).
+/// browser (chromium, driven by playwright-core from npm, see [`ui_npm`]); the collector's
+/// ClickHouse tests' server (clickhouse-server, Debian's 18.16; the tests start private instances
+/// on loopback, never the system-wide one) and, for its 2-shard cluster test, ZooKeeper
+/// (zookeeper, run by the test with openjdk-17-jre-headless's java).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -50,6 +53,9 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "systemd",
     "chromium",
+    "clickhouse-server",
+    "zookeeper",
+    "openjdk-17-jre-headless",
 ];
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
 /// application protocol, TLS, DNS and errors the servers send before any request.
@@ -59,7 +65,8 @@ const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";
 /// Debian's hook that tells maintainer scripts whether they may start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
-/// The compatibility test's Python packages (a second gRPC toolchain) and where they go.
+/// The compatibility test's Python packages (a second gRPC toolchain, and chdb-core: a modern
+/// ClickHouse in process for the collector's ClickHouse DDL and queries) and where they go.
 const COMPAT_REQUIREMENTS: &str = "hopwatch/tests/compat/requirements.txt";
 const COMPAT_VENV: &str = "target/compat-venv";
 /// A real OTLP trace receiver with a query API (Arize Phoenix) for the trace export test, in a
@@ -140,14 +147,15 @@ enum Task {
     /// memory, the collector; prints one table and writes BENCHMARKS.md.
     Bench {
         /// Only these groups (comma-separated): `hops` (aggregation and /metrics), `collector`
-        /// (ingest, queries, event-to-observe delay), `datapath` (loads with the agent off / TCP /
+        /// (ingest, queries, event-to-observe delay), `clickhouse` (the collector's ClickHouse
+        /// writes, a rare-filter query over 10M stored flows, bytes per flow), `datapath` (loads with the agent off / TCP /
         /// L7, agent CPU per event; root), `pipeline` (recorded events replayed on one core;
         /// root), `memory` (RSS idle, with many connections open, after many short ones; root),
         /// `vm` (the agent's cost on Debian 12's 6.1 kernel under qemu). All by default.
         #[arg(
             long,
             value_delimiter = ',',
-            value_parser = ["hops", "collector", "datapath", "pipeline", "memory", "vm"]
+            value_parser = ["hops", "collector", "clickhouse", "datapath", "pipeline", "memory", "vm"]
         )]
         only: Vec<String>,
         /// Rounds over all modes (medians are reported, with the lowest and highest round).
@@ -168,6 +176,10 @@ enum Task {
         /// An argument for the collector benchmark binary (e.g. `--collector-arg=--flows=200000`).
         #[arg(long = "collector-arg", allow_hyphen_values = true)]
         collector_args: Vec<String>,
+        /// An argument for the ClickHouse benchmark binary (e.g.
+        /// `--clickhouse-arg=--flows --clickhouse-arg=2000000`).
+        #[arg(long = "clickhouse-arg", allow_hyphen_values = true)]
+        clickhouse_args: Vec<String>,
         /// Where the report goes, relative to the workspace root.
         #[arg(long, default_value = "BENCHMARKS.md")]
         output: PathBuf,
@@ -181,6 +193,11 @@ enum Task {
     /// binary embeds; run after changing a version in package.json (`npm install` there first
     /// to update the lock file).
     UiVendor,
+    /// Install what the tests need (the Debian test packages, services held back; the Python
+    /// virtualenvs: the end-to-end tests', Phoenix for the OTLP test, grpcio-tools and chdb-core
+    /// for the compatibility and ClickHouse tests) without running anything: for running one
+    /// test target by hand, e.g. `cargo test -p hopwatch --test collector clickhouse`.
+    TestSetup,
     /// Connections for the memory benchmark, run by `bench` inside its namespace.
     #[command(hide = true)]
     BenchConns(bench::conns::ConnsArgs),
@@ -201,6 +218,12 @@ fn main() -> ExitCode {
 fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup(&[]),
+        Task::TestSetup => {
+            setup(TEST_PACKAGES)?;
+            python_venv(E2E_REQUIREMENTS, E2E_VENV)?;
+            python_venv(OTLP_REQUIREMENTS, OTLP_VENV)?;
+            python_venv(COMPAT_REQUIREMENTS, COMPAT_VENV)
+        }
         Task::Build { release } => {
             setup(&[])?;
             build(release)
@@ -226,6 +249,7 @@ fn run(task: Task) -> Result<()> {
             hold_conns,
             churn_conns,
             collector_args,
+            clickhouse_args,
             output,
             profile,
         } => {
@@ -241,6 +265,7 @@ fn run(task: Task) -> Result<()> {
                 seconds,
                 connections,
                 collector_args,
+                clickhouse_args,
                 hold_conns,
                 churn_conns,
                 output,

@@ -9,6 +9,7 @@
 pub mod cel;
 mod label;
 mod parse;
+pub mod sql;
 pub mod terms;
 
 use std::net::IpAddr;

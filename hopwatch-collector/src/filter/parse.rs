@@ -38,6 +38,11 @@ impl Cidr {
         (self.prefix == max).then_some(self.addr)
     }
 
+    /// The network address and prefix length.
+    pub(super) fn parts(&self) -> (IpAddr, u8) {
+        (self.addr, self.prefix)
+    }
+
     pub(super) fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -78,6 +83,11 @@ impl NamespacedPrefix {
 
     pub(super) fn namespace(&self) -> Option<&str> {
         self.namespace.as_deref()
+    }
+
+    /// The name prefix (empty: any name).
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// `name` empty means the flow has no such object (never matches).

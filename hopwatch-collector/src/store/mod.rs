@@ -114,6 +114,8 @@ pub struct StoreWriter {
     store: Arc<FlowStore>,
     disk: Option<DiskLog>,
     next_index: u64,
+    /// Where stored entries also go (the ClickHouse history's write queue).
+    sink: Option<Arc<crate::clickhouse::writer::Sink>>,
 }
 
 impl FlowStore {
@@ -138,7 +140,8 @@ impl FlowStore {
             end: watch::channel(recovery.next_index).0,
             seen: AtomicU64::new(0),
         });
-        let writer = StoreWriter { store: store.clone(), disk, next_index: recovery.next_index };
+        let writer =
+            StoreWriter { store: store.clone(), disk, next_index: recovery.next_index, sink: None };
         Ok((store, writer, recovery))
     }
 
@@ -368,6 +371,11 @@ impl StoreWriter {
         &self.store
     }
 
+    /// Also hands every stored entry to `sink` (never waiting on it).
+    pub fn set_sink(&mut self, sink: Arc<crate::clickhouse::writer::Sink>) {
+        self.sink = Some(sink);
+    }
+
     /// Appends `entries` (in order; drained from the vector, which keeps its capacity), writes
     /// them to the history with `checkpoint`, and makes them visible to readers. On `Ok`,
     /// everything up to `checkpoint` is stored. The entries' indexes are assigned here.
@@ -391,6 +399,9 @@ impl StoreWriter {
         }
         // Visible in memory before the disk write: readers may see an entry an instant before
         // it is durable, but an agent is acknowledged only after.
+        if let Some(sink) = &self.sink {
+            sink.offer(entries.iter().map(|e| e.entry.clone()));
+        }
         {
             let mut ring = self.store.ring.write().expect("ring lock");
             ring.entries.extend(entries.drain(..).map(|e| e.entry));

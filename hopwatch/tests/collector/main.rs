@@ -7,6 +7,9 @@
 )]
 
 mod agent;
+mod clickhouse;
+mod clickhouse_cluster;
+mod clickhouse_server;
 mod flag_cases;
 mod hubble_flags;
 mod support;

@@ -11,6 +11,8 @@
 //! - Memory ([`memory`]): agent RSS idle, with 100k open connections, during and after 1M short
 //!   connections.
 //! - Collector: ingest rate and `observe` latency over a 1M-flow store (`hopwatch/benches/collector.rs`).
+//! - ClickHouse: one collector's write rate into a private 18.16 server, `observe --last 1000`
+//!   with a rare filter over 10M stored flows, bytes per stored flow (`hopwatch/benches/clickhouse.rs`).
 //! - Hops: aggregation and `/metrics` rendering (`hopwatch/benches/hops.rs`; printed, not tabled).
 //! - VM (`vm`): the same keep-alive load (wrk against nginx across a veth pair) inside Debian 12's
 //!   own 6.1 kernel under qemu, without and with the agent (L7 on the syscall capture path), rounds
@@ -44,6 +46,7 @@ pub struct BenchOptions {
     pub seconds: u32,
     pub connections: u32,
     pub collector_args: Vec<String>,
+    pub clickhouse_args: Vec<String>,
     /// Concurrent connections held open for the memory figure.
     pub hold_conns: u64,
     /// Short connections for the memory figure.
@@ -128,6 +131,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if want("collector") {
         attempt("collector", collector(opts, &mut report));
     }
+    if want("clickhouse") {
+        attempt("clickhouse", clickhouse(opts, &mut report));
+    }
     if want("vm") {
         attempt("vm", vm(opts, &mut report));
     }
@@ -176,6 +182,29 @@ fn vm(opts: &BenchOptions, report: &mut Report) -> Result<()> {
         );
     }
     report.notes.push(format!("VM bench: the guest agent said `{}`", b.l7_line.trim()));
+    Ok(())
+}
+
+/// The ClickHouse benchmark's figures (`BENCH` lines): write rate, a rare-filter query over
+/// everything stored, bytes per flow. It starts its own clickhouse-server (a test package).
+fn clickhouse(opts: &BenchOptions, report: &mut Report) -> Result<()> {
+    crate::apt_install(&["clickhouse-server"])?;
+    say("ClickHouse benchmarks (cargo bench -p hopwatch --bench clickhouse)");
+    let mut cmd = vec!["bench", "-p", "hopwatch", "--bench", "clickhouse", "--"];
+    cmd.extend(opts.clickhouse_args.iter().map(String::as_str));
+    let lines = report::cargo_bench_lines(&cmd)?;
+    if !lines.iter().any(|l| l.id == "clickhouse_write") {
+        bail!("the ClickHouse benchmark printed no write figure");
+    }
+    for l in lines {
+        let (unit, target) = match l.id.as_str() {
+            "clickhouse_write" => ("flows/s", None),
+            "clickhouse_write_per_core" => ("flows/s", Some(report::Target::AtLeast(500_000.0))),
+            "clickhouse_observe_rare" => ("ms", Some(report::Target::AtMost(250.0))),
+            _ => ("B", None),
+        };
+        report.add("6 clickhouse", l.label, l.value, unit, target);
+    }
     Ok(())
 }
 
