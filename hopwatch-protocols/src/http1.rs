@@ -28,8 +28,9 @@
 //!
 //! Method, path (its query string and fragment stripped unless [`Redaction`] keeps full
 //! statements), version, `Host`, keep-alive, status, and the values of `X-Request-ID`,
-//! `X-Correlation-ID`, `traceparent` and `CF-Ray` (request ids, for request tracing). No other
-//! header value is kept, so `Authorization`,
+//! `X-Correlation-ID`, `traceparent` and `CF-Ray` (request ids, for request tracing), and of
+//! `X-Forwarded-For`, `Forwarded`, `X-Real-IP` and `CF-Connecting-IP` (the client behind a
+//! proxy). No other header value is kept, so `Authorization`,
 //! `Cookie` and `Set-Cookie` never leave the parser.
 
 use std::borrow::Cow;
@@ -43,7 +44,16 @@ const MAX_HEADER_VALUE: usize = 256;
 /// Longest chunk-size line (size, extensions) accepted.
 const MAX_CHUNK_LINE: usize = 1024;
 /// Headers whose values are kept, as written in records.
-const KEPT_HEADERS: [&str; 4] = ["x-request-id", "x-correlation-id", "traceparent", "cf-ray"];
+const KEPT_HEADERS: [&str; 8] = [
+    "x-request-id",
+    "x-correlation-id",
+    "traceparent",
+    "cf-ray",
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "cf-connecting-ip",
+];
 
 const fn malformed(reason: &'static str) -> ParseError {
     ParseError::Malformed { protocol: "http", reason }

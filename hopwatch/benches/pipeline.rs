@@ -60,6 +60,7 @@ fn options() -> PipelineOptions {
         fast_path: false,
         tracing: true,
         trace_headers: Vec::new(),
+        trusted_proxies: hopwatch::harness::TrustedProxies::default(),
     }
 }
 

@@ -51,7 +51,7 @@ pub mod harness {
     pub use crate::{
         drops::DropReasons,
         events::decode,
-        flow::{Clock, FlowBuilder},
+        flow::{Clock, FlowBuilder, forwarded::TrustedProxies},
         identity::cgroup::cgroup2_mount,
         loader::btf::Btf,
         metrics::{MetricsAddr, MetricsArgs, Telemetry},
@@ -63,5 +63,6 @@ pub mod harness {
             link::{dial, run_remote},
             queue::Queue,
         },
+        trace::PROPAGATED_HEADERS,
     };
 }

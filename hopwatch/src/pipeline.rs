@@ -15,7 +15,7 @@ pub use crate::l7::CountedExchange;
 use crate::{
     conntrack::{Conn, ConnTable, Process, Role, endpoints},
     events::{KernelEvent, comm},
-    flow::{Clock, FlowBuilder, L7Observation},
+    flow::{Clock, FlowBuilder, L7Observation, forwarded::TrustedProxies},
     identity::Identity,
     l7::{
         Completed, L7Tracker, Measured, session::MessageParser, setup::SetupTracker,
@@ -104,6 +104,8 @@ pub struct PipelineOptions {
     /// Request headers whose values link a call to the request it was made for (a subset of
     /// [`crate::trace::PROPAGATED_HEADERS`]).
     pub trace_headers: Vec<&'static str>,
+    /// Peers whose forwarding headers name the real client (`Flow.client_ip`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// What the pipeline could not keep, for the agent's counters.
@@ -445,6 +447,12 @@ impl Pipeline {
             peer_process,
         };
         let mut flow = self.builder.l7(observation);
+        if let (true, Some(Record::Http(h))) =
+            (c.server_side, flow.l7.as_ref().and_then(|l| l.record.as_ref()))
+            && let Some(ip) = self.options.trusted_proxies.client(remote.ip(), &h.headers)
+        {
+            flow.client_ip = ip.to_string();
+        }
         flow.tls_handshake = tls_handshake;
         flow.connection_setup = setup;
         flow

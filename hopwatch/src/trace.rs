@@ -350,7 +350,7 @@ impl Tracer {
 
 /// Request headers whose value a proxy or an application passes on to the requests it makes for
 /// the request (`traceparent` by its trace id, the others whole).
-pub(crate) const PROPAGATED_HEADERS: [&str; 4] =
+pub const PROPAGATED_HEADERS: [&str; 4] =
     ["traceparent", "x-request-id", "x-correlation-id", "cf-ray"];
 
 /// The propagated ids an HTTP request carries, as keys of process `tgid`: (key, header), in the

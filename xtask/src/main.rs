@@ -58,8 +58,10 @@ const TEST_PACKAGES: &[&str] = &[
     "openjdk-17-jre-headless",
 ];
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
-/// application protocol, TLS, DNS and errors the servers send before any request.
-const SYSCALL_PATH_TESTS: &[&str] = &["l7::", "server_errors::", "tcp::", "tls_handshake::"];
+/// application protocol, TLS, DNS, errors the servers send before any request, and request
+/// tracing (thread causality from the syscall tracepoints).
+const SYSCALL_PATH_TESTS: &[&str] =
+    &["l7::", "server_errors::", "tcp::", "tls_handshake::", "tracing::"];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";

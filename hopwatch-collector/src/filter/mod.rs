@@ -102,6 +102,8 @@ enum Check {
     KernelDropReason(Vec<String>),
     /// Lower-case server names; `*.` prefixes kept (see [`parse::sni`]).
     Sni(Vec<String>),
+    /// The forwarded client (`Flow.client_ip`) in one of these networks.
+    ClientIp(Vec<Cidr>),
     Interface(Vec<NetworkInterface>),
     NodeLabels(Vec<Selector>),
     Cel(Vec<cel::Expr>),
@@ -203,6 +205,8 @@ impl Compiled {
         push(!kernel.is_empty(), Check::KernelDropReason(kernel));
         let sni = each(&ff.sni, parse::sni)?;
         push(!sni.is_empty(), Check::Sni(sni));
+        let clients = each(&ff.client_ip, |s| Cidr::parse("client_ip", s))?;
+        push(!clients.is_empty(), Check::ClientIp(clients));
         push(!ff.interface.is_empty(), Check::Interface(ff.interface.clone()));
         let node_labels = each(&ff.node_labels, |s| Selector::parse("node_labels", s))?;
         push(!node_labels.is_empty(), Check::NodeLabels(node_labels));
@@ -391,6 +395,10 @@ impl Check {
                                 .is_ok_and(|r| r != DropReason::Unknown && r.as_str_name() == n)
                     })
             }
+            Self::ClientIp(nets) => f
+                .client_ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| nets.iter().any(|n| n.contains(a))),
             Self::Sni(names) => f
                 .tls_handshake
                 .as_ref()

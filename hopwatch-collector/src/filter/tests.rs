@@ -96,6 +96,7 @@ fn http_flow() -> Flow {
         trace_context: Some(TraceContext {
             parent: Some(TraceParent { trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into() }),
         }),
+        client_ip: "203.0.113.7".into(),
         ..Default::default()
     }
 }
@@ -247,6 +248,11 @@ fn single_filters_match_as_hubble_documents() {
         (
             "trace id",
             ff(|f| f.trace_id = s(&["4bf92f3577b34da6a3ce929d0e0e4736"])),
+            [false, true, false],
+        ),
+        (
+            "hopwatch: forwarded client",
+            ff(|f| f.client_ip = s(&["203.0.113.0/24"])),
             [false, true, false],
         ),
         (

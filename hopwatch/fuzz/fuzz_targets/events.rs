@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use hopwatch::harness::{
-    Clock, DropReasons, FlowBuilder, Format, Pipeline, PipelineOptions, PrintOptions, Printer,
-    decode,
+    Clock, DropReasons, FlowBuilder, Format, PROPAGATED_HEADERS, Pipeline, PipelineOptions,
+    PrintOptions, Printer, TrustedProxies, decode,
 };
 use hopwatch_proto::{
     flow::Flow,
@@ -35,6 +35,10 @@ fuzz_target!(|data: &[u8]| {
             l7_timeout: Duration::from_secs(30),
             redaction: Redaction { keep_full_statements },
             fast_path: true,
+            tracing: true,
+            trace_headers: PROPAGATED_HEADERS.to_vec(),
+            // Every peer trusted: every request's forwarding headers are parsed.
+            trusted_proxies: TrustedProxies::everyone(),
         },
     );
     let mut flows = Vec::new();

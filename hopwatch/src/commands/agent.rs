@@ -114,6 +114,12 @@ pub(super) struct AgentArgs {
         value_parser = ["none", "traceparent", "x-request-id", "x-correlation-id", "cf-ray"]
     )]
     pub trace_headers: Vec<String>,
+    /// Addresses or CIDRs of the proxies in front of this node's servers (an ingress controller,
+    /// a load balancer, cloudflared): on requests from them, `X-Forwarded-For`, `Forwarded`,
+    /// `X-Real-IP` or `CF-Connecting-IP` name the real client (`client_ip`, `observe
+    /// --client-ip`). Comma-separated; no peer is trusted by default.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR", value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// A request unanswered this long is reported as timed out.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub l7_timeout: Duration,
@@ -151,6 +157,13 @@ pub(super) struct AgentArgs {
     /// Traces to an OTLP backend, from the in-process collector.
     #[command(flatten)]
     pub otlp: crate::otlp::OtlpArgs,
+}
+
+/// A network (`10.0.0.0/8`) or one address (`10.0.0.5`).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a CIDR (10.0.0.0/8)"))
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -402,6 +415,7 @@ fn pipeline_options(args: &AgentArgs, fast_path: bool) -> PipelineOptions {
             .into_iter()
             .filter(|h| args.trace_headers.iter().any(|a| a == h))
             .collect(),
+        trusted_proxies: crate::flow::forwarded::TrustedProxies::new(args.trusted_proxies.clone()),
     }
 }
 

@@ -96,6 +96,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
                 fast_path: false,
                 tracing: true,
                 trace_headers: crate::trace::PROPAGATED_HEADERS.to_vec(),
+                trusted_proxies: crate::flow::forwarded::TrustedProxies::default(),
             },
         );
         for rec in &records {

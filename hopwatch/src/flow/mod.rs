@@ -4,6 +4,7 @@
 //! packet), `destination` the other; `traffic_direction` says which of them this node traced
 //! (EGRESS: the client, INGRESS: the server).
 
+pub(crate) mod forwarded;
 mod l7;
 pub(crate) mod records;
 

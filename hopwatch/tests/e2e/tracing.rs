@@ -438,3 +438,45 @@ impl ThreadedApp {
         Self { _process: process, _dir: dir }
     }
 }
+
+#[test]
+fn the_client_behind_a_trusted_proxy_is_named_and_a_stranger_s_header_is_not_believed() {
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    let t = Topology::start(&mut tb);
+    // nginx sets `X-Forwarded-For: $remote_addr` on its upstream requests.
+    let agent = Agent::start(&["--trusted-proxies", &t.ingress.ip.to_string()]);
+    assert_eq!(t.get("/health").status, 200);
+    let health = |h: &Value| s(h, &["url"]).ends_with("/health");
+    let at_app = agent.wait_for(
+        "GET /health at the app, from nginx",
+        WAIT,
+        exchange("http", "INGRESS", &t.ingress, &t.app_pod, health),
+    );
+    assert_eq!(s(&at_app, &["client_ip"]), t.client.ip.to_string(), "{at_app}");
+    // The same header sent straight to the app by the client itself names nobody.
+    let url = format!("http://{}:8000/health", t.app_pod.ip);
+    crate::support::servers::output_in(
+        &t.client,
+        &["curl", "-sf", "-H", "X-Forwarded-For: 203.0.113.66", &url],
+    );
+    let direct = agent.wait_for(
+        "GET /health at the app, from the client",
+        WAIT,
+        exchange("http", "INGRESS", &t.client, &t.app_pod, health),
+    );
+    assert_eq!(s(&direct, &["client_ip"]), "", "a header from an untrusted peer: {direct}");
+    // The field is a filter: the client's request through nginx, not nginx's own.
+    let collector = agent.collector_addr();
+    let client_ip = t.client.ip.to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let found = observe(&collector, &["--client-ip", &client_ip]);
+        if found.iter().any(|f| span(f) == span(&at_app)) {
+            assert!(found.iter().all(|f| s(f, &["client_ip"]) == client_ip), "{found:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "observe --client-ip: {found:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

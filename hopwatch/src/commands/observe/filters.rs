@@ -69,6 +69,7 @@ pub(in crate::commands) const FILTER_FLAGS: &[&str] = &[
     "interface",
     "cel_expression",
     "sni",
+    "client_ip",
 ];
 
 const CONFLICTS: &[&[&str]] = &[
@@ -290,6 +291,7 @@ impl Tracker {
             "drop_reason_desc" => self.both(|f| f.kernel_drop_reason.push(s.clone())),
             "http_url" => self.both(|f| f.http_url.push(s.clone())),
             "sni" => self.both(|f| f.sni.push(s.to_ascii_lowercase())),
+            "client_ip" => self.both(|f| f.client_ip.push(s.clone())),
             "http_header" => {
                 let h = parse_http_header(v).expect("validated by clap");
                 self.both(|f| f.http_header.push(h.clone()));

@@ -318,6 +318,10 @@ pub(super) struct ObserveArgs {
     /// for its subdomains (hopwatch; flows carrying tls_handshake).
     #[arg(long, value_name = "NAME", value_parser = field_check!(sni))]
     pub sni: Vec<String>,
+    /// The client behind a trusted proxy (address or CIDR), as the agent read it from the
+    /// proxy's forwarding headers (hopwatch; the agent's --trusted-proxies).
+    #[arg(long, value_name = "IP", value_parser = field_check!(client_ip))]
+    pub client_ip: Vec<String>,
     /// Regular expression over the whole HTTP URL (http://host/path?query).
     #[arg(long, value_parser = field_check!(http_url))]
     pub http_url: Vec<String>,
