@@ -121,6 +121,7 @@ impl Trace {
             }
             match children(&s.id) {
                 0 => {}
+                1 => what.push_str("  (1 call)"),
                 n => {
                     let _ = write!(what, "  ({n} calls)");
                 }
@@ -303,7 +304,7 @@ mod tests {
         assert_eq!((two.client_ns, two.server_ns), (Some(10_000_000), Some(8_000_000)));
         let w = t.waterfall();
         assert!(w.contains("4 exchanges over 4 hops, 100.0ms"), "{w}");
-        assert!(w.contains("  Redis CMD2  c2 → s2  (1 calls)  via thread"), "{w}");
+        assert!(w.contains("  Redis CMD2  c2 → s2  (1 call)  via thread"), "{w}");
         assert!(w.contains("10.0ms     8.0ms   10%"), "{w}");
         let slow = slowest(&traces, 5);
         assert!(slow.contains("Redis CMD1  c1 → s1"), "{slow}");
