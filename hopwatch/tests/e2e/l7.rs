@@ -7,37 +7,14 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::{
-    Pod, Testbed,
-    agent::{Agent, ip_dst, ip_src, u64_at},
+    Testbed,
+    agent::{Agent, exchange, ip_src, u64_at},
     serial,
     servers::topology::{MISSING_NAME, PG_NAME, Topology},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
 const MS: u64 = 1_000_000;
-
-fn l7<'a>(f: &'a Value, field: &str) -> &'a Value {
-    &f["l7"][field]
-}
-
-/// An L7 flow of `protocol` measured at `direction` (EGRESS: client side, INGRESS: server side)
-/// between two pods, whose record satisfies `pred`.
-fn exchange<'a>(
-    protocol: &'a str,
-    direction: &'a str,
-    client: &'a Pod,
-    server: &'a Pod,
-    pred: impl Fn(&Value) -> bool + 'a,
-) -> impl Fn(&Value) -> bool + 'a {
-    move |f| {
-        f["Type"] == "L7"
-            && l7(f, "protocol") == protocol
-            && f["traffic_direction"] == direction
-            && ip_src(f) == client.ip.to_string()
-            && ip_dst(f) == server.ip.to_string()
-            && pred(&f["l7"][protocol])
-    }
-}
 
 fn text<'a>(v: &'a Value, field: &str) -> &'a str {
     v[field].as_str().unwrap_or_default()

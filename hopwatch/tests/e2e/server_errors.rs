@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::support::{
     Pod, Testbed,
-    agent::{Agent, ip_dst, ip_src, u64_at},
+    agent::{Agent, u64_at},
     serial,
     servers::databases::{MariaDb, Redis},
 };
@@ -23,13 +23,7 @@ fn l7_flow<'a>(
     client: &'a Pod,
     server: &'a Pod,
 ) -> impl Fn(&Value) -> bool + 'a {
-    move |f| {
-        f["Type"] == "L7"
-            && f["l7"]["protocol"] == protocol
-            && f["traffic_direction"] == direction
-            && ip_src(f) == client.ip.to_string()
-            && ip_dst(f) == server.ip.to_string()
-    }
+    crate::support::agent::exchange(protocol, direction, client, server, |_| true)
 }
 
 /// No exchange of `protocol` between the pods was reported unanswered.

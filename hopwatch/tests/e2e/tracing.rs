@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::{
-    Pod, Testbed,
-    agent::{Agent, BIN, ip_dst, ip_src, observe},
+    Testbed,
+    agent::{Agent, BIN, exchange, observe},
     serial,
     servers::topology::Topology,
 };
@@ -28,24 +28,6 @@ fn parent(f: &Value) -> &str {
 
 fn trace(f: &Value) -> &str {
     s(f, &["trace_context", "parent", "trace_id"])
-}
-
-/// An L7 flow of `protocol` at `direction` between two pods whose record satisfies `pred`.
-fn exchange<'a>(
-    protocol: &'a str,
-    direction: &'a str,
-    client: &'a Pod,
-    server: &'a Pod,
-    pred: impl Fn(&Value) -> bool + 'a,
-) -> impl Fn(&Value) -> bool + 'a {
-    move |f| {
-        f["Type"] == "L7"
-            && f["l7"]["protocol"] == protocol
-            && f["traffic_direction"] == direction
-            && ip_src(f) == client.ip.to_string()
-            && ip_dst(f) == server.ip.to_string()
-            && pred(&f["l7"][protocol])
-    }
 }
 
 #[test]

@@ -207,6 +207,25 @@ pub(crate) fn observe(collector: &str, args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// An L7 flow of `protocol` measured at `direction` (EGRESS: client side, INGRESS: server side)
+/// between two pods, whose record satisfies `pred`.
+pub(crate) fn exchange<'a>(
+    protocol: &'a str,
+    direction: &'a str,
+    client: &'a super::Pod,
+    server: &'a super::Pod,
+    pred: impl Fn(&Value) -> bool + 'a,
+) -> impl Fn(&Value) -> bool + 'a {
+    move |f| {
+        f["Type"] == "L7"
+            && f["l7"]["protocol"] == protocol
+            && f["traffic_direction"] == direction
+            && ip_src(f) == client.ip.to_string()
+            && ip_dst(f) == server.ip.to_string()
+            && pred(&f["l7"][protocol])
+    }
+}
+
 pub(crate) fn ip_src(f: &Value) -> &str {
     f["IP"]["source"].as_str().unwrap_or("")
 }
