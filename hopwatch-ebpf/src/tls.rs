@@ -152,7 +152,8 @@ fn exit(ret: i64) {
         state.turns = state.turns.wrapping_add(1);
     }
     let mut caller = ThreadRequest::default();
-    if state.inner == PROTO_UNKNOWN {
+    let detecting = state.inner == PROTO_UNKNOWN;
+    if detecting {
         state.inner = detect_head(&scratch.data, captured);
         if state.inner == PROTO_UNKNOWN {
             state.attempts += 1;
@@ -167,8 +168,15 @@ fn exit(ret: i64) {
     if turned && state.role != ROLE_UNKNOWN {
         caller = causality::on_turn(&mut state, cookie, pid_tgid, call.direction);
     }
-    if turned || state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
-        let _ = L7CONNS.insert(cookie, state, 0);
+    if turned || detecting {
+        // In place when the socket has its entry (no LRU insert on every turn).
+        match L7CONNS.get_ptr_mut(cookie) {
+            // SAFETY: map value of this socket, valid while the program runs.
+            Some(c) => unsafe { *c = state },
+            None => {
+                let _ = L7CONNS.insert(cookie, state, 0);
+            }
+        }
     }
     if state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
         return;

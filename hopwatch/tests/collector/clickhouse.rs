@@ -259,14 +259,7 @@ async fn clickhouse_two_stateless_collectors_answer_the_same_history() {
             q.offer(f);
         }
     }
-    wait_until("agents drained", Duration::from_mins(1), async || {
-        queues.iter().all(|q| q.is_drained())
-    })
-    .await;
-    stop.cancel();
-    for l in links {
-        l.await.unwrap();
-    }
+    crate::drain_and_stop(&queues, &stop, links).await;
     let total = 2 * u64::try_from(PER_NODE).unwrap();
     let table = format!("`{db}`.`flows`");
     wait_until("flows in ClickHouse", Duration::from_mins(1), async || {

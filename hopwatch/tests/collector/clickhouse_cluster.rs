@@ -182,14 +182,7 @@ async fn clickhouse_cluster_two_shards_one_history() {
         }
         queues.push(q);
     }
-    wait_until("agents drained", Duration::from_mins(1), async || {
-        queues.iter().all(|q| q.is_drained())
-    })
-    .await;
-    stop.cancel();
-    for l in links {
-        l.await.unwrap();
-    }
+    crate::drain_and_stop(&queues, &stop, links).await;
     let total = NODES.len() * usize::try_from(PER_NODE).unwrap();
     let count = |s: &ClickHouseServer, table: &str| -> usize {
         s.query(&format!("SELECT count() FROM clustered.{table}")).trim().parse().unwrap()

@@ -57,6 +57,22 @@ fn link_to(
     ))
 }
 
+/// Waits until every agent queue has handed its flows to a collector, then stops the agents.
+async fn drain_and_stop(
+    queues: &[Arc<Queue>],
+    stop: &CancellationToken,
+    links: Vec<tokio::task::JoinHandle<()>>,
+) {
+    wait_until("every agent queue drained", Duration::from_mins(1), async || {
+        queues.iter().all(|q| q.is_drained())
+    })
+    .await;
+    stop.cancel();
+    for l in links {
+        l.await.unwrap();
+    }
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f().await {
@@ -105,14 +121,7 @@ async fn collector_killed_mid_stream_delivers_each_flow_once_or_counts_it() {
     let mut collector = Collector::start(port, dir.path(), &args);
     // After: 1000 more per node.
     offer(5000..6000);
-    wait_until("every agent queue drained", Duration::from_mins(1), async || {
-        queues.iter().all(|q| q.is_drained())
-    })
-    .await;
-    stop.cancel();
-    for l in links {
-        l.await.unwrap();
-    }
+    drain_and_stop(&queues, &stop, links).await;
 
     let all = all_responses(&url).await;
     let mut stored: HashMap<String, Vec<String>> = HashMap::new();
