@@ -373,8 +373,8 @@ impl Pipeline {
                     .zip(self.table.get(caller.cookie));
                 match parent {
                     Some((index, c)) => Link::Thread { parent: span_id(c.remote, c.local, index) },
-                    // Serving a request whose connection the agent does not follow.
-                    None => Link::Ambiguous,
+                    // Serving a request whose connection or exchange the agent did not see.
+                    None => Link::Unfollowed,
                 }
             }
             _ => Link::Ambiguous,
@@ -382,7 +382,7 @@ impl Pipeline {
         // A propagated id links what thread causality cannot: an event loop's calls, or a
         // thread that serves nothing itself (a pool the request was handed to).
         let by_id = match link {
-            Link::Ambiguous => true,
+            Link::Ambiguous | Link::Unfollowed => true,
             Link::Root => self.tracer.carries_ids(tgid),
             _ => false,
         };

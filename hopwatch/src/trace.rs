@@ -45,6 +45,9 @@ pub(crate) enum Link {
     Header { key: u64, header: &'static str },
     /// A parent may exist but could not be told without guessing; the exchange starts a trace.
     Ambiguous,
+    /// Made for the one request its thread was serving, but that request was not followed (its
+    /// connection or exchange was not seen); the exchange starts a trace.
+    Unfollowed,
     /// A server end whose client end is on this node: the client end carries the link.
     SameAsPeer,
 }
@@ -58,6 +61,8 @@ pub struct TracerStats {
     pub linked_header: u64,
     /// Exchanges left unlinked because their thread had several requests in flight.
     pub ambiguous: u64,
+    /// Exchanges left unlinked because the one request their thread served was not followed.
+    pub unfollowed: u64,
     /// Flows emitted without a trace id because their parent's trace was not known in time.
     pub expired: u64,
     /// Flows passed through unlinked because too many spans were held.
@@ -147,6 +152,11 @@ impl Tracer {
             Link::Ambiguous => {
                 self.stats.ambiguous += 1;
                 "ambiguous".clone_into(&mut s.unlinked);
+                None
+            }
+            Link::Unfollowed => {
+                self.stats.unfollowed += 1;
+                "unfollowed".clone_into(&mut s.unlinked);
                 None
             }
             Link::Thread { parent } => {

@@ -148,7 +148,8 @@ fn totals(r: &Registry) -> Result<[Totals; 11], prometheus::Error> {
             "L7 exchanges by how request tracing linked them to the exchange they were made for \
                  (thread: the calling thread served exactly that request; header: a propagated \
                  id only that request carried; ambiguous: neither could tell (an event loop with \
-                 several requests in flight), left unlinked; expired: emitted without a trace id because \
+                 several requests in flight), left unlinked; unfollowed: the request its thread served \
+                 was not followed (its connection or exchange not seen), left unlinked; expired: emitted without a trace id because \
                  the parent's trace was not known within the hold; overflow: too many held).",
             "outcome",
         ),
@@ -346,6 +347,7 @@ impl Health {
         self.trace_links.set("thread", t.linked_thread);
         self.trace_links.set("header", t.linked_header);
         self.trace_links.set("ambiguous", t.ambiguous);
+        self.trace_links.set("unfollowed", t.unfollowed);
         self.trace_links.set("expired", t.expired);
         self.trace_links.set("overflow", t.overflow);
     }

@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 10],
+    pipeline: [AtomicU64; 11],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -253,6 +253,7 @@ impl Telemetry {
                 trace.linked_thread,
                 trace.linked_header,
                 trace.ambiguous,
+                trace.unfollowed,
                 trace.expired,
                 trace.overflow,
             ]) {
@@ -373,6 +374,7 @@ impl Telemetry {
             linked_thread,
             linked_header,
             ambiguous,
+            unfollowed,
             expired,
             overflow,
         ] = i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
@@ -382,6 +384,7 @@ impl Telemetry {
             linked_thread,
             linked_header,
             ambiguous,
+            unfollowed,
             expired,
             overflow,
         });
