@@ -21,6 +21,7 @@ use super::{
     HopKey, Transport,
     endpoint::{EndView, Resolver},
     ledger::{Ledger, TcpTotals},
+    links::Links,
     stats::{Side, TallyKind},
     table::HopTable,
 };
@@ -65,6 +66,8 @@ pub struct Context {
     /// Exchanges whose socket's hop never became known (the socket closed first, or too many
     /// sockets waited): counted here, in no hop.
     pub exchanges_without_hop: u64,
+    /// The tracer's links between exchanges, when kept ([`HopConfig::links`](crate::HopConfig)).
+    pub links: Option<Links>,
 }
 
 impl Context {
@@ -168,6 +171,9 @@ fn apply_l7(
     side: Side,
 ) -> Outcome {
     let Some(l7) = flow.l7.as_ref() else { return Outcome::Ignored };
+    if let (Some(links), Some(span)) = (cx.links.as_mut(), l7.span.as_ref()) {
+        links.record(span, key, at_ns);
+    }
     if flow.socket_cookie != 0 && !cx.exchange_sockets.contains_key(&flow.socket_cookie) {
         if cx.exchange_sockets.len() >= EXCHANGE_SOCKETS_MAX {
             cx.exchange_sockets.clear();

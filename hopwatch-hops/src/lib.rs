@@ -11,7 +11,8 @@
 //! - [`window::Window`]: the last few minutes in time slots, for `hopwatch hops --watch`: old
 //!   slots fall out, so rates and quantiles are those of the window.
 //! - [`view`]: a hop table as rows (rates, error ratio, quantiles); [`path`]: hops chained
-//!   upstream → downstream with each hop's share of the end-to-end latency.
+//!   upstream → downstream with each hop's share of the end-to-end latency, along the calls the
+//!   tracer linked ([`links`]) where there are any.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod aggregate;
 pub mod endpoint;
 pub mod histogram;
 pub mod ledger;
+pub mod links;
 pub mod path;
 pub mod stats;
 pub mod table;
@@ -88,11 +90,28 @@ pub struct HopConfig {
     /// A hop without flows for this long is evicted (unless it has open connections, which keep
     /// it up to [`ledger::FORGET_AFTER_NS`]).
     pub stale_after: Duration,
+    /// Keep the tracer's links between exchanges ([`links`]), for paths that requests really
+    /// took. Off in the agent's metrics, which do not show paths.
+    pub links: bool,
 }
 
 impl Default for HopConfig {
     fn default() -> Self {
-        Self { series_limit: 2000, per_hop_values: 16, stale_after: Duration::from_mins(5) }
+        Self {
+            series_limit: 2000,
+            per_hop_values: 16,
+            stale_after: Duration::from_mins(5),
+            links: false,
+        }
+    }
+}
+
+impl HopConfig {
+    /// The aggregation state for this configuration.
+    fn context(&self) -> Context {
+        let mut cx = Context::default();
+        cx.links = self.links.then(links::Links::default);
+        cx
     }
 }
 
@@ -118,7 +137,7 @@ impl Aggregator {
     pub fn new(cfg: HopConfig) -> Self {
         Self {
             cfg,
-            cx: Context::default(),
+            cx: cfg.context(),
             table: HopTable::new(cfg.series_limit, cfg.per_hop_values),
             last_sweep_ns: 0,
             counted: 0,

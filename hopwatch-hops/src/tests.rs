@@ -6,7 +6,7 @@ use hopwatch_proto::flow::{self as pb, Flow, FlowType, SocketEvent, TcpStats, la
 
 use super::{
     histogram::EXPORT_BOUNDS_S,
-    path::paths,
+    path::{Via, paths},
     stats::OTHER,
     testing::*,
     view::{self, HopRow, RowFilter, SortKey},
@@ -263,7 +263,7 @@ fn a_path_shows_each_hops_share_of_the_end_to_end_time() {
         a.observe(&l7(APP, cache, T0 + i, MS, false, ""), T0);
     }
     let rows = view::rows(a.table(), None, 1.0);
-    let ps = paths(&rows);
+    let ps = paths(&rows, &[]);
     assert_eq!(ps.len(), 1, "{ps:#?}");
     let p = &ps[0];
     assert_eq!(p.entry, "nginx → app:8000");
@@ -281,6 +281,137 @@ fn a_path_shows_each_hops_share_of_the_end_to_end_time() {
     assert!((steps[2].2 - 0.04).abs() < 1e-9, "{}", steps[2].2);
     assert!((p.steps[0].self_share.unwrap() - 0.16).abs() < 1e-9, "app itself: 50 - 40 - 2 ms");
     assert!((p.steps[2].calls_per_request.unwrap() - 2.0).abs() < 1e-9);
+    assert_eq!(p.steps[0].via, Via::Entry);
+    assert!(p.steps[1..].iter().all(|s| s.via == Via::Endpoint), "no links: chained by program");
+}
+
+/// (depth, destination, via) of each step of each path.
+fn shape(ps: &[path::Path]) -> Vec<Vec<(usize, String, Via)>> {
+    ps.iter()
+        .map(|p| p.steps.iter().map(|s| (s.depth, s.hop.destination.display(), s.via)).collect())
+        .collect()
+}
+
+#[test]
+fn an_address_shared_by_unrelated_sockets_chains_nothing() {
+    // On one host: a refused connect to 127.0.0.1:9 (nothing listens, so no program names that
+    // end) and a UDP drop from 127.0.0.1 to port 53. Both involve 127.0.0.1; neither called the
+    // other.
+    let mut a = agg();
+    let refused = ("", "127.0.0.1", 9);
+    a.observe(
+        &tcp(
+            ("curl", "127.0.0.1", 40_000),
+            refused,
+            T0,
+            SocketEvent::ConnectFailed,
+            1,
+            TcpStats::default(),
+        ),
+        T0,
+    );
+    a.observe(&dropped(("", "127.0.0.1", 5353), ("", "127.0.0.1", 53), T0, "NO_SOCKET"), T0);
+    let rows = view::rows(a.table(), None, 1.0);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_eq!(rows[0].destination.kind, Kind::Ip);
+    let ps = paths(&rows, &[]);
+    assert_eq!(ps.len(), 2, "two unrelated hops are two paths: {:#?}", shape(&ps));
+    assert!(ps.iter().all(|p| p.steps.len() == 1), "{:#?}", shape(&ps));
+}
+
+/// An L7 flow carrying `span` (16 hex digits each) linked to `parent` by `link`.
+fn spanned(mut f: Flow, span: u64, parent: Option<u64>, link: &str) -> Flow {
+    let l7 = f.l7.as_mut().expect("an L7 flow");
+    l7.span = Some(pb::Span {
+        span_id: format!("{span:016x}"),
+        parent_span_id: parent.map(|p| format!("{p:016x}")).unwrap_or_default(),
+        link: if parent.is_some() { link.to_owned() } else { String::new() },
+        unlinked: String::new(),
+    });
+    f
+}
+
+#[test]
+fn linked_calls_go_under_the_requests_that_made_them_only() {
+    // Two hops into app: nginx's requests and a health checker's. Only nginx's requests query
+    // postgres (the tracer linked each query to its request); both make app call redis, which
+    // the tracer could not link (an event loop). By endpoint alone postgres would hang under the
+    // health checks too.
+    let probe = ("kubelet", "10.0.0.9", 50_000);
+    let cache = ("redis-server", "10.0.0.4", 6379);
+    let mut a = Aggregator::new(HopConfig { links: true, ..HopConfig::default() });
+    for i in 0..10 {
+        let request = 100 + i;
+        let at = T0 + i * MS;
+        // Both ends of each exchange carry its span; the query's is linked to the request.
+        a.observe(&spanned(l7(FRONT, APP_SVC, at, 50 * MS, false, ""), request, None, ""), T0);
+        a.observe(&spanned(l7(FRONT, APP_SVC, at, 48 * MS, true, ""), request, None, ""), T0);
+        let query = l7(APP, DB, at, 40 * MS, false, "");
+        a.observe(&spanned(query.clone(), 200 + i, Some(request), "thread"), T0);
+        a.observe(&spanned(query, 200 + i, Some(request), "thread"), T0);
+        a.observe(&l7(APP, cache, at, MS, false, ""), T0);
+        a.observe(&l7(probe, APP_SVC, at, 2 * MS, false, ""), T0);
+    }
+    let links = a.context().links.as_ref().expect("links kept");
+    let (edges, counts) = links.edges();
+    assert_eq!(edges.len(), 1, "{edges:#?}");
+    assert_eq!((edges[0].requests, edges[0].methods["thread"]), (10, 10));
+    assert_eq!((counts.spans, counts.linked, counts.parent_not_seen), (20, 10, 0));
+    let rows = view::rows(a.table(), None, 1.0);
+    let ps = paths(&rows, &edges);
+    let got = shape(&ps);
+    let nginx = vec![
+        (0, "app".to_owned(), Via::Entry),
+        (1, "postgres".to_owned(), Via::Link),
+        (1, "redis-server".to_owned(), Via::Endpoint),
+    ];
+    let probes =
+        vec![(0, "app".to_owned(), Via::Entry), (1, "redis-server".to_owned(), Via::Endpoint)];
+    assert_eq!(got, vec![nginx, probes], "{got:#?}");
+    let query = &ps[0].steps[1];
+    assert_eq!(query.links.get("thread"), Some(&10));
+    assert!((query.calls_per_request.unwrap() - 1.0).abs() < 1e-9);
+    assert!((query.share.unwrap() - 0.8).abs() < 1e-9, "{}", query.share.unwrap());
+}
+
+#[test]
+fn a_linked_hops_share_is_its_linked_part_and_unseen_parents_are_counted() {
+    let mut a = Aggregator::new(HopConfig { links: true, ..HopConfig::default() });
+    // 4 requests, each with a query linked to it; 4 more queries whose requests are not in the
+    // flows (outside the window) and 4 malformed span ids.
+    for i in 0..4 {
+        let at = T0 + i * MS;
+        a.observe(&spanned(l7(FRONT, APP_SVC, at, 50 * MS, false, ""), 1 + i, None, ""), T0);
+        a.observe(&spanned(l7(APP, DB, at, 10 * MS, false, ""), 10 + i, Some(1 + i), "thread"), T0);
+        let orphan = spanned(l7(APP, DB, at, 10 * MS, false, ""), 20 + i, Some(90 + i), "thread");
+        a.observe(&orphan, T0);
+        let mut bad = l7(APP, DB, at, 10 * MS, false, "");
+        bad.l7.as_mut().unwrap().span =
+            Some(pb::Span { span_id: "xyz".into(), ..pb::Span::default() });
+        a.observe(&bad, T0);
+    }
+    let (edges, counts) = a.context().links.as_ref().unwrap().edges();
+    assert_eq!((counts.linked, counts.parent_not_seen, counts.not_kept), (4, 4, 4));
+    let rows = view::rows(a.table(), None, 1.0);
+    let ps = paths(&rows, &edges);
+    assert_eq!(ps.len(), 1, "{:#?}", shape(&ps));
+    let db = &ps[0].steps[1];
+    // 12 queries of 10 ms on the hop, 4 of them linked to these 4 requests of 50 ms.
+    assert_eq!(db.hop.requests, 12);
+    assert!((db.share.unwrap() - 0.2).abs() < 1e-9, "{}", db.share.unwrap());
+    assert!((db.calls_per_request.unwrap() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn a_window_forgets_links_with_its_slots() {
+    let cfg = HopConfig { links: true, ..HopConfig::default() };
+    let mut w = Window::new(Duration::from_mins(1), 6, cfg);
+    w.observe(&spanned(l7(FRONT, APP_SVC, T0, 5 * MS, false, ""), 1, None, ""), T0);
+    w.observe(&spanned(l7(APP, DB, T0, MS, false, ""), 2, Some(1), "thread"), T0);
+    assert_eq!(w.context().links.as_ref().unwrap().edges().1.linked, 1);
+    w.advance(T0 + 120 * S);
+    let (edges, counts) = w.context().links.as_ref().unwrap().edges();
+    assert!(edges.is_empty() && counts.spans == 0, "{counts:?}");
 }
 
 #[test]

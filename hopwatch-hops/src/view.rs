@@ -19,7 +19,7 @@ use super::{
     table::HopTable,
 };
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct EndpointView {
     pub namespace: String,
     pub name: String,
@@ -141,7 +141,7 @@ pub struct HopRow {
     pub reported_by: Vec<&'static str>,
 }
 
-fn endpoint(e: &super::EndpointId) -> EndpointView {
+pub(crate) fn endpoint(e: &super::EndpointId) -> EndpointView {
     EndpointView { namespace: e.namespace.to_string(), name: e.name.to_string(), kind: e.kind }
 }
 

@@ -33,7 +33,7 @@ impl Window {
         let slot_ns = (span_ns / u64::from(slots.max(1))).max(1);
         Self {
             cfg,
-            cx: Context::default(),
+            cx: cfg.context(),
             slot_ns,
             span_ns,
             slots: VecDeque::new(),
@@ -91,6 +91,9 @@ impl Window {
         // A walk over every socket: once a slot, not once a flow.
         if now_ns >= self.last_ledger_sweep_ns + self.slot_ns {
             self.cx.ledger.sweep(now_ns);
+            if let Some(links) = self.cx.links.as_mut() {
+                links.forget_before(cutoff);
+            }
             self.last_ledger_sweep_ns = now_ns;
         }
     }

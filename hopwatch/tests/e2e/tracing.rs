@@ -119,6 +119,32 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
     // The app's queries (asyncpg also resets the pooled connection while serving it).
     let calls = proxied.split('(').nth(1).and_then(|c| c.split(' ').next()?.parse::<u32>().ok());
     assert!(calls.is_some_and(|n| n >= 3), "{waterfall}");
+
+    // `hops --path` chains the hops along the same links: curl → nginx → the app → PostgreSQL.
+    let out = std::process::Command::new(BIN)
+        .args(["hops", "--path", "--server", &collector, "--since", "5m", "-o", "json"])
+        .output()
+        .expect("run hopwatch hops --path");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hops: Value = serde_json::from_slice(&out.stdout).expect("hops -o json is JSON");
+    let step = |st: &Value| {
+        let to = st["hop"]["destination"]["name"].as_str().unwrap_or_default().to_owned();
+        (st["depth"].as_u64().unwrap_or(99), to, st["via"].as_str().unwrap_or_default().to_owned())
+    };
+    let chained = hops["paths"].as_array().expect("paths").iter().any(|p| {
+        let steps: Vec<_> = p["steps"].as_array().expect("steps").iter().map(step).collect();
+        let has = |d: u64, to: &str, via: &str| {
+            steps.iter().any(|(sd, sto, svia)| *sd == d && sto.contains(to) && svia == via)
+        };
+        has(0, "nginx", "entry") && has(1, "python", "link") && has(2, "postgres", "link")
+    });
+    let table = std::process::Command::new(BIN)
+        .args(["hops", "--path", "--server", &collector, "--since", "5m"])
+        .output()
+        .expect("run hopwatch hops --path");
+    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+    assert!(chained, "no linked path curl → nginx → python → postgres: {hops:#}");
+    assert!(hops["links"]["linked"].as_u64().unwrap_or(0) >= 4, "{:#}", hops["links"]);
 }
 
 #[test]

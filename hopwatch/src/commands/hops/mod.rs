@@ -22,6 +22,7 @@ use std::{
 
 use hopwatch_hops::{
     Aggregator, HopConfig,
+    links::{LinkCounts, Links},
     path::{Path, paths},
     view::{self, HopRow, RowFilter, SortKey},
     window::Window,
@@ -163,6 +164,9 @@ pub(super) struct Summary {
     pub hops: Option<Vec<HopRow>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paths: Option<Vec<Path>>,
+    /// With paths: how many exchanges the tracer linked to their caller's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links: Option<LinkCounts>,
 }
 
 /// How to present the rows.
@@ -174,23 +178,32 @@ pub(super) struct Presentation {
     pub path: bool,
 }
 
-/// Rows (or paths) of `rows`, filtered, sorted and cut as asked.
+/// Rows (or paths, along `links` where the tracer made them) of `rows`, filtered, sorted and cut
+/// as asked.
 #[must_use]
 pub(super) fn present(
     mut rows: Vec<HopRow>,
+    links: Option<&Links>,
     window_s: f64,
     flows: u64,
     p: &Presentation,
 ) -> Summary {
     if p.path {
-        let mut ps: Vec<Path> = paths(&rows)
+        let (edges, counts) = links.map(Links::edges).unwrap_or_default();
+        let mut ps: Vec<Path> = paths(&rows, &edges)
             .into_iter()
             .filter(|path| path.steps.iter().any(|s| p.filter.matches(&s.hop)))
             .collect();
         if let Some(n) = p.top {
             ps.truncate(n);
         }
-        return Summary { window_seconds: window_s, flows, hops: None, paths: Some(ps) };
+        return Summary {
+            window_seconds: window_s,
+            flows,
+            hops: None,
+            paths: Some(ps),
+            links: Some(counts),
+        };
     }
     rows.retain(|r| p.filter.matches(r));
     let (key, reverse) = p.sort.unwrap_or((SortKey::P99, false));
@@ -198,27 +211,33 @@ pub(super) fn present(
     if let Some(n) = p.top {
         rows.truncate(n);
     }
-    Summary { window_seconds: window_s, flows, hops: Some(rows), paths: None }
+    Summary { window_seconds: window_s, flows, hops: Some(rows), paths: None, links: None }
 }
 
 /// The summary of `flows` between `start_ns` and `now_ns` (the one-shot table).
 #[must_use]
 pub(super) fn summarize(flows: &[Flow], start_ns: u64, now_ns: u64, p: &Presentation) -> Summary {
-    let (agg, window_s) = aggregate(flows, start_ns, now_ns);
-    let rows = view::rows(agg.table(), Some(&agg.context().ledger), window_s);
-    present(rows, window_s, agg.counted, p)
+    let (agg, window_s) = aggregate(flows, start_ns, now_ns, p.path);
+    let cx = agg.context();
+    let rows = view::rows(agg.table(), Some(&cx.ledger), window_s);
+    present(rows, cx.links.as_ref(), window_s, agg.counted, p)
 }
 
-/// The hops of `flows` between `start_ns` and `now_ns`, and the window in seconds: what the
-/// one-shot table and the web UI show.
+/// The hops of `flows` between `start_ns` and `now_ns` (with the tracer's links between them
+/// when `links`), and the window in seconds: what the one-shot table and the web UI show.
 #[must_use]
 pub(in crate::commands) fn aggregate(
     flows: &[Flow],
     start_ns: u64,
     now_ns: u64,
+    links: bool,
 ) -> (Aggregator, f64) {
-    let cfg =
-        HopConfig { series_limit: usize::MAX, stale_after: Duration::MAX, ..HopConfig::default() };
+    let cfg = HopConfig {
+        series_limit: usize::MAX,
+        stale_after: Duration::MAX,
+        links,
+        ..HopConfig::default()
+    };
     let mut agg = Aggregator::new(cfg);
     for f in flows {
         let at = hopwatch_hops::aggregate::flow_time_ns(f, now_ns);
@@ -323,7 +342,12 @@ fn watch(
     p: &Presentation,
 ) -> Result<(), HopsError> {
     let Since::Ago(span) = since else { return Err(HopsError::WatchSince) };
-    let cfg = HopConfig { series_limit: 100_000, stale_after: span, ..HopConfig::default() };
+    let cfg = HopConfig {
+        series_limit: 100_000,
+        stale_after: span,
+        links: p.path,
+        ..HopConfig::default()
+    };
     let mut window = Window::new(span, WATCH_SLOTS, cfg);
     let mut next = Instant::now() + every;
     let tty = std::io::stdout().is_terminal();
@@ -343,8 +367,9 @@ fn watch(
         let now = wall_now_ns();
         window.advance(now);
         let table = window.view();
-        let rows = view::rows(&table, Some(&window.context().ledger), span.as_secs_f64());
-        let summary = present(rows, span.as_secs_f64(), window.counted, p);
+        let cx = window.context();
+        let rows = view::rows(&table, Some(&cx.ledger), span.as_secs_f64());
+        let summary = present(rows, cx.links.as_ref(), span.as_secs_f64(), window.counted, p);
         let mut out = std::io::stdout().lock();
         if tty && format == HopsFormat::Table {
             // Home and clear: redraw in place.
@@ -399,6 +424,39 @@ mod tests {
         let err = parse_since("yesterday").unwrap_err();
         assert!(matches!(&err, HopsError::Since { value } if value == "yesterday"), "{err:?}");
         assert!(err.to_string().contains("RFC 3339"), "{err}");
+    }
+
+    #[test]
+    fn paths_follow_the_tracers_links_and_say_how_each_hop_joined() {
+        let span = |mut f: Flow, id: u64, parent: u64| {
+            f.l7.as_mut().unwrap().span = Some(hopwatch_proto::flow::Span {
+                span_id: format!("{id:016x}"),
+                parent_span_id: if parent == 0 { String::new() } else { format!("{parent:016x}") },
+                link: if parent == 0 { String::new() } else { "thread".to_owned() },
+                unlinked: String::new(),
+            });
+            f
+        };
+        let mut flows = Vec::new();
+        for i in 0..5 {
+            let at = T0 + i * MS;
+            flows.push(span(l7(FRONT, APP_SVC, at, 20 * MS, false, ""), 1 + i, 0));
+            flows.push(span(l7(APP, DB, at, 5 * MS, false, ""), 100 + i, 1 + i));
+            flows.push(l7(APP, ("redis-server", "10.0.0.4", 6379), at, MS, false, ""));
+        }
+        let p = Presentation { path: true, ..Presentation::default() };
+        let s = summarize(&flows, T0, T0 + S, &p);
+        let mut out = Vec::new();
+        write_summary(&mut out, &s, HopsFormat::Table, None).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let line = |needle: &str| text.lines().find(|l| l.contains(needle)).unwrap_or_default();
+        assert!(line("→ postgres:5432").contains("link:thread"), "{text}");
+        assert!(line("→ redis-server:6379").contains("endpoint"), "{text}");
+        assert!(text.contains("links: 5 of 10 exchanges linked to their caller"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["paths"][0]["steps"][1]["via"], "link");
+        assert_eq!(json["paths"][0]["steps"][1]["links"]["thread"], 5);
+        assert_eq!(json["links"]["linked"], 5);
     }
 
     #[test]

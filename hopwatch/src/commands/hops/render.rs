@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use hopwatch_hops::{
-    path::Path,
+    links::LinkCounts,
+    path::{Path, PathStep, Via},
     view::{HopRow, Latency},
 };
 
@@ -29,7 +30,13 @@ pub(crate) fn write_summary(
             }
             match (&s.hops, &s.paths) {
                 (Some(rows), _) => write!(out, "{}", table(rows)),
-                (_, Some(paths)) => write!(out, "{}", path_table(paths)),
+                (_, Some(paths)) => {
+                    write!(out, "{}", path_table(paths))?;
+                    if let Some(l) = &s.links {
+                        write!(out, "{}", links_line(l))?;
+                    }
+                    Ok(())
+                }
                 _ => Ok(()),
             }
         }
@@ -128,6 +135,34 @@ pub(crate) fn table(rows: &[HopRow]) -> String {
     columns(&header, &cells)
 }
 
+/// How a step joins the hop above: `link:thread`, `endpoint`, or nothing for the entry.
+fn via(s: &PathStep) -> String {
+    match s.via {
+        Via::Entry => String::new(),
+        Via::Endpoint => "endpoint".to_owned(),
+        Via::Link => {
+            let methods: Vec<&str> = s.links.keys().map(String::as_str).collect();
+            format!("link:{}", methods.join(","))
+        }
+    }
+}
+
+/// What the tracer's links covered, under the paths.
+fn links_line(l: &LinkCounts) -> String {
+    if l.spans == 0 {
+        return "links: none in this window (paths chain through named programs only)\n".to_owned();
+    }
+    let mut s = format!("links: {} of {} exchanges linked to their caller", l.linked, l.spans);
+    if l.parent_not_seen > 0 {
+        let _ = write!(s, ", {} to a caller outside the window", l.parent_not_seen);
+    }
+    if l.not_kept > 0 {
+        let _ = write!(s, ", {} not kept (memory bound or malformed)", l.not_kept);
+    }
+    s.push('\n');
+    s
+}
+
 /// Paths, each as an indented tree of hops with shares.
 #[must_use]
 pub(crate) fn path_table(paths: &[Path]) -> String {
@@ -151,6 +186,7 @@ pub(crate) fn path_table(paths: &[Path]) -> String {
                 let l = s.hop.client_latency.as_ref().or(s.hop.server_latency.as_ref());
                 vec![
                     format!("{}{}", "  ".repeat(s.depth + 1), hop_name(&s.hop)),
+                    via(s),
                     s.hop.protocol.clone(),
                     format!("{:.2}", s.hop.requests_per_second),
                     lat(l, |l| l.p50_ns),
@@ -162,7 +198,7 @@ pub(crate) fn path_table(paths: &[Path]) -> String {
             })
             .collect();
         out.push_str(&columns(
-            &["HOP", "PROTO", "REQ/S", "P50", "P99", "SHARE", "SELF", "CALLS/REQ"],
+            &["HOP", "VIA", "PROTO", "REQ/S", "P50", "P99", "SHARE", "SELF", "CALLS/REQ"],
             &cells,
         ));
         out.push('\n');

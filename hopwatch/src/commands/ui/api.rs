@@ -285,7 +285,7 @@ async fn hops_table(
     let (responses, start, now) = window(&hub, &p).await?;
     let out = tokio::task::spawn_blocking(move || {
         let flows: Vec<Flow> = responses.iter().filter_map(flow_of).cloned().collect();
-        let (agg, window_s) = hops::aggregate(&flows, start, now);
+        let (agg, window_s) = hops::aggregate(&flows, start, now, false);
         let mut hops: Vec<HopOut> = agg
             .table()
             .iter()
@@ -347,7 +347,7 @@ async fn hop_detail(
     let (responses, start, now) = window(&hub, &p).await?;
     let detail = tokio::task::spawn_blocking(move || {
         let flows: Vec<Flow> = responses.iter().filter_map(flow_of).cloned().collect();
-        let (agg, window_s) = hops::aggregate(&flows, start, now);
+        let (agg, window_s) = hops::aggregate(&flows, start, now, false);
         let (key, hop) = agg.table().iter().find(|(k, _)| hop_id(k) == id)?;
         let side = |s| hop.side(s);
         let histograms = Histograms {
