@@ -41,6 +41,13 @@ pub const PROMOTIONS_ENTRIES: u32 = 16_384;
 pub const THREAD_REQUESTS: &str = "THREAD_REQUESTS";
 pub const THREAD_REQUESTS_ENTRIES: u32 = 65_536;
 
+/// nginx upstream sockets about to send a request, upstream socket cookie → the downstream
+/// request it serves ([`crate::ThreadRequest`] with [`crate::CALLER_NGINX`]), set by the uprobe
+/// on `ngx_chain_writer` and taken by the upstream socket's next request. LRU: a write that
+/// starts no request (a body's later chunks) leaves its entry until the next one replaces it.
+pub const NGINX_UPSTREAMS: &str = "NGINX_UPSTREAMS";
+pub const NGINX_UPSTREAMS_ENTRIES: u32 = 16_384;
+
 /// Threads inside `SSL_read`/`SSL_write`, pid_tgid → the call's arguments. LRU: a thread that
 /// dies inside a call leaves its entry behind.
 pub const TLS_CALLS: &str = "TLS_CALLS";

@@ -8,12 +8,18 @@
 //! the thread sends on a client socket. Userspace links the two only when the thread had exactly
 //! one request in flight: an event loop interleaving requests stays unlinked, never guessed.
 //!
+//! nginx's workers are event loops, so thread causality rarely links their upstream requests;
+//! nginx itself knows which request each serves, and [`crate::nginx`] reads it from nginx's
+//! structures into [`NGINX_UPSTREAMS`], which a client socket's request start checks first.
+//!
 //! It runs only at turns (a socket's change of direction): two map operations per exchange on a
-//! server socket, one lookup per request on a client socket.
+//! server socket, two lookups per request on a client socket.
 
-use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, L7Conn, ROLE_CLIENT, ROLE_SERVER, ThreadRequest};
+use hopwatch_common::{
+    CALLER_THREAD, DIR_EGRESS, DIR_INGRESS, L7Conn, ROLE_CLIENT, ROLE_SERVER, ThreadRequest,
+};
 
-use crate::maps::{HOPWATCH_SETTINGS, THREAD_REQUESTS};
+use crate::maps::{HOPWATCH_SETTINGS, NGINX_UPSTREAMS, THREAD_REQUESTS};
 
 /// A turn of a socket whose role is known: `c` is its state with `turns` already advanced.
 /// Returns the caller to attach to the message when the turn starts a request on a client
@@ -31,12 +37,18 @@ pub fn on_turn(c: &mut L7Conn, cookie: u64, pid_tgid: u64, direction: u8) -> Thr
             response_started(c.owner_tid, cookie);
             c.owner_tid = 0;
         }
-    } else if c.role == ROLE_CLIENT
-        && direction == DIR_EGRESS
-        // SAFETY: map value, copied out at once.
-        && let Some(t) = unsafe { THREAD_REQUESTS.get(tid) }
-    {
-        return *t;
+    } else if c.role == ROLE_CLIENT && direction == DIR_EGRESS {
+        // nginx said which request this upstream request serves: exact, whatever else the
+        // worker's event loop has in flight.
+        // SAFETY: map values, copied out at once.
+        if let Some(t) = unsafe { NGINX_UPSTREAMS.get(cookie) }.copied() {
+            let _ = NGINX_UPSTREAMS.remove(cookie);
+            return t;
+        }
+        // SAFETY: as above.
+        if let Some(t) = unsafe { THREAD_REQUESTS.get(tid) } {
+            return *t;
+        }
     }
     ThreadRequest::default()
 }
@@ -69,7 +81,12 @@ fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
             }
         },
         None => {
-            let t = ThreadRequest { cookie, turns: c.turns, _pad: 0, inflight: u64::from(fresh) };
+            let t = ThreadRequest {
+                cookie,
+                turns: c.turns,
+                method: CALLER_THREAD,
+                inflight: u64::from(fresh),
+            };
             let _ = THREAD_REQUESTS.insert(tid, t, 0);
         }
     }

@@ -8,13 +8,19 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_socket_cookie,
+    bpf_probe_read_kernel, bpf_probe_read_user,
+    generated::{bpf_get_current_task, bpf_get_socket_cookie},
 };
 use hopwatch_common::{AF_INET, AF_INET6, ConnState, Counter, EventHeader, KernelOffsets, Tuple};
 
 use crate::maps::{HOPWATCH_OFFSETS, count};
 
 pub const UNSET: u16 = u16::MAX;
+/// `S_IFMT` and `S_IFSOCK` of an inode's `i_mode`.
+const S_IFMT: u16 = 0o170_000;
+const S_IFSOCK: u16 = 0o140_000;
+/// Marks a cookie made from the socket's address (no kernel cookie yet).
+const ADDRESS_COOKIE: u64 = 1 << 63;
 
 #[inline(always)]
 pub fn offsets() -> KernelOffsets {
@@ -82,6 +88,37 @@ pub fn read_user<T: Plain>(addr: u64) -> Option<T> {
 pub unsafe fn socket_cookie(sk: *const c_void) -> u64 {
     // SAFETY: the caller passes a trusted `struct sock` pointer, which the verifier checks.
     unsafe { bpf_get_socket_cookie(sk.cast_mut()) }
+}
+
+/// The `struct sock *` behind file descriptor `fd` of the current task, if it is a socket.
+pub fn fd_socket(fd: u64, o: &KernelOffsets) -> Option<*const u8> {
+    // SAFETY: no arguments; the task pointer is only read through `read_at`.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files = read_at::<*const u8>(task, o.task_files)?;
+    let fdt = read_at::<*const u8>(files, o.files_fdt)?;
+    let max = read_at::<u32>(fdt, o.fdt_max_fds)?;
+    if fd >= u64::from(max) {
+        return None;
+    }
+    let table = read_at::<u64>(fdt, o.fdt_fd)?;
+    let file = read_at::<*const u8>((table + fd * 8) as *const u8, 0)?;
+    let inode = read_at::<*const u8>(file, o.file_inode)?;
+    if read_at::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let socket = read_at::<*const u8>(file, o.file_private_data)?;
+    read_at::<*const u8>(socket, o.socket_sk)
+}
+
+/// The cookie of a socket read from kernel memory (not handed over by the kernel, so
+/// `bpf_get_socket_cookie` is refused): the kernel's once anything asked for it, which every
+/// socket the socket-layer hooks or `sock_ops` saw has, else one made from its address.
+#[inline(always)]
+pub fn read_cookie(sk: *const u8, o: &KernelOffsets) -> u64 {
+    // A plain value, not a match on the `Option`: LLVM may branch on the payload of `None`, an
+    // uninitialised register the verifier refuses to read (6.1 does).
+    let cookie = read_at::<u64>(sk, o.sk_cookie).unwrap_or(0);
+    if cookie != 0 { cookie } else { sk as u64 | ADDRESS_COOKIE }
 }
 
 /// `sk->sk_protocol` (a `u16` since 5.6, a `u8` bitfield neighbour before).

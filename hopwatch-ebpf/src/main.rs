@@ -15,6 +15,7 @@ mod exchange;
 mod kernel;
 mod l7;
 mod maps;
+mod nginx;
 mod sockops;
 mod syscalls;
 mod tcp;

@@ -13,8 +13,8 @@ use hopwatch_common::{
     exchange::{ExchangeState, Promotion},
     maps::{
         CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
-        ListenKey, MMSG_CURSORS_ENTRIES, PENDING_CALLS_ENTRIES, PROMOTIONS_ENTRIES,
-        SSL_SOCKETS_ENTRIES, THREAD_REQUESTS_ENTRIES, TLS_CALLS_ENTRIES,
+        ListenKey, MMSG_CURSORS_ENTRIES, NGINX_UPSTREAMS_ENTRIES, PENDING_CALLS_ENTRIES,
+        PROMOTIONS_ENTRIES, SSL_SOCKETS_ENTRIES, THREAD_REQUESTS_ENTRIES, TLS_CALLS_ENTRIES,
     },
 };
 
@@ -74,6 +74,11 @@ pub struct TlsCall {
     pub direction: u8,
     pub _pad: [u8; 7],
 }
+
+/// See `hopwatch_common::maps::NGINX_UPSTREAMS`.
+#[map]
+pub static NGINX_UPSTREAMS: LruHashMap<u64, ThreadRequest> =
+    LruHashMap::with_max_entries(NGINX_UPSTREAMS_ENTRIES, 0);
 
 /// See `hopwatch_common::maps::THREAD_REQUESTS`.
 #[map]

@@ -17,9 +17,7 @@
 //! measured in userspace on this path.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_task},
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
@@ -27,7 +25,7 @@ use hopwatch_common::{
 };
 
 use crate::{
-    kernel::{offsets, read_at, read_user, sock_protocol},
+    kernel::{fd_socket, offsets, read_at, read_cookie, read_user, sock_protocol},
     l7::{self, UserData},
     maps::{
         DATA_SCRATCH, DETECT_STASH, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS,
@@ -42,9 +40,6 @@ const NR_OFFSET: usize = 8;
 const ARGS_OFFSET: usize = 16;
 /// `MSG_PEEK`: the data stays queued and will be read again.
 const MSG_PEEK: u64 = 2;
-/// `S_IFMT` and `S_IFSOCK` of an inode's `i_mode`.
-const S_IFMT: u16 = 0o170_000;
-const S_IFSOCK: u16 = 0o140_000;
 /// Messages of one `sendmmsg`/`recvmmsg` captured at most (glibc's resolver sends its A and AAAA
 /// queries as two), one tail call each; the rest are counted as unsupported calls.
 const MAX_MMSG: u64 = 8;
@@ -52,8 +47,6 @@ const MAX_MMSG: u64 = 8;
 const MMSGHDR_SIZE: u64 = 64;
 const MMSG_LEN_OFFSET: u64 = 56;
 const DNS_PORT: u16 = 53;
-/// Marks a cookie made from the socket's address (no kernel cookie yet).
-const ADDRESS_COOKIE: u64 = 1 << 63;
 
 #[tracepoint]
 pub fn sys_enter_socket_io(ctx: TracePointContext) -> u32 {
@@ -102,10 +95,7 @@ fn on_enter(ctx: &TracePointContext) -> Option<()> {
     } else if protocol != u16::from(IPPROTO_TCP) {
         return None;
     }
-    // A plain value, not a match on the `Option`: LLVM may branch on the payload of `None`, an
-    // uninitialised register the verifier refuses to read (6.1 does).
-    let cookie = read_at::<u64>(sk, o.sk_cookie).unwrap_or(0);
-    let cookie = if cookie != 0 { cookie } else { sk as u64 | ADDRESS_COOKIE };
+    let cookie = read_cookie(sk, &o);
     // Sockets whose bytes are not wanted cost only this: ignored ones, and TLS ones outside an
     // SSL call (their plaintext comes from the uprobes; inside a call the ciphertext ties the
     // `SSL*` to the socket).
@@ -264,24 +254,4 @@ fn on_exit(ctx: &TracePointContext) -> Option<()> {
         let _ = PENDING_CALLS.remove(pid_tgid);
     }
     Some(())
-}
-
-/// The `struct sock *` behind file descriptor `fd` of the current task, if it is a socket.
-fn fd_socket(fd: u64, o: &KernelOffsets) -> Option<*const u8> {
-    // SAFETY: no arguments; the task pointer is only read through `read_at`.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let files = read_at::<*const u8>(task, o.task_files)?;
-    let fdt = read_at::<*const u8>(files, o.files_fdt)?;
-    let max = read_at::<u32>(fdt, o.fdt_max_fds)?;
-    if fd >= u64::from(max) {
-        return None;
-    }
-    let table = read_at::<u64>(fdt, o.fdt_fd)?;
-    let file = read_at::<*const u8>((table + fd * 8) as *const u8, 0)?;
-    let inode = read_at::<*const u8>(file, o.file_inode)?;
-    if read_at::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFSOCK {
-        return None;
-    }
-    let socket = read_at::<*const u8>(file, o.file_private_data)?;
-    read_at::<*const u8>(socket, o.socket_sk)
 }

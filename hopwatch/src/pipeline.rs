@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use hopwatch_common::{
-    DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS,
-    PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest,
+    CALLER_NGINX, DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES,
+    PROTO_REDIS, PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest,
 };
 use hopwatch_proto::flow::{Flow, TrafficDirection, layer4, layer7::Record};
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
@@ -372,6 +372,9 @@ impl Pipeline {
                     .index_at(caller.cookie, caller.turns)
                     .zip(self.table.get(caller.cookie));
                 match parent {
+                    Some((index, c)) if caller.method == CALLER_NGINX => {
+                        Link::Nginx { parent: span_id(c.remote, c.local, index) }
+                    }
                     Some((index, c)) => Link::Thread { parent: span_id(c.remote, c.local, index) },
                     // Serving a request whose connection or exchange the agent did not see.
                     None => Link::Unfollowed,

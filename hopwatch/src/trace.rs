@@ -40,6 +40,9 @@ pub(crate) enum Link {
     Root,
     /// Made for the inbound request `parent`, by the thread serving it alone.
     Thread { parent: u64 },
+    /// An nginx upstream request made for the downstream request `parent` (nginx's own
+    /// structures said so).
+    Nginx { parent: u64 },
     /// Carries the propagated id `key` (a hash of the process, the header and its value) that
     /// exactly one inbound request of the same process carried; `header` names it.
     Header { key: u64, header: &'static str },
@@ -59,6 +62,8 @@ pub struct TracerStats {
     pub linked_thread: u64,
     /// Exchanges linked to their parent by a propagated id (`X-Request-ID`, ...).
     pub linked_header: u64,
+    /// nginx upstream requests linked to their downstream request.
+    pub linked_nginx: u64,
     /// Exchanges left unlinked because their thread had several requests in flight.
     pub ambiguous: u64,
     /// Exchanges left unlinked because the one request their thread served was not followed.
@@ -163,6 +168,12 @@ impl Tracer {
                 self.stats.linked_thread += 1;
                 s.parent_span_id = hex64(parent);
                 "thread".clone_into(&mut s.link);
+                Some(parent)
+            }
+            Link::Nginx { parent } => {
+                self.stats.linked_nginx += 1;
+                s.parent_span_id = hex64(parent);
+                "nginx".clone_into(&mut s.link);
                 Some(parent)
             }
             Link::SameAsPeer => Some(span),

@@ -5,9 +5,11 @@
 
 pub(crate) mod btf;
 pub(crate) mod exchange;
+pub(crate) mod nginx;
 pub(crate) mod offsets;
 pub(crate) mod probe;
 pub(crate) mod tls;
+pub(crate) mod uprobes;
 
 use std::{fs::File, path::PathBuf};
 
@@ -107,12 +109,22 @@ pub(crate) struct LoadOptions {
     pub cgroup2: Option<PathBuf>,
     /// Override of the events ring buffer size in bytes (power of two, page multiple).
     pub ringbuf_bytes: Option<u32>,
-    /// Attach the OpenSSL uprobes for TLS plaintext (needs `settings.capture_bytes > 0`).
-    pub tls: bool,
+    /// Which uprobe sets to attach.
+    pub uprobes: UprobeSets,
     /// Which `kfree_skb` program to use.
     pub drop_hook: DropHook,
     /// Which hooks capture application payload.
     pub l7_hook: L7Hook,
+}
+
+/// The uprobe sets asked for (each needs `settings.capture_bytes > 0`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UprobeSets {
+    /// OpenSSL's, for TLS plaintext.
+    pub tls: bool,
+    /// nginx's, linking upstream requests to their downstream requests (needs
+    /// `settings.trace_threads` too).
+    pub nginx: bool,
 }
 
 /// The hooks application payload is captured from.
@@ -148,8 +160,8 @@ pub(crate) struct Loaded {
     pub reasons: DropReasons,
     /// One line per attached hook, for the start-up report.
     pub hooks: Vec<String>,
-    /// The TLS uprobes, when enabled (rescan periodically for new libraries).
-    pub tls: Option<tls::TlsProbes>,
+    /// The uprobe sets enabled (TLS, nginx): rescan them periodically for new files.
+    pub uprobes: Vec<uprobes::FileProbes>,
     /// Each kernel-side capability asked for: the hooks it runs through, or why it does not.
     pub capabilities: Vec<Capability>,
     /// The hooks L7 capture runs on ([`L7Hook::Socket`] or [`L7Hook::Syscalls`]), if it runs.
@@ -256,64 +268,87 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     }
     capabilities.push(counters);
 
-    let tls = if opts.tls && opts.settings.capture_bytes > 0 {
-        attach_tls(&mut ebpf, &mut hooks, &mut capabilities)
-    } else {
-        None
-    };
+    let uprobes = attach_uprobes(&mut ebpf, opts, &mut hooks, &mut capabilities);
 
     let events = RingBuf::try_from(ebpf.take_map(EVENTS).ok_or(LoadError::NoMap { map: EVENTS })?)
         .map_err(|source| LoadError::Map { map: EVENTS, source })?;
     let counters =
         PerCpuArray::try_from(ebpf.take_map(COUNTERS).ok_or(LoadError::NoMap { map: COUNTERS })?)
             .map_err(|source| LoadError::Map { map: COUNTERS, source })?;
-    Ok(Loaded { ebpf, events, counters, reasons, hooks, tls, capabilities, l7_hook })
+    Ok(Loaded { ebpf, events, counters, reasons, hooks, uprobes, capabilities, l7_hook })
 }
 
-/// The OpenSSL uprobes on every libssl found now (rescanned later by the agent).
-fn attach_tls(
+/// The uprobe sets asked for, each attached to every file found now.
+fn attach_uprobes(
     ebpf: &mut Ebpf,
+    opts: &LoadOptions,
     hooks: &mut Vec<String>,
     capabilities: &mut Vec<Capability>,
-) -> Option<tls::TlsProbes> {
-    match tls::TlsProbes::load(ebpf) {
-        Ok(mut probes) => {
-            let (attached, failed) = probes.scan(ebpf);
-            for (lib, err) in &failed {
-                tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
-            }
-            let libs: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
-            for lib in &libs {
-                hooks.push(format!(
-                    "uprobe/SSL_read,SSL_write(_ex),SSL_do_handshake,SSL_free on {lib}"
-                ));
-            }
-            capabilities.push(if libs.is_empty() {
-                Capability::down(
-                    "tls",
-                    match failed.first() {
-                        Some((lib, err)) => format!("cannot attach to {}: {err}", lib.display()),
-                        None => "no OpenSSL library (libssl) found in running processes or the \
-                                 library paths; rescanned every 10 s"
-                            .to_owned(),
-                    },
-                )
-            } else {
-                Capability::up(
-                    "tls",
-                    format!(
-                        "uprobe/SSL_read,SSL_write(_ex),SSL_do_handshake,SSL_free on {}",
-                        libs.join(", ")
-                    ),
-                )
-            });
-            Some(probes)
-        }
-        Err(e) => {
-            capabilities.push(Capability::down("tls", e.to_string()));
-            None
-        }
+) -> Vec<uprobes::FileProbes> {
+    type Load = fn(&mut Ebpf) -> Result<uprobes::FileProbes, LoadError>;
+    if opts.settings.capture_bytes == 0 {
+        return Vec::new();
     }
+    let sets: [(bool, &'static str, Load, &str); 2] = [
+        (
+            opts.uprobes.tls,
+            "tls",
+            tls::load,
+            "no OpenSSL library (libssl) found in running processes or the library paths",
+        ),
+        (
+            opts.uprobes.nginx && opts.settings.trace_threads != 0,
+            "nginx",
+            nginx::load,
+            "no nginx binary found in running processes or the usual paths",
+        ),
+    ];
+    sets.into_iter()
+        .filter(|(wanted, ..)| *wanted)
+        .filter_map(|(_, name, load, none)| {
+            attach_file_probes(ebpf, name, load, none, hooks, capabilities)
+        })
+        .collect()
+}
+
+/// One set of uprobes (capability `name`) attached to every file found now (rescanned later by
+/// the agent); `none` says why nothing was found.
+fn attach_file_probes(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: fn(&mut Ebpf) -> Result<uprobes::FileProbes, LoadError>,
+    none: &str,
+    hooks: &mut Vec<String>,
+    capabilities: &mut Vec<Capability>,
+) -> Option<uprobes::FileProbes> {
+    let mut probes = match load(ebpf) {
+        Ok(p) => p,
+        Err(e) => {
+            capabilities.push(Capability::down(name, e.to_string()));
+            return None;
+        }
+    };
+    let (attached, failed) = probes.scan(ebpf);
+    for (file, err) in &failed {
+        tracing::warn!(probes = name, file = %file.display(), error = %err, "cannot attach uprobes");
+    }
+    let files: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
+    let functions = probes.functions();
+    for f in &files {
+        hooks.push(format!("{functions} on {f}"));
+    }
+    capabilities.push(if files.is_empty() {
+        Capability::down(
+            name,
+            match failed.first() {
+                Some((file, err)) => format!("cannot attach to {}: {err}", file.display()),
+                None => format!("{none}; rescanned every 10 s"),
+            },
+        )
+    } else {
+        Capability::up(name, format!("{functions} on {}", files.join(", ")))
+    });
+    Some(probes)
 }
 
 /// Loads and attaches `(program, tracepoint)` pairs as BTF tracepoints, all or none: when one

@@ -147,7 +147,8 @@ fn totals(r: &Registry) -> Result<[Totals; 11], prometheus::Error> {
             "hopwatch_trace_links_total",
             "L7 exchanges by how request tracing linked them to the exchange they were made for \
                  (thread: the calling thread served exactly that request; header: a propagated \
-                 id only that request carried; ambiguous: neither could tell (an event loop with \
+                 id only that request carried; nginx: an nginx upstream request, to the \
+                 downstream request nginx made it for; ambiguous: neither could tell (an event loop with \
                  several requests in flight), left unlinked; unfollowed: the request its thread served \
                  was not followed (its connection or exchange not seen), left unlinked; expired: emitted without a trace id because \
                  the parent's trace was not known within the hold; overflow: too many held).",
@@ -346,6 +347,7 @@ impl Health {
     pub(crate) fn trace_links(&self, t: crate::trace::TracerStats) {
         self.trace_links.set("thread", t.linked_thread);
         self.trace_links.set("header", t.linked_header);
+        self.trace_links.set("nginx", t.linked_nginx);
         self.trace_links.set("ambiguous", t.ambiguous);
         self.trace_links.set("unfollowed", t.unfollowed);
         self.trace_links.set("expired", t.expired);

@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 11],
+    pipeline: [AtomicU64; 12],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -252,6 +252,7 @@ impl Telemetry {
                 tls_handshakes_overflow,
                 trace.linked_thread,
                 trace.linked_header,
+                trace.linked_nginx,
                 trace.ambiguous,
                 trace.unfollowed,
                 trace.expired,
@@ -373,6 +374,7 @@ impl Telemetry {
             tls_handshakes,
             linked_thread,
             linked_header,
+            linked_nginx,
             ambiguous,
             unfollowed,
             expired,
@@ -383,6 +385,7 @@ impl Telemetry {
         i.health.trace_links(crate::trace::TracerStats {
             linked_thread,
             linked_header,
+            linked_nginx,
             ambiguous,
             unfollowed,
             expired,

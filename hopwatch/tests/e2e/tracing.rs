@@ -68,10 +68,10 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
     }
     // curl serves nothing: its request starts the trace.
     assert_eq!(parent(&ingress_c), "", "{ingress_c}");
-    // nginx's worker was serving exactly that request when it called the app; the app's event
-    // loop was serving exactly the upstream request when it queried the databases.
+    // nginx named the request its upstream request serves; the app's event loop was serving
+    // exactly the upstream request when it queried the databases.
     assert_eq!(parent(&upstream_c), span(&ingress_c), "{upstream_c}");
-    assert_eq!(s(&upstream_c, &["l7", "span", "link"]), "thread");
+    assert_eq!(s(&upstream_c, &["l7", "span", "link"]), "nginx");
     for call in [&pg, &redis, &mysql] {
         assert_eq!(parent(call), span(&upstream_c), "{call}");
     }
@@ -115,14 +115,19 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
     let (entry, proxied, query) =
         (line("curl → nginx"), line("nginx → python"), line("python → postgres"));
     assert!(entry.contains("100%"), "the entry exchange spans the trace: {waterfall}");
-    assert!(proxied.contains("via thread") && query.contains("via thread"), "{waterfall}");
+    assert!(proxied.contains("via nginx") && query.contains("via thread"), "{waterfall}");
     // The app's queries (asyncpg also resets the pooled connection while serving it).
     let calls = proxied.split('(').nth(1).and_then(|c| c.split(' ').next()?.parse::<u32>().ok());
     assert!(calls.is_some_and(|n| n >= 3), "{waterfall}");
 
-    // `hops --path` chains the hops along the same links: curl → nginx → the app → PostgreSQL.
+    linked_path_through(&collector);
+}
+
+/// `hops --path` through the collector at `collector` chains the hops along the tracer's links:
+/// curl → nginx → the app → PostgreSQL.
+fn linked_path_through(collector: &str) {
     let out = std::process::Command::new(BIN)
-        .args(["hops", "--path", "--server", &collector, "--since", "5m", "-o", "json"])
+        .args(["hops", "--path", "--server", collector, "--since", "5m", "-o", "json"])
         .output()
         .expect("run hopwatch hops --path");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -139,7 +144,7 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
         has(0, "nginx", "entry") && has(1, "python", "link") && has(2, "postgres", "link")
     });
     let table = std::process::Command::new(BIN)
-        .args(["hops", "--path", "--server", &collector, "--since", "5m"])
+        .args(["hops", "--path", "--server", collector, "--since", "5m"])
         .output()
         .expect("run hopwatch hops --path");
     eprintln!("{}", String::from_utf8_lossy(&table.stdout));
@@ -149,29 +154,45 @@ fn one_request_is_one_trace_from_the_ingress_socket_to_its_database_calls() {
 
 #[test]
 fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
-    // Blind: thread causality alone (the client's X-Request-ID is there, not looked at).
-    let blind = concurrent_through_nginx(&["--trace-headers", "none"]);
-    // With the ids: nginx passes the client's X-Request-ID on, so each of its upstream requests
-    // is linked to the one inbound request that carried the same id.
-    let (nginx_linked, _) = concurrent_through_nginx(&[]);
-    eprintln!(
-        "concurrency 8: blind {blind:?}; with X-Request-ID, nginx {nginx_linked} of 8 linked"
-    );
-    assert_eq!(nginx_linked, 8, "every upstream request carries its request's id");
+    // Blind (the client's X-Request-ID is there, not looked at): nginx names the request each
+    // upstream request serves, whatever its worker has in flight; uvicorn's event loop links
+    // what thread causality can prove and leaves the rest ambiguous.
+    for n in [8, 32] {
+        let (nginx, app) = concurrent_through_nginx(n, &["--trace-headers", "none"]);
+        eprintln!("concurrency {n}, blind: nginx {nginx:?}; uvicorn {app:?}");
+        assert_eq!(nginx.by.get("nginx"), Some(&n), "every upstream request, by nginx: {nginx:?}");
+    }
+    // Without the nginx uprobe, the client's X-Request-ID (which nginx passes on) links each of
+    // nginx's upstream requests to the one inbound request that carried the same id.
+    let (nginx, _) = concurrent_through_nginx(8, &["--no-nginx-uprobe"]);
+    eprintln!("concurrency 8, X-Request-ID, no nginx uprobe: nginx {nginx:?}");
+    // (Thread causality still links those made while the worker served one request alone.)
+    let linked: usize = nginx.by.values().sum();
+    assert!(linked == 8 && !nginx.by.contains_key("nginx"), "every upstream request: {nginx:?}");
+    assert!(nginx.by.contains_key("header:x-request-id"), "{nginx:?}");
 }
 
-/// Eight clients at once through nginx, each with its own key (in the URL, the Redis key and
+/// How the calls of one kind were linked, all checked against the truth.
+#[derive(Debug, Default)]
+struct Score {
+    /// Linked calls by link method (every one to the right request).
+    by: std::collections::BTreeMap<String, usize>,
+    /// Calls left unlinked (ambiguous or unfollowed).
+    unlinked: usize,
+}
+
+/// `n` clients at once through nginx, each with its own key (in the URL, the Redis key and
 /// `X-Request-ID`): the truth joining a request to the request nginx made for it and to the
-/// Redis command the app sent for that. Checks every link against it; returns how many of
-/// nginx's and of the app's calls were linked.
-fn concurrent_through_nginx(extra: &[&str]) -> (usize, usize) {
+/// Redis command the app sent for that. Checks every link against it; returns how nginx's and
+/// the app's calls were linked.
+fn concurrent_through_nginx(n: usize, extra: &[&str]) -> (Score, Score) {
     let _serial = serial();
     let mut tb = Testbed::new();
     let mut args = vec!["--keep-full-statements"];
     args.extend_from_slice(extra);
     let agent = Agent::start(&args);
     let t = Topology::start(&mut tb);
-    let keys: Vec<String> = (0..8).map(|i| format!("hwtrace{i}")).collect();
+    let keys: Vec<String> = (0..n).map(|i| format!("hwtrace{i}")).collect();
     std::thread::scope(|scope| {
         for k in &keys {
             let t = &t;
@@ -185,40 +206,35 @@ fn concurrent_through_nginx(extra: &[&str]) -> (usize, usize) {
     let gets = |f: &Value| {
         exchange("redis", "EGRESS", &t.app_pod, &t.cache, |r| s(r, &["command"]) == "GET")(f)
     };
-    agent.wait_for_n("the eight Redis GETs", WAIT, 8, gets);
-    agent.wait_for_n("the eight upstream requests", WAIT, 8, upstream);
-    agent.wait_for_n("the eight requests to nginx", WAIT, 8, ingress);
+    agent.wait_for_n("the Redis GETs", WAIT, n, gets);
+    agent.wait_for_n("the upstream requests", WAIT, n, upstream);
+    agent.wait_for_n("the requests to nginx", WAIT, n, ingress);
     let flows = agent.flows();
     let url_key = |f: &Value| {
         let url = s(f, &["l7", "http", "url"]);
         url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned()
     };
     let redis_key = |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
-    let (nginx_linked, nginx_ambiguous) = score_n(&flows, &keys, &upstream, &url_key, &ingress);
-    let (app_linked, app_ambiguous) = score_n(&flows, &keys, &gets, &redis_key, &upstream);
-    eprintln!(
-        "concurrency 8 {extra:?}: nginx {nginx_linked} linked, {nginx_ambiguous} ambiguous; \
-         uvicorn {app_linked} linked, {app_ambiguous} ambiguous"
-    );
-    (nginx_linked, app_linked)
+    let nginx = score_n(&flows, &keys, &upstream, &url_key, &ingress);
+    let app = score_n(&flows, &keys, &gets, &redis_key, &upstream);
+    (nginx, app)
 }
 
 /// Checks every call (`is_call`, keyed by `key`) against the truth: linked to the request
-/// (`is_request`, keyed by its URL) with the same key, or left unlinked as ambiguous. Returns
-/// (linked, ambiguous).
+/// (`is_request`, keyed by its URL) with the same key, or left unlinked saying why.
 fn score_n(
     flows: &[Value],
     keys: &[String],
     is_call: &dyn Fn(&Value) -> bool,
     key: &dyn Fn(&Value) -> String,
     is_request: &dyn Fn(&Value) -> bool,
-) -> (usize, usize) {
+) -> Score {
     let request_key = |span_id: &str| {
         let f = flows.iter().filter(|f| is_request(f)).find(|f| span(f) == span_id)?;
         let url = s(f, &["l7", "http", "url"]);
         Some(url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned())
     };
-    let (mut linked, mut ambiguous) = (0usize, 0usize);
+    let mut score = Score::default();
     for call in flows.iter().filter(|f| is_call(f)) {
         let k = key(call);
         if !keys.contains(&k) {
@@ -228,18 +244,19 @@ fn score_n(
             // Unlinked, and saying why: never a guess.
             let why = s(call, &["l7", "span", "unlinked"]);
             assert!(["ambiguous", "unfollowed"].contains(&why), "{call}");
-            ambiguous += 1;
+            score.unlinked += 1;
             continue;
         }
-        linked += 1;
         assert_eq!(
             request_key(parent(call)).as_deref(),
             Some(k.as_str()),
             "a call linked to the request of another key: {call}"
         );
+        *score.by.entry(s(call, &["l7", "span", "link"]).to_owned()).or_default() += 1;
     }
-    assert_eq!(linked + ambiguous, keys.len(), "every call seen once");
-    (linked, ambiguous)
+    let linked: usize = score.by.values().sum();
+    assert_eq!(linked + score.unlinked, keys.len(), "every call seen once");
+    score
 }
 
 /// Arize Phoenix, a real OTLP trace receiver with a span query API, on loopback (from
@@ -398,10 +415,9 @@ fn a_thread_per_request_server_links_every_call_to_its_request_at_any_concurrenc
         let flows = agent.flows();
         let redis_key =
             |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
-        let (linked, ambiguous) = score_n(&flows, &keys, &gets, &redis_key, &requests);
-        eprintln!(
-            "thread-per-request, concurrency {concurrency}: {linked} linked, {ambiguous} ambiguous"
-        );
+        let score = score_n(&flows, &keys, &gets, &redis_key, &requests);
+        let linked = score.by.get("thread").copied().unwrap_or(0);
+        eprintln!("thread-per-request, concurrency {concurrency}: {score:?}");
         if linked != concurrency {
             // Why the others were not: the tracer's outcomes and everything the agent lost.
             // Every link made is right (score_n) and every call is accounted for; on this

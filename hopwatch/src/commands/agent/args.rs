@@ -58,6 +58,11 @@ pub(in crate::commands) struct AgentArgs {
     /// ids, no trace ids beyond a request's own `traceparent`; flows are never held).
     #[arg(long)]
     pub no_request_tracing: bool,
+    /// Do not attach the nginx uprobe (`ngx_chain_writer`) that links each nginx upstream
+    /// request to the downstream request it serves; nginx's calls then link by thread causality
+    /// and propagated ids only.
+    #[arg(long)]
+    pub no_nginx_uprobe: bool,
     /// Request headers whose values link a call to the request it was made for where thread
     /// causality cannot (an event loop's calls): an outbound request carrying the value that
     /// exactly one inbound request of the same process carried is its child. Comma-separated;

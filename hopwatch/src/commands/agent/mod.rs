@@ -49,8 +49,8 @@ const DRAIN_BATCH: usize = 4096;
 const FINAL_DRAIN_MAX: usize = 1 << 17;
 /// How often the agent hands memory freed after a burst (a connection flood) back to the system.
 const RELEASE_EVERY_SECONDS: u64 = 10;
-/// How often running processes are scanned for libssl files not yet probed.
-const TLS_RESCAN: Duration = Duration::from_secs(10);
+/// How often running processes are scanned for files (libssl, nginx) not yet probed.
+const UPROBE_RESCAN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum AgentError {
@@ -137,7 +137,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     } else {
         None
     };
-    let loader::Loaded { mut ebpf, events, counters, tls, capabilities, l7_hook, .. } = loaded;
+    let loader::Loaded { mut ebpf, events, counters, uprobes, capabilities, l7_hook, .. } = loaded;
     let caps = report_capabilities(capabilities, &identity);
     // The syscall path's socket is no pointer the kernel handed over: no socket storage for the
     // kernel's exchange state there.
@@ -178,7 +178,8 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reader_done = CancellationToken::new();
     let watcher =
         tokio::spawn(watch_counters(counters, node_name, tx, stats.clone(), reader_done.clone()));
-    let tls_task = tls.map(|probes| tokio::spawn(rescan_tls(probes, ebpf.clone())));
+    let rescan_task =
+        (!uprobes.is_empty()).then(|| tokio::spawn(rescan_uprobes(uprobes, ebpf.clone())));
 
     tokio::select! {
         () = shutdown => eprintln!("hopwatch agent: shutting down"),
@@ -187,7 +188,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     // Programs detached (all are BPF links the object owns) before the final drain: nothing is
     // written after it, so every event put in the ring buffer is read and the rest was counted
     // lost. The ring buffer and the counters were taken out of the object and stay.
-    detach(ebpf, tls_task, stats_guard.is_some()).await;
+    detach(ebpf, rescan_task, stats_guard.is_some()).await;
     cancel.cancel();
     let reader_result = reader.await;
     reader_done.cancel();
@@ -213,14 +214,14 @@ fn kernel_symbols() -> Option<KernelSymbols> {
         .ok()
 }
 
-/// Stops the TLS rescans (which share the object) and detaches every program by dropping the
+/// Stops the uprobe rescans (which share the object) and detaches every program by dropping the
 /// object, after printing the programs' run statistics when they were kept.
 async fn detach(
     ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
-    tls_task: Option<tokio::task::JoinHandle<()>>,
+    rescan_task: Option<tokio::task::JoinHandle<()>>,
     bpf_stats: bool,
 ) {
-    if let Some(t) = tls_task {
+    if let Some(t) = rescan_task {
         t.abort();
         let _ = t.await;
     }
@@ -253,7 +254,10 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         drops: !args.no_drops,
         cgroup2: probe.cgroup2.clone(),
         ringbuf_bytes: args.ringbuf_bytes,
-        tls: !args.no_tls,
+        uprobes: loader::UprobeSets {
+            tls: !args.no_tls,
+            nginx: !args.no_request_tracing && !args.no_nginx_uprobe,
+        },
         drop_hook: args.drop_hook,
         l7_hook: args.l7_hook,
     })?;
@@ -545,25 +549,27 @@ impl PipelineStats {
     }
 }
 
-/// Every few seconds: attach the TLS uprobes to libssl files that appeared (new container
+/// Every few seconds: attach the uprobes (TLS, nginx) to files that appeared (new container
 /// images, a library upgraded in place).
-async fn rescan_tls(
-    mut probes: crate::loader::tls::TlsProbes,
+async fn rescan_uprobes(
+    mut sets: Vec<crate::loader::uprobes::FileProbes>,
     ebpf: Arc<std::sync::Mutex<aya::Ebpf>>,
 ) {
-    let mut tick = tokio::time::interval(TLS_RESCAN);
+    let mut tick = tokio::time::interval(UPROBE_RESCAN);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let (attached, failed) = {
-            let mut ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            probes.scan(&mut ebpf)
-        };
-        for lib in attached {
-            eprintln!("hopwatch agent: TLS uprobes attached to {}", lib.display());
-        }
-        for (lib, err) in failed {
-            tracing::warn!(library = %lib.display(), error = %err, "cannot attach TLS uprobes");
+        for probes in &mut sets {
+            let (attached, failed) = {
+                let mut ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                probes.scan(&mut ebpf)
+            };
+            for file in attached {
+                eprintln!("hopwatch agent: {} uprobes attached to {}", probes.name, file.display());
+            }
+            for (file, err) in failed {
+                tracing::warn!(probes = probes.name, file = %file.display(), error = %err, "cannot attach uprobes");
+            }
         }
     }
 }
