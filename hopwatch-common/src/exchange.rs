@@ -137,6 +137,15 @@ pub const fn sample_key(port_a: u16, port_b: u16, index: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Whether the exchange at `index` between ports `port_a` and `port_b` is the sample's: one in
+/// `sample`, the same ones at both ends.
+#[inline]
+#[must_use]
+pub const fn sampled(port_a: u16, port_b: u16, index: u64, sample: u32) -> bool {
+    let n = if sample == 0 { 1 } else { sample as u64 };
+    sample_key(port_a, port_b, index).is_multiple_of(n)
+}
+
 /// The status code of an HTTP/1 status line (`HTTP/1.x NNN`), `None` for anything else.
 #[inline]
 #[must_use]

@@ -565,7 +565,11 @@ pub struct ThreadRequest {
     pub turns: u32,
     /// How the request was found: [`CALLER_THREAD`] (this thread read it) or [`CALLER_NGINX`]
     /// (nginx named the request its upstream request serves).
-    pub method: u32,
+    pub method: u16,
+    /// 1 when the request is recorded in full by the deterministic rules (its socket is on the
+    /// capture path, or its exchange is the sample's: [`exchange::sample_key`]): the calls made
+    /// for it are recorded with it (sampling is per trace).
+    pub recorded: u16,
     /// Requests read by the thread whose responses have not started (64 bits: the BPF target's
     /// atomics are 64-bit).
     pub inflight: u64,
@@ -573,11 +577,11 @@ pub struct ThreadRequest {
 const _: () = assert!(size_of::<ThreadRequest>() == 24);
 
 /// [`ThreadRequest::method`]: the calling thread's own request (thread causality).
-pub const CALLER_THREAD: u32 = 0;
+pub const CALLER_THREAD: u16 = 0;
 /// [`ThreadRequest::method`]: nginx's upstream request for its downstream request, read from
 /// nginx's own structures at `ngx_chain_writer` (exact on its event loop; see
 /// [`maps::NGINX_UPSTREAMS`](crate::maps::NGINX_UPSTREAMS)).
-pub const CALLER_NGINX: u32 = 1;
+pub const CALLER_NGINX: u16 = 1;
 
 /// Application data seen on a socket ([`EventKind::Data`]); `captured` payload bytes follow the
 /// struct in the ring buffer record.

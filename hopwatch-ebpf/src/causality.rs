@@ -76,6 +76,9 @@ fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
         Some(t) => unsafe {
             (*t).cookie = cookie;
             (*t).turns = c.turns;
+            // On the capture path every exchange is recorded; the fast path says otherwise
+            // (`request_sampled`).
+            (*t).recorded = 1;
             if fresh {
                 atomic_add(&raw mut (*t).inflight, 1);
             }
@@ -85,9 +88,24 @@ fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
                 cookie,
                 turns: c.turns,
                 method: CALLER_THREAD,
+                recorded: 1,
                 inflight: u64::from(fresh),
             };
             let _ = THREAD_REQUESTS.insert(tid, t, 0);
+        }
+    }
+}
+
+/// The request just read on the fast-path server socket `cookie` is (or is not) recorded by the
+/// sample: so are the calls the reading thread makes for it.
+#[inline(always)]
+pub fn request_sampled(cookie: u64, pid_tgid: u64, recorded: bool) {
+    if let Some(t) = THREAD_REQUESTS.get_ptr_mut(pid_tgid as u32) {
+        // SAFETY: map value of this thread, valid while the program runs.
+        unsafe {
+            if (*t).cookie == cookie {
+                (*t).recorded = u16::from(recorded);
+            }
         }
     }
 }

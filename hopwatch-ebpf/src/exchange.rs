@@ -17,13 +17,14 @@ use hopwatch_common::{
     exchange::{
         EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, ExchangeEvent,
         ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
-        http_status, sample_key,
+        http_status, sampled,
     },
 };
 
 use crate::{
+    causality,
     emit::{reserve, wakeup_flags},
-    kernel::{read_at, read_user},
+    kernel::{read_user, sock_ports},
     l7::{UserData, syscall_data},
     maps::{EXCHANGE_CONTROL, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS, L7CONNS, count},
 };
@@ -83,6 +84,13 @@ pub unsafe fn on_call(
                 None => 0,
             };
         }
+        if c.server != 0 && x.request_bytes == 0 {
+            // A request read: the thread's calls for it are recorded as it is.
+            let (a, b) = sock_ports(sk.cast(), o);
+            let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1));
+            let sample = HOPWATCH_SETTINGS.load().exchange_sample;
+            causality::request_sampled(cookie, pid_tgid, sampled(a, b, index, sample));
+        }
         x.request_bytes = x.request_bytes.saturating_add(len);
         x.request_ns = now;
         return true;
@@ -107,19 +115,17 @@ pub unsafe fn on_call(
     let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns);
     let latency = now.saturating_sub(x.request_ns);
     let settings = HOPWATCH_SETTINGS.load();
-    let skb = sk.cast::<u8>();
-    let ports = || {
-        let sport = read_at::<u16>(skb, o.sk_num).unwrap_or(0);
-        let dport = u16::from_be(read_at::<u16>(skb, o.sk_dport).unwrap_or(0));
-        (sport, dport)
-    };
     let full = status >= 500
         || latency >= settings.exchange_slow_ns
         || followed()
         || under_rate(now, &settings)
-        || {
-            let (a, b) = ports();
-            sample_key(a, b, index) % u64::from(settings.exchange_sample.max(1)) == 0
+        || match x.caller {
+            // A call made for a request: recorded with that request (sampling is per trace).
+            ThreadRequest { cookie, inflight: 1, recorded, .. } if cookie != 0 => recorded != 0,
+            _ => {
+                let (a, b) = sock_ports(sk.cast(), o);
+                sampled(a, b, index, settings.exchange_sample)
+            }
         };
     let fields = Fields {
         request_ns: x.request_ns,

@@ -121,6 +121,14 @@ pub fn read_cookie(sk: *const u8, o: &KernelOffsets) -> u64 {
     if cookie != 0 { cookie } else { sk as u64 | ADDRESS_COOKIE }
 }
 
+/// A socket's (local, remote) ports, 0 where unreadable.
+#[inline(always)]
+pub fn sock_ports(sk: *const u8, o: &KernelOffsets) -> (u16, u16) {
+    let sport = read_at::<u16>(sk, o.sk_num).unwrap_or(0);
+    let dport = u16::from_be(read_at::<u16>(sk, o.sk_dport).unwrap_or(0));
+    (sport, dport)
+}
+
 /// `sk->sk_protocol` (a `u16` since 5.6, a `u8` bitfield neighbour before).
 #[inline(always)]
 pub fn sock_protocol(sk: *const u8, o: &KernelOffsets) -> Option<u16> {

@@ -17,10 +17,13 @@
 //! `.connection` (after it).
 
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use hopwatch_common::{CALLER_NGINX, ThreadRequest};
+use hopwatch_common::{
+    CALLER_NGINX, ThreadRequest,
+    exchange::{exchange_index, sampled},
+};
 
 use crate::{
-    kernel::{fd_socket, offsets, read_cookie, read_user},
+    kernel::{fd_socket, offsets, read_cookie, read_user, sock_ports},
     maps::{HOPWATCH_SETTINGS, L7CONNS, NGINX_UPSTREAMS},
 };
 
@@ -62,10 +65,25 @@ fn on_chain_writer(ctx: &ProbeContext) -> Option<()> {
     }
     let o = offsets();
     let up = read_cookie(fd_socket(up_fd as u64, &o)?, &o);
-    let down = read_cookie(fd_socket(down_fd as u64, &o)?, &o);
+    let down_sk = fd_socket(down_fd as u64, &o)?;
+    let down = read_cookie(down_sk, &o);
     // SAFETY: map value, copied out at once.
-    let turns = unsafe { L7CONNS.get(down) }?.turns;
-    let caller = ThreadRequest { cookie: down, turns, method: CALLER_NGINX, inflight: 1 };
+    let c = unsafe { L7CONNS.get(down) }.copied()?;
+    // The downstream request is recorded in full on the capture path, or when it is the
+    // sample's on the fast path (its response will end turn `turns + 1`): the upstream request
+    // is recorded with it.
+    let recorded = c.fast == 0 || {
+        let (a, b) = sock_ports(down_sk, &o);
+        let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1));
+        sampled(a, b, index, HOPWATCH_SETTINGS.load().exchange_sample)
+    };
+    let caller = ThreadRequest {
+        cookie: down,
+        turns: c.turns,
+        method: CALLER_NGINX,
+        recorded: u16::from(recorded),
+        inflight: 1,
+    };
     let _ = NGINX_UPSTREAMS.insert(up, caller, 0);
     Some(())
 }

@@ -2,11 +2,11 @@
 //! L7 sessions → Hubble-shaped flows. Pure of I/O (the caller reads the ring buffer and ships the
 //! flows), so it can be driven by tests and benchmarks from a recorded event stream.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use hopwatch_common::{
     CALLER_NGINX, DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES,
-    PROTO_REDIS, PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest,
+    PROTO_REDIS, PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest, exchange::sample_key,
 };
 use hopwatch_proto::flow::{Flow, TrafficDirection, layer4, layer7::Record};
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
@@ -40,6 +40,9 @@ const RESET_READ_GRACE: Duration = Duration::from_secs(1);
 /// How long an exchange's flows wait for the trace of the request it was made for (the parent
 /// completes after its children: this bounds the requests whose children get a trace id).
 const TRACE_HOLD: Duration = Duration::from_secs(10);
+/// Linked calls waiting to be shipped whose request's sample key is kept (see
+/// [`Pipeline::parent_sample_key`]).
+const PARENT_KEYS_MAX: usize = 65_536;
 
 impl MessageParser for protocols::Parser {
     type Req = protocols::Request;
@@ -135,6 +138,9 @@ pub struct Pipeline {
     setups: SetupTracker,
     /// Links exchanges into traces (holds a child's flows until its parent's trace is known).
     tracer: Tracer,
+    /// Linked calls (by span id) → the sample key of the request each was made for, for the
+    /// record policy (sampling is per trace); taken when the call's flow is shipped.
+    parent_keys: HashMap<u64, u64>,
     /// Exchanges the kernel measured that only count ([`Pipeline::take_counted`]).
     counted: Vec<CountedExchange>,
     options: PipelineOptions,
@@ -156,6 +162,7 @@ impl Pipeline {
             tls: TlsTracker::default(),
             setups: SetupTracker::default(),
             tracer: Tracer::new(nanos(TRACE_HOLD)),
+            parent_keys: HashMap::new(),
             counted: Vec::new(),
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
@@ -192,6 +199,19 @@ impl Pipeline {
 
     /// The exchanges measured in the kernel and not recorded since the last call: each counts
     /// in the hops like an exchange flow.
+    /// For a call linked to the request it was made for (thread causality, nginx): that
+    /// request's sample key, which the record policy samples the call by (sampling is per
+    /// trace). Taken: asked once per shipped flow.
+    pub fn parent_sample_key(&mut self, flow: &Flow) -> Option<u64> {
+        // The call's client end: the one its link was made at.
+        if flow.traffic_direction() != TrafficDirection::Egress {
+            return None;
+        }
+        let span = flow.l7.as_ref()?.span.as_ref().filter(|s| !s.parent_span_id.is_empty())?;
+        let id = u64::from_str_radix(&span.span_id, 16).ok()?;
+        self.parent_keys.remove(&id)
+    }
+
     pub fn take_counted(&mut self) -> std::vec::Drain<'_, CountedExchange> {
         self.counted.drain(..)
     }
@@ -371,6 +391,15 @@ impl Pipeline {
                     .l7
                     .index_at(caller.cookie, caller.turns)
                     .zip(self.table.get(caller.cookie));
+                if let Some((index, c)) = parent {
+                    if self.parent_keys.len() >= PARENT_KEYS_MAX {
+                        // Calls whose flows never shipped (dropped on the way): start over; a
+                        // call that loses its entry is sampled by its own key.
+                        self.parent_keys.clear();
+                    }
+                    let key = sample_key(c.local.port(), c.remote.port(), index);
+                    self.parent_keys.insert(span, key);
+                }
                 match parent {
                     Some((index, c)) if caller.method == CALLER_NGINX => {
                         Link::Nginx { parent: span_id(c.remote, c.local, index) }

@@ -127,17 +127,20 @@ impl RecordPolicy {
         self.totals[Decision::NotRecorded as usize]
     }
 
-    /// Whether `flow` is recorded; `now_ns` is a monotonic clock (the rate's seconds).
-    pub(crate) fn keep(&mut self, flow: &Flow, now_ns: u64) -> bool {
+    /// Whether `flow` is recorded; `now_ns` is a monotonic clock (the rate's seconds). A call
+    /// made for a request (`parent_key`: that request's sample key) is sampled with it, so a
+    /// sampled request's calls are recorded and an unsampled one's are not (sampling is per
+    /// trace).
+    pub(crate) fn keep(&mut self, flow: &Flow, parent_key: Option<u64>, now_ns: u64) -> bool {
         if flow.r#type() != FlowType::L7 {
             return true;
         }
-        let d = self.decide(flow, now_ns);
+        let d = self.decide(flow, parent_key, now_ns);
         self.totals[d as usize] += 1;
         d != Decision::NotRecorded
     }
 
-    fn decide(&mut self, flow: &Flow, now_ns: u64) -> Decision {
+    fn decide(&mut self, flow: &Flow, parent_key: Option<u64>, now_ns: u64) -> Decision {
         let Some(l7) = &flow.l7 else { return Decision::Error };
         if flow.verdict() == Verdict::Error || l7.timed_out || !l7.error.is_empty() {
             return Decision::Error;
@@ -160,7 +163,7 @@ impl RecordPolicy {
             self.tokens -= 1;
             return Decision::UnderRate;
         }
-        if sample_key(flow).is_multiple_of(self.sample) {
+        if parent_key.unwrap_or_else(|| sample_key(flow)).is_multiple_of(self.sample) {
             Decision::Sampled
         } else {
             Decision::NotRecorded
@@ -220,19 +223,21 @@ mod tests {
     fn under_the_rate_every_exchange_is_recorded_then_one_in_n_plus_what_matters() {
         let mut p = policy(100, 10);
         let second = 5_000_000_000;
-        let kept = (1..=100).filter(|i| p.keep(&exchange(CLIENT, SERVER, *i, 1), second)).count();
+        let kept =
+            (1..=100).filter(|i| p.keep(&exchange(CLIENT, SERVER, *i, 1), None, second)).count();
         assert_eq!(kept, 100, "the first 100 of the second are all recorded");
-        let sampled =
-            (101..=10_100).filter(|i| p.keep(&exchange(CLIENT, SERVER, *i, 1), second)).count();
+        let sampled = (101..=10_100)
+            .filter(|i| p.keep(&exchange(CLIENT, SERVER, *i, 1), None, second))
+            .count();
         assert!((800..=1200).contains(&sampled), "about one in 10 sampled: {sampled}");
         // Whatever the rate: errors, slow ones, a connection's first.
         let mut error = exchange(CLIENT, SERVER, 20_000, 1);
         error.verdict = Verdict::Error.into();
-        assert!(p.keep(&error, second));
-        assert!(p.keep(&exchange(CLIENT, SERVER, 20_001, 150), second));
-        assert!(p.keep(&exchange(("10.0.0.3", 40_001), SERVER, 0, 1), second));
+        assert!(p.keep(&error, None, second));
+        assert!(p.keep(&exchange(CLIENT, SERVER, 20_001, 150), None, second));
+        assert!(p.keep(&exchange(("10.0.0.3", 40_001), SERVER, 0, 1), None, second));
         // A new second, a new budget.
-        assert!(p.keep(&exchange(CLIENT, SERVER, 30_000, 1), second + 1_000_000_000));
+        assert!(p.keep(&exchange(CLIENT, SERVER, 30_000, 1), None, second + 1_000_000_000));
         let totals: std::collections::HashMap<_, _> = p.totals().collect();
         assert_eq!(totals[&Decision::UnderRate], 101);
         assert_eq!(totals[&Decision::Sampled], sampled as u64);
@@ -248,12 +253,12 @@ mod tests {
     #[test]
     fn both_ends_of_a_hop_sample_the_same_exchanges() {
         let (mut client, mut server) = (policy(1, 7), policy(1, 7));
-        client.keep(&exchange(CLIENT, SERVER, 1, 1), 0);
-        server.keep(&exchange(SERVER, CLIENT, 1, 1), 0);
+        client.keep(&exchange(CLIENT, SERVER, 1, 1), None, 0);
+        server.keep(&exchange(SERVER, CLIENT, 1, 1), None, 0);
         for i in 2..2000 {
             assert_eq!(
-                client.keep(&exchange(CLIENT, SERVER, i, 1), 0),
-                server.keep(&exchange(SERVER, CLIENT, i, 1), 0),
+                client.keep(&exchange(CLIENT, SERVER, i, 1), None, 0),
+                server.keep(&exchange(SERVER, CLIENT, i, 1), None, 0),
                 "exchange {i}"
             );
         }
@@ -264,13 +269,26 @@ mod tests {
     fn connections_and_drops_are_always_recorded_and_followers_get_everything() {
         let mut p = policy(1, 1_000_000);
         let tcp = Flow { r#type: FlowType::L3L4.into(), ..Flow::default() };
-        assert!((0..100).all(|_| p.keep(&tcp, 0)));
+        assert!((0..100).all(|_| p.keep(&tcp, None, 0)));
         assert_eq!(p.totals().map(|(_, n)| n).sum::<u64>(), 0, "not exchanges");
-        p.keep(&exchange(CLIENT, SERVER, 1, 1), 0);
-        assert!(!p.keep(&exchange(CLIENT, SERVER, 2, 1), 0));
+        p.keep(&exchange(CLIENT, SERVER, 1, 1), None, 0);
+        assert!(!p.keep(&exchange(CLIENT, SERVER, 2, 1), None, 0));
         p.set_followed(true);
-        assert!(p.keep(&exchange(CLIENT, SERVER, 3, 1), 0));
+        assert!(p.keep(&exchange(CLIENT, SERVER, 3, 1), None, 0));
         let mut all = policy(0, 1_000_000);
-        assert!((1..1000).all(|i| all.keep(&exchange(CLIENT, SERVER, i, 1), 0)));
+        assert!((1..1000).all(|i| all.keep(&exchange(CLIENT, SERVER, i, 1), None, 0)));
+    }
+
+    #[test]
+    fn a_call_is_sampled_with_the_request_it_was_made_for() {
+        let mut p = policy(1, 10);
+        let second = 5_000_000_000;
+        p.keep(&exchange(CLIENT, SERVER, 1, 1), None, second);
+        // Calls whose own key is not the sample's, made for requests whose key is (and not).
+        let own_out =
+            (2..100).find(|&i| !sample_key(&exchange(CLIENT, SERVER, i, 1)).is_multiple_of(10));
+        let call = exchange(CLIENT, SERVER, own_out.unwrap(), 1);
+        assert!(p.keep(&call, Some(30), second), "recorded with its sampled request");
+        assert!(!p.keep(&call, Some(31), second), "not recorded without it");
     }
 }

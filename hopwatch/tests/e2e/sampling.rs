@@ -76,8 +76,15 @@ print(done, flush=True)
 
 /// Starts [`SERVER`] in `pod` on [`PORT`] and waits until it listens.
 pub(crate) fn start_server(tb: &mut Testbed, pod: &Pod) {
+    start_python(tb, pod, SERVER, &[&pod.ip.to_string(), &PORT.to_string()]);
+}
+
+/// Runs `script` with `args` in `pod` until the test ends; waits for it to print `ready`.
+fn start_python(tb: &mut Testbed, pod: &Pod, script: &str, args: &[&str]) {
+    let mut cmd = vec!["python3", "-c", script];
+    cmd.extend_from_slice(args);
     let mut server = pod
-        .command(&["python3", "-c", SERVER, &pod.ip.to_string(), &PORT.to_string()])
+        .command(&cmd)
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 is installed (`cargo xtask test` installs it)");
@@ -88,6 +95,42 @@ pub(crate) fn start_server(tb: &mut Testbed, pod: &Pod) {
     assert_eq!(ready.trim(), "ready", "server in {}", pod.netns);
     tb.adopt(server);
 }
+
+/// A thread-per-connection HTTP/1.1 front: each request it reads is passed on to a backend
+/// (argv 3 and 4) over the thread's own keep-alive connection, then answered 200; prints
+/// `ready`.
+const FRONT: &str = r#"
+import sys, socket, threading
+backend = (sys.argv[3], int(sys.argv[4]))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+def serve(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    b = socket.create_connection(backend)
+    b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = b""
+    while True:
+        data = c.recv(65536)
+        if not data:
+            break
+        buf += data
+        while b"\r\n\r\n" in buf:
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            b.sendall(b"GET " + head.split(b" ")[1] + b" HTTP/1.1\r\nHost: backend\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"\r\n\r\nx"):
+                answer += b.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    c.close()
+    b.close()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+const FRONT_PORT: u16 = 18_182;
 
 #[test]
 fn above_the_rate_errors_and_samples_are_recorded_alike_at_both_ends_and_every_exchange_counted() {
@@ -197,4 +240,84 @@ fn above_the_rate_errors_and_samples_are_recorded_alike_at_both_ends_and_every_e
         "{differ} exchanges recorded at one end only: client {c:?}, server {s:?}"
     );
     assert!(c.contains(&0) && s.contains(&0), "a connection's first exchange is always recorded");
+}
+
+/// Sampling is per trace: above the rate, a request the sample records has the call made for it
+/// recorded too (and linked to it), and a call is not recorded for a request that was not: the
+/// front's calls follow its requests' sampling decisions, not their own.
+#[test]
+fn a_sampled_request_s_calls_are_recorded_with_it_and_no_others() {
+    let _serial = serial();
+    let mut tb = Testbed::new();
+    let (client, front, backend) = (tb.pod("client"), tb.pod("front"), tb.pod("backend"));
+    let agent = Agent::start(&["--l7-flow-rate", "1", "--l7-flow-sample", &SAMPLE.to_string()]);
+    start_server(&mut tb, &backend);
+    let front_args = [
+        &front.ip.to_string(),
+        &FRONT_PORT.to_string(),
+        &backend.ip.to_string(),
+        &PORT.to_string(),
+    ];
+    start_python(&mut tb, &front, FRONT, &front_args.map(String::as_str));
+    let started = Instant::now();
+    let no_failures = (REQUESTS + 1).to_string();
+    let out = client.exec(&[
+        "python3",
+        "-c",
+        CLIENT,
+        &front.ip.to_string(),
+        &FRONT_PORT.to_string(),
+        &REQUESTS.to_string(),
+        &no_failures,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), REQUESTS.to_string(), "{out:?}");
+    let budget = started.elapsed().as_secs() + 2;
+
+    let to = |ip: &str, port: u16| {
+        let ip = ip.to_owned();
+        move |f: &Value| {
+            f["Type"] == "L7"
+                && ip_dst(f) == ip
+                && tcp_port(f, "destination_port") == u64::from(port)
+        }
+    };
+    let (requests, calls) =
+        (to(&front.ip.to_string(), FRONT_PORT), to(&backend.ip.to_string(), PORT));
+    let span = |f: &Value| f["l7"]["span"]["span_id"].as_str().unwrap_or_default().to_owned();
+    let parent =
+        |f: &Value| f["l7"]["span"]["parent_span_id"].as_str().unwrap_or_default().to_owned();
+    // Linked calls wait for their request's flow (the agent holds them up to 10 s).
+    std::thread::sleep(Duration::from_secs(3));
+    let wait = Instant::now() + Duration::from_secs(15);
+    let (recorded, orphans, childless, calls_seen) = loop {
+        let flows = agent.flows();
+        let recorded: BTreeSet<String> = flows.iter().filter(|f| requests(f)).map(span).collect();
+        let made_for: Vec<String> = flows
+            .iter()
+            .filter(|f| calls(f) && f["traffic_direction"] == "EGRESS")
+            .map(parent)
+            .collect();
+        let orphans = made_for.iter().filter(|p| !recorded.contains(*p)).count() as u64;
+        let with_calls: BTreeSet<&String> = made_for.iter().collect();
+        let childless = recorded.iter().filter(|r| !with_calls.contains(r)).count() as u64;
+        if childless <= budget || Instant::now() > wait {
+            break (recorded.len() as u64, orphans, childless, made_for.len() as u64);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "{REQUESTS} requests at 1 in {SAMPLE}: {recorded} recorded, {calls_seen} calls recorded \
+         at the front, {orphans} of them for a request not recorded, {childless} recorded \
+         requests without their call (budget {budget})"
+    );
+    let expected = REQUESTS / SAMPLE;
+    assert!(
+        recorded >= expected - expected / 5,
+        "about one in {SAMPLE} requests recorded: {recorded}"
+    );
+    // What the once-a-second budget takes is recorded without the rest of its trace; everything
+    // else follows the request's decision. (A call's server end, at the backend, cannot see its
+    // client's request and is sampled by its own key.)
+    assert!(orphans <= budget, "{orphans} calls recorded for requests that were not");
+    assert!(childless <= budget, "{childless} recorded requests without their call");
 }

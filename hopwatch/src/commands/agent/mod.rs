@@ -508,7 +508,8 @@ fn ship(
         }
         stats.flows.fetch_add(1, Ordering::Relaxed);
         stats.metrics.observe(&flow);
-        if stages.policy.keep(&flow, now_ns) {
+        let parent_key = stages.pipeline.parent_sample_key(&flow);
+        if stages.policy.keep(&flow, parent_key, now_ns) {
             send(tx, stats, flow_response(&stages.pipeline.builder().node_name, flow));
         }
     }
