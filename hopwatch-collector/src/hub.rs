@@ -22,6 +22,7 @@ use super::{
     merge::{self, MergeConfig, MergeMsg},
     nodes::NodeRegistry,
     store::{FlowStore, Incoming, StoreConfig, StoreError},
+    traces::TraceJoin,
 };
 
 /// Events waiting for the merge stage, in messages (each a batch); beyond this, ingest streams
@@ -58,6 +59,8 @@ pub struct Hub {
     pub started: Instant,
     /// The shared history, when flows go to ClickHouse (history queries are answered there).
     pub clickhouse: Option<Arc<ClickHouse>>,
+    /// Traces joined across nodes.
+    pub traces: Arc<TraceJoin>,
     /// Entries are encoded for the history by the ingest tasks (in parallel), not the writer.
     prepare: bool,
     merge_tx: Mutex<Option<mpsc::Sender<MergeMsg>>>,
@@ -108,6 +111,7 @@ impl Hub {
             sort_window: cfg.merge.window,
             started: Instant::now(),
             clickhouse,
+            traces: Arc::default(),
             prepare: cfg.store.disk.is_some(),
             merge_tx: Mutex::new(Some(tx)),
             merge_thread: Mutex::new(Some(thread)),
@@ -189,6 +193,10 @@ impl Hub {
             }
         }
         out.new = events.len() as u64;
+        self.traces.observe(events.iter().filter_map(|e| match &e.response_types {
+            Some(ResponseTypes::Flow(f)) => Some(f),
+            _ => None,
+        }));
         self.nodes.received(&agent.node_name, out.new, status);
         let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
         tx.send(MergeMsg::Batch { agent: agent.clone(), last_seq, events })

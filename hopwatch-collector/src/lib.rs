@@ -17,6 +17,7 @@ pub mod nodes;
 pub mod observer;
 pub mod query;
 pub mod store;
+pub mod traces;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

@@ -37,7 +37,7 @@ impl Observer for ObserverService {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let q = Query::new(request.get_ref())?;
+        let q = Query::joined(request.into_inner(), &self.hub.traces)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(query::run(self.hub.clone(), q, tx));
         Ok(Response::new(ReceiverStream::new(rx)))

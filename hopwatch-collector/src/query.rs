@@ -16,6 +16,7 @@ use super::{
     filter::FilterSet,
     hub::Hub,
     store::{Chunk, FlowStore, Stored, record::BlockMeta},
+    traces::TraceJoin,
 };
 
 type Tx = mpsc::Sender<Result<GetFlowsResponse, Status>>;
@@ -31,6 +32,8 @@ pub struct Query {
     until_ns: Option<i64>,
     /// Flow fields sent (`field_mask`); empty: all of them.
     mask: FieldMask,
+    /// Traces joined across nodes: flows leave with their joined trace id.
+    traces: Option<Arc<TraceJoin>>,
 }
 
 fn ts_ns(t: &prost_types::Timestamp) -> i64 {
@@ -59,7 +62,16 @@ impl Query {
             since_ns,
             until_ns,
             mask: FieldMask::lenient(req.field_mask.as_ref().map_or(&[][..], |m| &m.paths[..])),
+            traces: None,
         })
+    }
+
+    /// A query over `traces`' joins: `req`'s trace-id filters match the traces joined to theirs
+    /// and flows leave with their joined trace id.
+    pub fn joined(req: GetFlowsRequest, traces: &Arc<TraceJoin>) -> Result<Self, Status> {
+        let mut q = Self::new(&traces.expand_request(req))?;
+        q.traces = Some(traces.clone());
+        Ok(q)
     }
 
     pub fn filters(&self) -> &FilterSet {
@@ -84,8 +96,11 @@ impl Query {
         self.until_ns
     }
 
-    /// A stored response as this query sends it: its flow cut to the field mask.
+    /// A stored response as this query sends it: its flow with its joined trace id, cut to the
+    /// field mask.
     pub fn out(&self, resp: &GetFlowsResponse) -> GetFlowsResponse {
+        let rejoined = self.traces.as_ref().and_then(|t| t.rejoined(resp));
+        let resp = rejoined.as_ref().unwrap_or(resp);
         match &resp.response_types {
             Some(ResponseTypes::Flow(f)) if !self.mask.is_empty() => GetFlowsResponse {
                 response_types: Some(ResponseTypes::Flow(self.mask.apply(f))),

@@ -38,7 +38,7 @@ fn batch(first_seq: u64, events: Vec<GetFlowsResponse>) -> PushRequest {
 
 /// Pushes `batches` as agent `agent` on `node`; returns the Welcome and the last acknowledgement
 /// (the collector sends it once everything is stored, after the agent closes its side).
-async fn push(
+pub(super) async fn push(
     ch: Channel,
     agent: &str,
     node: &str,

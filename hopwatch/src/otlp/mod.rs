@@ -100,7 +100,7 @@ async fn run(hub: Arc<Hub>, mut client: TraceServiceClient<Channel>, stop: Cance
         }],
         ..GetFlowsRequest::default()
     };
-    let query = Query::new(&req).expect("a follow of L7 flows is a valid query");
+    let query = Query::joined(req, &hub.traces).expect("a follow of L7 flows is a valid query");
     tokio::spawn(query::run(hub, query, tx));
     let mut merger = Merger::default();
     let mut totals = Totals::default();

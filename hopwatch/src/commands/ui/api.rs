@@ -203,7 +203,7 @@ fn timestamp(ns: u64) -> prost_types::Timestamp {
 
 /// The flow responses a (non-following) `GetFlows` request gets, oldest first.
 async fn fetch(hub: &Arc<Hub>, req: &GetFlowsRequest) -> Result<Vec<GetFlowsResponse>, ApiError> {
-    let q = Query::new(req).map_err(ApiError::Query)?;
+    let q = Query::joined(req.clone(), &hub.traces).map_err(ApiError::Query)?;
     let (tx, mut rx) = mpsc::channel(QUERY_QUEUE);
     tokio::spawn(query::run(hub.clone(), q, tx));
     let mut out = Vec::new();
@@ -399,7 +399,7 @@ async fn follow(
     let p = params(raw.as_deref())?;
     let (whitelist, blacklist) = filters(&p.filters)?;
     let req = GetFlowsRequest { follow: true, whitelist, blacklist, ..GetFlowsRequest::default() };
-    let q = Query::new(&req).map_err(ApiError::Query)?;
+    let q = Query::joined(req, &hub.traces).map_err(ApiError::Query)?;
     let (tx, rx) = mpsc::channel(QUERY_QUEUE);
     // The query ends when the browser goes: the stream (and `rx`) is dropped, `tx` closes.
     tokio::spawn(query::run(hub, q, tx));
