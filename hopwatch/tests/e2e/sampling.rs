@@ -26,19 +26,33 @@ const REQUESTS: u64 = 3000;
 const FAIL_EVERY: u64 = 100;
 const SAMPLE: u64 = 10;
 
-/// An HTTP/1.1 keep-alive server: 500 for `/fail`, 200 otherwise (after 20 ms for `/slow`), no
-/// answer for `/hang` (the connection is closed), each response in one write (a header write then
-/// a body write waits on delayed ACKs); prints `ready`.
+/// An HTTP/1.1 keep-alive server, a thread per connection: 500 for `/fail`, 200 otherwise
+/// (after 20 ms for `/slow`), no answer for `/hang` (the connection is closed), each response in
+/// one write (a header write then a body write waits on delayed ACKs); prints `ready`. Given a
+/// backend (argv 3 and 4), it is a front instead: each request is passed on to the backend over
+/// the thread's own keep-alive connection, then answered 200.
 const SERVER: &str = r#"
-import sys, socket, time
+import sys, socket, threading, time
+backend = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 4 else None
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(8)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
+def status(path, up):
+    if up is not None:
+        up.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: backend\r\n\r\n")
+        got = b""
+        while not got.endswith(b"\r\n\r\nx"):
+            got += up.recv(65536)
+        return b"200 OK"
+    if path == b"/slow":
+        time.sleep(0.02)
+    return b"500 Internal Server Error" if path == b"/fail" else b"200 OK"
+def serve(c):
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    up = socket.create_connection(backend) if backend else None
+    if up is not None:
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = b""
     while True:
         data = c.recv(65536)
@@ -51,13 +65,14 @@ while True:
             if path == b"/hang":
                 data = b""
                 break
-            if path == b"/slow":
-                time.sleep(0.02)
-            code = b"500 Internal Server Error" if path == b"/fail" else b"200 OK"
-            c.sendall(b"HTTP/1.1 " + code + b"\r\nContent-Length: 1\r\n\r\nx")
+            c.sendall(b"HTTP/1.1 " + status(path, up) + b"\r\nContent-Length: 1\r\n\r\nx")
         if not data:
             break
     c.close()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
 /// `n` requests on one keep-alive connection, every `fail`th to `/fail`; prints the count of
@@ -96,40 +111,6 @@ fn start_python(tb: &mut Testbed, pod: &Pod, script: &str, args: &[&str]) {
     tb.adopt(server);
 }
 
-/// A thread-per-connection HTTP/1.1 front: each request it reads is passed on to a backend
-/// (argv 3 and 4) over the thread's own keep-alive connection, then answered 200; prints
-/// `ready`.
-const FRONT: &str = r#"
-import sys, socket, threading
-backend = (sys.argv[3], int(sys.argv[4]))
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(8)
-def serve(c):
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    b = socket.create_connection(backend)
-    b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = b""
-    while True:
-        data = c.recv(65536)
-        if not data:
-            break
-        buf += data
-        while b"\r\n\r\n" in buf:
-            head, buf = buf.split(b"\r\n\r\n", 1)
-            b.sendall(b"GET " + head.split(b" ")[1] + b" HTTP/1.1\r\nHost: backend\r\n\r\n")
-            answer = b""
-            while not answer.endswith(b"\r\n\r\nx"):
-                answer += b.recv(65536)
-            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
-    c.close()
-    b.close()
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
 const FRONT_PORT: u16 = 18_182;
 
 #[test]
@@ -258,7 +239,7 @@ fn a_sampled_request_s_calls_are_recorded_with_it_and_no_others() {
         &backend.ip.to_string(),
         &PORT.to_string(),
     ];
-    start_python(&mut tb, &front, FRONT, &front_args.map(String::as_str));
+    start_python(&mut tb, &front, SERVER, &front_args.map(String::as_str));
     let started = Instant::now();
     let no_failures = (REQUESTS + 1).to_string();
     let out = client.exec(&[
