@@ -16,7 +16,7 @@ use super::{
     BenchOptions,
     load::{LoadResult, pgbench, wrk},
     report::{Report, Target},
-    servers::{Agent, PORT, TLS_PORT, ThreadCost},
+    servers::{Agent, PORT, PROXY_PORT, TLS_PORT, ThreadCost},
 };
 use crate::say;
 
@@ -63,6 +63,8 @@ impl Mode {
 /// One load generator against one server; `run(seconds)`.
 pub struct Load<'a> {
     pub name: &'static str,
+    /// Hops each request crosses (each end counts one exchange per hop).
+    pub hops: f64,
     pub run: Box<dyn Fn(u32) -> Result<LoadResult> + 'a>,
 }
 
@@ -71,20 +73,30 @@ pub fn loads<'a>(opts: &'a BenchOptions, dir: &'a Path) -> Vec<Load<'a>> {
     vec![
         Load {
             name: "HTTP keep-alive (wrk → nginx)",
+            hops: 1.0,
             run: Box::new(move |s| wrk(&format!("http://127.0.0.1:{PORT}/"), s, c, &[])),
         },
         Load {
+            name: "HTTP keep-alive through a proxy (wrk → nginx → nginx upstream, keep-alive)",
+            hops: 2.0,
+            run: Box::new(move |s| wrk(&format!("http://127.0.0.1:{PROXY_PORT}/"), s, c, &[])),
+        },
+        Load {
             name: "HTTPS keep-alive (wrk → nginx, TLS 1.3)",
+            hops: 1.0,
             run: Box::new(move |s| wrk(&format!("https://127.0.0.1:{TLS_PORT}/"), s, c, &[])),
         },
         Load {
             name: "connection churn (wrk → nginx, `Connection: close`)",
+            hops: 1.0,
             run: Box::new(move |s| {
                 wrk(&format!("http://127.0.0.1:{PORT}/"), s, c, &["Connection: close"])
             }),
         },
         Load {
-            name: "pgbench -S → PostgreSQL", run: Box::new(move |s| pgbench(s, c.min(8), dir))
+            name: "pgbench -S → PostgreSQL",
+            hops: 1.0,
+            run: Box::new(move |s| pgbench(s, c.min(8), dir)),
         },
     ]
 }
@@ -199,7 +211,7 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
                 samples.push((mode, s));
             }
         }
-        figures(load.name, &samples, report)?;
+        figures(load, &samples, report)?;
         let programs = kernel_programs(bin, load, opts.seconds)
             .with_context(|| format!("{}: kernel program run times", load.name))?;
         program_figures(load.name, &programs, report);
@@ -220,7 +232,8 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
     Ok(())
 }
 
-fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) -> Result<()> {
+fn figures(load: &Load<'_>, samples: &[(Mode, Sample)], report: &mut Report) -> Result<()> {
+    let name = load.name;
     let of = |mode: Mode, f: &dyn Fn(&Sample) -> f64| median(&per_round(samples, mode, f));
     let base = per_round(samples, Mode::Off, &|s| s.load.rps);
     let base_p99 = per_round(samples, Mode::Off, &|s| s.load.p99_ms);
@@ -289,13 +302,14 @@ fn figures(name: &'static str, samples: &[(Mode, Sample)], report: &mut Report) 
             None,
         );
         if mode != Mode::Tcp {
-            // Exactness: each end's count against the requests the load generator completed (a
-            // few more at the server: requests in flight when it stopped were answered).
+            // Exactness: each end's count against the requests the load generator completed
+            // times the hops each crosses (a few more at the server: requests in flight when
+            // it stopped were answered).
             for (i, end) in ["client", "server"].into_iter().enumerate() {
                 report.add_rounds(
                     "3 exactness",
                     format!("{name}: exchanges counted at the {end} end / requests, {label}"),
-                    &per_round(samples, mode, &|s| per_req(s.by_end[i], s) * 100.0),
+                    &per_round(samples, mode, &|s| per_req(s.by_end[i], s) / load.hops * 100.0),
                     "%",
                     None,
                 );

@@ -16,6 +16,8 @@ use crate::check;
 pub const NETNS: &str = "hwbench";
 pub const PORT: u16 = 18080;
 pub const TLS_PORT: u16 = 18443;
+/// nginx proxying to itself on [`PORT`] over keep-alive upstream connections.
+pub const PROXY_PORT: u16 = 18081;
 pub const PG_PORT: u16 = 15432;
 
 pub fn tempdir(prefix: &str) -> Result<PathBuf> {
@@ -84,8 +86,8 @@ fn wait_listening(port: u16, what: &str, log: &Path) -> Result<()> {
     }
 }
 
-/// nginx in the bench namespace: plain HTTP on [`PORT`], HTTPS (a self-signed certificate made
-/// for the run) on [`TLS_PORT`]; stopped (by PID) on drop.
+/// nginx in the bench namespace: plain HTTP on [`PORT`], a proxy to that on [`PROXY_PORT`],
+/// HTTPS (a self-signed certificate made for the run) on [`TLS_PORT`]; stopped (by PID) on drop.
 pub struct Nginx {
     child: Child,
     dir: PathBuf,
@@ -117,6 +119,9 @@ impl Nginx {
                    client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};\n\
                    uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
                    server {{ listen 127.0.0.1:{PORT}; location / {{ return 200 'hopwatch bench\\n'; }} }}\n\
+                   upstream self {{ server 127.0.0.1:{PORT}; keepalive 64; }}\n\
+                   server {{ listen 127.0.0.1:{PROXY_PORT}; location / {{ proxy_pass http://self; \
+                 proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
                    server {{ listen 127.0.0.1:{TLS_PORT} ssl; ssl_certificate {cert}; \
                  ssl_certificate_key {key};\n\
                      location / {{ return 200 'hopwatch bench\\n'; }} }} }}\n",
