@@ -159,6 +159,24 @@ pub fn apply(flow: &Flow, at_ns: u64, cx: &mut Context, table: &mut HopTable) ->
     }
 }
 
+/// The exchanges of socket `cookie` counted while its hop was unknown, into `key`'s `side`.
+fn settle_awaiting(
+    cx: &mut Context,
+    table: &mut HopTable,
+    cookie: u64,
+    key: &HopKey,
+    side: Side,
+    at_ns: u64,
+) {
+    if let Some(w) = cx.awaiting.remove(&cookie) {
+        let (s, _) = table.side_mut(key, side, w.last_ns.max(at_ns));
+        s.requests += w.requests;
+        s.errors += w.errors;
+        s.timeouts += w.timeouts;
+        s.latency.merge(&w.latency);
+    }
+}
+
 /// `l7.protocol` of the flow of a TLS handshake.
 const TLS_PROTOCOL: &str = "tls";
 
@@ -179,13 +197,7 @@ fn apply_l7(
             cx.exchange_sockets.clear();
         }
         cx.exchange_sockets.insert(flow.socket_cookie, (key.clone(), side));
-        if let Some(w) = cx.awaiting.remove(&flow.socket_cookie) {
-            let (s, _) = table.side_mut(key, side, w.last_ns.max(at_ns));
-            s.requests += w.requests;
-            s.errors += w.errors;
-            s.timeouts += w.timeouts;
-            s.latency.merge(&w.latency);
-        }
+        settle_awaiting(cx, table, flow.socket_cookie, key, side, at_ns);
     }
     if l7.protocol == TLS_PROTOCOL && flow.tls_handshake.is_some() {
         // A handshake, not an exchange: its own histogram and failures.
@@ -257,9 +269,10 @@ fn apply_tcp(
         SocketEvent::Update => cx.ledger.report(&node_name, cookie, key, side, totals, at_ns),
         SocketEvent::Close => {
             cx.exchange_sockets.remove(&cookie);
-            if let Some(w) = cx.awaiting.remove(&cookie) {
-                cx.exchanges_without_hop += w.requests;
-            }
+            // Exchanges counted before any exchange flow of the socket named its hop (those
+            // flows can be held a while, e.g. by the tracer): the connection's own flow names
+            // it now.
+            settle_awaiting(cx, table, cookie, key, side, at_ns);
             cx.ledger.close(&node_name, cookie, totals)
         }
         SocketEvent::ConnectFailed => {

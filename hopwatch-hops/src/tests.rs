@@ -71,8 +71,15 @@ fn exchanges_measured_in_the_kernel_count_on_the_hop_of_their_socket() {
     assert_eq!((r.requests, r.errors, r.timeouts), (100, 2, 1));
     let lat = r.client_latency.unwrap();
     assert_eq!((lat.count, lat.max_ns), (99, 100 * MS), "an unanswered one has no latency");
-    // Socket 8 closed without any exchange flow naming its hop: its exchange is counted apart.
-    a.observe(&tcp(APP, DB, T0 + 2 * MS, SocketEvent::Close, 8, TcpStats::default()), T0);
+    // Socket 8 closed before any exchange flow named its hop (the tracer may hold them): its
+    // close names it.
+    let totals = TcpStats { bytes_sent: 100, ..TcpStats::default() };
+    a.observe(&tcp(APP, DB, T0 + 2 * MS, SocketEvent::Close, 8, totals), T0);
+    assert_eq!(only_row(&a).requests, 101);
+    assert_eq!(a.context().exchanges_without_hop, 0);
+    // Socket 9's hop never became known: once stale, its exchange is counted apart.
+    a.observe_exchange(9, Some(MS), false, T0 + 3 * MS);
+    a.sweep(T0 + 3 * MS + 600 * S);
     assert_eq!(a.context().exchanges_without_hop, 1);
 }
 
