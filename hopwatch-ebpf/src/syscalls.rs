@@ -20,8 +20,8 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 use hopwatch_common::{
-    AF_INET, AF_INET6, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
-    PROTO_IGNORED, PROTO_TLS,
+    AF_INET, AF_INET6, Counter, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP, IPPROTO_UDP, PROTO_IGNORED,
+    PROTO_TLS,
 };
 
 use crate::{

@@ -190,14 +190,21 @@ fn filters() -> Vec<(&'static str, Vec<FlowFilter>)> {
     ]
 }
 
+/// Reads a history query to its end; a collector (or the ClickHouse behind it) that does not
+/// answer within a minute fails the test rather than hanging it.
 pub(crate) async fn history(url: &str, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
-    let mut c = client(url).await.expect("connect to the collector");
-    let mut s = c.get_flows(req).await.expect("GetFlows").into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await.expect("flow stream") {
-        out.push(r);
-    }
-    out
+    let read = async {
+        let mut c = client(url).await.expect("connect to the collector");
+        let mut s = c.get_flows(req).await.expect("GetFlows").into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = s.message().await.expect("flow stream") {
+            out.push(r);
+        }
+        out
+    };
+    tokio::time::timeout(Duration::from_mins(1), read)
+        .await
+        .unwrap_or_else(|_| panic!("GetFlows history from {url} did not end within 60 s"))
 }
 
 pub(crate) fn uuids(resps: &[GetFlowsResponse]) -> Vec<String> {

@@ -77,10 +77,19 @@ impl ZooKeeper {
         zk
     }
 
+    /// One `ruok`, bounded: a JVM that has bound its port but not yet started serving accepts
+    /// the connection and says nothing.
     fn ruok(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return false;
+        };
         let mut answer = String::new();
-        s.write_all(b"ruok").is_ok() && s.read_to_string(&mut answer).is_ok() && answer == "imok"
+        s.set_read_timeout(Some(Duration::from_secs(2))).is_ok()
+            && s.set_write_timeout(Some(Duration::from_secs(2))).is_ok()
+            && s.write_all(b"ruok").is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer == "imok"
     }
 }
 

@@ -69,7 +69,10 @@ async fn drain_and_stop(
     .await;
     stop.cancel();
     for l in links {
-        l.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .expect("an agent link still running 30 s after it was stopped")
+            .unwrap();
     }
 }
 
