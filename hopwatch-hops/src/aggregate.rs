@@ -12,9 +12,12 @@
 
 use std::sync::Arc;
 
-use hopwatch_proto::flow::{
-    Flow, FlowType, SocketEvent, TcpStats, TrafficDirection, Verdict, layer4::Protocol,
-    layer7::Record,
+use hopwatch_proto::{
+    compact::Compact as _,
+    flow::{
+        Flow, FlowType, SocketEvent, TcpStats, TrafficDirection, Verdict, layer4::Protocol,
+        layer7::Record,
+    },
 };
 
 use super::{
@@ -83,6 +86,14 @@ impl Context {
             keep
         });
         self.exchanges_without_hop += lost;
+        self.awaiting.compact();
+        self.exchange_sockets.compact();
+    }
+
+    /// The socket `cookie` of `node` closed without its CLOSE flow.
+    pub(crate) fn forget_socket(&mut self, node: &Arc<str>, cookie: u64) {
+        self.exchange_sockets.remove(&cookie);
+        self.ledger.forget(node, cookie);
     }
 
     /// The hop and side the socket `cookie`'s exchanges count on, once one of its exchange flows

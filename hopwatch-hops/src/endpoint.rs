@@ -14,7 +14,10 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use hopwatch_proto::flow::{Endpoint, Flow, Process};
+use hopwatch_proto::{
+    compact::Compact as _,
+    flow::{Endpoint, Flow, Process},
+};
 
 use super::{FastMap, FastSet};
 
@@ -178,6 +181,9 @@ impl Resolver {
     /// Forgets names nothing refers to any more (after hops were evicted).
     pub fn sweep(&mut self) {
         self.names.retain(|a| Arc::strong_count(a) > 1);
+        self.names.compact();
+        self.servers.compact();
+        self.clients.compact();
     }
 
     /// Distinct names held.

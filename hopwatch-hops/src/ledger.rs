@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use hopwatch_proto::compact::Compact as _;
+
 use super::{FastMap, HopKey, stats::Side};
 
 /// Sockets tracked at most; past this new connections are not tracked (their final totals are
@@ -110,6 +112,14 @@ impl Ledger {
         }
     }
 
+    /// The connection closed without its CLOSE reaching the agent (lost): no longer open, and
+    /// nothing more is counted for it (its final totals went with the CLOSE).
+    pub fn forget(&mut self, node: &Arc<str>, cookie: u64) {
+        if let Some(s) = self.sockets.remove(&(node.clone(), cookie)) {
+            self.forget_open(&s);
+        }
+    }
+
     fn forget_open(&mut self, s: &Socket) {
         let k = (s.hop.clone(), s.side);
         if let Some(n) = self.open.get_mut(&k) {
@@ -138,7 +148,8 @@ impl Ledger {
         Side::BOTH.iter().any(|s| self.open_on(hop, *s) > 0)
     }
 
-    /// Forgets sockets silent since before `now_ns - FORGET_AFTER_NS`.
+    /// Forgets sockets silent since before `now_ns - FORGET_AFTER_NS`, and gives back the room
+    /// of sockets gone (after a burst of connections).
     pub fn sweep(&mut self, now_ns: u64) {
         let cutoff = now_ns.saturating_sub(FORGET_AFTER_NS);
         let stale: Vec<(Arc<str>, u64)> = self
@@ -152,6 +163,8 @@ impl Ledger {
                 self.forget_open(&s);
             }
         }
+        self.sockets.compact();
+        self.open.compact();
     }
 
     /// Sockets tracked.

@@ -160,6 +160,15 @@ impl Aggregator {
         outcome
     }
 
+    /// The sockets `cookies` of `node` closed without their CLOSE flows (lost): they no longer
+    /// count as open connections.
+    pub fn forget_sockets(&mut self, node: &str, cookies: &[u64]) {
+        let node = self.cx.resolver.intern(node);
+        for &cookie in cookies {
+            self.cx.forget_socket(&node, cookie);
+        }
+    }
+
     /// Adds one exchange measured in the kernel (no flow) on socket `cookie`; `now_ns` is ns
     /// since the epoch.
     pub fn observe_exchange(

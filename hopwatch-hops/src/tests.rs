@@ -124,6 +124,20 @@ fn connection_totals_become_increments_and_open_connections_are_counted() {
 }
 
 #[test]
+fn a_connection_whose_close_was_lost_is_no_longer_open_once_forgotten() {
+    let mut a = agg();
+    let st = |sent| TcpStats { bytes_sent: sent, ..TcpStats::default() };
+    a.observe(&tcp(APP, DB, T0, SocketEvent::Connect, 7, st(0)), T0);
+    a.observe(&tcp(APP, DB, T0, SocketEvent::Connect, 8, st(0)), T0);
+    a.observe(&tcp(APP, DB, T0 + S, SocketEvent::Update, 7, st(500)), T0);
+    assert_eq!(only_row(&a).open_connections, 2);
+    let node = tcp(APP, DB, T0, SocketEvent::Connect, 7, st(0)).node_name;
+    a.forget_sockets(&node, &[7, 99]);
+    let r = only_row(&a);
+    assert_eq!((r.open_connections, r.bytes_to_server), (1, 500), "counted once, not again");
+}
+
+#[test]
 fn failed_connects_by_cause() {
     let mut a = agg();
     for (i, cause) in ["ECONNREFUSED", "ECONNREFUSED", "ETIMEDOUT"].iter().enumerate() {

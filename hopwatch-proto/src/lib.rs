@@ -2,15 +2,16 @@
 //! packages with hopwatch's fields, and hopwatch's own ingest API), their protobuf-JSON form,
 //! and what every end of the gRPC APIs shares: [`tls`] (TLS and mutual TLS, server addresses),
 //! [`clock`] (wall-clock time and civil dates), [`signal`] (SIGINT/SIGTERM), [`backoff`]
-//! (reconnect delays) and [`lost`] (the `LostEvent` notice every loss turns into). Flow
-//! accessors that several crates read (ports, L7 protocol, latency) are methods on
-//! [`flow::Flow`] ([`accessors`]).
+//! (reconnect delays), [`compact`] (tables giving back room they no longer use) and [`lost`]
+//! (the `LostEvent` notice every loss turns into). Flow accessors that several crates read
+//! (ports, L7 protocol, latency) are methods on [`flow::Flow`] ([`accessors`]).
 
 #![forbid(unsafe_code)]
 
 pub mod accessors;
 pub mod backoff;
 pub mod clock;
+pub mod compact;
 pub mod lost;
 pub mod signal;
 pub mod tls;

@@ -8,6 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use hopwatch_common::{ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple};
+use hopwatch_proto::compact::Compact as _;
 use rustc_hash::FxHashMap;
 
 use crate::events::{addrs, comm};
@@ -192,6 +193,28 @@ impl ConnTable {
             .find(|c| !loopback || netns == 0 || c.netns == netns)
     }
 
+    /// Gives back the room of connections gone (after a burst of them).
+    pub(crate) fn compact(&mut self) {
+        self.conns.compact();
+        self.by_addr.compact();
+    }
+
+    /// Drops the connections not seen since `before_ns` (monotonic) that `alive` says the kernel
+    /// no longer has: their close was among the events the kernel could not hand over (a full
+    /// ring buffer). Returns their cookies.
+    pub(crate) fn forget_gone(&mut self, before_ns: u64, alive: impl Fn(u64) -> bool) -> Vec<u64> {
+        let gone: Vec<u64> = self
+            .conns
+            .values()
+            .filter(|c| c.last_seen_ns < before_ns && !alive(c.cookie))
+            .map(|c| c.cookie)
+            .collect();
+        for cookie in &gone {
+            self.remove(*cookie);
+        }
+        gone
+    }
+
     /// Drops connections not seen since `before_ns` (monotonic); returns how many.
     pub(crate) fn sweep(&mut self, before_ns: u64) -> usize {
         let stale: Vec<u64> =
@@ -296,5 +319,20 @@ mod tests {
         assert_eq!(t.sweep(4), 0);
         assert_eq!(t.sweep(6), 1);
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn forgets_only_quiet_connections_the_kernel_no_longer_has() {
+        let mut t = ConnTable::new(10);
+        for (cookie, port, at) in [(1, 40000, 5), (2, 40001, 5), (3, 40002, 50)] {
+            let mut ev = event(TcpOp::Connected, cookie, ROLE_CLIENT, (A, port), (B, 80));
+            ev.header.timestamp_ns = at;
+            t.apply(&ev);
+        }
+        // 1: gone from the kernel and quiet; 2: still in the kernel; 3: gone, but just seen.
+        let gone = t.forget_gone(10, |cookie| cookie == 2);
+        assert_eq!(gone, [1]);
+        assert!(t.get(1).is_none() && t.get(2).is_some() && t.get(3).is_some());
+        assert!(t.find(SocketAddr::from((A, 40000)), SocketAddr::from((B, 80)), 0).is_none());
     }
 }

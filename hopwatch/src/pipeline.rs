@@ -8,7 +8,10 @@ use hopwatch_common::{
     CALLER_NGINX, DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES,
     PROTO_REDIS, PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest, exchange::sample_key,
 };
-use hopwatch_proto::flow::{Flow, TrafficDirection, layer4, layer7::Record};
+use hopwatch_proto::{
+    compact::Compact as _,
+    flow::{Flow, TrafficDirection, layer4, layer7::Record},
+};
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
 pub use crate::l7::CountedExchange;
@@ -28,6 +31,9 @@ use crate::{
 const CONN_TABLE_CAPACITY: usize = 262_144;
 /// A connection silent this long is forgotten (long-lived ones report every update interval).
 const CONN_IDLE_FORGET: Duration = Duration::from_hours(1);
+/// A connection the kernel no longer has is forgotten once quiet this long (its last events may
+/// still be on their way).
+const GONE_AFTER: Duration = Duration::from_secs(1);
 /// How often idle connections and unanswered requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often the TLS and set-up tables drop sockets the connection table forgot.
@@ -116,6 +122,8 @@ pub struct PipelineOptions {
 pub struct PipelineCounters {
     /// Connections not tracked because the connection table was full.
     pub conn_table_overflow: u64,
+    /// Connections forgotten because their close was lost (the kernel no longer had them).
+    pub conn_closes_lost: u64,
     /// Connections whose protocol the parsers do not handle (reported at L4 only).
     pub l7_unparsed_connections: u64,
     /// L7 sessions not tracked because too many were open.
@@ -146,6 +154,8 @@ pub struct Pipeline {
     options: PipelineOptions,
     last_sweep_ns: u64,
     last_tls_sweep_ns: u64,
+    /// Connections forgotten because the kernel no longer had them ([`Pipeline::forget_gone`]).
+    forgotten_gone: u64,
 }
 
 impl Pipeline {
@@ -167,6 +177,7 @@ impl Pipeline {
             options,
             last_sweep_ns: Clock::monotonic_now_ns(),
             last_tls_sweep_ns: Clock::monotonic_now_ns(),
+            forgotten_gone: 0,
         }
     }
 
@@ -184,6 +195,7 @@ impl Pipeline {
     pub fn counters(&self) -> PipelineCounters {
         PipelineCounters {
             conn_table_overflow: self.table.overflow,
+            conn_closes_lost: self.forgotten_gone,
             l7_unparsed_connections: self.l7.stats.unparsed_connections,
             l7_sessions_overflow: self.l7.stats.sessions_overflow,
             l7_fast_unparsed: self.l7.stats.fast_unparsed,
@@ -316,6 +328,7 @@ impl Pipeline {
         let from = out.len();
         self.last_sweep_ns = now_ns;
         self.table.sweep(now_ns.saturating_sub(nanos(CONN_IDLE_FORGET)));
+        self.compact();
         if now_ns.saturating_sub(self.last_tls_sweep_ns) >= nanos(TLS_SWEEP_EVERY) {
             self.last_tls_sweep_ns = now_ns;
             let table = &self.table;
@@ -329,6 +342,42 @@ impl Pipeline {
         self.l7_flows(closed, out);
         self.tracer.expire(now_ns, out);
         self.identity.process(out, from);
+    }
+
+    /// Forgets the connections whose close the agent never saw (lost with a full ring buffer):
+    /// those not seen for a second that `alive` (a lookup in the kernel's connection map) says
+    /// are gone. Their unanswered requests are reported as such. Returns their cookies, for the
+    /// hops (no longer open; their final counters went with the lost close).
+    pub fn forget_gone(
+        &mut self,
+        now_ns: u64,
+        alive: impl Fn(u64) -> bool,
+        out: &mut Vec<Flow>,
+    ) -> Vec<u64> {
+        let from = out.len();
+        let gone = self.table.forget_gone(now_ns.saturating_sub(nanos(GONE_AFTER)), alive);
+        for &cookie in &gone {
+            self.setups.on_close(cookie);
+            let _ = self.tls.close(cookie, false, now_ns);
+            let unanswered = self.l7.close(cookie);
+            self.l7_flows(unanswered, out);
+        }
+        self.forgotten_gone += gone.len() as u64;
+        self.identity.process(out, from);
+        gone
+    }
+
+    /// Gives back the room tables no longer use after a burst of connections or requests (a
+    /// hash table keeps the capacity of its fullest moment).
+    fn compact(&mut self) {
+        self.table.compact();
+        self.l7.compact();
+        self.tls.compact();
+        self.setups.compact();
+        self.tracer.compact();
+        self.identity.compact();
+        self.parent_keys.compact();
+        self.counted.compact();
     }
 
     fn l7_flows(

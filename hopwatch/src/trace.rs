@@ -21,7 +21,10 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use hopwatch_proto::flow::{Flow, Span, TraceContext, TraceParent};
+use hopwatch_proto::{
+    compact::Compact as _,
+    flow::{Flow, Span, TraceContext, TraceParent},
+};
 use rustc_hash::FxHashMap;
 
 /// Spans whose flows are held at most (beyond, new ones pass through unlinked, counted).
@@ -110,6 +113,18 @@ pub(crate) struct Tracer {
 }
 
 impl Tracer {
+    /// Gives back the room of spans and ids gone (after a burst of requests).
+    pub(crate) fn compact(&mut self) {
+        self.held.compact();
+        self.held_order.compact();
+        self.waiting.compact();
+        self.resolved.compact();
+        self.resolved_order.compact();
+        self.keys.compact();
+        self.keys_order.compact();
+        self.carriers.compact();
+    }
+
     pub(crate) fn new(hold_ns: u64) -> Self {
         Self {
             held: FxHashMap::default(),

@@ -27,7 +27,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hopwatch_proto::flow::{Flow, FlowType, SocketEvent, TrafficDirection, layer4::Protocol};
+use hopwatch_proto::{
+    compact::Compact as _,
+    flow::{Flow, FlowType, SocketEvent, TrafficDirection, layer4::Protocol},
+};
 use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "docker")]
@@ -415,6 +418,15 @@ impl Identity {
     }
 
     /// Releases held flows whose translation and cgroups are known, or who waited [`HOLD`].
+    /// Gives back the room of connections gone (after a burst of them).
+    pub fn compact(&mut self) {
+        let h = &mut self.holding;
+        h.known.compact();
+        h.held.compact();
+        h.closed.compact();
+        self.ready.compact();
+    }
+
     pub fn release(&mut self, out: &mut Vec<Flow>) {
         let now = Instant::now();
         let mut ready = self.holding.release(self.cgroups.as_ref(), now);

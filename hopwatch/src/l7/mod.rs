@@ -13,6 +13,7 @@ use hopwatch_common::{
     DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_SYSCALL, SRC_TLS, ThreadRequest, Tuple,
     exchange::{EXCH_F_SERVER, EXCH_F_UNANSWERED, ExchangeEvent, Promotion},
 };
+use hopwatch_proto::compact::Compact as _;
 use rustc_hash::FxHashMap;
 
 use self::session::{Exchange, MessageParser, Session};
@@ -186,6 +187,14 @@ impl<P: MessageParser> L7Tracker<P> {
             promotions: Vec::new(),
             stats: TrackerStats::default(),
         }
+    }
+
+    /// Gives back the room of sessions gone (after a burst of connections).
+    pub(crate) fn compact(&mut self) {
+        self.sessions.compact();
+        self.closed.compact();
+        self.closed_order.compact();
+        self.closing.compact();
     }
 
     /// Promote connections to the kernel's exchange engine from now on.

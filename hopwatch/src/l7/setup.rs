@@ -5,7 +5,7 @@
 
 use std::{collections::VecDeque, net::IpAddr};
 
-use hopwatch_proto::flow::ConnectionSetup;
+use hopwatch_proto::{compact::Compact as _, flow::ConnectionSetup};
 use rustc_hash::FxHashMap;
 
 /// Client connections waiting for their first answered exchange, at most.
@@ -39,6 +39,13 @@ pub(crate) struct SetupTracker {
 }
 
 impl SetupTracker {
+    /// Gives back the room of connections gone.
+    pub(crate) fn compact(&mut self) {
+        self.pending.compact();
+        self.answers.compact();
+        self.order.compact();
+    }
+
     /// A client connection was established: SYN sent at `start_ns`, `connect_ns` later.
     pub(crate) fn on_connect(
         &mut self,

@@ -6,7 +6,7 @@
 //! first TLS record is client → server at that socket, whichever end it is.
 
 use hopwatch_common::{DIR_EGRESS, DIR_INGRESS, DataEvent};
-use hopwatch_proto::flow::TlsHandshake;
+use hopwatch_proto::{compact::Compact as _, flow::TlsHandshake};
 use hopwatch_protocols::tls::{Dir, Handshake, Outcome};
 use rustc_hash::FxHashMap;
 
@@ -49,6 +49,12 @@ pub(crate) struct TlsTracker {
 }
 
 impl TlsTracker {
+    /// Gives back the room of handshakes and connections gone.
+    pub(crate) fn compact(&mut self) {
+        self.open.compact();
+        self.outcomes.compact();
+    }
+
     /// One TLS record event of the kernel; the handshake's outcome when this completes it.
     pub(crate) fn on_data(&mut self, ev: &DataEvent, payload: &[u8]) -> Option<Done> {
         let cookie = ev.header.socket_cookie;

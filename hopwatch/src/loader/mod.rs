@@ -4,6 +4,7 @@
 //! no tc filter is installed, so a crashed agent leaves nothing behind.
 
 pub(crate) mod btf;
+pub(crate) mod conns;
 pub(crate) mod exchange;
 pub(crate) mod nginx;
 pub(crate) mod offsets;

@@ -110,7 +110,9 @@ fn totals(r: &Registry) -> Result<[Totals; 11], prometheus::Error> {
             "hopwatch_hop_state_events_total",
             "Hop table events: observations counted in the overflow hop (series limit), \
                  hops evicted as stale, exchanges measured in the kernel whose socket's hop \
-                 never became known (exchanges_without_hop).",
+                 never became known (exchanges_without_hop), connections forgotten because \
+                 their close was lost with a full ring buffer and the kernel no longer had them \
+                 (closes_lost).",
             "event",
         ),
         (
@@ -341,6 +343,11 @@ impl Health {
         self.tables_full.set("l7_sessions", l7_sessions);
         self.parse_failures.set("l7_connection", unparsed_connections);
         self.parse_failures.set("l7_kernel_exchange", kernel_exchanges);
+    }
+
+    /// Running total of connections forgotten because their close was lost.
+    pub(crate) fn closes_lost(&self, total: u64) {
+        self.hop_overflow.set("closes_lost", total);
     }
 
     /// Running totals of request tracing's links.

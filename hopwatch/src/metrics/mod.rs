@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 12],
+    pipeline: [AtomicU64; 13],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -229,6 +229,16 @@ impl Telemetry {
         }
     }
 
+    /// Sockets whose close was lost: no longer open in the hops.
+    pub(crate) fn forget_sockets(&self, node: &str, cookies: &[u64]) {
+        let Some(i) = &self.inner else { return };
+        if cookies.is_empty() {
+            return;
+        }
+        let mut hops = i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        hops.forget_sockets(node, cookies);
+    }
+
     /// The event reader is alive (called on every loop, with the pipeline's running totals).
     /// Its first loop also makes the agent ready: the programs are attached and their events
     /// are being read.
@@ -238,6 +248,7 @@ impl Telemetry {
             i.ready.store(true, Ordering::Relaxed);
             let PipelineCounters {
                 conn_table_overflow,
+                conn_closes_lost,
                 l7_unparsed_connections,
                 l7_sessions_overflow,
                 l7_fast_unparsed,
@@ -246,6 +257,7 @@ impl Telemetry {
             } = counters;
             for (slot, v) in i.pipeline.iter().zip([
                 conn_table_overflow,
+                conn_closes_lost,
                 l7_sessions_overflow,
                 l7_unparsed_connections,
                 l7_fast_unparsed,
@@ -368,6 +380,7 @@ impl Telemetry {
         }
         let [
             conn_table,
+            closes_lost,
             l7_sessions,
             unparsed,
             fast_unparsed,
@@ -382,6 +395,7 @@ impl Telemetry {
         ] = i.pipeline.each_ref().map(|a| a.load(Ordering::Relaxed));
         i.health.tables_full(conn_table, l7_sessions, unparsed, fast_unparsed);
         i.health.tls_handshakes_full(tls_handshakes);
+        i.health.closes_lost(closes_lost);
         i.health.trace_links(crate::trace::TracerStats {
             linked_thread,
             linked_header,

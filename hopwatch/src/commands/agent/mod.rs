@@ -144,6 +144,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let exchange_maps = (!args.no_kernel_exchanges && l7_hook == Some(loader::L7Hook::Socket))
         .then(|| loader::exchange::ExchangeMaps::take(&mut ebpf))
         .flatten();
+    let gone = loader::conns::KernelConns::open(&ebpf).map(GoneCheck::new);
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
@@ -169,6 +170,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
             policy: RecordPolicy::new(&args.l7_flows),
             exchange: exchange_maps,
             recorder,
+            gone,
         },
         tx.clone(),
         stats.clone(),
@@ -442,6 +444,48 @@ struct Stages {
     /// The kernel's exchange engine, unless --no-kernel-exchanges.
     exchange: Option<crate::loader::exchange::ExchangeMaps>,
     recorder: Option<crate::recording::Recorder>,
+    /// Finds the connections whose close was lost.
+    gone: Option<GoneCheck>,
+}
+
+/// After the kernel lost events (and now and then regardless), the connections the kernel no
+/// longer tracks are forgotten: a lost close would otherwise keep its connection, and its room,
+/// for an hour.
+struct GoneCheck {
+    conns: loader::conns::KernelConns,
+    lost_seen: u64,
+    last_ns: u64,
+}
+
+impl GoneCheck {
+    /// Soonest check after a loss, and the longest time between checks.
+    const AFTER_LOSS: Duration = Duration::from_secs(5);
+    const EVERY: Duration = Duration::from_mins(5);
+
+    fn new(conns: loader::conns::KernelConns) -> Self {
+        Self { conns, lost_seen: 0, last_ns: Clock::monotonic_now_ns() }
+    }
+
+    fn run(
+        &mut self,
+        pipeline: &mut Pipeline,
+        stats: &PipelineStats,
+        flows: &mut Vec<hopwatch_proto::flow::Flow>,
+    ) {
+        let now = Clock::monotonic_now_ns();
+        let since = Duration::from_nanos(now.saturating_sub(self.last_ns));
+        let lost = stats.losses.total(Loss::KernelRingBuffer);
+        if !((lost > self.lost_seen && since >= Self::AFTER_LOSS) || since >= Self::EVERY) {
+            return;
+        }
+        self.lost_seen = lost;
+        self.last_ns = now;
+        let gone = pipeline.forget_gone(now, |cookie| self.conns.tracks(cookie), flows);
+        if !gone.is_empty() {
+            stats.metrics.forget_sockets(&pipeline.builder().node_name, &gone);
+            tracing::info!(connections = gone.len(), "forgot connections whose close was lost");
+        }
+    }
 }
 
 /// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
@@ -479,6 +523,9 @@ fn drain(
     stats.read.fetch_add(n as u64, Ordering::Relaxed);
     count_exchanges(stages, stats);
     stages.pipeline.tick(Clock::monotonic_now_ns(), flows);
+    if let Some(g) = stages.gone.as_mut() {
+        g.run(&mut stages.pipeline, stats, flows);
+    }
     ship(flows, stages, now_ns, tx, stats);
     let not_recorded = stages.policy.not_recorded();
     if not_recorded != stats.not_recorded.swap(not_recorded, Ordering::Relaxed) {
