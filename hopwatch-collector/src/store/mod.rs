@@ -1,6 +1,8 @@
 //! The flow store: every event the collector accepted, in release order, each with an index
-//! (0, 1, 2, ...). The newest `memory_flows` are in a memory ring; with a data directory, all of
-//! them are also in the on-disk history ([`disk`]) until retention removes them.
+//! (0, 1, 2, ...). The newest `memory_flows` are in a memory ring, encoded (a few hundred bytes
+//! each, where a decoded flow takes over a kilobyte) and decoded when read; with a data
+//! directory, all of them are also in the on-disk history ([`disk`]) until retention removes
+//! them.
 //!
 //! One writer ([`StoreWriter`], owned by the merge stage) appends; any number of readers take
 //! chunks by index range. Readers learn about new entries through a `watch` of the end index.
@@ -18,6 +20,7 @@ use std::{
 };
 
 use hopwatch_proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes};
+use prost::Message as _;
 use tokio::sync::watch;
 
 use self::{
@@ -78,7 +81,28 @@ pub fn entry_time_ns(resp: &GetFlowsResponse) -> i64 {
 struct Ring {
     /// Index of `entries[0]`.
     first: u64,
-    entries: VecDeque<Arc<Stored>>,
+    entries: VecDeque<Encoded>,
+}
+
+/// An entry in the memory ring: its time and its protobuf encoding (shared, so a reader takes
+/// it without copying and decodes it outside the ring's lock).
+#[derive(Clone)]
+struct Encoded {
+    time_ns: i64,
+    bytes: bytes::Bytes,
+}
+
+/// Entries read from the ring, decoded (outside its lock), the first being `first`.
+fn decoded(first: u64, encoded: Vec<Encoded>) -> Vec<Arc<Stored>> {
+    encoded
+        .into_iter()
+        .zip(first..)
+        .map(|(e, index)| {
+            let resp = GetFlowsResponse::decode(e.bytes)
+                .expect("the ring holds what the store itself encoded");
+            Arc::new(Stored { index, time_ns: e.time_ns, resp })
+        })
+        .collect()
 }
 
 /// A run of consecutive entries handed to a reader.
@@ -237,8 +261,11 @@ impl FlowStore {
                 let hi = usize::try_from(stop.saturating_sub(ring.first))
                     .unwrap_or(usize::MAX)
                     .min(ring.entries.len());
-                let entries = ring.entries.range(lo.min(hi)..hi).cloned().collect();
-                return Chunk::Entries { start: from, entries };
+                let lo = lo.min(hi);
+                let (first, encoded) =
+                    (ring.first + lo as u64, ring.entries.range(lo..hi).cloned().collect());
+                drop(ring);
+                return Chunk::Entries { start: from, entries: decoded(first, encoded) };
             }
         }
         let ring_first = self.ring.read().expect("ring lock").first;
@@ -268,8 +295,10 @@ impl FlowStore {
                     .unwrap_or(usize::MAX)
                     .min(ring.entries.len());
                 let lo = usize::try_from(from - ring.first).unwrap_or(usize::MAX).min(hi);
-                let entries = ring.entries.range(lo..hi).cloned().collect();
-                return Chunk::Entries { start: ring.first + lo as u64, entries };
+                let (first, encoded) =
+                    (ring.first + lo as u64, ring.entries.range(lo..hi).cloned().collect());
+                drop(ring);
+                return Chunk::Entries { start: first, entries: decoded(first, encoded) };
             }
         }
         self.disk_chunk(before.saturating_sub(1), before, false, block_ok)
@@ -386,15 +415,22 @@ impl StoreWriter {
     ) -> Result<(), StoreError> {
         let n = entries.len() as u64;
         let first = self.next_index;
+        let mut encoded = Vec::with_capacity(entries.len());
         for e in entries.iter_mut() {
             let stored =
                 Arc::get_mut(&mut e.entry).expect("entries are not shared before they are stored");
             stored.index = self.next_index;
-            if let Some(d) = &mut self.disk {
-                let prepared =
-                    e.prepared.take().unwrap_or_else(|| record::Prepared::of(&stored.resp));
-                d.append(self.next_index, stored.time_ns, &prepared);
-            }
+            // The ring keeps the encoding: the history's when it has one, else made now.
+            let bytes = match &mut self.disk {
+                Some(d) => {
+                    let prepared =
+                        e.prepared.take().unwrap_or_else(|| record::Prepared::of(&stored.resp));
+                    d.append(self.next_index, stored.time_ns, &prepared);
+                    prepared.encoded
+                }
+                None => stored.resp.encode_to_vec(),
+            };
+            encoded.push(Encoded { time_ns: stored.time_ns, bytes: bytes.into() });
             self.next_index += 1;
         }
         // Visible in memory before the disk write: readers may see an entry an instant before
@@ -402,9 +438,10 @@ impl StoreWriter {
         if let Some(sink) = &self.sink {
             sink.offer(entries.iter().map(|e| e.entry.clone()));
         }
+        entries.clear();
         {
             let mut ring = self.store.ring.write().expect("ring lock");
-            ring.entries.extend(entries.drain(..).map(|e| e.entry));
+            ring.entries.extend(encoded);
             let excess = ring.entries.len().saturating_sub(self.store.memory_cap);
             ring.entries.drain(..excess);
             ring.first += excess as u64;
