@@ -62,29 +62,7 @@ fn a_tiny_ring_buffer_overflows_counted_exactly_and_does_not_stall() {
         report.connected
     );
     assert!(t.class("close") <= report.connected);
-    // Closes lost with the events are not connections left open: once the kernel's connection
-    // map no longer has them, the agent forgets them (counted) and the hops say none is open.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = agent.scrape();
-        let open: u64 = PORTS
-            .iter()
-            .map(|p| {
-                m.count("hopwatch_hop_open_connections", &[("destination_port", &p.to_string())])
-            })
-            .sum();
-        let forgotten = m.count("hopwatch_hop_state_events_total", &[("event", "closes_lost")]);
-        if open == 0 && forgotten > 0 {
-            eprintln!("{forgotten} connections whose close was lost were forgotten; none open");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{open} connections still open on the burst's ports 20 s after it, {forgotten} \
-             forgotten for a lost close"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    lost_closes_are_forgotten(&agent, &PORTS);
     // The same count through the collector's API, as `hopwatch observe` shows it (both streams
     // get every notice; more may come from the host meanwhile, so until they agree).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -130,4 +108,30 @@ fn a_tiny_ring_buffer_overflows_counted_exactly_and_does_not_stall() {
     settle_and_check(&agent);
     let took = stop_and_check_summary(&mut agent);
     assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
+}
+
+/// Closes lost with the events are not connections left open: once the kernel's connection map
+/// no longer has them, the agent forgets them (counted) and the hops say none is open.
+fn lost_closes_are_forgotten(agent: &CountingAgent, ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = agent.scrape();
+        let open: u64 = ports
+            .iter()
+            .map(|p| {
+                m.count("hopwatch_hop_open_connections", &[("destination_port", &p.to_string())])
+            })
+            .sum();
+        let forgotten = m.count("hopwatch_hop_state_events_total", &[("event", "closes_lost")]);
+        if open == 0 && forgotten > 0 {
+            eprintln!("{forgotten} connections whose close was lost were forgotten; none open");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} connections still open on the burst's ports 20 s after it, {forgotten} \
+             forgotten for a lost close"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
