@@ -90,10 +90,15 @@ impl Context {
         self.exchange_sockets.compact();
     }
 
-    /// The socket `cookie` of `node` closed without its CLOSE flow.
-    pub(crate) fn forget_socket(&mut self, node: &Arc<str>, cookie: u64) {
-        self.exchange_sockets.remove(&cookie);
-        self.ledger.forget(node, cookie);
+    /// See [`crate::Aggregator::forget_gone_sockets`].
+    pub(crate) fn forget_gone_sockets(
+        &mut self,
+        node: &Arc<str>,
+        before_ns: u64,
+        alive: impl Fn(u64) -> bool,
+    ) -> usize {
+        self.exchange_sockets.retain(|cookie, _| alive(*cookie));
+        self.ledger.forget_gone(node, before_ns, alive)
     }
 
     /// The hop and side the socket `cookie`'s exchanges count on, once one of its exchange flows

@@ -120,6 +120,26 @@ impl Ledger {
         }
     }
 
+    /// Forgets the sockets of `node` quiet since before `before_ns` that `alive` says are gone
+    /// (closed without their CLOSE reaching the agent); returns how many.
+    pub fn forget_gone(
+        &mut self,
+        node: &Arc<str>,
+        before_ns: u64,
+        alive: impl Fn(u64) -> bool,
+    ) -> usize {
+        let gone: Vec<u64> = self
+            .sockets
+            .iter()
+            .filter(|((n, cookie), s)| n == node && s.last_seen_ns < before_ns && !alive(*cookie))
+            .map(|((_, cookie), _)| *cookie)
+            .collect();
+        for &cookie in &gone {
+            self.forget(node, cookie);
+        }
+        gone.len()
+    }
+
     fn forget_open(&mut self, s: &Socket) {
         let k = (s.hop.clone(), s.side);
         if let Some(n) = self.open.get_mut(&k) {

@@ -160,13 +160,17 @@ impl Aggregator {
         outcome
     }
 
-    /// The sockets `cookies` of `node` closed without their CLOSE flows (lost): they no longer
-    /// count as open connections.
-    pub fn forget_sockets(&mut self, node: &str, cookies: &[u64]) {
+    /// The sockets of `node` quiet since before `before_ns` (ns since the epoch) that `alive`
+    /// says are gone closed without their CLOSE flows (lost): they no longer count as open
+    /// connections. Returns how many.
+    pub fn forget_gone_sockets(
+        &mut self,
+        node: &str,
+        before_ns: u64,
+        alive: impl Fn(u64) -> bool,
+    ) -> usize {
         let node = self.cx.resolver.intern(node);
-        for &cookie in cookies {
-            self.cx.forget_socket(&node, cookie);
-        }
+        self.cx.forget_gone_sockets(&node, before_ns, alive)
     }
 
     /// Adds one exchange measured in the kernel (no flow) on socket `cookie`; `now_ns` is ns

@@ -229,14 +229,13 @@ impl Telemetry {
         }
     }
 
-    /// Sockets whose close was lost: no longer open in the hops.
-    pub(crate) fn forget_sockets(&self, node: &str, cookies: &[u64]) {
-        let Some(i) = &self.inner else { return };
-        if cookies.is_empty() {
-            return;
-        }
+    /// The hops' open sockets of `node` quiet for a second that `alive` says are gone (their
+    /// close was lost) are no longer open; returns how many.
+    pub(crate) fn forget_gone_sockets(&self, node: &str, alive: impl Fn(u64) -> bool) -> usize {
+        let Some(i) = &self.inner else { return 0 };
+        let before = wall_now_ns().saturating_sub(1_000_000_000);
         let mut hops = i.hops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        hops.forget_sockets(node, cookies);
+        hops.forget_gone_sockets(node, before, alive)
     }
 
     /// The event reader is alive (called on every loop, with the pipeline's running totals).

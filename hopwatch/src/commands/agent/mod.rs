@@ -455,6 +455,8 @@ struct GoneCheck {
     conns: loader::conns::KernelConns,
     lost_seen: u64,
     last_ns: u64,
+    /// The last check forgot something.
+    found: bool,
 }
 
 impl GoneCheck {
@@ -463,7 +465,7 @@ impl GoneCheck {
     const EVERY: Duration = Duration::from_mins(5);
 
     fn new(conns: loader::conns::KernelConns) -> Self {
-        Self { conns, lost_seen: 0, last_ns: Clock::monotonic_now_ns() }
+        Self { conns, lost_seen: 0, last_ns: Clock::monotonic_now_ns(), found: false }
     }
 
     fn run(
@@ -475,15 +477,21 @@ impl GoneCheck {
         let now = Clock::monotonic_now_ns();
         let since = Duration::from_nanos(now.saturating_sub(self.last_ns));
         let lost = stats.losses.total(Loss::KernelRingBuffer);
-        if !((lost > self.lost_seen && since >= Self::AFTER_LOSS) || since >= Self::EVERY) {
+        // Again after a check that found some: flows of those connections may still have been
+        // on their way (held for their names) and opened them anew in the hops.
+        let again = self.found && since >= Self::AFTER_LOSS;
+        if !((lost > self.lost_seen && since >= Self::AFTER_LOSS) || again || since >= Self::EVERY)
+        {
             return;
         }
         self.lost_seen = lost;
         self.last_ns = now;
-        let gone = pipeline.forget_gone(now, |cookie| self.conns.tracks(cookie), flows);
-        if !gone.is_empty() {
-            stats.metrics.forget_sockets(&pipeline.builder().node_name, &gone);
-            tracing::info!(connections = gone.len(), "forgot connections whose close was lost");
+        let alive = |cookie| self.conns.tracks(cookie);
+        let gone = pipeline.forget_gone(now, alive, flows).len();
+        let in_hops = stats.metrics.forget_gone_sockets(&pipeline.builder().node_name, alive);
+        self.found = gone + in_hops > 0;
+        if self.found {
+            tracing::info!(connections = gone, in_hops, "forgot connections whose close was lost");
         }
     }
 }
