@@ -203,26 +203,21 @@ impl ConnTable {
     /// no longer has: their close was among the events the kernel could not hand over (a full
     /// ring buffer). Returns their cookies.
     pub(crate) fn forget_gone(&mut self, before_ns: u64, alive: impl Fn(u64) -> bool) -> Vec<u64> {
-        let gone: Vec<u64> = self
-            .conns
-            .values()
-            .filter(|c| c.last_seen_ns < before_ns && !alive(c.cookie))
-            .map(|c| c.cookie)
-            .collect();
-        for cookie in &gone {
-            self.remove(*cookie);
-        }
-        gone
+        self.remove_where(|c| c.last_seen_ns < before_ns && !alive(c.cookie))
     }
 
     /// Drops connections not seen since `before_ns` (monotonic); returns how many.
     pub(crate) fn sweep(&mut self, before_ns: u64) -> usize {
-        let stale: Vec<u64> =
-            self.conns.values().filter(|c| c.last_seen_ns < before_ns).map(|c| c.cookie).collect();
-        for cookie in &stale {
+        self.remove_where(|c| c.last_seen_ns < before_ns).len()
+    }
+
+    /// Removes the connections `pick` selects; returns their cookies.
+    fn remove_where(&mut self, pick: impl Fn(&Conn) -> bool) -> Vec<u64> {
+        let picked: Vec<u64> = self.conns.values().filter(|c| pick(c)).map(|c| c.cookie).collect();
+        for cookie in &picked {
             self.remove(*cookie);
         }
-        stale.len()
+        picked
     }
 }
 

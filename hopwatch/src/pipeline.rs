@@ -346,14 +346,13 @@ impl Pipeline {
 
     /// Forgets the connections whose close the agent never saw (lost with a full ring buffer):
     /// those not seen for a second that `alive` (a lookup in the kernel's connection map) says
-    /// are gone. Their unanswered requests are reported as such. Returns their cookies, for the
-    /// hops (no longer open; their final counters went with the lost close).
+    /// are gone. Their unanswered requests are reported as such. Returns how many.
     pub fn forget_gone(
         &mut self,
         now_ns: u64,
         alive: impl Fn(u64) -> bool,
         out: &mut Vec<Flow>,
-    ) -> Vec<u64> {
+    ) -> usize {
         let from = out.len();
         let gone = self.table.forget_gone(now_ns.saturating_sub(nanos(GONE_AFTER)), alive);
         for &cookie in &gone {
@@ -364,7 +363,7 @@ impl Pipeline {
         }
         self.forgotten_gone += gone.len() as u64;
         self.identity.process(out, from);
-        gone
+        gone.len()
     }
 
     /// Gives back the room tables no longer use after a burst of connections or requests (a

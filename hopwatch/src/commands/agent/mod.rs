@@ -21,6 +21,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
 mod args;
+mod gone;
 
 pub(super) use self::args::AgentArgs;
 use crate::{
@@ -144,7 +145,7 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let exchange_maps = (!args.no_kernel_exchanges && l7_hook == Some(loader::L7Hook::Socket))
         .then(|| loader::exchange::ExchangeMaps::take(&mut ebpf))
         .flatten();
-    let gone = loader::conns::KernelConns::open(&ebpf).map(GoneCheck::new);
+    let gone = loader::conns::KernelConns::open(&ebpf).map(gone::GoneCheck::new);
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
     let sink = crate::sink::start(&args.sink, &node_name).await?;
@@ -445,55 +446,7 @@ struct Stages {
     exchange: Option<crate::loader::exchange::ExchangeMaps>,
     recorder: Option<crate::recording::Recorder>,
     /// Finds the connections whose close was lost.
-    gone: Option<GoneCheck>,
-}
-
-/// After the kernel lost events (and now and then regardless), the connections the kernel no
-/// longer tracks are forgotten: a lost close would otherwise keep its connection, and its room,
-/// for an hour.
-struct GoneCheck {
-    conns: loader::conns::KernelConns,
-    lost_seen: u64,
-    last_ns: u64,
-    /// The last check forgot something.
-    found: bool,
-}
-
-impl GoneCheck {
-    /// Soonest check after a loss, and the longest time between checks.
-    const AFTER_LOSS: Duration = Duration::from_secs(5);
-    const EVERY: Duration = Duration::from_mins(5);
-
-    fn new(conns: loader::conns::KernelConns) -> Self {
-        Self { conns, lost_seen: 0, last_ns: Clock::monotonic_now_ns(), found: false }
-    }
-
-    fn run(
-        &mut self,
-        pipeline: &mut Pipeline,
-        stats: &PipelineStats,
-        flows: &mut Vec<hopwatch_proto::flow::Flow>,
-    ) {
-        let now = Clock::monotonic_now_ns();
-        let since = Duration::from_nanos(now.saturating_sub(self.last_ns));
-        let lost = stats.losses.total(Loss::KernelRingBuffer);
-        // Again after a check that found some: flows of those connections may still have been
-        // on their way (held for their names) and opened them anew in the hops.
-        let again = self.found && since >= Self::AFTER_LOSS;
-        if !((lost > self.lost_seen && since >= Self::AFTER_LOSS) || again || since >= Self::EVERY)
-        {
-            return;
-        }
-        self.lost_seen = lost;
-        self.last_ns = now;
-        let alive = |cookie| self.conns.tracks(cookie);
-        let gone = pipeline.forget_gone(now, alive, flows).len();
-        let in_hops = stats.metrics.forget_gone_sockets(&pipeline.builder().node_name, alive);
-        self.found = gone + in_hops > 0;
-        if self.found {
-            tracing::info!(connections = gone, in_hops, "forgot connections whose close was lost");
-        }
-    }
+    gone: Option<gone::GoneCheck>,
 }
 
 /// Reads what waits in the ring buffer (at most `max` records) through the pipeline, then does
