@@ -5,7 +5,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -13,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod stages;
 mod vm;
 
 /// LLVM major version of the nightly rustc that builds the kernel programs; bpf-linker must be
@@ -325,8 +325,8 @@ fn run(task: Task) -> Result<()> {
             say(
                 "collector and compatibility tests (collector processes, a real agent, a Python gRPC client)",
             );
-            within(
-                COLLECTOR_STAGE_LIMIT,
+            stages::within(
+                stages::COLLECTOR_STAGE_LIMIT,
                 Command::new(env!("CARGO")).current_dir(workspace_root()).args([
                     "test",
                     "-p",
@@ -343,8 +343,8 @@ fn run(task: Task) -> Result<()> {
             let mut args =
                 vec!["test", "-p", "hopwatch", "--test", "e2e", "--", "--test-threads=1"];
             args.extend(filter.iter().map(String::as_str));
-            within(
-                E2E_STAGE_LIMIT,
+            stages::within(
+                stages::E2E_STAGE_LIMIT,
                 Command::new(env!("CARGO")).current_dir(workspace_root()).args(&args),
             )?;
             if filter.is_empty() {
@@ -353,8 +353,8 @@ fn run(task: Task) -> Result<()> {
                 let mut args = vec!["test", "-p", "hopwatch", "--test", "e2e", "--"];
                 args.extend(SYSCALL_PATH_TESTS);
                 args.push("--test-threads=1");
-                within(
-                    SYSCALL_STAGE_LIMIT,
+                stages::within(
+                    stages::SYSCALL_STAGE_LIMIT,
                     Command::new(env!("CARGO"))
                         .args(&args)
                         .current_dir(workspace_root())
@@ -451,60 +451,6 @@ fn check(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed ({status})");
     }
     Ok(())
-}
-
-/// How long each test stage may take, its build included (several times what it takes on a
-/// 2-core machine: the e2e tests run in about 7 min, the collector tests in 1): a test that hangs fails its stage with a message instead of using up a CI
-/// run's time without saying where.
-const COLLECTOR_STAGE_LIMIT: Duration = Duration::from_mins(20);
-const E2E_STAGE_LIMIT: Duration = Duration::from_mins(30);
-const SYSCALL_STAGE_LIMIT: Duration = Duration::from_mins(15);
-
-/// [`check`], but killed (with every process it started) after `limit`. The command stays in
-/// this terminal's process group, so Ctrl-C still reaches it.
-fn within(limit: Duration, cmd: &mut Command) -> Result<()> {
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().context("cannot wait for a test stage")? {
-            if !status.success() {
-                bail!("{cmd:?} failed ({status})");
-            }
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let mut pids = descendants(child.id());
-            pids.push(child.id());
-            for pid in pids {
-                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            }
-            let _ = child.wait();
-            bail!(
-                "{cmd:?} did not finish within {} min and was killed: the test it was running is \
-                 the last `test … ` line above",
-                limit.as_secs() / 60
-            );
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// Every process below `pid` (children first listed, then theirs), from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
-    }
-    out
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -715,41 +661,4 @@ fn tracefs() -> Result<()> {
     }
     say(&format!("mounting tracefs at {TRACEFS}"));
     check(Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stage_past_its_limit_is_killed_with_everything_it_started() {
-        let started = Instant::now();
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "sleep 30 & echo $! > \"$0\"; sleep 30"]);
-        let pidfile = tempfile_path();
-        cmd.arg(&pidfile);
-        let err = within(Duration::from_secs(1), &mut cmd).expect_err("the stage overran");
-        assert!(err.to_string().contains("did not finish within"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(10), "killed at its limit");
-        let grandchild =
-            std::fs::read_to_string(&pidfile).expect("the shell wrote its child's pid");
-        let _ = std::fs::remove_file(&pidfile);
-        let state = std::fs::read_to_string(format!("/proc/{}/stat", grandchild.trim()));
-        // Gone, or a zombie waiting for init to reap it.
-        assert!(
-            state.is_err() || state.unwrap().contains(") Z "),
-            "the background sleep was killed"
-        );
-    }
-
-    #[test]
-    fn a_stage_within_its_limit_passes_its_status_through() {
-        within(Duration::from_secs(10), &mut Command::new("true")).expect("true succeeds");
-        let err = within(Duration::from_secs(10), &mut Command::new("false")).unwrap_err();
-        assert!(err.to_string().contains("failed"), "{err}");
-    }
-
-    fn tempfile_path() -> PathBuf {
-        std::env::temp_dir().join(format!("xtask-within-{}", std::process::id()))
-    }
 }
