@@ -402,16 +402,19 @@ fn a_thread_per_request_server_links_every_call_to_its_request_at_any_concurrenc
                 });
             }
         });
+        let of_round = |k: &str| keys.iter().any(|x| x == k);
         let requests = |f: &Value| {
             exchange("http", "EGRESS", &t.client, &t.app_pod, |h| {
-                s(h, &["url"]).contains("/work?key=thr")
+                s(h, &["url"]).rsplit_once("/work?key=").is_some_and(|(_, k)| of_round(k))
             })(f)
         };
         let gets = |f: &Value| {
             exchange("redis", "EGRESS", &t.app_pod, &t.cache, |r| s(r, &["command"]) == "GET")(f)
-                && f["l7"]["redis"]["args"][0].as_str().is_some_and(|k| keys.iter().any(|x| x == k))
+                && f["l7"]["redis"]["args"][0].as_str().is_some_and(of_round)
         };
+        // Both: a request's flow ends with its response, after the call made for it.
         agent.wait_for_n(&format!("the {concurrency} GETs"), WAIT, concurrency, gets);
+        agent.wait_for_n(&format!("the {concurrency} requests"), WAIT, concurrency, requests);
         let flows = agent.flows();
         let redis_key =
             |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
