@@ -5,11 +5,15 @@
 //! carries no process, and a connection between two namespaces on this node shows up as two
 //! sockets whose processes each flow can name.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::hash_map::Entry,
+    hash::{Hash as _, Hasher as _},
+    net::{IpAddr, SocketAddr},
+};
 
 use hopwatch_common::{ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple};
 use hopwatch_proto::compact::Compact as _;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::events::{addrs, comm};
 
@@ -83,8 +87,12 @@ impl Conn {
 pub(crate) struct ConnTable {
     // Keyed by kernel socket cookies and addresses the kernel reported: a fast non-keyed hash.
     conns: FxHashMap<u64, Conn>,
-    /// (local, remote) → cookies; more than one when namespaces reuse addresses (loopback).
-    by_addr: FxHashMap<(SocketAddr, SocketAddr), Vec<u64>>,
+    /// The address index: a hash of (local, remote) → a cookie, and in `more_by_addr` any
+    /// others with the same hash (namespaces reusing addresses, loopback; or a collision).
+    /// Lookups compare the connection's own addresses. 16 bytes a connection, not the 88 of an
+    /// index keyed by the addresses themselves (which at 200k sockets was about 25 MiB).
+    by_addr: FxHashMap<u64, u64>,
+    more_by_addr: FxHashMap<u64, Vec<u64>>,
     capacity: usize,
     /// Connections not tracked because the table was full.
     pub overflow: u64,
@@ -93,7 +101,13 @@ pub(crate) struct ConnTable {
 impl ConnTable {
     #[must_use]
     pub(crate) fn new(capacity: usize) -> Self {
-        Self { conns: FxHashMap::default(), by_addr: FxHashMap::default(), capacity, overflow: 0 }
+        Self {
+            conns: FxHashMap::default(),
+            by_addr: FxHashMap::default(),
+            more_by_addr: FxHashMap::default(),
+            capacity,
+            overflow: 0,
+        }
     }
 
     #[cfg(test)]
@@ -155,22 +169,33 @@ impl ConnTable {
             self.overflow += 1;
             return;
         }
-        let key = (conn.local, conn.remote);
-        let cookies = self.by_addr.entry(key).or_default();
-        if !cookies.contains(&conn.cookie) {
-            cookies.push(conn.cookie);
+        // A socket connected anew (after a failed connect) is indexed by its new addresses.
+        self.remove(conn.cookie);
+        let (key, cookie) = (addr_key(conn.local, conn.remote), conn.cookie);
+        match self.by_addr.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert(cookie);
+            }
+            Entry::Occupied(_) => self.more_by_addr.entry(key).or_default().push(cookie),
         }
-        self.conns.insert(conn.cookie, conn);
+        self.conns.insert(cookie, conn);
     }
 
     fn remove(&mut self, cookie: u64) -> Option<Conn> {
         let conn = self.conns.remove(&cookie)?;
-        let key = (conn.local, conn.remote);
-        if let Some(cookies) = self.by_addr.get_mut(&key) {
-            cookies.retain(|c| *c != cookie);
-            if cookies.is_empty() {
-                self.by_addr.remove(&key);
-            }
+        let key = addr_key(conn.local, conn.remote);
+        let more = self.more_by_addr.get_mut(&key);
+        if self.by_addr.get(&key) == Some(&cookie) {
+            // The first goes: one of the others (if any) takes its place.
+            match more.and_then(Vec::pop) {
+                Some(next) => self.by_addr.insert(key, next),
+                None => self.by_addr.remove(&key),
+            };
+        } else if let Some(others) = more {
+            others.retain(|c| *c != cookie);
+        }
+        if self.more_by_addr.get(&key).is_some_and(Vec::is_empty) {
+            self.more_by_addr.remove(&key);
         }
         Some(conn)
     }
@@ -185,18 +210,20 @@ impl ConnTable {
     /// only matched within `netns` (every namespace has its own 127.0.0.1).
     #[must_use]
     pub(crate) fn find(&self, local: SocketAddr, remote: SocketAddr, netns: u32) -> Option<&Conn> {
-        let cookies = self.by_addr.get(&(local, remote))?;
+        let key = addr_key(local, remote);
+        let first = self.by_addr.get(&key)?;
+        let others = self.more_by_addr.get(&key).map_or(&[][..], Vec::as_slice);
         let loopback = is_loopback(local.ip());
-        cookies
-            .iter()
-            .filter_map(|c| self.conns.get(c))
-            .find(|c| !loopback || netns == 0 || c.netns == netns)
+        std::iter::once(first).chain(others).filter_map(|c| self.conns.get(c)).find(|c| {
+            c.local == local && c.remote == remote && (!loopback || netns == 0 || c.netns == netns)
+        })
     }
 
     /// Gives back the room of connections gone (after a burst of them).
     pub(crate) fn compact(&mut self) {
         self.conns.compact();
         self.by_addr.compact();
+        self.more_by_addr.compact();
     }
 
     /// Drops the connections not seen since `before_ns` (monotonic) that `alive` says the kernel
@@ -224,6 +251,13 @@ impl ConnTable {
 fn trim_nul(raw: &[u8; 16]) -> &[u8] {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     &raw[..end]
+}
+
+/// The address index's key for a (local, remote) pair.
+fn addr_key(local: SocketAddr, remote: SocketAddr) -> u64 {
+    let mut h = FxHasher::default();
+    (local, remote).hash(&mut h);
+    h.finish()
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -329,5 +363,30 @@ mod tests {
         assert_eq!(gone, [1]);
         assert!(t.get(1).is_none() && t.get(2).is_some() && t.get(3).is_some());
         assert!(t.find(SocketAddr::from((A, 40000)), SocketAddr::from((B, 80)), 0).is_none());
+    }
+
+    #[test]
+    fn finds_each_namespace_s_socket_among_those_sharing_addresses() {
+        const LO: [u8; 4] = [127, 0, 0, 1];
+        let (local, remote) = (SocketAddr::from((LO, 40000)), SocketAddr::from((LO, 80)));
+        let mut t = ConnTable::new(10);
+        for (cookie, netns) in [(1, 7), (2, 8), (3, 9)] {
+            let mut ev = event(TcpOp::Connected, cookie, ROLE_CLIENT, (LO, 40000), (LO, 80));
+            ev.tuple.netns = netns;
+            t.apply(&ev);
+        }
+        let in_ns = |t: &ConnTable, netns| t.find(local, remote, netns).map(|c| c.cookie);
+        assert_eq!((in_ns(&t, 7), in_ns(&t, 8), in_ns(&t, 9)), (Some(1), Some(2), Some(3)));
+        // The first indexed goes; the others stay found, each in its own namespace.
+        t.apply(&event(TcpOp::Closed, 1, ROLE_CLIENT, (LO, 40000), (LO, 80)));
+        assert_eq!((in_ns(&t, 7), in_ns(&t, 8), in_ns(&t, 9)), (None, Some(2), Some(3)));
+        t.apply(&event(TcpOp::Closed, 3, ROLE_CLIENT, (LO, 40000), (LO, 80)));
+        assert_eq!((in_ns(&t, 8), in_ns(&t, 9)), (Some(2), None));
+        // A socket that connects anew (after a failed connect) is found by its new addresses.
+        t.apply(&event(TcpOp::Connected, 2, ROLE_CLIENT, (A, 40001), (B, 80)));
+        assert_eq!(in_ns(&t, 8), None);
+        let moved = t.find(SocketAddr::from((A, 40001)), SocketAddr::from((B, 80)), 0);
+        assert_eq!(moved.map(|c| c.cookie), Some(2));
+        assert!(t.by_addr.len() == 1 && t.more_by_addr.is_empty(), "the index holds no leftovers");
     }
 }
