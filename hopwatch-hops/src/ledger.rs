@@ -42,19 +42,36 @@ impl TcpTotals {
     }
 }
 
+/// One socket: 48 bytes. Its hop and the node it is on are slots in the ledger's tables, not
+/// keys of their own (at 200k sockets, cloned keys cost about 25 MiB more).
 #[derive(Debug, Clone)]
 struct Socket {
-    hop: HopKey,
-    side: Side,
+    /// Index in [`Ledger::open`]: the (hop, side) it is open on.
+    slot: u32,
     last: TcpTotals,
     last_seen_ns: u64,
+}
+
+/// A (hop, side) with open connections.
+#[derive(Debug)]
+struct Open {
+    hop: HopKey,
+    side: Side,
+    count: u32,
 }
 
 /// Open sockets by (node, socket cookie).
 #[derive(Debug, Default)]
 pub struct Ledger {
-    sockets: FastMap<(Arc<str>, u64), Socket>,
-    open: FastMap<(HopKey, Side), u32>,
+    /// (node slot, cookie) → socket.
+    sockets: FastMap<(u32, u64), Socket>,
+    /// Nodes by slot, and their slots; a node keeps its slot (nodes are few).
+    nodes: Vec<Arc<str>>,
+    node_slots: FastMap<Arc<str>, u32>,
+    /// (hop, side) slots; a slot whose count fell to 0 is `None` and reused.
+    open: Vec<Option<Open>>,
+    open_slots: FastMap<(HopKey, Side), u32>,
+    free: Vec<u32>,
     /// Connections not tracked because [`MAX_SOCKETS`] were.
     pub untracked: u64,
 }
@@ -83,7 +100,7 @@ impl Ledger {
         totals: TcpTotals,
         at_ns: u64,
     ) -> TcpTotals {
-        let key = (node.clone(), cookie);
+        let key = (self.node_slot(node), cookie);
         if let Some(s) = self.sockets.get_mut(&key) {
             let delta = totals.since(&s.last);
             s.last = totals;
@@ -94,20 +111,16 @@ impl Ledger {
             self.untracked += 1;
             return totals;
         }
-        *self.open.entry((hop.clone(), side)).or_default() += 1;
-        self.sockets
-            .insert(key, Socket { hop: hop.clone(), side, last: totals, last_seen_ns: at_ns });
+        let slot = self.open_slot(hop, side);
+        self.sockets.insert(key, Socket { slot, last: totals, last_seen_ns: at_ns });
         totals
     }
 
     /// The connection closed; returns the increments since its previous report (everything, if
     /// it was not tracked).
     pub fn close(&mut self, node: &Arc<str>, cookie: u64, totals: TcpTotals) -> TcpTotals {
-        match self.sockets.remove(&(node.clone(), cookie)) {
-            Some(s) => {
-                self.forget_open(&s);
-                totals.since(&s.last)
-            }
+        match self.remove(node, cookie) {
+            Some(s) => totals.since(&s.last),
             None => totals,
         }
     }
@@ -115,9 +128,7 @@ impl Ledger {
     /// The connection closed without its CLOSE reaching the agent (lost): no longer open, and
     /// nothing more is counted for it (its final totals went with the CLOSE).
     pub fn forget(&mut self, node: &Arc<str>, cookie: u64) {
-        if let Some(s) = self.sockets.remove(&(node.clone(), cookie)) {
-            self.forget_open(&s);
-        }
+        self.remove(node, cookie);
     }
 
     /// Forgets the sockets of `node` quiet since before `before_ns` that `alive` says are gone
@@ -128,25 +139,67 @@ impl Ledger {
         before_ns: u64,
         alive: impl Fn(u64) -> bool,
     ) -> usize {
-        let gone: Vec<u64> = self
-            .sockets
-            .iter()
-            .filter(|((n, cookie), s)| n == node && s.last_seen_ns < before_ns && !alive(*cookie))
-            .map(|((_, cookie), _)| *cookie)
-            .collect();
-        for &cookie in &gone {
-            self.forget(node, cookie);
-        }
-        gone.len()
+        let Some(&n) = self.node_slots.get(node) else { return 0 };
+        self.remove_where(|(slot, cookie), s| {
+            slot == n && s.last_seen_ns < before_ns && !alive(cookie)
+        })
     }
 
-    fn forget_open(&mut self, s: &Socket) {
-        let k = (s.hop.clone(), s.side);
-        if let Some(n) = self.open.get_mut(&k) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.open.remove(&k);
+    fn node_slot(&mut self, node: &Arc<str>) -> u32 {
+        if let Some(&slot) = self.node_slots.get(node) {
+            return slot;
+        }
+        let slot = u32::try_from(self.nodes.len()).expect("fewer than 2^32 nodes");
+        self.nodes.push(node.clone());
+        self.node_slots.insert(node.clone(), slot);
+        slot
+    }
+
+    /// The slot of (hop, side), its count grown by one.
+    fn open_slot(&mut self, hop: &HopKey, side: Side) -> u32 {
+        if let Some(&slot) = self.open_slots.get(&(hop.clone(), side)) {
+            if let Some(o) = &mut self.open[slot as usize] {
+                o.count += 1;
             }
+            return slot;
+        }
+        let entry = Some(Open { hop: hop.clone(), side, count: 1 });
+        let slot = if let Some(slot) = self.free.pop() {
+            self.open[slot as usize] = entry;
+            slot
+        } else {
+            self.open.push(entry);
+            u32::try_from(self.open.len() - 1).expect("fewer than 2^32 hops")
+        };
+        self.open_slots.insert((hop.clone(), side), slot);
+        slot
+    }
+
+    fn remove(&mut self, node: &Arc<str>, cookie: u64) -> Option<Socket> {
+        let n = *self.node_slots.get(node)?;
+        let s = self.sockets.remove(&(n, cookie))?;
+        self.forget_open(s.slot);
+        Some(s)
+    }
+
+    /// Removes the sockets `pick` selects; returns how many.
+    fn remove_where(&mut self, pick: impl Fn((u32, u64), &Socket) -> bool) -> usize {
+        let picked: Vec<((u32, u64), u32)> =
+            self.sockets.iter().filter(|(k, s)| pick(**k, s)).map(|(k, s)| (*k, s.slot)).collect();
+        for (key, slot) in &picked {
+            self.sockets.remove(key);
+            self.forget_open(*slot);
+        }
+        picked.len()
+    }
+
+    fn forget_open(&mut self, slot: u32) {
+        let Some(o) = &mut self.open[slot as usize] else { return };
+        o.count = o.count.saturating_sub(1);
+        if o.count == 0 {
+            let o = self.open[slot as usize].take().expect("the slot just read");
+            self.open_slots.remove(&(o.hop, o.side));
+            self.free.push(slot);
         }
     }
 
@@ -154,12 +207,13 @@ impl Ledger {
     #[must_use]
     pub fn open_on(&self, hop: &HopKey, side: Side) -> u32 {
         // Borrowed lookup without cloning the key: the map is keyed by owned keys.
-        self.open.get(&(hop.clone(), side)).copied().unwrap_or(0)
+        let slot = self.open_slots.get(&(hop.clone(), side));
+        slot.and_then(|&i| self.open[i as usize].as_ref()).map_or(0, |o| o.count)
     }
 
     /// Every (hop, side) with open connections.
     pub fn open_connections(&self) -> impl Iterator<Item = (&HopKey, Side, u32)> {
-        self.open.iter().map(|((h, s), n)| (h, *s, *n))
+        self.open.iter().flatten().map(|o| (&o.hop, o.side, o.count))
     }
 
     /// Whether any connection is open on `hop`.
@@ -172,19 +226,17 @@ impl Ledger {
     /// of sockets gone (after a burst of connections).
     pub fn sweep(&mut self, now_ns: u64) {
         let cutoff = now_ns.saturating_sub(FORGET_AFTER_NS);
-        let stale: Vec<(Arc<str>, u64)> = self
-            .sockets
-            .iter()
-            .filter(|(_, s)| s.last_seen_ns < cutoff)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale {
-            if let Some(s) = self.sockets.remove(&k) {
-                self.forget_open(&s);
-            }
-        }
+        self.remove_where(|_, s| s.last_seen_ns < cutoff);
         self.sockets.compact();
+        self.open_slots.compact();
+        // The slot table shrinks from its end only (slots in use keep their index).
+        while self.open.last().is_some_and(Option::is_none) {
+            self.open.pop();
+        }
+        let len = u32::try_from(self.open.len()).unwrap_or(u32::MAX);
+        self.free.retain(|&slot| slot < len);
         self.open.compact();
+        self.free.compact();
     }
 
     /// Sockets tracked.
@@ -196,5 +248,54 @@ impl Ledger {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.sockets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EndpointId, Transport, endpoint::Kind};
+
+    fn hop(port: u32) -> HopKey {
+        let end =
+            |name: &str| EndpointId { namespace: "".into(), name: name.into(), kind: Kind::Ip };
+        HopKey {
+            source: end("10.0.0.1"),
+            destination: end("10.0.0.2"),
+            port,
+            transport: Transport::Tcp,
+        }
+    }
+
+    #[test]
+    fn counts_open_sockets_per_hop_and_side_and_reuses_the_room_of_closed_ones() {
+        let (mut l, node, other): (Ledger, Arc<str>, Arc<str>) =
+            (Ledger::default(), "n1".into(), "n2".into());
+        let t = TcpTotals::default();
+        l.open(&node, 1, &hop(80), Side::Client, t, 1);
+        l.open(&node, 2, &hop(80), Side::Client, t, 1);
+        l.open(&node, 3, &hop(80), Side::Server, t, 1);
+        l.open(&other, 1, &hop(443), Side::Client, t, 1);
+        assert_eq!(l.open_on(&hop(80), Side::Client), 2);
+        assert_eq!(l.open_on(&hop(80), Side::Server), 1);
+        assert_eq!(l.open_on(&hop(443), Side::Client), 1, "the same cookie on another node");
+        let grown = TcpTotals { bytes_sent: 10, ..t };
+        assert_eq!(l.report(&node, 1, &hop(80), Side::Client, grown, 2).bytes_sent, 10);
+        assert_eq!(l.close(&node, 1, TcpTotals { bytes_sent: 15, ..t }).bytes_sent, 5);
+        l.forget(&node, 2);
+        assert_eq!(l.open_on(&hop(80), Side::Client), 0);
+        assert!(l.has_open(&hop(80)));
+        // A hop opened after another's last socket closed takes its room.
+        l.open(&node, 4, &hop(8080), Side::Client, t, 3);
+        assert_eq!(l.open.len(), 3, "{:?}", l.open);
+        let mut open: Vec<(u32, Side, u32)> =
+            l.open_connections().map(|(h, s, n)| (h.port, s, n)).collect();
+        open.sort_by_key(|o| o.0);
+        assert_eq!(open, [(80, Side::Server, 1), (443, Side::Client, 1), (8080, Side::Client, 1)]);
+        assert_eq!(l.forget_gone(&node, 10, |cookie| cookie == 3), 1);
+        assert_eq!((l.len(), l.open_on(&hop(8080), Side::Client)), (2, 0));
+        l.sweep(FORGET_AFTER_NS + 10);
+        assert!(l.is_empty() && l.open_connections().next().is_none());
+        assert!(l.open.is_empty() && l.free.is_empty(), "the slot table shrank");
     }
 }
