@@ -107,7 +107,11 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
     let agent = Agent::start(bin, &[])?;
     std::thread::sleep(Duration::from_secs(3));
     let idle = agent.status_mib("VmRSS")?;
-    say(&format!("agent (pid {}) idle: RSS {idle:.1} MiB", agent.pid()));
+    say(&format!(
+        "agent (pid {}) idle: RSS {idle:.1} MiB: {}",
+        agent.pid(),
+        agent.rss_breakdown()?
+    ));
     report.add(section, "agent RSS idle (full L7 capture)", idle, "MiB", None);
 
     // Concurrent connections.
@@ -118,8 +122,9 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
     let conns_map = agent.metric("hopwatch_map_entries", "CONNS\"")?;
     let not_tracked = agent.metric("hopwatch_table_full_total", "")?;
     say(&format!(
-        "{n} connections open: agent RSS {held:.1} MiB; kernel CONNS map {conns_map:.0} entries; \
-         {not_tracked:.0} not tracked (table full)"
+        "{n} connections open: agent RSS {held:.1} MiB ({}); kernel CONNS map {conns_map:.0} \
+         entries; {not_tracked:.0} not tracked (table full)",
+        agent.rss_breakdown()?
     ));
     report.add(
         section,
@@ -180,8 +185,9 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
     let settled = agent.status_mib("VmRSS")?;
     let lost = agent.metric("hopwatch_lost_events_total", "")? - lost_before;
     say(&format!(
-        "{}s later: RSS {settled:.1} MiB; {lost:.0} events lost during the churn",
-        SETTLE.as_secs()
+        "{}s later: RSS {settled:.1} MiB ({}); {lost:.0} events lost during the churn",
+        SETTLE.as_secs(),
+        agent.rss_breakdown()?
     ));
     report.add(
         section,

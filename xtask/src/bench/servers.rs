@@ -329,14 +329,28 @@ impl Agent {
 
     /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`), as MiB.
     pub fn status_mib(&self, field: &str) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("reading the agent's /proc status")?;
+        self.proc_mib("status", field)
+    }
+
+    /// Where the agent's resident memory is: anonymous (of it, transparent huge pages) and
+    /// file-backed, from `/proc/PID/status` and `smaps_rollup`.
+    pub fn rss_breakdown(&self) -> Result<String> {
+        let anon = self.proc_mib("status", "RssAnon")?;
+        let file = self.proc_mib("status", "RssFile")?;
+        let huge = self.proc_mib("smaps_rollup", "AnonHugePages")?;
+        Ok(format!("{anon:.1} MiB anonymous ({huge:.1} MiB of it huge pages), {file:.1} MiB file"))
+    }
+
+    /// A `Field: N kB` line of a `/proc/PID/` file, in MiB.
+    fn proc_mib(&self, file: &str, field: &str) -> Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id()))
+            .with_context(|| format!("reading the agent's /proc {file}"))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
             .map(|kib| kib / 1024.0)
-            .with_context(|| format!("no {field} in the agent's /proc status"))
+            .with_context(|| format!("no {field} in the agent's /proc {file}"))
     }
 
     /// The agent's `/metrics` text.
