@@ -53,8 +53,10 @@ fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Application exchanges, one kind per server, each seen at both ends: the client's end waits
-/// for the request's injected [`DELAY_MS`] in netem, so its latency is at least that, and at
-/// least that more than the server's.
+/// for the request's injected [`DELAY_MS`] in netem, so its latency is at least that, and most
+/// of it more than the server's. Not all of it: the server's end lasts until its last write
+/// returns, and writing a large response (`/file`, while the client's delayed ACKs arrive) can
+/// outlast the first bytes' arrival at the client by a few ms under qemu's emulation.
 fn check_exchanges(out: &str, fail: &mut impl FnMut(String)) {
     let kinds = [
         ("HTTP", "10.0.0.2:8080", "http-response", "/file → 200", 3),
@@ -99,7 +101,7 @@ fn check_exchanges(out: &str, fail: &mut impl FnMut(String)) {
         }
         for (at_client, at_server) in &both {
             if !(DELAY_MS - 1.0..=DELAY_MS * 4.0).contains(at_client)
-                || at_client - at_server < DELAY_MS - 1.0
+                || at_client - at_server < DELAY_MS * 0.75
             {
                 fail(format!(
                     "{what}: `{summary}` took {at_client:.1} ms at the client and {at_server:.1} \
