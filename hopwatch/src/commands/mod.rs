@@ -61,6 +61,9 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    if matches!(cli.command, Command::Agent(_) | Command::Collector(_)) {
+        crate::memory::no_huge_pages();
+    }
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => rt,
