@@ -15,7 +15,7 @@ use hopwatch_common::{ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple};
 use hopwatch_proto::compact::Compact as _;
 use rustc_hash::{FxHashMap, FxHasher};
 
-use crate::events::{addrs, comm};
+use crate::events::addrs;
 
 /// Which end of the connection the traced socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,16 +29,85 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: u64,
+}
+
+/// A task's command name as the kernel keeps it (at most 15 bytes), inline: no allocation per
+/// connection or event. Bytes that are not UTF-8 are replaced, as far as the room allows.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Comm {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl Comm {
+    /// From the kernel's NUL-padded `comm`.
+    #[must_use]
+    pub fn from_raw(raw: &[u8; 16]) -> Self {
+        Self::from(String::from_utf8_lossy(trim_nul(raw)).as_ref())
+    }
+}
+
+impl From<&str> for Comm {
+    /// The longest prefix of `s` that fits, cut at a character boundary.
+    fn from(s: &str) -> Self {
+        let mut len = s.len().min(15);
+        while !s.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut bytes = [0; 15];
+        bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
+        Self { len: u8::try_from(len).unwrap_or(15), bytes }
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Built from a `&str` cut at a character boundary.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A socket address in 20 bytes: a `SocketAddr` takes 32 for an IPv6 flow label and scope that
+/// connections here never carry (at 200k sockets, 6 MiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Addr {
+    ip: IpAddr,
+    port: u16,
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(a: SocketAddr) -> Self {
+        Self { ip: a.ip(), port: a.port() }
+    }
+}
+
+impl From<Addr> for SocketAddr {
+    fn from(a: Addr) -> Self {
+        SocketAddr::new(a.ip, a.port)
+    }
 }
 
 /// A tracked connection, seen from its local socket.
 #[derive(Debug, Clone)]
 pub struct Conn {
     pub cookie: u64,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    local: Addr,
+    remote: Addr,
     pub netns: u32,
     pub role: Role,
     pub process: Option<Process>,
@@ -64,13 +133,13 @@ impl Conn {
         };
         let process = (ev.header.tgid != 0).then(|| Process {
             pid: ev.header.tgid,
-            comm: comm(&ev.comm),
+            comm: Comm::from_raw(&ev.comm),
             cgroup_id: ev.header.cgroup_id,
         });
         Some(Self {
             cookie: ev.header.socket_cookie,
-            local: SocketAddr::new(l, ev.tuple.sport),
-            remote: SocketAddr::new(r, ev.tuple.dport),
+            local: Addr { ip: l, port: ev.tuple.sport },
+            remote: Addr { ip: r, port: ev.tuple.dport },
             netns: ev.tuple.netns,
             role,
             process,
@@ -80,6 +149,18 @@ impl Conn {
                 _ => 0,
             },
         })
+    }
+
+    /// This socket's address.
+    #[must_use]
+    pub fn local(&self) -> SocketAddr {
+        self.local.into()
+    }
+
+    /// The address of the other end.
+    #[must_use]
+    pub fn remote(&self) -> SocketAddr {
+        self.remote.into()
     }
 }
 
@@ -130,10 +211,10 @@ impl ConnTable {
     ) {
         let Some(conn) = self.conns.get_mut(&cookie) else { return };
         let same = conn.process.as_ref().is_some_and(|p| {
-            p.pid == pid && p.cgroup_id == cgroup_id && p.comm.as_bytes() == trim_nul(raw_comm)
+            p.pid == pid && p.cgroup_id == cgroup_id && p.comm == Comm::from_raw(raw_comm)
         });
         if !same {
-            conn.process = Some(Process { pid, comm: comm(raw_comm), cgroup_id });
+            conn.process = Some(Process { pid, comm: Comm::from_raw(raw_comm), cgroup_id });
         }
     }
 
@@ -203,7 +284,7 @@ impl ConnTable {
     /// The socket at the other end of `conn`, when it is also on this node.
     #[must_use]
     pub(crate) fn peer(&self, conn: &Conn) -> Option<&Conn> {
-        self.find(conn.remote, conn.local, conn.netns).filter(|p| p.cookie != conn.cookie)
+        self.find(conn.remote(), conn.local(), conn.netns).filter(|p| p.cookie != conn.cookie)
     }
 
     /// A local socket whose local end is `local` and remote end `remote`. Loopback addresses are
@@ -215,7 +296,9 @@ impl ConnTable {
         let others = self.more_by_addr.get(&key).map_or(&[][..], Vec::as_slice);
         let loopback = is_loopback(local.ip());
         std::iter::once(first).chain(others).filter_map(|c| self.conns.get(c)).find(|c| {
-            c.local == local && c.remote == remote && (!loopback || netns == 0 || c.netns == netns)
+            c.local() == local
+                && c.remote() == remote
+                && (!loopback || netns == 0 || c.netns == netns)
         })
     }
 
@@ -254,9 +337,10 @@ fn trim_nul(raw: &[u8; 16]) -> &[u8] {
 }
 
 /// The address index's key for a (local, remote) pair.
-fn addr_key(local: SocketAddr, remote: SocketAddr) -> u64 {
+fn addr_key(local: impl Into<SocketAddr>, remote: impl Into<SocketAddr>) -> u64 {
     let mut h = FxHasher::default();
-    (local, remote).hash(&mut h);
+    let pair: (SocketAddr, SocketAddr) = (local.into(), remote.into());
+    pair.hash(&mut h);
     h.finish()
 }
 
@@ -363,6 +447,22 @@ mod tests {
         assert_eq!(gone, [1]);
         assert!(t.get(1).is_none() && t.get(2).is_some() && t.get(3).is_some());
         assert!(t.find(SocketAddr::from((A, 40000)), SocketAddr::from((B, 80)), 0).is_none());
+    }
+
+    #[test]
+    fn a_comm_is_kept_inline_as_text() {
+        let raw = |b: &[u8]| {
+            let mut r = [0u8; 16];
+            r[..b.len()].copy_from_slice(b);
+            r
+        };
+        assert_eq!(&*Comm::from_raw(&raw(b"nginx")), "nginx");
+        assert_eq!(&*Comm::from_raw(&raw(b"0123456789abcde")), "0123456789abcde");
+        // Not UTF-8: replaced, then cut at a character boundary within the room.
+        assert_eq!(&*Comm::from_raw(&raw(b"worker\xff")), "worker\u{fffd}");
+        assert_eq!(&*Comm::from_raw(&raw(b"0123456789abc\xff")), "0123456789abc");
+        assert_eq!(format!("{:?}", Comm::from("py")), "\"py\"");
+        assert!(size_of::<Conn>() <= 112, "a connection's entry in the table");
     }
 
     #[test]

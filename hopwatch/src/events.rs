@@ -97,13 +97,6 @@ fn canonical(a: Ipv6Addr) -> IpAddr {
     a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
 }
 
-/// A kernel `comm` as a string (up to the first NUL).
-#[must_use]
-pub(crate) fn comm(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use hopwatch_common::{IPPROTO_TCP, TcpOp};

@@ -16,8 +16,8 @@ use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
 pub use crate::l7::CountedExchange;
 use crate::{
-    conntrack::{Conn, ConnTable, Process, Role, endpoints},
-    events::{KernelEvent, comm},
+    conntrack::{Comm, Conn, ConnTable, Process, Role, endpoints},
+    events::KernelEvent,
     flow::{Clock, FlowBuilder, L7Observation, forwarded::TrustedProxies},
     identity::Identity,
     l7::{
@@ -253,7 +253,7 @@ impl Pipeline {
                 if TcpOp::from_u8(ev.op) == Some(TcpOp::Connected) {
                     let tgid = conn.process.as_ref().map_or(ev.header.tgid, |p| p.pid);
                     let (start, took) = (ev.start_ns, ev.connect_latency_ns);
-                    self.setups.on_connect(cookie, tgid, conn.remote.ip(), start, took);
+                    self.setups.on_connect(cookie, tgid, conn.remote().ip(), start, took);
                 }
                 if closed {
                     self.setups.on_close(cookie);
@@ -415,8 +415,8 @@ impl Pipeline {
         let server_side = flow.traffic_direction == i32::from(TrafficDirection::Ingress);
         let conn = self.table.get(cookie);
         let (client, server) = match conn {
-            Some(c) if server_side => (c.remote, c.local),
-            Some(c) => (c.local, c.remote),
+            Some(c) if server_side => (c.remote(), c.local()),
+            Some(c) => (c.local(), c.remote()),
             None => flow_ends(flow),
         };
         let span = span_id(client, server, index);
@@ -445,14 +445,16 @@ impl Pipeline {
                         // call that loses its entry is sampled by its own key.
                         self.parent_keys.clear();
                     }
-                    let key = sample_key(c.local.port(), c.remote.port(), index);
+                    let key = sample_key(c.local().port(), c.remote().port(), index);
                     self.parent_keys.insert(span, key);
                 }
                 match parent {
                     Some((index, c)) if caller.method == CALLER_NGINX => {
-                        Link::Nginx { parent: span_id(c.remote, c.local, index) }
+                        Link::Nginx { parent: span_id(c.remote(), c.local(), index) }
                     }
-                    Some((index, c)) => Link::Thread { parent: span_id(c.remote, c.local, index) },
+                    Some((index, c)) => {
+                        Link::Thread { parent: span_id(c.remote(), c.local(), index) }
+                    }
                     // Serving a request whose connection or exchange the agent did not see.
                     None => Link::Unfollowed,
                 }
@@ -497,7 +499,7 @@ impl Pipeline {
         let (local, remote) = match (conn, endpoints(&c.tuple)) {
             // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
             (_, Some(ends)) if c.tuple.protocol == IPPROTO_UDP => ends,
-            (Some(conn), _) => (conn.local, conn.remote),
+            (Some(conn), _) => (conn.local(), conn.remote()),
             (None, Some(ends)) => ends,
             (None, None) => (unspecified(), unspecified()),
         };
@@ -521,7 +523,7 @@ impl Pipeline {
             cookie: c.cookie,
             process: (c.pid != 0).then(|| Process {
                 pid: c.pid,
-                comm: comm(&c.comm),
+                comm: Comm::from_raw(&c.comm),
                 cgroup_id: c.cgroup_id,
             }),
             peer_process,
@@ -541,11 +543,12 @@ impl Pipeline {
     /// The flow of a TLS handshake's outcome at one end: an L7 flow of protocol "tls" whose
     /// latency is the handshake's, an error when it failed.
     fn tls_flow(&self, done: crate::l7::tls::Done, conn: Option<&Conn>) -> Flow {
-        let (local, remote) = conn.map_or((unspecified(), unspecified()), |c| (c.local, c.remote));
+        let (local, remote) =
+            conn.map_or((unspecified(), unspecified()), |c| (c.local(), c.remote()));
         let process = conn.and_then(|c| c.process.clone()).or_else(|| {
             (done.pid != 0).then(|| Process {
                 pid: done.pid,
-                comm: comm(&done.comm),
+                comm: Comm::from_raw(&done.comm),
                 cgroup_id: done.cgroup_id,
             })
         });

@@ -18,7 +18,7 @@ use hopwatch_proto::flow::{
     TrafficDirection, Verdict, layer4::Protocol, layer7::Record,
 };
 
-use super::{EVENT_TYPE_L7, FlowBuilder, ip, new_uuid};
+use super::{EVENT_TYPE_L7, FlowBuilder, ip, new_uuid, process};
 use crate::conntrack::Process;
 
 /// Everything an L7 flow is built from.
@@ -61,9 +61,8 @@ impl FlowBuilder {
             (o.local, o.remote, TrafficDirection::Egress)
         };
         let cgroup_id = o.process.as_ref().map_or(0, |p| p.cgroup_id);
-        // The observation is ours: its process names move into the flow.
         let (local_proc, peer_proc) =
-            (o.process.take().map(into_process), o.peer_process.take().map(into_process));
+            (o.process.as_ref().map(process), o.peer_process.as_ref().map(process));
         let (src_proc, dst_proc) =
             if o.server_side { (peer_proc, local_proc) } else { (local_proc, peer_proc) };
         let error = match (o.error.take(), o.timed_out) {
@@ -126,10 +125,6 @@ impl FlowBuilder {
             ..Flow::default()
         }
     }
-}
-
-fn into_process(p: Process) -> pb::Process {
-    pb::Process { pid: p.pid, comm: p.comm, cgroup_id: p.cgroup_id }
 }
 
 #[cfg(test)]

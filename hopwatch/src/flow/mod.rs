@@ -86,8 +86,8 @@ impl FlowBuilder {
     pub fn tcp(&self, ev: &TcpEvent, conn: &Conn, peer: Option<&Conn>) -> Flow {
         let op = TcpOp::from_u8(ev.op).unwrap_or(TcpOp::Update);
         let (src, dst, direction) = match conn.role {
-            Role::Client => (conn.local, conn.remote, TrafficDirection::Egress),
-            Role::Server => (conn.remote, conn.local, TrafficDirection::Ingress),
+            Role::Client => (conn.local(), conn.remote(), TrafficDirection::Egress),
+            Role::Server => (conn.remote(), conn.local(), TrafficDirection::Ingress),
         };
         let (local_proc, peer_proc) =
             (conn.process.as_ref(), peer.and_then(|p| p.process.as_ref()));
@@ -243,7 +243,7 @@ fn layer4(ev: &DropEvent, s: SocketAddr, d: SocketAddr) -> Option<Layer4> {
 }
 
 pub(crate) fn process(p: &Process) -> pb::Process {
-    pb::Process { pid: p.pid, comm: p.comm.clone(), cgroup_id: p.cgroup_id }
+    pb::Process { pid: p.pid, comm: p.comm.to_string(), cgroup_id: p.cgroup_id }
 }
 
 /// errno values the TCP stack leaves in `sk_err`.
