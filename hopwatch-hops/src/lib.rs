@@ -161,8 +161,8 @@ impl Aggregator {
     }
 
     /// The sockets of `node` quiet since before `before_ns` (ns since the epoch) that `alive`
-    /// says are gone closed without their CLOSE flows (lost): they no longer count as open
-    /// connections. Returns how many.
+    /// says are gone (closed, their CLOSE flows lost) no longer count as open connections.
+    /// Returns how many.
     pub fn forget_gone_sockets(
         &mut self,
         node: &str,

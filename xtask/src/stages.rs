@@ -8,15 +8,16 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// How long each test stage may take, its build included (several times what it takes on a
-/// 2-core machine: the e2e tests run in about 7 min, the collector tests in 1): a test that hangs fails its stage with a message instead of using up a CI
-/// run's time without saying where.
+/// How long each test stage may take, its build included: several times what it takes on a
+/// 2-core machine (the e2e tests run in about 7 min, the collector tests in 1). A test that
+/// hangs fails its stage with a message instead of using up a CI run's time without saying
+/// where.
 pub const COLLECTOR_STAGE_LIMIT: Duration = Duration::from_mins(20);
 pub const E2E_STAGE_LIMIT: Duration = Duration::from_mins(30);
 pub const SYSCALL_STAGE_LIMIT: Duration = Duration::from_mins(15);
 
-/// [`check`], but killed (with every process it started) after `limit`. The command stays in
-/// this terminal's process group, so Ctrl-C still reaches it.
+/// Runs `cmd` as `check` (main.rs) does, but kills it (with every process it started) after
+/// `limit`. The command stays in this terminal's process group, so Ctrl-C still reaches it.
 pub fn within(limit: Duration, cmd: &mut Command) -> Result<()> {
     let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
     let deadline = Instant::now() + limit;

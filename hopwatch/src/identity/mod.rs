@@ -417,7 +417,6 @@ impl Identity {
         self.ready = ready;
     }
 
-    /// Releases held flows whose translation and cgroups are known, or who waited [`HOLD`].
     /// Gives back the room of connections gone (after a burst of them).
     pub fn compact(&mut self) {
         let h = &mut self.holding;
@@ -427,6 +426,7 @@ impl Identity {
         self.ready.compact();
     }
 
+    /// Releases held flows whose translation and cgroups are known, or who waited [`HOLD`].
     pub fn release(&mut self, out: &mut Vec<Flow>) {
         let now = Instant::now();
         let mut ready = self.holding.release(self.cgroups.as_ref(), now);
