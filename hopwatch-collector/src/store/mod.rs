@@ -440,10 +440,13 @@ impl StoreWriter {
         }
         entries.clear();
         {
+            // Oldest out first, so the ring never grows past its capacity (65 536 slots are
+            // 2.5 MiB).
             let mut ring = self.store.ring.write().expect("ring lock");
-            ring.entries.extend(encoded);
-            let excess = ring.entries.len().saturating_sub(self.store.memory_cap);
-            ring.entries.drain(..excess);
+            let excess = (ring.entries.len() + encoded.len()).saturating_sub(self.store.memory_cap);
+            let from_ring = excess.min(ring.entries.len());
+            ring.entries.drain(..from_ring);
+            ring.entries.extend(encoded.into_iter().skip(excess - from_ring));
             ring.first += excess as u64;
             debug_assert_eq!(ring.first + ring.entries.len() as u64, first + n);
         }

@@ -123,6 +123,18 @@ fn memory_only_store_keeps_the_newest() {
     assert!(got[..10_000 - MIN_MEMORY_FLOWS].iter().all(Option::is_none));
     assert_eq!(got[9_999], Some(9_999));
     assert_eq!(store.stats().held, MIN_MEMORY_FLOWS as u64);
+    // A batch that evicts part of the ring: the oldest leave before the newest come in, so the
+    // ring never holds room for more than its capacity.
+    let entries: Vec<_> = (10_000..11_000u32)
+        .map(|i| (t0 + i64::from(i), flow_resp(t0 + i64::from(i), i, "n")))
+        .collect();
+    put(&mut w, entries, &Checkpoint::default()).unwrap();
+    let first = 11_000 - MIN_MEMORY_FLOWS as u64;
+    assert_eq!(store.first(), first);
+    let got = read_all(&store, first, 11_000);
+    assert!(got.iter().zip(first..).all(|(g, i)| *g == u32::try_from(i).ok()));
+    let room = store.ring.read().unwrap().entries.capacity();
+    assert!(room < 2 * MIN_MEMORY_FLOWS, "{room} slots for {MIN_MEMORY_FLOWS}");
 }
 
 #[test]

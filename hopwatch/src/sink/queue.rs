@@ -14,6 +14,7 @@ use std::{
 };
 
 use hopwatch_proto::{
+    compact::Compact as _,
     flow::LostEventSource,
     hopwatch::v1::AgentStatus,
     lost,
@@ -23,7 +24,9 @@ use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Events with sequence numbers `first_seq ..`.
+    /// Events with sequence numbers `first_seq ..`. An event is 1.5 kB in place (a decoded flow's
+    /// strings and options), so room a burst made is given back once the queue is mostly empty
+    /// (8192 slots are 12 MiB).
     items: VecDeque<GetFlowsResponse>,
     first_seq: u64,
     /// Sequence number of the next event to send (events before it are in flight).
@@ -135,6 +138,7 @@ impl Queue {
         let first_seq = q.first_seq;
         q.first_seq += n as u64;
         q.next_send = q.first_seq;
+        q.items.compact();
         // Room again: the count of what was dropped goes out next.
         self.report_drops(&mut q);
         Some(Outgoing { first_seq, events })
@@ -153,6 +157,7 @@ impl Queue {
             q.first_seq += 1;
         }
         q.next_send = q.next_send.max(q.first_seq);
+        q.items.compact();
         // Room again: the count of what was dropped goes out next.
         if q.unreported > 0 {
             self.report_drops(&mut q);
@@ -261,6 +266,22 @@ mod tests {
         assert!(q.pop(10).is_none());
         assert!(q.is_drained());
         assert_eq!(q.last_seq(), 4);
+    }
+
+    #[test]
+    fn room_a_burst_made_is_given_back_once_handed_over_or_acknowledged() {
+        let q = Queue::new(100_000, "n");
+        let burst = |q: &Queue| (0..20_000).for_each(|i| q.offer(ev(i)));
+        let capacity = |q: &Queue| q.inner.lock().unwrap().items.capacity();
+        burst(&q);
+        assert!(capacity(&q) >= 20_000);
+        while q.pop(1000).is_some() {}
+        assert!(capacity(&q) <= 1024, "after pop: {} slots kept", capacity(&q));
+        burst(&q);
+        let sent = q.take(usize::MAX).expect("events");
+        q.ack(sent.first_seq + sent.events.len() as u64 - 1);
+        assert!(capacity(&q) <= 1024, "after ack: {} slots kept", capacity(&q));
+        assert!(q.is_drained());
     }
 
     #[test]
