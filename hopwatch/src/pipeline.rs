@@ -251,9 +251,7 @@ impl Pipeline {
                 flow.tls_handshake = self.tls.outcome(cookie).cloned();
                 out.push(flow);
                 if TcpOp::from_u8(ev.op) == Some(TcpOp::Connected) {
-                    let tgid = conn.process.as_ref().map_or(ev.header.tgid, |p| p.pid);
-                    let (start, took) = (ev.start_ns, ev.connect_latency_ns);
-                    self.setups.on_connect(cookie, tgid, conn.remote().ip(), start, took);
+                    self.setups.on_connect(cookie, ev.start_ns, ev.connect_latency_ns);
                 }
                 if closed {
                     self.setups.on_close(cookie);
@@ -483,6 +481,14 @@ impl Pipeline {
         let time_ns = if timed_out { x.request_ns } else { x.response_ns };
         let (request_ns, index) = (x.request_ns, x.index);
         let record = crate::flow::records::l7_record(x.request, x.response);
+        let conn: Option<&Conn> = self.table.get(c.cookie);
+        let (local, remote) = match (conn, endpoints(&c.tuple)) {
+            // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
+            (_, Some(ends)) if c.tuple.protocol == IPPROTO_UDP => ends,
+            (Some(conn), _) => (conn.local(), conn.remote()),
+            (None, Some(ends)) => ends,
+            (None, None) => (unspecified(), unspecified()),
+        };
         let setup = if c.server_side || timed_out {
             None
         } else {
@@ -491,17 +497,10 @@ impl Pipeline {
             }
             let tls =
                 self.tls.outcome(c.cookie).filter(|t| t.error.is_empty()).map(|t| t.latency_ns);
+            let dialled = (c.pid, remote.ip());
             (index == 0)
-                .then(|| self.setups.first_response(c.cookie, tls, request_ns, time_ns))
+                .then(|| self.setups.first_response(c.cookie, dialled, tls, request_ns, time_ns))
                 .flatten()
-        };
-        let conn: Option<&Conn> = self.table.get(c.cookie);
-        let (local, remote) = match (conn, endpoints(&c.tuple)) {
-            // UDP sockets talk to many peers: the datagram's addresses are the exchange's.
-            (_, Some(ends)) if c.tuple.protocol == IPPROTO_UDP => ends,
-            (Some(conn), _) => (conn.local(), conn.remote()),
-            (None, Some(ends)) => ends,
-            (None, None) => (unspecified(), unspecified()),
         };
         let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
         let tls_handshake = self.tls.outcome(c.cookie).cloned();

@@ -15,13 +15,13 @@ const MAX_ANSWERS: usize = 4096;
 /// A DNS answer older than this when the connect starts did not resolve it (a cached address).
 const DNS_FRESH_NS: u64 = 10_000_000_000;
 
+/// 16 bytes: up to 65 536 connections that never answered (held idle) are pending. Who dialled
+/// what comes with the first exchange, to find the DNS answer.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     /// SYN sent (monotonic ns).
     start_ns: u64,
     connect_ns: u64,
-    tgid: u32,
-    remote: IpAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -47,18 +47,11 @@ impl SetupTracker {
     }
 
     /// A client connection was established: SYN sent at `start_ns`, `connect_ns` later.
-    pub(crate) fn on_connect(
-        &mut self,
-        cookie: u64,
-        tgid: u32,
-        remote: IpAddr,
-        start_ns: u64,
-        connect_ns: u64,
-    ) {
+    pub(crate) fn on_connect(&mut self, cookie: u64, start_ns: u64, connect_ns: u64) {
         if start_ns == 0 || self.pending.len() >= MAX_PENDING {
             return;
         }
-        self.pending.insert(cookie, Pending { start_ns, connect_ns, tgid, remote });
+        self.pending.insert(cookie, Pending { start_ns, connect_ns });
     }
 
     /// A DNS exchange answered at the client: the process `tgid` asked `query` and learnt `ips`.
@@ -97,11 +90,13 @@ impl SetupTracker {
     }
 
     /// The connection's first exchange was answered at the client: its request's last byte went
-    /// out at `request_ns`, the first response byte came at `response_ns`. `tls_ns` is the TLS
-    /// handshake's time, if the connection is TLS. Once per connection.
+    /// out at `request_ns`, the first response byte came at `response_ns`; the process `tgid`
+    /// made it to `remote`. `tls_ns` is the TLS handshake's time, if the connection is TLS. Once
+    /// per connection.
     pub(crate) fn first_response(
         &mut self,
         cookie: u64,
+        (tgid, remote): (u32, IpAddr),
         tls_ns: Option<u64>,
         request_ns: u64,
         response_ns: u64,
@@ -109,7 +104,7 @@ impl SetupTracker {
         let p = self.pending.remove(&cookie)?;
         let dns = self
             .answers
-            .get(&(p.tgid, p.remote))
+            .get(&(tgid, remote))
             .filter(|a| a.response_ns <= p.start_ns && p.start_ns - a.response_ns <= DNS_FRESH_NS);
         let start = dns.map_or(p.start_ns, |a| a.request_ns);
         Some(ConnectionSetup {
@@ -135,15 +130,15 @@ mod tests {
         let ip: IpAddr = "10.0.0.9".parse().expect("ip");
         // DNS 0 → 20 ms, connect 21 → 61 ms, TLS 62 → 102 ms, request 103 ms, answer 145 ms.
         s.on_dns_answer(7, "api.test", &["10.0.0.9".into(), "bad".into()], 0, 20 * MS);
-        s.on_connect(1, 7, ip, 21 * MS, 40 * MS);
-        let x = s.first_response(1, Some(40 * MS), 103 * MS, 145 * MS).expect("pending");
+        s.on_connect(1, 21 * MS, 40 * MS);
+        let x = s.first_response(1, (7, ip), Some(40 * MS), 103 * MS, 145 * MS).expect("pending");
         assert_eq!(x.dns_query, "api.test");
         assert_eq!(
             (x.dns_ns, x.connect_ns, x.tls_ns, x.first_byte_ns),
             (20 * MS, 40 * MS, 40 * MS, 42 * MS)
         );
         assert_eq!(x.total_ns, 145 * MS);
-        assert_eq!(s.first_response(1, None, 0, 0), None, "once per connection");
+        assert_eq!(s.first_response(1, (7, ip), None, 0, 0), None, "once per connection");
     }
 
     #[test]
@@ -151,15 +146,15 @@ mod tests {
         let mut s = SetupTracker::default();
         let ip: IpAddr = "10.0.0.9".parse().expect("ip");
         s.on_dns_answer(8, "api.test", &["10.0.0.9".into()], 0, MS);
-        s.on_connect(1, 7, ip, 2 * MS, MS);
-        let x = s.first_response(1, None, 4 * MS, 5 * MS).expect("pending");
+        s.on_connect(1, 2 * MS, MS);
+        let x = s.first_response(1, (7, ip), None, 4 * MS, 5 * MS).expect("pending");
         assert_eq!((x.dns_query.as_str(), x.dns_ns, x.total_ns), ("", 0, 3 * MS));
         s.on_dns_answer(7, "api.test", &["10.0.0.9".into()], 0, MS);
-        s.on_connect(2, 7, ip, DNS_FRESH_NS + 2 * MS, MS);
-        let x = s.first_response(2, None, 0, 0).expect("pending");
+        s.on_connect(2, DNS_FRESH_NS + 2 * MS, MS);
+        let x = s.first_response(2, (7, ip), None, 0, 0).expect("pending");
         assert_eq!(x.dns_query, "", "resolved long before: a cached address");
-        s.on_connect(3, 7, ip, 5, 1);
+        s.on_connect(3, 5, 1);
         s.on_close(3);
-        assert_eq!(s.first_response(3, None, 0, 0), None);
+        assert_eq!(s.first_response(3, (7, ip), None, 0, 0), None);
     }
 }
