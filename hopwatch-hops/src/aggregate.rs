@@ -265,8 +265,8 @@ fn apply_tcp(
     let none = TcpStats::default();
     let stats = flow.tcp_stats.as_ref().unwrap_or(&none);
     let totals = TcpTotals {
-        retransmits: u64::from(stats.retransmits),
-        resets: u64::from(stats.resets),
+        retransmits: stats.retransmits,
+        resets: stats.resets,
         bytes_sent: stats.bytes_sent,
         bytes_received: stats.bytes_received,
     };
@@ -305,8 +305,8 @@ fn apply_tcp(
         return Outcome::Counted;
     }
     let (s, _) = table.side_mut(key, side, at_ns);
-    s.retransmits += delta.retransmits;
-    s.resets += delta.resets;
+    s.retransmits += u64::from(delta.retransmits);
+    s.resets += u64::from(delta.resets);
     s.bytes_sent += delta.bytes_sent;
     s.bytes_received += delta.bytes_received;
     Outcome::Counted

@@ -22,8 +22,9 @@ pub const FORGET_AFTER_NS: u64 = 3_600 * 1_000_000_000;
 /// Running totals of one socket as its flows report them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TcpTotals {
-    pub retransmits: u64,
-    pub resets: u64,
+    /// As the flow carries them (32 bits), so a socket's last totals fit in 24 bytes.
+    pub retransmits: u32,
+    pub resets: u32,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -32,7 +33,9 @@ impl TcpTotals {
     /// What grew since `before` (a counter that went down restarts from zero).
     #[must_use]
     pub fn since(&self, before: &TcpTotals) -> TcpTotals {
-        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        fn d<T: PartialOrd + std::ops::Sub<Output = T> + Copy>(now: T, then: T) -> T {
+            if now >= then { now - then } else { now }
+        }
         TcpTotals {
             retransmits: d(self.retransmits, before.retransmits),
             resets: d(self.resets, before.resets),
@@ -42,7 +45,7 @@ impl TcpTotals {
     }
 }
 
-/// One socket: 48 bytes. Its hop and the node it is on are slots in the ledger's tables, not
+/// One socket: 40 bytes. Its hop and the node it is on are slots in the ledger's tables, not
 /// keys of their own (at 200k sockets, cloned keys cost about 25 MiB more).
 #[derive(Debug, Clone)]
 struct Socket {
@@ -51,6 +54,8 @@ struct Socket {
     last: TcpTotals,
     last_seen_ns: u64,
 }
+
+const _: () = assert!(std::mem::size_of::<Socket>() == 40);
 
 /// A (hop, side) with open connections.
 #[derive(Debug)]
