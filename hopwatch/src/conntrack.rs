@@ -9,11 +9,12 @@ use std::{
     collections::hash_map::Entry,
     hash::{Hash as _, Hasher as _},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use hopwatch_common::{ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple};
 use hopwatch_proto::compact::Compact as _;
-use rustc_hash::{FxHashMap, FxHasher};
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 
 use crate::events::addrs;
 
@@ -26,7 +27,7 @@ pub enum Role {
     Server,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Process {
     pub pid: u32,
     pub comm: Comm,
@@ -35,7 +36,7 @@ pub struct Process {
 
 /// A task's command name as the kernel keeps it (at most 15 bytes), inline: no allocation per
 /// connection or event. Bytes that are not UTF-8 are replaced, as far as the room allows.
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm {
     len: u8,
     bytes: [u8; 15],
@@ -110,7 +111,9 @@ pub struct Conn {
     remote: Addr,
     pub netns: u32,
     pub role: Role,
-    pub process: Option<Process>,
+    /// Shared by the connections of one process (the table keeps one copy of each): 8 bytes a
+    /// connection, not 40.
+    pub process: Option<Arc<Process>>,
     /// Monotonic ns of the last event for this connection.
     pub last_seen_ns: u64,
     /// Monotonic ns the connection was established (connected or accepted); 0 when it was
@@ -131,10 +134,12 @@ impl Conn {
             _ if ev.tuple.sport < ev.tuple.dport => Role::Server,
             _ => Role::Client,
         };
-        let process = (ev.header.tgid != 0).then(|| Process {
-            pid: ev.header.tgid,
-            comm: Comm::from_raw(&ev.comm),
-            cgroup_id: ev.header.cgroup_id,
+        let process = (ev.header.tgid != 0).then(|| {
+            Arc::new(Process {
+                pid: ev.header.tgid,
+                comm: Comm::from_raw(&ev.comm),
+                cgroup_id: ev.header.cgroup_id,
+            })
         });
         Some(Self {
             cookie: ev.header.socket_cookie,
@@ -164,6 +169,9 @@ impl Conn {
     }
 }
 
+/// 80 bytes: at 200k sockets the table's buckets are most of the agent's memory.
+const _: () = assert!(std::mem::size_of::<Conn>() == 80);
+
 /// A bounded cookie → [`Conn`] table with an address index.
 pub(crate) struct ConnTable {
     // Keyed by kernel socket cookies and addresses the kernel reported: a fast non-keyed hash.
@@ -174,6 +182,9 @@ pub(crate) struct ConnTable {
     /// index keyed by the addresses themselves (which at 200k sockets was about 25 MiB).
     by_addr: FxHashMap<u64, u64>,
     more_by_addr: FxHashMap<u64, Vec<u64>>,
+    /// One copy of each owning process the connections point to (those no connection points
+    /// to any more go in [`ConnTable::compact`]).
+    processes: FxHashSet<Arc<Process>>,
     capacity: usize,
     /// Connections not tracked because the table was full.
     pub overflow: u64,
@@ -186,6 +197,7 @@ impl ConnTable {
             conns: FxHashMap::default(),
             by_addr: FxHashMap::default(),
             more_by_addr: FxHashMap::default(),
+            processes: FxHashSet::default(),
             capacity,
             overflow: 0,
         }
@@ -214,7 +226,28 @@ impl ConnTable {
             p.pid == pid && p.cgroup_id == cgroup_id && p.comm == Comm::from_raw(raw_comm)
         });
         if !same {
-            conn.process = Some(Process { pid, comm: Comm::from_raw(raw_comm), cgroup_id });
+            let process = Process { pid, comm: Comm::from_raw(raw_comm), cgroup_id };
+            let shared = match self.processes.get(&process) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Arc::new(process);
+                    self.processes.insert(p.clone());
+                    p
+                }
+            };
+            conn.process = Some(shared);
+        }
+    }
+
+    /// The table's copy of `conn`'s process (kept if it is the first).
+    fn share_process(&mut self, conn: &mut Conn) {
+        if let Some(p) = &mut conn.process {
+            match self.processes.get(&**p) {
+                Some(shared) => *p = shared.clone(),
+                None => {
+                    self.processes.insert(p.clone());
+                }
+            }
         }
     }
 
@@ -245,11 +278,12 @@ impl ConnTable {
         }
     }
 
-    fn insert(&mut self, conn: Conn) {
+    fn insert(&mut self, mut conn: Conn) {
         if !self.conns.contains_key(&conn.cookie) && self.conns.len() >= self.capacity {
             self.overflow += 1;
             return;
         }
+        self.share_process(&mut conn);
         // A socket connected anew (after a failed connect) is indexed by its new addresses.
         self.remove(conn.cookie);
         let (key, cookie) = (addr_key(conn.local, conn.remote), conn.cookie);
@@ -307,6 +341,8 @@ impl ConnTable {
         self.conns.compact();
         self.by_addr.compact();
         self.more_by_addr.compact();
+        self.processes.retain(|p| Arc::strong_count(p) > 1);
+        self.processes.compact();
     }
 
     /// Drops the connections not seen since `before_ns` (monotonic) that `alive` says the kernel
@@ -399,6 +435,39 @@ mod tests {
         assert_eq!(closed.role, Role::Client);
         assert_eq!(t.tracked(), 1);
         assert!(t.peer(&server).is_none());
+    }
+
+    #[test]
+    fn the_connections_of_one_process_share_one_copy_of_it_until_none_is_left() {
+        let mut t = ConnTable::new(10);
+        let connect = |t: &mut ConnTable, cookie: u64, tgid: u32| {
+            let mut ev = event(TcpOp::Connected, cookie, ROLE_CLIENT, (A, 40000), (B, 80));
+            ev.tuple.sport += u16::try_from(cookie).unwrap();
+            ev.header.tgid = tgid;
+            t.apply(&ev);
+        };
+        let shared = |t: &ConnTable, a: u64, b: u64| {
+            let p = |c| t.get(c).and_then(|c| c.process.clone()).expect("a process");
+            Arc::ptr_eq(&p(a), &p(b))
+        };
+        connect(&mut t, 1, 7);
+        connect(&mut t, 2, 7);
+        connect(&mut t, 3, 8);
+        assert!(shared(&t, 1, 2));
+        assert!(!shared(&t, 1, 3));
+        assert_eq!(t.processes.len(), 2);
+        // Connection 3 turns out to be process 7's (it did the I/O): the same copy.
+        let mut comm = [0; 16];
+        comm[..4].copy_from_slice(b"proc");
+        t.note_process(3, 7, &comm, 0);
+        assert!(shared(&t, 1, 3));
+        t.compact();
+        assert_eq!(t.processes.len(), 1, "process 8 has no connection left");
+        for cookie in 1..=3 {
+            t.apply(&event(TcpOp::Closed, cookie, ROLE_CLIENT, (A, 40000), (B, 80)));
+        }
+        t.compact();
+        assert!(t.processes.is_empty());
     }
 
     #[test]

@@ -272,12 +272,12 @@ impl Pipeline {
             KernelEvent::Drop(ev) => {
                 let (src_proc, dst_proc) = match endpoints(&ev.tuple) {
                     Some((s, d)) => (
-                        self.table.find(s, d, ev.tuple.netns).and_then(|c| c.process.clone()),
-                        self.table.find(d, s, ev.tuple.netns).and_then(|c| c.process.clone()),
+                        self.table.find(s, d, ev.tuple.netns).and_then(|c| c.process.as_deref()),
+                        self.table.find(d, s, ev.tuple.netns).and_then(|c| c.process.as_deref()),
                     ),
                     None => (None, None),
                 };
-                out.push(self.builder.drop(ev, src_proc.as_ref(), dst_proc.as_ref()));
+                out.push(self.builder.drop(ev, src_proc, dst_proc));
             }
             KernelEvent::Data(ev, payload) => self.on_data(ev, payload, out),
             KernelEvent::Exchange(ev, full) => {
@@ -502,7 +502,8 @@ impl Pipeline {
                 .then(|| self.setups.first_response(c.cookie, dialled, tls, request_ns, time_ns))
                 .flatten()
         };
-        let peer_process = conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone());
+        let peer_process =
+            conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.as_deref().cloned());
         let tls_handshake = self.tls.outcome(c.cookie).cloned();
         let observation = L7Observation {
             protocol,
@@ -544,7 +545,7 @@ impl Pipeline {
     fn tls_flow(&self, done: crate::l7::tls::Done, conn: Option<&Conn>) -> Flow {
         let (local, remote) =
             conn.map_or((unspecified(), unspecified()), |c| (c.local(), c.remote()));
-        let process = conn.and_then(|c| c.process.clone()).or_else(|| {
+        let process = conn.and_then(|c| c.process.as_deref().cloned()).or_else(|| {
             (done.pid != 0).then(|| Process {
                 pid: done.pid,
                 comm: Comm::from_raw(&done.comm),
@@ -568,7 +569,9 @@ impl Pipeline {
             netns: conn.map_or(0, |c| c.netns),
             cookie: done.cookie,
             process,
-            peer_process: conn.and_then(|c| self.table.peer(c)).and_then(|p| p.process.clone()),
+            peer_process: conn
+                .and_then(|c| self.table.peer(c))
+                .and_then(|p| p.process.as_deref().cloned()),
         };
         let mut flow = self.builder.l7(observation);
         flow.tls_handshake = Some(done.handshake);

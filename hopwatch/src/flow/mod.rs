@@ -90,7 +90,7 @@ impl FlowBuilder {
             Role::Server => (conn.remote(), conn.local(), TrafficDirection::Ingress),
         };
         let (local_proc, peer_proc) =
-            (conn.process.as_ref(), peer.and_then(|p| p.process.as_ref()));
+            (conn.process.as_deref(), peer.and_then(|p| p.process.as_deref()));
         let (src_proc, dst_proc) = match conn.role {
             Role::Client => (local_proc, peer_proc),
             Role::Server => (peer_proc, local_proc),
