@@ -221,34 +221,26 @@ impl ConnTable {
         raw_comm: &[u8; 16],
         cgroup_id: u64,
     ) {
-        let Some(conn) = self.conns.get_mut(&cookie) else { return };
+        let Some(conn) = self.conns.get(&cookie) else { return };
         let same = conn.process.as_ref().is_some_and(|p| {
             p.pid == pid && p.cgroup_id == cgroup_id && p.comm == Comm::from_raw(raw_comm)
         });
         if !same {
-            let process = Process { pid, comm: Comm::from_raw(raw_comm), cgroup_id };
-            let shared = match self.processes.get(&process) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = Arc::new(process);
-                    self.processes.insert(p.clone());
-                    p
-                }
-            };
-            conn.process = Some(shared);
+            let process =
+                self.share(Arc::new(Process { pid, comm: Comm::from_raw(raw_comm), cgroup_id }));
+            if let Some(conn) = self.conns.get_mut(&cookie) {
+                conn.process = Some(process);
+            }
         }
     }
 
-    /// The table's copy of `conn`'s process (kept if it is the first).
-    fn share_process(&mut self, conn: &mut Conn) {
-        if let Some(p) = &mut conn.process {
-            match self.processes.get(&**p) {
-                Some(shared) => *p = shared.clone(),
-                None => {
-                    self.processes.insert(p.clone());
-                }
-            }
+    /// The table's copy of `process` (this one, when it is the first).
+    fn share(&mut self, process: Arc<Process>) -> Arc<Process> {
+        if let Some(shared) = self.processes.get(&*process) {
+            return shared.clone();
         }
+        self.processes.insert(process.clone());
+        process
     }
 
     /// Applies a TCP event; returns the connection as known after the event (for `Closed` and
@@ -283,7 +275,7 @@ impl ConnTable {
             self.overflow += 1;
             return;
         }
-        self.share_process(&mut conn);
+        conn.process = conn.process.take().map(|p| self.share(p));
         // A socket connected anew (after a failed connect) is indexed by its new addresses.
         self.remove(conn.cookie);
         let (key, cookie) = (addr_key(conn.local, conn.remote), conn.cookie);
