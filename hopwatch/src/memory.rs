@@ -14,25 +14,6 @@ pub(crate) fn release_freed() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
-/// mimalloc's option numbers (its `mi_option_t`, version 3; the Rust bindings do not name them).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-/// Milliseconds a freed page stays resident before mimalloc gives it back to the system.
-const PURGE_DELAY_MS: std::ffi::c_long = 10;
-
-/// Makes mimalloc give freed pages back after 10 ms instead of its default second. Memory a
-/// burst left freed (a connection flood, the BTF parse at start) stays resident until a purge,
-/// and [`release_freed`] only reaches the pages of the thread that calls it: with 100k
-/// connections open the agent held 147 MiB with the default and 130 MiB with this (`cargo xtask
-/// bench --only memory`). Pages reused within the delay, as a steady load reuses them, are not
-/// purged, so the hot path keeps its speed (the pipeline bench shows no difference). The
-/// `MIMALLOC_PURGE_DELAY` variable, when set, still wins.
-pub(crate) fn prompt_purge() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: mi_option_set takes an option number and a value, and only stores them.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    }
-}
-
 /// Asks the kernel not to back this process's memory with transparent huge pages. mimalloc
 /// advises huge pages for its arenas; a 2 MiB page is resident as a whole however little of it
 /// is used, and with tables of small entries that come and go (connections) most of the

@@ -63,7 +63,6 @@ pub fn main() -> ExitCode {
         .init();
     if matches!(cli.command, Command::Agent(_) | Command::Collector(_)) {
         crate::memory::no_huge_pages();
-        crate::memory::prompt_purge();
     }
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {

@@ -152,6 +152,8 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
     // Short-lived connections.
     let m = opts.churn_conns;
     let lost_before = agent.metric("hopwatch_lost_events_total", "")?;
+    let (read_before, cpu_before) =
+        (agent.metric("hopwatch_events_read_total", "kernel_ring_buffer")?, agent.cpu_seconds());
     let mut churn = conns("churn", m, CHURN_PORT, CHURN_LIMIT_S)?;
     let mut peak = agent.status_mib("VmRSS")?;
     while churn.try_wait()?.is_none() {
@@ -184,8 +186,13 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
     }
     let settled = agent.status_mib("VmRSS")?;
     let lost = agent.metric("hopwatch_lost_events_total", "")? - lost_before;
+    // What the agent spent on each event it read: the cost side of the churn, whatever share of
+    // the events the kernel could hand over.
+    let read = agent.metric("hopwatch_events_read_total", "kernel_ring_buffer")? - read_before;
+    let cpu_per_event_us = (agent.cpu_seconds() - cpu_before) * 1e6 / read.max(1.0);
     say(&format!(
-        "{}s later: RSS {settled:.1} MiB ({}); {lost:.0} events lost during the churn",
+        "{}s later: RSS {settled:.1} MiB ({}); {lost:.0} events lost during the churn, \
+         {read:.0} read at {cpu_per_event_us:.2} µs of agent CPU each",
         SETTLE.as_secs(),
         agent.rss_breakdown()?
     ));
@@ -218,6 +225,13 @@ pub fn run(bin: &Path, opts: &BenchOptions, report: &mut Report) -> Result<()> {
         Some(Target::AtMost(RSS_TARGET_MIB)),
     );
     report.add(section, "kernel events lost during the short connections", lost, "events", None);
+    report.add(
+        section,
+        format!("agent CPU per event read during the short connections ({read:.0} read)"),
+        cpu_per_event_us,
+        "µs",
+        None,
+    );
     #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
     let wanted = m as f64;
     if completed < wanted {
