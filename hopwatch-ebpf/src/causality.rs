@@ -21,18 +21,25 @@ use hopwatch_common::{
 
 use crate::maps::{HOPWATCH_SETTINGS, NGINX_UPSTREAMS, THREAD_REQUESTS};
 
-/// A turn of a socket whose role is known: `c` is its state with `turns` already advanced.
-/// Returns the caller to attach to the message when the turn starts a request on a client
-/// socket (zero otherwise).
+/// A turn of a socket whose role is known: `c` is its state with `turns` already advanced, and
+/// `recorded` says whether a request read now is recorded (the fast path's sample; every request
+/// is on the capture path). Returns the caller to attach to the message when the turn starts a
+/// request on a client socket (zero otherwise).
 #[inline(always)]
-pub fn on_turn(c: &mut L7Conn, cookie: u64, pid_tgid: u64, direction: u8) -> ThreadRequest {
+pub fn on_turn(
+    c: &mut L7Conn,
+    cookie: u64,
+    pid_tgid: u64,
+    direction: u8,
+    recorded: bool,
+) -> ThreadRequest {
     if HOPWATCH_SETTINGS.load().trace_threads == 0 {
         return ThreadRequest::default();
     }
     let tid = pid_tgid as u32;
     if c.role == ROLE_SERVER {
         if direction == DIR_INGRESS {
-            request_read(c, cookie, tid);
+            request_read(c, cookie, tid, u16::from(recorded));
         } else if c.owner_tid != 0 {
             response_started(c.owner_tid, cookie);
             c.owner_tid = 0;
@@ -63,7 +70,7 @@ pub fn on_close(c: &L7Conn, cookie: u64) {
 }
 
 #[inline(always)]
-fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
+fn request_read(c: &mut L7Conn, cookie: u64, tid: u32, recorded: u16) {
     // A second request before the first's response (pipelining) is still one request in flight
     // for the socket's owner.
     let fresh = c.owner_tid == 0;
@@ -76,9 +83,7 @@ fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
         Some(t) => unsafe {
             (*t).cookie = cookie;
             (*t).turns = c.turns;
-            // On the capture path every exchange is recorded; the fast path says otherwise
-            // (`request_sampled`).
-            (*t).recorded = 1;
+            (*t).recorded = recorded;
             if fresh {
                 atomic_add(&raw mut (*t).inflight, 1);
             }
@@ -88,24 +93,10 @@ fn request_read(c: &mut L7Conn, cookie: u64, tid: u32) {
                 cookie,
                 turns: c.turns,
                 method: CALLER_THREAD,
-                recorded: 1,
+                recorded,
                 inflight: u64::from(fresh),
             };
             let _ = THREAD_REQUESTS.insert(tid, t, 0);
-        }
-    }
-}
-
-/// The request just read on the fast-path server socket `cookie` is (or is not) recorded by the
-/// sample: so are the calls the reading thread makes for it.
-#[inline(always)]
-pub fn request_sampled(cookie: u64, pid_tgid: u64, recorded: bool) {
-    if let Some(t) = THREAD_REQUESTS.get_ptr_mut(pid_tgid as u32) {
-        // SAFETY: map value of this thread, valid while the program runs.
-        unsafe {
-            if (*t).cookie == cookie {
-                (*t).recorded = u16::from(recorded);
-            }
         }
     }
 }

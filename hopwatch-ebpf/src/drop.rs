@@ -18,7 +18,7 @@ use hopwatch_common::{
 
 use crate::{
     emit::{reserve, wakeup_flags},
-    kernel::{UNSET, net_inum, offsets, read_at},
+    kernel::{Mem, UNSET, net_inum, offsets, read_at},
     maps::{DROP_IGNORE, DROP_RATE, HOPWATCH_SETTINGS, count},
 };
 
@@ -112,14 +112,16 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) {
     {
         e.ifindex = read_at::<u32>(dev, o.dev_ifindex).unwrap_or(0);
         if let Some(net) = read_at::<*const u8>(dev, o.dev_nd_net) {
-            e.tuple.netns = net_inum(net, &o);
+            // SAFETY: read through the probe helper.
+            e.tuple.netns = unsafe { net_inum(Mem::Probe, net) };
         }
     }
     if e.tuple.netns == 0
         && let Some(sk) = read_at::<*const u8>(skb, o.skb_sk)
         && let Some(net) = read_at::<*const u8>(sk, o.sk_net)
     {
-        e.tuple.netns = net_inum(net, &o);
+        // SAFETY: read through the probe helper.
+        e.tuple.netns = unsafe { net_inum(Mem::Probe, net) };
     }
     if !read_headers(skb, &o, e) {
         e.flags |= DROP_F_NO_HEADERS;

@@ -14,16 +14,30 @@ use hopwatch_common::{
     exchange::{ExchangeEvent, ExchangeRecord},
 };
 
-use crate::maps::{DataScratch, EVENTS, count};
+use crate::maps::{DataScratch, EVENTS, WAKEUP_CHECKS, count};
 
 /// Wake the agent only once this much is waiting; it also drains on a short timer. A wake-up per
 /// event (the ring buffer's default when the reader keeps up) costs an interrupt-work item and a
 /// context switch per event, which at tens of thousands of events a second dominates the cost.
 const WAKEUP_BYTES: u64 = 256 * 1024;
 
+/// How often (in events, per CPU) the fill level is checked: the check is a helper call, and
+/// between two checks the level rises by a few kilobytes at most, against [`WAKEUP_BYTES`].
+const WAKEUP_CHECK_EVERY: u64 = 16;
+
 /// Ring buffer commit flags: wake the reader only when enough data waits.
 #[inline(always)]
 pub fn wakeup_flags() -> u64 {
+    if let Some(n) = WAKEUP_CHECKS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, this program is the only writer on this CPU while it runs.
+        let n = unsafe {
+            *n += 1;
+            *n
+        };
+        if n % WAKEUP_CHECK_EVERY != 0 {
+            return u64::from(BPF_RB_NO_WAKEUP);
+        }
+    }
     if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {

@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
 };
 use hopwatch_common::{
-    Counter, DIR_INGRESS, KernelOffsets, KernelSettings, L7Conn, PROTO_HTTP, ThreadRequest,
+    Counter, DIR_INGRESS, KernelSettings, L7Conn, PROTO_HTTP, ThreadRequest,
     exchange::{
         EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, ExchangeEvent,
         ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
@@ -22,9 +22,8 @@ use hopwatch_common::{
 };
 
 use crate::{
-    causality,
     emit::{reserve, wakeup_flags},
-    kernel::{read_user, sock_ports},
+    kernel::{Mem, read_user, sock_ports},
     l7::{UserData, syscall_data},
     maps::{EXCHANGE_CONTROL, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS, L7CONNS, count},
 };
@@ -47,7 +46,6 @@ pub unsafe fn on_call(
     len: u32,
     direction: u8,
     pid_tgid: u64,
-    o: &KernelOffsets,
     caller: ThreadRequest,
 ) -> bool {
     // SAFETY: `sk` is a trusted socket pointer (the caller's contract); a null value asks the
@@ -79,17 +77,10 @@ pub unsafe fn on_call(
             x.request_bytes = 0;
             x.caller = caller;
             let cap = HOPWATCH_SETTINGS.load().capture_bytes;
-            x.head_len = match syscall_data(o, pid_tgid).and_then(first_chunk) {
+            x.head_len = match syscall_data(pid_tgid).and_then(first_chunk) {
                 Some((ptr, n)) => copy_user(&mut x.head, ptr, n.min(len).min(cap)),
                 None => 0,
             };
-        }
-        if c.server != 0 && x.request_bytes == 0 {
-            // A request read: the thread's calls for it are recorded as it is.
-            let (a, b) = sock_ports(sk.cast(), o);
-            let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1));
-            let sample = HOPWATCH_SETTINGS.load().exchange_sample;
-            causality::request_sampled(cookie, pid_tgid, sampled(a, b, index, sample));
         }
         x.request_bytes = x.request_bytes.saturating_add(len);
         x.request_ns = now;
@@ -100,7 +91,7 @@ pub unsafe fn on_call(
         PHASE_IDLE => return false,
         _ => {}
     }
-    let chunk = syscall_data(o, pid_tgid).and_then(first_chunk);
+    let chunk = syscall_data(pid_tgid).and_then(first_chunk);
     let line = chunk.and_then(|(ptr, _)| read_user::<[u8; 16]>(ptr));
     let status = line.as_ref().and_then(http_status);
     let Some(status) = status.filter(|&s| s != SWITCHING_PROTOCOLS) else {
@@ -123,7 +114,8 @@ pub unsafe fn on_call(
             // A call made for a request: recorded with that request (sampling is per trace).
             ThreadRequest { cookie, inflight: 1, recorded, .. } if cookie != 0 => recorded != 0,
             _ => {
-                let (a, b) = sock_ports(sk.cast(), o);
+                // SAFETY: the tracepoint's socket (the caller's contract).
+                let (a, b) = unsafe { sock_ports(Mem::Typed, sk.cast()) };
                 sampled(a, b, index, settings.exchange_sample)
             }
         };
@@ -163,6 +155,20 @@ pub unsafe fn on_call(
     }
     count(Counter::KernelExchanges);
     true
+}
+
+/// The request a server socket on the fast path starts reading now (`c`: its state, the turn
+/// counted) is the sample's: the calls the reading thread makes for it are recorded with it.
+///
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *`.
+#[inline(always)]
+pub unsafe fn request_sampled(sk: *const c_void, c: &L7Conn) -> bool {
+    // SAFETY: the caller's contract.
+    let (a, b) = unsafe { sock_ports(Mem::Typed, sk.cast()) };
+    let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1));
+    sampled(a, b, index, HOPWATCH_SETTINGS.load().exchange_sample)
 }
 
 /// What an exchange's record says besides its header's stamp.

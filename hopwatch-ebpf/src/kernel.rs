@@ -27,6 +27,72 @@ pub fn offsets() -> KernelOffsets {
     HOPWATCH_OFFSETS.load()
 }
 
+/// One field of [`HOPWATCH_OFFSETS`], read on its own: the globals are a frozen read-only map,
+/// so the verifier knows the value and accepts it as a constant offset into a BTF-typed pointer
+/// (see [`load_at`]). A copy of the whole struct on the stack loses that.
+macro_rules! offset {
+    ($field:ident) => {
+        $crate::kernel::offset_field::<
+            { core::mem::offset_of!(hopwatch_common::KernelOffsets, $field) },
+        >()
+    };
+}
+pub(crate) use offset;
+
+/// What [`offset!`] reads: the `u16` at byte `AT` of the global (every field is one).
+#[inline(always)]
+pub fn offset_field<const AT: usize>() -> u16 {
+    const { assert!(AT + 2 <= size_of::<KernelOffsets>() && AT % 2 == 0) };
+    let base = core::ptr::from_ref(&HOPWATCH_OFFSETS).cast::<u8>();
+    // SAFETY: `Global` is `repr(transparent)` over the value, which is always initialised; `AT`
+    // is a field's offset inside it.
+    unsafe { core::ptr::read_volatile(base.add(AT).cast::<u16>()) }
+}
+
+/// Reads a `T` at `base + off` with a plain load: for pointers the kernel handed over typed
+/// (a `tp_btf` argument, `bpf_task_pt_regs`), where the verifier turns the load into one that
+/// cannot fault (a bad address reads zeroes) — a few instructions instead of a helper call. `off`
+/// must come from [`offset!`] so that the verifier knows it; `None` for a field this kernel lacks.
+///
+/// # Safety
+///
+/// `base` is a BTF-typed pointer the verifier tracks as such, and `off` is a field of its type
+/// that holds a `T`.
+#[inline(always)]
+pub unsafe fn load_at<T: Plain>(base: *const u8, off: u16) -> Option<T> {
+    if off == UNSET || base.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's contract; the verifier checks the access against the type.
+    Some(unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) })
+}
+
+/// How a kernel struct is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mem {
+    /// With plain loads ([`load_at`]): the pointer is one the kernel handed over typed (a
+    /// `tp_btf` argument, `bpf_task_pt_regs`), or a pointer field read from such a struct.
+    Typed,
+    /// Through the probe helper ([`read_at`]): anything else.
+    Probe,
+}
+
+impl Mem {
+    /// Reads the `T` at `base + off`; `off` comes from [`offset!`].
+    ///
+    /// # Safety
+    ///
+    /// With [`Mem::Typed`], as for [`load_at`].
+    #[inline(always)]
+    pub unsafe fn read<T: Plain>(self, base: *const u8, off: u16) -> Option<T> {
+        match self {
+            // SAFETY: the caller's contract.
+            Mem::Typed => unsafe { load_at(base, off) },
+            Mem::Probe => read_at(base, off),
+        }
+    }
+}
+
 mod sealed {
     pub trait Sealed {}
 }
@@ -121,54 +187,95 @@ pub fn read_cookie(sk: *const u8, o: &KernelOffsets) -> u64 {
     if cookie != 0 { cookie } else { sk as u64 | ADDRESS_COOKIE }
 }
 
-/// A socket's (local, remote) ports, 0 where unreadable.
+/// The kernel's socket cookie for `sk`, read where the kernel keeps it once anything asked for
+/// it (every socket `sock_ops` saw has one), else made by the helper.
+///
+/// # Safety
+///
+/// As for [`socket_cookie`].
 #[inline(always)]
-pub fn sock_ports(sk: *const u8, o: &KernelOffsets) -> (u16, u16) {
-    let sport = read_at::<u16>(sk, o.sk_num).unwrap_or(0);
-    let dport = u16::from_be(read_at::<u16>(sk, o.sk_dport).unwrap_or(0));
-    (sport, dport)
+pub unsafe fn typed_socket_cookie(sk: *const c_void) -> u64 {
+    // SAFETY: the caller passes a trusted `struct sock` pointer; `sk_cookie` is its field.
+    match unsafe { load_at::<u64>(sk.cast(), offset!(sk_cookie)) } {
+        Some(cookie) if cookie != 0 => cookie,
+        // SAFETY: as above.
+        _ => unsafe { socket_cookie(sk) },
+    }
+}
+
+/// A socket's (local, remote) ports, 0 where unreadable.
+///
+/// # Safety
+///
+/// As for [`Mem::read`]: with [`Mem::Typed`], `sk` is a BTF-typed `struct sock *`.
+#[inline(always)]
+pub unsafe fn sock_ports(mem: Mem, sk: *const u8) -> (u16, u16) {
+    // SAFETY: the caller's contract; both are fields of `struct sock`.
+    unsafe {
+        let sport = mem.read::<u16>(sk, offset!(sk_num)).unwrap_or(0);
+        let dport = u16::from_be(mem.read::<u16>(sk, offset!(sk_dport)).unwrap_or(0));
+        (sport, dport)
+    }
 }
 
 /// `sk->sk_protocol` (a `u16` since 5.6, a `u8` bitfield neighbour before).
+///
+/// # Safety
+///
+/// As for [`sock_ports`].
 #[inline(always)]
-pub fn sock_protocol(sk: *const u8, o: &KernelOffsets) -> Option<u16> {
-    if o.sk_protocol_size == 1 {
-        read_at::<u8>(sk, o.sk_protocol).map(u16::from)
-    } else {
-        read_at::<u16>(sk, o.sk_protocol)
+pub unsafe fn sock_protocol(mem: Mem, sk: *const u8) -> Option<u16> {
+    // SAFETY: the caller's contract; a field of `struct sock`.
+    unsafe {
+        if offset!(sk_protocol_size) == 1 {
+            mem.read::<u8>(sk, offset!(sk_protocol)).map(u16::from)
+        } else {
+            mem.read::<u16>(sk, offset!(sk_protocol))
+        }
     }
 }
 
 /// Inode number of a `struct net`'s namespace.
+///
+/// # Safety
+///
+/// As for [`Mem::read`]: with [`Mem::Typed`], `net` is a BTF-typed `struct net *`.
 #[inline(always)]
-pub fn net_inum(net: *const u8, o: &KernelOffsets) -> u32 {
-    read_at::<u32>(net, o.net_inum).unwrap_or(0)
+pub unsafe fn net_inum(mem: Mem, net: *const u8) -> u32 {
+    // SAFETY: the caller's contract; a field of `struct net`.
+    unsafe { mem.read::<u32>(net, offset!(net_inum)) }.unwrap_or(0)
 }
 
 /// Fills `t` with `sk`'s local (`s*`) and remote (`d*`) address, ports and network namespace.
+///
+/// # Safety
+///
+/// As for [`sock_ports`].
 #[inline(always)]
-pub fn read_sock_tuple(sk: *const u8, o: &KernelOffsets, t: &mut Tuple) {
-    let family = read_at::<u16>(sk, o.sk_family).unwrap_or(0);
-    t.family = family;
-    t.sport = read_at::<u16>(sk, o.sk_num).unwrap_or(0);
-    t.dport = u16::from_be(read_at::<u16>(sk, o.sk_dport).unwrap_or(0));
-    if family == AF_INET {
-        if let Some(a) = read_at::<[u8; 4]>(sk, o.sk_rcv_saddr) {
-            t.saddr[..4].copy_from_slice(&a);
+pub unsafe fn read_sock_tuple(mem: Mem, sk: *const u8, t: &mut Tuple) {
+    // SAFETY: the caller's contract; fields of `struct sock`, and `sk_net`'s `struct net`.
+    unsafe {
+        let family = mem.read::<u16>(sk, offset!(sk_family)).unwrap_or(0);
+        t.family = family;
+        (t.sport, t.dport) = sock_ports(mem, sk);
+        if family == AF_INET {
+            if let Some(a) = mem.read::<[u8; 4]>(sk, offset!(sk_rcv_saddr)) {
+                t.saddr[..4].copy_from_slice(&a);
+            }
+            if let Some(a) = mem.read::<[u8; 4]>(sk, offset!(sk_daddr)) {
+                t.daddr[..4].copy_from_slice(&a);
+            }
+        } else if family == AF_INET6 {
+            if let Some(a) = mem.read::<[u8; 16]>(sk, offset!(sk_v6_rcv_saddr)) {
+                t.saddr = a;
+            }
+            if let Some(a) = mem.read::<[u8; 16]>(sk, offset!(sk_v6_daddr)) {
+                t.daddr = a;
+            }
         }
-        if let Some(a) = read_at::<[u8; 4]>(sk, o.sk_daddr) {
-            t.daddr[..4].copy_from_slice(&a);
+        if let Some(net) = mem.read::<*const u8>(sk, offset!(sk_net)) {
+            t.netns = net_inum(mem, net);
         }
-    } else if family == AF_INET6 {
-        if let Some(a) = read_at::<[u8; 16]>(sk, o.sk_v6_rcv_saddr) {
-            t.saddr = a;
-        }
-        if let Some(a) = read_at::<[u8; 16]>(sk, o.sk_v6_daddr) {
-            t.daddr = a;
-        }
-    }
-    if let Some(net) = read_at::<*const u8>(sk, o.sk_net) {
-        t.netns = net_inum(net, o);
     }
 }
 

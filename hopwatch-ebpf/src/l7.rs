@@ -28,8 +28,8 @@ use aya_ebpf::{
 };
 use hopwatch_common::{
     AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
-    IPPROTO_UDP, KernelOffsets, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS,
-    PROTO_TLS_HANDSHAKE, PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_SYSCALL, ThreadRequest,
+    IPPROTO_UDP, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS, PROTO_TLS_HANDSHAKE,
+    PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_SYSCALL, ThreadRequest,
     detect::{HEAD, detect, socket_role},
 };
 
@@ -38,8 +38,8 @@ use crate::{
     emit::output,
     exchange,
     kernel::{
-        current_process_into, offsets, read_at, read_sock_tuple, read_user, sock_protocol,
-        socket_cookie,
+        Mem, current_process_into, load_at, offset, read_sock_tuple, read_user, sock_protocol,
+        typed_socket_cookie,
     },
     maps::{
         DATA_SCRATCH, DETECT_STASH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
@@ -100,7 +100,7 @@ unsafe fn on_socket_call(sk: *const c_void, len: u32, direction: u8) {
         return;
     }
     // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
-    let cookie = unsafe { socket_cookie(sk) };
+    let cookie = unsafe { typed_socket_cookie(sk) };
     capture(Some(sk), sk.cast(), cookie, len, direction, None, None);
 }
 
@@ -127,13 +127,25 @@ pub fn capture(
     if settings.self_tgid != 0 && (pid_tgid >> 32) as u32 == settings.self_tgid {
         return;
     }
-    let o = offsets();
     let skb = sk;
-    let Some(family) = read_at::<u16>(skb, o.sk_family) else { return };
+    // The socket-layer hooks' socket is typed; the syscall path's was read from memory.
+    let mem = if trusted.is_some() { Mem::Typed } else { Mem::Probe };
+    // SAFETY: with `Mem::Typed`, `sk` is the socket the kernel handed over.
+    let Some(family) = (unsafe { mem.read::<u16>(skb, offset!(sk_family)) }) else { return };
     if family != AF_INET && family != AF_INET6 {
         return;
     }
-    let protocol = sock_protocol(skb, &o).unwrap_or(0);
+    let conn = L7CONNS.get_ptr_mut(cookie);
+    // A promoted socket is plaintext HTTP over TCP: no protocol to read, and no TLS call can be
+    // writing to it.
+    // SAFETY: map value of this socket, valid while the program runs.
+    let promoted = trusted.is_some() && conn.is_some_and(|c| unsafe { (*c).fast } != 0);
+    let protocol = if promoted {
+        u16::from(IPPROTO_TCP)
+    } else {
+        // SAFETY: as above.
+        unsafe { sock_protocol(mem, skb) }.unwrap_or(0)
+    };
     if protocol != u16::from(IPPROTO_TCP) && protocol != u16::from(IPPROTO_UDP) {
         return;
     }
@@ -143,7 +155,7 @@ pub fn capture(
     // Maps are updated only when the association changes: an update of an LRU map takes a lock
     // and may evict, and this runs on every ciphertext call.
     let mut handshake = None;
-    if let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+    if !promoted && let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
         // SAFETY: map value pointer, valid until we return; the call's cookie is the one
         // remembered for its `SSL*` (or 0) when the call started.
         unsafe {
@@ -153,7 +165,7 @@ pub fn capture(
             }
             (*call).io_ns = bpf_ktime_get_ns();
         }
-        match L7CONNS.get_ptr_mut(cookie) {
+        match conn {
             // SAFETY: map value pointer, valid until we return.
             Some(c) => unsafe {
                 // A handshake under way, or one the library does inside SSL_read/SSL_write.
@@ -170,7 +182,6 @@ pub fn capture(
             return;
         }
     }
-    let conn = L7CONNS.get_ptr_mut(cookie);
     // SAFETY: map value, copied out at once.
     let mut state = conn.map(|c| unsafe { *c }).unwrap_or_default();
     if let Some(h) = handshake.or((state.proto == PROTO_TLS_HANDSHAKE).then_some(state)) {
@@ -191,7 +202,7 @@ pub fn capture(
         if let (Some(ctx), Some(_)) = (detect_elsewhere, user) {
             stash_and_detect(ctx, p);
         } else {
-            tls_handshake::on_message(sk, cookie, h, len, direction, &o, user);
+            tls_handshake::on_message(sk, cookie, h, len, direction, user);
         }
         return;
     }
@@ -202,24 +213,6 @@ pub fn capture(
     let mut turned = false;
     let mut caller = ThreadRequest::default();
     if !udp {
-        // The exchange engine's clock: one turn per change of direction (see
-        // `hopwatch_common::exchange`), kept on both paths.
-        if state.last_direction != direction {
-            turned = true;
-            state.last_direction = direction;
-            state.turns = state.turns.wrapping_add(1);
-            if let Some(c) = conn {
-                // SAFETY: map value of this socket, valid while the program runs.
-                unsafe {
-                    (*c).last_direction = direction;
-                    (*c).turns = state.turns;
-                    if state.role != ROLE_UNKNOWN {
-                        caller = causality::on_turn(&mut *c, cookie, pid_tgid, direction);
-                        state.owner_tid = (*c).owner_tid;
-                    }
-                }
-            }
-        }
         if state.fast == 0
             && state.proto == PROTO_HTTP
             && trusted.is_some()
@@ -237,17 +230,46 @@ pub fn capture(
             state.fast = 1;
             let _ = PROMOTIONS.remove(cookie);
         }
+        // The exchange engine's clock: one turn per change of direction (see
+        // `hopwatch_common::exchange`), kept on both paths.
+        if state.last_direction != direction {
+            turned = true;
+            state.last_direction = direction;
+            state.turns = state.turns.wrapping_add(1);
+            if let Some(c) = conn {
+                // SAFETY: map value of this socket, valid while the program runs.
+                unsafe {
+                    (*c).last_direction = direction;
+                    (*c).turns = state.turns;
+                    if state.role != ROLE_UNKNOWN {
+                        let recorded = match trusted {
+                            // A request read on the fast path: recorded by the sample.
+                            Some(sk)
+                                if (*c).fast != 0
+                                    && (*c).server != 0
+                                    && direction == DIR_INGRESS =>
+                            {
+                                exchange::request_sampled(sk, &*c)
+                            }
+                            _ => true,
+                        };
+                        caller = causality::on_turn(&mut *c, cookie, pid_tgid, direction, recorded);
+                        state.owner_tid = (*c).owner_tid;
+                    }
+                }
+            }
+        }
         if state.fast != 0
             && let Some(sk) = trusted
             && let Some(c) = conn
             // SAFETY: the tracepoint's socket and its L7CONNS value.
-            && unsafe { exchange::on_call(sk, cookie, c, len, direction, pid_tgid, &o, caller) }
+            && unsafe { exchange::on_call(sk, cookie, c, len, direction, pid_tgid, caller) }
         {
             return;
         }
     }
 
-    let Some(user) = user.or_else(|| syscall_data(&o, pid_tgid)) else {
+    let Some(user) = user.or_else(|| syscall_data(pid_tgid)) else {
         count(Counter::L7UnsupportedCall);
         return;
     };
@@ -260,7 +282,8 @@ pub fn capture(
     // (and userspace also has them from the connection's TCP events). UDP sockets may talk to
     // many peers, so every datagram carries them.
     if udp || state.tuple_sent == 0 {
-        read_sock_tuple(skb, &o, &mut ev.tuple);
+        // SAFETY: as above.
+        unsafe { read_sock_tuple(mem, skb, &mut ev.tuple) };
     }
     ev.tuple.protocol = protocol as u8;
     if udp {
@@ -304,7 +327,7 @@ pub fn capture(
             detect_head(&scratch.data, captured)
         };
         if proto == PROTO_TLS {
-            tls_handshake::on_message(sk, cookie, state, len, direction, &o, Some(user));
+            tls_handshake::on_message(sk, cookie, state, len, direction, Some(user));
             return;
         }
         detected(scratch, pending, proto, pid_tgid);
@@ -357,7 +380,7 @@ pub fn detected(scratch: &mut DataScratch, mut p: Pending, proto: u8, pid_tgid: 
     if p.state.role == ROLE_UNKNOWN && p.udp == 0 {
         p.state.role = socket_role(proto, scratch.data[0], p.direction);
         if p.state.role != ROLE_UNKNOWN && p.turned != 0 {
-            p.caller = causality::on_turn(&mut p.state, p.cookie, pid_tgid, p.direction);
+            p.caller = causality::on_turn(&mut p.state, p.cookie, pid_tgid, p.direction, true);
         }
     }
     if proto == PROTO_UNKNOWN {
@@ -439,27 +462,32 @@ pub fn detect_head(data: &[u8; 2 * DATA_MAX], captured: u32) -> u8 {
 
 /// Finds the user buffer of the syscall in progress from its saved registers.
 #[inline(always)]
-pub fn syscall_data(o: &KernelOffsets, pid_tgid: u64) -> Option<UserData> {
+pub fn syscall_data(pid_tgid: u64) -> Option<UserData> {
     // SAFETY: helpers valid in tracing programs, given the current task; `regs` (the task's saved
     // registers) is only read through `read_at`.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
-    let nr = read_at::<u64>(regs, o.regs_orig_ax)?;
-    let arg = |off: u16| read_at::<u64>(regs, off);
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: `regs` is the BTF-typed `struct pt_regs *` the helper returned; the offsets are
+    // its fields'.
+    let nr = unsafe { load_at::<u64>(regs, offset!(regs_orig_ax)) }?;
+    let arg = |off: u16| unsafe { load_at::<u64>(regs, off) };
     let sc = HOPWATCH_SYSCALLS.load();
     let nr = nr as u32;
     if nr == sc.read || nr == sc.write {
-        Some(UserData { ptr: arg(o.regs_si)?, iov_count: 0, addr: 0 })
+        Some(UserData { ptr: arg(offset!(regs_si))?, iov_count: 0, addr: 0 })
     } else if nr == sc.sendto || nr == sc.recvfrom {
         // recvfrom fills its address only after the socket layer returns: not usable here.
-        let addr = if nr == sc.sendto { arg(o.regs_r8)? } else { 0 };
-        Some(UserData { ptr: arg(o.regs_si)?, iov_count: 0, addr })
+        let addr = if nr == sc.sendto { arg(offset!(regs_r8))? } else { 0 };
+        Some(UserData { ptr: arg(offset!(regs_si))?, iov_count: 0, addr })
     } else if nr == sc.readv || nr == sc.writev {
-        Some(UserData { ptr: arg(o.regs_si)?, iov_count: arg(o.regs_dx)?, addr: 0 })
+        Some(UserData { ptr: arg(offset!(regs_si))?, iov_count: arg(offset!(regs_dx))?, addr: 0 })
     } else if nr == sc.sendmsg || nr == sc.recvmsg {
-        from_msghdr(arg(o.regs_si)?, nr == sc.sendmsg)
+        from_msghdr(arg(offset!(regs_si))?, nr == sc.sendmsg)
     } else if nr == sc.sendmmsg || nr == sc.recvmmsg {
-        let vec = arg(o.regs_si)?;
-        let vlen = arg(o.regs_dx)?;
+        let vec = arg(offset!(regs_si))?;
+        let vlen = arg(offset!(regs_dx))?;
         let idx = mmsg_index(pid_tgid, vec, vlen);
         from_msghdr(vec + idx * MMSGHDR_SIZE, nr == sc.sendmmsg)
     } else {

@@ -28,6 +28,10 @@ pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(CONN
 pub static LISTENERS: LruHashMap<ListenKey, ConnState> =
     LruHashMap::with_max_entries(LISTENERS_ENTRIES, 0);
 
+/// Events committed on this CPU, for `emit::wakeup_flags`.
+#[map]
+pub static WAKEUP_CHECKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
@@ -44,6 +48,11 @@ pub static L7CONNS: LruHashMap<u64, L7Conn> = LruHashMap::with_max_entries(L7CON
 /// The fast path's exchange in progress, per promoted socket (freed with the socket).
 #[btf_map]
 pub static EXCHANGES: SkStorage<ExchangeState> = SkStorage::new();
+
+/// When a connection's next periodic report is due (monotonic ns), so that `sock_ops`' RTT
+/// callback, which runs for most ACKs, reads the counters only then.
+#[btf_map]
+pub static TCP_REPORTS: SkStorage<u64> = SkStorage::new();
 
 #[map]
 pub static PROMOTIONS: LruHashMap<u64, Promotion> =

@@ -23,7 +23,7 @@ use hopwatch_common::{
 };
 
 use crate::{
-    kernel::{fd_socket, offsets, read_cookie, read_user, sock_ports},
+    kernel::{Mem, fd_socket, offsets, read_cookie, read_user, sock_ports},
     maps::{HOPWATCH_SETTINGS, L7CONNS, NGINX_UPSTREAMS},
 };
 
@@ -73,7 +73,8 @@ fn on_chain_writer(ctx: &ProbeContext) -> Option<()> {
     // sample's on the fast path (its response will end turn `turns + 1`): the upstream request
     // is recorded with it.
     let recorded = c.fast == 0 || {
-        let (a, b) = sock_ports(down_sk, &o);
+        // SAFETY: read through the probe helper.
+        let (a, b) = unsafe { sock_ports(Mem::Probe, down_sk) };
         let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1));
         sampled(a, b, index, HOPWATCH_SETTINGS.load().exchange_sample)
     };

@@ -4,16 +4,23 @@
 //! stable UAPI (4.13+, counters 4.16+), so no `tcp_sock` offsets are needed. Attached to the root
 //! of the cgroup v2 hierarchy it sees every TCP socket on the host, in every network namespace.
 //! We ask for state callbacks (to snapshot the final counters just before the `→ CLOSE`
-//! tracepoint fires, which reads them) and RTT callbacks (to refresh counters and emit a periodic
-//! [`TcpOp::Update`] for long-lived connections, at most once per configured interval).
+//! tracepoint fires, which reads them) and RTT callbacks (to emit a periodic [`TcpOp::Update`]
+//! for long-lived connections, at most once per configured interval). The RTT callback runs for
+//! most ACKs, so on an established connection it only checks when the socket's next report is
+//! due ([`TCP_REPORTS`], socket storage) and reads the counters then.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
-    helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_sk_storage_get},
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -24,7 +31,7 @@ use hopwatch_common::{
 
 use crate::{
     emit::{fill_from_conn, reserve, wakeup_flags},
-    maps::{CONNS, HOPWATCH_SETTINGS, count},
+    maps::{CONNS, HOPWATCH_SETTINGS, TCP_REPORTS, count},
 };
 
 #[sock_ops]
@@ -36,7 +43,12 @@ pub fn hopwatch_sockops(ctx: SockOpsContext) -> u32 {
         let _ = ctx.set_cb_flags(flags as i32);
         snapshot(&ctx, false);
     } else if op == BPF_SOCK_OPS_RTT_CB {
-        snapshot(&ctx, true);
+        // Once per ACK that measures an RTT: on an established connection only a clock is
+        // checked, and the counters are read when its next report is due.
+        // SAFETY: a read of the program's own context.
+        if unsafe { (*ctx.ops).state } != TCP_ESTABLISHED || report_due(&ctx) {
+            snapshot(&ctx, true);
+        }
     } else if op == BPF_SOCK_OPS_STATE_CB {
         snapshot(&ctx, false);
     } else if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
@@ -50,6 +62,46 @@ pub fn hopwatch_sockops(ctx: SockOpsContext) -> u32 {
         }
     }
     1
+}
+
+/// `include/net/tcp_states.h`
+const TCP_ESTABLISHED: u32 = 1;
+
+/// Connections get a report clock once they are this old: a short connection would pay for its
+/// socket storage (allocated, then freed with the socket) more than the clock saves it.
+const CLOCK_AFTER_NS: u64 = 1_000_000_000;
+
+/// The socket's next [`TcpOp::Update`] is due, or it has no clock yet (every RTT callback then
+/// takes the snapshot, which starts the clock once the connection is [`CLOCK_AFTER_NS`] old).
+#[inline(always)]
+fn report_due(ctx: &SockOpsContext) -> bool {
+    // SAFETY: a read of the program's own context; the verifier types it as a socket or null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return true;
+    }
+    let Some(due) = report_clock(sk.cast(), false) else { return true };
+    // SAFETY: no arguments.
+    (unsafe { bpf_ktime_get_ns() }) >= *due
+}
+
+/// The socket's [`TCP_REPORTS`] value (when its next report is due), created if `create`.
+#[inline(always)]
+fn report_clock(sk: *mut c_void, create: bool) -> Option<&'static mut u64> {
+    let flags = if create { u64::from(BPF_SK_STORAGE_GET_F_CREATE) } else { 0 };
+    // SAFETY: `sk` is the context's socket (non-null, checked by the caller); a null value asks
+    // the kernel to create zeroed storage.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&TCP_REPORTS).cast_mut().cast(),
+            sk,
+            core::ptr::null_mut(),
+            flags,
+        )
+    }
+    .cast::<u64>();
+    // SAFETY: socket storage of this socket, valid while the program runs.
+    (!p.is_null()).then(|| unsafe { &mut *p })
 }
 
 #[inline(always)]
@@ -76,11 +128,18 @@ fn snapshot(ctx: &SockOpsContext, may_report: bool) {
         let now = bpf_ktime_get_ns();
         let interval = HOPWATCH_SETTINGS.load().update_interval_ns;
         let since = if (*c).last_report_ns == 0 { (*c).start_ns } else { (*c).last_report_ns };
-        if now.saturating_sub(since) < interval {
-            return;
+        let due = now.saturating_sub(since) >= interval;
+        if due {
+            (*c).last_report_ns = now;
+            report(ctx, cookie, &*c, now);
         }
-        (*c).last_report_ns = now;
-        report(ctx, cookie, &*c, now);
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        if !sk.is_null()
+            && now.saturating_sub((*c).start_ns) >= CLOCK_AFTER_NS
+            && let Some(clock) = report_clock(sk.cast(), true)
+        {
+            *clock = if due { now } else { since }.saturating_add(interval);
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use hopwatch_common::{
 };
 
 use crate::{
-    kernel::{fd_socket, offsets, read_at, read_cookie, read_user, sock_protocol},
+    kernel::{Mem, fd_socket, offsets, read_at, read_cookie, read_user, sock_protocol},
     l7::{self, UserData},
     maps::{
         DATA_SCRATCH, DETECT_STASH, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS,
@@ -83,7 +83,8 @@ fn on_enter(ctx: &TracePointContext) -> Option<()> {
     if family != AF_INET && family != AF_INET6 {
         return None;
     }
-    let protocol = sock_protocol(sk, &o)?;
+    // SAFETY: read through the probe helper.
+    let protocol = unsafe { sock_protocol(Mem::Probe, sk) }?;
     if protocol == u16::from(IPPROTO_UDP) {
         // Over UDP only DNS is parsed: a connected socket shows its ports here (an unconnected
         // one names its peer per datagram, and the capture checks that).
@@ -169,14 +170,12 @@ pub fn syscall_detect(ctx: TracePointContext) -> u32 {
             if p.handshake == 0 { l7::detect_head(&scratch.data, p.captured) } else { PROTO_TLS };
         if proto == PROTO_TLS {
             // A TLS handshake's record (detected here, or of a handshake under way).
-            let o = offsets();
             tls_handshake::on_message(
                 p.sk as *const u8,
                 p.cookie,
                 p.state,
                 p.len,
                 p.direction,
-                &o,
                 Some(p.user),
             );
         } else {

@@ -20,13 +20,14 @@ use aya_ebpf::{
 };
 use hopwatch_common::{
     CONN_F_FIN_IN, CONN_F_FIN_OUT_ACKED, CONN_F_PREEXISTING, CONN_F_RESET_IN_SYN_SENT, ConnState,
-    Counter, IPPROTO_TCP, KernelOffsets, ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple,
-    maps::ListenKey,
+    Counter, IPPROTO_TCP, ROLE_CLIENT, ROLE_SERVER, TcpEvent, TcpOp, Tuple, maps::ListenKey,
 };
 
 use crate::{
     emit::{fill_from_conn, reserve, wakeup_flags},
-    kernel::{current_process, offsets, read_at, read_sock_tuple, sock_protocol, socket_cookie},
+    kernel::{
+        Mem, current_process, load_at, offset, read_sock_tuple, sock_protocol, typed_socket_cookie,
+    },
     maps::{CONNS, HOPWATCH_SETTINGS, L7CONNS, LISTENERS, count},
 };
 
@@ -57,14 +58,14 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// `sk` is the tracepoint's `struct sock *` (see [`socket_cookie`]).
 unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
     count(Counter::TcpStateChanges);
-    let o = offsets();
     let skb = sk.cast::<u8>();
     // MPTCP's parent socket and SCTP share this tracepoint; their subflows are plain TCP.
-    if sock_protocol(skb, &o) != Some(u16::from(IPPROTO_TCP)) {
+    // SAFETY: `sk` is the tracepoint's socket (the caller's contract), typed.
+    if unsafe { sock_protocol(Mem::Typed, skb) } != Some(u16::from(IPPROTO_TCP)) {
         return;
     }
-    // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
-    let cookie = unsafe { socket_cookie(sk) };
+    // SAFETY: as above.
+    let cookie = unsafe { typed_socket_cookie(sk) };
     note_fin(cookie, old, new);
     match (old, new) {
         (TCP_CLOSE, TCP_SYN_SENT) => on_connect_start(cookie),
@@ -75,36 +76,48 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
                 // SAFETY: map value pointer, valid until this program returns.
                 unsafe { (*c).connect_latency_ns = now.saturating_sub((*c).start_ns) };
             }
-            emit(TcpOp::Connected, skb, &o, cookie, old, new, 0);
+            // SAFETY: as above.
+            unsafe { emit(TcpOp::Connected, skb, cookie, old, new, 0) };
         }
         (TCP_SYN_SENT, TCP_CLOSE) => {
-            let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
-            emit(TcpOp::ConnectFailed, skb, &o, cookie, old, new, err as u32);
+            // SAFETY: as above.
+            unsafe {
+                let err = load_at::<i32>(skb, offset!(sk_err)).unwrap_or(0);
+                emit(TcpOp::ConnectFailed, skb, cookie, old, new, err as u32);
+            }
             let _ = CONNS.remove(cookie);
         }
-        (_, TCP_LISTEN) => on_listen(skb, &o),
+        // SAFETY: as above.
+        (_, TCP_LISTEN) => unsafe { on_listen(skb) },
         (TCP_LISTEN, TCP_CLOSE) => {
-            let key = listen_key(skb, &o);
+            // SAFETY: as above.
+            let key = unsafe { listen_key(skb) };
             let _ = LISTENERS.remove(key);
         }
         // A child of a listening socket is born in SYN_RECV (cloned from the listener, so the
         // tracepoint shows the listener's state as `old`). Track it now: sock_ops' passive
         // established callback runs before the move to ESTABLISHED.
-        (_, TCP_SYN_RECV) => on_child_created(skb, &o, cookie),
-        (TCP_SYN_RECV, TCP_ESTABLISHED) => emit(TcpOp::Accepted, skb, &o, cookie, old, new, 0),
+        // SAFETY: as above.
+        (_, TCP_SYN_RECV) => unsafe { on_child_created(skb, cookie) },
+        // SAFETY: as above.
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => unsafe {
+            emit(TcpOp::Accepted, skb, cookie, old, new, 0);
+        },
         (
             TCP_ESTABLISHED | TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSE_WAIT | TCP_LAST_ACK
             | TCP_CLOSING | TCP_SYN_RECV,
             TCP_CLOSE,
         ) => {
-            let err = read_at::<i32>(skb, o.sk_err).unwrap_or(0);
-            // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
+            // SAFETY: as above.
+            let err = unsafe { load_at::<i32>(skb, offset!(sk_err)) }.unwrap_or(0);
+            // SAFETY: as above.
             unsafe { crate::exchange::on_close(sk, cookie) };
             // SAFETY: map value, copied out at once.
             if let Some(c) = unsafe { L7CONNS.get(cookie) } {
                 crate::causality::on_close(c, cookie);
             }
-            emit(TcpOp::Closed, skb, &o, cookie, old, new, err as u32);
+            // SAFETY: as above.
+            unsafe { emit(TcpOp::Closed, skb, cookie, old, new, err as u32) };
             let _ = CONNS.remove(cookie);
         }
         _ => {}
@@ -146,14 +159,19 @@ fn on_connect_start(cookie: u64) {
     }
 }
 
-fn listen_key(sk: *const u8, o: &KernelOffsets) -> ListenKey {
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *` (so are the callers' below).
+unsafe fn listen_key(sk: *const u8) -> ListenKey {
     let mut t = Tuple::default();
-    read_sock_tuple(sk, o, &mut t);
+    // SAFETY: the caller's contract.
+    unsafe { read_sock_tuple(Mem::Typed, sk, &mut t) };
     ListenKey { netns: t.netns, port: t.sport, family: t.family }
 }
 
-fn on_listen(sk: *const u8, o: &KernelOffsets) {
-    let key = listen_key(sk, o);
+unsafe fn on_listen(sk: *const u8) {
+    // SAFETY: the caller's contract.
+    let key = unsafe { listen_key(sk) };
     let mut c = ConnState::default();
     current_process(&mut c);
     if LISTENERS.insert(key, c, 0).is_err() {
@@ -161,8 +179,9 @@ fn on_listen(sk: *const u8, o: &KernelOffsets) {
     }
 }
 
-fn on_child_created(sk: *const u8, o: &KernelOffsets, cookie: u64) {
-    let mut key = listen_key(sk, o);
+unsafe fn on_child_created(sk: *const u8, cookie: u64) {
+    // SAFETY: the caller's contract.
+    let mut key = unsafe { listen_key(sk) };
     let mut c = ConnState {
         // SAFETY: no arguments.
         start_ns: unsafe { bpf_ktime_get_ns() },
@@ -188,8 +207,12 @@ fn on_child_created(sk: *const u8, o: &KernelOffsets, cookie: u64) {
 }
 
 /// Sends a [`TcpEvent`] for `sk`, taking process, timing and counters from its `CONNS` entry.
+///
+/// # Safety
+///
+/// `sk` is the tracepoint's `struct sock *`.
 #[inline(always)]
-fn emit(op: TcpOp, sk: *const u8, o: &KernelOffsets, cookie: u64, old: i32, new: i32, error: u32) {
+unsafe fn emit(op: TcpOp, sk: *const u8, cookie: u64, old: i32, new: i32, error: u32) {
     // SAFETY: no arguments.
     let Some(mut entry) = reserve::<TcpEvent>(unsafe { bpf_ktime_get_ns() }, cookie) else {
         return;
@@ -201,7 +224,8 @@ fn emit(op: TcpOp, sk: *const u8, o: &KernelOffsets, cookie: u64, old: i32, new:
     e.new_state = new as u8;
     e.error = error;
     e.tuple.protocol = IPPROTO_TCP;
-    read_sock_tuple(sk, o, &mut e.tuple);
+    // SAFETY: the caller's contract.
+    unsafe { read_sock_tuple(Mem::Typed, sk, &mut e.tuple) };
     // SAFETY: map value, only copied from (`fill_from_conn`, `sport`) before this program returns.
     match unsafe { CONNS.get(cookie) } {
         Some(c) => {
@@ -259,7 +283,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 unsafe fn with_conn(sk: *const c_void, f: impl FnOnce(&mut ConnState)) {
     // SAFETY: `sk` is a tracepoint's socket argument (the caller's contract).
-    let cookie = unsafe { socket_cookie(sk) };
+    let cookie = unsafe { typed_socket_cookie(sk) };
     if let Some(c) = CONNS.get_ptr_mut(cookie) {
         // SAFETY: map value pointer, valid until the program returns.
         f(unsafe { &mut *c });

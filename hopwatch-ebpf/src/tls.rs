@@ -166,7 +166,7 @@ fn exit(ret: i64) {
         }
     }
     if turned && state.role != ROLE_UNKNOWN {
-        caller = causality::on_turn(&mut state, cookie, pid_tgid, call.direction);
+        caller = causality::on_turn(&mut state, cookie, pid_tgid, call.direction, true);
     }
     if turned || detecting {
         // In place when the socket has its entry (no LRU insert on every turn).

@@ -12,12 +12,12 @@
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use hopwatch_common::{
-    Counter, DATA_MAX, KernelOffsets, L7Conn, PROTO_TLS, PROTO_TLS_HANDSHAKE, SRC_SYSCALL,
-    TLS_HANDSHAKE_MESSAGES, ThreadRequest, detect::detect,
+    Counter, DATA_MAX, L7Conn, PROTO_TLS, PROTO_TLS_HANDSHAKE, SRC_SYSCALL, TLS_HANDSHAKE_MESSAGES,
+    ThreadRequest, detect::detect,
 };
 
 use crate::{
-    kernel::read_sock_tuple,
+    kernel::{Mem, read_sock_tuple},
     l7::{UserData, copy_user_data, send, syscall_data, zero_tuple},
     maps::{DATA_SCRATCH, L7CONNS, count},
 };
@@ -37,11 +37,10 @@ pub fn on_message(
     mut state: L7Conn,
     len: u32,
     direction: u8,
-    o: &KernelOffsets,
     user: Option<UserData>,
 ) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(user) = user.or_else(|| syscall_data(o, pid_tgid)) else {
+    let Some(user) = user.or_else(|| syscall_data(pid_tgid)) else {
         count(Counter::L7UnsupportedCall);
         return;
     };
@@ -80,7 +79,8 @@ pub fn on_message(
     let ev = &mut scratch.event;
     zero_tuple(&mut ev.tuple);
     if first {
-        read_sock_tuple(sk, o, &mut ev.tuple);
+        // SAFETY: read through the probe helper.
+        unsafe { read_sock_tuple(Mem::Probe, sk, &mut ev.tuple) };
     }
     ev.tuple.protocol = hopwatch_common::IPPROTO_TCP;
     if len > captured {
