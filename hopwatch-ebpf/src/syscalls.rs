@@ -195,6 +195,8 @@ pub fn syscall_detect(ctx: TracePointContext) -> u32 {
 /// One message per run: the call's only one, or the next of a `sendmmsg`/`recvmmsg`, after which
 /// the program tail-calls itself ([`SYSCALL_TAILS`]) for the one after. One copy of the
 /// capture in the program keeps it within what older verifiers accept (6.1 gave up on three).
+/// Inlined: it tail-calls, which the verifier allows only in functions returning `int`.
+#[inline(always)]
 fn on_exit(ctx: &TracePointContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let entry = PENDING_CALLS.get_ptr_mut(pid_tgid)?;
