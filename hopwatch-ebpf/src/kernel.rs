@@ -2,7 +2,9 @@
 //!
 //! Rust eBPF has no CO-RE relocations, so no offset is compiled in: userspace resolves each field
 //! in `/sys/kernel/btf/vmlinux` and hands the result over as [`HOPWATCH_OFFSETS`]. A field this
-//! kernel lacks is `u16::MAX`, and reads of it return `None`.
+//! kernel lacks is `u16::MAX`, and reads of it return `None`. A struct the kernel handed over
+//! typed is read with plain loads ([`load_at`], offsets through [`offset!`] so that the verifier
+//! knows them); anything else through `bpf_probe_read_kernel` ([`read_at`]); [`Mem`] picks one.
 
 use core::ffi::c_void;
 
@@ -144,18 +146,6 @@ pub fn read_user<T: Plain>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-/// The kernel's socket cookie for `sk`.
-///
-/// # Safety
-///
-/// `sk` must be a BTF-typed `struct sock *` the program was handed (a tp_btf argument); the
-/// verifier refuses to load a program that passes anything else.
-#[inline(always)]
-pub unsafe fn socket_cookie(sk: *const c_void) -> u64 {
-    // SAFETY: the caller passes a trusted `struct sock` pointer, which the verifier checks.
-    unsafe { bpf_get_socket_cookie(sk.cast_mut()) }
-}
-
 /// The `struct sock *` behind file descriptor `fd` of the current task, if it is a socket.
 pub fn fd_socket(fd: u64, o: &KernelOffsets) -> Option<*const u8> {
     // SAFETY: no arguments; the task pointer is only read through `read_at`.
@@ -187,19 +177,21 @@ pub fn read_cookie(sk: *const u8, o: &KernelOffsets) -> u64 {
     if cookie != 0 { cookie } else { sk as u64 | ADDRESS_COOKIE }
 }
 
-/// The kernel's socket cookie for `sk`, read where the kernel keeps it once anything asked for
+/// The kernel's socket cookie for `sk`: read where the kernel keeps it once anything asked for
 /// it (every socket `sock_ops` saw has one), else made by the helper.
 ///
 /// # Safety
 ///
-/// As for [`socket_cookie`].
+/// `sk` must be a BTF-typed `struct sock *` the program was handed (a tp_btf argument); the
+/// verifier refuses to load a program that passes anything else.
 #[inline(always)]
-pub unsafe fn typed_socket_cookie(sk: *const c_void) -> u64 {
-    // SAFETY: the caller passes a trusted `struct sock` pointer; `sk_cookie` is its field.
+pub unsafe fn socket_cookie(sk: *const c_void) -> u64 {
+    // SAFETY: the caller passes a trusted `struct sock` pointer, which the verifier checks;
+    // `sk_cookie` is its field.
     match unsafe { load_at::<u64>(sk.cast(), offset!(sk_cookie)) } {
         Some(cookie) if cookie != 0 => cookie,
         // SAFETY: as above.
-        _ => unsafe { socket_cookie(sk) },
+        _ => unsafe { bpf_get_socket_cookie(sk.cast_mut()) },
     }
 }
 

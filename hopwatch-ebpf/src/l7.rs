@@ -39,7 +39,7 @@ use crate::{
     exchange,
     kernel::{
         Mem, current_process_into, load_at, offset, read_sock_tuple, read_user, sock_protocol,
-        typed_socket_cookie,
+        socket_cookie,
     },
     maps::{
         DATA_SCRATCH, DETECT_STASH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
@@ -100,7 +100,7 @@ unsafe fn on_socket_call(sk: *const c_void, len: u32, direction: u8) {
         return;
     }
     // SAFETY: `sk` is the tracepoint's socket (the caller's contract).
-    let cookie = unsafe { typed_socket_cookie(sk) };
+    let cookie = unsafe { socket_cookie(sk) };
     capture(Some(sk), sk.cast(), cookie, len, direction, None, None);
 }
 
@@ -464,7 +464,7 @@ pub fn detect_head(data: &[u8; 2 * DATA_MAX], captured: u32) -> u8 {
 #[inline(always)]
 pub fn syscall_data(pid_tgid: u64) -> Option<UserData> {
     // SAFETY: helpers valid in tracing programs, given the current task; `regs` (the task's saved
-    // registers) is only read through `read_at`.
+    // registers) is only read through `load_at`, which the verifier checks against its type.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if regs.is_null() {
         return None;

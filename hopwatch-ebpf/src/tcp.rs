@@ -26,7 +26,7 @@ use hopwatch_common::{
 use crate::{
     emit::{fill_from_conn, reserve, wakeup_flags},
     kernel::{
-        Mem, current_process, load_at, offset, read_sock_tuple, sock_protocol, typed_socket_cookie,
+        Mem, current_process, load_at, offset, read_sock_tuple, sock_protocol, socket_cookie,
     },
     maps::{CONNS, HOPWATCH_SETTINGS, L7CONNS, LISTENERS, count},
 };
@@ -65,7 +65,7 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
         return;
     }
     // SAFETY: as above.
-    let cookie = unsafe { typed_socket_cookie(sk) };
+    let cookie = unsafe { socket_cookie(sk) };
     note_fin(cookie, old, new);
     match (old, new) {
         (TCP_CLOSE, TCP_SYN_SENT) => on_connect_start(cookie),
@@ -283,7 +283,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 unsafe fn with_conn(sk: *const c_void, f: impl FnOnce(&mut ConnState)) {
     // SAFETY: `sk` is a tracepoint's socket argument (the caller's contract).
-    let cookie = unsafe { typed_socket_cookie(sk) };
+    let cookie = unsafe { socket_cookie(sk) };
     if let Some(c) = CONNS.get_ptr_mut(cookie) {
         // SAFETY: map value pointer, valid until the program returns.
         f(unsafe { &mut *c });
