@@ -26,9 +26,8 @@ use hopwatch_proto::{
     tls::TlsError,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 
 use self::{
     hub::{Hub, HubConfig},
@@ -138,7 +137,6 @@ pub async fn serve(
     let addr =
         listener.local_addr().map_err(|source| CollectorError::Listen { addr: listen, source })?;
     let mut builder = Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     let secure = tls.is_some();
@@ -154,10 +152,11 @@ pub async fn serve(
             IngestServer::new(IngestService::new(hub, secure))
                 .max_decoding_message_size(MAX_MESSAGE),
         );
-    let task = tokio::spawn(
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned()),
-    );
+    // The builder's `tcp_nodelay` applies only to listeners tonic binds itself: without it here,
+    // a short answer (a query's last frames, an ingest acknowledgement) waited for the peer's
+    // delayed ACK, 40 ms on Linux.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()));
     Ok(Serving { addr, task })
 }
 

@@ -129,6 +129,11 @@ pub(crate) async fn start(
     let stop = CancellationToken::new();
     let guard = stop.clone().drop_guard();
     tokio::spawn(async move {
+        // Follow streams one small event at a time: without TCP_NODELAY each could wait for
+        // the browser's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = served.await {
             tracing::error!(error = %e, "web UI server stopped");
