@@ -13,9 +13,9 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use super::{
-    filter::FilterSet,
+    filter::{FilterSet, terms::Sieve},
     hub::Hub,
-    store::{Chunk, FlowStore, Stored, record::BlockMeta},
+    store::{Chunk, FlowStore, Select, Stored, record::BlockMeta},
     traces::TraceJoin,
 };
 
@@ -25,6 +25,8 @@ type Tx = mpsc::Sender<Result<GetFlowsResponse, Status>>;
 #[derive(Debug)]
 pub struct Query {
     filters: FilterSet,
+    /// The filters' index terms (what the store can rule out undecoded).
+    sieve: Sieve,
     number: u64,
     first: bool,
     follow: bool,
@@ -55,6 +57,7 @@ impl Query {
             return Err(Status::invalid_argument("since is after until"));
         }
         Ok(Self {
+            sieve: filters.sieve(),
             filters,
             number: req.number,
             first: req.first,
@@ -118,7 +121,7 @@ impl Query {
     fn block_ok(&self, b: &BlockMeta) -> bool {
         self.since_ns.is_none_or(|s| b.max_time_ns >= s)
             && self.until_ns.is_none_or(|u| b.min_time_ns <= u)
-            && self.filters.may_match(&|t| b.bloom.contains(t))
+            && self.sieve.group(|t| b.bloom.contains(t))
     }
 
     /// `Some(true)` for a matching flow, `Some(false)` for a notice (sent, not counted), `None`
@@ -216,10 +219,10 @@ fn node_status(ev: hopwatch_proto::relay::NodeStatusEvent) -> GetFlowsResponse {
 async fn forward_new(store: &FlowStore, q: &Query, pos: &mut u64, tx: &Tx) -> bool {
     let end = store.end();
     while *pos < end {
-        match store.chunk_from(*pos, end, &|_| true) {
-            Chunk::Entries { start, entries } => {
+        match store.chunk_from(*pos, end, Select::ALL) {
+            Chunk::Entries { end: chunk_end, entries, .. } => {
                 let from = *pos;
-                if entries.is_empty() {
+                if chunk_end <= from {
                     break;
                 }
                 for e in entries.iter().filter(|e| e.index >= from && e.index < end) {
@@ -227,7 +230,7 @@ async fn forward_new(store: &FlowStore, q: &Query, pos: &mut u64, tx: &Tx) -> bo
                         return false;
                     }
                 }
-                *pos = (start + entries.len() as u64).max(from + 1).min(end);
+                *pos = chunk_end.min(end);
             }
             Chunk::Missing { end: gone, .. } | Chunk::Skipped { end: gone, .. } => {
                 let gone = gone.min(end).max(*pos + 1);
@@ -246,15 +249,16 @@ async fn forward_new(store: &FlowStore, q: &Query, pos: &mut u64, tx: &Tx) -> bo
 /// false when the client left.
 fn history(store: &FlowStore, q: &Query, end: u64, tx: &Tx) -> bool {
     let lo = store.first();
-    let block_ok = |b: &BlockMeta| q.block_ok(b);
+    let (block, entry) = (|b: &BlockMeta| q.block_ok(b), |sieve| q.sieve.entry(sieve));
+    let select = Select { block: &block, entry: &entry };
     if !q.first && q.number > 0 {
         // The newest `number` matches: walk back, then send oldest first.
         let mut picked: Vec<Arc<Stored>> = Vec::new();
         let mut flows = 0u64;
         let mut pos = end;
         while pos > lo && flows < q.number {
-            match store.chunk_before(pos, lo, &block_ok) {
-                Chunk::Entries { start, entries } => {
+            match store.chunk_before(pos, lo, select) {
+                Chunk::Entries { start, entries, .. } => {
                     for e in entries.iter().rev().filter(|e| e.index < pos && e.index >= lo) {
                         match q.wants(e) {
                             Some(true) if flows < q.number => {
@@ -283,9 +287,9 @@ fn history(store: &FlowStore, q: &Query, end: u64, tx: &Tx) -> bool {
     let mut flows = 0u64;
     let mut pos = lo;
     while pos < end && (q.number == 0 || flows < q.number) {
-        match store.chunk_from(pos, end, &block_ok) {
-            Chunk::Entries { start, entries } => {
-                if entries.is_empty() {
+        match store.chunk_from(pos, end, select) {
+            Chunk::Entries { end: chunk_end, entries, .. } => {
+                if chunk_end <= pos {
                     break;
                 }
                 for e in entries.iter().filter(|e| e.index >= pos && e.index < end) {
@@ -301,7 +305,7 @@ fn history(store: &FlowStore, q: &Query, end: u64, tx: &Tx) -> bool {
                         return false;
                     }
                 }
-                pos = (start + entries.len() as u64).max(pos + 1);
+                pos = chunk_end;
             }
             Chunk::Skipped { end: e, .. } | Chunk::Missing { end: e, .. } => pos = e.max(pos + 1),
         }

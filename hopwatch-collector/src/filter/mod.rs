@@ -57,10 +57,15 @@ impl FilterSet {
             && !self.blacklist.iter().any(|f| f.matches(flow))
     }
 
-    /// Whether a group of flows whose [`terms`] are all in `contains` may hold a match; `false`
-    /// only when no flow of the group can match (used to skip on-disk blocks).
-    pub fn may_match(&self, contains: &dyn Fn(u64) -> bool) -> bool {
-        self.whitelist.is_empty() || self.whitelist.iter().any(|f| f.may_match(contains))
+    /// The index terms a match needs, worked out once (to skip stored blocks and entries
+    /// without decoding them).
+    pub fn sieve(&self) -> terms::Sieve {
+        terms::Sieve::new((!self.whitelist.is_empty()).then(|| {
+            self.whitelist
+                .iter()
+                .map(|f| f.checks.iter().filter_map(terms::required).collect())
+                .collect()
+        }))
     }
 }
 
@@ -224,13 +229,6 @@ impl Compiled {
 
     fn matches(&self, f: &Flow) -> bool {
         self.checks.iter().all(|c| c.matches(f))
-    }
-
-    fn may_match(&self, contains: &dyn Fn(u64) -> bool) -> bool {
-        self.checks.iter().all(|c| match terms::required(c) {
-            Some(any_of) => any_of.into_iter().any(contains),
-            None => true,
-        })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Index terms: short hashed facts about a flow ("destination port 5432", "verdict DROPPED")
-//! that the on-disk store records per block in a Bloom filter, so a query skips blocks that
-//! cannot hold a match without decoding them.
+//! that the store records per block of the history in a Bloom filter and per entry in a 64-bit
+//! sieve, so a query skips blocks and entries that cannot hold a match without decoding them.
 //!
 //! [`flow_terms`] and [`required`] must agree: whatever a check needs, a matching flow emits.
 //! Checks that cannot be reduced to exact terms (CIDR ranges, prefixes, regexes, latencies)
@@ -115,5 +115,57 @@ pub(super) fn required(check: &Check) -> Option<Vec<u64>> {
             names.iter().map(|n| n.namespace().map(|ns| hash(tag, ns.as_bytes()))).collect()
         }
         _ => None,
+    }
+}
+
+/// The bits an entry's sieve has set for `term`: two of 64, from the term's hash.
+fn term_mask(term: u64) -> u64 {
+    let h = term.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (1 << (h >> 58)) | (1 << ((h >> 52) & 63))
+}
+
+/// An entry's terms folded into 64 bits. With the dozen terms a flow has, a term the entry
+/// lacks still finds both its bits set about one time in twelve; a term it has always does.
+pub fn entry_sieve(terms: &[u64]) -> u64 {
+    terms.iter().fold(0, |bits, &t| bits | term_mask(t))
+}
+
+/// A query's index terms, worked out once: which blocks (by their Bloom filter) and which
+/// entries (by their sieve) may hold a match. Never rules out a match; rules out most
+/// non-matches of a filter on a port, verdict, address, protocol or namespace.
+#[derive(Debug)]
+pub struct Sieve {
+    /// `None`: anything may match (no whitelist). Else per whitelist filter, its checks that
+    /// have terms.
+    filters: Option<Vec<Vec<AnyOf>>>,
+}
+
+/// The (term, sieve bits) of which a flow passing one check has at least one.
+type AnyOf = Vec<(u64, u64)>;
+
+impl Sieve {
+    pub(super) fn new(filters: Option<Vec<Vec<Vec<u64>>>>) -> Self {
+        let with_masks = |terms: Vec<u64>| terms.into_iter().map(|t| (t, term_mask(t))).collect();
+        Self {
+            filters: filters.map(|fs| {
+                fs.into_iter().map(|checks| checks.into_iter().map(with_masks).collect()).collect()
+            }),
+        }
+    }
+
+    fn any(&self, has: impl Fn(&(u64, u64)) -> bool) -> bool {
+        self.filters.as_ref().is_none_or(|fs| {
+            fs.iter().any(|checks| checks.iter().all(|any_of| any_of.iter().any(&has)))
+        })
+    }
+
+    /// Whether a group of flows whose terms are all in `contains` may hold a match.
+    pub fn group(&self, contains: impl Fn(u64) -> bool) -> bool {
+        self.any(|&(t, _)| contains(t))
+    }
+
+    /// Whether an entry with this [`entry_sieve`] may match.
+    pub fn entry(&self, sieve: u64) -> bool {
+        self.any(|&(_, m)| sieve & m == m)
     }
 }

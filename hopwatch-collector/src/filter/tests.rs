@@ -400,7 +400,7 @@ fn invalid_values_are_errors_naming_the_field() {
 }
 
 #[test]
-fn block_skipping_never_skips_a_match() {
+fn block_and_entry_skipping_never_skip_a_match() {
     let flows = [tcp_flow(), http_flow(), dns_drop()];
     let filters = [
         ff(|f| f.destination_port = s(&["5432"])),
@@ -416,9 +416,18 @@ fn block_skipping_never_skips_a_match() {
         terms::flow_terms(flow, |t| terms.push(t));
         for filter in &filters {
             let set = FilterSet::new(std::slice::from_ref(filter), &[]).unwrap();
-            let may = set.may_match(&|t| terms.contains(&t));
+            let sieve = set.sieve();
             if set.matches(flow) {
-                assert!(may, "{filter:?} matches {} but its terms say no", flow.uuid);
+                assert!(
+                    sieve.group(|t| terms.contains(&t)),
+                    "{filter:?} matches {} but its terms say no",
+                    flow.uuid
+                );
+                assert!(
+                    sieve.entry(terms::entry_sieve(&terms)),
+                    "{filter:?} matches {} but its sieve says no",
+                    flow.uuid
+                );
             }
         }
     }
@@ -426,7 +435,31 @@ fn block_skipping_never_skips_a_match() {
     let mut terms = Vec::new();
     terms::flow_terms(&tcp_flow(), |t| terms.push(t));
     let drops = FilterSet::new(&[ff(|f| f.verdict = vec![Verdict::Dropped.into()])], &[]).unwrap();
-    assert!(!drops.may_match(&|t| terms.contains(&t)));
+    assert!(!drops.sieve().group(|t| terms.contains(&t)));
+    // No whitelist: nothing is ruled out.
+    assert!(FilterSet::new(&[], &[]).unwrap().sieve().entry(0));
+}
+
+#[test]
+fn entry_sieves_rule_out_most_flows_without_the_term() {
+    // 1000 flows on distinct ports and addresses; a filter on a port none of them has lets
+    // about one in twelve through (both of its bits set by chance), and never all.
+    let drops = FilterSet::new(&[ff(|f| f.destination_port = s(&["6380"]))], &[]).unwrap();
+    let sieve = drops.sieve();
+    let through = (0..1000u32)
+        .filter(|&i| {
+            let mut f = tcp_flow();
+            f.ip.as_mut().unwrap().destination = format!("10.1.{}.{}", i / 250, i % 250);
+            if let Some(layer4::Protocol::Tcp(t)) = f.l4.as_mut().and_then(|l| l.protocol.as_mut())
+            {
+                t.destination_port = 10_000 + i;
+            }
+            let mut terms = Vec::new();
+            terms::flow_terms(&f, |t| terms.push(t));
+            sieve.entry(terms::entry_sieve(&terms))
+        })
+        .count();
+    assert!(through < 200, "{through} of 1000 flows without the port passed the sieve");
 }
 
 #[test]

@@ -123,6 +123,9 @@ struct BlockProto {
     max_time_ns: i64,
     #[prost(bytes = "vec", tag = "7")]
     bloom: Vec<u8>,
+    /// One per entry (absent in indexes written before sieves existed).
+    #[prost(fixed64, repeated, tag = "8")]
+    sieves: Vec<u64>,
 }
 
 struct Active {
@@ -466,6 +469,7 @@ fn write_index_file(log: &Path, file_len: u64, blocks: &[Arc<BlockMeta>]) {
                 min_time_ns: b.min_time_ns,
                 max_time_ns: b.max_time_ns,
                 bloom: b.bloom.to_bytes(),
+                sieves: b.sieves.clone(),
             })
             .collect(),
     };
@@ -535,12 +539,18 @@ fn read_index_file(log: &Path, file_len: u64) -> Option<Vec<BlockMeta>> {
                 min_time_ns: b.min_time_ns,
                 max_time_ns: b.max_time_ns,
                 bloom: record::Bloom::from_bytes(&b.bloom)?,
+                sieves: if b.sieves.len() == b.count as usize { b.sieves } else { Vec::new() },
             })
         })
         .collect()
 }
 
-/// Reads one block's entries (for readers holding a [`SegmentView`]).
-pub fn read_block(path: &Path, block: &BlockMeta) -> io::Result<Vec<Arc<super::Stored>>> {
-    record::read_block(path, block)
+/// Reads the entries of one block that `keep` takes by their sieve (for readers holding a
+/// [`SegmentView`]).
+pub fn read_block(
+    path: &Path,
+    block: &BlockMeta,
+    keep: &dyn Fn(u64) -> bool,
+) -> io::Result<Vec<Arc<super::Stored>>> {
+    record::read_block(path, block, keep)
 }

@@ -84,20 +84,43 @@ struct Ring {
     entries: VecDeque<Encoded>,
 }
 
-/// An entry in the memory ring: its time and its protobuf encoding (shared, so a reader takes
-/// it without copying and decodes it outside the ring's lock).
+/// An entry in the memory ring: its time, its term sieve and its protobuf encoding (shared, so
+/// a reader takes it without copying and decodes it outside the ring's lock).
 #[derive(Clone)]
 struct Encoded {
     time_ns: i64,
+    /// `filter::terms::entry_sieve` of its terms; all ones when not worked out (a store
+    /// without history does not compute terms).
+    sieve: u64,
     bytes: bytes::Bytes,
 }
 
-/// Entries read from the ring, decoded (outside its lock), the first being `first`.
-fn decoded(first: u64, encoded: Vec<Encoded>) -> Vec<Arc<Stored>> {
+/// What a reader can rule out without decoding: history blocks by their index, entries by
+/// their term sieve ([`Select::ALL`]: nothing).
+#[derive(Clone, Copy)]
+pub struct Select<'a> {
+    pub block: &'a dyn Fn(&BlockMeta) -> bool,
+    pub entry: &'a dyn Fn(u64) -> bool,
+}
+
+impl Select<'static> {
+    pub const ALL: Self = Self { block: &|_| true, entry: &|_| true };
+}
+
+/// The ring's entries `[lo, hi)` (positions) that `select` takes, with their indexes.
+fn selected(ring: &Ring, lo: usize, hi: usize, select: Select<'_>) -> Vec<(u64, Encoded)> {
+    (ring.first + lo as u64..)
+        .zip(ring.entries.range(lo..hi))
+        .filter(|(_, e)| (select.entry)(e.sieve))
+        .map(|(i, e)| (i, e.clone()))
+        .collect()
+}
+
+/// Entries read from the ring, decoded (outside its lock).
+fn decoded(encoded: Vec<(u64, Encoded)>) -> Vec<Arc<Stored>> {
     encoded
         .into_iter()
-        .zip(first..)
-        .map(|(e, index)| {
+        .map(|(index, e)| {
             let resp = GetFlowsResponse::decode(e.bytes)
                 .expect("the ring holds what the store itself encoded");
             Arc::new(Stored { index, time_ns: e.time_ns, resp })
@@ -107,8 +130,9 @@ fn decoded(first: u64, encoded: Vec<Encoded>) -> Vec<Arc<Stored>> {
 
 /// A run of consecutive entries handed to a reader.
 pub enum Chunk {
-    /// Entries `[start, start + entries.len())`.
-    Entries { start: u64, entries: Vec<Arc<Stored>> },
+    /// Of the entries `[start, end)`, those the reader's [`Select`] did not rule out (in index
+    /// order; possibly none).
+    Entries { start: u64, end: u64, entries: Vec<Arc<Stored>> },
     /// Entries `[start, end)` were looked at only through the index: no match possible.
     Skipped { start: u64, end: u64 },
     /// Entries `[start, end)` are gone (retention, or memory without history).
@@ -240,16 +264,16 @@ impl FlowStore {
     }
 
     /// The chunk of entries that starts at `from` (going forward, up to `end`). Disk blocks that
-    /// `block_ok` rejects come back as [`Chunk::Skipped`]; so do entries still in memory whose
+    /// `select` rejects come back as [`Chunk::Skipped`]; so do entries still in memory whose
     /// block is already sealed in the history (its index covers them).
-    pub fn chunk_from(&self, from: u64, end: u64, block_ok: &dyn Fn(&BlockMeta) -> bool) -> Chunk {
+    pub fn chunk_from(&self, from: u64, end: u64, select: Select<'_>) -> Chunk {
         let block = self.sealed_block_of(from);
         {
             let ring = self.ring.read().expect("ring lock");
             if from >= ring.first {
                 let mut stop = end.min(from.saturating_add(1024));
                 if let Some(b) = &block {
-                    if !block_ok(b) && !b.has_notices() {
+                    if !(select.block)(b) && !b.has_notices() {
                         return Chunk::Skipped {
                             start: from,
                             end: b.end_index().min(end).max(from + 1),
@@ -262,30 +286,25 @@ impl FlowStore {
                     .unwrap_or(usize::MAX)
                     .min(ring.entries.len());
                 let lo = lo.min(hi);
-                let (first, encoded) =
-                    (ring.first + lo as u64, ring.entries.range(lo..hi).cloned().collect());
+                let (start, end) = (ring.first + lo as u64, ring.first + hi as u64);
+                let encoded = selected(&ring, lo, hi, select);
                 drop(ring);
-                return Chunk::Entries { start: from, entries: decoded(first, encoded) };
+                return Chunk::Entries { start, end, entries: decoded(encoded) };
             }
         }
         let ring_first = self.ring.read().expect("ring lock").first;
-        self.disk_chunk(from, end.min(ring_first), true, block_ok)
+        self.disk_chunk(from, end.min(ring_first), true, select)
     }
 
     /// The chunk of entries that ends at `before` (exclusive), going backward down to `start`.
-    pub fn chunk_before(
-        &self,
-        before: u64,
-        start: u64,
-        block_ok: &dyn Fn(&BlockMeta) -> bool,
-    ) -> Chunk {
+    pub fn chunk_before(&self, before: u64, start: u64, select: Select<'_>) -> Chunk {
         let block = before.checked_sub(1).and_then(|at| self.sealed_block_of(at));
         {
             let ring = self.ring.read().expect("ring lock");
             if before > ring.first {
                 let mut from = before.saturating_sub(1024).max(start).max(ring.first);
                 if let Some(b) = &block {
-                    if !block_ok(b) && !b.has_notices() {
+                    if !(select.block)(b) && !b.has_notices() {
                         let skip_to = b.first_index.max(start).min(before - 1);
                         return Chunk::Skipped { start: skip_to, end: before };
                     }
@@ -295,24 +314,18 @@ impl FlowStore {
                     .unwrap_or(usize::MAX)
                     .min(ring.entries.len());
                 let lo = usize::try_from(from - ring.first).unwrap_or(usize::MAX).min(hi);
-                let (first, encoded) =
-                    (ring.first + lo as u64, ring.entries.range(lo..hi).cloned().collect());
+                let (start, end) = (ring.first + lo as u64, ring.first + hi as u64);
+                let encoded = selected(&ring, lo, hi, select);
                 drop(ring);
-                return Chunk::Entries { start: first, entries: decoded(first, encoded) };
+                return Chunk::Entries { start, end, entries: decoded(encoded) };
             }
         }
-        self.disk_chunk(before.saturating_sub(1), before, false, block_ok)
+        self.disk_chunk(before.saturating_sub(1), before, false, select)
     }
 
     /// The disk block holding `at` (forward: the first block at or after it; backward: the
     /// block ending at `limit`).
-    fn disk_chunk(
-        &self,
-        at: u64,
-        limit: u64,
-        forward: bool,
-        block_ok: &dyn Fn(&BlockMeta) -> bool,
-    ) -> Chunk {
+    fn disk_chunk(&self, at: u64, limit: u64, forward: bool, select: Select<'_>) -> Chunk {
         let Some((index, _)) = &self.disk else {
             return if forward {
                 Chunk::Missing { start: at, end: limit }
@@ -341,11 +354,13 @@ impl FlowStore {
         if !forward && block.end_index() < limit {
             return Chunk::Missing { start: block.end_index(), end: limit };
         }
-        if !block_ok(&block) && !block.has_notices() {
+        if !(select.block)(&block) && !block.has_notices() {
             return Chunk::Skipped { start: block.first_index, end: block.end_index() };
         }
-        match disk::read_block(&path, &block) {
-            Ok(entries) => Chunk::Entries { start: block.first_index, entries },
+        match disk::read_block(&path, &block, select.entry) {
+            Ok(entries) => {
+                Chunk::Entries { start: block.first_index, end: block.end_index(), entries }
+            }
             Err(e) => {
                 // Retention removed the file between the index lookup and the read.
                 tracing::debug!(path = %path.display(), error = %e, "history block unreadable");
@@ -420,17 +435,18 @@ impl StoreWriter {
             let stored =
                 Arc::get_mut(&mut e.entry).expect("entries are not shared before they are stored");
             stored.index = self.next_index;
-            // The ring keeps the encoding: the history's when it has one, else made now.
-            let bytes = match &mut self.disk {
+            // The ring keeps the encoding and sieve: the history's when it has one, else an
+            // encoding made now (terms are worked out only for the history's index).
+            let (bytes, sieve) = match &mut self.disk {
                 Some(d) => {
                     let prepared =
                         e.prepared.take().unwrap_or_else(|| record::Prepared::of(&stored.resp));
                     d.append(self.next_index, stored.time_ns, &prepared);
-                    prepared.encoded
+                    (prepared.encoded, record::sieve_of(&prepared.terms))
                 }
-                None => stored.resp.encode_to_vec(),
+                None => (stored.resp.encode_to_vec(), u64::MAX),
             };
-            encoded.push(Encoded { time_ns: stored.time_ns, bytes: bytes.into() });
+            encoded.push(Encoded { time_ns: stored.time_ns, sieve, bytes: bytes.into() });
             self.next_index += 1;
         }
         // Visible in memory before the disk write: readers may see an entry an instant before

@@ -23,6 +23,8 @@ use std::{
 use hopwatch_proto::observer::GetFlowsResponse;
 use prost::Message as _;
 
+use crate::filter::terms::{entry_sieve, flow_terms};
+
 pub const MAGIC: &[u8; 8] = b"HOPWSEG1";
 pub const HEADER_LEN: u64 = 16;
 const RECORD_HEADER: usize = 9;
@@ -146,6 +148,9 @@ pub struct BlockMeta {
     pub min_time_ns: i64,
     pub max_time_ns: i64,
     pub bloom: Bloom,
+    /// Each entry's term sieve (`filter::terms::entry_sieve`); empty when unknown (an index
+    /// written before sieves existed), which lets every entry through.
+    pub sieves: Vec<u64>,
 }
 
 impl BlockMeta {
@@ -158,6 +163,7 @@ impl BlockMeta {
             min_time_ns: i64::MAX,
             max_time_ns: i64::MIN,
             bloom: Bloom::default(),
+            sieves: Vec::with_capacity(BLOCK_ENTRIES as usize),
         }
     }
 
@@ -174,6 +180,12 @@ impl BlockMeta {
         for &t in terms {
             self.bloom.insert(t);
         }
+        self.sieves.push(sieve_of(terms));
+    }
+
+    /// The sieve of the block's `i`th entry.
+    pub fn sieve(&self, i: usize) -> u64 {
+        self.sieves.get(i).copied().unwrap_or(u64::MAX)
     }
 
     pub fn has_notices(&self) -> bool {
@@ -184,13 +196,18 @@ impl BlockMeta {
 /// Term of a block that holds a lost-event notice (which every query must see).
 const NOTICE_TERM: u64 = 0x6e6f_7469_6365_2121;
 
+/// An entry's sieve from its terms: a notice's lets every query through.
+pub fn sieve_of(terms: &[u64]) -> u64 {
+    if terms.contains(&NOTICE_TERM) { u64::MAX } else { entry_sieve(terms) }
+}
+
 /// The index terms of an entry.
 pub fn terms_of(resp: &GetFlowsResponse) -> Vec<u64> {
     let mut terms = Vec::with_capacity(12);
     if let Some(hopwatch_proto::observer::get_flows_response::ResponseTypes::Flow(f)) =
         &resp.response_types
     {
-        super::super::filter::terms::flow_terms(f, |t| terms.push(t));
+        flow_terms(f, |t| terms.push(t));
     } else {
         // Notices are never filtered out: make sure every query looks at their block.
         terms.push(NOTICE_TERM);
@@ -277,38 +294,46 @@ pub fn read_body(path: &Path) -> io::Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Reads the entries of one block, decoding each straight into its shared entry (a decoded
-/// flow is large; moving it around costs more than decoding it).
+/// Reads the entries of one block that `keep` takes by their sieve, decoding each straight
+/// into its shared entry (a decoded flow is large; moving it around costs more than decoding
+/// it).
 pub fn read_block(
     path: &Path,
     block: &BlockMeta,
+    keep: &dyn Fn(u64) -> bool,
 ) -> io::Result<Vec<std::sync::Arc<super::Stored>>> {
     let file = File::open(path)?;
     let mut bytes = vec![0u8; usize::try_from(block.len).expect("blocks fit in memory")];
     file.read_exact_at(&mut bytes, block.offset)?;
-    let mut out = Vec::with_capacity(block.count as usize);
-    let mut pos = 0;
+    let mut out = Vec::new();
+    let (mut pos, mut seen) = (0, 0usize);
     while let Some((kind, payload, next)) = frame_at(&bytes, pos) {
         pos = next;
         if kind != KIND_ENTRY {
             continue;
         }
+        let i = seen;
+        seen += 1;
+        if !keep(block.sieve(i)) {
+            continue;
+        }
         let mut entry = std::sync::Arc::new(super::Stored {
-            index: block.first_index + out.len() as u64,
+            index: block.first_index + i as u64,
             time_ns: 0,
             resp: GetFlowsResponse::default(),
         });
         let e = std::sync::Arc::get_mut(&mut entry).expect("just made");
         if e.resp.merge(payload).is_err() {
+            seen -= 1;
             break;
         }
         e.time_ns = super::entry_time_ns(&e.resp);
         out.push(entry);
     }
-    if out.len() != block.count as usize {
+    if seen != block.count as usize {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("block at {} holds {} of {} entries", block.offset, out.len(), block.count),
+            format!("block at {} holds {seen} of {} entries", block.offset, block.count),
         ));
     }
     Ok(out)

@@ -81,8 +81,8 @@ fn read_all(store: &FlowStore, from: u64, to: u64) -> Vec<Option<u32>> {
     let mut out = Vec::new();
     let mut pos = from;
     while pos < to {
-        match store.chunk_from(pos, to, &|_| true) {
-            Chunk::Entries { start, entries } => {
+        match store.chunk_from(pos, to, Select::ALL) {
+            Chunk::Entries { start, entries, .. } => {
                 assert!(!entries.is_empty(), "empty chunk at {pos}");
                 let lo = pos;
                 for e in entries.iter().filter(|e| e.index >= lo && e.index < to) {
@@ -235,7 +235,7 @@ fn retention_by_size_removes_the_oldest_segments() {
     assert!(got.iter().all(Option::is_some));
     // Removed entries are reported missing, not silently skipped.
     assert!(matches!(
-        store.chunk_from(0, u64::from(n), &|_| true),
+        store.chunk_from(0, u64::from(n), Select::ALL),
         Chunk::Missing { start: 0, .. }
     ));
 }
@@ -286,13 +286,17 @@ fn retention_by_age_removes_old_segments() {
 #[test]
 fn index_blocks_let_readers_skip() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = disk_cfg(dir.path(), 1 << 30, Duration::from_hours(24));
+    // 2 MiB segments.
+    let cfg = disk_cfg(dir.path(), 16 << 20, Duration::from_hours(24));
     let (store, mut w, _) = FlowStore::open(&cfg).unwrap();
     let t0 = now_ns();
-    // 20 blocks of port 80 flows, one block with a single port 9 (dropped) flow.
-    let mut entries: Vec<_> = (0..20_000).map(|i| (t0 + i, flow_resp(t0 + i, 80, "n"))).collect();
-    entries[15_000] = (t0 + 15_000, flow_resp(t0 + 15_000, 9, "n"));
-    put(&mut w, entries, &checkpoint(1)).unwrap();
+    // Blocks of port 80 flows, one with a single port 9 (dropped) flow, written in batches of
+    // 10 000 (about 1 MB each: the first segment is sealed after the third).
+    let mut entries: Vec<_> = (0..40_000).map(|i| (t0 + i, flow_resp(t0 + i, 80, "n"))).collect();
+    entries[5_000] = (t0 + 5_000, flow_resp(t0 + 5_000, 9, "n"));
+    for (i, batch) in entries.chunks(10_000).enumerate() {
+        put(&mut w, batch.to_vec(), &checkpoint(i as u64 + 1)).unwrap();
+    }
     let drops = crate::filter::FilterSet::new(
         &[hopwatch_proto::flow::FlowFilter {
             verdict: vec![Verdict::Dropped.into()],
@@ -301,23 +305,41 @@ fn index_blocks_let_readers_skip() {
         &[],
     )
     .unwrap();
-    let ok = |b: &BlockMeta| drops.may_match(&|t| b.bloom.contains(t));
-    let (mut read, mut skipped, mut pos) = (0, 0, 0);
+    let sieve = drops.sieve();
+    let block = |b: &BlockMeta| sieve.group(|t| b.bloom.contains(t));
+    let entry = |e| sieve.entry(e);
     let b = u64::from(record::BLOCK_ENTRIES);
-    let (block_start, block_end) = (15_000 / b * b, 15_000 / b * b + b);
-    while pos < block_end {
-        match store.chunk_from(pos, block_end, &ok) {
-            Chunk::Entries { start, entries } => {
-                read += entries.len();
-                pos = start + entries.len() as u64;
+    let (block_start, block_end) = (5_000 / b * b, 5_000 / b * b + b);
+    // Returns the entries decoded, whether the drop was among them, and the blocks skipped.
+    let scan = |store: &FlowStore, select: Select<'_>| {
+        let (mut read, mut found, mut skipped, mut pos) = (0, false, 0, 0);
+        while pos < block_end {
+            match store.chunk_from(pos, block_end, select) {
+                Chunk::Entries { end, entries, .. } => {
+                    read += entries.len();
+                    found |= entries.iter().any(|e| e.index == 5_000);
+                    pos = end;
+                }
+                Chunk::Skipped { end, .. } => {
+                    skipped += 1;
+                    pos = end;
+                }
+                Chunk::Missing { .. } => panic!("nothing is missing"),
             }
-            Chunk::Skipped { end, .. } => {
-                skipped += 1;
-                pos = end;
-            }
-            Chunk::Missing { .. } => panic!("nothing is missing"),
         }
-    }
-    assert_eq!(read as u64, b, "only the block with the drop is read");
+        (read as u64, found, skipped)
+    };
+    let (read, found, skipped) = scan(&store, Select { block: &block, entry: &|_| true });
+    assert_eq!((read, found), (b, true), "only the block with the drop is read");
     assert_eq!(skipped, block_start / b, "the other blocks are skipped");
+    // Inside that block, the entries' sieves leave few besides the drop to decode.
+    let (read, found, _) = scan(&store, Select { block: &block, entry: &entry });
+    assert!(found, "the drop is decoded");
+    assert!(read < b / 4, "{read} of the block's {b} entries were decoded");
+    // The same from the index file after a restart (sieves are kept in `.idx`).
+    drop((store, w));
+    assert!(dir.path().join(format!("{:020}.idx", 0)).exists(), "the first segment is sealed");
+    let (store, _w, _) = FlowStore::open(&cfg).unwrap();
+    let (read, found, _) = scan(&store, Select { block: &block, entry: &entry });
+    assert!(found && read < b / 4, "after a restart: {read} of {b} decoded, drop found {found}");
 }
