@@ -21,6 +21,8 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // The collector keeps each event's bytes as it received them (shared, not copied).
+        .bytes(".hopwatch.v1.Batch.events")
         .compile_fds(fds)
         .context("generating Rust from proto/")?;
     Ok(())

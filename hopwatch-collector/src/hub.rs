@@ -14,6 +14,7 @@ use hopwatch_proto::{
     lost,
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
 };
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -61,8 +62,8 @@ pub struct Hub {
     pub clickhouse: Option<Arc<ClickHouse>>,
     /// Traces joined across nodes.
     pub traces: Arc<TraceJoin>,
-    /// Entries are encoded for the history by the ingest tasks (in parallel), not the writer.
-    prepare: bool,
+    /// There is an on-disk history (entries are indexed for it where they arrive).
+    history: bool,
     merge_tx: Mutex<Option<mpsc::Sender<MergeMsg>>>,
     merge_thread: Mutex<Option<JoinHandle<()>>>,
     agents: Mutex<HashMap<String, Arc<AgentState>>>,
@@ -112,7 +113,7 @@ impl Hub {
             started: Instant::now(),
             clickhouse,
             traces: Arc::default(),
-            prepare: cfg.store.disk.is_some(),
+            history: cfg.store.disk.is_some(),
             merge_tx: Mutex::new(Some(tx)),
             merge_thread: Mutex::new(Some(thread)),
             agents: Mutex::new(agents),
@@ -138,7 +139,41 @@ impl Hub {
         &self,
         agent: &Arc<AgentState>,
         first_seq: u64,
-        mut events: Vec<GetFlowsResponse>,
+        events: Vec<GetFlowsResponse>,
+        status: Option<&AgentStatus>,
+    ) -> Result<Accepted, Closed> {
+        let events = events.into_iter().map(|e| (e, None)).collect();
+        self.take(agent, first_seq, events, status).await
+    }
+
+    /// [`accept`](Self::accept) for events as the ingest API carries them, each an encoded
+    /// `GetFlowsResponse`, decoded one by one: one that does not decode is invalid (counted,
+    /// and stored as a lost-event notice in its place); one stored as it came keeps the bytes
+    /// it came in (the store does not encode it again).
+    pub async fn accept_encoded(
+        &self,
+        agent: &Arc<AgentState>,
+        first_seq: u64,
+        events: Vec<bytes::Bytes>,
+        status: Option<&AgentStatus>,
+    ) -> Result<Accepted, Closed> {
+        let events = events
+            .into_iter()
+            .map(|b| match GetFlowsResponse::decode(&b[..]) {
+                // A copy of its own: `b` shares the buffer of the whole stream message, which
+                // would stay allocated as long as any of its events is in the memory ring.
+                Ok(e) => (e, Some(bytes::Bytes::copy_from_slice(&b))),
+                Err(_) => (GetFlowsResponse::default(), None),
+            })
+            .collect();
+        self.take(agent, first_seq, events, status).await
+    }
+
+    async fn take(
+        &self,
+        agent: &Arc<AgentState>,
+        first_seq: u64,
+        mut events: Vec<(GetFlowsResponse, Option<bytes::Bytes>)>,
         status: Option<&AgentStatus>,
     ) -> Result<Accepted, Closed> {
         let tx = self.sender()?;
@@ -163,42 +198,56 @@ impl Hub {
             tracing::warn!(node = %agent.node_name, missing = out.gap, "agent skipped sequence numbers");
             let notice =
                 lost::notice(&agent.node_name, LostEventSource::ObserverEventsQueue, out.gap);
-            let notice = Incoming::new(notice, self.prepare);
+            let notice = Incoming::new(notice, self.history);
             tx.send(MergeMsg::Notices(vec![notice])).await.map_err(|_| Closed)?;
         }
         let now = prost_types::Timestamp::from(SystemTime::now());
-        for e in &mut events {
-            match &mut e.response_types {
+        for (e, encoded) in &mut events {
+            let complete = match &mut e.response_types {
                 Some(ResponseTypes::Flow(f)) => {
-                    if f.node_name.is_empty() {
+                    let named = !f.node_name.is_empty();
+                    if !named {
                         f.node_name.clone_from(&agent.node_name);
                     }
-                    if e.time.is_none() {
+                    let timed = e.time.is_some();
+                    if !timed {
                         e.time = f.time.or(Some(now));
                     }
+                    named && timed
                 }
                 Some(ResponseTypes::LostEvents(_)) => {
-                    if e.time.is_none() {
+                    let timed = e.time.is_some();
+                    if !timed {
                         e.time = Some(now);
                     }
+                    timed
                 }
-                // Node status is the collector's to say; an empty event says nothing.
+                // Node status is the collector's to say; an empty (or undecodable) event says
+                // nothing.
                 Some(ResponseTypes::NodeStatus(_)) | None => {
                     out.invalid += 1;
                     *e = lost::notice(&agent.node_name, LostEventSource::ObserverEventsQueue, 1);
+                    false
                 }
-            }
+            };
             if e.node_name.is_empty() {
                 e.node_name.clone_from(&agent.node_name);
+                *encoded = None;
+            }
+            if !complete {
+                *encoded = None;
             }
         }
         out.new = events.len() as u64;
-        self.traces.observe(events.iter().filter_map(|e| match &e.response_types {
+        self.traces.observe(events.iter().filter_map(|(e, _)| match &e.response_types {
             Some(ResponseTypes::Flow(f)) => Some(f),
             _ => None,
         }));
         self.nodes.received(&agent.node_name, out.new, status);
-        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
+        let events = events
+            .into_iter()
+            .map(|(e, encoded)| Incoming::received(e, encoded, self.history))
+            .collect();
         tx.send(MergeMsg::Batch { agent: agent.clone(), last_seq, events })
             .await
             .map_err(|_| Closed)?;
@@ -208,7 +257,7 @@ impl Hub {
 
     /// Stores events the collector produced itself (lost-event notices).
     pub async fn notices(&self, events: Vec<GetFlowsResponse>) -> Result<(), Closed> {
-        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
+        let events = events.into_iter().map(|e| Incoming::new(e, self.history)).collect();
         self.sender()?.send(MergeMsg::Notices(events)).await.map_err(|_| Closed)
     }
 

@@ -109,7 +109,7 @@ async fn serve(
             msg = stream.message() => match msg {
                 Ok(Some(PushRequest { message: Some(push_request::Message::Batch(b)) })) => {
                     let Batch { first_seq, events, status } = b;
-                    match hub.accept(agent, first_seq, events, status.as_ref()).await {
+                    match hub.accept_encoded(agent, first_seq, events, status.as_ref()).await {
                         Ok(a) if a.invalid > 0 => tracing::warn!(node = %agent.node_name, invalid = a.invalid, "agent sent events that are neither flows nor lost-event notices"),
                         Ok(_) => {}
                         Err(e) => {

@@ -221,7 +221,10 @@ async fn ingest(disk: bool, agents: usize, per_agent: usize) {
             for (b, chunk) in (0..per_agent as u64).collect::<Vec<_>>().chunks(1000).enumerate() {
                 let events = chunk
                     .iter()
-                    .map(|&i| make_flow(&node, i, t0 + i64::try_from(i).unwrap() * 10_000))
+                    .map(|&i| {
+                        let flow = make_flow(&node, i, t0 + i64::try_from(i).unwrap() * 10_000);
+                        prost::Message::encode_to_vec(&flow).into()
+                    })
                     .collect();
                 reqs.push(PushRequest {
                     message: Some(push_request::Message::Batch(Batch {

@@ -26,10 +26,10 @@ mod recording;
 mod sink;
 mod trace;
 
-// Dev-dependencies of the benchmarks (`benches/collector.rs` encodes ingest requests itself),
-// which share the unit tests' dependency list.
+// A dev-dependency of the benchmarks (`benches/collector.rs` sends ingest requests with its own
+// codec), which share the unit tests' dependency list.
 #[cfg(test)]
-use {prost as _, tonic_prost as _};
+use tonic_prost as _;
 
 pub use self::commands::main;
 

@@ -1,6 +1,7 @@
 //! The collector's ingest path (`hopwatch.v1.Ingest/Push`) on hostile input: protobuf decoding
-//! of each stream message (what tonic's codec does), the Hello check, `Hub::accept` with its
-//! sequence numbers, the merge stage and the store; then what a reader gets back.
+//! of each stream message (what tonic's codec does), the Hello check, `Hub::accept_encoded`
+//! with its per-event decoding and sequence numbers, the merge stage and the store; then what a
+//! reader gets back.
 //!
 //! Contract checked: nothing panics (also not in the merge thread: the hub would report itself
 //! closed), everything accepted is stored (new events plus one notice per sequence gap), every
@@ -18,7 +19,7 @@ use hopwatch_collector::{
     hub::{Hub, HubConfig},
     ingest::check_hello,
     merge::MergeConfig,
-    store::{Chunk, StoreConfig, record},
+    store::{Chunk, Select, StoreConfig, record},
 };
 use hopwatch_proto::{
     hopwatch::v1::{Batch, PushRequest, push_request::Message},
@@ -65,7 +66,7 @@ async fn ingest(data: &[u8]) {
     for m in messages {
         let Some(Message::Batch(Batch { first_seq, events, status })) = m.message else { break };
         let accepted = hub
-            .accept(&agent, first_seq, events, status.as_ref())
+            .accept_encoded(&agent, first_seq, events, status.as_ref())
             .await
             .expect("the hub takes batches until it is shut down");
         expected += accepted.new + u64::from(accepted.gap > 0);
@@ -75,11 +76,14 @@ async fn ingest(data: &[u8]) {
     assert_eq!(end - first, expected, "everything accepted is stored");
     let mut at = first;
     while at < end {
-        let Chunk::Entries { entries, .. } = hub.store.chunk_from(at, end, &|_| true) else {
+        let Chunk::Entries { end: chunk_end, entries, .. } =
+            hub.store.chunk_from(at, end, Select::ALL)
+        else {
             panic!("entries {at}..{end} are in memory");
         };
-        assert!(!entries.is_empty(), "progress at {at}");
-        at += entries.len() as u64;
+        assert!(chunk_end > at, "progress at {at}");
+        assert_eq!(entries.len() as u64, chunk_end - at, "every entry without a sieve");
+        at = chunk_end;
         for e in entries {
             check(&e.resp, &hello.node_name);
         }
@@ -94,7 +98,7 @@ fn check(resp: &GetFlowsResponse, node: &str) {
         Some(ResponseTypes::LostEvents(_)) => {}
         other => panic!("stored a {other:?} from node {node}"),
     }
-    let prepared = record::Prepared::of(resp);
+    let prepared = record::Prepared::of(resp, None, true);
     let mut framed = Vec::new();
     record::frame(&mut framed, record::KIND_ENTRY, &prepared.encoded);
     let mut back = Vec::new();

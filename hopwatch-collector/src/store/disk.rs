@@ -261,12 +261,12 @@ impl DiskLog {
     }
 
     /// Frames one entry into the write buffer (written by the next [`commit`](Self::commit)).
-    pub fn append(&mut self, index: u64, time_ns: i64, entry: &record::Prepared) {
+    pub fn append(&mut self, index: u64, time_ns: i64, encoded: &[u8], terms: &[u64]) {
         let start = self.active.written + self.buf.len() as u64;
-        record::frame(&mut self.buf, KIND_ENTRY, &entry.encoded);
+        record::frame(&mut self.buf, KIND_ENTRY, encoded);
         let end = self.active.written + self.buf.len() as u64;
         let block = self.active.open_block.get_or_insert_with(|| BlockMeta::new(index, start));
-        block.add(time_ns, &entry.terms, end);
+        block.add(time_ns, terms, end);
         if block.count >= BLOCK_ENTRIES {
             self.sealed.push(self.active.open_block.take().expect("just filled"));
         }

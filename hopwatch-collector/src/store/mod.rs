@@ -395,7 +395,8 @@ impl Stored {
     }
 }
 
-/// An entry on its way into the store, with its history form when that was prepared early.
+/// An entry on its way into the store, with its stored form when that was prepared early
+/// (else the writer prepares it).
 #[derive(Debug)]
 pub struct Incoming {
     pub entry: Arc<Stored>,
@@ -403,9 +404,15 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// `prepare`: encode and index it now (on the caller's thread) for the history.
-    pub fn new(resp: GetFlowsResponse, prepare: bool) -> Self {
-        let prepared = prepare.then(|| record::Prepared::of(&resp));
+    /// Encodes it now, on the caller's thread (the ingest tasks run in parallel; the writer is
+    /// one thread); `history`: its index terms too.
+    pub fn new(resp: GetFlowsResponse, history: bool) -> Self {
+        Self::received(resp, None, history)
+    }
+
+    /// [`new`](Self::new) for an event that came `encoded` (then kept as it came).
+    pub fn received(resp: GetFlowsResponse, encoded: Option<bytes::Bytes>, history: bool) -> Self {
+        let prepared = Some(record::Prepared::of(&resp, encoded, history));
         Self { entry: Stored::new(resp), prepared }
     }
 }
@@ -437,16 +444,22 @@ impl StoreWriter {
             stored.index = self.next_index;
             // The ring keeps the encoding and sieve: the history's when it has one, else an
             // encoding made now (terms are worked out only for the history's index).
+            let prepared = e.prepared.take();
             let (bytes, sieve) = match &mut self.disk {
                 Some(d) => {
-                    let prepared =
-                        e.prepared.take().unwrap_or_else(|| record::Prepared::of(&stored.resp));
-                    d.append(self.next_index, stored.time_ns, &prepared);
-                    (prepared.encoded, record::sieve_of(&prepared.terms))
+                    let (encoded, terms) = match prepared {
+                        Some(record::Prepared { encoded, terms: Some(terms) }) => (encoded, terms),
+                        _ => (stored.resp.encode_to_vec().into(), record::terms_of(&stored.resp)),
+                    };
+                    d.append(self.next_index, stored.time_ns, &encoded, &terms);
+                    (encoded, record::sieve_of(&terms))
                 }
-                None => (stored.resp.encode_to_vec(), u64::MAX),
+                None => {
+                    let encoded = prepared.map(|p| p.encoded);
+                    (encoded.unwrap_or_else(|| stored.resp.encode_to_vec().into()), u64::MAX)
+                }
             };
-            encoded.push(Encoded { time_ns: stored.time_ns, sieve, bytes: bytes.into() });
+            encoded.push(Encoded { time_ns: stored.time_ns, sieve, bytes });
             self.next_index += 1;
         }
         // Visible in memory before the disk write: readers may see an entry an instant before

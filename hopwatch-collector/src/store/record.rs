@@ -215,17 +215,21 @@ pub fn terms_of(resp: &GetFlowsResponse) -> Vec<u64> {
     terms
 }
 
-/// An entry made ready for the history (encoded, index terms computed) where it arrives, so
-/// the single writer thread only copies bytes.
+/// An entry made ready for the store where it arrives (encoded, and its index terms computed
+/// when there is a history), so the single writer thread only copies bytes.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    pub encoded: Vec<u8>,
-    pub terms: Vec<u64>,
+    pub encoded: bytes::Bytes,
+    pub terms: Option<Vec<u64>>,
 }
 
 impl Prepared {
-    pub fn of(resp: &GetFlowsResponse) -> Self {
-        Self { encoded: resp.encode_to_vec(), terms: terms_of(resp) }
+    /// `encoded`: `resp` as it came, when it came encoded and is stored unchanged.
+    pub fn of(resp: &GetFlowsResponse, encoded: Option<bytes::Bytes>, with_terms: bool) -> Self {
+        Self {
+            encoded: encoded.unwrap_or_else(|| resp.encode_to_vec().into()),
+            terms: with_terms.then(|| terms_of(resp)),
+        }
     }
 }
 

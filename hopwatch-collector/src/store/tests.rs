@@ -44,8 +44,12 @@ fn put(
         .into_iter()
         .enumerate()
         .map(|(i, (t, r))| {
-            // Both paths: prepared where it arrives, and prepared by the writer.
-            let inc = Incoming::new(r, i % 2 == 0);
+            // Every path: prepared where it arrives (for a history or not), and by the writer.
+            let inc = match i % 3 {
+                0 => Incoming::new(r, true),
+                1 => Incoming::new(r, false),
+                _ => Incoming { entry: Stored::new(r), prepared: None },
+            };
             assert_eq!(inc.entry.time_ns, t);
             inc
         })

@@ -32,7 +32,11 @@ fn hello(agent: &str, node: &str) -> PushRequest {
 
 fn batch(first_seq: u64, events: Vec<GetFlowsResponse>) -> PushRequest {
     PushRequest {
-        message: Some(push_request::Message::Batch(Batch { first_seq, events, status: None })),
+        message: Some(push_request::Message::Batch(Batch {
+            first_seq,
+            events: events.iter().map(|e| prost::Message::encode_to_vec(e).into()).collect(),
+            status: None,
+        })),
     }
 }
 
@@ -274,6 +278,56 @@ async fn resumed_agents_are_deduplicated_and_gaps_reported() {
         })
         .collect();
     assert_eq!(lost, [10]);
+}
+
+#[tokio::test]
+async fn a_malformed_event_is_counted_in_its_place_and_the_batch_kept() {
+    let hub = memory_hub(Duration::ZERO);
+    let pipe = Pipe::serve(hub.clone());
+    let t0 = now_ns() - 10 * SEC;
+    let good = |k: i64| prost::Message::encode_to_vec(&flow("n1", t0 + k, 80, Verdict::Forwarded));
+    // A flow without node names gets its agent's (so it is stored re-encoded, not as it came).
+    let mut unnamed = flow("n1", t0 + 3, 443, Verdict::Forwarded);
+    unnamed.node_name.clear();
+    if let Some(ResponseTypes::Flow(f)) = &mut unnamed.response_types {
+        f.node_name.clear();
+    }
+    // Field 1 (the flow) says 200 bytes follow; 2 do.
+    let events = vec![good(1), vec![0x0a, 200, 1, 2], prost::Message::encode_to_vec(&unnamed)];
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello("a1", "n1")).await.unwrap();
+    tx.send(PushRequest {
+        message: Some(push_request::Message::Batch(Batch {
+            first_seq: 1,
+            events: events.into_iter().map(Into::into).collect(),
+            status: None,
+        })),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let mut client = IngestClient::new(pipe.connect().await.unwrap());
+    let mut resp = client.push(ReceiverStream::new(rx)).await.expect("push").into_inner();
+    let mut acked = 0;
+    while let Some(m) = resp.message().await.expect("ack stream") {
+        if let Some(push_response::Message::Ack(a)) = m.message {
+            acked = a.stored_through;
+        }
+    }
+    assert_eq!(acked, 3, "all three sequence numbers are stored");
+    let all = get_flows(pipe.connect().await.unwrap(), GetFlowsRequest::default()).await.unwrap();
+    let got = flows(&all);
+    let ports: Vec<_> = got.iter().map(|f| f.ports().map(|(_, d)| d)).collect();
+    assert_eq!(ports, [Some(80), Some(443)]);
+    assert!(got.iter().all(|f| f.node_name == "n1"), "{got:?}");
+    let lost: Vec<u64> = all
+        .iter()
+        .filter_map(|r| match &r.response_types {
+            Some(ResponseTypes::LostEvents(l)) => Some(l.num_events_lost),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, [1], "the malformed event is one lost event in its place");
 }
 
 #[tokio::test]

@@ -80,7 +80,7 @@ fn batch(out: Outgoing, queue: &Queue) -> PushRequest {
     PushRequest {
         message: Some(push_request::Message::Batch(Batch {
             first_seq: out.first_seq,
-            events: out.events,
+            events: out.events.iter().map(|e| prost::Message::encode_to_vec(e).into()).collect(),
             status: Some(queue.status()),
         })),
     }
