@@ -442,22 +442,18 @@ impl StoreWriter {
             let stored =
                 Arc::get_mut(&mut e.entry).expect("entries are not shared before they are stored");
             stored.index = self.next_index;
-            // The ring keeps the encoding and sieve: the history's when it has one, else an
-            // encoding made now (terms are worked out only for the history's index).
-            let prepared = e.prepared.take();
-            let (bytes, sieve) = match &mut self.disk {
-                Some(d) => {
-                    let (encoded, terms) = match prepared {
-                        Some(record::Prepared { encoded, terms: Some(terms) }) => (encoded, terms),
-                        _ => (stored.resp.encode_to_vec().into(), record::terms_of(&stored.resp)),
-                    };
-                    d.append(self.next_index, stored.time_ns, &encoded, &terms);
-                    (encoded, record::sieve_of(&terms))
-                }
-                None => {
-                    let encoded = prepared.map(|p| p.encoded);
-                    (encoded.unwrap_or_else(|| stored.resp.encode_to_vec().into()), u64::MAX)
-                }
+            // The ring keeps the encoding made where the entry arrived (else now) and, with a
+            // history, the sieve of the terms its index takes.
+            let (bytes, terms) = match e.prepared.take() {
+                Some(record::Prepared { encoded, terms }) => (encoded, terms),
+                None => (stored.resp.encode_to_vec().into(), None),
+            };
+            let sieve = if let Some(d) = &mut self.disk {
+                let terms = terms.unwrap_or_else(|| record::terms_of(&stored.resp));
+                d.append(self.next_index, stored.time_ns, &bytes, &terms);
+                record::sieve_of(&terms)
+            } else {
+                u64::MAX
             };
             encoded.push(Encoded { time_ns: stored.time_ns, sieve, bytes });
             self.next_index += 1;

@@ -30,7 +30,7 @@ fn hello(agent: &str, node: &str) -> PushRequest {
     }
 }
 
-fn batch(first_seq: u64, events: Vec<GetFlowsResponse>) -> PushRequest {
+fn batch(first_seq: u64, events: &[GetFlowsResponse]) -> PushRequest {
     PushRequest {
         message: Some(push_request::Message::Batch(Batch {
             first_seq,
@@ -58,7 +58,7 @@ pub(super) async fn push(
         panic!("first answer is a Welcome")
     };
     for (seq, events) in batches {
-        tx.send(batch(seq, events)).await.unwrap();
+        tx.send(batch(seq, &events)).await.unwrap();
     }
     drop(tx);
     let mut acked = 0;
@@ -235,7 +235,7 @@ async fn bad_requests_are_invalid_argument() {
     assert!(err.message().contains("source_ip"), "{}", err.message());
     // An ingest stream must start with a Hello.
     let (tx, rx) = mpsc::channel(1);
-    tx.send(batch(1, vec![])).await.unwrap();
+    tx.send(batch(1, &[])).await.unwrap();
     let err = IngestClient::new(pipe.connect().await.unwrap())
         .push(ReceiverStream::new(rx))
         .await

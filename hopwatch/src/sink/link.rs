@@ -76,7 +76,7 @@ async fn batch_due(
     }
 }
 
-fn batch(out: Outgoing, queue: &Queue) -> PushRequest {
+fn batch(out: &Outgoing, queue: &Queue) -> PushRequest {
     PushRequest {
         message: Some(push_request::Message::Batch(Batch {
             first_seq: out.first_seq,
@@ -223,7 +223,7 @@ async fn session(
                             return End::Broken("request stream closed".into(), true);
                         };
                         let Some(out) = queue.take(batching.max_events) else { break };
-                        permit.send(batch(out, queue));
+                        permit.send(batch(&out, queue));
                     }
                     msg = responses.message() => if let Some(end) = on_response(queue, msg) {
                         return end;
