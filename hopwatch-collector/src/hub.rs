@@ -22,7 +22,7 @@ use super::{
     clickhouse::ClickHouse,
     merge::{self, MergeConfig, MergeMsg},
     nodes::NodeRegistry,
-    store::{FlowStore, Incoming, StoreConfig, StoreError},
+    store::{FlowStore, Incoming, Preparation, StoreConfig, StoreError},
     traces::TraceJoin,
 };
 
@@ -62,8 +62,8 @@ pub struct Hub {
     pub clickhouse: Option<Arc<ClickHouse>>,
     /// Traces joined across nodes.
     pub traces: Arc<TraceJoin>,
-    /// There is an on-disk history (entries are indexed for it where they arrive).
-    history: bool,
+    /// How entries are made ready for the store where they arrive.
+    prepare: Preparation,
     merge_tx: Mutex<Option<mpsc::Sender<MergeMsg>>>,
     merge_thread: Mutex<Option<JoinHandle<()>>>,
     agents: Mutex<HashMap<String, Arc<AgentState>>>,
@@ -111,12 +111,12 @@ impl Hub {
             nodes,
             sort_window: cfg.merge.window,
             started: Instant::now(),
-            clickhouse,
             traces: Arc::default(),
-            history: cfg.store.disk.is_some(),
+            prepare: Preparation { terms: cfg.store.disk.is_some(), decoded: clickhouse.is_some() },
             merge_tx: Mutex::new(Some(tx)),
             merge_thread: Mutex::new(Some(thread)),
             agents: Mutex::new(agents),
+            clickhouse,
         }))
     }
 
@@ -198,7 +198,7 @@ impl Hub {
             tracing::warn!(node = %agent.node_name, missing = out.gap, "agent skipped sequence numbers");
             let notice =
                 lost::notice(&agent.node_name, LostEventSource::ObserverEventsQueue, out.gap);
-            let notice = Incoming::new(notice, self.history);
+            let notice = Incoming::new(notice, self.prepare);
             tx.send(MergeMsg::Notices(vec![notice])).await.map_err(|_| Closed)?;
         }
         let now = prost_types::Timestamp::from(SystemTime::now());
@@ -246,7 +246,7 @@ impl Hub {
         self.nodes.received(&agent.node_name, out.new, status);
         let events = events
             .into_iter()
-            .map(|(e, encoded)| Incoming::received(e, encoded, self.history))
+            .map(|(e, encoded)| Incoming::received(e, encoded, self.prepare))
             .collect();
         tx.send(MergeMsg::Batch { agent: agent.clone(), last_seq, events })
             .await
@@ -257,7 +257,7 @@ impl Hub {
 
     /// Stores events the collector produced itself (lost-event notices).
     pub async fn notices(&self, events: Vec<GetFlowsResponse>) -> Result<(), Closed> {
-        let events = events.into_iter().map(|e| Incoming::new(e, self.history)).collect();
+        let events = events.into_iter().map(|e| Incoming::new(e, self.prepare)).collect();
         self.sender()?.send(MergeMsg::Notices(events)).await.map_err(|_| Closed)
     }
 

@@ -512,13 +512,15 @@ fn main() {
         "hopwatch collector benchmarks ({} CPUs)",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
-    // `--only ingest|query|kernel` runs one part (profiling).
+    // `--only ingest|ingest-memory|ingest-history|query|kernel` runs one part (profiling).
     let args: Vec<String> = std::env::args().collect();
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     rt.block_on(async {
-        if part("ingest") {
+        if part("ingest") || part("ingest-memory") {
             ingest(false, 4, per_agent).await;
+        }
+        if part("ingest") || part("ingest-history") {
             ingest(true, 4, per_agent).await;
         }
         if part("query") {

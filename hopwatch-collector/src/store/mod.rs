@@ -399,21 +399,41 @@ impl Stored {
 /// (else the writer prepares it).
 #[derive(Debug)]
 pub struct Incoming {
+    /// Its flow is empty when the store has no use for it decoded ([`Preparation`]).
     pub entry: Arc<Stored>,
     pub prepared: Option<record::Prepared>,
 }
 
+/// How entries are made ready where they arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct Preparation {
+    /// Work out its index terms (for the on-disk history).
+    pub terms: bool,
+    /// Keep it decoded (for a sink: the ClickHouse history); else the decoded flow is freed
+    /// where it was made, by the ingest task: freed by the writer thread, allocator pages went
+    /// back to their thread late and a busy collector kept faulting in fresh memory.
+    pub decoded: bool,
+}
+
 impl Incoming {
     /// Encodes it now, on the caller's thread (the ingest tasks run in parallel; the writer is
-    /// one thread); `history`: its index terms too.
-    pub fn new(resp: GetFlowsResponse, history: bool) -> Self {
-        Self::received(resp, None, history)
+    /// one thread).
+    pub fn new(resp: GetFlowsResponse, how: Preparation) -> Self {
+        Self::received(resp, None, how)
     }
 
     /// [`new`](Self::new) for an event that came `encoded` (then kept as it came).
-    pub fn received(resp: GetFlowsResponse, encoded: Option<bytes::Bytes>, history: bool) -> Self {
-        let prepared = Some(record::Prepared::of(&resp, encoded, history));
-        Self { entry: Stored::new(resp), prepared }
+    pub fn received(
+        resp: GetFlowsResponse,
+        encoded: Option<bytes::Bytes>,
+        how: Preparation,
+    ) -> Self {
+        let prepared = Some(record::Prepared::of(&resp, encoded, how.terms));
+        let mut entry = Stored::new(resp);
+        if !how.decoded {
+            Arc::get_mut(&mut entry).expect("just made").resp = GetFlowsResponse::default();
+        }
+        Self { entry, prepared }
     }
 }
 

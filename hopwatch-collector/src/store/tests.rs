@@ -46,8 +46,8 @@ fn put(
         .map(|(i, (t, r))| {
             // Every path: prepared where it arrives (for a history or not), and by the writer.
             let inc = match i % 3 {
-                0 => Incoming::new(r, true),
-                1 => Incoming::new(r, false),
+                0 => Incoming::new(r, Preparation { terms: true, decoded: false }),
+                1 => Incoming::new(r, Preparation { terms: false, decoded: true }),
                 _ => Incoming { entry: Stored::new(r), prepared: None },
             };
             assert_eq!(inc.entry.time_ns, t);
