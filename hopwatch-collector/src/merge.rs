@@ -215,7 +215,7 @@ impl Merger {
     }
 
     fn push(&mut self, source: usize, entry: Incoming, arrival: Instant, seq: Option<u64>) {
-        let time_ns = entry.entry.time_ns;
+        let time_ns = entry.time_ns;
         let q = &mut self.sources[source].queue;
         let was_empty = q.is_empty();
         q.push_back(Pending { arrival, entry, seq });
@@ -251,7 +251,7 @@ impl Merger {
             if let Some(next) = src.queue.front() {
                 self.order += 1;
                 self.heads.push(Reverse(Head {
-                    time_ns: next.entry.entry.time_ns,
+                    time_ns: next.entry.time_ns,
                     order: self.order,
                     source,
                 }));

@@ -395,13 +395,14 @@ impl Stored {
     }
 }
 
-/// An entry on its way into the store, with its stored form when that was prepared early
-/// (else the writer prepares it).
+/// An entry on its way into the store, made ready where it arrived (the ingest tasks run in
+/// parallel; the writer is one thread).
 #[derive(Debug)]
 pub struct Incoming {
-    /// Its flow is empty when the store has no use for it decoded ([`Preparation`]).
-    pub entry: Arc<Stored>,
-    pub prepared: Option<record::Prepared>,
+    pub time_ns: i64,
+    pub prepared: record::Prepared,
+    /// Decoded, only for a sink ([`Preparation::decoded`]); its index is set when it is stored.
+    pub decoded: Option<Arc<Stored>>,
 }
 
 /// How entries are made ready where they arrive.
@@ -409,15 +410,13 @@ pub struct Incoming {
 pub struct Preparation {
     /// Work out its index terms (for the on-disk history).
     pub terms: bool,
-    /// Keep it decoded (for a sink: the ClickHouse history); else the decoded flow is freed
-    /// where it was made, by the ingest task: freed by the writer thread, allocator pages went
-    /// back to their thread late and a busy collector kept faulting in fresh memory.
+    /// Keep it decoded (for a sink: the ClickHouse history). Otherwise nothing the ingest task
+    /// allocated for it but its bytes reaches the writer thread: freed there, mimalloc's pages
+    /// went back to their thread late and a busy collector kept faulting in fresh memory.
     pub decoded: bool,
 }
 
 impl Incoming {
-    /// Encodes it now, on the caller's thread (the ingest tasks run in parallel; the writer is
-    /// one thread).
     pub fn new(resp: GetFlowsResponse, how: Preparation) -> Self {
         Self::received(resp, None, how)
     }
@@ -428,12 +427,10 @@ impl Incoming {
         encoded: Option<bytes::Bytes>,
         how: Preparation,
     ) -> Self {
-        let prepared = Some(record::Prepared::of(&resp, encoded, how.terms));
-        let mut entry = Stored::new(resp);
-        if !how.decoded {
-            Arc::get_mut(&mut entry).expect("just made").resp = GetFlowsResponse::default();
-        }
-        Self { entry, prepared }
+        let prepared = record::Prepared::of(&resp, encoded, how.terms);
+        let time_ns = entry_time_ns(&resp);
+        let decoded = how.decoded.then(|| Stored::new(resp));
+        Self { time_ns, prepared, decoded }
     }
 }
 
@@ -459,29 +456,32 @@ impl StoreWriter {
         let first = self.next_index;
         let mut encoded = Vec::with_capacity(entries.len());
         for e in entries.iter_mut() {
-            let stored =
-                Arc::get_mut(&mut e.entry).expect("entries are not shared before they are stored");
-            stored.index = self.next_index;
-            // The ring keeps the encoding made where the entry arrived (else now) and, with a
-            // history, the sieve of the terms its index takes.
-            let (bytes, terms) = match e.prepared.take() {
-                Some(record::Prepared { encoded, terms }) => (encoded, terms),
-                None => (stored.resp.encode_to_vec().into(), None),
-            };
+            if let Some(d) = &mut e.decoded {
+                Arc::get_mut(d).expect("entries are not shared before they are stored").index =
+                    self.next_index;
+            }
+            let record::Prepared { encoded: bytes, terms } = std::mem::take(&mut e.prepared);
             let sieve = if let Some(d) = &mut self.disk {
-                let terms = terms.unwrap_or_else(|| record::terms_of(&stored.resp));
-                d.append(self.next_index, stored.time_ns, &bytes, &terms);
+                // Terms are worked out where entries arrive when there is a history; this is
+                // only for an entry prepared without them.
+                let terms = terms.unwrap_or_else(|| {
+                    record::terms_of(
+                        &GetFlowsResponse::decode(&bytes[..])
+                            .expect("an entry decodes from its own encoding"),
+                    )
+                });
+                d.append(self.next_index, e.time_ns, &bytes, &terms);
                 record::sieve_of(&terms)
             } else {
                 u64::MAX
             };
-            encoded.push(Encoded { time_ns: stored.time_ns, sieve, bytes });
+            encoded.push(Encoded { time_ns: e.time_ns, sieve, bytes });
             self.next_index += 1;
         }
         // Visible in memory before the disk write: readers may see an entry an instant before
         // it is durable, but an agent is acknowledged only after.
         if let Some(sink) = &self.sink {
-            sink.offer(entries.iter().map(|e| e.entry.clone()));
+            sink.offer(entries.iter().filter_map(|e| e.decoded.clone()));
         }
         entries.clear();
         {

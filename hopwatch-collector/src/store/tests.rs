@@ -44,13 +44,9 @@ fn put(
         .into_iter()
         .enumerate()
         .map(|(i, (t, r))| {
-            // Every path: prepared where it arrives (for a history or not), and by the writer.
-            let inc = match i % 3 {
-                0 => Incoming::new(r, Preparation { terms: true, decoded: false }),
-                1 => Incoming::new(r, Preparation { terms: false, decoded: true }),
-                _ => Incoming { entry: Stored::new(r), prepared: None },
-            };
-            assert_eq!(inc.entry.time_ns, t);
+            // Every path: indexed where it arrives or by the writer, kept decoded or not.
+            let inc = Incoming::new(r, Preparation { terms: i % 2 == 0, decoded: i % 3 == 0 });
+            assert_eq!(inc.time_ns, t);
             inc
         })
         .collect();
