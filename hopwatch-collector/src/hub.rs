@@ -45,7 +45,8 @@ pub struct Accepted {
     pub duplicates: u64,
     /// Sequence numbers the agent skipped (reported to readers as lost events).
     pub gap: u64,
-    /// Events that were neither a flow nor a lost-event notice (dropped, counted).
+    /// Events that did not decode or were neither a flow nor a lost-event notice (each stored
+    /// as a one-event lost-event notice in its place).
     pub invalid: u64,
 }
 

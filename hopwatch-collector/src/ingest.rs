@@ -110,7 +110,7 @@ async fn serve(
                 Ok(Some(PushRequest { message: Some(push_request::Message::Batch(b)) })) => {
                     let Batch { first_seq, events, status } = b;
                     match hub.accept_encoded(agent, first_seq, events, status.as_ref()).await {
-                        Ok(a) if a.invalid > 0 => tracing::warn!(node = %agent.node_name, invalid = a.invalid, "agent sent events that are neither flows nor lost-event notices"),
+                        Ok(a) if a.invalid > 0 => tracing::warn!(node = %agent.node_name, invalid = a.invalid, "agent sent events that do not decode or are neither flows nor lost-event notices (each stored as one lost event)"),
                         Ok(_) => {}
                         Err(e) => {
                             let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
