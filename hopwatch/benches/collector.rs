@@ -333,6 +333,8 @@ async fn query_store(flows: usize) {
         build.elapsed().as_secs_f64()
     );
     let (addr, server_stop) = start_server(&hub).await;
+    // The rare matches (the issue's ≤ 100 ms target) are reported as `collector_observe_rare`.
+    let rare = ["--verdict DROPPED (0.5%)", "--to-port 6380 (0.1%, spread over the whole store)"];
     let cases: [(&str, FlowFilter, &[&str]); 5] = [
         (
             "--to-port 5432 (5% of flows)",
@@ -416,7 +418,8 @@ async fn query_store(flows: usize) {
             c.as_secs_f64() * 1e3
         );
         println!(
-            "BENCH\tcollector_observe\t{:.1}\tms\tobserve --last 1000 {what} over {} flows (GetFlows median)",
+            "BENCH\t{}\t{:.1}\tms\tobserve --last 1000 {what} over {} flows (GetFlows median)",
+            if rare.contains(&what) { "collector_observe_rare" } else { "collector_observe" },
             g.as_secs_f64() * 1e3,
             stats.held
         );

@@ -221,8 +221,14 @@ fn collector(opts: &BenchOptions, report: &mut Report) -> Result<()> {
         bail!("the collector benchmark printed no ingest figure");
     }
     for l in lines {
-        let unit = if l.id.starts_with("collector_ingest") { "flows/s" } else { "ms" };
-        report.add("4 collector", l.label, l.value, unit, None);
+        let (unit, target) = match l.id.as_str() {
+            id if id.starts_with("collector_ingest") => {
+                ("flows/s", Some(report::Target::AtLeast(500_000.0)))
+            }
+            "collector_observe_rare" => ("ms", Some(report::Target::AtMost(100.0))),
+            _ => ("ms", None),
+        };
+        report.add("4 collector", l.label, l.value, unit, target);
     }
     Ok(())
 }
