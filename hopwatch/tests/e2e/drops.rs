@@ -112,11 +112,10 @@ fn ignored_reasons_on_fresh_veths_are_counted_not_reported() {
     // reason while the agent attaches is no more reported than one later.
     std::thread::sleep(Duration::from_millis(500));
     let agent = Agent::start(&[]);
-    let ignored = agent
-        .stderr()
-        .lines()
-        .find_map(|l| l.split("not reported: ").nth(1).map(str::to_owned))
-        .expect("the agent names the reasons it does not report");
+    // The line follows the hooks line that `start` waits for (after a memory release).
+    let ignored = agent.announced("the reasons it does not report", |l| {
+        l.split("not reported: ").nth(1).map(str::to_owned)
+    });
     let ignored: Vec<&str> = ignored.split(',').collect();
     assert!(ignored.contains(&"NOT_SPECIFIED"), "{ignored:?}");
     let metrics = agent.metrics_addr();

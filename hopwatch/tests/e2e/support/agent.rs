@@ -84,7 +84,7 @@ impl Agent {
     }
 
     /// The first stderr line `parse` accepts, waiting up to 10 s for it.
-    fn announced<T>(&self, what: &str, parse: impl Fn(&str) -> Option<T>) -> T {
+    pub(crate) fn announced<T>(&self, what: &str, parse: impl Fn(&str) -> Option<T>) -> T {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let err = self.stderr();
