@@ -147,13 +147,6 @@ fn service(s: Option<&Service>) -> (&str, &str) {
     s.map_or(("", ""), |s| (s.namespace.as_str(), s.name.as_str()))
 }
 
-/// Encodes `e` for the `flow` column (appended to `buf`); returns its byte range there.
-pub fn encode(e: &Stored, buf: &mut Vec<u8>) -> std::ops::Range<usize> {
-    let start = buf.len();
-    e.resp.encode(buf).expect("a Vec grows as needed");
-    start..buf.len()
-}
-
 /// The row of `e`, whose encoding is `encoded`.
 pub fn row<'a>(e: &'a Stored, encoded: &'a [u8]) -> FlowRow<'a> {
     let time_ns = e.time_ns;

@@ -44,9 +44,23 @@ pub struct SinkStats {
     pub encoded_bytes: AtomicU64,
 }
 
+/// A stored event on its way to ClickHouse: decoded (for the typed columns) and as the store
+/// keeps it encoded (the `flow` column, not encoded again).
+pub struct Queued {
+    pub entry: Arc<Stored>,
+    pub encoded: bytes::Bytes,
+}
+
+impl Queued {
+    fn new(resp: hopwatch_proto::observer::GetFlowsResponse) -> Self {
+        let encoded = prost::Message::encode_to_vec(&resp).into();
+        Self { entry: Stored::new(resp), encoded }
+    }
+}
+
 /// The queue between the store and ClickHouse.
 pub struct Sink {
-    queue: Mutex<VecDeque<Arc<Stored>>>,
+    queue: Mutex<VecDeque<Queued>>,
     capacity: usize,
     wake: Notify,
     pub stats: SinkStats,
@@ -75,7 +89,7 @@ impl Sink {
     }
 
     /// Queues stored events; what does not fit is counted as dropped. Never waits.
-    pub fn offer(&self, entries: impl Iterator<Item = Arc<Stored>>) {
+    pub fn offer(&self, entries: impl Iterator<Item = Queued>) {
         let (queued, dropped) = {
             let mut q = self.queue.lock().expect("sink queue lock");
             let mut dropped = 0u64;
@@ -96,7 +110,7 @@ impl Sink {
         self.wake.notify_one();
     }
 
-    fn take(&self, max: usize) -> Vec<Arc<Stored>> {
+    fn take(&self, max: usize) -> Vec<Queued> {
         let mut q = self.queue.lock().expect("sink queue lock");
         let n = q.len().min(max);
         let out: Vec<_> = q.drain(..n).collect();
@@ -115,18 +129,15 @@ impl Sink {
 async fn insert(
     client: &clickhouse::Client,
     table: &str,
-    batch: &[Arc<Stored>],
-    buf: &mut Vec<u8>,
+    batch: &[Queued],
 ) -> Result<u64, ClickHouseError> {
-    buf.clear();
-    let ranges: Vec<_> = batch.iter().map(|e| row::encode(e, buf)).collect();
     let fail = |source| ClickHouseError::Insert { table: table.to_owned(), source };
     let mut ins = client.insert_unescaped::<FlowRow<'static>>(table).await.map_err(fail)?;
-    for (e, r) in batch.iter().zip(ranges) {
-        ins.write(&row::row(e, &buf[r])).await.map_err(fail)?;
+    for q in batch {
+        ins.write(&row::row(&q.entry, &q.encoded)).await.map_err(fail)?;
     }
     ins.end().await.map_err(fail)?;
-    Ok(buf.len() as u64)
+    Ok(batch.iter().map(|q| q.encoded.len() as u64).sum())
 }
 
 /// Drains the sink into `table` until `stop` (then writes what is queued, unless ClickHouse fails).
@@ -138,11 +149,10 @@ pub async fn run(
     node: String,
     stop: CancellationToken,
 ) {
-    let mut buf = Vec::new();
     let backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(5) };
     let mut attempt = 0u32;
     let mut failing = false;
-    let mut pending: Vec<Arc<Stored>> = Vec::new();
+    let mut pending: Vec<Queued> = Vec::new();
     loop {
         if pending.is_empty() {
             if sink.len() < cfg.batch && !stop.is_cancelled() {
@@ -163,7 +173,7 @@ pub async fn run(
             let lost = sink.unreported.swap(0, Ordering::Relaxed);
             if lost > 0 {
                 let notice = lost::notice(&node, LostEventSource::ObserverEventsQueue, lost);
-                pending.push(Stored::new(notice));
+                pending.push(Queued::new(notice));
                 sink.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             }
             if pending.is_empty() {
@@ -173,7 +183,7 @@ pub async fn run(
                 continue;
             }
         }
-        match insert(&client, &table, &pending, &mut buf).await {
+        match insert(&client, &table, &pending).await {
             Ok(bytes) => {
                 if failing {
                     tracing::warn!(%table, "ClickHouse takes writes again");

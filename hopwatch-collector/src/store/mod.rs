@@ -481,7 +481,10 @@ impl StoreWriter {
         // Visible in memory before the disk write: readers may see an entry an instant before
         // it is durable, but an agent is acknowledged only after.
         if let Some(sink) = &self.sink {
-            sink.offer(entries.iter().filter_map(|e| e.decoded.clone()));
+            sink.offer(entries.iter().zip(&encoded).filter_map(|(e, enc)| {
+                let entry = e.decoded.clone()?;
+                Some(crate::clickhouse::writer::Queued { entry, encoded: enc.bytes.clone() })
+            }));
         }
         entries.clear();
         {
