@@ -19,13 +19,12 @@ mod clickhouse_server;
 
 // The `hopwatch` library sets the binary's allocator (mimalloc); without a use of it this
 // benchmark ran on the system allocator, which the collector never does.
-use hopwatch as _;
-
 use std::{
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
+use hopwatch as _;
 use hopwatch_collector::{
     StoreArgs,
     clickhouse::{ClickHouse, ClickHouseArgs, writer::Queued},
