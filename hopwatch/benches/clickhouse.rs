@@ -17,14 +17,11 @@
 #[path = "../tests/collector/clickhouse_server.rs"]
 mod clickhouse_server;
 
-// The `hopwatch` library sets the binary's allocator (mimalloc); without a use of it this
-// benchmark ran on the system allocator, which the collector never does.
 use std::{
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use hopwatch as _;
 use hopwatch_collector::{
     StoreArgs,
     clickhouse::{ClickHouse, ClickHouseArgs, writer::Queued},
@@ -132,11 +129,10 @@ fn cpu(pid: &str) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // As the `hopwatch` binary does at start (`memory::no_huge_pages`), so the collector's
-    // allocator is measured as it runs.
-    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers.
-    let thp_off = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } == 0;
-    assert!(thp_off, "cannot turn huge pages off: {}", std::io::Error::last_os_error());
+    // The collector's allocator as it runs: huge pages off, as the `hopwatch` binary turns
+    // them at start, and mimalloc, which the `hopwatch` library (used here) sets; without a use
+    // of that library this benchmark ran on the system allocator.
+    assert!(hopwatch::harness::no_huge_pages(), "cannot turn huge pages off");
     let flows = arg("--flows", 10_000_000);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let ch = ClickHouseServer::start(dir.path(), "");

@@ -507,12 +507,10 @@ fn kernel_to_observe(label: &str, extra: &[&str], samples: usize) {
 }
 
 fn main() {
-    // As the `hopwatch` binary does at start (`memory::no_huge_pages`): without it, this
-    // process's allocator gets transparent huge pages the collector never has, and the figures
-    // measure a different allocator.
-    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers.
-    let thp_off = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } == 0;
-    assert!(thp_off, "cannot turn huge pages off: {}", std::io::Error::last_os_error());
+    // As the `hopwatch` binary does at start: without it, this process's allocator gets
+    // transparent huge pages the collector never has, and the figures measure a different
+    // allocator.
+    assert!(hopwatch::harness::no_huge_pages(), "cannot turn huge pages off");
     let flows = arg("--flows", 1_000_000);
     let per_agent = arg("--ingest-per-agent", 125_000);
     let rt =

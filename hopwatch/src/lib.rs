@@ -54,6 +54,7 @@ pub mod harness {
         flow::{Clock, FlowBuilder, forwarded::TrustedProxies},
         identity::cgroup::cgroup2_mount,
         loader::btf::Btf,
+        memory::no_huge_pages,
         metrics::{MetricsAddr, MetricsArgs, Telemetry},
         pipeline::{CountedExchange, Pipeline, PipelineOptions},
         print::{Format, Options as PrintOptions, Printer},

@@ -18,12 +18,14 @@ pub(crate) fn release_freed() {
 /// advises huge pages for its arenas; a 2 MiB page is resident as a whole however little of it
 /// is used, and with tables of small entries that come and go (connections) most of the
 /// agent's anonymous memory was such pages (114 of 152 MiB with 100k connections open, `cargo
-/// xtask bench --only memory`). Applies to memory faulted in from now on.
-pub(crate) fn no_huge_pages() {
+/// xtask bench --only memory`). Applies to memory faulted in from now on. Returns whether they
+/// are off (the benchmarks require it, to measure the allocator the binary runs with).
+pub fn no_huge_pages() -> bool {
     // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers; it only sets a flag on
     // this process's address space.
     let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     if r != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot turn huge pages off");
     }
+    r == 0
 }

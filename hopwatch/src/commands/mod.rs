@@ -62,7 +62,7 @@ pub fn main() -> ExitCode {
         )
         .init();
     if matches!(cli.command, Command::Agent(_) | Command::Collector(_)) {
-        crate::memory::no_huge_pages();
+        let _ = crate::memory::no_huge_pages();
     }
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
