@@ -113,7 +113,7 @@ impl Hub {
             sort_window: cfg.merge.window,
             started: Instant::now(),
             traces: Arc::default(),
-            prepare: Preparation { terms: cfg.store.disk.is_some(), decoded: clickhouse.is_some() },
+            prepare: Preparation { index: cfg.store.disk.is_some(), decoded: clickhouse.is_some() },
             merge_tx: Mutex::new(Some(tx)),
             merge_thread: Mutex::new(Some(thread)),
             agents: Mutex::new(agents),

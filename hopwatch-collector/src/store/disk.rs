@@ -261,12 +261,12 @@ impl DiskLog {
     }
 
     /// Frames one entry into the write buffer (written by the next [`commit`](Self::commit)).
-    pub fn append(&mut self, index: u64, time_ns: i64, encoded: &[u8], terms: &[u64]) {
+    pub fn append(&mut self, index: u64, time_ns: i64, encoded: &[u8], indexed: &record::Indexed) {
         let start = self.active.written + self.buf.len() as u64;
         record::frame(&mut self.buf, KIND_ENTRY, encoded);
         let end = self.active.written + self.buf.len() as u64;
         let block = self.active.open_block.get_or_insert_with(|| BlockMeta::new(index, start));
-        block.add(time_ns, terms, end);
+        block.add(time_ns, indexed, end);
         if block.count >= BLOCK_ENTRIES {
             self.sealed.push(self.active.open_block.take().expect("just filled"));
         }
@@ -443,8 +443,8 @@ fn scan(first_index: u64, body: &[u8]) -> (Vec<BlockMeta>, u64) {
             let file_start = record::HEADER_LEN + start as u64;
             let block =
                 open.get_or_insert_with(|| BlockMeta::new(first_index + entries, file_start));
-            let terms = record::terms_of(&resp);
-            block.add(super::entry_time_ns(&resp), &terms, record::HEADER_LEN + end as u64);
+            let indexed = record::Indexed::of(&resp);
+            block.add(super::entry_time_ns(&resp), &indexed, record::HEADER_LEN + end as u64);
             entries += 1;
             if block.count >= BLOCK_ENTRIES {
                 blocks.push(open.take().expect("just filled"));

@@ -408,8 +408,8 @@ pub struct Incoming {
 /// How entries are made ready where they arrive.
 #[derive(Debug, Clone, Copy)]
 pub struct Preparation {
-    /// Work out its index terms (for the on-disk history).
-    pub terms: bool,
+    /// Work out its index terms and their sieve (for the on-disk history).
+    pub index: bool,
     /// Keep it decoded (for a sink: the ClickHouse history). Otherwise nothing the ingest task
     /// allocated for it but its bytes reaches the writer thread: freed there, mimalloc's pages
     /// went back to their thread late and a busy collector kept faulting in fresh memory.
@@ -427,7 +427,7 @@ impl Incoming {
         encoded: Option<bytes::Bytes>,
         how: Preparation,
     ) -> Self {
-        let prepared = record::Prepared::of(&resp, encoded, how.terms);
+        let prepared = record::Prepared::of(&resp, encoded, how.index);
         let time_ns = entry_time_ns(&resp);
         let decoded = how.decoded.then(|| Stored::new(resp));
         Self { time_ns, prepared, decoded }
@@ -460,18 +460,18 @@ impl StoreWriter {
                 Arc::get_mut(d).expect("entries are not shared before they are stored").index =
                     self.next_index;
             }
-            let record::Prepared { encoded: bytes, terms } = std::mem::take(&mut e.prepared);
+            let record::Prepared { encoded: bytes, index } = std::mem::take(&mut e.prepared);
             let sieve = if let Some(d) = &mut self.disk {
-                // Terms are worked out where entries arrive when there is a history; this is
-                // only for an entry prepared without them.
-                let terms = terms.unwrap_or_else(|| {
-                    record::terms_of(
+                // Entries are indexed where they arrive when there is a history; this is only
+                // for an entry prepared without it.
+                let index = index.unwrap_or_else(|| {
+                    record::Indexed::of(
                         &GetFlowsResponse::decode(&bytes[..])
                             .expect("an entry decodes from its own encoding"),
                     )
                 });
-                d.append(self.next_index, e.time_ns, &bytes, &terms);
-                record::sieve_of(&terms)
+                d.append(self.next_index, e.time_ns, &bytes, &index);
+                index.sieve
             } else {
                 u64::MAX
             };

@@ -171,16 +171,16 @@ impl BlockMeta {
         self.first_index + u64::from(self.count)
     }
 
-    /// Accounts for one entry (with index `terms`) written at byte `end` (exclusive) of the file.
-    pub fn add(&mut self, time_ns: i64, terms: &[u64], end: u64) {
+    /// Accounts for one entry (`index`ed) written at byte `end` (exclusive) of the file.
+    pub fn add(&mut self, time_ns: i64, index: &Indexed, end: u64) {
         self.count += 1;
         self.len = end - self.offset;
         self.min_time_ns = self.min_time_ns.min(time_ns);
         self.max_time_ns = self.max_time_ns.max(time_ns);
-        for &t in terms {
+        for &t in &index.terms {
             self.bloom.insert(t);
         }
-        self.sieves.push(sieve_of(terms));
+        self.sieves.push(index.sieve);
     }
 
     /// The sieve of the block's `i`th entry.
@@ -196,23 +196,30 @@ impl BlockMeta {
 /// Term of a block that holds a lost-event notice (which every query must see).
 const NOTICE_TERM: u64 = 0x6e6f_7469_6365_2121;
 
-/// An entry's sieve from its terms: a notice's lets every query through.
-pub fn sieve_of(terms: &[u64]) -> u64 {
-    if terms.contains(&NOTICE_TERM) { u64::MAX } else { entry_sieve(terms) }
+/// What the history's index takes of an entry: its terms (for its block's Bloom filter) and
+/// their sieve.
+#[derive(Debug)]
+pub struct Indexed {
+    pub terms: Vec<u64>,
+    pub sieve: u64,
 }
 
-/// The index terms of an entry.
-pub fn terms_of(resp: &GetFlowsResponse) -> Vec<u64> {
-    let mut terms = Vec::with_capacity(12);
-    if let Some(hopwatch_proto::observer::get_flows_response::ResponseTypes::Flow(f)) =
-        &resp.response_types
-    {
-        flow_terms(f, |t| terms.push(t));
-    } else {
-        // Notices are never filtered out: make sure every query looks at their block.
-        terms.push(NOTICE_TERM);
+impl Indexed {
+    pub fn of(resp: &GetFlowsResponse) -> Self {
+        let mut terms = Vec::with_capacity(12);
+        if let Some(hopwatch_proto::observer::get_flows_response::ResponseTypes::Flow(f)) =
+            &resp.response_types
+        {
+            flow_terms(f, |t| terms.push(t));
+            let sieve = entry_sieve(&terms);
+            Self { terms, sieve }
+        } else {
+            // Notices are never filtered out: make sure every query looks at their block and
+            // decodes them.
+            terms.push(NOTICE_TERM);
+            Self { terms, sieve: u64::MAX }
+        }
     }
-    terms
 }
 
 /// An entry made ready for the store where it arrives (encoded, and its index terms computed
@@ -220,15 +227,15 @@ pub fn terms_of(resp: &GetFlowsResponse) -> Vec<u64> {
 #[derive(Debug, Default)]
 pub struct Prepared {
     pub encoded: bytes::Bytes,
-    pub terms: Option<Vec<u64>>,
+    pub index: Option<Indexed>,
 }
 
 impl Prepared {
     /// `encoded`: `resp` as it came, when it came encoded and is stored unchanged.
-    pub fn of(resp: &GetFlowsResponse, encoded: Option<bytes::Bytes>, with_terms: bool) -> Self {
+    pub fn of(resp: &GetFlowsResponse, encoded: Option<bytes::Bytes>, with_index: bool) -> Self {
         Self {
             encoded: encoded.unwrap_or_else(|| resp.encode_to_vec().into()),
-            terms: with_terms.then(|| terms_of(resp)),
+            index: with_index.then(|| Indexed::of(resp)),
         }
     }
 }

@@ -45,7 +45,7 @@ fn put(
         .enumerate()
         .map(|(i, (t, r))| {
             // Every path: indexed where it arrives or by the writer, kept decoded or not.
-            let inc = Incoming::new(r, Preparation { terms: i % 2 == 0, decoded: i % 3 == 0 });
+            let inc = Incoming::new(r, Preparation { index: i % 2 == 0, decoded: i % 3 == 0 });
             assert_eq!(inc.time_ns, t);
             inc
         })
