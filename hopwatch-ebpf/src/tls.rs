@@ -4,7 +4,9 @@
 //! ciphertext. `SSL_read`/`SSL_write` (and their `_ex` variants) see the plaintext buffer; the
 //! socket I/O OpenSSL does inside the call (seen by `sock_send_length`/`sock_recv_length`, see
 //! `l7.rs`) tells us which socket the `SSL*` uses. Uprobes are attached to the library file, so
-//! every process mapping it is covered, including ones started later.
+//! every process mapping it is covered, including ones started later. Where the loader finds the
+//! internal function both variants call (`hopwatch/src/loader/tls.rs`), it attaches the `_ex`
+//! entry program and the return program there instead: same arguments, same return.
 //!
 //! `SSL_do_handshake` (which `SSL_connect`/`SSL_accept` call) is followed like a read or write
 //! without plaintext, so the handshake's socket I/O ties a new `SSL*` to its socket before the

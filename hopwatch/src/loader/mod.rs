@@ -11,6 +11,7 @@ pub(crate) mod offsets;
 pub(crate) mod probe;
 pub(crate) mod tls;
 pub(crate) mod uprobes;
+mod x86;
 
 use std::{fs::File, path::PathBuf};
 
@@ -333,11 +334,11 @@ fn attach_file_probes(
     for (file, err) in &failed {
         tracing::warn!(probes = name, file = %file.display(), error = %err, "cannot attach uprobes");
     }
-    let files: Vec<String> = attached.iter().map(|l| l.display().to_string()).collect();
-    let functions = probes.functions();
-    for f in &files {
-        hooks.push(format!("{functions} on {f}"));
-    }
+    let files: Vec<String> = attached
+        .iter()
+        .map(|(file, functions)| format!("{functions} on {}", file.display()))
+        .collect();
+    hooks.extend(files.iter().cloned());
     capabilities.push(if files.is_empty() {
         Capability::down(
             name,
@@ -347,7 +348,7 @@ fn attach_file_probes(
             },
         )
     } else {
-        Capability::up(name, format!("{functions} on {}", files.join(", ")))
+        Capability::up(name, files.join(", "))
     });
     Some(probes)
 }

@@ -10,17 +10,21 @@ use aya::Ebpf;
 
 use super::{
     LoadError,
-    uprobes::{FileProbes, process_files},
+    uprobes::{FileProbes, Probe, Site, process_files},
 };
 
-const PROBES: [(&str, &str); 1] = [("nginx_chain_writer", "ngx_chain_writer")];
+const PROGRAM: &str = "nginx_chain_writer";
 
 /// Where distributions put nginx.
 const DEFAULT_NGINX: [&str; 2] = ["/usr/sbin/nginx", "/usr/local/openresty/nginx/sbin/nginx"];
 
 /// Loads the nginx uprobe (attached by [`FileProbes::scan`]).
 pub(crate) fn load(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
-    FileProbes::load(ebpf, "nginx", &PROBES, candidate_binaries)
+    FileProbes::load(ebpf, "nginx", &[PROGRAM], plan, candidate_binaries)
+}
+
+fn plan(_: &Path) -> Vec<Probe> {
+    vec![Probe { program: PROGRAM, site: Site::Symbol("ngx_chain_writer") }]
 }
 
 /// The host's nginx and the binaries of running processes named nginx (container roots

@@ -17,31 +17,59 @@ use aya::{
 
 use super::LoadError;
 
+/// Where one program is attached in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Probe {
+    pub program: &'static str,
+    pub site: Site,
+}
+
+/// A place in a file's code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Site {
+    /// An exported function.
+    Symbol(&'static str),
+    /// A file offset found by reading the code, with the name reports give it.
+    Offset { offset: u64, name: String },
+}
+
+impl Site {
+    fn name(&self) -> &str {
+        match self {
+            Site::Symbol(s) => s,
+            Site::Offset { name, .. } => name,
+        }
+    }
+}
+
+/// A file and what was done with it: the functions probed, or why it could not be.
+pub(crate) type FileNote = (PathBuf, String);
+
+/// What to attach in one file.
+pub(crate) type Plan = fn(&Path) -> Vec<Probe>;
+
 /// One set of uprobe programs and the files they are attached to.
 pub(crate) struct FileProbes {
     /// What the set is for, in messages (`tls`, `nginx`).
     pub name: &'static str,
-    /// (program, function) pairs attached to every file; a function may take several programs
-    /// (an entry and a return probe).
-    probes: &'static [(&'static str, &'static str)],
+    /// Where each program goes in a file; a function may take several programs (an entry and a
+    /// return probe).
+    plan: Plan,
     /// The files to attach to, found now.
     candidates: fn() -> Vec<PathBuf>,
     attached: HashSet<(u64, u64)>,
 }
 
 impl FileProbes {
-    /// Loads the programs (attaching happens per file in [`FileProbes::scan`]).
+    /// Loads `programs` (attaching happens per file in [`FileProbes::scan`]).
     pub(crate) fn load(
         ebpf: &mut Ebpf,
         name: &'static str,
-        probes: &'static [(&'static str, &'static str)],
+        programs: &[&'static str],
+        plan: Plan,
         candidates: fn() -> Vec<PathBuf>,
     ) -> Result<Self, LoadError> {
-        let mut loaded = HashSet::new();
-        for &(program, _) in probes {
-            if !loaded.insert(program) {
-                continue;
-            }
+        for &program in programs {
             let prog: &mut UProbe = ebpf
                 .program_mut(program)
                 .ok_or(LoadError::NoProgram { program })?
@@ -49,23 +77,13 @@ impl FileProbes {
                 .map_err(|source| LoadError::Program { program, source })?;
             prog.load().map_err(|e| super::rejected(program, e))?;
         }
-        Ok(Self { name, probes, candidates, attached: HashSet::new() })
+        Ok(Self { name, plan, candidates, attached: HashSet::new() })
     }
 
-    /// The functions probed, for reports: `uprobe/SSL_read,SSL_write`.
-    pub(crate) fn functions(&self) -> String {
-        let mut names: Vec<&str> = Vec::new();
-        for &(_, f) in self.probes {
-            if !names.contains(&f) {
-                names.push(f);
-            }
-        }
-        format!("uprobe/{}", names.join(","))
-    }
-
-    /// Attaches to every candidate file not attached yet; returns the paths newly attached and
-    /// the failures (path, error).
-    pub(crate) fn scan(&mut self, ebpf: &mut Ebpf) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
+    /// Attaches to every candidate file not attached yet; returns the files newly attached (each
+    /// with the functions probed in it, for reports: `uprobe/SSL_read,SSL_write`) and the
+    /// failures (path, error).
+    pub(crate) fn scan(&mut self, ebpf: &mut Ebpf) -> (Vec<FileNote>, Vec<FileNote>) {
         let mut attached = Vec::new();
         let mut failed = Vec::new();
         for path in (self.candidates)() {
@@ -75,22 +93,37 @@ impl FileProbes {
             if !self.attached.insert(id) {
                 continue;
             }
-            match self.attach(ebpf, &path) {
-                Ok(()) => attached.push(path),
+            let probes = (self.plan)(&path);
+            match attach(ebpf, &path, &probes) {
+                Ok(()) => attached.push((path, functions(&probes))),
                 Err(e) => failed.push((path, crate::commands::error_chain(&e))),
             }
         }
         (attached, failed)
     }
+}
 
-    fn attach(&self, ebpf: &mut Ebpf, file: &Path) -> Result<(), ProgramError> {
-        for &(program, function) in self.probes {
-            let prog: &mut UProbe =
-                ebpf.program_mut(program).expect("loaded in FileProbes::load").try_into()?;
-            prog.attach(function, file, UProbeScope::AllProcesses)?;
-        }
-        Ok(())
+fn attach(ebpf: &mut Ebpf, file: &Path, probes: &[Probe]) -> Result<(), ProgramError> {
+    for p in probes {
+        let prog: &mut UProbe =
+            ebpf.program_mut(p.program).expect("loaded in FileProbes::load").try_into()?;
+        match &p.site {
+            Site::Symbol(function) => prog.attach(*function, file, UProbeScope::AllProcesses)?,
+            Site::Offset { offset, .. } => prog.attach(*offset, file, UProbeScope::AllProcesses)?,
+        };
     }
+    Ok(())
+}
+
+/// The functions probed, for reports: `uprobe/SSL_read,SSL_write`.
+fn functions(probes: &[Probe]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for p in probes {
+        if !names.contains(&p.site.name()) {
+            names.push(p.site.name());
+        }
+    }
+    format!("uprobe/{}", names.join(","))
 }
 
 /// Files of running processes: `pick` gets each process's `/proc/<pid>` and names paths in its

@@ -179,6 +179,17 @@ fn https_through_nginx_is_seen_on_the_ingress_and_upstream_hops() {
     let _serial = serial();
     let mut tb = Testbed::new();
     let agent = Agent::start(&[]);
+    // Debian 12's OpenSSL 3.0: SSL_read/SSL_write are wrappers the agent sees through, so the
+    // plaintext comes from probes on the internal functions (no debug trap per call).
+    let tls = agent.announced("its TLS probes", |l| {
+        l.strip_prefix("hopwatch agent: tls: on, via ").map(str::to_owned)
+    });
+    assert!(
+        tls.starts_with(
+            "uprobe/ssl_read_internal,ssl_write_internal,SSL_do_handshake,SSL_free on "
+        ),
+        "{tls}"
+    );
     let t = Topology::start(&mut tb);
     // Alternate statuses over nginx's keep-alive upstream connection: each response must be
     // matched to its own request.

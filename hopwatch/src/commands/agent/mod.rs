@@ -573,8 +573,12 @@ async fn rescan_uprobes(
                 let mut ebpf = ebpf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 probes.scan(&mut ebpf)
             };
-            for file in attached {
-                eprintln!("hopwatch agent: {} uprobes attached to {}", probes.name, file.display());
+            for (file, functions) in attached {
+                eprintln!(
+                    "hopwatch agent: {} uprobes attached to {} ({functions})",
+                    probes.name,
+                    file.display()
+                );
             }
             for (file, err) in failed {
                 tracing::warn!(probes = probes.name, file = %file.display(), error = %err, "cannot attach uprobes");
