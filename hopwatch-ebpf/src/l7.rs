@@ -43,9 +43,9 @@ use crate::{
     },
     maps::{
         DATA_SCRATCH, DETECT_STASH, DataScratch, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS,
-        MMSG_CURSORS, PROMOTIONS, SSL_SOCKETS, SYSCALL_TAILS, TAIL_DETECT, TLS_CALLS, count,
+        MMSG_CURSORS, PROMOTIONS, SSL_SOCKETS, SYSCALL_TAILS, TAIL_DETECT, count,
     },
-    tls_handshake,
+    tls, tls_handshake,
 };
 
 /// `MSG_PEEK`: the data stays queued and will be read again.
@@ -155,7 +155,7 @@ pub fn capture(
     // Maps are updated only when the association changes: an update of an LRU map takes a lock
     // and may evict, and this runs on every ciphertext call.
     let mut handshake = None;
-    if !promoted && let Some(call) = TLS_CALLS.get_ptr_mut(pid_tgid) {
+    if !promoted && let Some(call) = tls::call_in_progress(pid_tgid) {
         // SAFETY: map value pointer, valid until we return; the call's cookie is the one
         // remembered for its `SSL*` (or 0) when the call started.
         unsafe {

@@ -29,9 +29,9 @@ use crate::{
     l7::{self, UserData},
     maps::{
         DATA_SCRATCH, DETECT_STASH, HOPWATCH_SETTINGS, HOPWATCH_SYSCALLS, L7CONNS, PENDING_CALLS,
-        PendingCall, SYSCALL_TAILS, TAIL_EXIT, TLS_CALLS, count,
+        PendingCall, SYSCALL_TAILS, TAIL_EXIT, count,
     },
-    tls_handshake,
+    tls, tls_handshake,
 };
 
 /// Offsets in a `syscalls:sys_enter_*` record: the syscall number, then its arguments as 8-byte
@@ -103,7 +103,7 @@ fn on_enter(ctx: &TracePointContext) -> Option<()> {
     // SAFETY: map values, read at once.
     if let Some(state) = unsafe { L7CONNS.get(cookie) }
         && (state.proto == PROTO_IGNORED
-            || (state.proto == PROTO_TLS && unsafe { TLS_CALLS.get(pid_tgid) }.is_none()))
+            || (state.proto == PROTO_TLS && tls::call_in_progress(pid_tgid).is_none()))
     {
         return None;
     }

@@ -31,6 +31,9 @@ use crate::{
     maps::{DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TlsCall, count},
 };
 
+/// [`TlsCall::ssl`] of a thread's entry while it is not inside a call (no `SSL*` is null).
+const IDLE: u64 = 0;
+
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
     enter(&ctx, DIR_EGRESS, false);
@@ -91,14 +94,34 @@ fn enter(ctx: &ProbeContext, direction: u8, ex: bool) {
     // SAFETY: copied out at once.
     let cookie = unsafe { SSL_SOCKETS.get(ssl) }.copied().unwrap_or(0);
     let call = TlsCall { ssl, buf, out_len, cookie, io_ns: 0, direction, _pad: [0; 7] };
-    let _ = TLS_CALLS.insert(bpf_get_current_pid_tgid(), call, 0);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // A thread's entry stays in the map between calls (marked idle by the return): written in
+    // place, it costs neither an LRU insert (a lock, maybe an eviction) nor a delete per call.
+    match TLS_CALLS.get_ptr_mut(pid_tgid) {
+        // SAFETY: map value of this thread, valid while the program runs.
+        Some(c) => unsafe { *c = call },
+        None => {
+            let _ = TLS_CALLS.insert(pid_tgid, call, 0);
+        }
+    }
+}
+
+/// The `SSL_*` call the thread `pid_tgid` is inside, if any.
+#[inline(always)]
+pub fn call_in_progress(pid_tgid: u64) -> Option<*mut TlsCall> {
+    // SAFETY: map value, read at once.
+    TLS_CALLS.get_ptr_mut(pid_tgid).filter(|&c| unsafe { (*c).ssl } != IDLE)
 }
 
 fn exit(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: copied out at once.
-    let Some(call) = (unsafe { TLS_CALLS.get(pid_tgid) }).copied() else { return };
-    let _ = TLS_CALLS.remove(pid_tgid);
+    let Some(c) = call_in_progress(pid_tgid) else { return };
+    // SAFETY: map value of this thread, copied out and marked idle at once.
+    let call = unsafe {
+        let call = *c;
+        (*c).ssl = IDLE;
+        call
+    };
     if call.direction == 0 {
         // A handshake: its socket I/O tied the `SSL*` to its socket; no plaintext.
         return;
