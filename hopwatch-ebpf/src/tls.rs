@@ -54,6 +54,9 @@ pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn ssl_free(ctx: ProbeContext) -> u32 {
+    if HOPWATCH_SETTINGS.load().capture_bytes == 0 {
+        return 0;
+    }
     let ssl: u64 = ctx.arg(0).unwrap_or(0);
     let _ = SSL_SOCKETS.remove(ssl);
     0
@@ -114,6 +117,9 @@ pub fn call_in_progress(pid_tgid: u64) -> Option<*mut TlsCall> {
 }
 
 fn exit(ret: i64) {
+    if HOPWATCH_SETTINGS.load().capture_bytes == 0 {
+        return;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(c) = call_in_progress(pid_tgid) else { return };
     // SAFETY: map value of this thread, copied out and marked idle at once.

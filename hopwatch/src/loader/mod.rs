@@ -119,11 +119,14 @@ pub(crate) struct LoadOptions {
     pub l7_hook: L7Hook,
 }
 
-/// The uprobe sets asked for (each needs `settings.capture_bytes > 0`).
+/// The uprobe sets asked for (each needs `settings.capture_bytes > 0`, but for `idle_tls`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct UprobeSets {
     /// OpenSSL's, for TLS plaintext.
     pub tls: bool,
+    /// OpenSSL's attached with `settings.capture_bytes == 0`, where they return at once: what
+    /// the probes alone cost (the benchmark's floor for TLS capture).
+    pub idle_tls: bool,
     /// nginx's, linking upstream requests to their downstream requests (needs
     /// `settings.trace_threads` too).
     pub nginx: bool,
@@ -288,12 +291,13 @@ fn attach_uprobes(
     capabilities: &mut Vec<Capability>,
 ) -> Vec<uprobes::FileProbes> {
     type Load = fn(&mut Ebpf) -> Result<uprobes::FileProbes, LoadError>;
-    if opts.settings.capture_bytes == 0 {
+    let idle_tls = opts.uprobes.idle_tls && opts.settings.capture_bytes == 0;
+    if opts.settings.capture_bytes == 0 && !idle_tls {
         return Vec::new();
     }
     let sets: [(bool, &'static str, Load, &str); 2] = [
         (
-            opts.uprobes.tls,
+            opts.uprobes.tls || idle_tls,
             "tls",
             tls::load,
             "no OpenSSL library (libssl) found in running processes or the library paths",

@@ -3,7 +3,9 @@
 //! the kernel's exchange engine) and with full L7 capture on the capture path alone
 //! (`--no-kernel-exchanges`, the baseline the engine is measured against), from the syscall
 //! tracepoints (`--l7-hook syscalls`) and without request tracing (`--no-request-tracing`, what
-//! tracing costs), modes alternated round by round so drift hits all of them; medians of the
+//! tracing costs) and, for HTTPS, with TCP capture and the TLS uprobes attached but returning at
+//! once (`--idle-tls-uprobes`: the floor the probes' hits alone set), modes alternated round by
+//! round so drift hits all of them; medians of the
 //! rounds.
 //! The agent's cost comes from the same runs: its CPU time (from /proc) against the kernel events
 //! it was sent (`hopwatch_kernel_events_total{event="events_sent"}`) and the requests served.
@@ -31,11 +33,21 @@ pub enum Mode {
     Syscalls,
     /// Full L7 capture without request tracing (what tracing costs, side by side).
     NoTracing,
+    /// TCP capture with the TLS uprobes attached and doing nothing: what the probes' hits alone
+    /// cost (TLS loads only).
+    IdleUprobes,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] =
-        [Mode::Off, Mode::Tcp, Mode::Full, Mode::Capture, Mode::Syscalls, Mode::NoTracing];
+    const ALL: [Mode; 7] = [
+        Mode::Off,
+        Mode::Tcp,
+        Mode::Full,
+        Mode::Capture,
+        Mode::Syscalls,
+        Mode::NoTracing,
+        Mode::IdleUprobes,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -45,7 +57,13 @@ impl Mode {
             Mode::Capture => "full L7, capture path only",
             Mode::Syscalls => "full L7 from syscall tracepoints",
             Mode::NoTracing => "full L7 without request tracing",
+            Mode::IdleUprobes => "TCP capture, idle TLS uprobes",
         }
+    }
+
+    /// Whether the mode is measured under `load`.
+    fn applies(self, load: &Load<'_>) -> bool {
+        self != Mode::IdleUprobes || load.tls
     }
 
     fn agent_args(self) -> Option<&'static [&'static str]> {
@@ -56,6 +74,7 @@ impl Mode {
             Mode::Capture => Some(&["--no-kernel-exchanges"]),
             Mode::Syscalls => Some(&["--l7-hook", "syscalls"]),
             Mode::NoTracing => Some(&["--no-request-tracing"]),
+            Mode::IdleUprobes => Some(&["--capture-bytes", "0", "--idle-tls-uprobes"]),
         }
     }
 }
@@ -65,6 +84,8 @@ pub struct Load<'a> {
     pub name: &'static str,
     /// Hops each request crosses (each end counts one exchange per hop).
     pub hops: f64,
+    /// The load is TLS (its plaintext comes from the uprobes).
+    pub tls: bool,
     pub run: Box<dyn Fn(u32) -> Result<LoadResult> + 'a>,
 }
 
@@ -74,21 +95,25 @@ pub fn loads<'a>(opts: &'a BenchOptions, dir: &'a Path) -> Vec<Load<'a>> {
         Load {
             name: "HTTP keep-alive (wrk → nginx)",
             hops: 1.0,
+            tls: false,
             run: Box::new(move |s| wrk(&format!("http://127.0.0.1:{PORT}/"), s, c, &[])),
         },
         Load {
             name: "HTTP keep-alive through a proxy (wrk → nginx → nginx upstream, keep-alive)",
             hops: 2.0,
+            tls: false,
             run: Box::new(move |s| wrk(&format!("http://127.0.0.1:{PROXY_PORT}/"), s, c, &[])),
         },
         Load {
             name: "HTTPS keep-alive (wrk → nginx, TLS 1.3)",
             hops: 1.0,
+            tls: true,
             run: Box::new(move |s| wrk(&format!("https://127.0.0.1:{TLS_PORT}/"), s, c, &[])),
         },
         Load {
             name: "connection churn (wrk → nginx, `Connection: close`)",
             hops: 1.0,
+            tls: false,
             run: Box::new(move |s| {
                 wrk(&format!("http://127.0.0.1:{PORT}/"), s, c, &["Connection: close"])
             }),
@@ -96,6 +121,7 @@ pub fn loads<'a>(opts: &'a BenchOptions, dir: &'a Path) -> Vec<Load<'a>> {
         Load {
             name: "pgbench -S → PostgreSQL",
             hops: 1.0,
+            tls: false,
             run: Box::new(move |s| pgbench(s, c.min(8), dir)),
         },
     ]
@@ -190,7 +216,7 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
         (load.run)(opts.seconds.min(2)).with_context(|| format!("warm-up of {}", load.name))?;
         let mut samples: Vec<(Mode, Sample)> = Vec::new();
         for round in 1..=opts.rounds {
-            for mode in Mode::ALL {
+            for mode in Mode::ALL.into_iter().filter(|m| m.applies(load)) {
                 let s = measure(bin, mode, load, opts.seconds)
                     .with_context(|| format!("{} with {}", load.name, mode.name()))?;
                 say(&format!(
@@ -216,7 +242,7 @@ pub fn run(bin: &Path, opts: &BenchOptions, loads: &[Load<'_>], report: &mut Rep
             .with_context(|| format!("{}: kernel program run times", load.name))?;
         program_figures(load.name, &programs, report);
     }
-    for mode in Mode::ALL.into_iter().skip(1) {
+    for mode in Mode::ALL.into_iter().skip(1).filter(|m| *m != Mode::IdleUprobes) {
         let label = mode.name();
         let (cpu, events) = totals[mode as usize];
         if events > 0.0 {
@@ -257,7 +283,7 @@ fn figures(load: &Load<'_>, samples: &[(Mode, Sample)], report: &mut Report) -> 
          agent CPU s / 1M kernel events | kernel events / req | exchanges counted / req | lost events |"
     );
     let _ = writeln!(&mut d, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for mode in Mode::ALL {
+    for mode in Mode::ALL.into_iter().filter(|m| m.applies(load)) {
         let rps = of(mode, &|s| s.load.rps);
         let p99 = of(mode, &|s| s.load.p99_ms);
         let per_req =
@@ -281,18 +307,19 @@ fn figures(load: &Load<'_>, samples: &[(Mode, Sample)], report: &mut Report) -> 
         );
         let (label, target) = match mode {
             Mode::Off => continue,
-            Mode::Tcp => ("TCP capture", 99.0),
-            Mode::Full => ("full L7", 95.0),
-            Mode::Capture => ("full L7 on the capture path", 95.0),
-            Mode::Syscalls => ("full L7 from syscall tracepoints (kernels before 6.3)", 95.0),
-            Mode::NoTracing => ("full L7 without request tracing", 95.0),
+            Mode::Tcp => ("TCP capture", Some(99.0)),
+            Mode::Full => ("full L7", Some(95.0)),
+            Mode::Capture => ("full L7 on the capture path", Some(95.0)),
+            Mode::Syscalls => ("full L7 from syscall tracepoints (kernels before 6.3)", Some(95.0)),
+            Mode::NoTracing => ("full L7 without request tracing", Some(95.0)),
+            Mode::IdleUprobes => ("TCP capture and idle TLS uprobes (the uprobes' floor)", None),
         };
         report.add_rounds(
             "1 data path",
             format!("{name}: throughput, {label} vs no agent"),
             &throughput,
             "%",
-            Some(Target::AtLeast(target)),
+            target.map(Target::AtLeast),
         );
         report.add_rounds(
             "1 data path",
@@ -301,7 +328,7 @@ fn figures(load: &Load<'_>, samples: &[(Mode, Sample)], report: &mut Report) -> 
             "x",
             None,
         );
-        if mode != Mode::Tcp {
+        if mode != Mode::Tcp && mode != Mode::IdleUprobes {
             // Exactness: each end's count against the requests the load generator completed
             // times the hops each crosses (a few more at the server: requests in flight when
             // it stopped were answered).

@@ -49,6 +49,11 @@ pub(in crate::commands) struct AgentArgs {
     /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
     #[arg(long)]
     pub no_tls: bool,
+    /// For the benchmark (`cargo xtask bench`): attach the OpenSSL uprobes with
+    /// `--capture-bytes 0`, where their programs return at once, to measure what the probes
+    /// alone cost an application.
+    #[arg(long, hide = true, requires = "capture_bytes")]
+    pub idle_tls_uprobes: bool,
     /// Measure every exchange from captured bytes in userspace; by default HTTP/1 connections
     /// that alternate request and response are handed to the kernel, which measures their
     /// exchanges and sends one record each.

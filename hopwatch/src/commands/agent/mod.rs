@@ -259,6 +259,7 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         ringbuf_bytes: args.ringbuf_bytes,
         uprobes: loader::UprobeSets {
             tls: !args.no_tls,
+            idle_tls: args.idle_tls_uprobes,
             nginx: !args.no_request_tracing && !args.no_nginx_uprobe,
         },
         drop_hook: args.drop_hook,
