@@ -349,7 +349,8 @@ fn run(task: Task) -> Result<()> {
             )?;
             if filter.is_empty() {
                 say("the application-protocol tests again through the syscall capture path (how \
-                     kernels before 6.3 are served), forced with --l7-hook syscalls");
+                     kernels before 6.3 are served), forced with --l7-hook syscalls, and with \
+                     the TLS uprobes on OpenSSL's exported functions");
                 let mut args = vec!["test", "-p", "hopwatch", "--test", "e2e", "--"];
                 args.extend(SYSCALL_PATH_TESTS);
                 args.push("--test-threads=1");
@@ -358,7 +359,7 @@ fn run(task: Task) -> Result<()> {
                     Command::new(env!("CARGO"))
                         .args(&args)
                         .current_dir(workspace_root())
-                        .env("HOPWATCH_E2E_AGENT_ARGS", "--l7-hook syscalls"),
+                        .env("HOPWATCH_E2E_AGENT_ARGS", "--l7-hook syscalls --tls-probes exported"),
                 )?;
             }
             if !no_vm && !filter.is_empty() {

@@ -127,6 +127,8 @@ pub(crate) struct UprobeSets {
     /// OpenSSL's attached with `settings.capture_bytes == 0`, where they return at once: what
     /// the probes alone cost (the benchmark's floor for TLS capture).
     pub idle_tls: bool,
+    /// Where OpenSSL's are attached.
+    pub tls_probes: TlsProbes,
     /// nginx's, linking upstream requests to their downstream requests (needs
     /// `settings.trace_threads` too).
     pub nginx: bool,
@@ -144,6 +146,16 @@ pub(crate) enum L7Hook {
     /// `syscalls:sys_enter_*`/`sys_exit_*` of the read/write/send/recv families: every kernel;
     /// exchanges are measured in userspace.
     Syscalls,
+}
+
+/// Where the OpenSSL uprobes go (see `loader/tls.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TlsProbes {
+    /// The internal read and write functions where the exported ones are recognised as
+    /// wrappers around them, the exported functions otherwise.
+    Auto,
+    /// The exported functions only.
+    Exported,
 }
 
 /// The `kfree_skb` program: with the kernel's drop reason (5.17+), or without (older kernels).
@@ -299,7 +311,10 @@ fn attach_uprobes(
         (
             opts.uprobes.tls || idle_tls,
             "tls",
-            tls::load,
+            match opts.uprobes.tls_probes {
+                TlsProbes::Auto => tls::load,
+                TlsProbes::Exported => tls::load_exported,
+            },
             "no OpenSSL library (libssl) found in running processes or the library paths",
         ),
         (

@@ -42,9 +42,14 @@ const WRITE: Calls = Calls {
     internal: "ssl_write_internal",
 };
 
-/// Loads the TLS uprobes (attached by [`FileProbes::scan`]).
+/// Loads the TLS uprobes (attached by [`FileProbes::scan`]) to go where [`plan`] says.
 pub(crate) fn load(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
     FileProbes::load(ebpf, "tls", &PROGRAMS, plan, candidate_libraries)
+}
+
+/// Loads the TLS uprobes to go on the exported functions only (`--tls-probes exported`).
+pub(crate) fn load_exported(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
+    FileProbes::load(ebpf, "tls", &PROGRAMS, |_| probes(&Internals::default()), candidate_libraries)
 }
 
 /// Where the programs go in one libssl.
@@ -63,6 +68,11 @@ pub(crate) fn load(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
 fn plan(path: &Path) -> Vec<Probe> {
     let internal =
         std::fs::read(path).ok().and_then(|data| Internals::find(&data)).unwrap_or_default();
+    probes(&internal)
+}
+
+/// The probes for a libssl whose internal functions are `internal`.
+fn probes(internal: &Internals) -> Vec<Probe> {
     let mut probes = Vec::new();
     for (calls, offset) in [(READ, internal.read), (WRITE, internal.write)] {
         match offset {

@@ -49,6 +49,11 @@ pub(in crate::commands) struct AgentArgs {
     /// Do not attach the OpenSSL uprobes (no plaintext of TLS connections).
     #[arg(long)]
     pub no_tls: bool,
+    /// Where the OpenSSL uprobes go: `auto` probes the internal read and write functions where
+    /// `SSL_read`/`SSL_write` are recognised as wrappers around them (no debug trap per call),
+    /// the exported functions otherwise; `exported` always probes the exported functions.
+    #[arg(long, value_enum, default_value_t = loader::TlsProbes::Auto)]
+    pub tls_probes: loader::TlsProbes,
     /// For the benchmark (`cargo xtask bench`): attach the OpenSSL uprobes with
     /// `--capture-bytes 0`, where their programs return at once, to measure what the probes
     /// alone cost an application.

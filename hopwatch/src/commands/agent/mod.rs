@@ -260,6 +260,7 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         uprobes: loader::UprobeSets {
             tls: !args.no_tls,
             idle_tls: args.idle_tls_uprobes,
+            tls_probes: args.tls_probes,
             nginx: !args.no_request_tracing && !args.no_nginx_uprobe,
         },
         drop_hook: args.drop_hook,
