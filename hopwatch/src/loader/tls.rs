@@ -1,7 +1,10 @@
 //! OpenSSL uprobes: every `libssl` on the host (the host's own and those inside containers), with
 //! the TLS programs (`hopwatch-ebpf/src/tls.rs`) attached once per file ([`FileProbes`]).
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::Read as _,
+    path::{Path, PathBuf},
+};
 
 use aya::Ebpf;
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
@@ -66,9 +69,19 @@ pub(crate) fn load_exported(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
 /// `flags` argument to the internal write function (its `size_t *` moved): with it, writes stay
 /// on the exported functions. Anything not recognised keeps the exported functions.
 fn plan(path: &Path) -> Vec<Probe> {
-    let internal =
-        std::fs::read(path).ok().and_then(|data| Internals::find(&data)).unwrap_or_default();
+    let internal = read_library(path).and_then(|data| Internals::find(&data)).unwrap_or_default();
     probes(&internal)
+}
+
+/// Largest library read to look for the internal functions (libssl is under 1 MiB; a file
+/// named like it in a container could be anything).
+const MAX_LIBRARY_BYTES: u64 = 64 << 20;
+
+/// The file's bytes, when it is not larger than [`MAX_LIBRARY_BYTES`].
+fn read_library(path: &Path) -> Option<Vec<u8>> {
+    let mut data = Vec::new();
+    std::fs::File::open(path).ok()?.take(MAX_LIBRARY_BYTES + 1).read_to_end(&mut data).ok()?;
+    (data.len() as u64 <= MAX_LIBRARY_BYTES).then_some(data)
 }
 
 /// The probes for a libssl whose internal functions are `internal`.
@@ -115,13 +128,16 @@ impl Internals {
             |name: &str| elf.dynamic_symbols().find(|s| s.is_definition() && s.name() == Ok(name));
         let exported_at = |addr: u64| elf.dynamic_symbols().any(|s| s.address() == addr);
         // The code at `addr` and the file offset it is at.
+        // Every number comes from the file (a container's, maybe hostile): checked, never
+        // trusted to index.
         let code = |addr: u64| {
-            let section =
-                elf.sections().find(|s| (s.address()..s.address() + s.size()).contains(&addr))?;
+            let section = elf
+                .sections()
+                .find(|s| addr.checked_sub(s.address()).is_some_and(|at| at < s.size()))?;
             let (offset, _) = section.file_range()?;
-            let bytes = section.data().ok()?;
-            let at = usize::try_from(addr - section.address()).ok()?;
-            Some((&bytes[at..], offset + (addr - section.address())))
+            let at = addr - section.address();
+            let bytes = section.data().ok()?.get(usize::try_from(at).ok()?..)?;
+            Some((bytes, offset.checked_add(at)?))
         };
         // The function both exported wrappers call first, when they agree, it is not exported
         // itself (not some helper) and its entry is emulated.
@@ -182,5 +198,18 @@ mod tests {
         }
         assert!(probes.iter().all(|p| matches!(p.site, Site::Symbol(_))));
         assert!(Internals::find(b"not an ELF file").is_none());
+    }
+
+    #[test]
+    fn a_cut_or_foreign_elf_file_is_read_without_a_panic() {
+        // This test's own binary: an x86-64 ELF file without OpenSSL's functions.
+        let exe = std::fs::read("/proc/self/exe").expect("the test binary is readable");
+        assert_eq!(Internals::find(&exe), Some(Internals::default()));
+        let mut cut = 0;
+        while cut < exe.len() {
+            let found = Internals::find(&exe[..cut]);
+            assert!(found.is_none() || found == Some(Internals::default()), "{cut}: {found:?}");
+            cut = cut * 2 + 61;
+        }
     }
 }
