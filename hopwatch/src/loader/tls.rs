@@ -61,8 +61,8 @@ pub(crate) fn load_exported(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
 /// instruction the kernel cannot emulate (`sub $n,%rsp`), so each hit single-steps it out of
 /// line through a debug trap: in a virtual machine that trap costs microseconds, and HTTPS
 /// through nginx kept a quarter of its throughput with nothing but entry probes on `SSL_read`
-/// and `SSL_write` (70.7k → 16.1k requests/s, no BPF program attached; 54k with the probes on
-/// the internal functions instead). So when `SSL_read` and `SSL_read_ex` are thin wrappers
+/// and `SSL_write` (about 67k → 16k requests/s, no BPF program attached; about 54k with entry
+/// probes on the internal functions instead). So when `SSL_read` and `SSL_read_ex` are thin wrappers
 /// around one internal function (`ssl_read_internal(ssl, buf, num, size_t *readbytes)`, the same
 /// contract as `SSL_read_ex`) whose first instruction is emulated (`push`), that function is
 /// probed instead, once for both; the same for writes. OpenSSL 3.2 added `SSL_write_ex2`, and a
