@@ -90,8 +90,8 @@ fn probes(internal: &Internals) -> Vec<Probe> {
     for (calls, offset) in [(READ, internal.read), (WRITE, internal.write)] {
         match offset {
             Some(offset) => {
-                let site = Site::Offset { offset, name: calls.internal.to_owned() };
-                probes.push(Probe { program: calls.ex.0, site: site.clone() });
+                let site = Site::Offset { offset, name: calls.internal };
+                probes.push(Probe { program: calls.ex.0, site });
                 probes.push(Probe { program: "ssl_return", site });
             }
             None => {

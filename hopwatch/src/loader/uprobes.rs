@@ -18,26 +18,25 @@ use aya::{
 use super::LoadError;
 
 /// Where one program is attached in a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Probe {
     pub program: &'static str,
     pub site: Site,
 }
 
 /// A place in a file's code.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Site {
     /// An exported function.
     Symbol(&'static str),
     /// A file offset found by reading the code, with the name reports give it.
-    Offset { offset: u64, name: String },
+    Offset { offset: u64, name: &'static str },
 }
 
 impl Site {
-    fn name(&self) -> &str {
+    fn name(self) -> &'static str {
         match self {
-            Site::Symbol(s) => s,
-            Site::Offset { name, .. } => name,
+            Site::Symbol(name) | Site::Offset { name, .. } => name,
         }
     }
 }
@@ -107,9 +106,9 @@ fn attach(ebpf: &mut Ebpf, file: &Path, probes: &[Probe]) -> Result<(), ProgramE
     for p in probes {
         let prog: &mut UProbe =
             ebpf.program_mut(p.program).expect("loaded in FileProbes::load").try_into()?;
-        match &p.site {
-            Site::Symbol(function) => prog.attach(*function, file, UProbeScope::AllProcesses)?,
-            Site::Offset { offset, .. } => prog.attach(*offset, file, UProbeScope::AllProcesses)?,
+        match p.site {
+            Site::Symbol(function) => prog.attach(function, file, UProbeScope::AllProcesses)?,
+            Site::Offset { offset, .. } => prog.attach(offset, file, UProbeScope::AllProcesses)?,
         };
     }
     Ok(())
