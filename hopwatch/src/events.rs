@@ -3,10 +3,11 @@
 //! Records are `#[repr(C)]` structs from `hopwatch-common`; a record too short for its kind or of
 //! an unknown kind is a decode error the caller counts, never a panic.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use hopwatch_common::{
-    AF_INET, AF_INET6, DATA_MAX, DataEvent, DropEvent, EventHeader, EventKind, TcpEvent, Tuple,
+    AF_INET, AF_INET6, DATA_MAX, DataEvent, DropEvent, EventHeader, EventKind, IPPROTO_TCP,
+    TcpEvent, Tuple,
     exchange::{EXCH_F_FULL, EXCHANGE_HEAD, EXCHANGE_RESPONSE, ExchangeEvent},
 };
 
@@ -93,13 +94,44 @@ pub(crate) fn addrs(t: &Tuple) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
+/// The kernel's form of a TCP connection's addresses (`local` as the source).
+pub(crate) fn tcp_tuple(local: SocketAddr, remote: SocketAddr, netns: u32) -> Tuple {
+    let mut t = Tuple {
+        sport: local.port(),
+        dport: remote.port(),
+        protocol: IPPROTO_TCP,
+        netns,
+        ..Tuple::default()
+    };
+    match (local.ip(), remote.ip()) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => {
+            t.family = AF_INET;
+            t.saddr[..4].copy_from_slice(&l.octets());
+            t.daddr[..4].copy_from_slice(&r.octets());
+        }
+        (l, r) => {
+            t.family = AF_INET6;
+            t.saddr = v6(l).octets();
+            t.daddr = v6(r).octets();
+        }
+    }
+    t
+}
+
+fn v6(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    }
+}
+
 fn canonical(a: Ipv6Addr) -> IpAddr {
     a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
 }
 
 #[cfg(test)]
 mod tests {
-    use hopwatch_common::{IPPROTO_TCP, TcpOp};
+    use hopwatch_common::TcpOp;
 
     use super::*;
 
@@ -187,6 +219,16 @@ mod tests {
         ev.captured = 64;
         let short = bytes_of(&ev);
         assert!(matches!(decode(&short), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn a_connections_addresses_come_back_from_its_tuple() {
+        for (l, r) in [("10.0.0.1:443", "10.0.0.2:50000"), ("[fd00::1]:443", "[fd00::2]:50000")] {
+            let (l, r): (SocketAddr, SocketAddr) = (l.parse().unwrap(), r.parse().unwrap());
+            let t = tcp_tuple(l, r, 7);
+            assert_eq!(addrs(&t), Some((l.ip(), r.ip())));
+            assert_eq!((t.sport, t.dport, t.protocol, t.netns), (443, 50000, IPPROTO_TCP, 7));
+        }
     }
 
     #[test]

@@ -313,6 +313,17 @@ impl Pipeline {
         let server_side = conn.map(|c| c.role == Role::Server);
         let peer = || conn.and_then(|c| table.peer(c)).map(|p| p.cookie);
         let opened_ns = conn.map_or(0, |c| c.opened_ns);
+        // TLS plaintext comes without addresses: the session keeps the connection's, for the
+        // exchanges it reports once the connection is gone (a request unanswered at the close).
+        let with_tuple;
+        let ev = match conn {
+            Some(c) if ev.tuple.family == 0 => {
+                let tuple = crate::events::tcp_tuple(c.local(), c.remote(), c.netns);
+                with_tuple = DataEvent { tuple, ..*ev };
+                &with_tuple
+            }
+            _ => ev,
+        };
         let done = self.l7.on_data_with(ev, payload, server_side, opened_ns, peer);
         self.l7_flows(done, out);
     }
