@@ -4,7 +4,9 @@
 //! Every connection starts on the capture path (each message's first bytes go to userspace,
 //! whose parsers frame the messages). Once userspace has seen an HTTP/1 connection alternate
 //! strictly between one request and one response, it promotes the socket ([`crate::L7Conn::fast`]):
-//! from then on the kernel keeps the exchange in progress in the socket's storage. The first
+//! from then on the kernel keeps the exchange in progress in the socket's storage (a TLS
+//! connection's, whose plaintext the TLS probes see with no socket at hand, in `TLS_EXCHANGES` by
+//! socket cookie, and its calls are the `SSL_read`/`SSL_write` calls). The first
 //! request-direction call of an exchange copies the request's head into that storage; later
 //! calls in the same direction only move its time and length (counted, not copied); the first
 //! response-direction call reads the status line, and one fixed-size [`ExchangeEvent`] goes to
@@ -57,9 +59,13 @@ pub struct ExchangeState {
     pub _pad: u8,
     /// Client sockets: the inbound request the sending thread was serving at the request's start.
     pub caller: ThreadRequest,
+    /// TLS connections: the connection's two ports (local, remote), for the sampling decision
+    /// (the TLS probes have no socket to read them from). Given by the promotion.
+    pub ports: [u16; 2],
+    pub _pad2: [u8; 4],
     pub head: [u8; EXCHANGE_HEAD],
 }
-const _: () = assert!(size_of::<ExchangeState>() == 40 + EXCHANGE_HEAD);
+const _: () = assert!(size_of::<ExchangeState>() == 48 + EXCHANGE_HEAD);
 
 /// One exchange measured on the fast path ([`crate::EventKind::Exchange`]). The header's time is
 /// the response's first byte, its process the task that read or wrote it (no comm or cgroup: the
@@ -111,11 +117,14 @@ const _: () = assert!(
 pub struct Promotion {
     pub anchor_index: u64,
     pub anchor_turns: u32,
+    /// The connection's ports (local, remote): TLS connections' exchanges are measured where no
+    /// socket can be read (see [`ExchangeState::ports`]).
+    pub ports: [u16; 2],
     /// The socket is the server end.
     pub server: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(size_of::<Promotion>() == 16);
+const _: () = assert!(size_of::<Promotion>() == 24);
 
 /// The index of the exchange whose response starts at `turns` on a connection anchored at
 /// (`anchor_index`, `anchor_turns`).

@@ -301,7 +301,8 @@ pub enum Counter {
     /// Exchanges of the fast path given back to the capture path midway (a response that was not
     /// what the protocol allows there), so not measured: each is one exchange missing.
     ExchangeDemoted = 15,
-    /// Sockets the fast path could not keep state for (socket storage refused).
+    /// Sockets the fast path could not keep state for (socket storage refused, or a TLS
+    /// connection's entry evicted from `TLS_EXCHANGES`): back on the capture path.
     ExchangeNoStorage = 16,
 }
 
@@ -524,7 +525,8 @@ pub struct L7Conn {
     pub inner: u8,
     /// The connection's addresses went out with an earlier data event.
     pub tuple_sent: u8,
-    /// Set by userspace: exchanges are measured on the kernel's fast path ([`exchange`]).
+    /// Set by userspace: exchanges are measured on the kernel's fast path ([`exchange`]), at the
+    /// socket layer ([`FAST_SOCKET`]) or in the TLS probes ([`FAST_TLS`]); 0: not.
     pub fast: u8,
     /// Set with `fast`: this socket is the server end (it receives the requests).
     pub server: u8,
@@ -544,6 +546,11 @@ pub struct L7Conn {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(size_of::<L7Conn>() == 32);
+
+/// [`L7Conn::fast`]: the socket's exchanges are measured by the socket-layer hooks.
+pub const FAST_SOCKET: u8 = 1;
+/// [`L7Conn::fast`]: the TLS connection's exchanges are measured by the TLS probes.
+pub const FAST_TLS: u8 = 2;
 
 /// The inbound request a thread is serving: kept per thread id in
 /// [`maps::THREAD_REQUESTS`](crate::maps::THREAD_REQUESTS) and copied into the first event of

@@ -36,6 +36,13 @@ pub const L7CONNS_ENTRIES: u32 = 262_144;
 pub const PROMOTIONS: &str = "PROMOTIONS";
 pub const PROMOTIONS_ENTRIES: u32 = 16_384;
 
+/// The exchange in progress on each promoted TLS connection, socket cookie →
+/// [`crate::exchange::ExchangeState`]: the TLS probes have no socket for socket storage. LRU,
+/// removed at the close; a promoted connection whose entry was evicted goes back to the capture
+/// path (counted as `exchange_no_storage`). 8192 × 560 bytes: 4.6 MB of kernel memory.
+pub const TLS_EXCHANGES: &str = "TLS_EXCHANGES";
+pub const TLS_EXCHANGES_ENTRIES: u32 = 8_192;
+
 /// The inbound request each thread is serving, thread id → [`crate::ThreadRequest`]. LRU:
 /// every thread that ever served a request leaves an entry.
 pub const THREAD_REQUESTS: &str = "THREAD_REQUESTS";

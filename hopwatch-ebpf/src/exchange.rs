@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
 };
 use hopwatch_common::{
-    Counter, DIR_INGRESS, KernelSettings, L7Conn, PROTO_HTTP, ThreadRequest,
+    Counter, DIR_INGRESS, FAST_TLS, KernelSettings, L7Conn, PROTO_HTTP, PROTO_TLS, ThreadRequest,
     exchange::{
         EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, ExchangeEvent,
         ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
@@ -25,7 +25,10 @@ use crate::{
     emit::{reserve, wakeup_flags},
     kernel::{Mem, read_user, sock_ports},
     l7::{UserData, syscall_data},
-    maps::{EXCHANGE_CONTROL, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS, L7CONNS, count},
+    maps::{
+        EXCHANGE_CONTROL, EXCHANGE_SCRATCH, EXCHANGE_TOKENS, EXCHANGES, HOPWATCH_SETTINGS,
+        PROMOTIONS, TLS_EXCHANGES, count,
+    },
 };
 
 /// Status code that switches protocols (`101`): the connection stops being HTTP/1.
@@ -66,18 +69,103 @@ pub unsafe fn on_call(
         c.fast = 0;
         return false;
     }
+    let call = Call {
+        cookie,
+        len,
+        direction,
+        pid_tgid,
+        caller,
+        // SAFETY: no arguments.
+        now: unsafe { bpf_ktime_get_ns() },
+    };
     // SAFETY: socket storage of this socket, valid while the program runs.
+    measure(
+        unsafe { &mut *x },
+        c,
+        &call,
+        || syscall_data(pid_tgid).and_then(first_chunk),
+        // SAFETY: the tracepoint's socket (the caller's contract).
+        || unsafe { sock_ports(Mem::Typed, sk.cast()) },
+    )
+}
+
+/// [`on_call`] for a promoted TLS connection's plaintext: `len` bytes at `buf`, the call's time
+/// `now` (its socket I/O's), `c` the socket's state (the caller stores it back).
+#[inline(always)]
+pub fn on_tls_call(
+    c: &mut L7Conn,
+    cookie: u64,
+    buf: u64,
+    len: u32,
+    direction: u8,
+    pid_tgid: u64,
+    caller: ThreadRequest,
+    now: u64,
+) -> bool {
+    let Some(x) = TLS_EXCHANGES.get_ptr_mut(cookie) else {
+        count(Counter::ExchangeNoStorage);
+        c.fast = 0;
+        return false;
+    };
+    // SAFETY: map value of this connection, valid while the program runs.
     let x = unsafe { &mut *x };
-    // SAFETY: no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let request = (direction == DIR_INGRESS) == (c.server != 0);
+    let ports = (x.ports[0], x.ports[1]);
+    let call = Call { cookie, len, direction, pid_tgid, caller, now };
+    measure(x, c, &call, || Some((buf, len)), || ports)
+}
+
+/// Applies a promotion userspace made for TLS connection `cookie` (its state `c`, stored back
+/// by the caller): the connection's exchange state is created here, with its ports.
+#[inline(always)]
+pub fn promote_tls(c: &mut L7Conn, cookie: u64) {
+    // SAFETY: map value, copied out at once.
+    let Some(p) = (unsafe { PROMOTIONS.get(cookie) }).copied() else { return };
+    let _ = PROMOTIONS.remove(cookie);
+    let Some(x) = EXCHANGE_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch value, ours until the program returns.
+    let x = unsafe { &mut *x };
+    x.phase = PHASE_IDLE;
+    x.ports = p.ports;
+    if TLS_EXCHANGES.insert(cookie, x, 0).is_err() {
+        count(Counter::ExchangeNoStorage);
+        return;
+    }
+    c.fast = FAST_TLS;
+    c.server = p.server;
+    c.anchor_index = p.anchor_index;
+    c.anchor_turns = p.anchor_turns;
+}
+
+/// One call on a promoted connection, wherever it was seen.
+struct Call {
+    cookie: u64,
+    len: u32,
+    direction: u8,
+    pid_tgid: u64,
+    caller: ThreadRequest,
+    /// Monotonic ns.
+    now: u64,
+}
+
+/// The engine: `x` is the connection's exchange state, `c` its L7 state; `data` finds the
+/// call's first buffer (address, length), `ports` the connection's ports for the sample.
+#[inline(always)]
+fn measure(
+    x: &mut ExchangeState,
+    c: &mut L7Conn,
+    call: &Call,
+    data: impl Fn() -> Option<(u64, u32)>,
+    ports: impl Fn() -> (u16, u16),
+) -> bool {
+    let (len, now) = (call.len, call.now);
+    let request = (call.direction == DIR_INGRESS) == (c.server != 0);
     if request {
         if x.phase != PHASE_REQUEST {
             x.phase = PHASE_REQUEST;
             x.request_bytes = 0;
-            x.caller = caller;
+            x.caller = call.caller;
             let cap = HOPWATCH_SETTINGS.load().capture_bytes;
-            x.head_len = match syscall_data(pid_tgid).and_then(first_chunk) {
+            x.head_len = match data() {
                 Some((ptr, n)) => copy_user(&mut x.head, ptr, n.min(len).min(cap)),
                 None => 0,
             };
@@ -91,7 +179,7 @@ pub unsafe fn on_call(
         PHASE_IDLE => return false,
         _ => {}
     }
-    let chunk = syscall_data(pid_tgid).and_then(first_chunk);
+    let chunk = data();
     let line = chunk.and_then(|(ptr, _)| read_user::<[u8; 16]>(ptr));
     let status = line.as_ref().and_then(http_status);
     let Some(status) = status.filter(|&s| s != SWITCHING_PROTOCOLS) else {
@@ -114,8 +202,7 @@ pub unsafe fn on_call(
             // A call made for a request: recorded with that request (sampling is per trace).
             ThreadRequest { cookie, inflight: 1, recorded, .. } if cookie != 0 => recorded != 0,
             _ => {
-                // SAFETY: the tracepoint's socket (the caller's contract).
-                let (a, b) = unsafe { sock_ports(Mem::Typed, sk.cast()) };
+                let (a, b) = ports();
                 sampled(a, b, index, settings.exchange_sample)
             }
         };
@@ -126,11 +213,11 @@ pub unsafe fn on_call(
         response_bytes: len,
         status,
         flags: if c.server != 0 { EXCH_F_SERVER } else { 0 },
-        pid_tgid,
+        pid_tgid: call.pid_tgid,
         caller: x.caller,
     };
     if full {
-        let Some(mut entry) = reserve::<ExchangeRecord>(now, cookie) else { return true };
+        let Some(mut entry) = reserve::<ExchangeRecord>(now, call.cookie) else { return true };
         let rec = entry.as_mut_ptr();
         // SAFETY: `rec` is a reserved, zeroed, stamped record; the copies stay inside its arrays.
         unsafe {
@@ -148,7 +235,7 @@ pub unsafe fn on_call(
         }
         entry.submit(wakeup_flags());
     } else {
-        let Some(mut entry) = reserve::<ExchangeEvent>(now, cookie) else { return true };
+        let Some(mut entry) = reserve::<ExchangeEvent>(now, call.cookie) else { return true };
         // SAFETY: a reserved, zeroed, stamped event.
         unsafe { fields.fill(&mut *entry.as_mut_ptr()) };
         entry.submit(wakeup_flags());
@@ -167,6 +254,21 @@ pub unsafe fn on_call(
 pub unsafe fn request_sampled(sk: *const c_void, c: &L7Conn) -> bool {
     // SAFETY: the caller's contract.
     let (a, b) = unsafe { sock_ports(Mem::Typed, sk.cast()) };
+    next_sampled(a, b, c)
+}
+
+/// [`request_sampled`] for a promoted TLS connection.
+#[inline(always)]
+pub fn tls_request_sampled(cookie: u64, c: &L7Conn) -> bool {
+    // SAFETY: map value, read at once.
+    match unsafe { TLS_EXCHANGES.get(cookie) } {
+        Some(x) => next_sampled(x.ports[0], x.ports[1], c),
+        None => true,
+    }
+}
+
+#[inline(always)]
+fn next_sampled(a: u16, b: u16, c: &L7Conn) -> bool {
     let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns.wrapping_add(1));
     sampled(a, b, index, HOPWATCH_SETTINGS.load().exchange_sample)
 }
@@ -199,14 +301,27 @@ impl Fields {
     }
 }
 
-/// The socket closed: an exchange whose request was sent and whose response never started is
-/// reported unanswered, in full (it is an error).
+/// The socket closed (`c`: its L7 state): an exchange whose request was sent and whose response
+/// never started is reported unanswered, in full (it is an error).
 ///
 /// # Safety
 ///
 /// `sk` is the tracepoint's `struct sock *`.
 #[inline(always)]
-pub unsafe fn on_close(sk: *const c_void, cookie: u64) {
+pub unsafe fn on_close(sk: *const c_void, cookie: u64, c: &L7Conn) {
+    if c.proto == PROTO_TLS {
+        // Promoted at some point (a demoted connection keeps its entry until now).
+        if let Some(x) = TLS_EXCHANGES.get_ptr_mut(cookie) {
+            // SAFETY: map value of this connection, valid while the program runs.
+            unanswered(unsafe { &mut *x }, cookie, c);
+            let _ = TLS_EXCHANGES.remove(cookie);
+        }
+        return;
+    }
+    if c.fast == 0 {
+        // Never promoted, or demoted (its exchange state idle).
+        return;
+    }
     // SAFETY: `sk` is a trusted socket pointer (the caller's contract); no creation.
     let x = unsafe {
         bpf_sk_storage_get(
@@ -217,17 +332,19 @@ pub unsafe fn on_close(sk: *const c_void, cookie: u64) {
         )
     }
     .cast::<ExchangeState>();
-    if x.is_null() {
-        return;
+    if !x.is_null() {
+        // SAFETY: socket storage of this socket, valid while the program runs.
+        unanswered(unsafe { &mut *x }, cookie, c);
     }
-    // SAFETY: socket storage of this socket, valid while the program runs.
-    let x = unsafe { &mut *x };
+}
+
+/// Reports the exchange in progress in `x` if its response never started.
+#[inline(always)]
+fn unanswered(x: &mut ExchangeState, cookie: u64, c: &L7Conn) {
     if x.phase != PHASE_REQUEST {
         return;
     }
     x.phase = PHASE_IDLE;
-    // SAFETY: map value, copied out at once.
-    let Some(c) = (unsafe { L7CONNS.get(cookie) }).copied() else { return };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut entry) = reserve::<ExchangeRecord>(now, cookie) else { return };

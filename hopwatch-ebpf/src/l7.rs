@@ -27,9 +27,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use hopwatch_common::{
-    AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, IPPROTO_TCP,
-    IPPROTO_UDP, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS, PROTO_TLS_HANDSHAKE,
-    PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_SYSCALL, ThreadRequest,
+    AF_INET, AF_INET6, Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, FAST_SOCKET,
+    IPPROTO_TCP, IPPROTO_UDP, L7Conn, PROTO_DNS, PROTO_HTTP, PROTO_IGNORED, PROTO_TLS,
+    PROTO_TLS_HANDSHAKE, PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_SYSCALL, ThreadRequest,
     detect::{HEAD, detect, socket_role},
 };
 
@@ -137,9 +137,9 @@ pub fn capture(
     }
     let conn = L7CONNS.get_ptr_mut(cookie);
     // A promoted socket is plaintext HTTP over TCP: no protocol to read, and no TLS call can be
-    // writing to it.
+    // writing to it (a promoted TLS connection's plaintext is measured by the TLS probes).
     // SAFETY: map value of this socket, valid while the program runs.
-    let promoted = trusted.is_some() && conn.is_some_and(|c| unsafe { (*c).fast } != 0);
+    let promoted = trusted.is_some() && conn.is_some_and(|c| unsafe { (*c).fast } == FAST_SOCKET);
     let protocol = if promoted {
         u16::from(IPPROTO_TCP)
     } else {
@@ -222,12 +222,12 @@ pub fn capture(
         {
             // SAFETY: map value of this socket, valid while the program runs.
             unsafe {
-                (*c).fast = 1;
+                (*c).fast = FAST_SOCKET;
                 (*c).server = p.server;
                 (*c).anchor_index = p.anchor_index;
                 (*c).anchor_turns = p.anchor_turns;
             }
-            state.fast = 1;
+            state.fast = FAST_SOCKET;
             let _ = PROMOTIONS.remove(cookie);
         }
         // The exchange engine's clock: one turn per change of direction (see

@@ -15,6 +15,7 @@ use hopwatch_common::{
         CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
         ListenKey, MMSG_CURSORS_ENTRIES, NGINX_UPSTREAMS_ENTRIES, PENDING_CALLS_ENTRIES,
         PROMOTIONS_ENTRIES, SSL_SOCKETS_ENTRIES, THREAD_REQUESTS_ENTRIES, TLS_CALLS_ENTRIES,
+        TLS_EXCHANGES_ENTRIES,
     },
 };
 
@@ -57,6 +58,15 @@ pub static TCP_REPORTS: SkStorage<u64> = SkStorage::new();
 #[map]
 pub static PROMOTIONS: LruHashMap<u64, Promotion> =
     LruHashMap::with_max_entries(PROMOTIONS_ENTRIES, 0);
+
+/// See `hopwatch_common::maps::TLS_EXCHANGES`.
+#[map]
+pub static TLS_EXCHANGES: LruHashMap<u64, ExchangeState> =
+    LruHashMap::with_max_entries(TLS_EXCHANGES_ENTRIES, 0);
+
+/// A zeroed [`ExchangeState`] to insert from (it does not fit on the stack).
+#[map]
+pub static EXCHANGE_SCRATCH: PerCpuArray<ExchangeState> = PerCpuArray::with_max_entries(1, 0);
 
 /// `[0]`: non-zero while someone follows the flows (every exchange is recorded in full).
 #[map]

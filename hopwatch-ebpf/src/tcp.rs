@@ -110,11 +110,11 @@ unsafe fn on_state_change(sk: *const c_void, old: i32, new: i32) {
         ) => {
             // SAFETY: as above.
             let err = unsafe { load_at::<i32>(skb, offset!(sk_err)) }.unwrap_or(0);
-            // SAFETY: as above.
-            unsafe { crate::exchange::on_close(sk, cookie) };
             // SAFETY: map value, copied out at once.
-            if let Some(c) = unsafe { L7CONNS.get(cookie) } {
-                crate::causality::on_close(c, cookie);
+            if let Some(c) = unsafe { L7CONNS.get(cookie) }.copied() {
+                // SAFETY: as above.
+                unsafe { crate::exchange::on_close(sk, cookie, &c) };
+                crate::causality::on_close(&c, cookie);
             }
             // SAFETY: as above.
             unsafe { emit(TcpOp::Closed, skb, cookie, old, new, err as u32) };

@@ -13,6 +13,10 @@
 //! first `SSL_read`, whose request may already sit in OpenSSL's buffer (no socket I/O inside the
 //! call to learn from). `SSL_free` forgets the tie: servers reuse the freed `SSL*`'s address for
 //! the next connection, whose data would otherwise go to the closed one.
+//!
+//! A TLS connection userspace has promoted to the exchange engine (see `exchange.rs`) has its
+//! exchanges measured in the return probe: the plaintext is read there for the request's head
+//! and the status line, and nothing else goes to userspace but one record per exchange.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -20,15 +24,18 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use hopwatch_common::{
-    Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, L7Conn, PROTO_IGNORED, PROTO_TLS,
-    PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_TLS, ThreadRequest, detect::socket_role,
+    Counter, DATA_MAX, DETECT_ATTEMPTS, DIR_EGRESS, DIR_INGRESS, L7Conn, PROTO_HTTP, PROTO_IGNORED,
+    PROTO_TLS, PROTO_UNKNOWN, ROLE_UNKNOWN, SRC_TLS, ThreadRequest, detect::socket_role,
 };
 
 use crate::{
-    causality,
+    causality, exchange,
     kernel::read_user,
     l7::{copy_chunk, detect_head, send_at},
-    maps::{DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TlsCall, count},
+    maps::{
+        DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TLS_EXCHANGES, TlsCall,
+        count,
+    },
 };
 
 /// [`TlsCall::ssl`] of a thread's entry while it is not inside a call (no `SSL*` is null).
@@ -109,6 +116,18 @@ fn enter(ctx: &ProbeContext, direction: u8, ex: bool) {
     }
 }
 
+/// Stores a TLS connection's L7 state: in place when it has its entry (no LRU insert).
+#[inline(always)]
+fn store(cookie: u64, state: &L7Conn) {
+    match L7CONNS.get_ptr_mut(cookie) {
+        // SAFETY: map value of this socket, valid while the program runs.
+        Some(c) => unsafe { *c = *state },
+        None => {
+            let _ = L7CONNS.insert(cookie, state, 0);
+        }
+    }
+}
+
 /// The `SSL_*` call the thread `pid_tgid` is inside, if any.
 #[inline(always)]
 pub fn call_in_progress(pid_tgid: u64) -> Option<*mut TlsCall> {
@@ -166,13 +185,14 @@ fn exit(ret: i64) {
     if state.inner == PROTO_IGNORED {
         return;
     }
+    // When the call's bytes crossed the socket (or now, for bytes OpenSSL had buffered).
+    // SAFETY: no arguments.
+    let ts = if call.io_ns != 0 { call.io_ns } else { unsafe { bpf_ktime_get_ns() } };
     let Some(scratch) = DATA_SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: per-CPU scratch value, ours until the program returns.
     let scratch = unsafe { &mut *scratch };
     let cap = HOPWATCH_SETTINGS.load().capture_bytes.min(DATA_MAX as u32);
     let want = if len < u64::from(cap) { len as u32 } else { cap };
-    // The call's own buffer, `len` bytes of which hold plaintext.
-    let captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
     // The plaintext's turns (the socket's own carry ciphertext and are not counted for TLS):
     // thread causality for requests served or sent over TLS. Only once the handshake is over
     // (until then `last_direction` is the ClientHello's); the first plaintext message is a turn.
@@ -184,7 +204,11 @@ fn exit(ret: i64) {
     }
     let mut caller = ThreadRequest::default();
     let detecting = state.inner == PROTO_UNKNOWN;
+    // The call's own buffer, `len` bytes of which hold plaintext: copied when the protocol is
+    // still to be detected, or when the capture path sends it (not for the exchange engine).
+    let mut captured = 0;
     if detecting {
+        captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
         state.inner = detect_head(&scratch.data, captured);
         if state.inner == PROTO_UNKNOWN {
             state.attempts += 1;
@@ -196,21 +220,48 @@ fn exit(ret: i64) {
             state.role = socket_role(state.inner, scratch.data[0], call.direction);
         }
     }
+    if turned && state.fast == 0 && state.inner == PROTO_HTTP {
+        // Userspace may have handed this connection to the exchange engine (applied at a turn).
+        exchange::promote_tls(&mut state, cookie);
+    }
     if turned && state.role != ROLE_UNKNOWN {
-        caller = causality::on_turn(&mut state, cookie, pid_tgid, call.direction, true);
+        // A request read on the fast path: recorded by the sample.
+        let recorded = if state.fast != 0 && state.server != 0 && call.direction == DIR_INGRESS {
+            exchange::tls_request_sampled(cookie, &state)
+        } else {
+            true
+        };
+        caller = causality::on_turn(&mut state, cookie, pid_tgid, call.direction, recorded);
     }
     if turned || detecting {
-        // In place when the socket has its entry (no LRU insert on every turn).
-        match L7CONNS.get_ptr_mut(cookie) {
-            // SAFETY: map value of this socket, valid while the program runs.
-            Some(c) => unsafe { *c = state },
-            None => {
-                let _ = L7CONNS.insert(cookie, state, 0);
-            }
+        store(cookie, &state);
+    }
+    if state.fast != 0 {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let took = exchange::on_tls_call(
+            &mut state,
+            cookie,
+            call.buf,
+            len,
+            call.direction,
+            pid_tgid,
+            caller,
+            ts,
+        );
+        if state.fast == 0 {
+            // Demoted: the capture path has the connection back.
+            store(cookie, &state);
+            let _ = TLS_EXCHANGES.remove(cookie);
+        }
+        if took {
+            return;
         }
     }
     if state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
         return;
+    }
+    if !detecting {
+        captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
     }
     if len > u64::from(captured) {
         count(Counter::DataTruncated);
@@ -225,7 +276,5 @@ fn exit(ret: i64) {
     ev.protocol = state.inner;
     ev.turns = state.turns;
     ev.caller = caller;
-    // SAFETY: no arguments.
-    let ts = if call.io_ns != 0 { call.io_ns } else { unsafe { bpf_ktime_get_ns() } };
     send_at(scratch, pid_tgid, cookie, ts);
 }

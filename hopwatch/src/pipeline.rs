@@ -206,7 +206,14 @@ impl Pipeline {
 
     /// Connections to hand to the kernel's exchange engine (socket cookie, promotion).
     pub fn take_promotions(&mut self) -> Vec<(u64, hopwatch_common::exchange::Promotion)> {
-        self.l7.take_promotions()
+        let mut promotions = self.l7.take_promotions();
+        for (cookie, p) in &mut promotions {
+            // Where the kernel measures without a socket (TLS), it samples by these.
+            if let Some(c) = self.table.get(*cookie) {
+                p.ports = [c.local().port(), c.remote().port()];
+            }
+        }
+        promotions
     }
 
     /// The exchanges measured in the kernel and not recorded since the last call: each counts

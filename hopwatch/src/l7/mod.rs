@@ -10,7 +10,7 @@ pub(crate) mod tls;
 use std::collections::VecDeque;
 
 use hopwatch_common::{
-    DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_SYSCALL, SRC_TLS, ThreadRequest, Tuple,
+    DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, ThreadRequest, Tuple,
     exchange::{EXCH_F_SERVER, EXCH_F_UNANSWERED, ExchangeEvent, Promotion},
 };
 use hopwatch_proto::compact::Compact as _;
@@ -286,8 +286,9 @@ impl<P: MessageParser> L7Tracker<P> {
         }
         if self.fast_path
             && t.engine == Engine::Capture
-            && ev.source == SRC_SYSCALL
-            && !t.tls
+            // The plaintext's source stays the same (TLS connections: the TLS probes, whose
+            // engine has no socket: the pipeline adds the ports).
+            && (ev.source == SRC_TLS) == t.tls
             && ev.turns != 0
             && server_side.is_some()
             && ev.tuple.protocol != IPPROTO_UDP
@@ -302,8 +303,9 @@ impl<P: MessageParser> L7Tracker<P> {
                 Promotion {
                     anchor_index: last_index.unwrap_or(0),
                     anchor_turns: ev.turns,
+                    ports: [0; 2],
                     server: u8::from(t.server_side),
-                    _pad: [0; 3],
+                    _pad: [0; 7],
                 },
             ));
         }
@@ -400,7 +402,7 @@ impl<P: MessageParser> L7Tracker<P> {
             cookie,
             exchange,
             server_side: t.server_side,
-            tls: false,
+            tls: t.tls,
             peer_latency_ns,
             tuple: t.last_tuple,
             pid: t.last_pid,

@@ -1,9 +1,11 @@
 //! The kernel's exchange engine against the capture path: the same HTTP/1 keep-alive load (errors,
 //! slow answers, a request the server closes on) measured both ways gives the same hop counts and
-//! records the same exchanges with the same fields, and the engine really measured them.
+//! records the same exchanges with the same fields, and the engine really measured them; in clear
+//! (the socket hooks) and over TLS (the TLS probes, OpenSSL at both ends).
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -11,11 +13,12 @@ use serde_json::Value;
 
 use crate::{
     hardening::{Metrics, http_get},
-    sampling::{PORT, start_server},
+    sampling::{PORT, SERVER, start_python},
     support::{
         Testbed,
         agent::{Agent, ip_dst, tcp_port, u64_at},
         serial,
+        servers::TempDir,
     },
 };
 
@@ -27,10 +30,14 @@ const SLOW: Duration = Duration::from_millis(20);
 
 /// `n` requests on one keep-alive connection (every `fail`th to `/fail`, every `slow`th to
 /// `/slow`), then one to `/hang`, which the server closes on; prints the answers and how the last
-/// one ended.
+/// one ended. Over TLS when argv 6 is `tls`.
 const CLIENT: &str = r#"
-import sys, http.client
-c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
+import sys, ssl, http.client
+host, port = sys.argv[1], int(sys.argv[2])
+if sys.argv[6] == "tls":
+    c = http.client.HTTPSConnection(host, port, timeout=10, context=ssl._create_unverified_context())
+else:
+    c = http.client.HTTPConnection(host, port, timeout=10)
 n, fail, slow, done = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), 0
 for i in range(n):
     path = "/fail" if i % fail == fail - 1 else "/slow" if i % slow == slow - 1 else "/ok"
@@ -42,9 +49,12 @@ c.request("GET", "/hang")
 try:
     c.getresponse()
     print(done, "answered", flush=True)
-except http.client.RemoteDisconnected:
+except (http.client.RemoteDisconnected, ssl.SSLEOFError):
     print(done, "closed", flush=True)
 "#;
+
+/// Recorded error and slow exchanges of one end: index → (url, code, verdict, latency ns).
+type Recorded = BTreeMap<u64, (String, u64, String, u64)>;
 
 /// What one run showed: hop totals per end and the recorded exchanges per end by index.
 #[derive(Debug)]
@@ -52,18 +62,28 @@ struct Run {
     /// (requests, errors) at the client and at the server end.
     counts: [(u64, u64); 2],
     kernel_exchanges: u64,
-    /// Recorded error and slow exchanges per end: index → (url, code, verdict, latency ns).
-    recorded: [BTreeMap<u64, (String, u64, String, u64)>; 2],
+    recorded: [Recorded; 2],
 }
 
-fn run(extra: &[&str]) -> Run {
+/// Clear text or TLS.
+#[derive(Clone, Copy, PartialEq)]
+enum Wire {
+    Clear,
+    Tls,
+}
+
+fn run(wire: Wire, extra: &[&str]) -> Run {
     let mut tb = Testbed::new();
     let (a, b) = (tb.pod("client"), tb.pod("server"));
     let mut args = vec!["--l7-flow-rate", "1", "--l7-flow-sample", "1000000", "--l7-flow-slow"];
     args.push("10ms");
     args.extend_from_slice(extra);
     let agent = Agent::start(&args);
-    start_server(&mut tb, &b);
+    let dir = TempDir::new("exchange-engine");
+    let (cert, key) = dir.self_signed_cert(&b, "api.hopwatch.test", None);
+    let env: &[(&str, &str)] =
+        if wire == Wire::Tls { &[("TLS_CERT", &cert), ("TLS_KEY", &key)] } else { &[] };
+    start_python(&mut tb, &b, SERVER, &[&b.ip.to_string(), &PORT.to_string()], env);
     let out = a.exec(&[
         "python3",
         "-c",
@@ -73,6 +93,7 @@ fn run(extra: &[&str]) -> Run {
         &REQUESTS.to_string(),
         &FAIL_EVERY.to_string(),
         &SLOW_EVERY.to_string(),
+        if wire == Wire::Tls { "tls" } else { "clear" },
     ]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -117,17 +138,24 @@ fn run(extra: &[&str]) -> Run {
     let kernel_exchanges =
         metrics.count("hopwatch_kernel_events_total", &[("event", "kernel_exchanges")]);
 
+    let recorded = recorded(&agent, b.ip, wire);
+    Run { counts, kernel_exchanges, recorded }
+}
+
+/// The error and slow exchanges the agent recorded at each end (client, server) for the server
+/// at `ip`, once each end has them all (or after 10 s).
+fn recorded(agent: &Agent, ip: Ipv4Addr, wire: Wire) -> [Recorded; 2] {
     let ours = |f: &Value| {
         f["Type"] == "L7"
-            && ip_dst(f) == b.ip.to_string()
+            && ip_dst(f) == ip.to_string()
             && tcp_port(f, "destination_port") == u64::from(PORT)
             && (f["verdict"] == "ERROR" || u64_at(f, &["l7", "latency_ns"]) >= 10_000_000)
     };
     let flows_per_end = REQUESTS / FAIL_EVERY + 1 + slow_count();
     let wait = Instant::now() + Duration::from_secs(10);
-    let recorded = loop {
+    loop {
         let flows: Vec<Value> = agent.flows().into_iter().filter(|f| ours(f)).collect();
-        let by = |dir: &str| -> BTreeMap<u64, (String, u64, String, u64)> {
+        let by = |dir: &str| -> Recorded {
             flows
                 .iter()
                 .filter(|f| f["traffic_direction"] == dir)
@@ -137,10 +165,14 @@ fn run(extra: &[&str]) -> Run {
                         u64_at(f, &["l7", "exchange_index"]),
                         (
                             // The path: each run's server has its own address.
-                            http["url"]
-                                .as_str()
-                                .unwrap_or_default()
-                                .replace(&format!("http://{}:{PORT}", b.ip), ""),
+                            http["url"].as_str().unwrap_or_default().replace(
+                                &format!(
+                                    "{}://{}:{PORT}",
+                                    if wire == Wire::Tls { "https" } else { "http" },
+                                    ip
+                                ),
+                                "",
+                            ),
                             http["code"].as_u64().unwrap_or(0),
                             f["verdict"].as_str().unwrap_or_default().to_owned(),
                             u64_at(f, &["l7", "latency_ns"]),
@@ -154,8 +186,7 @@ fn run(extra: &[&str]) -> Run {
             break ends;
         }
         std::thread::sleep(Duration::from_millis(300));
-    };
-    Run { counts, kernel_exchanges, recorded }
+    }
 }
 
 /// Requests to `/slow` among the first [`REQUESTS`] (those not sent to `/fail`).
@@ -168,8 +199,18 @@ fn slow_count() -> u64 {
 #[test]
 fn the_kernel_engine_counts_and_records_what_the_capture_path_does() {
     let _serial = serial();
-    let kernel = run(&[]);
-    let capture = run(&["--no-kernel-exchanges"]);
+    same_both_ways(Wire::Clear);
+}
+
+#[test]
+fn over_tls_the_kernel_engine_counts_and_records_what_the_capture_path_does() {
+    let _serial = serial();
+    same_both_ways(Wire::Tls);
+}
+
+fn same_both_ways(wire: Wire) {
+    let kernel = run(wire, &[]);
+    let capture = run(wire, &["--no-kernel-exchanges"]);
 
     let errors = REQUESTS / FAIL_EVERY + 1;
     for r in [&kernel, &capture] {
@@ -188,12 +229,11 @@ fn the_kernel_engine_counts_and_records_what_the_capture_path_does() {
     for (end, (k, c)) in
         ["client", "server"].iter().zip(kernel.recorded.iter().zip(&capture.recorded))
     {
-        let keys =
-            |m: &BTreeMap<u64, (String, u64, String, u64)>| -> Vec<(u64, String, u64, String)> {
-                m.iter()
-                    .map(|(i, (url, code, verdict, _))| (*i, url.clone(), *code, verdict.clone()))
-                    .collect()
-            };
+        let keys = |m: &Recorded| -> Vec<(u64, String, u64, String)> {
+            m.iter()
+                .map(|(i, (url, code, verdict, _))| (*i, url.clone(), *code, verdict.clone()))
+                .collect()
+        };
         assert_eq!(keys(k), keys(c), "{end} end: the same exchanges recorded with the same fields");
         let hang =
             k.get(&REQUESTS).unwrap_or_else(|| panic!("{end}: the unanswered request {k:?}"));

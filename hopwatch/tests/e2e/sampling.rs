@@ -30,10 +30,15 @@ const SAMPLE: u64 = 10;
 /// (after 20 ms for `/slow`), no answer for `/hang` (the connection is closed), each response in
 /// one write (a header write then a body write waits on delayed ACKs); prints `ready`. Given a
 /// backend (argv 3 and 4), it is a front instead: each request is passed on to the backend over
-/// the thread's own keep-alive connection, then answered 200.
-const SERVER: &str = r#"
-import sys, socket, threading, time
+/// the thread's own keep-alive connection, then answered 200. With `TLS_CERT` and `TLS_KEY` in
+/// its environment it serves HTTPS (Python's `ssl`: the system's OpenSSL).
+pub(crate) const SERVER: &str = r#"
+import os, sys, socket, ssl, threading, time
 backend = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 4 else None
+tls = None
+if os.environ.get("TLS_CERT"):
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(os.environ["TLS_CERT"], os.environ["TLS_KEY"])
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
@@ -50,6 +55,8 @@ def status(path, up):
     return b"500 Internal Server Error" if path == b"/fail" else b"200 OK"
 def serve(c):
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        c = tls.wrap_socket(c, server_side=True)
     up = socket.create_connection(backend) if backend else None
     if up is not None:
         up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -91,15 +98,23 @@ print(done, flush=True)
 
 /// Starts [`SERVER`] in `pod` on [`PORT`] and waits until it listens.
 pub(crate) fn start_server(tb: &mut Testbed, pod: &Pod) {
-    start_python(tb, pod, SERVER, &[&pod.ip.to_string(), &PORT.to_string()]);
+    start_python(tb, pod, SERVER, &[&pod.ip.to_string(), &PORT.to_string()], &[]);
 }
 
-/// Runs `script` with `args` in `pod` until the test ends; waits for it to print `ready`.
-fn start_python(tb: &mut Testbed, pod: &Pod, script: &str, args: &[&str]) {
+/// Runs `script` with `args` (and `env`) in `pod` until the test ends; waits for it to print
+/// `ready`.
+pub(crate) fn start_python(
+    tb: &mut Testbed,
+    pod: &Pod,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) {
     let mut cmd = vec!["python3", "-c", script];
     cmd.extend_from_slice(args);
     let mut server = pod
         .command(&cmd)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 is installed (`cargo xtask test` installs it)");
@@ -239,7 +254,7 @@ fn a_sampled_request_s_calls_are_recorded_with_it_and_no_others() {
         &backend.ip.to_string(),
         &PORT.to_string(),
     ];
-    start_python(&mut tb, &front, SERVER, &front_args.map(String::as_str));
+    start_python(&mut tb, &front, SERVER, &front_args.map(String::as_str), &[]);
     let started = Instant::now();
     let no_failures = (REQUESTS + 1).to_string();
     let out = client.exec(&[
