@@ -57,7 +57,7 @@ fn options() -> PipelineOptions {
     PipelineOptions {
         l7_timeout: Duration::from_secs(30),
         redaction: Redaction::default(),
-        fast_path: false,
+        fast_path: hopwatch::harness::FastPath::OFF,
         tracing: true,
         trace_headers: Vec::new(),
         trusted_proxies: hopwatch::harness::TrustedProxies::default(),

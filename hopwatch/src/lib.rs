@@ -56,7 +56,7 @@ pub mod harness {
         loader::btf::Btf,
         memory::no_huge_pages,
         metrics::{MetricsAddr, MetricsArgs, Telemetry},
-        pipeline::{CountedExchange, Pipeline, PipelineOptions},
+        pipeline::{CountedExchange, FastPath, Pipeline, PipelineOptions},
         print::{Format, Options as PrintOptions, Printer},
         recording::read_recording,
         sink::{

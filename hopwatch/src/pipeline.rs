@@ -14,7 +14,7 @@ use hopwatch_proto::{
 };
 use hopwatch_protocols::{self as protocols, Protocol, Redaction};
 
-pub use crate::l7::CountedExchange;
+pub use crate::l7::{CountedExchange, FastPath};
 use crate::{
     conntrack::{Comm, Conn, ConnTable, Process, Role, endpoints},
     events::KernelEvent,
@@ -107,7 +107,7 @@ pub struct PipelineOptions {
     pub redaction: Redaction,
     /// Promote alternating HTTP/1 connections to the kernel's exchange engine
     /// ([`Pipeline::take_promotions`]).
-    pub fast_path: bool,
+    pub fast_path: FastPath,
     /// Link exchanges into traces ([`crate::trace`]).
     pub tracing: bool,
     /// Request headers whose values link a call to the request it was made for (a subset of

@@ -61,8 +61,15 @@ const TEST_PACKAGES: &[&str] = &[
 /// End-to-end tests run a second time with the agent on the syscall capture path: every
 /// application protocol, TLS, DNS, errors the servers send before any request, and request
 /// tracing (thread causality from the syscall tracepoints).
-const SYSCALL_PATH_TESTS: &[&str] =
-    &["l7::", "server_errors::", "tcp::", "tls_handshake::", "tracing::"];
+const SYSCALL_PATH_TESTS: &[&str] = &[
+    "l7::",
+    "server_errors::",
+    "tcp::",
+    "tls_handshake::",
+    "tracing::",
+    // TLS connections are promoted to the exchange engine on this path too.
+    "exchange_engine::over_tls",
+];
 /// The end-to-end tests' Python packages, and the virtualenv they go into.
 const E2E_REQUIREMENTS: &str = "hopwatch/tests/e2e/requirements.txt";
 const E2E_VENV: &str = "target/e2e-venv";

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use hopwatch::harness::{
-    Clock, DropReasons, FlowBuilder, Format, PROPAGATED_HEADERS, Pipeline, PipelineOptions,
-    PrintOptions, Printer, TrustedProxies, decode,
+    Clock, DropReasons, FastPath, FlowBuilder, Format, PROPAGATED_HEADERS, Pipeline,
+    PipelineOptions, PrintOptions, Printer, TrustedProxies, decode,
 };
 use hopwatch_proto::{
     flow::Flow,
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         PipelineOptions {
             l7_timeout: Duration::from_secs(30),
             redaction: Redaction { keep_full_statements },
-            fast_path: true,
+            fast_path: FastPath::ALL,
             tracing: true,
             trace_headers: PROPAGATED_HEADERS.to_vec(),
             // Every peer trusted: every request's forwarding headers are parsed.

@@ -93,7 +93,7 @@ pub(super) fn run(args: &ReplayArgs) -> Result<ReplayReport, ReplayError> {
             PipelineOptions {
                 l7_timeout: std::time::Duration::from_secs(30),
                 redaction: Redaction::default(),
-                fast_path: false,
+                fast_path: crate::l7::FastPath::OFF,
                 tracing: true,
                 trace_headers: crate::trace::PROPAGATED_HEADERS.to_vec(),
                 trusted_proxies: crate::flow::forwarded::TrustedProxies::default(),

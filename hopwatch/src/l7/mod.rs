@@ -33,6 +33,21 @@ const PROMOTE_AFTER: u64 = 2;
 /// Promotions waiting for the agent to hand them to the kernel; beyond this none are made.
 const MAX_PROMOTIONS: usize = 4096;
 
+/// Which connections are promoted to the kernel's exchange engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastPath {
+    /// HTTP/1 in clear: measured by the socket-layer hooks (socket storage), so not on the
+    /// syscall path.
+    pub clear: bool,
+    /// HTTP/1 over TLS: measured by the TLS probes, on either path.
+    pub tls: bool,
+}
+
+impl FastPath {
+    pub const OFF: Self = Self { clear: false, tls: false };
+    pub const ALL: Self = Self { clear: true, tls: true };
+}
+
 /// A completed (or timed-out) exchange, ready to become a flow.
 #[derive(Debug, Clone)]
 pub(crate) struct Completed<Req, Resp> {
@@ -169,7 +184,7 @@ pub(crate) struct L7Tracker<P: MessageParser> {
     closing: VecDeque<(u64, u64)>,
     make: ParserFactory<P>,
     /// Promote alternating connections to the kernel's exchange engine.
-    fast_path: bool,
+    fast_path: FastPath,
     /// Promotions for the agent to hand to the kernel (socket cookie, promotion).
     promotions: Vec<(u64, Promotion)>,
     pub stats: TrackerStats,
@@ -183,7 +198,7 @@ impl<P: MessageParser> L7Tracker<P> {
             closed_order: VecDeque::new(),
             closing: VecDeque::new(),
             make,
-            fast_path: false,
+            fast_path: FastPath::OFF,
             promotions: Vec::new(),
             stats: TrackerStats::default(),
         }
@@ -198,8 +213,8 @@ impl<P: MessageParser> L7Tracker<P> {
     }
 
     /// Promote connections to the kernel's exchange engine from now on.
-    pub(crate) fn with_fast_path(mut self, on: bool) -> Self {
-        self.fast_path = on;
+    pub(crate) fn with_fast_path(mut self, which: FastPath) -> Self {
+        self.fast_path = which;
         self
     }
 
@@ -284,7 +299,7 @@ impl<P: MessageParser> L7Tracker<P> {
         if let (Some(i), true) = (last_index, ev.turns != 0) {
             t.anchor = (i, ev.turns);
         }
-        if self.fast_path
+        if (if t.tls { self.fast_path.tls } else { self.fast_path.clear })
             && t.engine == Engine::Capture
             // The plaintext's source stays the same (TLS connections: the TLS probes, whose
             // engine has no socket: the pipeline adds the ports).

@@ -111,7 +111,7 @@ fn turn(cookie: u64, dir: u8, ts: u64, turns: u32) -> DataEvent {
 
 #[test]
 fn alternating_connections_are_promoted_at_an_exchange_they_framed() {
-    let mut t = tracker().with_fast_path(true);
+    let mut t = tracker().with_fast_path(FastPath::ALL);
     let mut turns = 0;
     for i in 0..3u64 {
         turns += 1;
@@ -158,7 +158,7 @@ fn record(cookie: u64, index: u64, request_ns: u64, at: u64, flags: u8) -> Excha
 #[test]
 fn kernel_records_are_counted_or_parsed_and_pair_across_the_hop() {
     use hopwatch_common::exchange::EXCH_F_FULL;
-    let mut t = tracker().with_fast_path(true);
+    let mut t = tracker().with_fast_path(FastPath::ALL);
     // Both ends known: client 1, server 2 (one exchange each on the capture path).
     t.on_data(&ev(1, DIR_EGRESS, 0, 40000, 80), b"1:q", Some(false), Some(2));
     t.on_data(&ev(2, DIR_INGRESS, 1, 80, 40000), b"1:q", Some(true), Some(1));

@@ -259,7 +259,8 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                     L7Hook::Socket => "socket layer; HTTP/1 exchanges measured in the kernel",
                     _ => {
                         "syscall tracepoints (no sock:sock_send_length on this kernel, 6.3+); \
-                         every exchange measured in userspace"
+                         HTTP/1 exchanges over TLS measured in the kernel, the others in \
+                         userspace"
                     }
                 };
                 capabilities

@@ -294,7 +294,7 @@ fn hooks(btf: Option<&Btf>) -> Vec<Check> {
             name: "l7 capture",
             status: Status::Ok,
             detail: "tracepoint/syscalls/sys_{enter,exit}_* (no sock:sock_send_length, 6.3+; \
-                     every exchange measured in userspace)"
+                     HTTP/1 exchanges over TLS measured in the kernel, the others in userspace)"
                 .to_owned(),
         }
     } else {

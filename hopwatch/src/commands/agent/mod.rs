@@ -32,7 +32,7 @@ use crate::{
     loss::{Loss, Losses},
     metrics::Telemetry,
     own::OwnListeners,
-    pipeline::{Pipeline, PipelineOptions},
+    pipeline::{FastPath, Pipeline, PipelineOptions},
     policy::RecordPolicy,
     print::{Format, Options, Printer},
     sink::Outlet,
@@ -141,10 +141,15 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let loader::Loaded { mut ebpf, events, counters, uprobes, capabilities, l7_hook, .. } = loaded;
     let caps = report_capabilities(capabilities, &identity);
     // The syscall path's socket is no pointer the kernel handed over: no socket storage for the
-    // kernel's exchange state there.
-    let exchange_maps = (!args.no_kernel_exchanges && l7_hook == Some(loader::L7Hook::Socket))
+    // kernel's exchange state there, so only TLS connections (measured by the TLS probes) are
+    // promoted on it.
+    let exchange_maps = (!args.no_kernel_exchanges && l7_hook.is_some())
         .then(|| loader::exchange::ExchangeMaps::take(&mut ebpf))
         .flatten();
+    let fast_path = match exchange_maps {
+        Some(_) => FastPath { clear: l7_hook == Some(loader::L7Hook::Socket), tls: true },
+        None => FastPath::OFF,
+    };
     let gone = loader::conns::KernelConns::open(&ebpf).map(gone::GoneCheck::new);
     let metrics = Telemetry::start(&args.metrics, &node_name, &ebpf, &events).await?;
     metrics.capabilities(&caps);
@@ -158,8 +163,8 @@ pub(super) async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || print_loop(rx, args.output, &cancel))
     });
-    let pipeline = Pipeline::new(builder, pipeline_options(&args, exchange_maps.is_some()))
-        .with_identity(identity);
+    let pipeline =
+        Pipeline::new(builder, pipeline_options(&args, fast_path)).with_identity(identity);
     let recorder = match &args.record {
         Some(path) => Some(crate::recording::Recorder::create(path).map_err(AgentError::Record)?),
         None => None,
@@ -292,7 +297,7 @@ fn report_capabilities(
     caps
 }
 
-fn pipeline_options(args: &AgentArgs, fast_path: bool) -> PipelineOptions {
+fn pipeline_options(args: &AgentArgs, fast_path: FastPath) -> PipelineOptions {
     PipelineOptions {
         l7_timeout: args.l7_timeout,
         redaction: Redaction { keep_full_statements: args.keep_full_statements },
