@@ -79,6 +79,11 @@ pub const PENDING_CALLS_ENTRIES: u32 = 16_384;
 /// itself for each further message of a `sendmmsg`/`recvmmsg`), slot 1 its protocol detection.
 pub const SYSCALL_TAILS: &str = "SYSCALL_TAILS";
 
+/// Program array of the TLS return probe's tail call: slot 0 `ssl_exchange`, which measures a
+/// promoted TLS connection's exchange (its own program: older verifiers give up on the engine's
+/// branches multiplied by the capture path's).
+pub const TLS_TAILS: &str = "TLS_TAILS";
+
 /// Key of [`LISTENERS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

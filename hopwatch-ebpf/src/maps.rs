@@ -148,6 +148,30 @@ pub struct PendingCall {
 /// of a `sendmmsg`/`recvmmsg`; [`TAIL_DETECT`] is `syscall_detect`, protocol detection.
 #[map]
 pub static SYSCALL_TAILS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// See `hopwatch_common::maps::TLS_TAILS`.
+#[map]
+pub static TLS_TAILS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// What `ssl_return` hands to `ssl_exchange` (per CPU: the tail call runs on the same CPU).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsPlaintext {
+    pub state: L7Conn,
+    pub caller: ThreadRequest,
+    pub cookie: u64,
+    pub pid_tgid: u64,
+    /// The call's buffer and the plaintext bytes it holds.
+    pub buf: u64,
+    pub len: u64,
+    /// When the call's bytes crossed the socket (monotonic ns).
+    pub ts: u64,
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+
+#[map]
+pub static TLS_PLAINTEXT: PerCpuArray<TlsPlaintext> = PerCpuArray::with_max_entries(1, 0);
 pub const TAIL_EXIT: u32 = 0;
 pub const TAIL_DETECT: u32 = 1;
 

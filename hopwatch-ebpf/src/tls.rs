@@ -33,8 +33,8 @@ use crate::{
     kernel::read_user,
     l7::{copy_chunk, detect_head, send_at},
     maps::{
-        DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TLS_EXCHANGES, TlsCall,
-        count,
+        DATA_SCRATCH, HOPWATCH_SETTINGS, L7CONNS, SSL_SOCKETS, TLS_CALLS, TLS_EXCHANGES,
+        TLS_PLAINTEXT, TLS_TAILS, TlsCall, TlsPlaintext, count,
     },
 };
 
@@ -87,7 +87,38 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     // All four return an `int`: the upper half of the register is not part of it (-1 arrives
     // as 0xffff_ffff, which as 64 bits would read as four billion bytes of plaintext).
     let ret = i64::from(ctx.ret::<i64>() as i32);
-    exit(ret);
+    exit(&ctx, ret);
+    0
+}
+
+/// A promoted TLS connection's plaintext ([`TLS_PLAINTEXT`]), tail-called from `ssl_return`:
+/// its exchange measured (see `exchange.rs`), or the plaintext sent on the capture path when
+/// the engine gives the connection back.
+#[uretprobe]
+pub fn ssl_exchange(_ctx: RetProbeContext) -> u32 {
+    let Some(p) = TLS_PLAINTEXT.get_ptr(0) else { return 0 };
+    // SAFETY: per-CPU value `ssl_return` filled on this CPU before its tail call; copied out.
+    let p = unsafe { *p };
+    let mut state = p.state;
+    let len = u32::try_from(p.len).unwrap_or(u32::MAX);
+    let took = exchange::on_tls_call(
+        &mut state,
+        p.cookie,
+        p.buf,
+        len,
+        p.direction,
+        p.pid_tgid,
+        p.caller,
+        p.ts,
+    );
+    if state.fast == 0 {
+        // Demoted: the capture path has the connection back.
+        store(p.cookie, &state);
+        let _ = TLS_EXCHANGES.remove(p.cookie);
+    }
+    if !took {
+        send_plaintext(&p);
+    }
     0
 }
 
@@ -135,7 +166,7 @@ pub fn call_in_progress(pid_tgid: u64) -> Option<*mut TlsCall> {
     TLS_CALLS.get_ptr_mut(pid_tgid).filter(|&c| unsafe { (*c).ssl } != IDLE)
 }
 
-fn exit(ret: i64) {
+fn exit(ctx: &RetProbeContext, ret: i64) {
     if HOPWATCH_SETTINGS.load().capture_bytes == 0 {
         return;
     }
@@ -188,11 +219,6 @@ fn exit(ret: i64) {
     // When the call's bytes crossed the socket (or now, for bytes OpenSSL had buffered).
     // SAFETY: no arguments.
     let ts = if call.io_ns != 0 { call.io_ns } else { unsafe { bpf_ktime_get_ns() } };
-    let Some(scratch) = DATA_SCRATCH.get_ptr_mut(0) else { return };
-    // SAFETY: per-CPU scratch value, ours until the program returns.
-    let scratch = unsafe { &mut *scratch };
-    let cap = HOPWATCH_SETTINGS.load().capture_bytes.min(DATA_MAX as u32);
-    let want = if len < u64::from(cap) { len as u32 } else { cap };
     // The plaintext's turns (the socket's own carry ciphertext and are not counted for TLS):
     // thread causality for requests served or sent over TLS. Only once the handshake is over
     // (until then `last_direction` is the ClientHello's); the first plaintext message is a turn.
@@ -202,13 +228,12 @@ fn exit(ret: i64) {
         state.last_direction = call.direction;
         state.turns = state.turns.wrapping_add(1);
     }
-    let mut caller = ThreadRequest::default();
     let detecting = state.inner == PROTO_UNKNOWN;
-    // The call's own buffer, `len` bytes of which hold plaintext: copied when the protocol is
-    // still to be detected, or when the capture path sends it (not for the exchange engine).
-    let mut captured = 0;
     if detecting {
-        captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
+        let Some(scratch) = DATA_SCRATCH.get_ptr_mut(0) else { return };
+        // SAFETY: per-CPU scratch value, ours until the program returns.
+        let scratch = unsafe { &mut *scratch };
+        let captured = copy_chunk(&mut scratch.data, 0, call.buf, want(len));
         state.inner = detect_head(&scratch.data, captured);
         if state.inner == PROTO_UNKNOWN {
             state.attempts += 1;
@@ -224,6 +249,7 @@ fn exit(ret: i64) {
         // Userspace may have handed this connection to the exchange engine (applied at a turn).
         exchange::promote_tls(&mut state, cookie);
     }
+    let mut caller = ThreadRequest::default();
     if turned && state.role != ROLE_UNKNOWN {
         // A request read on the fast path: recorded by the sample.
         let recorded = if state.fast != 0 && state.server != 0 && call.direction == DIR_INGRESS {
@@ -236,45 +262,64 @@ fn exit(ret: i64) {
     if turned || detecting {
         store(cookie, &state);
     }
-    if state.fast != 0 {
-        let len = u32::try_from(len).unwrap_or(u32::MAX);
-        let took = exchange::on_tls_call(
-            &mut state,
-            cookie,
-            call.buf,
-            len,
-            call.direction,
-            pid_tgid,
-            caller,
-            ts,
-        );
-        if state.fast == 0 {
-            // Demoted: the capture path has the connection back.
-            store(cookie, &state);
-            let _ = TLS_EXCHANGES.remove(cookie);
-        }
-        if took {
-            return;
-        }
-    }
     if state.inner == PROTO_UNKNOWN || state.inner == PROTO_IGNORED {
         return;
     }
-    if !detecting {
-        captured = copy_chunk(&mut scratch.data, 0, call.buf, want);
+    let p = TlsPlaintext {
+        state,
+        caller,
+        cookie,
+        pid_tgid,
+        buf: call.buf,
+        len,
+        ts,
+        direction: call.direction,
+        _pad: [0; 7],
+    };
+    if state.fast != 0 {
+        if let Some(slot) = TLS_PLAINTEXT.get_ptr_mut(0) {
+            // SAFETY: per-CPU value, ours until this program (and its tail call) returns.
+            unsafe { *slot = p };
+            // SAFETY: slot 0 holds `ssl_exchange` (set by userspace at load); a tail call that
+            // succeeds does not return.
+            let _ = unsafe { TLS_TAILS.tail_call(ctx, 0) };
+        }
+        // No engine to hand the plaintext to: the capture path takes the connection back.
+        count(Counter::ExchangeNoStorage);
+        let mut state = state;
+        state.fast = 0;
+        store(cookie, &state);
     }
-    if len > u64::from(captured) {
+    send_plaintext(&p);
+}
+
+/// Of `len` plaintext bytes, how many the capture path copies.
+#[inline(always)]
+fn want(len: u64) -> u32 {
+    let cap = HOPWATCH_SETTINGS.load().capture_bytes.min(DATA_MAX as u32);
+    if len < u64::from(cap) { len as u32 } else { cap }
+}
+
+/// Sends a call's plaintext to userspace (the capture path).
+#[inline(always)]
+fn send_plaintext(p: &TlsPlaintext) {
+    let Some(scratch) = DATA_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU scratch value, ours until the program returns.
+    let scratch = unsafe { &mut *scratch };
+    // The call's own buffer, `len` bytes of which hold plaintext.
+    let captured = copy_chunk(&mut scratch.data, 0, p.buf, want(p.len));
+    if p.len > u64::from(captured) {
         count(Counter::DataTruncated);
     }
     let ev = &mut scratch.event;
     // The socket's addresses are known to userspace from the connection's TCP events.
     ev.tuple = Default::default();
-    ev.len = u32::try_from(len).unwrap_or(u32::MAX);
+    ev.len = u32::try_from(p.len).unwrap_or(u32::MAX);
     ev.captured = captured;
-    ev.direction = call.direction;
+    ev.direction = p.direction;
     ev.source = SRC_TLS;
-    ev.protocol = state.inner;
-    ev.turns = state.turns;
-    ev.caller = caller;
-    send_at(scratch, pid_tgid, cookie, ts);
+    ev.protocol = p.state.inner;
+    ev.turns = p.state.turns;
+    ev.caller = p.caller;
+    send_at(scratch, p.pid_tgid, p.cookie, p.ts);
 }

@@ -442,22 +442,31 @@ fn syscall_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         .map_err(|source| LoadError::Program { program, source })?;
     detect.load().map_err(|e| rejected(program, e))?;
     for (slot, program) in [(0, SYSCALL_EXIT_PROGRAM), (1, SYSCALL_DETECT_PROGRAM)] {
-        let fd = ebpf
-            .program(program)
-            .ok_or(LoadError::NoProgram { program })?
-            .fd()
-            .map_err(|source| LoadError::Program { program, source })?
-            .try_clone()
-            .map_err(|e| LoadError::Program { program, source: ProgramError::IOError(e) })?;
-        let map = SYSCALL_TAILS;
-        let mut tails: ProgramArray<_> = ebpf
-            .map_mut(map)
-            .ok_or(LoadError::NoMap { map })?
-            .try_into()
-            .map_err(|source| LoadError::Map { map, source })?;
-        tails.set(slot, &fd, 0).map_err(|source| LoadError::Map { map, source })?;
+        set_tail_call(ebpf, SYSCALL_TAILS, slot, program)?;
     }
     Ok(())
+}
+
+/// Puts the loaded `program` in slot `slot` of the program array `map`.
+pub(crate) fn set_tail_call(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    slot: u32,
+    program: &'static str,
+) -> Result<(), LoadError> {
+    let fd = ebpf
+        .program(program)
+        .ok_or(LoadError::NoProgram { program })?
+        .fd()
+        .map_err(|source| LoadError::Program { program, source })?
+        .try_clone()
+        .map_err(|e| LoadError::Program { program, source: ProgramError::IOError(e) })?;
+    let mut tails: ProgramArray<_> = ebpf
+        .map_mut(map)
+        .ok_or(LoadError::NoMap { map })?
+        .try_into()
+        .map_err(|source| LoadError::Map { map, source })?;
+    tails.set(slot, &fd, 0).map_err(|source| LoadError::Map { map, source })
 }
 
 fn attach_tracepoint(

@@ -7,6 +7,7 @@ use std::{
 };
 
 use aya::Ebpf;
+use hopwatch_common::maps::TLS_TAILS;
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 use super::{
@@ -15,8 +16,9 @@ use super::{
     x86,
 };
 
-/// The programs of the set: an entry program per call and the shared return program.
-const PROGRAMS: [&str; 7] = [
+/// The programs of the set: an entry program per call, the shared return program, and the
+/// exchange engine's part of it (tail-called, not attached).
+const PROGRAMS: [&str; 8] = [
     "ssl_read",
     "ssl_read_ex",
     "ssl_write",
@@ -24,7 +26,9 @@ const PROGRAMS: [&str; 7] = [
     "ssl_do_handshake",
     "ssl_return",
     "ssl_free",
+    EXCHANGE_PROGRAM,
 ];
+const EXCHANGE_PROGRAM: &str = "ssl_exchange";
 
 /// One direction of plaintext: the exported functions (plain and `_ex`, each with its entry
 /// program) and the name reports give the internal function both call.
@@ -47,12 +51,17 @@ const WRITE: Calls = Calls {
 
 /// Loads the TLS uprobes (attached by [`FileProbes::scan`]) to go where [`plan`] says.
 pub(crate) fn load(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
-    FileProbes::load(ebpf, "tls", &PROGRAMS, plan, candidate_libraries)
+    let probes = FileProbes::load(ebpf, "tls", &PROGRAMS, plan, candidate_libraries)?;
+    super::set_tail_call(ebpf, TLS_TAILS, 0, EXCHANGE_PROGRAM)?;
+    Ok(probes)
 }
 
 /// Loads the TLS uprobes to go on the exported functions only (`--tls-probes exported`).
 pub(crate) fn load_exported(ebpf: &mut Ebpf) -> Result<FileProbes, LoadError> {
-    FileProbes::load(ebpf, "tls", &PROGRAMS, |_| probes(&Internals::default()), candidate_libraries)
+    let exported = |_: &Path| probes(&Internals::default());
+    let probes = FileProbes::load(ebpf, "tls", &PROGRAMS, exported, candidate_libraries)?;
+    super::set_tail_call(ebpf, TLS_TAILS, 0, EXCHANGE_PROGRAM)?;
+    Ok(probes)
 }
 
 /// Where the programs go in one libssl.
