@@ -547,6 +547,18 @@ pub struct L7Conn {
 }
 const _: () = assert!(size_of::<L7Conn>() == 32);
 
+impl L7Conn {
+    /// Applies userspace's promotion `p`: exchanges are measured by the engine `fast`
+    /// ([`FAST_SOCKET`] or [`FAST_TLS`]) from now on.
+    #[inline]
+    pub fn promote(&mut self, p: &exchange::Promotion, fast: u8) {
+        self.fast = fast;
+        self.server = p.server;
+        self.anchor_index = p.anchor_index;
+        self.anchor_turns = p.anchor_turns;
+    }
+}
+
 /// [`L7Conn::fast`]: the socket's exchanges are measured by the socket-layer hooks.
 pub const FAST_SOCKET: u8 = 1;
 /// [`L7Conn::fast`]: the TLS connection's exchanges are measured by the TLS probes.

@@ -130,10 +130,7 @@ pub fn promote_tls(c: &mut L7Conn, cookie: u64) {
         count(Counter::ExchangeNoStorage);
         return;
     }
-    c.fast = FAST_TLS;
-    c.server = p.server;
-    c.anchor_index = p.anchor_index;
-    c.anchor_turns = p.anchor_turns;
+    c.promote(&p, FAST_TLS);
 }
 
 /// One call on a promoted connection, wherever it was seen.

@@ -221,12 +221,7 @@ pub fn capture(
             && let Some(p) = unsafe { PROMOTIONS.get(cookie) }.copied()
         {
             // SAFETY: map value of this socket, valid while the program runs.
-            unsafe {
-                (*c).fast = FAST_SOCKET;
-                (*c).server = p.server;
-                (*c).anchor_index = p.anchor_index;
-                (*c).anchor_turns = p.anchor_turns;
-            }
+            unsafe { (*c).promote(&p, FAST_SOCKET) };
             state.fast = FAST_SOCKET;
             let _ = PROMOTIONS.remove(cookie);
         }
