@@ -432,7 +432,9 @@ pub struct KernelSettings {
     pub exchange_slow_ns: u64,
     /// Beyond the rate, one exchange in this many is recorded in full ([`exchange::sample_key`]).
     pub exchange_sample: u32,
-    /// 1: keep which request each thread serves ([`ThreadRequest`]), for request tracing.
+    /// Request tracing's kernel side, bits: [`TRACE_THREADS`] keeps which request each thread
+    /// serves ([`ThreadRequest`]), [`TRACE_COROUTINES`] also stamps Python coroutines
+    /// ([`PyStep`]); 0: off.
     pub trace_threads: u32,
 }
 const _: () = assert!(size_of::<KernelSettings>() == 40);
@@ -447,7 +449,7 @@ impl Default for KernelSettings {
             exchange_rate_per_cpu: 0,
             exchange_slow_ns: u64::MAX,
             exchange_sample: 1,
-            trace_threads: 1,
+            trace_threads: TRACE_THREADS,
         }
     }
 }
@@ -597,10 +599,36 @@ const _: () = assert!(size_of::<ThreadRequest>() == 24);
 
 /// [`ThreadRequest::method`]: the calling thread's own request (thread causality).
 pub const CALLER_THREAD: u16 = 0;
+/// [`KernelSettings::trace_threads`]: thread causality (and nginx's upstream requests).
+pub const TRACE_THREADS: u32 = 1;
+/// [`KernelSettings::trace_threads`]: asyncio coroutine identity (the Python uprobes).
+pub const TRACE_COROUTINES: u32 = 2;
+
 /// [`ThreadRequest::method`]: nginx's upstream request for its downstream request, read from
 /// nginx's own structures at `ngx_chain_writer` (exact on its event loop; see
 /// [`maps::NGINX_UPSTREAMS`](crate::maps::NGINX_UPSTREAMS)).
 pub const CALLER_NGINX: u16 = 1;
+/// [`ThreadRequest::method`]: the message was written while the thread stepped an asyncio task
+/// whose coroutine object is at `cookie` ([`PyStep`]); `inflight` is the thread's, `turns` 0. On
+/// a client socket's request start it names the coroutine that made the call; on a server
+/// socket's response start, the coroutine that answered the request. Userspace links the two
+/// when the call falls inside that request (one object cannot be two live coroutines at once).
+pub const CALLER_COROUTINE: u16 = 2;
+
+/// The asyncio task step a Python thread is in, per thread id in
+/// [`maps::PY_STEPS`](crate::maps::PY_STEPS): `_asyncio`'s task step resumes the task's
+/// coroutine with `PyIter_Send`, which is also how awaits inside it resume theirs, so the
+/// outermost of the nested calls (depth 0 → 1) names the task's coroutine and the step ends when
+/// it returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyStep {
+    /// The coroutine the outermost `PyIter_Send` resumed (0: none seen).
+    pub coro: u64,
+    /// `PyIter_Send` calls in progress on the thread (0: not in a step).
+    pub depth: u64,
+}
+const _: () = assert!(size_of::<PyStep>() == 16);
 
 /// Application data seen on a socket ([`EventKind::Data`]); `captured` payload bytes follow the
 /// struct in the ring buffer record.

@@ -48,6 +48,12 @@ pub const TLS_EXCHANGES_ENTRIES: u32 = 8_192;
 pub const THREAD_REQUESTS: &str = "THREAD_REQUESTS";
 pub const THREAD_REQUESTS_ENTRIES: u32 = 65_536;
 
+/// The asyncio task step each Python thread is in, thread id → [`crate::PyStep`], kept by the
+/// uprobe and return probe on `PyIter_Send`. LRU: every thread that ever stepped a coroutine
+/// leaves an entry.
+pub const PY_STEPS: &str = "PY_STEPS";
+pub const PY_STEPS_ENTRIES: u32 = 65_536;
+
 /// nginx upstream sockets about to send a request, upstream socket cookie → the downstream
 /// request it serves ([`crate::ThreadRequest`] with [`crate::CALLER_NGINX`]), set by the uprobe
 /// on `ngx_chain_writer` and taken by the upstream socket's next request. LRU: a write that

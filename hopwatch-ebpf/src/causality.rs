@@ -12,19 +12,29 @@
 //! nginx itself knows which request each serves, and [`crate::nginx`] reads it from nginx's
 //! structures into [`NGINX_UPSTREAMS`], which a client socket's request start checks first.
 //!
+//! An asyncio event loop interleaves its requests on one thread; there the task making a call
+//! names its request instead: [`crate::python`] keeps the coroutine each thread is stepping, and
+//! it is stamped on a client socket's request start and on a server socket's response start.
+//!
 //! It runs only at turns (a socket's change of direction): two map operations per exchange on a
-//! server socket, two lookups per request on a client socket.
+//! server socket, two lookups per request on a client socket (one more on each with the Python
+//! probes).
 
 use hopwatch_common::{
-    CALLER_THREAD, DIR_EGRESS, DIR_INGRESS, L7Conn, ROLE_CLIENT, ROLE_SERVER, ThreadRequest,
+    CALLER_COROUTINE, CALLER_THREAD, DIR_EGRESS, DIR_INGRESS, L7Conn, ROLE_CLIENT, ROLE_SERVER,
+    TRACE_COROUTINES, ThreadRequest,
 };
 
-use crate::maps::{HOPWATCH_SETTINGS, NGINX_UPSTREAMS, THREAD_REQUESTS};
+use crate::{
+    maps::{HOPWATCH_SETTINGS, NGINX_UPSTREAMS, THREAD_REQUESTS},
+    python,
+};
 
 /// A turn of a socket whose role is known: `c` is its state with `turns` already advanced, and
 /// `recorded` says whether a request read now is recorded (the fast path's sample; every request
 /// is on the capture path). Returns the caller to attach to the message when the turn starts a
-/// request on a client socket (zero otherwise).
+/// request on a client socket, or the coroutine answering when it starts a response on a server
+/// socket (zero otherwise).
 #[inline(always)]
 pub fn on_turn(
     c: &mut L7Conn,
@@ -33,18 +43,28 @@ pub fn on_turn(
     direction: u8,
     recorded: bool,
 ) -> ThreadRequest {
-    if HOPWATCH_SETTINGS.load().trace_threads == 0 {
+    let tracing = HOPWATCH_SETTINGS.load().trace_threads;
+    if tracing == 0 {
         return ThreadRequest::default();
     }
     let tid = pid_tgid as u32;
+    let coroutines = tracing & TRACE_COROUTINES != 0;
     if c.role == ROLE_SERVER {
         if direction == DIR_INGRESS {
             request_read(c, cookie, tid, u16::from(recorded));
-        } else if c.owner_tid != 0 {
+            return ThreadRequest::default();
+        }
+        if c.owner_tid != 0 {
             response_started(c.owner_tid, cookie);
             c.owner_tid = 0;
         }
-    } else if c.role == ROLE_CLIENT && direction == DIR_EGRESS {
+        // The asyncio task answering the request: its calls were made for it.
+        let coro = if coroutines { python::current_coroutine(tid) } else { 0 };
+        // (None: all zero, as for any other server turn.)
+        let method = if coro != 0 { CALLER_COROUTINE } else { CALLER_THREAD };
+        return ThreadRequest { cookie: coro, method, ..Default::default() };
+    }
+    if c.role == ROLE_CLIENT && direction == DIR_EGRESS {
         // nginx said which request this upstream request serves: exact, whatever else the
         // worker's event loop has in flight.
         // SAFETY: map values, copied out at once.
@@ -53,9 +73,17 @@ pub fn on_turn(
             return t;
         }
         // SAFETY: as above.
-        if let Some(t) = unsafe { THREAD_REQUESTS.get(tid) } {
-            return *t;
+        let mut t = unsafe { THREAD_REQUESTS.get(tid) }.copied().unwrap_or_default();
+        // With one request in flight the thread's is the call's; with more, an asyncio task's
+        // call names its task, which says which request it was made for.
+        let coro = if coroutines { python::current_coroutine(tid) } else { 0 };
+        if coro != 0 && !(t.inflight == 1 && t.cookie != 0) {
+            t.cookie = coro;
+            t.method = CALLER_COROUTINE;
+            t.turns = 0;
+            t.recorded = 0;
         }
+        return t;
     }
     ThreadRequest::default()
 }

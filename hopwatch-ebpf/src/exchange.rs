@@ -13,7 +13,8 @@ use aya_ebpf::{
     },
 };
 use hopwatch_common::{
-    Counter, DIR_INGRESS, FAST_TLS, KernelSettings, L7Conn, PROTO_HTTP, PROTO_TLS, ThreadRequest,
+    CALLER_COROUTINE, Counter, DIR_INGRESS, FAST_TLS, KernelSettings, L7Conn, PROTO_HTTP,
+    PROTO_TLS, ThreadRequest,
     exchange::{
         EXCH_F_FULL, EXCH_F_SERVER, EXCH_F_UNANSWERED, EXCHANGE_HEAD, ExchangeEvent,
         ExchangeRecord, ExchangeState, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE, exchange_index,
@@ -188,6 +189,10 @@ fn measure(
         return false;
     };
     x.phase = PHASE_RESPONSE;
+    if c.server != 0 && call.caller.method == CALLER_COROUTINE {
+        // The asyncio task answering (see `causality::on_turn`).
+        x.caller = call.caller;
+    }
     let index = exchange_index(c.anchor_index, c.anchor_turns, c.turns);
     let latency = now.saturating_sub(x.request_ns);
     let settings = HOPWATCH_SETTINGS.load();
@@ -197,7 +202,11 @@ fn measure(
         || under_rate(now, &settings)
         || match x.caller {
             // A call made for a request: recorded with that request (sampling is per trace).
-            ThreadRequest { cookie, inflight: 1, recorded, .. } if cookie != 0 => recorded != 0,
+            ThreadRequest { cookie, inflight: 1, recorded, method, .. }
+                if cookie != 0 && method != CALLER_COROUTINE =>
+            {
+                recorded != 0
+            }
             _ => {
                 let (a, b) = ports();
                 sampled(a, b, index, settings.exchange_sample)

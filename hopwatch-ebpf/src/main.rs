@@ -16,6 +16,7 @@ mod kernel;
 mod l7;
 mod maps;
 mod nginx;
+mod python;
 mod sockops;
 mod syscalls;
 mod tcp;

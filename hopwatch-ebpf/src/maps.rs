@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use hopwatch_common::{
     COUNTER_COUNT, ConnState, Counter, DATA_MAX, DataEvent, KernelOffsets, KernelSettings, L7Conn,
-    SyscallNumbers, ThreadRequest,
+    PyStep, SyscallNumbers, TRACE_THREADS, ThreadRequest,
     exchange::{ExchangeState, Promotion},
     maps::{
         CONNS_ENTRIES, DROP_IGNORE_WORDS, EVENTS_BYTES, L7CONNS_ENTRIES, LISTENERS_ENTRIES,
         ListenKey, MMSG_CURSORS_ENTRIES, NGINX_UPSTREAMS_ENTRIES, PENDING_CALLS_ENTRIES,
-        PROMOTIONS_ENTRIES, SSL_SOCKETS_ENTRIES, THREAD_REQUESTS_ENTRIES, TLS_CALLS_ENTRIES,
-        TLS_EXCHANGES_ENTRIES,
+        PROMOTIONS_ENTRIES, PY_STEPS_ENTRIES, SSL_SOCKETS_ENTRIES, THREAD_REQUESTS_ENTRIES,
+        TLS_CALLS_ENTRIES, TLS_EXCHANGES_ENTRIES,
     },
 };
 
@@ -103,6 +103,10 @@ pub static NGINX_UPSTREAMS: LruHashMap<u64, ThreadRequest> =
 #[map]
 pub static THREAD_REQUESTS: LruHashMap<u32, ThreadRequest> =
     LruHashMap::with_max_entries(THREAD_REQUESTS_ENTRIES, 0);
+
+/// See `hopwatch_common::maps::PY_STEPS`.
+#[map]
+pub static PY_STEPS: LruHashMap<u32, PyStep> = LruHashMap::with_max_entries(PY_STEPS_ENTRIES, 0);
 
 /// LRU: a thread that dies inside an SSL call never reaches the return probe; with a plain hash
 /// map such leftovers would fill it and new calls would lose their plaintext without a trace.
@@ -261,7 +265,7 @@ pub static HOPWATCH_SETTINGS: Global<KernelSettings> = Global::new(KernelSetting
     exchange_rate_per_cpu: 0,
     exchange_slow_ns: u64::MAX,
     exchange_sample: 1,
-    trace_threads: 1,
+    trace_threads: TRACE_THREADS,
 });
 
 /// Adds one to a per-CPU counter.

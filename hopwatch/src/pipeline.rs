@@ -5,8 +5,9 @@
 use std::{collections::HashMap, time::Duration};
 
 use hopwatch_common::{
-    CALLER_NGINX, DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL, PROTO_POSTGRES,
-    PROTO_REDIS, PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest, exchange::sample_key,
+    CALLER_COROUTINE, CALLER_NGINX, DataEvent, IPPROTO_UDP, PROTO_DNS, PROTO_HTTP, PROTO_MYSQL,
+    PROTO_POSTGRES, PROTO_REDIS, PROTO_TLS, SRC_SYSCALL, TcpOp, ThreadRequest,
+    exchange::sample_key,
 };
 use hopwatch_proto::{
     compact::Compact as _,
@@ -24,7 +25,7 @@ use crate::{
         Completed, L7Tracker, Measured, session::MessageParser, setup::SetupTracker,
         tls::TlsTracker,
     },
-    trace::{Link, Tracer, TracerStats, propagated_keys, span_id},
+    trace::{Carried, Link, Served, Tracer, TracerStats, coroutine_key, propagated_keys, span_id},
 };
 
 /// Connections tracked in userspace.
@@ -403,24 +404,36 @@ impl Pipeline {
         for c in done {
             let (time_ns, caller, cookie, tgid) =
                 (c.exchange.response_ns, c.caller, c.cookie, c.pid);
+            let window = (c.exchange.request_ns, c.exchange.response_ns);
             let flow = self.l7_flow(c);
             if !self.options.tracing {
                 out.push(flow);
                 continue;
             }
-            let (span, link, carried) = self.span_and_link(&flow, cookie, caller, tgid);
-            self.tracer.admit(flow, span, link, &carried, time_ns, out);
+            let (span, link, carried) = self.span_and_link(&flow, cookie, caller, tgid, window.0);
+            // The asyncio task that answered a request it served (see `trace::Served`).
+            let served = (caller.method == CALLER_COROUTINE
+                && flow.traffic_direction == i32::from(TrafficDirection::Ingress)
+                && window.1 != 0)
+                .then(|| Served {
+                    key: coroutine_key(tgid, caller.cookie),
+                    from_ns: window.0,
+                    to_ns: window.1,
+                });
+            self.tracer.admit(flow, span, link, Carried { ids: &carried, served }, time_ns, out);
         }
     }
 
-    /// The exchange's span, how it links to the request it was made for, and (for a server end)
-    /// the propagated ids its request carried (see [`crate::trace`]).
+    /// The exchange's span, how it links to the request it was made for (`request_ns`: when it
+    /// was sent), and (for a server end) the propagated ids its request carried (see
+    /// [`crate::trace`]).
     fn span_and_link(
         &mut self,
         flow: &Flow,
         cookie: u64,
         caller: ThreadRequest,
         tgid: u32,
+        request_ns: u64,
     ) -> (u64, Link, Vec<u64>) {
         let l7 = flow.l7.as_ref();
         let ids = match l7.and_then(|l| l.record.as_ref()) {
@@ -448,6 +461,11 @@ impl Pipeline {
         }
         let link = match caller.inflight {
             0 => Link::Root,
+            // Made by an asyncio task while the thread served requests: the task's answered
+            // request, if the call fell inside it.
+            _ if caller.method == CALLER_COROUTINE => {
+                Link::Coroutine { key: coroutine_key(tgid, caller.cookie), at_ns: request_ns }
+            }
             // Serving one request, but not the one it read last (that one is answered).
             1 if caller.cookie == 0 => Link::Ambiguous,
             1 => {
@@ -478,9 +496,11 @@ impl Pipeline {
             _ => Link::Ambiguous,
         };
         // A propagated id links what thread causality cannot: an event loop's calls, or a
-        // thread that serves nothing itself (a pool the request was handed to).
+        // thread that serves nothing itself (a pool the request was handed to); and it is
+        // preferred to a coroutine's link, which waits for the request's response and finds no
+        // parent for a call made by a task of its own (`asyncio.gather`).
         let by_id = match link {
-            Link::Ambiguous | Link::Unfollowed => true,
+            Link::Ambiguous | Link::Unfollowed | Link::Coroutine { .. } => true,
             Link::Root => self.tracer.carries_ids(tgid),
             _ => false,
         };

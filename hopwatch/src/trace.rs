@@ -35,6 +35,10 @@ const MAX_RESOLVED: usize = 262_144;
 const MAX_KEYS: usize = 262_144;
 /// Processes remembered as serving requests that carry propagated ids.
 const MAX_CARRIERS: usize = 16_384;
+/// Requests answered by asyncio tasks remembered for the calls their coroutines made.
+const MAX_SERVED: usize = 262_144;
+/// Of one coroutine (object address), the latest requests it answered kept.
+const SERVED_PER_COROUTINE: usize = 4;
 
 /// How a flow's exchange relates to the rest of its trace, as the pipeline found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +58,32 @@ pub(crate) enum Link {
     /// Made for the one request its thread was serving, but that request was not followed (its
     /// connection or exchange was not seen); the exchange starts a trace.
     Unfollowed,
+    /// Made at `at_ns` by the asyncio task whose coroutine is `key` (a hash of the process and
+    /// the coroutine object's address, [`coroutine_key`]): its parent is the inbound request that
+    /// coroutine answered, if the call fell between that request and its response ([`Served`]).
+    Coroutine { key: u64, at_ns: u64 },
     /// A server end whose client end is on this node: the client end carries the link.
     SameAsPeer,
+}
+
+/// What a server end's request brings for the calls made for it: the propagated ids it carried
+/// (as keys, [`propagated_keys`]) and the asyncio task that answered it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Carried<'a> {
+    pub ids: &'a [u64],
+    pub served: Option<Served>,
+}
+
+/// An inbound request an asyncio task answered: its coroutine (`key`, as in
+/// [`Link::Coroutine`]) wrote the response, which started at `to_ns`; the request ended at
+/// `from_ns`. A call that coroutine made in between was made for it: one object is one live
+/// coroutine at a time, and a request's task is made after its request is read (uvicorn,
+/// aiohttp), so no other coroutine at that address can have made a call in that window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Served {
+    pub key: u64,
+    pub from_ns: u64,
+    pub to_ns: u64,
 }
 
 /// What the tracer did, for the agent's counters.
@@ -67,6 +95,8 @@ pub struct TracerStats {
     pub linked_header: u64,
     /// nginx upstream requests linked to their downstream request.
     pub linked_nginx: u64,
+    /// Exchanges linked to the request the asyncio task that made them answered.
+    pub linked_coroutine: u64,
     /// Exchanges left unlinked because their thread had several requests in flight.
     pub ambiguous: u64,
     /// Exchanges left unlinked because the one request their thread served was not followed.
@@ -80,10 +110,21 @@ pub struct TracerStats {
 struct Held {
     flows: Vec<Flow>,
     /// The span whose trace this one waits for (its parent, or itself for a server end), or
-    /// the propagated id whose inbound request it waits for (`by_header`).
+    /// the propagated id or the coroutine whose inbound request it waits for (`by`).
     waits_for: u64,
-    by_header: Option<&'static str>,
+    by: By,
     since_ns: u64,
+}
+
+/// What a held span's `waits_for` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum By {
+    /// A span (its parent's, or its own for a server end).
+    Span,
+    /// A propagated id, of this header.
+    Header(&'static str),
+    /// A coroutine ([`Link::Coroutine`]), for the call made at this time.
+    Coroutine { at_ns: u64 },
 }
 
 /// What a propagated id of an inbound request names.
@@ -108,6 +149,10 @@ pub(crate) struct Tracer {
     keys_order: VecDeque<(u64, u64)>,
     /// Processes whose inbound requests carried propagated ids, with when last seen.
     carriers: FxHashMap<u32, u64>,
+    /// Coroutine → the latest requests it answered (window, span, when seen), oldest first;
+    /// the keys in the order seen in `served_order` (with when).
+    served: FxHashMap<u64, VecDeque<(u64, u64, u64, u64)>>,
+    served_order: VecDeque<(u64, u64)>,
     hold_ns: u64,
     pub stats: TracerStats,
 }
@@ -123,6 +168,8 @@ impl Tracer {
         self.keys.compact();
         self.keys_order.compact();
         self.carriers.compact();
+        self.served.compact();
+        self.served_order.compact();
     }
 
     pub(crate) fn new(hold_ns: u64) -> Self {
@@ -135,34 +182,53 @@ impl Tracer {
             keys: FxHashMap::default(),
             keys_order: VecDeque::new(),
             carriers: FxHashMap::default(),
+            served: FxHashMap::default(),
+            served_order: VecDeque::new(),
             hold_ns,
             stats: TracerStats::default(),
         }
     }
 
-    /// One exchange's flow, with its span and link, and (for a server end) the propagated ids
-    /// its request carried; the flows whose trace is now known go to `out` (this one, and any
+    /// One exchange's flow, with its span and link, and (for a server end) what its request
+    /// brings for its calls; the flows whose trace is now known go to `out` (this one, and any
     /// it completes).
     pub(crate) fn admit(
         &mut self,
         mut flow: Flow,
         span: u64,
         link: Link,
-        carried: &[u64],
+        carried: Carried<'_>,
         now_ns: u64,
         out: &mut Vec<Flow>,
     ) {
-        for &key in carried {
+        for &key in carried.ids {
             self.carried(key, span, now_ns, out);
+        }
+        if let Some(s) = carried.served {
+            self.served(s, span, now_ns, out);
         }
         let link = match link {
             Link::Header { key, header } => match self.keys.get(&key) {
                 Some(Carrier::Span(parent)) => {
-                    return self.admit_linked(flow, span, *parent, header, now_ns, out);
+                    self.stats.linked_header += 1;
+                    let link = format!("header:{header}");
+                    return self.admit_linked(flow, span, *parent, &link, now_ns, out);
                 }
                 Some(Carrier::Several) => Link::Ambiguous,
-                None => return self.hold(flow, span, key, Some(header), now_ns, out),
+                None => return self.hold(flow, span, key, By::Header(header), now_ns, out),
             },
+            Link::Coroutine { key, at_ns } => {
+                let parent = self.served.get(&key).and_then(|windows| {
+                    windows.iter().find(|w| w.0 <= at_ns && at_ns <= w.1).map(|w| w.2)
+                });
+                return match parent {
+                    Some(parent) => {
+                        self.stats.linked_coroutine += 1;
+                        self.admit_linked(flow, span, parent, "coroutine", now_ns, out);
+                    }
+                    None => self.hold(flow, span, key, By::Coroutine { at_ns }, now_ns, out),
+                };
+            }
             other => other,
         };
         let own_trace = flow.trace_context.as_ref().and_then(trace_id_of);
@@ -192,7 +258,7 @@ impl Tracer {
                 Some(parent)
             }
             Link::SameAsPeer => Some(span),
-            Link::Header { .. } => unreachable!("resolved above"),
+            Link::Header { .. } | Link::Coroutine { .. } => unreachable!("resolved above"),
         };
         if let Some(l7) = flow.l7.as_mut() {
             l7.span = Some(s);
@@ -211,36 +277,36 @@ impl Tracer {
             out.push(with_trace(flow, trace));
             return;
         }
-        self.hold(flow, span, waits_for, None, now_ns, out);
+        self.hold(flow, span, waits_for, By::Span, now_ns, out);
     }
 
-    /// A call linked by a propagated id to the inbound request `parent`.
+    /// A call linked (by `link`) to the inbound request `parent` once it was held (a propagated
+    /// id, a coroutine).
     fn admit_linked(
         &mut self,
         mut flow: Flow,
         span: u64,
         parent: u64,
-        header: &'static str,
+        link: &str,
         now_ns: u64,
         out: &mut Vec<Flow>,
     ) {
-        self.stats.linked_header += 1;
-        set_parent(&mut flow, span, parent, header);
+        set_parent(&mut flow, span, parent, link);
         if let Some(&trace) = self.resolved.get(&parent) {
             self.resolve(span, trace, out);
             out.push(with_trace(flow, trace));
             return;
         }
-        self.hold(flow, span, parent, None, now_ns, out);
+        self.hold(flow, span, parent, By::Span, now_ns, out);
     }
 
-    /// Holds `flow` until `waits_for` (a span, or with `by_header` a propagated id) is known.
+    /// Holds `flow` until `waits_for` (a span, or a propagated id or coroutine: `by`) is known.
     fn hold(
         &mut self,
         mut flow: Flow,
         span: u64,
         waits_for: u64,
-        by_header: Option<&'static str>,
+        by: By,
         now_ns: u64,
         out: &mut Vec<Flow>,
     ) {
@@ -252,7 +318,7 @@ impl Tracer {
             if waits_for != span && h.waits_for == span {
                 // The client end arrived with the link the server end was waiting for.
                 h.waits_for = waits_for;
-                h.by_header = by_header;
+                h.by = by;
                 self.waiting.entry(waits_for).or_default().push(span);
             }
             return;
@@ -262,7 +328,7 @@ impl Tracer {
             out.push(flow);
             return;
         }
-        self.held.insert(span, Held { flows: vec![flow], waits_for, by_header, since_ns: now_ns });
+        self.held.insert(span, Held { flows: vec![flow], waits_for, by, since_ns: now_ns });
         self.held_order.push_back(span);
         if waits_for != span {
             self.waiting.entry(waits_for).or_default().push(span);
@@ -293,18 +359,94 @@ impl Tracer {
         let trace = self.resolved.get(&span).copied();
         for child in self.waiting.remove(&key).unwrap_or_default() {
             let Some(h) = self.held.get_mut(&child) else { continue };
-            let Some(header) = h.by_header.filter(|_| h.waits_for == key) else { continue };
-            self.stats.linked_header += 1;
-            for f in &mut h.flows {
-                set_parent(f, child, span, header);
+            let By::Header(header) = h.by else { continue };
+            if h.waits_for != key {
+                continue;
             }
-            h.waits_for = span;
-            h.by_header = None;
-            match trace {
-                Some(t) => self.resolve(child, t, out),
-                None => self.waiting.entry(span).or_default().push(child),
+            self.stats.linked_header += 1;
+            self.link_held(child, span, &format!("header:{header}"), trace, out);
+        }
+    }
+
+    /// The held call `child` was made for the inbound request `span` (whose trace may be
+    /// known): linked by `link`.
+    fn link_held(
+        &mut self,
+        child: u64,
+        span: u64,
+        link: &str,
+        trace: Option<u128>,
+        out: &mut Vec<Flow>,
+    ) {
+        let Some(h) = self.held.get_mut(&child) else { return };
+        for f in &mut h.flows {
+            set_parent(f, child, span, link);
+        }
+        h.waits_for = span;
+        h.by = By::Span;
+        match trace {
+            Some(t) => self.resolve(child, t, out),
+            None => self.waiting.entry(span).or_default().push(child),
+        }
+    }
+
+    /// The inbound request `span` was answered by an asyncio task (`s`): the calls its
+    /// coroutine made within it are linked to it; those made before it was read were made for
+    /// no request of this coroutine's still to come, and are left unlinked as ambiguous.
+    fn served(&mut self, s: Served, span: u64, now_ns: u64, out: &mut Vec<Flow>) {
+        while let Some(&(old, seen)) = self.served_order.front() {
+            if self.served_order.len() < MAX_SERVED && now_ns.saturating_sub(seen) < self.hold_ns {
+                break;
+            }
+            self.served_order.pop_front();
+            if let Some(windows) = self.served.get_mut(&old) {
+                windows.retain(|w| w.3 > seen);
+                if windows.is_empty() {
+                    self.served.remove(&old);
+                }
             }
         }
+        let windows = self.served.entry(s.key).or_default();
+        if windows.len() >= SERVED_PER_COROUTINE {
+            windows.pop_front();
+        }
+        windows.push_back((s.from_ns, s.to_ns, span, now_ns));
+        self.served_order.push_back((s.key, now_ns));
+        let trace = self.resolved.get(&span).copied();
+        let mut later = Vec::new();
+        for child in self.waiting.remove(&s.key).unwrap_or_default() {
+            let Some(h) = self.held.get(&child) else { continue };
+            let By::Coroutine { at_ns } = h.by else { continue };
+            if h.waits_for != s.key {
+                continue;
+            }
+            if at_ns > s.to_ns {
+                // Made after this response started: for a later request of the coroutine.
+                later.push(child);
+            } else if at_ns < s.from_ns {
+                self.unlinked_root(child, out);
+            } else {
+                self.stats.linked_coroutine += 1;
+                self.link_held(child, span, "coroutine", trace, out);
+            }
+        }
+        if !later.is_empty() {
+            self.waiting.entry(s.key).or_default().extend(later);
+        }
+    }
+
+    /// The held call `child` waited for a coroutine's request that did not come: it starts a
+    /// trace of its own, counted and marked as ambiguous.
+    fn unlinked_root(&mut self, child: u64, out: &mut Vec<Flow>) {
+        let Some(h) = self.held.get_mut(&child) else { return };
+        self.stats.ambiguous += 1;
+        for f in &mut h.flows {
+            if let Some(s) = f.l7.as_mut().and_then(|l| l.span.as_mut()) {
+                "ambiguous".clone_into(&mut s.unlinked);
+            }
+        }
+        let own = h.flows.first().and_then(|f| f.trace_context.as_ref()).and_then(trace_id_of);
+        self.resolve(child, own.unwrap_or_else(|| derived_trace(child)), out);
     }
 
     /// Emits the flows held longer than the hold, without a trace id (their links stay).
@@ -318,6 +460,11 @@ impl Tracer {
                 break;
             }
             self.held_order.pop_front();
+            if matches!(h.by, By::Coroutine { .. }) {
+                // No request of its coroutine's contained it (a task of its own, a gather).
+                self.unlinked_root(span, out);
+                continue;
+            }
             let h = self.held.remove(&span).expect("looked up above");
             self.stats.expired += h.flows.len() as u64;
             for mut f in h.flows {
@@ -414,6 +561,15 @@ pub(crate) fn propagated_keys(
     out
 }
 
+/// An asyncio task's coroutine (the object's address) in process `tgid`, as a key.
+pub(crate) fn coroutine_key(tgid: u32, coro: u64) -> u64 {
+    let mut f = Fnv::default();
+    f.write(b"coroutine");
+    f.write(&tgid.to_be_bytes());
+    f.write(&coro.to_be_bytes());
+    f.0
+}
+
 /// The span id of an exchange: both of its ends compute it from the same facts.
 #[must_use]
 pub(crate) fn span_id(client: SocketAddr, server: SocketAddr, index: u64) -> u64 {
@@ -442,12 +598,13 @@ fn trace_id_of(t: &TraceContext) -> Option<u128> {
     u128::from_str_radix(&t.parent.as_ref()?.trace_id, 16).ok().filter(|&v| v != 0)
 }
 
-/// Marks `flow` (of span `span`) as made for `parent`, linked by the propagated id `header`.
-fn set_parent(flow: &mut Flow, span: u64, parent: u64, header: &str) {
+/// Marks `flow` (of span `span`) as made for `parent`, linked by `link` (`header:x-request-id`,
+/// `coroutine`).
+fn set_parent(flow: &mut Flow, span: u64, parent: u64, link: &str) {
     if let Some(l7) = flow.l7.as_mut() {
         let s = l7.span.get_or_insert_with(|| Span { span_id: hex64(span), ..Span::default() });
         s.parent_span_id = hex64(parent);
-        s.link = format!("header:{header}");
+        link.clone_into(&mut s.link);
         s.unlinked.clear();
     }
 }
@@ -518,12 +675,12 @@ mod tests {
         let mut out = Vec::new();
         // The query completes first, then the inbound request's server end, then its client end
         // (a root carrying a traceparent).
-        t.admit(flow(None), 30, Link::Thread { parent: 20 }, &[], 1, &mut out);
-        t.admit(flow(None), 20, Link::SameAsPeer, &[], 2, &mut out);
+        t.admit(flow(None), 30, Link::Thread { parent: 20 }, Carried::default(), 1, &mut out);
+        t.admit(flow(None), 20, Link::SameAsPeer, Carried::default(), 2, &mut out);
         assert!(out.is_empty(), "held until the root is known");
         assert_eq!(t.held(), 2);
         let root = "4bf92f3577b34da6a3ce929d0e0e4736";
-        t.admit(flow(Some(root)), 20, Link::Root, &[], 3, &mut out);
+        t.admit(flow(Some(root)), 20, Link::Root, Carried::default(), 3, &mut out);
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|f| trace(f) == Some(root)), "{out:?}");
         let query = out.iter().find(|f| span(f).span_id == hex64(30)).expect("the query");
@@ -533,7 +690,7 @@ mod tests {
         );
         // A late end of a resolved span passes at once, with the trace.
         out.clear();
-        t.admit(flow(None), 30, Link::SameAsPeer, &[], 4, &mut out);
+        t.admit(flow(None), 30, Link::SameAsPeer, Carried::default(), 4, &mut out);
         assert_eq!(trace(&out[0]), Some(root));
         assert_eq!(t.stats.linked_thread, 1);
     }
@@ -544,18 +701,18 @@ mod tests {
         let mut out = Vec::new();
         let header = "x-request-id";
         // The call completes first and waits for the request carrying its id.
-        t.admit(flow(None), 30, Link::Header { key: 7, header }, &[], 1, &mut out);
+        t.admit(flow(None), 30, Link::Header { key: 7, header }, Carried::default(), 1, &mut out);
         assert!(out.is_empty());
         // The inbound request (a root here) carried it.
-        t.admit(flow(None), 20, Link::Root, &[7], 2, &mut out);
+        t.admit(flow(None), 20, Link::Root, Carried { ids: &[7], served: None }, 2, &mut out);
         let call = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
         assert_eq!(span(call).parent_span_id, hex64(20));
         assert_eq!(span(call).link, "header:x-request-id");
         assert_eq!(trace(call), trace(out.iter().find(|f| span(f).span_id == hex64(20)).unwrap()));
         // A second request with the same id: the id links nothing any more.
         out.clear();
-        t.admit(flow(None), 21, Link::Root, &[7], 3, &mut out);
-        t.admit(flow(None), 31, Link::Header { key: 7, header }, &[], 4, &mut out);
+        t.admit(flow(None), 21, Link::Root, Carried { ids: &[7], served: None }, 3, &mut out);
+        t.admit(flow(None), 31, Link::Header { key: 7, header }, Carried::default(), 4, &mut out);
         let late = out.iter().find(|f| span(f).span_id == hex64(31)).expect("passed through");
         assert_eq!(
             (span(late).parent_span_id.as_str(), span(late).unlinked.as_str()),
@@ -568,17 +725,97 @@ mod tests {
     fn unlinked_and_expired_exchanges_are_counted_never_guessed() {
         let mut t = Tracer::new(100);
         let mut out = Vec::new();
-        t.admit(flow(None), 7, Link::Ambiguous, &[], 0, &mut out);
+        t.admit(flow(None), 7, Link::Ambiguous, Carried::default(), 0, &mut out);
         assert_eq!(span(&out[0]).unlinked, "ambiguous");
         assert_eq!(span(&out[0]).parent_span_id, "");
         assert_eq!(trace(&out[0]), Some(format!("{:032x}", derived_trace(7)).as_str()));
         out.clear();
-        t.admit(flow(None), 8, Link::Thread { parent: 9 }, &[], 10, &mut out);
+        t.admit(flow(None), 8, Link::Thread { parent: 9 }, Carried::default(), 10, &mut out);
         t.expire(50, &mut out);
         assert!(out.is_empty());
         t.expire(110, &mut out);
         assert_eq!((span(&out[0]).unlinked.as_str(), trace(&out[0])), ("expired", None));
         assert_eq!(span(&out[0]).parent_span_id, hex64(9), "the link stays");
         assert_eq!((t.stats.ambiguous, t.stats.expired, t.held()), (1, 1, 0));
+    }
+
+    fn served(key: u64, from_ns: u64, to_ns: u64) -> Carried<'static> {
+        Carried { ids: &[], served: Some(Served { key, from_ns, to_ns }) }
+    }
+
+    #[test]
+    fn a_coroutine_s_call_links_to_the_request_it_answered_around_the_call() {
+        let mut t = Tracer::new(5_000_000_000);
+        let mut out = Vec::new();
+        let call = Link::Coroutine { key: 5, at_ns: 150 };
+        // The query completes first and waits; the coroutine's earlier request (the object's
+        // address reused) does not contain it, the next one does.
+        t.admit(flow(None), 30, call, Carried::default(), 1, &mut out);
+        t.admit(flow(None), 19, Link::Root, served(5, 10, 90), 2, &mut out);
+        assert_eq!(t.held(), 1, "still waiting: {out:?}");
+        t.admit(flow(None), 20, Link::Root, served(5, 100, 200), 3, &mut out);
+        let query = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
+        assert_eq!(
+            (span(query).parent_span_id.as_str(), span(query).link.as_str()),
+            (hex64(20).as_str(), "coroutine")
+        );
+        let request = out.iter().find(|f| span(f).span_id == hex64(20)).expect("the request");
+        assert_eq!(trace(query), trace(request));
+        // The request known first: a call inside it links at once.
+        out.clear();
+        t.admit(
+            flow(None),
+            31,
+            Link::Coroutine { key: 5, at_ns: 120 },
+            Carried::default(),
+            4,
+            &mut out,
+        );
+        assert_eq!(span(&out[0]).parent_span_id, hex64(20));
+        assert_eq!(t.stats.linked_coroutine, 2);
+    }
+
+    #[test]
+    fn a_coroutine_s_call_outside_every_request_it_answered_is_ambiguous() {
+        let mut t = Tracer::new(100);
+        let mut out = Vec::new();
+        // Made before the coroutine read the request it then answered: not for it.
+        t.admit(
+            flow(None),
+            30,
+            Link::Coroutine { key: 5, at_ns: 50 },
+            Carried::default(),
+            1,
+            &mut out,
+        );
+        t.admit(flow(None), 20, Link::Root, served(5, 60, 90), 2, &mut out);
+        let early = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
+        assert_eq!(
+            (span(early).parent_span_id.as_str(), span(early).unlinked.as_str()),
+            ("", "ambiguous")
+        );
+        assert_eq!(trace(early), Some(format!("{:032x}", derived_trace(30)).as_str()));
+        // A task that answered nothing (a child task, `asyncio.gather`): ambiguous at the hold.
+        out.clear();
+        t.admit(
+            flow(None),
+            31,
+            Link::Coroutine { key: 6, at_ns: 70 },
+            Carried::default(),
+            10,
+            &mut out,
+        );
+        t.expire(50, &mut out);
+        assert!(out.is_empty());
+        t.expire(110, &mut out);
+        assert_eq!(
+            (span(&out[0]).unlinked.as_str(), span(&out[0]).parent_span_id.as_str()),
+            ("ambiguous", "")
+        );
+        assert!(trace(&out[0]).is_some(), "a trace of its own");
+        assert_eq!(
+            (t.stats.ambiguous, t.stats.expired, t.stats.linked_coroutine, t.held()),
+            (2, 0, 0, 0)
+        );
     }
 }

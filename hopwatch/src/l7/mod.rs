@@ -10,7 +10,8 @@ pub(crate) mod tls;
 use std::collections::VecDeque;
 
 use hopwatch_common::{
-    DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, ThreadRequest, Tuple,
+    CALLER_COROUTINE, DIR_EGRESS, DIR_INGRESS, DataEvent, IPPROTO_UDP, SRC_TLS, ThreadRequest,
+    Tuple,
     exchange::{EXCH_F_SERVER, EXCH_F_UNANSWERED, ExchangeEvent, Promotion},
 };
 use hopwatch_proto::compact::Compact as _;
@@ -290,6 +291,10 @@ impl<P: MessageParser> L7Tracker<P> {
         if is_request {
             t.session.on_request_data(payload, total, ts);
             return Vec::new();
+        }
+        if t.server_side && ev.caller.method == CALLER_COROUTINE {
+            // The response's first message: the asyncio task answering (request tracing).
+            t.caller = ev.caller;
         }
         let done = t.session.on_response_data(payload, total, ts);
         if done.is_empty() {

@@ -9,6 +9,7 @@ pub(crate) mod exchange;
 pub(crate) mod nginx;
 pub(crate) mod offsets;
 pub(crate) mod probe;
+pub(crate) mod python;
 pub(crate) mod tls;
 pub(crate) mod uprobes;
 mod x86;
@@ -22,7 +23,7 @@ use aya::{
 };
 use hopwatch_common::{
     KernelOffsets, KernelSettings, OFFSETS_GLOBAL, SETTINGS_GLOBAL, SYSCALLS_GLOBAL,
-    SyscallNumbers,
+    SyscallNumbers, TRACE_COROUTINES,
     maps::{COUNTERS, DROP_IGNORE, EVENTS, SYSCALL_TAILS},
 };
 
@@ -121,6 +122,7 @@ pub(crate) struct LoadOptions {
 
 /// The uprobe sets asked for (each needs `settings.capture_bytes > 0`, but for `idle_tls`).
 #[derive(Debug, Clone, Copy)]
+#[expect(clippy::struct_excessive_bools, reason = "independent command-line switches")]
 pub(crate) struct UprobeSets {
     /// OpenSSL's, for TLS plaintext.
     pub tls: bool,
@@ -132,6 +134,9 @@ pub(crate) struct UprobeSets {
     /// nginx's, linking upstream requests to their downstream requests (needs
     /// `settings.trace_threads` too).
     pub nginx: bool,
+    /// CPython's, naming the asyncio task behind each call (needs `TRACE_COROUTINES` in
+    /// `settings.trace_threads`).
+    pub python: bool,
 }
 
 /// The hooks application payload is captured from.
@@ -308,7 +313,7 @@ fn attach_uprobes(
     if opts.settings.capture_bytes == 0 && !idle_tls {
         return Vec::new();
     }
-    let sets: [(bool, &'static str, Load, &str); 2] = [
+    let sets: [(bool, &'static str, Load, &str); 3] = [
         (
             opts.uprobes.tls || idle_tls,
             "tls",
@@ -323,6 +328,12 @@ fn attach_uprobes(
             "nginx",
             nginx::load,
             "no nginx binary found in running processes or the usual paths",
+        ),
+        (
+            opts.uprobes.python && opts.settings.trace_threads & TRACE_COROUTINES != 0,
+            "python",
+            python::load,
+            "no Python 3 interpreter found in running processes",
         ),
     ];
     sets.into_iter()

@@ -150,7 +150,8 @@ fn totals(r: &Registry) -> Result<[Totals; 11], prometheus::Error> {
             "L7 exchanges by how request tracing linked them to the exchange they were made for \
                  (thread: the calling thread served exactly that request; header: a propagated \
                  id only that request carried; nginx: an nginx upstream request, to the \
-                 downstream request nginx made it for; ambiguous: neither could tell (an event loop with \
+                 downstream request nginx made it for; coroutine: the asyncio task that made the \
+                 call answered that request, and the call fell inside it; ambiguous: none could tell (an event loop with \
                  several requests in flight), left unlinked; unfollowed: the request its thread served \
                  was not followed (its connection or exchange not seen), left unlinked; expired: emitted without a trace id because \
                  the parent's trace was not known within the hold; overflow: too many held).",
@@ -355,6 +356,7 @@ impl Health {
         self.trace_links.set("thread", t.linked_thread);
         self.trace_links.set("header", t.linked_header);
         self.trace_links.set("nginx", t.linked_nginx);
+        self.trace_links.set("coroutine", t.linked_coroutine);
         self.trace_links.set("ambiguous", t.ambiguous);
         self.trace_links.set("unfollowed", t.unfollowed);
         self.trace_links.set("expired", t.expired);

@@ -119,7 +119,7 @@ struct Inner {
     local_addr: Option<SocketAddr>,
     /// The pipeline's running totals: connection table full, L7 sessions full, connections no
     /// parser took.
-    pipeline: [AtomicU64; 13],
+    pipeline: [AtomicU64; 14],
 }
 
 pub(crate) use hopwatch_proto::clock::wall_now_ns;
@@ -264,6 +264,7 @@ impl Telemetry {
                 trace.linked_thread,
                 trace.linked_header,
                 trace.linked_nginx,
+                trace.linked_coroutine,
                 trace.ambiguous,
                 trace.unfollowed,
                 trace.expired,
@@ -387,6 +388,7 @@ impl Telemetry {
             linked_thread,
             linked_header,
             linked_nginx,
+            linked_coroutine,
             ambiguous,
             unfollowed,
             expired,
@@ -399,6 +401,7 @@ impl Telemetry {
             linked_thread,
             linked_header,
             linked_nginx,
+            linked_coroutine,
             ambiguous,
             unfollowed,
             expired,

@@ -155,21 +155,40 @@ fn linked_path_through(collector: &str) {
 #[test]
 fn concurrent_requests_on_event_loops_are_linked_right_or_left_unlinked() {
     // Blind (the client's X-Request-ID is there, not looked at): nginx names the request each
-    // upstream request serves, whatever its worker has in flight; uvicorn's event loop links
-    // what thread causality can prove and leaves the rest ambiguous.
-    for n in [8, 32] {
-        let (nginx, app) = concurrent_through_nginx(n, &["--trace-headers", "none"]);
-        eprintln!("concurrency {n}, blind: nginx {nginx:?}; uvicorn {app:?}");
-        assert_eq!(nginx.by.get("nginx"), Some(&n), "every upstream request, by nginx: {nginx:?}");
+    // upstream request serves, whatever its worker has in flight; on uvicorn's event loop the
+    // asyncio task that sent a query answered the request it was made for. The truth is each
+    // request's token, in its URL, its SQL literal and its Redis key.
+    for n in [1, 8, 32] {
+        let run = concurrent_through_nginx(n, &["--trace-headers", "none"]);
+        eprintln!("concurrency {n}, blind: {run:?}");
+        assert_eq!(
+            run.nginx.by.get("nginx"),
+            Some(&n),
+            "every upstream request, by nginx: {run:?}"
+        );
+        // Every query: by thread causality while the loop served one request, else by the task
+        // that sent it (asyncpg writes from the caller's task).
+        let linked: usize = run.postgres.by.values().sum();
+        assert_eq!(linked, n, "every PostgreSQL query linked: {run:?}");
+        if n == 1 {
+            // One request in flight: its Redis GET too, though redis-py sends it from a task of
+            // its own (at higher concurrency those stay unlinked, and every link is checked).
+            assert_eq!(run.redis.by.get("thread"), Some(&1), "{run:?}");
+        } else {
+            assert!(run.postgres.by.contains_key("coroutine"), "{run:?}");
+            // The naive rule (an event loop's current request is the one it read last) links
+            // some query to another request on the same data.
+            assert!(run.naive_wrong > 0, "the naive rule was right every time: {run:?}");
+        }
     }
     // Without the nginx uprobe, the client's X-Request-ID (which nginx passes on) links each of
     // nginx's upstream requests to the one inbound request that carried the same id.
-    let (nginx, _) = concurrent_through_nginx(8, &["--no-nginx-uprobe"]);
-    eprintln!("concurrency 8, X-Request-ID, no nginx uprobe: nginx {nginx:?}");
+    let run = concurrent_through_nginx(8, &["--no-nginx-uprobe"]);
+    eprintln!("concurrency 8, X-Request-ID, no nginx uprobe: {run:?}");
     // (Thread causality still links those made while the worker served one request alone.)
-    let linked: usize = nginx.by.values().sum();
-    assert!(linked == 8 && !nginx.by.contains_key("nginx"), "every upstream request: {nginx:?}");
-    assert!(nginx.by.contains_key("header:x-request-id"), "{nginx:?}");
+    let linked: usize = run.nginx.by.values().sum();
+    assert!(linked == 8 && !run.nginx.by.contains_key("nginx"), "every upstream request: {run:?}");
+    assert!(run.nginx.by.contains_key("header:x-request-id"), "{run:?}");
 }
 
 /// How the calls of one kind were linked, all checked against the truth.
@@ -181,43 +200,111 @@ struct Score {
     unlinked: usize,
 }
 
-/// `n` clients at once through nginx, each with its own key (in the URL, the Redis key and
-/// `X-Request-ID`): the truth joining a request to the request nginx made for it and to the
-/// Redis command the app sent for that. Checks every link against it; returns how nginx's and
-/// the app's calls were linked.
-fn concurrent_through_nginx(n: usize, extra: &[&str]) -> (Score, Score) {
+/// One run of [`concurrent_through_nginx`], scored against the truth.
+#[derive(Debug, Default)]
+struct Run {
+    /// nginx's upstream requests.
+    nginx: Score,
+    /// The app's PostgreSQL queries (sent from the request's task).
+    postgres: Score,
+    /// The app's Redis GETs (redis-py sends each from a task of its own, `asyncio.wait_for`'s
+    /// on Python 3.11: no coroutine link; linked by thread causality at most).
+    redis: Score,
+    /// The naive rule on the queries: linked to the request the app read last before each.
+    naive_right: usize,
+    naive_wrong: usize,
+}
+
+/// `n` clients at once through nginx, each with its own token (in the URL, the SQL literal, the
+/// Redis key and `X-Request-ID`) and a random sleep: the truth joining a request to the request
+/// nginx made for it and to the query and Redis command the app sent for that. Checks every
+/// link against it.
+fn concurrent_through_nginx(n: usize, extra: &[&str]) -> Run {
     let _serial = serial();
     let mut tb = Testbed::new();
     let mut args = vec!["--keep-full-statements"];
     args.extend_from_slice(extra);
     let agent = Agent::start(&args);
     let t = Topology::start(&mut tb);
-    let keys: Vec<String> = (0..n).map(|i| format!("hwtrace{i}")).collect();
+    let keys: Vec<String> = (0..n).map(|i| format!("hwtrace{i}n{n}")).collect();
+    // Sleeps spread over 0–40 ms, different for each request (deterministic, so a failure
+    // replays).
+    let sleep = |i: usize| (i * 37 + n * 11) % 41;
     std::thread::scope(|scope| {
-        for k in &keys {
+        for (i, k) in keys.iter().enumerate() {
             let t = &t;
-            scope.spawn(move || {
-                t.get_with(&format!("/cache/get?key={k}"), &[&format!("X-Request-ID: {k}")])
-            });
+            let path = format!("/trace?token={k}&ms={}", sleep(i));
+            scope.spawn(move || t.get_with(&path, &[&format!("X-Request-ID: {k}")]));
         }
     });
     let ingress = |f: &Value| exchange("http", "EGRESS", &t.client, &t.ingress, |_| true)(f);
     let upstream = |f: &Value| exchange("http", "EGRESS", &t.ingress, &t.app_pod, |_| true)(f);
+    let served = |f: &Value| exchange("http", "INGRESS", &t.ingress, &t.app_pod, |_| true)(f);
     let gets = |f: &Value| {
         exchange("redis", "EGRESS", &t.app_pod, &t.cache, |r| s(r, &["command"]) == "GET")(f)
     };
+    let queries = |f: &Value| {
+        exchange("postgres", "EGRESS", &t.app_pod, &t.db, |q| s(q, &["query"]).contains("hwtrace"))(
+            f,
+        )
+    };
     agent.wait_for_n("the Redis GETs", WAIT, n, gets);
+    agent.wait_for_n("the PostgreSQL queries", WAIT, n, queries);
     agent.wait_for_n("the upstream requests", WAIT, n, upstream);
+    agent.wait_for_n("the upstream requests at the app", WAIT, n, served);
     agent.wait_for_n("the requests to nginx", WAIT, n, ingress);
     let flows = agent.flows();
-    let url_key = |f: &Value| {
-        let url = s(f, &["l7", "http", "url"]);
-        url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned()
-    };
     let redis_key = |f: &Value| f["l7"]["redis"]["args"][0].as_str().unwrap_or_default().to_owned();
-    let nginx = score_n(&flows, &keys, &upstream, &url_key, &ingress);
-    let app = score_n(&flows, &keys, &gets, &redis_key, &upstream);
-    (nginx, app)
+    let query_key = |f: &Value| {
+        let q = s(&f["l7"]["postgres"], &["query"]);
+        q.split('\'').nth(1).unwrap_or_default().to_owned()
+    };
+    let mut run = Run {
+        nginx: score_n(&flows, &keys, &upstream, &url_key, &ingress),
+        postgres: score_n(&flows, &keys, &queries, &query_key, &upstream),
+        redis: score_n(&flows, &keys, &gets, &redis_key, &upstream),
+        ..Run::default()
+    };
+    // The naive rule: each query's parent is the request the app started reading last before it.
+    for q in flows.iter().filter(|f| queries(f)) {
+        let at = start_ns(q);
+        let last_read = flows
+            .iter()
+            .filter(|f| served(f) && keys.contains(&url_key(f)) && start_ns(f) <= at)
+            .max_by_key(|f| start_ns(f));
+        if last_read.is_some_and(|r| url_key(r) == query_key(q)) {
+            run.naive_right += 1;
+        } else {
+            run.naive_wrong += 1;
+        }
+    }
+    run
+}
+
+/// The request token of an HTTP exchange's URL (`...token=T&...` or `...key=T`).
+fn url_key(f: &Value) -> String {
+    let url = s(f, &["l7", "http", "url"]);
+    let after =
+        url.rsplit_once("token=").or_else(|| url.rsplit_once("key=")).map_or("", |(_, k)| k);
+    after.split('&').next().unwrap_or_default().to_owned()
+}
+
+/// When an exchange's request started: its time (the response's) less its latency, in ns of
+/// the month (a run does not span months).
+fn start_ns(f: &Value) -> i128 {
+    let time = s(f, &["time"]);
+    let field = |from: usize, to: usize| time.get(from..to).and_then(|v| v.parse::<i128>().ok());
+    let (Some(day), Some(h), Some(m), Some(sec)) =
+        (field(8, 10), field(11, 13), field(14, 16), field(17, 19))
+    else {
+        panic!("a flow time as RFC 3339: {time}");
+    };
+    let frac = time.get(20..).unwrap_or("").trim_end_matches('Z');
+    let nanos: i128 = format!("{frac:0<9}").get(..9).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let latency = &f["l7"]["latency_ns"];
+    let latency =
+        latency.as_u64().or_else(|| latency.as_str().and_then(|v| v.parse().ok())).unwrap_or(0);
+    (((day * 24 + h) * 60 + m) * 60 + sec) * 1_000_000_000 + nanos - i128::from(latency)
 }
 
 /// Checks every call (`is_call`, keyed by `key`) against the truth: linked to the request
@@ -231,8 +318,7 @@ fn score_n(
 ) -> Score {
     let request_key = |span_id: &str| {
         let f = flows.iter().filter(|f| is_request(f)).find(|f| span(f) == span_id)?;
-        let url = s(f, &["l7", "http", "url"]);
-        Some(url.rsplit_once("key=").map_or("", |(_, k)| k).to_owned())
+        Some(url_key(f))
     };
     let mut score = Score::default();
     for call in flows.iter().filter(|f| is_call(f)) {

@@ -73,6 +73,11 @@ pub(in crate::commands) struct AgentArgs {
     /// and propagated ids only.
     #[arg(long)]
     pub no_nginx_uprobe: bool,
+    /// Do not attach the Python uprobes (`PyIter_Send`, entry and return) that name the asyncio
+    /// task behind each call of an asyncio server (uvicorn, aiohttp); its calls then link by
+    /// thread causality and propagated ids only.
+    #[arg(long)]
+    pub no_python_uprobe: bool,
     /// Request headers whose values link a call to the request it was made for where thread
     /// causality cannot (an event loop's calls): an outbound request carrying the value that
     /// exactly one inbound request of the same process carried is its child. Comma-separated;

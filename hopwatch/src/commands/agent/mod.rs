@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use hopwatch_common::{Counter, KernelSettings};
+use hopwatch_common::{Counter, KernelSettings, TRACE_COROUTINES, TRACE_THREADS};
 use hopwatch_proto::{
     observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     signal::shutdown_signal,
@@ -253,7 +253,11 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         exchange_rate_per_cpu: args.l7_flows.per_cpu_rate(),
         exchange_slow_ns: u64::try_from(args.l7_flows.slow.as_nanos()).unwrap_or(u64::MAX),
         exchange_sample: args.l7_flows.sample,
-        trace_threads: u32::from(!args.no_request_tracing),
+        trace_threads: match (args.no_request_tracing, args.no_python_uprobe) {
+            (true, _) => 0,
+            (false, true) => TRACE_THREADS,
+            (false, false) => TRACE_THREADS | TRACE_COROUTINES,
+        },
     };
     let loaded = loader::load(&LoadOptions {
         settings,
@@ -267,6 +271,7 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
             idle_tls: args.idle_tls_uprobes,
             tls_probes: args.tls_probes,
             nginx: !args.no_request_tracing && !args.no_nginx_uprobe,
+            python: !args.no_request_tracing && !args.no_python_uprobe,
         },
         drop_hook: args.drop_hook,
         l7_hook: args.l7_hook,

@@ -20,6 +20,8 @@ queries, errors and lookups hopwatch should report for it:
   GET  /dns/missing             getaddrinfo of a name the DNS server does not know -> 200 with the error
   GET  /dns/resolve?name=n      getaddrinfo(n) -> 200 with the addresses, 404 with the error
   GET  /chain                   one PostgreSQL, one Redis and one MariaDB call
+  GET  /trace?token=t&ms=20     sleep, SELECT 't' (simple query), sleep, GET t (Redis): the
+                                token is the truth request tracing is scored against
   GET  /fail                    500, no backend call
 
 Configuration (environment, set by the test): APP_PG_HOST, APP_PG_PORT, APP_PG_USER,
@@ -222,6 +224,18 @@ async def dns_resolve(name: str):
 
 
 # All backends -------------------------------------------------------------------------------
+
+
+@app.get("/trace")
+async def trace(
+    token: str = Query(pattern="^[A-Za-z0-9]{1,40}$"),
+    ms: int = Query(0, ge=0, le=MAX_SLEEP_MS),
+):
+    # Sleeps on either side of the query interleave concurrent requests on the event loop.
+    await asyncio.sleep(ms / 2000)
+    await app.state.pg.execute(f"SELECT '{token}'::text")
+    await asyncio.sleep(ms / 2000)
+    return {"token": token, "value": await app.state.redis.get(token)}
 
 
 @app.get("/chain")
