@@ -87,7 +87,7 @@ fn plan(path: &Path) -> Vec<Probe> {
 const MAX_LIBRARY_BYTES: u64 = 64 << 20;
 
 /// The file's bytes, when it is not larger than [`MAX_LIBRARY_BYTES`].
-fn read_library(path: &Path) -> Option<Vec<u8>> {
+pub(super) fn read_library(path: &Path) -> Option<Vec<u8>> {
     let mut data = Vec::new();
     std::fs::File::open(path).ok()?.take(MAX_LIBRARY_BYTES + 1).read_to_end(&mut data).ok()?;
     (data.len() as u64 <= MAX_LIBRARY_BYTES).then_some(data)

@@ -44,7 +44,7 @@ impl Site {
 /// A file and what was done with it: the functions probed, or why it could not be.
 pub(crate) type FileNote = (PathBuf, String);
 
-/// What to attach in one file.
+/// What to attach in one file (nothing: the file is left alone).
 pub(crate) type Plan = fn(&Path) -> Vec<Probe>;
 
 /// One set of uprobe programs and the files they are attached to.
@@ -93,6 +93,10 @@ impl FileProbes {
                 continue;
             }
             let probes = (self.plan)(&path);
+            if probes.is_empty() {
+                // A candidate with nothing to probe (the plan said so): not a failure.
+                continue;
+            }
             match attach(ebpf, &path, &probes) {
                 Ok(()) => attached.push((path, functions(&probes))),
                 Err(e) => failed.push((path, crate::commands::error_chain(&e))),
