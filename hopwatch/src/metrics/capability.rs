@@ -11,7 +11,7 @@ use prometheus::{IntGaugeVec, Opts, Registry};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Capability {
     /// Stable name, also the metric label: `tcp`, `tcp_counters`, `drops`, `l7_capture`, `tls`,
-    /// `kubernetes`, `docker`, `cgroup_names`, `address_translation`.
+    /// `nginx`, `python`, `kubernetes`, `docker`, `cgroup_names`, `address_translation`.
     pub name: &'static str,
     pub up: bool,
     /// When up: the hook or source it runs through; when down: why, and what to do.
