@@ -161,11 +161,12 @@ enum Task {
         /// writes, a rare-filter query over 10M stored flows, bytes per flow), `datapath` (loads with the agent off / TCP /
         /// L7, agent CPU per event; root), `pipeline` (recorded events replayed on one core;
         /// root), `memory` (RSS idle, with many connections open, after many short ones; root),
+        /// `asyncio` (a FastAPI app on uvicorn with and without the asyncio probes; root),
         /// `vm` (the agent's cost on Debian 12's 6.1 kernel under qemu). All by default.
         #[arg(
             long,
             value_delimiter = ',',
-            value_parser = ["hops", "collector", "clickhouse", "datapath", "pipeline", "memory", "vm"]
+            value_parser = ["hops", "collector", "clickhouse", "datapath", "pipeline", "memory", "asyncio", "vm"]
         )]
         only: Vec<String>,
         /// Rounds over all modes (medians are reported, with the lowest and highest round).

@@ -14,10 +14,14 @@
 //! - ClickHouse: one collector's write rate into a private 18.16 server, `observe --last 1000`
 //!   with a rare filter over 10M stored flows, bytes per stored flow (`hopwatch/benches/clickhouse.rs`).
 //! - Hops: aggregation and `/metrics` rendering (`hopwatch/benches/hops.rs`; printed, not tabled).
+//! - asyncio ([`asyncio`]): wrk against a FastAPI app on uvicorn in the same namespace, without
+//!   the agent, with full L7 with and without its asyncio probes (request tracing's Python
+//!   uprobes) and without request tracing, rounds alternated.
 //! - VM (`vm`): the same keep-alive load (wrk against nginx across a veth pair) inside Debian 12's
 //!   own 6.1 kernel under qemu, without and with the agent (L7 on the syscall capture path), rounds
 //!   alternated in one boot ([`crate::vm::bench`]).
 
+mod asyncio;
 pub mod conns;
 mod datapath;
 pub mod hops;
@@ -61,7 +65,7 @@ pub struct BenchOptions {
 
 pub fn run(opts: &BenchOptions) -> Result<()> {
     let want = |group: &str| opts.only.is_empty() || opts.only.iter().any(|g| g == group);
-    let needs_root = ["datapath", "pipeline", "memory"].iter().any(|g| want(g));
+    let needs_root = ["datapath", "pipeline", "memory", "asyncio"].iter().any(|g| want(g));
     if needs_root && !is_root() {
         bail!(
             "the data path, pipeline and memory benchmarks load eBPF programs and create a network \
@@ -90,7 +94,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if want("hops") {
         attempt("hops", hops::run());
     }
-    if want("datapath") || want("pipeline") || want("memory") {
+    if want("datapath") || want("pipeline") || want("memory") || want("asyncio") {
         apt_install(BENCH_PACKAGES)?;
         crate::build(true)?;
         let bin = workspace_root().join("target/release/hopwatch");
@@ -125,6 +129,12 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         }
         if want("memory") {
             attempt("memory", memory::run(&bin, opts, &mut report));
+        }
+        if want("asyncio") {
+            // The app is the end-to-end tests' FastAPI and uvicorn, in their virtualenv.
+            let venv = apt_install(&["python3-venv"])
+                .and_then(|()| crate::python_venv(crate::E2E_REQUIREMENTS, crate::E2E_VENV));
+            attempt("asyncio", venv.and_then(|()| asyncio::run(&bin, opts, &dir, &mut report)));
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,5 +1,5 @@
-//! What the benchmarks run: the bench network namespace, nginx (HTTP and HTTPS), PostgreSQL and
-//! the release agent, each stopped by PID when dropped.
+//! What the benchmarks run: the bench network namespace, nginx (HTTP and HTTPS), PostgreSQL, a
+//! FastAPI app on uvicorn and the release agent, each stopped by PID when dropped.
 
 use std::{
     io::{Read as _, Write as _},
@@ -241,6 +241,53 @@ impl Drop for Postgres {
         let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// The asyncio bench's app ([`Uvicorn`]).
+pub const UVICORN_PORT: u16 = 18090;
+
+/// What the asyncio bench's app serves: one await per request, as small as a FastAPI request is.
+const BENCH_APP: &str = "import asyncio\n\nfrom fastapi import FastAPI\n\napp = FastAPI()\n\n\n\
+@app.get(\"/\")\nasync def root():\n    await asyncio.sleep(0)\n    return {\"ok\": True}\n";
+
+/// A FastAPI app on uvicorn (one worker, the asyncio loop, h11) from the end-to-end tests'
+/// virtualenv, on 127.0.0.1:[`UVICORN_PORT`] in the bench namespace.
+pub struct Uvicorn {
+    child: Child,
+}
+
+impl Uvicorn {
+    pub fn start(parent: &Path) -> Result<Self> {
+        let dir = parent.join("uvicorn");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("benchapp.py"), BENCH_APP)?;
+        let python = crate::workspace_root().join(crate::E2E_VENV).join("bin/python");
+        let log = dir.join("uvicorn.log");
+        let child = in_netns(&python)
+            .args(["-m", "uvicorn", "benchapp:app", "--app-dir"])
+            .arg(&dir)
+            .args(["--host", "127.0.0.1", "--port", &UVICORN_PORT.to_string()])
+            .args(["--http", "h11", "--loop", "asyncio", "--log-level", "warning"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting uvicorn")?;
+        let app = Self { child };
+        wait_listening(UVICORN_PORT, "uvicorn", &log)?;
+        Ok(app)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Uvicorn {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
     }
 }
 
