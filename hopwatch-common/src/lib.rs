@@ -584,8 +584,9 @@ pub struct ThreadRequest {
     pub cookie: u64,
     /// [`L7Conn::turns`] of that socket at the request's first call.
     pub turns: u32,
-    /// How the request was found: [`CALLER_THREAD`] (this thread read it) or [`CALLER_NGINX`]
-    /// (nginx named the request its upstream request serves).
+    /// How the request was found: [`CALLER_THREAD`] (this thread read it), [`CALLER_NGINX`]
+    /// (nginx named the request its upstream request serves) or [`CALLER_COROUTINE`] (`cookie`
+    /// is the asyncio task's coroutine instead).
     pub method: u16,
     /// 1 when the request is recorded in full by the deterministic rules (its socket is on the
     /// capture path, or its exchange is the sample's: [`exchange::sample_key`]): the calls made

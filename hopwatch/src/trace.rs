@@ -7,6 +7,9 @@
 //!   it sent the request, as the kernel recorded it ([`hopwatch_common::ThreadRequest`]), and only
 //!   when the thread was serving exactly one: thread- and process-per-request servers link, an
 //!   event loop with several requests in flight stays unlinked ("ambiguous"), never guessed.
+//!   nginx's upstream requests name their downstream request themselves; an asyncio task's
+//!   call links to the request the same task answered around it ([`Link::Coroutine`],
+//!   [`Served`]); a propagated id (`X-Request-ID`, ...) links to the one request that carried it.
 //! - **Trace id.** The root exchange's `traceparent` trace id, else one derived from the root's
 //!   span id, so every end computes the same.
 //!
