@@ -118,6 +118,9 @@ pub(crate) struct LoadOptions {
     pub drop_hook: DropHook,
     /// Which hooks capture application payload.
     pub l7_hook: L7Hook,
+    /// Whether the kernel's exchange engine measures promoted connections (`false`:
+    /// `--no-kernel-exchanges`, every exchange measured in userspace); for the capability line.
+    pub kernel_exchanges: bool,
 }
 
 /// The uprobe sets asked for (each needs `settings.capture_bytes > 0`, but for `idle_tls`).
@@ -260,14 +263,7 @@ pub(crate) fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         };
         match attached {
             Ok((hook, h)) => {
-                let how = match hook {
-                    L7Hook::Socket => "socket layer; HTTP/1 exchanges measured in the kernel",
-                    _ => {
-                        "syscall tracepoints (no sock:sock_send_length on this kernel, 6.3+); \
-                         HTTP/1 exchanges over TLS measured in the kernel, the others in \
-                         userspace"
-                    }
-                };
+                let how = l7_how(hook, opts.kernel_exchanges);
                 capabilities
                     .push(Capability::up("l7_capture", format!("{} ({how})", h.join(", "))));
                 hooks.extend(h);
@@ -342,6 +338,24 @@ fn attach_uprobes(
             attach_file_probes(ebpf, name, load, none, hooks, capabilities)
         })
         .collect()
+}
+
+/// How the L7 capability runs, for its line: the hook, and where exchanges are measured.
+fn l7_how(hook: L7Hook, kernel_exchanges: bool) -> &'static str {
+    match (hook, kernel_exchanges) {
+        (L7Hook::Socket, true) => "socket layer; HTTP/1 exchanges measured in the kernel",
+        (L7Hook::Socket, false) => {
+            "socket layer; every exchange measured in userspace (--no-kernel-exchanges)"
+        }
+        (_, true) => {
+            "syscall tracepoints (no sock:sock_send_length on this kernel, 6.3+); HTTP/1 \
+             exchanges over TLS measured in the kernel, the others in userspace"
+        }
+        (_, false) => {
+            "syscall tracepoints (no sock:sock_send_length on this kernel, 6.3+); every exchange \
+             measured in userspace (--no-kernel-exchanges)"
+        }
+    }
 }
 
 /// One set of uprobes (capability `name`) attached to every file found now (rescanned later by

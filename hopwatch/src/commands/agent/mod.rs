@@ -275,6 +275,7 @@ fn load(args: &AgentArgs, probe: &Probe) -> Result<loader::Loaded, AgentError> {
         },
         drop_hook: args.drop_hook,
         l7_hook: args.l7_hook,
+        kernel_exchanges: !args.no_kernel_exchanges,
     })?;
     eprintln!("hopwatch agent: hooks {}", loaded.hooks.join(", "));
     // Parsing the kernel's BTF (here and in aya) leaves tens of MiB freed but still held.
