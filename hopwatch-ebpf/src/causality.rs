@@ -76,8 +76,9 @@ pub fn on_turn(
         let mut t = unsafe { THREAD_REQUESTS.get(tid) }.copied().unwrap_or_default();
         // With one request in flight the thread's is the call's; with more, an asyncio task's
         // call names its task, which says which request it was made for.
-        let coro = if coroutines { python::current_coroutine(tid) } else { 0 };
-        if coro != 0 && !(t.inflight == 1 && t.cookie != 0) {
+        let exact = t.inflight == 1 && t.cookie != 0;
+        let coro = if coroutines && !exact { python::current_coroutine(tid) } else { 0 };
+        if coro != 0 {
             t.cookie = coro;
             t.method = CALLER_COROUTINE;
             t.turns = 0;
