@@ -29,6 +29,10 @@ use hopwatch_proto::{
     flow::{Flow, Span, TraceContext, TraceParent},
 };
 use rustc_hash::FxHashMap;
+use served::Answered;
+pub(crate) use served::Served;
+
+mod served;
 
 /// Spans whose flows are held at most (beyond, new ones pass through unlinked, counted).
 const MAX_HELD: usize = 65_536;
@@ -38,10 +42,6 @@ const MAX_RESOLVED: usize = 262_144;
 const MAX_KEYS: usize = 262_144;
 /// Processes remembered as serving requests that carry propagated ids.
 const MAX_CARRIERS: usize = 16_384;
-/// Requests answered by asyncio tasks remembered for the calls their coroutines made.
-const MAX_SERVED: usize = 262_144;
-/// Of one coroutine (object address), the latest requests it answered kept.
-const SERVED_PER_COROUTINE: usize = 4;
 
 /// How a flow's exchange relates to the rest of its trace, as the pipeline found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,18 +75,6 @@ pub(crate) enum Link {
 pub(crate) struct Carried<'a> {
     pub ids: &'a [u64],
     pub served: Option<Served>,
-}
-
-/// An inbound request an asyncio task answered: its coroutine (`key`, as in
-/// [`Link::Coroutine`]) wrote the response, which started at `to_ns`; the request ended at
-/// `from_ns`. A call that coroutine made in between was made for it: one object is one live
-/// coroutine at a time, and a request's task is made after its request is read (uvicorn,
-/// aiohttp), so no other coroutine at that address can have made a call in that window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Served {
-    pub key: u64,
-    pub from_ns: u64,
-    pub to_ns: u64,
 }
 
 /// What the tracer did, for the agent's counters.
@@ -152,10 +140,8 @@ pub(crate) struct Tracer {
     keys_order: VecDeque<(u64, u64)>,
     /// Processes whose inbound requests carried propagated ids, with when last seen.
     carriers: FxHashMap<u32, u64>,
-    /// Coroutine → the latest requests it answered (window, span, when seen), oldest first;
-    /// the keys in the order seen in `served_order` (with when).
-    served: FxHashMap<u64, VecDeque<(u64, u64, u64, u64)>>,
-    served_order: VecDeque<(u64, u64)>,
+    /// The requests asyncio tasks answered, by coroutine.
+    answered: Answered,
     hold_ns: u64,
     pub stats: TracerStats,
 }
@@ -171,8 +157,7 @@ impl Tracer {
         self.keys.compact();
         self.keys_order.compact();
         self.carriers.compact();
-        self.served.compact();
-        self.served_order.compact();
+        self.answered.compact();
     }
 
     pub(crate) fn new(hold_ns: u64) -> Self {
@@ -185,8 +170,7 @@ impl Tracer {
             keys: FxHashMap::default(),
             keys_order: VecDeque::new(),
             carriers: FxHashMap::default(),
-            served: FxHashMap::default(),
-            served_order: VecDeque::new(),
+            answered: Answered::default(),
             hold_ns,
             stats: TracerStats::default(),
         }
@@ -221,10 +205,7 @@ impl Tracer {
                 None => return self.hold(flow, span, key, By::Header(header), now_ns, out),
             },
             Link::Coroutine { key, at_ns } => {
-                let parent = self.served.get(&key).and_then(|windows| {
-                    windows.iter().find(|w| w.0 <= at_ns && at_ns <= w.1).map(|w| w.2)
-                });
-                return match parent {
+                return match self.answered.parent(key, at_ns) {
                     Some(parent) => {
                         self.stats.linked_coroutine += 1;
                         self.admit_linked(flow, span, parent, "coroutine", now_ns, out);
@@ -397,24 +378,7 @@ impl Tracer {
     /// coroutine made within it are linked to it; those made before it was read were made for
     /// no request of this coroutine's still to come, and are left unlinked as ambiguous.
     fn served(&mut self, s: Served, span: u64, now_ns: u64, out: &mut Vec<Flow>) {
-        while let Some(&(old, seen)) = self.served_order.front() {
-            if self.served_order.len() < MAX_SERVED && now_ns.saturating_sub(seen) < self.hold_ns {
-                break;
-            }
-            self.served_order.pop_front();
-            if let Some(windows) = self.served.get_mut(&old) {
-                windows.retain(|w| w.3 > seen);
-                if windows.is_empty() {
-                    self.served.remove(&old);
-                }
-            }
-        }
-        let windows = self.served.entry(s.key).or_default();
-        if windows.len() >= SERVED_PER_COROUTINE {
-            windows.pop_front();
-        }
-        windows.push_back((s.from_ns, s.to_ns, span, now_ns));
-        self.served_order.push_back((s.key, now_ns));
+        self.answered.remember(s, span, now_ns, self.hold_ns);
         let trace = self.resolved.get(&span).copied();
         let mut later = Vec::new();
         for child in self.waiting.remove(&s.key).unwrap_or_default() {
@@ -642,183 +606,4 @@ impl Fnv {
 }
 
 #[cfg(test)]
-mod tests {
-    use hopwatch_proto::flow::Layer7;
-
-    use super::*;
-
-    fn flow(traceparent: Option<&str>) -> Flow {
-        Flow {
-            l7: Some(Layer7::default()),
-            trace_context: traceparent
-                .map(|t| TraceContext { parent: Some(TraceParent { trace_id: t.to_owned() }) }),
-            ..Flow::default()
-        }
-    }
-
-    fn trace(f: &Flow) -> Option<&str> {
-        f.trace_context.as_ref()?.parent.as_ref().map(|p| p.trace_id.as_str())
-    }
-
-    fn span(f: &Flow) -> &Span {
-        f.l7.as_ref().and_then(|l| l.span.as_ref()).expect("a span")
-    }
-
-    #[test]
-    fn both_ends_name_an_exchange_alike_and_exchanges_apart() {
-        let (c, s) = ("10.0.0.1:40000".parse().unwrap(), "10.0.0.2:80".parse().unwrap());
-        assert_eq!(span_id(c, s, 3), span_id(c, s, 3));
-        assert_ne!(span_id(c, s, 3), span_id(c, s, 4));
-        assert_ne!(span_id(c, s, 3), span_id(s, c, 3));
-    }
-
-    #[test]
-    fn children_wait_for_their_parents_trace_and_share_it() {
-        let mut t = Tracer::new(5_000_000_000);
-        let mut out = Vec::new();
-        // The query completes first, then the inbound request's server end, then its client end
-        // (a root carrying a traceparent).
-        t.admit(flow(None), 30, Link::Thread { parent: 20 }, Carried::default(), 1, &mut out);
-        t.admit(flow(None), 20, Link::SameAsPeer, Carried::default(), 2, &mut out);
-        assert!(out.is_empty(), "held until the root is known");
-        assert_eq!(t.held(), 2);
-        let root = "4bf92f3577b34da6a3ce929d0e0e4736";
-        t.admit(flow(Some(root)), 20, Link::Root, Carried::default(), 3, &mut out);
-        assert_eq!(out.len(), 3);
-        assert!(out.iter().all(|f| trace(f) == Some(root)), "{out:?}");
-        let query = out.iter().find(|f| span(f).span_id == hex64(30)).expect("the query");
-        assert_eq!(
-            (span(query).parent_span_id.as_str(), span(query).link.as_str()),
-            (hex64(20).as_str(), "thread")
-        );
-        // A late end of a resolved span passes at once, with the trace.
-        out.clear();
-        t.admit(flow(None), 30, Link::SameAsPeer, Carried::default(), 4, &mut out);
-        assert_eq!(trace(&out[0]), Some(root));
-        assert_eq!(t.stats.linked_thread, 1);
-    }
-
-    #[test]
-    fn a_propagated_id_links_a_call_to_the_one_request_that_carried_it() {
-        let mut t = Tracer::new(5_000_000_000);
-        let mut out = Vec::new();
-        let header = "x-request-id";
-        // The call completes first and waits for the request carrying its id.
-        t.admit(flow(None), 30, Link::Header { key: 7, header }, Carried::default(), 1, &mut out);
-        assert!(out.is_empty());
-        // The inbound request (a root here) carried it.
-        t.admit(flow(None), 20, Link::Root, Carried { ids: &[7], served: None }, 2, &mut out);
-        let call = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
-        assert_eq!(span(call).parent_span_id, hex64(20));
-        assert_eq!(span(call).link, "header:x-request-id");
-        assert_eq!(trace(call), trace(out.iter().find(|f| span(f).span_id == hex64(20)).unwrap()));
-        // A second request with the same id: the id links nothing any more.
-        out.clear();
-        t.admit(flow(None), 21, Link::Root, Carried { ids: &[7], served: None }, 3, &mut out);
-        t.admit(flow(None), 31, Link::Header { key: 7, header }, Carried::default(), 4, &mut out);
-        let late = out.iter().find(|f| span(f).span_id == hex64(31)).expect("passed through");
-        assert_eq!(
-            (span(late).parent_span_id.as_str(), span(late).unlinked.as_str()),
-            ("", "ambiguous")
-        );
-        assert_eq!(t.stats.linked_header, 1);
-    }
-
-    #[test]
-    fn unlinked_and_expired_exchanges_are_counted_never_guessed() {
-        let mut t = Tracer::new(100);
-        let mut out = Vec::new();
-        t.admit(flow(None), 7, Link::Ambiguous, Carried::default(), 0, &mut out);
-        assert_eq!(span(&out[0]).unlinked, "ambiguous");
-        assert_eq!(span(&out[0]).parent_span_id, "");
-        assert_eq!(trace(&out[0]), Some(format!("{:032x}", derived_trace(7)).as_str()));
-        out.clear();
-        t.admit(flow(None), 8, Link::Thread { parent: 9 }, Carried::default(), 10, &mut out);
-        t.expire(50, &mut out);
-        assert!(out.is_empty());
-        t.expire(110, &mut out);
-        assert_eq!((span(&out[0]).unlinked.as_str(), trace(&out[0])), ("expired", None));
-        assert_eq!(span(&out[0]).parent_span_id, hex64(9), "the link stays");
-        assert_eq!((t.stats.ambiguous, t.stats.expired, t.held()), (1, 1, 0));
-    }
-
-    fn served(key: u64, from_ns: u64, to_ns: u64) -> Carried<'static> {
-        Carried { ids: &[], served: Some(Served { key, from_ns, to_ns }) }
-    }
-
-    #[test]
-    fn a_coroutine_s_call_links_to_the_request_it_answered_around_the_call() {
-        let mut t = Tracer::new(5_000_000_000);
-        let mut out = Vec::new();
-        let call = Link::Coroutine { key: 5, at_ns: 150 };
-        // The query completes first and waits; the coroutine's earlier request (the object's
-        // address reused) does not contain it, the next one does.
-        t.admit(flow(None), 30, call, Carried::default(), 1, &mut out);
-        t.admit(flow(None), 19, Link::Root, served(5, 10, 90), 2, &mut out);
-        assert_eq!(t.held(), 1, "still waiting: {out:?}");
-        t.admit(flow(None), 20, Link::Root, served(5, 100, 200), 3, &mut out);
-        let query = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
-        assert_eq!(
-            (span(query).parent_span_id.as_str(), span(query).link.as_str()),
-            (hex64(20).as_str(), "coroutine")
-        );
-        let request = out.iter().find(|f| span(f).span_id == hex64(20)).expect("the request");
-        assert_eq!(trace(query), trace(request));
-        // The request known first: a call inside it links at once.
-        out.clear();
-        t.admit(
-            flow(None),
-            31,
-            Link::Coroutine { key: 5, at_ns: 120 },
-            Carried::default(),
-            4,
-            &mut out,
-        );
-        assert_eq!(span(&out[0]).parent_span_id, hex64(20));
-        assert_eq!(t.stats.linked_coroutine, 2);
-    }
-
-    #[test]
-    fn a_coroutine_s_call_outside_every_request_it_answered_is_ambiguous() {
-        let mut t = Tracer::new(100);
-        let mut out = Vec::new();
-        // Made before the coroutine read the request it then answered: not for it.
-        t.admit(
-            flow(None),
-            30,
-            Link::Coroutine { key: 5, at_ns: 50 },
-            Carried::default(),
-            1,
-            &mut out,
-        );
-        t.admit(flow(None), 20, Link::Root, served(5, 60, 90), 2, &mut out);
-        let early = out.iter().find(|f| span(f).span_id == hex64(30)).expect("released");
-        assert_eq!(
-            (span(early).parent_span_id.as_str(), span(early).unlinked.as_str()),
-            ("", "ambiguous")
-        );
-        assert_eq!(trace(early), Some(format!("{:032x}", derived_trace(30)).as_str()));
-        // A task that answered nothing (a child task, `asyncio.gather`): ambiguous at the hold.
-        out.clear();
-        t.admit(
-            flow(None),
-            31,
-            Link::Coroutine { key: 6, at_ns: 70 },
-            Carried::default(),
-            10,
-            &mut out,
-        );
-        t.expire(50, &mut out);
-        assert!(out.is_empty());
-        t.expire(110, &mut out);
-        assert_eq!(
-            (span(&out[0]).unlinked.as_str(), span(&out[0]).parent_span_id.as_str()),
-            ("ambiguous", "")
-        );
-        assert!(trace(&out[0]).is_some(), "a trace of its own");
-        assert_eq!(
-            (t.stats.ambiguous, t.stats.expired, t.stats.linked_coroutine, t.held()),
-            (2, 0, 0, 0)
-        );
-    }
-}
+mod tests;
