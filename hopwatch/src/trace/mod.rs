@@ -254,18 +254,11 @@ impl Tracer {
             out.push(with_trace(flow, trace));
             return;
         };
-        if let Some(&trace) = self.resolved.get(&waits_for) {
-            if waits_for != span {
-                self.resolve(span, trace, out);
-            }
-            out.push(with_trace(flow, trace));
-            return;
-        }
-        self.hold(flow, span, waits_for, By::Span, now_ns, out);
+        self.emit_or_hold(flow, span, waits_for, now_ns, out);
     }
 
-    /// A call linked (by `link`) to the inbound request `parent` once it was held (a propagated
-    /// id, a coroutine).
+    /// A call linked (by `link`) at its admission to the inbound request `parent` (a propagated
+    /// id's, a coroutine's).
     fn admit_linked(
         &mut self,
         mut flow: Flow,
@@ -276,12 +269,27 @@ impl Tracer {
         out: &mut Vec<Flow>,
     ) {
         set_parent(&mut flow, span, parent, link);
-        if let Some(&trace) = self.resolved.get(&parent) {
-            self.resolve(span, trace, out);
+        self.emit_or_hold(flow, span, parent, now_ns, out);
+    }
+
+    /// Emits `flow` (of `span`) with the trace of the span it waits for when that is known
+    /// (`waits_for` is `span` itself for a server end waiting for its client end), else holds it.
+    fn emit_or_hold(
+        &mut self,
+        flow: Flow,
+        span: u64,
+        waits_for: u64,
+        now_ns: u64,
+        out: &mut Vec<Flow>,
+    ) {
+        if let Some(&trace) = self.resolved.get(&waits_for) {
+            if waits_for != span {
+                self.resolve(span, trace, out);
+            }
             out.push(with_trace(flow, trace));
             return;
         }
-        self.hold(flow, span, parent, By::Span, now_ns, out);
+        self.hold(flow, span, waits_for, By::Span, now_ns, out);
     }
 
     /// Holds `flow` until `waits_for` (a span, or a propagated id or coroutine: `by`) is known.
